@@ -1,0 +1,476 @@
+//! Pipeline configuration: plain serde data plus validation.
+//!
+//! The field names and defaults are those of the Python Bergtalzug
+//! (`ETLPipelineConfig`, `StageConfig`), so a config file written for it reads
+//! the same here:
+//!
+//! ```
+//! use bergtalzug_actors::config::{ExecutionType, PipelineConfig};
+//!
+//! let config = PipelineConfig::from_toml_str(r#"
+//!     pipeline_name = "my_pipeline"
+//!     queue_refresh_rate = 1.0
+//!     stats_interval_seconds = 0
+//!
+//!     [[stages]]
+//!     name = "fetch"
+//!     execution_type = "async"
+//!     workers = 10
+//!     queue_size = 100
+//!
+//!     [[stages]]
+//!     name = "compute"
+//!     execution_type = "interpreter"   # the seed's name for a Cpu stage
+//! "#)?;
+//! assert_eq!(config.stages[1].execution_type, ExecutionType::Cpu);
+//! assert_eq!(config.stages[1].workers, 5); // the seed's default
+//! # Ok::<(), bergtalzug_actors::config::ConfigError>(())
+//! ```
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Stage names the Python library reserves for its metadata keys.
+pub const RESERVED_STAGE_NAMES: [&str; 3] = ["created", "completed", "error"];
+
+/// How a stage runs its handler.
+///
+/// | seed          | here      | runs on                                         |
+/// |---------------|-----------|-------------------------------------------------|
+/// | `ASYNC`       | `Async`   | the tokio runtime, awaited by each worker       |
+/// | `THREAD`      | `Thread`  | tokio's blocking threads, at most `workers` busy |
+/// | `INTERPRETER` | `Cpu`     | a rayon pool owned by the stage, `workers` threads |
+/// | `PROCESS`     | `Process` | worker OS processes (crash isolation)           |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum ExecutionType {
+    /// An `async fn` handler awaited on the tokio runtime: I/O-bound work.
+    Async,
+    /// A blocking `fn` handler on a blocking thread: blocking I/O, FFI.
+    Thread,
+    /// A blocking `fn` handler on the stage's rayon pool: CPU-bound work.
+    /// Config files may also say `"interpreter"`, the seed's name for it.
+    #[serde(alias = "interpreter")]
+    Cpu,
+    /// A handler in worker OS processes: crash isolation.
+    Process,
+}
+
+impl ExecutionType {
+    /// The lowercase name used in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutionType::Async => "async",
+            ExecutionType::Thread => "thread",
+            ExecutionType::Cpu => "cpu",
+            ExecutionType::Process => "process",
+        }
+    }
+}
+
+impl std::fmt::Display for ExecutionType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One stage of a pipeline: its name, execution model, concurrency and buffer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct StageConfig {
+    /// Unique name; the handler is bound to it. Not `created`, `completed` or `error`.
+    pub name: String,
+    /// How the handler runs.
+    pub execution_type: ExecutionType,
+    /// How many items this stage works on at once. Default 5.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// How many items may wait in front of this stage. Default 1000.
+    #[serde(default = "default_queue_size")]
+    pub queue_size: usize,
+}
+
+fn default_workers() -> usize {
+    5
+}
+
+fn default_queue_size() -> usize {
+    1000
+}
+
+impl StageConfig {
+    /// A stage with the seed's defaults: 5 workers, a queue of 1000.
+    pub fn new(name: impl Into<String>, execution_type: ExecutionType) -> Self {
+        StageConfig {
+            name: name.into(),
+            execution_type,
+            workers: default_workers(),
+            queue_size: default_queue_size(),
+        }
+    }
+
+    /// Sets how many items this stage works on at once.
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// Sets how many items may wait in front of this stage.
+    pub fn queue_size(mut self, queue_size: usize) -> Self {
+        self.queue_size = queue_size;
+        self
+    }
+
+    /// The most items this stage holds at once: waiting, being worked on, or
+    /// done and waiting for the next stage to ask for them.
+    pub fn capacity(&self) -> usize {
+        self.queue_size.saturating_add(self.workers)
+    }
+}
+
+/// A whole pipeline: its name, stages in order, and pipeline-wide settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct PipelineConfig {
+    /// The name used in logs, events and stats.
+    pub pipeline_name: String,
+    /// The stages, in the order items flow through them.
+    pub stages: Vec<StageConfig>,
+    /// After a failing `refill`, how long to wait before asking the source
+    /// again. Default 1 s. (The seed also polls at this rate; here refill is
+    /// demand-driven and never waits for it.) Seconds in files.
+    #[serde(default = "default_refresh", with = "seconds")]
+    pub queue_refresh_rate: Duration,
+    /// How often the stats line is logged; zero disables it. Default 10 s.
+    /// `stats_interval_seconds` in files.
+    #[serde(
+        default = "default_stats_interval",
+        rename = "stats_interval_seconds",
+        with = "seconds"
+    )]
+    pub stats_interval: Duration,
+    /// Stamp per-stage times on every item and keep timing statistics.
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub enable_tracking: bool,
+    /// Keep every item's `WorkItemResult` and return them from `run()`.
+    /// Default true (the seed's behaviour); turn off for unbounded inputs and
+    /// use completion callbacks or events instead.
+    #[serde(default = "default_true")]
+    pub retain_results: bool,
+}
+
+fn default_refresh() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_stats_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl PipelineConfig {
+    /// A pipeline with the seed's defaults.
+    pub fn new(pipeline_name: impl Into<String>, stages: Vec<StageConfig>) -> Self {
+        PipelineConfig {
+            pipeline_name: pipeline_name.into(),
+            stages,
+            queue_refresh_rate: default_refresh(),
+            stats_interval: default_stats_interval(),
+            enable_tracking: true,
+            retain_results: true,
+        }
+    }
+
+    /// Sets the wait after a failing `refill` before the source is asked again.
+    pub fn queue_refresh_rate(mut self, rate: Duration) -> Self {
+        self.queue_refresh_rate = rate;
+        self
+    }
+
+    /// Sets how often the stats line is logged; zero disables it.
+    pub fn stats_interval(mut self, interval: Duration) -> Self {
+        self.stats_interval = interval;
+        self
+    }
+
+    /// Turns per-item timing on or off.
+    pub fn enable_tracking(mut self, on: bool) -> Self {
+        self.enable_tracking = on;
+        self
+    }
+
+    /// Keeps every item's result for `run()` to return, or not.
+    pub fn retain_results(mut self, on: bool) -> Self {
+        self.retain_results = on;
+        self
+    }
+
+    /// Parses and validates a TOML document with the seed's keys.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let config: PipelineConfig =
+            serde_path_to_error::deserialize(toml::Deserializer::new(text))
+                .map_err(|e| parse_error("TOML", e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses and validates a JSON document with the seed's keys.
+    pub fn from_json_str(text: &str) -> Result<Self, ConfigError> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let config: PipelineConfig =
+            serde_path_to_error::deserialize(&mut de).map_err(|e| parse_error("JSON", e))?;
+        de.end().map_err(|e| ConfigError::Parse {
+            format: "JSON",
+            field: None,
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a `.toml` or `.json` file.
+    pub fn from_path(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(ext) if ext.eq_ignore_ascii_case("json") => Self::from_json_str(&text),
+            Some(ext) if ext.eq_ignore_ascii_case("toml") => Self::from_toml_str(&text),
+            _ => Err(ConfigError::Io {
+                path: path.display().to_string(),
+                message: "unknown file type: use a .toml or .json file".into(),
+            }),
+        }
+    }
+
+    /// Checks the rules the Python library checks, and a few more: at least
+    /// one stage; unique, non-empty, non-reserved names; workers and
+    /// queue_size above zero.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.pipeline_name.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "pipeline_name".into(),
+                message: "must not be empty".into(),
+            });
+        }
+        if self.stages.is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "stages".into(),
+                message: "a pipeline needs at least one stage".into(),
+            });
+        }
+        let mut seen = std::collections::HashSet::new();
+        for stage in &self.stages {
+            let invalid = |field: &str, message: String| ConfigError::InvalidStage {
+                stage: stage.name.clone(),
+                field: field.into(),
+                message,
+            };
+            if stage.name.trim().is_empty() {
+                return Err(invalid("name", "must not be empty".into()));
+            }
+            if RESERVED_STAGE_NAMES.contains(&stage.name.as_str()) {
+                return Err(invalid(
+                    "name",
+                    format!(
+                        "`{}` is reserved (created, completed and error are)",
+                        stage.name
+                    ),
+                ));
+            }
+            if !seen.insert(stage.name.as_str()) {
+                return Err(invalid("name", "is used by more than one stage".into()));
+            }
+            if stage.workers == 0 {
+                return Err(invalid("workers", "must be at least 1".into()));
+            }
+            if stage.queue_size == 0 {
+                return Err(invalid("queue_size", "must be at least 1".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The index of the stage called `name`.
+    pub fn stage_index(&self, name: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.name == name)
+    }
+}
+
+/// Why a configuration was rejected. Every variant names the field, and the
+/// stage where there is one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A pipeline-level field has a bad value.
+    #[error("invalid pipeline config: `{field}` {message}")]
+    Invalid {
+        /// The field, e.g. `stages`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A stage's field has a bad value.
+    #[error("invalid config for stage `{stage}`: `{field}` {message}")]
+    InvalidStage {
+        /// The stage's name as written.
+        stage: String,
+        /// The field, e.g. `workers`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The text is not a valid config document.
+    #[error("cannot parse {format} config{}: {message}", field.as_ref().map(|f| format!(" (field `{f}`)")).unwrap_or_default())]
+    Parse {
+        /// `TOML` or `JSON`.
+        format: &'static str,
+        /// The field the parser complained about, when it named one.
+        field: Option<String>,
+        /// The parser's message.
+        message: String,
+    },
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {message}")]
+    Io {
+        /// The path as given.
+        path: String,
+        /// The I/O error.
+        message: String,
+    },
+}
+
+/// Turns a parser error into a [`ConfigError::Parse`] naming the field: the
+/// path to where parsing stopped (`stages[1].workers`), plus the field a
+/// "missing field" or "unknown field" message names.
+fn parse_error<E: std::fmt::Display>(
+    format: &'static str,
+    e: serde_path_to_error::Error<E>,
+) -> ConfigError {
+    let message = e.inner().to_string();
+    let path = e.path().to_string();
+    let named = (message.starts_with("missing field") || message.starts_with("unknown field"))
+        .then(|| {
+            let start = message.find('`')? + 1;
+            let len = message[start..].find('`')?;
+            Some(message[start..start + len].to_string())
+        })
+        .flatten();
+    let field = match (path.as_str(), named) {
+        (".", None) | ("", None) => None,
+        (".", Some(name)) | ("", Some(name)) => Some(name),
+        (path, Some(name)) if message.starts_with("missing") => Some(format!("{path}.{name}")),
+        (path, _) => Some(path.to_string()),
+    };
+    ConfigError::Parse {
+        format,
+        field,
+        message: message.lines().next().unwrap_or_default().to_string(),
+    }
+}
+
+/// Durations as fractional seconds, as the seed writes them.
+mod seconds {
+    use super::*;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{secs} is not a duration in seconds (must be finite and not negative)"
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_seeds() {
+        let c = PipelineConfig::new("p", vec![StageConfig::new("a", ExecutionType::Async)]);
+        assert_eq!(c.stages[0].workers, 5);
+        assert_eq!(c.stages[0].queue_size, 1000);
+        assert_eq!(c.queue_refresh_rate, Duration::from_secs(1));
+        assert_eq!(c.stats_interval, Duration::from_secs(10));
+        assert!(c.enable_tracking && c.retain_results);
+    }
+
+    #[test]
+    fn validation_names_the_stage_and_field() {
+        let c = PipelineConfig::new(
+            "p",
+            vec![StageConfig::new("fetch", ExecutionType::Async).workers(0)],
+        );
+        let e = c.validate().unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::InvalidStage { stage, field, .. } if stage == "fetch" && field == "workers")
+        );
+        assert!(e.to_string().contains("fetch") && e.to_string().contains("workers"));
+
+        for reserved in RESERVED_STAGE_NAMES {
+            let c =
+                PipelineConfig::new("p", vec![StageConfig::new(reserved, ExecutionType::Async)]);
+            assert!(c.validate().unwrap_err().to_string().contains("reserved"));
+        }
+        let dup = PipelineConfig::new(
+            "p",
+            vec![
+                StageConfig::new("a", ExecutionType::Async),
+                StageConfig::new("a", ExecutionType::Thread),
+            ],
+        );
+        assert!(
+            dup.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("more than one")
+        );
+        assert!(PipelineConfig::new("p", vec![]).validate().is_err());
+    }
+
+    #[test]
+    fn json_and_toml_agree() {
+        let toml = PipelineConfig::from_toml_str(
+            "pipeline_name = \"p\"\nqueue_refresh_rate = 0.5\n[[stages]]\nname = \"a\"\nexecution_type = \"thread\"\nworkers = 2\n",
+        )
+        .unwrap();
+        let json = PipelineConfig::from_json_str(
+            r#"{"pipeline_name":"p","queue_refresh_rate":0.5,"stages":[{"name":"a","execution_type":"thread","workers":2}]}"#,
+        )
+        .unwrap();
+        assert_eq!(toml, json);
+        assert_eq!(json.queue_refresh_rate, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn parse_errors_name_the_field() {
+        let e = PipelineConfig::from_json_str(r#"{"pipeline_name":"p","stages":[{"name":"a"}]}"#)
+            .unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Parse { field: Some(f), .. } if f == "stages[0].execution_type"),
+            "{e}"
+        );
+        let e = PipelineConfig::from_toml_str(
+            "pipeline_name = \"p\"\nstats_interval_seconds = -1\nstages = []",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("stats_interval_seconds"), "{e}");
+    }
+}

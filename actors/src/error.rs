@@ -1,0 +1,44 @@
+//! The errors of a running pipeline.
+
+/// Why a pipeline operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// The operation needs a running pipeline (call `start` first).
+    #[error("pipeline `{0}` is not running")]
+    NotRunning(String),
+    /// The pipeline takes no more input: its source is exhausted, or it is
+    /// stopping or finished.
+    #[error("pipeline `{0}` takes no more input (source exhausted, stopping or finished)")]
+    InputClosed(String),
+    /// The pipeline's actors could not be started.
+    #[error("pipeline `{pipeline}` could not start: {message}")]
+    Start {
+        /// The pipeline.
+        pipeline: String,
+        /// Why.
+        message: String,
+    },
+    /// The source panicked. Every item it had handed over was finished
+    /// (see callbacks and events); the rest of its input was not read.
+    #[error("the source of pipeline `{pipeline}` panicked: {message}")]
+    SourcePanicked {
+        /// The pipeline.
+        pipeline: String,
+        /// The panic message.
+        message: String,
+    },
+    /// One of the pipeline's own actors failed: a bug in bergtalzug.
+    #[error("pipeline `{pipeline}`: internal actor `{actor}` failed: {message}")]
+    ActorFailed {
+        /// The pipeline.
+        pipeline: String,
+        /// Which actor (`tracker`, `stage fetch`, ...).
+        actor: String,
+        /// Why.
+        message: String,
+    },
+    /// `run` already returned this pipeline's results to another caller.
+    #[error("the results of pipeline `{0}` were already returned by an earlier run()")]
+    ResultsTaken(String),
+}

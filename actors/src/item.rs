@@ -1,0 +1,405 @@
+//! Work items, their identity and metadata, and the result each one ends with.
+//!
+//! A [`WorkItem`] carries the user's `data`, a [`JobId`] and
+//! [`WorkItemMetadata`]: when it was created, when it was queued, started and
+//! completed in each stage (stamped by the pipeline when tracking is on), and
+//! free-form `custom` metadata of the user's. Every item admitted ends in
+//! exactly one [`WorkItemResult`].
+//!
+//! ```
+//! use bergtalzug_actors::item::{JobId, WorkItem};
+//!
+//! let item = WorkItem::with_job_id("file-17", "https://example.com/17".to_string());
+//! assert_eq!(item.job_id(), &JobId::from("file-17"));
+//! let item = item.map(|url| url.len());     // same id and metadata, new data type
+//! assert_eq!(item.data, 22);
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// An item's identity: a random uuid v4 by default, or any string.
+///
+/// Cheap to clone (a `u128` or a shared string). A string that spells a uuid
+/// is the same id as that uuid.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(Repr);
+
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Repr {
+    Uuid(Uuid),
+    Name(Arc<str>),
+}
+
+impl JobId {
+    /// A new random (v4) id.
+    pub fn random() -> Self {
+        JobId(Repr::Uuid(Uuid::new_v4()))
+    }
+
+    /// The id as a uuid, when it is one.
+    pub fn as_uuid(&self) -> Option<Uuid> {
+        match &self.0 {
+            Repr::Uuid(u) => Some(*u),
+            Repr::Name(_) => None,
+        }
+    }
+}
+
+impl From<Uuid> for JobId {
+    fn from(u: Uuid) -> Self {
+        JobId(Repr::Uuid(u))
+    }
+}
+
+impl From<&str> for JobId {
+    fn from(s: &str) -> Self {
+        match s.len() {
+            32 | 36 | 38 | 45 => match Uuid::try_parse(s) {
+                Ok(u) => JobId(Repr::Uuid(u)),
+                Err(_) => JobId(Repr::Name(s.into())),
+            },
+            _ => JobId(Repr::Name(s.into())),
+        }
+    }
+}
+
+impl From<String> for JobId {
+    fn from(s: String) -> Self {
+        JobId::from(s.as_str())
+    }
+}
+
+impl From<&String> for JobId {
+    fn from(s: &String) -> Self {
+        JobId::from(s.as_str())
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Repr::Uuid(u) => fmt::Display::fmt(u, f),
+            Repr::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+impl fmt::Debug for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JobId({self})")
+    }
+}
+
+impl Serialize for JobId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for JobId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Ok(JobId::from(s.as_ref()))
+    }
+}
+
+/// When an item entered, started and left one stage.
+#[derive(Debug, Clone)]
+pub struct StageTimes {
+    pub(crate) stage: Arc<str>,
+    pub(crate) queued: Instant,
+    pub(crate) started: Option<Instant>,
+    pub(crate) completed: Option<Instant>,
+}
+
+impl StageTimes {
+    /// The stage's name.
+    pub fn stage(&self) -> &str {
+        &self.stage
+    }
+
+    /// When the item entered the stage's queue.
+    pub fn queued(&self) -> Instant {
+        self.queued
+    }
+
+    /// When a worker started the handler on it.
+    pub fn started(&self) -> Option<Instant> {
+        self.started
+    }
+
+    /// When the handler returned (or failed).
+    pub fn completed(&self) -> Option<Instant> {
+        self.completed
+    }
+
+    /// Time spent waiting in the stage's queue.
+    pub fn queue_wait(&self) -> Option<Duration> {
+        Some(self.started?.saturating_duration_since(self.queued))
+    }
+
+    /// Time spent in the handler: started to completed.
+    pub fn duration(&self) -> Option<Duration> {
+        Some(self.completed?.saturating_duration_since(self.started?))
+    }
+}
+
+/// What the pipeline knows about an item besides its data.
+///
+/// Stage times are stamped by the pipeline when `enable_tracking` is on; a
+/// handler sees `created` and `custom`, and its changes to `custom` travel
+/// on with the item.
+#[derive(Debug, Clone)]
+pub struct WorkItemMetadata {
+    created: Instant,
+    pub(crate) stages: Vec<StageTimes>,
+    pub(crate) finished: Option<Instant>,
+    /// Free-form metadata of the user's; travels with the item from stage to stage.
+    pub custom: BTreeMap<String, serde_json::Value>,
+}
+
+impl Default for WorkItemMetadata {
+    fn default() -> Self {
+        WorkItemMetadata {
+            created: Instant::now(),
+            stages: Vec::new(),
+            finished: None,
+            custom: BTreeMap::new(),
+        }
+    }
+}
+
+impl WorkItemMetadata {
+    /// When the item was created.
+    pub fn created(&self) -> Instant {
+        self.created
+    }
+
+    pub(crate) fn set_created(&mut self, created: Instant) {
+        self.created = created;
+    }
+
+    /// When the item reached its outcome (the seed's `completed` key).
+    pub fn finished(&self) -> Option<Instant> {
+        self.finished
+    }
+
+    /// The times of every stage the item entered, in order.
+    pub fn stages(&self) -> &[StageTimes] {
+        &self.stages
+    }
+
+    /// The times of the stage called `stage`, if the item entered it.
+    pub fn stage(&self, stage: &str) -> Option<&StageTimes> {
+        self.stages.iter().find(|s| &*s.stage == stage)
+    }
+
+    /// How long the stage's handler took for this item: started to completed.
+    pub fn stage_duration(&self, stage: &str) -> Option<Duration> {
+        self.stage(stage)?.duration()
+    }
+
+    /// How long the item waited in the stage's queue before a worker took it.
+    pub fn queue_wait(&self, stage: &str) -> Option<Duration> {
+        self.stage(stage)?.queue_wait()
+    }
+
+    /// Created to finished.
+    pub fn total_duration(&self) -> Option<Duration> {
+        Some(self.finished?.saturating_duration_since(self.created))
+    }
+}
+
+/// A unit of work: an id, the user's data and metadata.
+#[derive(Debug, Clone)]
+pub struct WorkItem<T> {
+    pub(crate) job_id: JobId,
+    /// The user's data; each stage's handler may change its type.
+    pub data: T,
+    pub(crate) metadata: WorkItemMetadata,
+}
+
+impl<T> WorkItem<T> {
+    /// A new item with a random (uuid v4) job id.
+    pub fn new(data: T) -> Self {
+        WorkItem::with_job_id(JobId::random(), data)
+    }
+
+    /// A new item with the given job id.
+    pub fn with_job_id(job_id: impl Into<JobId>, data: T) -> Self {
+        WorkItem {
+            job_id: job_id.into(),
+            data,
+            metadata: WorkItemMetadata::default(),
+        }
+    }
+
+    /// The item's identity; it stays the same through every stage.
+    pub fn job_id(&self) -> &JobId {
+        &self.job_id
+    }
+
+    /// The item's metadata.
+    pub fn metadata(&self) -> &WorkItemMetadata {
+        &self.metadata
+    }
+
+    /// The item's metadata, to change `custom`.
+    pub fn metadata_mut(&mut self) -> &mut WorkItemMetadata {
+        &mut self.metadata
+    }
+
+    /// The same item (id and metadata) with new data.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> WorkItem<U> {
+        WorkItem {
+            job_id: self.job_id,
+            data: f(self.data),
+            metadata: self.metadata,
+        }
+    }
+
+    /// Splits the item into its id, data and metadata.
+    pub fn into_parts(self) -> (JobId, T, WorkItemMetadata) {
+        (self.job_id, self.data, self.metadata)
+    }
+}
+
+/// Why an item failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ItemErrorKind {
+    /// The handler returned an error.
+    Failed,
+    /// The handler panicked; its worker was replaced.
+    Panicked,
+    /// The handler ran past the stage's timeout.
+    TimedOut,
+    /// The pipeline was aborted before the item finished.
+    Cancelled,
+    /// Another item with the same job id was still in the pipeline; this one
+    /// was not admitted.
+    DuplicateJobId,
+    /// The worker holding the item died without reporting it.
+    WorkerLost,
+}
+
+impl fmt::Display for ItemErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ItemErrorKind::Failed => "failed",
+            ItemErrorKind::Panicked => "panicked",
+            ItemErrorKind::TimedOut => "timed out",
+            ItemErrorKind::Cancelled => "cancelled",
+            ItemErrorKind::DuplicateJobId => "duplicate job id",
+            ItemErrorKind::WorkerLost => "worker lost",
+        })
+    }
+}
+
+/// How and where an item failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("stage `{stage}` {kind} after {attempts} attempt(s): {message}")]
+#[non_exhaustive]
+pub struct ItemError {
+    /// The stage the item failed in (`source` when it was never admitted).
+    pub stage: String,
+    /// What went wrong.
+    pub kind: ItemErrorKind,
+    /// The handler's error chain (`{:#}`) or the panic message.
+    pub message: String,
+    /// How many times the stage ran its handler on the item.
+    pub attempts: u32,
+}
+
+impl ItemError {
+    /// An error of `kind` in `stage`.
+    pub fn new(stage: impl Into<String>, kind: ItemErrorKind, message: impl Into<String>) -> Self {
+        ItemError {
+            stage: stage.into(),
+            kind,
+            message: message.into(),
+            attempts: 1,
+        }
+    }
+}
+
+/// The outcome of one item: completed, failed or cancelled.
+#[derive(Debug, Clone)]
+pub struct WorkItemResult {
+    /// The item's id.
+    pub job_id: JobId,
+    /// True when the item went through every stage.
+    pub success: bool,
+    /// Why it did not, when it did not.
+    pub error: Option<ItemError>,
+    /// Its metadata: times per stage, custom metadata.
+    pub metadata: WorkItemMetadata,
+}
+
+impl WorkItemResult {
+    pub(crate) fn completed<T>(item: WorkItem<T>, now: Option<Instant>) -> Self {
+        let mut metadata = item.metadata;
+        metadata.finished = now;
+        WorkItemResult {
+            job_id: item.job_id,
+            success: true,
+            error: None,
+            metadata,
+        }
+    }
+
+    pub(crate) fn failed(job_id: JobId, mut metadata: WorkItemMetadata, error: ItemError) -> Self {
+        metadata.finished.get_or_insert_with(Instant::now);
+        WorkItemResult {
+            job_id,
+            success: false,
+            error: Some(error),
+            metadata,
+        }
+    }
+
+    /// Created to finished, when tracking was on.
+    pub fn total_duration(&self) -> Option<Duration> {
+        self.metadata.total_duration()
+    }
+
+    /// True when the item was cancelled by an abort.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(&self.error, Some(e) if e.kind == ItemErrorKind::Cancelled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_are_canonical() {
+        let u = Uuid::new_v4();
+        assert_eq!(JobId::from(u.to_string()), JobId::from(u));
+        assert_eq!(JobId::from("file-17").to_string(), "file-17");
+        assert_ne!(JobId::random(), JobId::random());
+        let json = serde_json::to_string(&JobId::from("a")).unwrap();
+        assert_eq!(json, "\"a\"");
+        assert_eq!(
+            serde_json::from_str::<JobId>(&json).unwrap(),
+            JobId::from("a")
+        );
+    }
+
+    #[test]
+    fn map_keeps_identity_and_metadata() {
+        let mut item = WorkItem::with_job_id("x", 1);
+        item.metadata_mut().custom.insert("k".into(), 2.into());
+        let mapped = item.map(|d| d.to_string());
+        assert_eq!(mapped.job_id(), &JobId::from("x"));
+        assert_eq!(mapped.metadata().custom["k"], 2);
+        assert_eq!(mapped.data, "1");
+    }
+}

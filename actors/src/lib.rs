@@ -1,0 +1,51 @@
+//! The engine of [bergtalzug](https://docs.rs/bergtalzug): the actors that run
+//! a pipeline, their messages, and the types they share with the front door.
+//!
+//! Users depend on `bergtalzug`, which re-exports what they need from here.
+//!
+//! # Tour
+//!
+//! - [`config`]: `PipelineConfig`, `StageConfig`, `ExecutionType`; serde data
+//!   with the Python library's names and defaults, plus validation.
+//! - [`item`]: `WorkItem`, `JobId`, metadata, `WorkItemResult`, `ItemError`.
+//! - [`source`]: the demand-driven `Source` trait.
+//! - [`handler`]: stage handlers with their types erased.
+//! - [`event`]: `PipelineEvent`, subscriptions and their delivery policy.
+//! - [`stats`]: `PipelineStats`, `StageStats`.
+//! - The actors, one per file, each opening with its contract:
+//!   `root` (the pipeline root, [`PipelineActor`]), `source_actor`, `stage`
+//!   (stage supervisor), `worker`, `tracker`; the execution models in
+//!   `runner/` (`async_rt`, `thread`, `cpu`).
+//!
+//! # The flow
+//!
+//! ```text
+//!             Demand(n)           Demand(n)
+//!   source  <-----------  stage 1  <--------  stage 2  ...  last stage
+//!   actor   ----------->  supervisor ------>  supervisor        |
+//!              Items         |  ^                               | results
+//!                      Run   v  | Report                        v
+//!                          workers                           tracker --> callbacks,
+//!                                                                        stats, events
+//! ```
+//!
+//! Every hop carries batches; every data message answers a demand, so no
+//! mailbox holds more than its receiver asked for. See `docs/architecture.md`.
+
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod handler;
+pub mod item;
+pub mod root;
+pub(crate) mod runner;
+pub(crate) mod shared;
+pub mod source;
+pub(crate) mod source_actor;
+pub(crate) mod stage;
+pub mod stats;
+pub(crate) mod tracker;
+pub(crate) mod worker;
+
+pub use root::{FINISHED, PipelineActor, PipelineMsg, PipelineParts, PipelineRuntime};
+pub use tracker::Callback;

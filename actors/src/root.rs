@@ -1,0 +1,440 @@
+//! The pipeline root: the one actor a user (or a user's supervisor) sees.
+//!
+//! - **Owns**: the tracker, the stage supervisors and the source actor, all
+//!   spawned linked to it, in that order, and wired together.
+//! - **Receives**: [`PipelineMsg`]: `Inject`, `Stop`, `Abort` and `Stats`
+//!   from handles or from other actors; `Finished` from the tracker.
+//! - **Sends**: injections and `Close` to the source, `Abort` to the stages,
+//!   stats queries to the tracker.
+//! - **Supervises**: its children. A source that panics closes the input:
+//!   the pipeline finishes the items it has and reports
+//!   [`PipelineError::SourcePanicked`]. A tracker or stage that fails is a
+//!   bug in bergtalzug: the pipeline stops at once with
+//!   [`PipelineError::ActorFailed`].
+//! - **Ends**: when the tracker reports every item finished, it stops its
+//!   children, records the outcome for the handles, and stops with the
+//!   reason [`FINISHED`]; after a fatal error it fails instead, so a
+//!   supervising parent can tell the two apart.
+//!
+//! # Shutdown protocol
+//!
+//! | request | input | queued items | items in workers |
+//! |---|---|---|---|
+//! | `Stop` | closed: no refill, injections refused | run to their outcome | run to their outcome |
+//! | `Abort` | closed | end `Cancelled` | workers are killed; their items end `Cancelled` |
+//!
+//! Either way every admitted item gets exactly one outcome before the
+//! pipeline reports that it finished. A refill in progress when the input
+//! closes is abandoned (its future dropped).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::config::PipelineConfig;
+use crate::error::PipelineError;
+use crate::event::{EventStream, PipelineEvent};
+use crate::handler::{Payload, StageHandler};
+use crate::item::{WorkItem, WorkItemResult};
+use crate::shared::Shared;
+use crate::source::ErasedSource;
+use crate::source_actor::{SourceActor, SourceArgs, SourceMsg};
+use crate::stage::{Downstream, Stage, StageArgs, StageMsg, Upstream};
+use crate::stats::PipelineStats;
+use crate::tracker::{Callback, Tracker, TrackerArgs, TrackerMsg};
+
+/// The stop reason of a root that finished normally.
+pub const FINISHED: &str = "pipeline finished";
+
+/// How long the root waits for its children to stop when it finishes.
+const CHILD_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The pipeline root's mailbox.
+pub enum PipelineMsg {
+    /// Admit these items; the reply comes once all are admitted (so the
+    /// caller waits for room), or with `InputClosed`.
+    Inject(
+        Vec<WorkItem<Payload>>,
+        RpcReplyPort<Result<(), PipelineError>>,
+    ),
+    /// Graceful stop: take no more input, finish every item in the pipeline.
+    Stop,
+    /// Stop now: take no more input, cancel every item in the pipeline.
+    Abort,
+    /// A statistics snapshot.
+    Stats(RpcReplyPort<PipelineStats>),
+    /// From the tracker: every item has its outcome.
+    Finished(Box<FinishReport>),
+}
+
+/// What the tracker hands the root at the end. Only the tracker makes one.
+pub struct FinishReport {
+    pub(crate) results: Vec<WorkItemResult>,
+    pub(crate) stats: PipelineStats,
+}
+
+/// Everything a pipeline is made of, as the builder assembled it.
+pub struct PipelineParts {
+    /// The validated configuration.
+    pub config: PipelineConfig,
+    /// The source; `None` for a pipeline fed only by injection.
+    pub source: Option<Box<dyn ErasedSource>>,
+    /// One handler per stage, in config order.
+    pub handlers: Vec<StageHandler>,
+    /// Completion callbacks, called once per item.
+    pub callbacks: Vec<Callback>,
+}
+
+/// The root actor.
+pub struct PipelineActor;
+
+/// The root's start-up arguments; made by [`PipelineRuntime`].
+pub struct PipelineArgs {
+    shared: Arc<Shared>,
+    parts: PipelineParts,
+}
+
+/// The root's state.
+pub struct PipelineState {
+    shared: Arc<Shared>,
+    source: ActorRef<SourceMsg>,
+    stages: Vec<ActorRef<StageMsg>>,
+    tracker: ActorRef<TrackerMsg>,
+    source_panic: Option<String>,
+}
+
+impl Actor for PipelineActor {
+    type Msg = PipelineMsg;
+    type State = PipelineState;
+    type Arguments = PipelineArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<PipelineMsg>,
+        args: PipelineArgs,
+    ) -> Result<PipelineState, ActorProcessingErr> {
+        let PipelineArgs { shared, parts } = args;
+        let mut spawned: Vec<ActorCell> = Vec::new();
+        let result = spawn_children(&myself, &shared, parts, &mut spawned).await;
+        if result.is_err() {
+            for cell in spawned {
+                cell.kill();
+            }
+        }
+        result
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<PipelineMsg>,
+        message: PipelineMsg,
+        state: &mut PipelineState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            PipelineMsg::Inject(items, reply) => {
+                if let Err(ractor::MessagingErr::SendErr(SourceMsg::Inject(_, reply))) =
+                    state.source.cast(SourceMsg::Inject(items, reply))
+                {
+                    let _ = reply.send(Err(PipelineError::InputClosed(
+                        state.shared.name.to_string(),
+                    )));
+                }
+            }
+            PipelineMsg::Stop => state.close_input(),
+            PipelineMsg::Abort => {
+                state.close_input();
+                for stage in &state.stages {
+                    let _ = stage.cast(StageMsg::Abort);
+                }
+            }
+            PipelineMsg::Stats(reply) => {
+                let _ = state.tracker.cast(TrackerMsg::Stats(reply));
+            }
+            PipelineMsg::Finished(report) => {
+                let FinishReport { results, stats } = *report;
+                myself
+                    .stop_children_and_wait(Some(FINISHED.into()), Some(CHILD_STOP_TIMEOUT))
+                    .await;
+                let outcome = match state.source_panic.take() {
+                    Some(message) => Err(PipelineError::SourcePanicked {
+                        pipeline: state.shared.name.to_string(),
+                        message,
+                    }),
+                    None => Ok(results),
+                };
+                state.shared.completion.finish(outcome, Some(stats));
+                myself.stop(Some(FINISHED.into()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<PipelineMsg>,
+        event: SupervisionEvent,
+        state: &mut PipelineState,
+    ) -> Result<(), ActorProcessingErr> {
+        let SupervisionEvent::ActorFailed(cell, err) = event else {
+            return Ok(()); // children stop only when the root stops them
+        };
+        if cell.get_id() == state.source.get_id() {
+            let message = err.to_string();
+            tracing::error!(pipeline = %state.shared.name, "source panicked; finishing the items it admitted: {message}");
+            let _ = state
+                .tracker
+                .cast(TrackerMsg::Event(PipelineEvent::SourceError {
+                    message: format!("source panicked: {message}"),
+                }));
+            state.source_panic = Some(message);
+            let _ = state.shared.closing.send_replace(true);
+            let _ = state.tracker.cast(TrackerMsg::InputClosed);
+            return Ok(());
+        }
+        let actor = if cell.get_id() == state.tracker.get_id() {
+            "tracker".to_string()
+        } else {
+            match state
+                .stages
+                .iter()
+                .position(|s| s.get_id() == cell.get_id())
+            {
+                Some(i) => format!("stage {}", state.shared.stage_names[i]),
+                None => format!("actor {}", cell.get_id()),
+            }
+        };
+        let error = PipelineError::ActorFailed {
+            pipeline: state.shared.name.to_string(),
+            actor,
+            message: err.to_string(),
+        };
+        tracing::error!(pipeline = %state.shared.name, "{error}");
+        state.shared.events.close();
+        state.shared.completion.finish(Err(error.clone()), None);
+        myself.stop_children(None);
+        Err(error.into())
+    }
+}
+
+async fn spawn_children(
+    myself: &ActorRef<PipelineMsg>,
+    shared: &Arc<Shared>,
+    parts: PipelineParts,
+    spawned: &mut Vec<ActorCell>,
+) -> Result<PipelineState, ActorProcessingErr> {
+    let cell = myself.get_cell();
+    let tracker_args = TrackerArgs {
+        shared: shared.clone(),
+        root: myself.clone(),
+        callbacks: parts.callbacks,
+    };
+    let (tracker, _) = Actor::spawn_linked(None, Tracker, tracker_args, cell.clone()).await?;
+    spawned.push(tracker.get_cell());
+
+    let mut stages = Vec::with_capacity(parts.handlers.len());
+    for (index, handler) in parts.handlers.into_iter().enumerate().rev() {
+        let downstream = match stages.last() {
+            None => Downstream::Tracker,
+            Some(next) => Downstream::Stage(ActorRef::clone(next)),
+        };
+        let args = StageArgs {
+            shared: shared.clone(),
+            index,
+            handler,
+            downstream,
+            tracker: tracker.clone(),
+        };
+        let (stage, _) = Actor::spawn_linked(None, Stage, args, cell.clone()).await?;
+        spawned.push(stage.get_cell());
+        stages.push(stage);
+    }
+    stages.reverse();
+
+    let source_args = SourceArgs {
+        shared: shared.clone(),
+        source: parts.source,
+        first_stage: stages[0].clone(),
+        tracker: tracker.clone(),
+    };
+    let (source, _) = Actor::spawn_linked(None, SourceActor, source_args, cell).await?;
+    spawned.push(source.get_cell());
+
+    tracker.cast(TrackerMsg::Connect(source.clone()))?;
+    for (i, stage) in stages.iter().enumerate() {
+        let upstream = match i {
+            0 => Upstream::Source(source.clone()),
+            _ => Upstream::Stage(stages[i - 1].clone()),
+        };
+        stage
+            .cast(StageMsg::Connect(upstream))
+            .map_err(|e| e.to_string())?;
+    }
+    *shared.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    Ok(PipelineState {
+        shared: shared.clone(),
+        source,
+        stages,
+        tracker,
+        source_panic: None,
+    })
+}
+
+impl PipelineState {
+    fn close_input(&self) {
+        let _ = self.shared.closing.send_replace(true);
+        let _ = self.source.cast(SourceMsg::Close);
+    }
+}
+
+/// Drives one pipeline: starts its actors, and talks to them on behalf of
+/// the typed handle in `bergtalzug`. A pipeline runs once.
+pub struct PipelineRuntime {
+    shared: Arc<Shared>,
+    parts: std::sync::Mutex<Option<PipelineParts>>,
+    actor: AsyncMutex<Option<ActorRef<PipelineMsg>>>,
+}
+
+impl PipelineRuntime {
+    /// A runtime for a built pipeline; nothing runs until [`Self::start`].
+    pub fn new(parts: PipelineParts) -> Self {
+        PipelineRuntime {
+            shared: Arc::new(Shared::new(parts.config.clone())),
+            parts: std::sync::Mutex::new(Some(parts)),
+            actor: AsyncMutex::new(None),
+        }
+    }
+
+    /// The pipeline's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.shared.config
+    }
+
+    /// Starts the actors (under `supervisor` if given) and returns the root;
+    /// on later calls, returns the root already started.
+    pub async fn start(
+        &self,
+        supervisor: Option<ActorCell>,
+    ) -> Result<ActorRef<PipelineMsg>, PipelineError> {
+        let mut actor = self.actor.lock().await;
+        if let Some(actor) = actor.as_ref() {
+            return Ok(actor.clone());
+        }
+        let parts = self
+            .parts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| PipelineError::NotRunning(self.name().to_string()))?;
+        let args = PipelineArgs {
+            shared: self.shared.clone(),
+            parts,
+        };
+        let spawned = match supervisor {
+            Some(supervisor) => Actor::spawn_linked(None, PipelineActor, args, supervisor).await,
+            None => Actor::spawn(None, PipelineActor, args).await,
+        };
+        let (root, _) = spawned.map_err(|e| {
+            let error = PipelineError::Start {
+                pipeline: self.name().to_string(),
+                message: e.to_string(),
+            };
+            self.shared.events.close();
+            self.shared.completion.finish(Err(error.clone()), None);
+            error
+        })?;
+        *actor = Some(root.clone());
+        Ok(root)
+    }
+
+    fn root(&self) -> Result<ActorRef<PipelineMsg>, PipelineError> {
+        self.actor
+            .try_lock()
+            .ok()
+            .and_then(|a| a.clone())
+            .ok_or_else(|| PipelineError::NotRunning(self.name().to_string()))
+    }
+
+    /// True between a successful start and the end of the pipeline.
+    pub fn is_running(&self) -> bool {
+        self.root().is_ok() && !self.shared.completion.is_done()
+    }
+
+    /// True once every item has its outcome (or the pipeline failed).
+    pub fn is_finished(&self) -> bool {
+        self.shared.completion.is_done()
+    }
+
+    /// Waits for the end and returns the results (to the first caller; later
+    /// callers get [`PipelineError::ResultsTaken`]).
+    pub async fn wait(&self) -> Result<Vec<WorkItemResult>, PipelineError> {
+        self.shared.completion.wait().await;
+        self.shared.completion.take(self.name())
+    }
+
+    /// Waits for the end without taking the results.
+    pub async fn finished(&self) {
+        self.shared.completion.wait().await;
+    }
+
+    /// Subscribes to the pipeline's events (see [`crate::event`]).
+    pub fn subscribe(&self) -> EventStream {
+        self.shared.events.subscribe()
+    }
+
+    /// Admits items once there is room; fails if the input is closed.
+    pub async fn inject(&self, items: Vec<WorkItem<Payload>>) -> Result<(), PipelineError> {
+        let root = self.root()?;
+        let closed = || PipelineError::InputClosed(self.name().to_string());
+        if self.is_finished() {
+            return Err(closed());
+        }
+        match root
+            .call(|reply| PipelineMsg::Inject(items, reply), None)
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(result)) => result,
+            _ => Err(closed()),
+        }
+    }
+
+    /// A statistics snapshot; after the end, the final one.
+    pub async fn stats(&self) -> Result<PipelineStats, PipelineError> {
+        if let Some(stats) = self.shared.completion.stats() {
+            return Ok(stats);
+        }
+        let root = self.root()?;
+        match root.call(PipelineMsg::Stats, None).await {
+            Ok(ractor::rpc::CallResult::Success(stats)) => Ok(stats),
+            _ => {
+                self.finished().await;
+                self.shared
+                    .completion
+                    .stats()
+                    .ok_or_else(|| PipelineError::NotRunning(self.name().to_string()))
+            }
+        }
+    }
+
+    /// Graceful stop; returns once every item has its outcome.
+    pub async fn stop(&self) -> Result<(), PipelineError> {
+        let root = self.root()?;
+        let _ = root.cast(PipelineMsg::Stop);
+        self.finished().await;
+        Ok(())
+    }
+
+    /// Abort; returns once every item has its outcome.
+    pub async fn abort(&self) -> Result<(), PipelineError> {
+        let root = self.root()?;
+        let _ = root.cast(PipelineMsg::Abort);
+        self.finished().await;
+        Ok(())
+    }
+}

@@ -1,0 +1,300 @@
+//! Execution models: how a worker runs its batch through the stage's handler.
+//!
+//! One file per model, behind one function, [`run_batch`]:
+//!
+//! - [`async_rt`]: awaited on the worker actor's own task;
+//! - [`thread`]: the batch goes to one of tokio's blocking threads;
+//! - [`cpu`]: the batch goes to the stage's rayon pool (`workers` threads).
+//!
+//! Whatever the model, each item is handled the same way ([`Attempt`]): the
+//! pipeline's own bookkeeping (stage times) is held aside while the handler
+//! runs, so that a failing or panicking handler still leaves a complete
+//! result; an error fails the item with its chain (`{:#}`); a panic fails the
+//! item as `Panicked`, hands the untouched rest of the batch back to the
+//! stage, and makes the worker fail so that its supervisor replaces it.
+//!
+//! Results stream back to the stage as they are ready: after each item the
+//! worker sends what it has if [`FLUSH_AFTER`] has passed since its last
+//! report, so a batch of slow items never holds finished ones back, while a
+//! batch of fast ones is reported in one message.
+
+pub(crate) mod async_rt;
+pub(crate) mod cpu;
+pub(crate) mod thread;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::ActorRef;
+
+use crate::event::{EventHub, PipelineEvent, WorkerId};
+use crate::handler::{Payload, StageHandler};
+use crate::item::{
+    ItemError, ItemErrorKind, JobId, StageTimes, WorkItem, WorkItemMetadata, WorkItemResult,
+};
+use crate::stage::StageMsg;
+
+/// How long a worker may hold finished items before reporting them.
+pub(crate) const FLUSH_AFTER: Duration = Duration::from_micros(100);
+
+/// Where a worker's batches run.
+#[derive(Clone)]
+pub(crate) enum Model {
+    Async,
+    Thread,
+    Cpu(Arc<rayon::ThreadPool>),
+}
+
+/// Everything a worker needs to run items, shared with the threads it uses.
+pub(crate) struct RunCtx {
+    pub(crate) stage: Arc<str>,
+    pub(crate) worker: WorkerId,
+    pub(crate) handler: StageHandler,
+    pub(crate) stage_ref: ActorRef<StageMsg>,
+    pub(crate) tracking: bool,
+    pub(crate) events: Arc<EventHub>,
+}
+
+/// What became of one item in a stage.
+pub(crate) enum Outcome {
+    /// The handler returned the item for the next stage.
+    Done(WorkItem<Payload>),
+    /// The item failed here; its result is final.
+    Failed(Box<WorkItemResult>),
+}
+
+/// A worker's report to its stage.
+pub(crate) struct WorkerReport {
+    pub(crate) worker: WorkerId,
+    /// Outcomes, in the order the items were given.
+    pub(crate) outcomes: Vec<Outcome>,
+    /// Items of the batch the worker did not start (after a panic), in order.
+    pub(crate) returned: Vec<WorkItem<Payload>>,
+    /// Handler time spent on `outcomes`.
+    pub(crate) busy: Duration,
+    /// The worker is about to fail (its handler panicked): give it no more work.
+    pub(crate) failing: bool,
+}
+
+/// Runs a batch in the worker's execution model. `Err` carries a panic
+/// message: the worker must then fail.
+pub(crate) async fn run_batch(
+    model: &Model,
+    ctx: &Arc<RunCtx>,
+    items: Vec<WorkItem<Payload>>,
+) -> Result<(), String> {
+    match (model, &ctx.handler) {
+        (Model::Async, StageHandler::Async(_)) => async_rt::run(ctx, items).await,
+        (Model::Thread, StageHandler::Sync(_)) => thread::run(ctx.clone(), items).await,
+        (Model::Cpu(pool), StageHandler::Sync(_)) => cpu::run(pool, ctx.clone(), items).await,
+        (_, handler) => Err(format!(
+            "stage `{}` was given a {handler:?} that its execution model cannot run",
+            ctx.stage
+        )),
+    }
+}
+
+/// One item's pass through the handler: what is held aside, and how the
+/// item's outcome is put together afterwards.
+pub(crate) struct Attempt {
+    job_id: JobId,
+    created: Instant,
+    stages: Vec<StageTimes>,
+    custom: Option<BTreeMap<String, serde_json::Value>>,
+}
+
+impl Attempt {
+    /// Takes the item's stage times aside (stamping `started`) before the
+    /// handler gets it.
+    pub(crate) fn begin(ctx: &RunCtx, item: &mut WorkItem<Payload>, now: Instant) -> Attempt {
+        let mut stages = std::mem::take(&mut item.metadata.stages);
+        if ctx.tracking {
+            if let Some(times) = stages.last_mut() {
+                times.started = Some(now);
+            }
+        }
+        let custom = &item.metadata.custom;
+        Attempt {
+            job_id: item.job_id.clone(),
+            created: item.metadata.created(),
+            stages,
+            custom: (!custom.is_empty()).then(|| custom.clone()),
+        }
+    }
+
+    /// The handler returned `out`: it keeps the item's identity and times.
+    pub(crate) fn succeed(
+        mut self,
+        ctx: &RunCtx,
+        mut out: WorkItem<Payload>,
+        now: Instant,
+    ) -> Outcome {
+        self.stamp_completed(ctx, now);
+        out.job_id = self.job_id;
+        out.metadata.stages = self.stages;
+        out.metadata.set_created(self.created);
+        Outcome::Done(out)
+    }
+
+    /// The handler failed or panicked: the item's result, with the metadata
+    /// it had when the handler got it.
+    pub(crate) fn fail(
+        self,
+        ctx: &RunCtx,
+        kind: ItemErrorKind,
+        message: String,
+        now: Instant,
+    ) -> Outcome {
+        let mut attempt = self;
+        attempt.stamp_completed(ctx, now);
+        let mut metadata = WorkItemMetadata::default();
+        metadata.set_created(attempt.created);
+        metadata.stages = attempt.stages;
+        metadata.custom = attempt.custom.unwrap_or_default();
+        metadata.finished = Some(now);
+        let error = ItemError::new(&*ctx.stage, kind, message);
+        Outcome::Failed(Box::new(WorkItemResult::failed(
+            attempt.job_id,
+            metadata,
+            error,
+        )))
+    }
+
+    fn stamp_completed(&mut self, ctx: &RunCtx, now: Instant) {
+        if ctx.tracking {
+            if let Some(times) = self.stages.last_mut() {
+                times.completed = Some(now);
+            }
+        }
+    }
+
+    pub(crate) fn job_id(&self) -> &JobId {
+        &self.job_id
+    }
+}
+
+/// Collects a worker's outcomes and sends them to the stage in batches.
+pub(crate) struct Reporter<'a> {
+    ctx: &'a RunCtx,
+    outcomes: Vec<Outcome>,
+    busy: Duration,
+    last_flush: Instant,
+    events: Vec<PipelineEvent>,
+}
+
+impl<'a> Reporter<'a> {
+    pub(crate) fn new(ctx: &'a RunCtx, batch: usize) -> Self {
+        Reporter {
+            ctx,
+            outcomes: Vec::with_capacity(batch),
+            busy: Duration::ZERO,
+            last_flush: Instant::now(),
+            events: Vec::new(),
+        }
+    }
+
+    /// Notes that the handler is about to start on an item.
+    pub(crate) fn started(&mut self, attempt: &Attempt) {
+        if self.ctx.events.has_subscribers() {
+            self.events.push(PipelineEvent::ItemStarted {
+                job_id: attempt.job_id().clone(),
+                stage: self.ctx.stage.clone(),
+                worker: self.ctx.worker,
+            });
+        }
+    }
+
+    /// Records an outcome; sends what has accumulated when it is time.
+    pub(crate) fn push(&mut self, outcome: Outcome, started: Instant, now: Instant) {
+        self.busy += now.saturating_duration_since(started);
+        if self.ctx.events.has_subscribers() {
+            let (job_id, success) = match &outcome {
+                Outcome::Done(item) => (item.job_id.clone(), true),
+                Outcome::Failed(result) => (result.job_id.clone(), false),
+            };
+            self.events.push(PipelineEvent::ItemCompleted {
+                job_id,
+                stage: self.ctx.stage.clone(),
+                worker: self.ctx.worker,
+                success,
+            });
+        }
+        self.outcomes.push(outcome);
+        if now.saturating_duration_since(self.last_flush) >= FLUSH_AFTER {
+            self.flush(Vec::new(), false, now);
+        }
+    }
+
+    /// Sends everything left; `returned` goes back to the stage's queue.
+    pub(crate) fn finish(mut self, returned: Vec<WorkItem<Payload>>, failing: bool) {
+        self.flush(returned, failing, Instant::now());
+    }
+
+    fn flush(&mut self, returned: Vec<WorkItem<Payload>>, failing: bool, now: Instant) {
+        if !self.events.is_empty() {
+            self.ctx.events.lifecycle(std::mem::take(&mut self.events));
+        }
+        if self.outcomes.is_empty() && returned.is_empty() && !failing {
+            return;
+        }
+        let report = WorkerReport {
+            worker: self.ctx.worker,
+            outcomes: std::mem::replace(&mut self.outcomes, Vec::new()),
+            returned,
+            busy: std::mem::take(&mut self.busy),
+            failing,
+        };
+        self.last_flush = now;
+        // The stage is gone only when the pipeline is shutting down.
+        let _ = self.ctx.stage_ref.cast(StageMsg::Report(report));
+    }
+}
+
+/// The text of a panic payload.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+/// Runs a batch through a blocking handler on the current thread; shared by
+/// the Thread and Cpu models.
+pub(crate) fn run_blocking(ctx: &RunCtx, items: Vec<WorkItem<Payload>>) -> Result<(), String> {
+    let StageHandler::Sync(handler) = &ctx.handler else {
+        return Err(format!("stage `{}` has no blocking handler", ctx.stage));
+    };
+    let mut reporter = Reporter::new(ctx, items.len());
+    let mut items = items.into_iter();
+    while let Some(mut item) = items.next() {
+        let started = Instant::now();
+        let attempt = Attempt::begin(ctx, &mut item, started);
+        reporter.started(&attempt);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(item)));
+        let now = Instant::now();
+        match result {
+            Ok(Ok(out)) => reporter.push(attempt.succeed(ctx, out, now), started, now),
+            Ok(Err(e)) => reporter.push(
+                attempt.fail(ctx, ItemErrorKind::Failed, format!("{e:#}"), now),
+                started,
+                now,
+            ),
+            Err(payload) => {
+                let message = panic_message(&*payload);
+                reporter.push(
+                    attempt.fail(ctx, ItemErrorKind::Panicked, message.clone(), now),
+                    started,
+                    now,
+                );
+                reporter.finish(items.collect(), true);
+                return Err(message);
+            }
+        }
+    }
+    reporter.finish(Vec::new(), false);
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! State shared by a pipeline's actors and its handles: read-mostly
+//! configuration, live counters, the event hub, and the completion slot.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use dashmap::DashMap;
+use tokio::sync::watch;
+
+use crate::config::PipelineConfig;
+use crate::error::PipelineError;
+use crate::event::EventHub;
+use crate::item::{JobId, WorkItemResult};
+use crate::stats::{PipelineStats, StageGauges};
+
+pub(crate) struct Shared {
+    pub(crate) config: PipelineConfig,
+    pub(crate) name: Arc<str>,
+    pub(crate) stage_names: Vec<Arc<str>>,
+    /// Items handed to the pipeline so far; bumped before they are sent.
+    pub(crate) admitted: AtomicU64,
+    /// Job ids in the pipeline now (tracking on): duplicates are refused.
+    pub(crate) active_ids: Option<DashMap<JobId, ()>>,
+    pub(crate) gauges: Vec<StageGauges>,
+    pub(crate) events: Arc<EventHub>,
+    pub(crate) started: Mutex<Option<Instant>>,
+    /// Set when the source should stop: a refill in progress is abandoned.
+    pub(crate) closing: watch::Sender<bool>,
+    pub(crate) completion: Completion,
+}
+
+impl Shared {
+    pub(crate) fn new(config: PipelineConfig) -> Self {
+        Shared {
+            name: config.pipeline_name.as_str().into(),
+            stage_names: config
+                .stages
+                .iter()
+                .map(|s| s.name.as_str().into())
+                .collect(),
+            admitted: AtomicU64::new(0),
+            active_ids: config.enable_tracking.then(DashMap::new),
+            gauges: config
+                .stages
+                .iter()
+                .map(|_| StageGauges::default())
+                .collect(),
+            events: Arc::new(EventHub::default()),
+            started: Mutex::new(None),
+            closing: watch::Sender::new(false),
+            completion: Completion::default(),
+            config,
+        }
+    }
+
+    pub(crate) fn admitted(&self) -> u64 {
+        self.admitted.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn started_at(&self) -> Option<Instant> {
+        *self.started.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How a pipeline ended, kept for its handles.
+pub(crate) struct Completion {
+    done: watch::Sender<bool>,
+    outcome: Mutex<Option<Result<Vec<WorkItemResult>, PipelineError>>>,
+    stats: Mutex<Option<PipelineStats>>,
+}
+
+impl Default for Completion {
+    fn default() -> Self {
+        Completion {
+            done: watch::Sender::new(false),
+            outcome: Mutex::new(None),
+            stats: Mutex::new(None),
+        }
+    }
+}
+
+impl Completion {
+    /// Records the outcome (first one wins) and wakes every waiter.
+    pub(crate) fn finish(
+        &self,
+        outcome: Result<Vec<WorkItemResult>, PipelineError>,
+        stats: Option<PipelineStats>,
+    ) {
+        if *self.done.borrow() {
+            return;
+        }
+        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        if stats.is_some() {
+            *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
+        }
+        self.done.send_replace(true);
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        *self.done.borrow()
+    }
+
+    pub(crate) async fn wait(&self) {
+        let mut rx = self.done.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
+    }
+
+    /// The outcome; the results go to the first caller only.
+    pub(crate) fn take(&self, pipeline: &str) -> Result<Vec<WorkItemResult>, PipelineError> {
+        let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        match outcome.as_mut() {
+            Some(Ok(results)) => {
+                let results = std::mem::take(results);
+                *outcome = Some(Err(PipelineError::ResultsTaken(pipeline.to_string())));
+                Ok(results)
+            }
+            Some(Err(e)) => Err(e.clone()),
+            None => Err(PipelineError::NotRunning(pipeline.to_string())),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> Option<PipelineStats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}

@@ -1,0 +1,289 @@
+//! The source actor: admits items into the pipeline, only on demand.
+//!
+//! - **Owns**: the user's [`Source`](crate::source::Source) (erased), the
+//!   injections waiting for room, and the count of items in the pipeline.
+//! - **Receives**: [`SourceMsg`]: `Demand` from the first stage; `Released`
+//!   from the tracker; `Inject` and `Close` from the root; `RetryRefill` from
+//!   itself after a failed refill.
+//! - **Sends**: `Items` to the first stage; `InputClosed`, rejected
+//!   duplicates and `SourceError` events to the tracker.
+//! - **Supervised by**: the pipeline root. A panicking source fails this
+//!   actor; the root then closes the input and the pipeline drains.
+//! - **Invariants**: it never sends the first stage more than it asked for,
+//!   and never has more than the pipeline's window (Σ `queue_size + workers`)
+//!   admitted and not yet finished, so the tracker's backlog is bounded too.
+//!   Every admitted item is counted in `admitted` before it is sent.
+//!
+//! Injected items go before the source's own: an injection is answered once
+//! all its items are admitted, so an injecting caller waits for room.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::watch;
+
+use crate::error::PipelineError;
+use crate::event::PipelineEvent;
+use crate::handler::Payload;
+use crate::item::{ItemError, ItemErrorKind, WorkItem, WorkItemResult};
+use crate::shared::Shared;
+use crate::source::ErasedSource;
+use crate::stage::StageMsg;
+use crate::tracker::TrackerMsg;
+
+/// The source actor's mailbox.
+pub(crate) enum SourceMsg {
+    /// From the first stage: room for this many more items.
+    Demand(usize),
+    /// From the tracker: this many admitted items have finished.
+    Released(usize),
+    /// From the root: admit these; the reply comes once all are admitted.
+    Inject(
+        Vec<WorkItem<Payload>>,
+        RpcReplyPort<Result<(), PipelineError>>,
+    ),
+    /// From the root: admit nothing more (stop or abort).
+    Close,
+    /// From itself: ask the source again after a failed refill.
+    RetryRefill,
+}
+
+pub(crate) struct SourceActor;
+
+pub(crate) struct SourceArgs {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) source: Option<Box<dyn ErasedSource>>,
+    pub(crate) first_stage: ActorRef<StageMsg>,
+    pub(crate) tracker: ActorRef<TrackerMsg>,
+}
+
+struct Injection {
+    items: VecDeque<WorkItem<Payload>>,
+    reply: RpcReplyPort<Result<(), PipelineError>>,
+}
+
+pub(crate) struct SourceState {
+    shared: Arc<Shared>,
+    source: Option<Box<dyn ErasedSource>>,
+    first_stage: ActorRef<StageMsg>,
+    tracker: ActorRef<TrackerMsg>,
+    closing: watch::Receiver<bool>,
+    /// Room the first stage has granted.
+    demand: usize,
+    /// Most items admitted and not yet finished.
+    window: usize,
+    /// Items admitted and not yet finished.
+    outstanding: usize,
+    /// Most items asked of `refill` at once: the first stage's queue_size.
+    max_refill: usize,
+    /// Items a source returned beyond what it was asked for.
+    carry: VecDeque<WorkItem<Payload>>,
+    injections: VecDeque<Injection>,
+    exhausted: bool,
+    closed: bool,
+    retry_pending: bool,
+}
+
+impl Actor for SourceActor {
+    type Msg = SourceMsg;
+    type State = SourceState;
+    type Arguments = SourceArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<SourceMsg>,
+        args: SourceArgs,
+    ) -> Result<SourceState, ActorProcessingErr> {
+        let config = &args.shared.config;
+        Ok(SourceState {
+            window: config.stages.iter().map(|s| s.capacity()).sum(),
+            max_refill: config.stages[0].queue_size,
+            closing: args.shared.closing.subscribe(),
+            shared: args.shared,
+            source: args.source,
+            first_stage: args.first_stage,
+            tracker: args.tracker,
+            demand: 0,
+            outstanding: 0,
+            carry: VecDeque::new(),
+            injections: VecDeque::new(),
+            exhausted: false,
+            closed: false,
+            retry_pending: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SourceMsg>,
+        message: SourceMsg,
+        state: &mut SourceState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            SourceMsg::Demand(n) => state.demand += n,
+            SourceMsg::Released(n) => state.outstanding = state.outstanding.saturating_sub(n),
+            SourceMsg::Inject(items, reply) => {
+                if state.closed {
+                    let _ = reply.send(Err(PipelineError::InputClosed(
+                        state.shared.name.to_string(),
+                    )));
+                } else {
+                    state.injections.push_back(Injection {
+                        items: items.into(),
+                        reply,
+                    });
+                }
+            }
+            SourceMsg::Close => state.close_input(),
+            SourceMsg::RetryRefill => state.retry_pending = false,
+        }
+        state.pump(&myself).await;
+        Ok(())
+    }
+}
+
+impl SourceState {
+    /// Admits what the demand and the window allow: carried-over items first,
+    /// then injections, then the source.
+    async fn pump(&mut self, myself: &ActorRef<SourceMsg>) {
+        loop {
+            if self.closed {
+                return;
+            }
+            let room = self
+                .demand
+                .min(self.window.saturating_sub(self.outstanding));
+            if room == 0 {
+                return;
+            }
+            if !self.carry.is_empty() {
+                let n = room.min(self.carry.len());
+                let batch = self.carry.drain(..n).collect();
+                self.admit(batch);
+                continue;
+            }
+            if let Some(injection) = self.injections.front_mut() {
+                let n = room.min(injection.items.len());
+                let batch: Vec<_> = injection.items.drain(..n).collect();
+                if injection.items.is_empty() {
+                    let injection = self.injections.pop_front().expect("front exists");
+                    let _ = injection.reply.send(Ok(()));
+                }
+                self.admit(batch);
+                continue;
+            }
+            let Some(source) = self.source.as_mut() else {
+                return; // fed by injection only: open until stopped
+            };
+            if self.exhausted {
+                self.close_input();
+                return;
+            }
+            if self.retry_pending {
+                return;
+            }
+            let count = room.min(self.max_refill);
+            let refill = tokio::select! {
+                biased;
+                _ = self.closing.wait_for(|closing| *closing) => None,
+                result = source.refill(count) => Some(result),
+            };
+            match refill {
+                None => {
+                    self.close_input();
+                    return;
+                }
+                Some(Ok(items)) if items.is_empty() => self.exhausted = true,
+                Some(Ok(mut items)) => {
+                    if items.len() > count {
+                        tracing::warn!(
+                            pipeline = %self.shared.name,
+                            "refill({count}) returned {} items; the rest wait for room",
+                            items.len()
+                        );
+                        self.carry.extend(items.split_off(count));
+                    }
+                    self.admit(items);
+                }
+                Some(Err(e)) => {
+                    let message = format!("{e:#}");
+                    let retry_in = self.shared.config.queue_refresh_rate;
+                    tracing::warn!(
+                        pipeline = %self.shared.name,
+                        "refill failed, asking again in {retry_in:?}: {message}"
+                    );
+                    let _ = self
+                        .tracker
+                        .cast(TrackerMsg::Event(PipelineEvent::SourceError { message }));
+                    self.retry_pending = true;
+                    myself.send_after(retry_in, || SourceMsg::RetryRefill);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Counts the batch in, refuses ids already in the pipeline, and sends
+    /// the rest to the first stage.
+    fn admit(&mut self, batch: Vec<WorkItem<Payload>>) {
+        let n = batch.len();
+        self.shared
+            .admitted
+            .fetch_add(n as u64, std::sync::atomic::Ordering::AcqRel);
+        self.outstanding += n;
+        let (accepted, refused) = match &self.shared.active_ids {
+            None => (batch, Vec::new()),
+            Some(active) => {
+                let mut accepted = Vec::with_capacity(n);
+                let mut refused = Vec::new();
+                for item in batch {
+                    if active.insert(item.job_id.clone(), ()).is_none() {
+                        accepted.push(item);
+                    } else {
+                        let error = ItemError::new(
+                            "source",
+                            ItemErrorKind::DuplicateJobId,
+                            format!(
+                                "job id {} is already in the pipeline; not admitted",
+                                item.job_id
+                            ),
+                        );
+                        tracing::warn!(pipeline = %self.shared.name, job_id = %item.job_id, "duplicate job id refused");
+                        refused.push(WorkItemResult::failed(item.job_id, item.metadata, error));
+                    }
+                }
+                (accepted, refused)
+            }
+        };
+        self.demand -= accepted.len();
+        if !refused.is_empty() {
+            let _ = self.tracker.cast(TrackerMsg::Finished(refused));
+        }
+        if !accepted.is_empty() {
+            let _ = self.first_stage.cast(StageMsg::Items(accepted));
+        }
+    }
+
+    fn close_input(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        for injection in self.injections.drain(..) {
+            let _ = injection.reply.send(Err(PipelineError::InputClosed(
+                self.shared.name.to_string(),
+            )));
+        }
+        // Carried-over items were never admitted: they are dropped with the source.
+        if !self.carry.is_empty() {
+            tracing::warn!(
+                pipeline = %self.shared.name,
+                "input closed with {} items the source returned beyond its demand; they were not admitted",
+                self.carry.len()
+            );
+            self.carry.clear();
+        }
+        let _ = self.tracker.cast(TrackerMsg::InputClosed);
+    }
+}

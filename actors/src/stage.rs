@@ -1,0 +1,568 @@
+//! The stage supervisor: one per stage.
+//!
+//! - **Owns**: the stage's queue (`queue_size`), the items done here that
+//!   wait for the next stage's demand, the record of what each worker holds,
+//!   its `workers` worker actors, and (for Cpu stages) the rayon pool.
+//! - **Receives**: [`StageMsg`]: `Connect` from the root; `Items` from
+//!   upstream (never more than it asked for); `Demand` from downstream;
+//!   `Report` from its workers; `Reap` from itself; `Abort` from the root.
+//! - **Sends**: `Demand` upstream, `Items` downstream (never more than the
+//!   downstream asked for), `Run` to idle workers, finished results to the
+//!   tracker (the last stage's successes and every failure).
+//! - **Supervises**: its workers (linked at spawn). A worker that fails is
+//!   replaced at once, so the stage keeps its worker count; what it held is
+//!   accounted for when its `Reap` arrives, after any report it sent.
+//! - **Invariants** (after every message):
+//!   - held (queued + in flight + waiting downstream) + demand outstanding
+//!     upstream <= `queue_size + workers`: the stage never asks for more
+//!     than it has room for;
+//!   - no worker is idle while items are queued;
+//!   - every item given to the stage is, exactly once, forwarded, sent to
+//!     the tracker, or held.
+//!
+//! # Batches
+//!
+//! Items move between actors in batches of what is ready, never waiting to
+//! fill one. An idle worker gets an even share of the queue, at most about
+//! 1 ms of work (measured from the stage's recent service time), so fast
+//! handlers run many items per message while slow ones go one at a time.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, MessagingErr, SupervisionEvent};
+
+use crate::config::ExecutionType;
+use crate::event::{PipelineEvent, WorkerId};
+use crate::handler::{Payload, StageHandler};
+use crate::item::{
+    ItemError, ItemErrorKind, JobId, StageTimes, WorkItem, WorkItemMetadata, WorkItemResult,
+};
+use crate::runner::{self, Model, Outcome, RunCtx, WorkerReport};
+use crate::shared::Shared;
+use crate::source_actor::SourceMsg;
+use crate::tracker::TrackerMsg;
+use crate::worker::{Worker, WorkerArgs, WorkerMsg};
+
+/// The most items a worker is given at once.
+const MAX_BATCH: usize = 64;
+/// About how much work (by recent service time) a worker is given at once.
+const BATCH_WORK: Duration = Duration::from_millis(1);
+/// Wait before trying again when a replacement worker cannot be spawned.
+const RESPAWN_DELAY: Duration = Duration::from_millis(100);
+
+/// A stage supervisor's mailbox.
+pub(crate) enum StageMsg {
+    /// From the root, first: who to ask for items.
+    Connect(Upstream),
+    /// From upstream: items, at most as many as this stage asked for.
+    Items(Vec<WorkItem<Payload>>),
+    /// From downstream: room for this many more items.
+    Demand(usize),
+    /// From a worker: outcomes of items it was given.
+    Report(WorkerReport),
+    /// From itself, after a worker died: account for what it still held.
+    Reap {
+        worker: WorkerId,
+        kind: ItemErrorKind,
+        reason: String,
+    },
+    /// From itself: try again to spawn a missing worker.
+    Respawn,
+    /// From the root: cancel everything held and everything that arrives.
+    Abort,
+}
+
+/// Where a stage asks for items.
+pub(crate) enum Upstream {
+    Source(ActorRef<SourceMsg>),
+    Stage(ActorRef<StageMsg>),
+}
+
+impl Upstream {
+    fn demand(&self, n: usize) {
+        // A closed upstream means the pipeline is shutting down.
+        let _ = match self {
+            Upstream::Source(r) => r.cast(SourceMsg::Demand(n)).map_err(drop),
+            Upstream::Stage(r) => r.cast(StageMsg::Demand(n)).map_err(drop),
+        };
+    }
+}
+
+/// Where a stage sends the items its handler finished.
+pub(crate) enum Downstream {
+    Stage(ActorRef<StageMsg>),
+    /// The last stage: finished items are results.
+    Tracker,
+}
+
+pub(crate) struct Stage;
+
+pub(crate) struct StageArgs {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) index: usize,
+    pub(crate) handler: StageHandler,
+    pub(crate) downstream: Downstream,
+    pub(crate) tracker: ActorRef<TrackerMsg>,
+}
+
+struct Slot {
+    actor: ActorRef<WorkerMsg>,
+    /// Job ids of the items the worker holds, in the order given.
+    held: VecDeque<JobId>,
+    /// It reported a panic and is about to fail: no more work for it.
+    failing: bool,
+}
+
+pub(crate) struct StageState {
+    shared: Arc<Shared>,
+    index: usize,
+    name: Arc<str>,
+    capacity: usize,
+    workers: usize,
+    model: Model,
+    handler: StageHandler,
+    tracker: ActorRef<TrackerMsg>,
+    upstream: Option<Upstream>,
+    downstream: Downstream,
+    queue: VecDeque<WorkItem<Payload>>,
+    outbox: VecDeque<WorkItem<Payload>>,
+    /// Items downstream asked for and has not been sent yet.
+    credit: usize,
+    /// Items asked of upstream and not yet received.
+    requested: usize,
+    slots: HashMap<WorkerId, Slot>,
+    by_actor: HashMap<ActorId, WorkerId>,
+    idle: Vec<WorkerId>,
+    in_flight: usize,
+    next_worker: u64,
+    /// Workers that died and are not replaced yet: who, and why.
+    to_replace: VecDeque<(WorkerId, String)>,
+    aborting: bool,
+    /// Recent per-item service time, in nanoseconds (0 = not known yet).
+    service_ns: f64,
+}
+
+impl Actor for Stage {
+    type Msg = StageMsg;
+    type State = StageState;
+    type Arguments = StageArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<StageMsg>,
+        args: StageArgs,
+    ) -> Result<StageState, ActorProcessingErr> {
+        let config = &args.shared.config.stages[args.index];
+        let name = args.shared.stage_names[args.index].clone();
+        let model = match config.execution_type {
+            ExecutionType::Async => Model::Async,
+            ExecutionType::Thread => Model::Thread,
+            ExecutionType::Cpu => Model::Cpu(Arc::new(runner::cpu::pool(&name, config.workers)?)),
+            other => {
+                return Err(
+                    format!("stage `{name}`: execution type {other} cannot run here").into(),
+                );
+            }
+        };
+        Ok(StageState {
+            index: args.index,
+            capacity: config.capacity(),
+            workers: config.workers,
+            model,
+            handler: args.handler,
+            tracker: args.tracker,
+            upstream: None,
+            downstream: args.downstream,
+            queue: VecDeque::with_capacity(config.queue_size.min(4096)),
+            outbox: VecDeque::new(),
+            credit: 0,
+            requested: 0,
+            slots: HashMap::new(),
+            by_actor: HashMap::new(),
+            idle: Vec::new(),
+            in_flight: 0,
+            next_worker: 0,
+            to_replace: VecDeque::new(),
+            aborting: false,
+            service_ns: 0.0,
+            name,
+            shared: args.shared,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<StageMsg>,
+        state: &mut StageState,
+    ) -> Result<(), ActorProcessingErr> {
+        for _ in 0..state.workers {
+            state.spawn_worker(&myself).await?;
+        }
+        state.publish_gauges();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<StageMsg>,
+        message: StageMsg,
+        state: &mut StageState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            StageMsg::Connect(upstream) => state.upstream = Some(upstream),
+            StageMsg::Items(items) => state.receive(items),
+            StageMsg::Demand(n) => state.credit += n,
+            StageMsg::Report(report) => state.on_report(report),
+            StageMsg::Reap {
+                worker,
+                kind,
+                reason,
+            } => state.reap(worker, kind, &reason),
+            StageMsg::Respawn => state.respawn(&myself).await,
+            StageMsg::Abort => state.abort(),
+        }
+        state.pump();
+        state.publish_gauges();
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<StageMsg>,
+        event: SupervisionEvent,
+        state: &mut StageState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, reason) = match event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, reason.unwrap_or_else(|| "stopped".into()))
+            }
+            _ => return Ok(()),
+        };
+        let Some(worker) = state.by_actor.remove(&cell.get_id()) else {
+            return Ok(());
+        };
+        let kind = if state.aborting {
+            ItemErrorKind::Cancelled
+        } else {
+            tracing::warn!(
+                pipeline = %state.shared.name,
+                stage = %state.name,
+                worker = %worker,
+                "worker died, replacing it: {reason}"
+            );
+            state.to_replace.push_back((worker, reason.clone()));
+            state.respawn(&myself).await;
+            ItemErrorKind::WorkerLost
+        };
+        // Queued behind any report the worker sent before it died.
+        let _ = myself.cast(StageMsg::Reap {
+            worker,
+            kind,
+            reason,
+        });
+        state.publish_gauges();
+        Ok(())
+    }
+}
+
+impl StageState {
+    fn is_last(&self) -> bool {
+        matches!(self.downstream, Downstream::Tracker)
+    }
+
+    async fn spawn_worker(
+        &mut self,
+        myself: &ActorRef<StageMsg>,
+    ) -> Result<WorkerId, ActorProcessingErr> {
+        let id = WorkerId(self.next_worker);
+        self.next_worker += 1;
+        let ctx = Arc::new(RunCtx {
+            stage: self.name.clone(),
+            worker: id,
+            handler: self.handler.clone(),
+            stage_ref: myself.clone(),
+            tracking: self.shared.config.enable_tracking,
+            events: self.shared.events.clone(),
+        });
+        let args = WorkerArgs {
+            ctx,
+            model: self.model.clone(),
+        };
+        let (actor, _) = Actor::spawn_linked(None, Worker, args, myself.get_cell()).await?;
+        self.by_actor.insert(actor.get_id(), id);
+        self.slots.insert(
+            id,
+            Slot {
+                actor,
+                held: VecDeque::new(),
+                failing: false,
+            },
+        );
+        self.idle.push(id);
+        Ok(id)
+    }
+
+    /// Spawns the workers that died; on failure, tries again later.
+    async fn respawn(&mut self, myself: &ActorRef<StageMsg>) {
+        while !self.aborting {
+            let Some((worker, reason)) = self.to_replace.pop_front() else {
+                break;
+            };
+            match self.spawn_worker(myself).await {
+                Ok(replacement) => {
+                    self.tell_tracker_event(PipelineEvent::WorkerRestarted {
+                        stage: self.name.clone(),
+                        worker,
+                        replacement,
+                        reason,
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(
+                        pipeline = %self.shared.name,
+                        stage = %self.name,
+                        "cannot spawn a replacement worker, trying again in {RESPAWN_DELAY:?}: {e}"
+                    );
+                    self.to_replace.push_front((worker, reason));
+                    myself.send_after(RESPAWN_DELAY, || StageMsg::Respawn);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn receive(&mut self, mut items: Vec<WorkItem<Payload>>) {
+        self.requested = self.requested.saturating_sub(items.len());
+        if self.aborting {
+            let cancelled = items
+                .into_iter()
+                .map(|i| self.cancel(i, "before it started"))
+                .collect();
+            self.to_tracker(cancelled);
+            return;
+        }
+        if self.shared.config.enable_tracking {
+            let now = Instant::now();
+            for item in &mut items {
+                item.metadata.stages.push(StageTimes {
+                    stage: self.name.clone(),
+                    queued: now,
+                    started: None,
+                    completed: None,
+                });
+            }
+        }
+        if self.shared.events.has_subscribers() {
+            let events = items
+                .iter()
+                .map(|i| PipelineEvent::ItemQueued {
+                    job_id: i.job_id.clone(),
+                    stage: self.name.clone(),
+                })
+                .collect();
+            self.shared.events.lifecycle(events);
+        }
+        self.queue.extend(items);
+    }
+
+    fn on_report(&mut self, report: WorkerReport) {
+        let Some(slot) = self.slots.get_mut(&report.worker) else {
+            // Its worker was reaped already: every item it held is accounted for.
+            return;
+        };
+        let n = report.outcomes.len() + report.returned.len();
+        for _ in 0..n {
+            slot.held.pop_front();
+        }
+        self.in_flight -= n;
+        slot.failing |= report.failing;
+        if slot.held.is_empty() && !slot.failing && !self.aborting {
+            self.idle.push(report.worker);
+        }
+        if !report.outcomes.is_empty() {
+            let per_item = report.busy.as_nanos() as f64 / report.outcomes.len() as f64;
+            self.service_ns = if self.service_ns == 0.0 {
+                per_item
+            } else {
+                0.8 * self.service_ns + 0.2 * per_item
+            };
+        }
+        for item in report.returned.into_iter().rev() {
+            self.queue.push_front(item);
+        }
+        let gauges = &self.shared.gauges[self.index];
+        let finished_at = (self.is_last() && self.shared.config.enable_tracking).then(Instant::now);
+        let mut finished = Vec::new();
+        let (mut processed, mut failed) = (0, 0);
+        for outcome in report.outcomes {
+            match outcome {
+                Outcome::Done(item) if self.aborting => {
+                    finished.push(self.cancel(item, "after this stage finished it"));
+                }
+                Outcome::Done(item) => {
+                    processed += 1;
+                    if self.is_last() {
+                        finished.push(WorkItemResult::completed(item, finished_at));
+                    } else {
+                        self.outbox.push_back(item);
+                    }
+                }
+                Outcome::Failed(result) => {
+                    failed += 1;
+                    finished.push(*result);
+                }
+            }
+        }
+        gauges.processed.fetch_add(processed, Ordering::Relaxed);
+        gauges.failed.fetch_add(failed, Ordering::Relaxed);
+        self.to_tracker(finished);
+    }
+
+    fn reap(&mut self, worker: WorkerId, kind: ItemErrorKind, reason: &str) {
+        let Some(slot) = self.slots.remove(&worker) else {
+            return;
+        };
+        self.idle.retain(|w| *w != worker);
+        self.in_flight -= slot.held.len();
+        let message = match kind {
+            ItemErrorKind::Cancelled => "pipeline aborted while a worker held the item".to_string(),
+            _ => format!("worker {worker} died holding the item: {reason}"),
+        };
+        let lost: Vec<_> = slot
+            .held
+            .into_iter()
+            .map(|job_id| {
+                WorkItemResult::failed(
+                    job_id,
+                    WorkItemMetadata::default(),
+                    ItemError::new(&*self.name, kind, message.clone()),
+                )
+            })
+            .collect();
+        if kind != ItemErrorKind::Cancelled {
+            self.shared.gauges[self.index]
+                .failed
+                .fetch_add(lost.len() as u64, Ordering::Relaxed);
+        }
+        self.to_tracker(lost);
+    }
+
+    fn abort(&mut self) {
+        if self.aborting {
+            return;
+        }
+        self.aborting = true;
+        self.idle.clear();
+        self.to_replace.clear();
+        let mut cancelled: Vec<_> = std::mem::take(&mut self.queue)
+            .into_iter()
+            .map(|i| self.cancel(i, "before it started"))
+            .collect();
+        let waiting = std::mem::take(&mut self.outbox);
+        cancelled.extend(
+            waiting
+                .into_iter()
+                .map(|i| self.cancel(i, "after this stage finished it")),
+        );
+        self.to_tracker(cancelled);
+        // Each killed worker is reaped, its items cancelled, when its
+        // termination arrives.
+        for slot in self.slots.values() {
+            slot.actor.kill();
+        }
+    }
+
+    fn cancel(&self, item: WorkItem<Payload>, when: &str) -> WorkItemResult {
+        let message = format!("pipeline aborted {when}");
+        WorkItemResult::failed(
+            item.job_id,
+            item.metadata,
+            ItemError::new(&*self.name, ItemErrorKind::Cancelled, message),
+        )
+    }
+
+    /// Moves what can move: finished items downstream, queued items to idle
+    /// workers, demand upstream.
+    fn pump(&mut self) {
+        if let Downstream::Stage(next) = &self.downstream {
+            let n = self.credit.min(self.outbox.len());
+            if n > 0 {
+                self.credit -= n;
+                let _ = next.cast(StageMsg::Items(self.outbox.drain(..n).collect()));
+            }
+        }
+        while !self.queue.is_empty() {
+            let Some(worker) = self.idle.pop() else { break };
+            let share = self.queue.len().div_ceil(self.idle.len() + 1);
+            let take = share.clamp(1, self.max_batch());
+            let items: Vec<_> = self.queue.drain(..take).collect();
+            let slot = self
+                .slots
+                .get_mut(&worker)
+                .expect("idle workers have slots");
+            slot.held.extend(items.iter().map(|i| i.job_id.clone()));
+            self.in_flight += take;
+            if let Err(MessagingErr::SendErr(WorkerMsg::Run(items))) =
+                slot.actor.cast(WorkerMsg::Run(items))
+            {
+                // The worker died after its last report; its Reap is on the way.
+                slot.held.clear();
+                self.in_flight -= items.len();
+                for item in items.into_iter().rev() {
+                    self.queue.push_front(item);
+                }
+            }
+        }
+        self.request();
+    }
+
+    fn max_batch(&self) -> usize {
+        if self.service_ns == 0.0 {
+            return 1;
+        }
+        ((BATCH_WORK.as_nanos() as f64 / self.service_ns) as usize).clamp(1, MAX_BATCH)
+    }
+
+    /// Asks upstream for the room the stage has, in chunks of at least a
+    /// quarter of its capacity so that batches stay large.
+    fn request(&mut self) {
+        if self.aborting {
+            return;
+        }
+        let Some(upstream) = &self.upstream else {
+            return;
+        };
+        let held = self.queue.len() + self.in_flight + self.outbox.len();
+        let free = self.capacity.saturating_sub(held + self.requested);
+        if free > 0 && (free >= self.capacity.div_ceil(4) || held + self.requested == 0) {
+            self.requested += free;
+            upstream.demand(free);
+        }
+    }
+
+    fn to_tracker(&self, results: Vec<WorkItemResult>) {
+        if !results.is_empty() {
+            let _ = self.tracker.cast(TrackerMsg::Finished(results));
+        }
+    }
+
+    fn tell_tracker_event(&self, event: PipelineEvent) {
+        let _ = self.tracker.cast(TrackerMsg::Event(event));
+    }
+
+    fn publish_gauges(&self) {
+        let g = &self.shared.gauges[self.index];
+        g.queued.store(self.queue.len(), Ordering::Relaxed);
+        g.in_flight.store(self.in_flight, Ordering::Relaxed);
+        g.waiting_downstream
+            .store(self.outbox.len(), Ordering::Relaxed);
+        g.workers.store(
+            self.slots.values().filter(|s| !s.failing).count(),
+            Ordering::Relaxed,
+        );
+    }
+}

@@ -1,0 +1,283 @@
+//! The typed builder: the only way to pair a configuration with handlers.
+//!
+//! Handlers are bound in config order, each with the method that fits its
+//! stage's execution type; each stage's input type is the previous stage's
+//! output type, checked by the compiler:
+//!
+//! ```
+//! use bergtalzug::prelude::*;
+//!
+//! async fn fetch(item: WorkItem<u32>) -> anyhow::Result<WorkItem<String>> {
+//!     Ok(item.map(|n| format!("payload {n}")))
+//! }
+//!
+//! fn measure(item: WorkItem<String>) -> anyhow::Result<WorkItem<usize>> {
+//!     Ok(item.map(|s| s.len()))
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = PipelineConfig::new("demo", vec![
+//!     StageConfig::new("fetch", ExecutionType::Async).workers(8),
+//!     StageConfig::new("measure", ExecutionType::Cpu).workers(2),
+//! ]);
+//! let pipeline = Pipeline::builder(config)?
+//!     .source(sources::iter(0..100u32))
+//!     .async_stage("fetch", fetch)
+//!     .sync_stage("measure", measure)
+//!     .build()?;
+//! # let _ = pipeline;
+//! # Ok(()) }
+//! ```
+//!
+//! Binding a stage under the wrong name, out of order, with a handler kind
+//! its execution type cannot run, or leaving one unbound, is a
+//! [`BuildError`] naming the stage:
+//!
+//! ```
+//! use bergtalzug::prelude::*;
+//!
+//! let config = PipelineConfig::new("demo", vec![StageConfig::new("crunch", ExecutionType::Cpu)]);
+//! let err = Pipeline::builder(config).unwrap()
+//!     .source(sources::iter(0..10u32))
+//!     .async_stage("crunch", |item: WorkItem<u32>| async move { Ok(item) })
+//!     .build()
+//!     .unwrap_err();
+//! assert!(matches!(err, BuildError::WrongHandlerKind { ref stage, .. } if stage == "crunch"));
+//! ```
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use bergtalzug_actors::config::{ConfigError, ExecutionType, PipelineConfig};
+use bergtalzug_actors::handler::StageHandler;
+use bergtalzug_actors::item::{WorkItem, WorkItemResult};
+use bergtalzug_actors::source::{ErasedSource, Source, erase_source};
+use bergtalzug_actors::{Callback, PipelineParts, PipelineRuntime};
+
+use crate::pipeline::Pipeline;
+
+/// Why a builder could not make a pipeline. Every variant names the stage.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A handler was bound to a name no stage has.
+    #[error("no stage is called `{stage}` (stages: {known})")]
+    UnknownStage {
+        /// The name given.
+        stage: String,
+        /// The configured stage names, in order.
+        known: String,
+    },
+    /// A handler was bound out of config order.
+    #[error(
+        "stage `{stage}` was bound where stage `{expected}` comes; bind handlers in config order"
+    )]
+    OutOfOrder {
+        /// The name given.
+        stage: String,
+        /// The stage that comes at this position.
+        expected: String,
+    },
+    /// A stage was bound twice.
+    #[error("stage `{stage}` is bound twice")]
+    BoundTwice {
+        /// The stage.
+        stage: String,
+    },
+    /// The handler kind does not fit the stage's execution type.
+    #[error("stage `{stage}` is {execution_type}: {hint}")]
+    WrongHandlerKind {
+        /// The stage.
+        stage: String,
+        /// Its configured execution type.
+        execution_type: ExecutionType,
+        /// Which builder method fits it.
+        hint: String,
+    },
+    /// A configured stage has no handler.
+    #[error("stage `{stage}` has no handler; bind one with the builder")]
+    MissingStage {
+        /// The stage.
+        stage: String,
+    },
+    /// Neither `.source(..)` nor `.injected::<T>()` was called.
+    #[error("pipeline `{pipeline}` has no input: call .source(..) or .injected::<T>()")]
+    MissingSource {
+        /// The pipeline.
+        pipeline: String,
+    },
+}
+
+/// Marks a builder that has no input yet.
+#[derive(Debug)]
+pub enum NoInput {}
+
+/// Pairs a configuration with a source and one handler per stage.
+///
+/// `T` is the pipeline's input type (the source's items), `C` the output
+/// type of the last stage bound so far.
+#[must_use = "a builder does nothing until .build()"]
+pub struct PipelineBuilder<T, C> {
+    config: PipelineConfig,
+    source: Option<Box<dyn ErasedSource>>,
+    has_input: bool,
+    handlers: Vec<StageHandler>,
+    callbacks: Vec<Callback>,
+    error: Option<BuildError>,
+    _types: PhantomData<fn(T) -> C>,
+}
+
+impl Pipeline<NoInput> {
+    /// Starts building a pipeline; the config is validated here.
+    pub fn builder(
+        config: PipelineConfig,
+    ) -> Result<PipelineBuilder<NoInput, NoInput>, ConfigError> {
+        config.validate()?;
+        Ok(PipelineBuilder {
+            config,
+            source: None,
+            has_input: false,
+            handlers: Vec::new(),
+            callbacks: Vec::new(),
+            error: None,
+            _types: PhantomData,
+        })
+    }
+}
+
+impl PipelineBuilder<NoInput, NoInput> {
+    /// Feeds the pipeline from `source`; its items are the first stage's input.
+    pub fn source<S: Source>(self, source: S) -> PipelineBuilder<S::Item, S::Item> {
+        PipelineBuilder {
+            source: Some(erase_source(source)),
+            has_input: true,
+            ..self.retype()
+        }
+    }
+
+    /// Feeds the pipeline only by [`Pipeline::inject`]: it runs until stopped.
+    pub fn injected<T: Send + 'static>(self) -> PipelineBuilder<T, T> {
+        PipelineBuilder {
+            has_input: true,
+            ..self.retype()
+        }
+    }
+}
+
+impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
+    /// Binds the handler of the next stage, an `Async` one.
+    pub fn async_stage<O, F, Fut>(mut self, name: &str, handler: F) -> PipelineBuilder<T, O>
+    where
+        O: Send + 'static,
+        F: Fn(WorkItem<C>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<WorkItem<O>>> + Send + 'static,
+    {
+        self.check(name, |t| matches!(t, ExecutionType::Async));
+        self.handlers.push(StageHandler::from_async(handler));
+        self.retype()
+    }
+
+    /// Binds the handler of the next stage, a `Thread` or `Cpu` one.
+    pub fn sync_stage<O, F>(mut self, name: &str, handler: F) -> PipelineBuilder<T, O>
+    where
+        O: Send + 'static,
+        F: Fn(WorkItem<C>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
+    {
+        self.check(name, |t| {
+            matches!(t, ExecutionType::Thread | ExecutionType::Cpu)
+        });
+        self.handlers.push(StageHandler::from_sync(handler));
+        self.retype()
+    }
+
+    /// Adds a completion callback: called exactly once per item, with its
+    /// result, on the tracker's task (keep it quick). A panic in it is
+    /// logged and ignored.
+    pub fn on_complete(
+        mut self,
+        callback: impl Fn(&WorkItemResult) + Send + Sync + 'static,
+    ) -> Self {
+        self.callbacks.push(Arc::new(callback));
+        self
+    }
+
+    /// Checks the bindings and makes the pipeline (nothing runs yet).
+    pub fn build(self) -> Result<Pipeline<T>, BuildError> {
+        if let Some(error) = self.error {
+            return Err(error);
+        }
+        if let Some(missing) = self.config.stages.get(self.handlers.len()) {
+            return Err(BuildError::MissingStage {
+                stage: missing.name.clone(),
+            });
+        }
+        if !self.has_input {
+            return Err(BuildError::MissingSource {
+                pipeline: self.config.pipeline_name.clone(),
+            });
+        }
+        let runtime = PipelineRuntime::new(PipelineParts {
+            config: self.config,
+            source: self.source,
+            handlers: self.handlers,
+            callbacks: self.callbacks,
+        });
+        Ok(Pipeline::new(runtime))
+    }
+
+    /// Records the first binding error: the stage at this position must be
+    /// called `name` and run the handler kind `fits` accepts.
+    fn check(&mut self, name: &str, fits: impl Fn(ExecutionType) -> bool) {
+        if self.error.is_some() {
+            return;
+        }
+        let position = self.handlers.len();
+        let stages = &self.config.stages;
+        self.error = match (stages.get(position), self.config.stage_index(name)) {
+            (_, None) => Some(BuildError::UnknownStage {
+                stage: name.to_string(),
+                known: stages
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+            (_, Some(i)) if i < position => Some(BuildError::BoundTwice {
+                stage: name.to_string(),
+            }),
+            (Some(expected), Some(_)) if expected.name != name => Some(BuildError::OutOfOrder {
+                stage: name.to_string(),
+                expected: expected.name.clone(),
+            }),
+            (Some(stage), Some(_)) if !fits(stage.execution_type) => {
+                Some(BuildError::WrongHandlerKind {
+                    stage: name.to_string(),
+                    execution_type: stage.execution_type,
+                    hint: match stage.execution_type {
+                        ExecutionType::Async => "bind an async fn with .async_stage".into(),
+                        ExecutionType::Thread | ExecutionType::Cpu => {
+                            "bind a blocking fn with .sync_stage".into()
+                        }
+                        other => format!(
+                            "{other} stages are not supported by this version of bergtalzug"
+                        ),
+                    },
+                })
+            }
+            _ => None,
+        };
+    }
+
+    fn retype<T2, C2>(self) -> PipelineBuilder<T2, C2> {
+        PipelineBuilder {
+            config: self.config,
+            source: self.source,
+            has_input: self.has_input,
+            handlers: self.handlers,
+            callbacks: self.callbacks,
+            error: self.error,
+            _types: PhantomData,
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! # bergtalzug
+//!
+//! Multi-stage, concurrent ETL pipelines for Rust, built as supervised
+//! actors on [`ractor`] and [`tokio`]: items flow through your stages
+//! (download → transform → store ...), each with its own execution model,
+//! worker count and bounded queue; every item is tracked to exactly one
+//! outcome; memory is bounded by the configuration, never by the input.
+//!
+//! It keeps the words and defaults of the Python library Bergtalzug
+//! (stages, workers, `queue_size`, `refill`, `WorkItem`, tracker,
+//! completion callbacks, stats), with typed stages checked at compile time,
+//! demand-driven input instead of polling, and supervision.
+//!
+//! ```
+//! use bergtalzug::prelude::*;
+//! use std::time::Duration;
+//!
+//! async fn fetch(item: WorkItem<u32>) -> anyhow::Result<WorkItem<Vec<u8>>> {
+//!     Ok(item.map(|n| n.to_le_bytes().to_vec()))            // e.g. an HTTP GET
+//! }
+//!
+//! fn checksum(item: WorkItem<Vec<u8>>) -> anyhow::Result<WorkItem<u64>> {
+//!     Ok(item.map(|bytes| bytes.iter().map(|b| *b as u64).sum()))
+//! }
+//!
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = PipelineConfig::new("quick", vec![
+//!     StageConfig::new("fetch", ExecutionType::Async).workers(16).queue_size(100),
+//!     StageConfig::new("checksum", ExecutionType::Cpu).workers(2).queue_size(50),
+//! ])
+//! .stats_interval(Duration::ZERO);
+//!
+//! let pipeline = Pipeline::builder(config)?
+//!     .source(sources::iter(0..1_000u32))
+//!     .async_stage("fetch", fetch)
+//!     .sync_stage("checksum", checksum)
+//!     .on_complete(|r| if !r.success { eprintln!("{} failed: {:?}", r.job_id, r.error) })
+//!     .build()?;
+//!
+//! let results = pipeline.run().await?;
+//! assert_eq!(results.len(), 1_000);
+//! println!("{}", pipeline.stats().await?);
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`PipelineConfig`] / [`StageConfig`] / [`ExecutionType`]: serde data,
+//!   loadable from TOML or JSON with the seed's keys.
+//! - [`Pipeline::builder`] → [`PipelineBuilder`]: binds a [`Source`] and one
+//!   handler per stage; [`BuildError`] if they do not fit.
+//! - [`Pipeline`]: `run`, `start`, `stats`, `subscribe`, `inject`, `stop`,
+//!   `abort`, `spawn_linked`.
+//! - [`sources`]: sources from an iterator, a `Stream` or a channel.
+//! - The engine, its actors and messages live in the `bergtalzug-actors`
+//!   crate, re-exported here as [`actors`] for those who embed a pipeline
+//!   in their own ractor system.
+//!
+//! The docs in `docs/` cover the architecture, the guide for Python
+//! Bergtalzug users, events and performance.
+
+pub mod builder;
+pub mod pipeline;
+pub mod sources;
+
+/// The engine crate, for embedding in a ractor system.
+pub use bergtalzug_actors as actors;
+
+#[doc(inline)]
+pub use bergtalzug_actors::config::{ConfigError, ExecutionType, PipelineConfig, StageConfig};
+#[doc(inline)]
+pub use bergtalzug_actors::error::PipelineError;
+#[doc(inline)]
+pub use bergtalzug_actors::event::{EventStream, PipelineEvent, WorkerId};
+#[doc(inline)]
+pub use bergtalzug_actors::item::{
+    ItemError, ItemErrorKind, JobId, StageTimes, WorkItem, WorkItemMetadata, WorkItemResult,
+};
+#[doc(inline)]
+pub use bergtalzug_actors::source::Source;
+#[doc(inline)]
+pub use bergtalzug_actors::stats::{PipelineStats, StageStats};
+#[doc(inline)]
+pub use bergtalzug_actors::{FINISHED, PipelineMsg};
+pub use builder::{BuildError, NoInput, PipelineBuilder};
+pub use pipeline::Pipeline;
+
+/// Everything a pipeline program needs: `use bergtalzug::prelude::*;`
+pub mod prelude {
+    pub use crate::sources;
+    pub use crate::{
+        BuildError, ConfigError, ExecutionType, ItemError, ItemErrorKind, JobId, Pipeline,
+        PipelineConfig, PipelineError, PipelineEvent, PipelineStats, Source, StageConfig,
+        StageStats, WorkItem, WorkItemMetadata, WorkItemResult,
+    };
+}

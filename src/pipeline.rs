@@ -1,0 +1,154 @@
+//! The [`Pipeline`] handle: start, watch, feed, stop.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use bergtalzug_actors::config::PipelineConfig;
+use bergtalzug_actors::error::PipelineError;
+use bergtalzug_actors::event::EventStream;
+use bergtalzug_actors::handler::erase;
+use bergtalzug_actors::item::{WorkItem, WorkItemResult};
+use bergtalzug_actors::stats::PipelineStats;
+use bergtalzug_actors::{PipelineMsg, PipelineRuntime};
+use ractor::{ActorCell, ActorRef};
+
+/// A built pipeline: a cheap, cloneable handle; every method takes `&self`.
+///
+/// `T` is the input type: what [`Pipeline::inject`] takes. A pipeline runs
+/// once: it starts on [`Pipeline::start`] (or the first [`Pipeline::run`])
+/// and ends when its input is exhausted and every item has its outcome, or
+/// when it is stopped or aborted.
+///
+/// ```
+/// use bergtalzug::prelude::*;
+///
+/// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = PipelineConfig::new("double", vec![StageConfig::new("double", ExecutionType::Async)])
+///     .stats_interval(std::time::Duration::ZERO);
+/// let pipeline = Pipeline::builder(config)?
+///     .source(sources::iter(1..=100u64))
+///     .async_stage("double", |item: WorkItem<u64>| async move { Ok(item.map(|n| n * 2)) })
+///     .build()?;
+/// let results = pipeline.run().await?;
+/// assert_eq!(results.len(), 100);
+/// assert!(results.iter().all(|r| r.success));
+/// # Ok(()) }
+/// ```
+pub struct Pipeline<T> {
+    runtime: Arc<PipelineRuntime>,
+    _input: PhantomData<fn(T)>,
+}
+
+impl<T> Clone for Pipeline<T> {
+    fn clone(&self) -> Self {
+        Pipeline {
+            runtime: self.runtime.clone(),
+            _input: PhantomData,
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Pipeline<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("name", &self.runtime.name())
+            .field("running", &self.runtime.is_running())
+            .field("finished", &self.runtime.is_finished())
+            .finish()
+    }
+}
+
+impl<T: Send + 'static> Pipeline<T> {
+    pub(crate) fn new(runtime: PipelineRuntime) -> Self {
+        Pipeline {
+            runtime: Arc::new(runtime),
+            _input: PhantomData,
+        }
+    }
+
+    /// The pipeline's name.
+    pub fn name(&self) -> &str {
+        self.runtime.name()
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &PipelineConfig {
+        self.runtime.config()
+    }
+
+    /// Starts the pipeline if needed and waits until every item has its
+    /// outcome. Returns the results (all of them, in the order they finished,
+    /// when `retain_results` is on; none when it is off). Only the first
+    /// caller gets the results; later calls return
+    /// [`PipelineError::ResultsTaken`].
+    pub async fn run(&self) -> Result<Vec<WorkItemResult>, PipelineError> {
+        self.start().await?;
+        self.runtime.wait().await
+    }
+
+    /// Starts the pipeline and returns once it is running. Calling it again
+    /// does nothing.
+    pub async fn start(&self) -> Result<(), PipelineError> {
+        self.runtime.start(None).await.map(drop)
+    }
+
+    /// Starts the pipeline with its root actor linked under `supervisor`, and
+    /// returns the root. The supervisor gets an `ActorTerminated` with the
+    /// reason [`bergtalzug_actors::FINISHED`] when the pipeline finishes,
+    /// and an `ActorFailed` if it fails. If the pipeline already runs, its
+    /// root is returned as it is.
+    pub async fn spawn_linked(
+        &self,
+        supervisor: ActorCell,
+    ) -> Result<ActorRef<PipelineMsg>, PipelineError> {
+        self.runtime.start(Some(supervisor)).await
+    }
+
+    /// True between `start` and the end of the pipeline.
+    pub fn is_running(&self) -> bool {
+        self.runtime.is_running()
+    }
+
+    /// True once every item has its outcome (or the pipeline failed).
+    pub fn is_finished(&self) -> bool {
+        self.runtime.is_finished()
+    }
+
+    /// A statistics snapshot; after the end, the final statistics.
+    pub async fn stats(&self) -> Result<PipelineStats, PipelineError> {
+        self.runtime.stats().await
+    }
+
+    /// Subscribes to the pipeline's events, from now until it finishes.
+    /// Subscribe before `start` to see every event. See
+    /// [`bergtalzug_actors::event`] for the delivery policy.
+    pub fn subscribe(&self) -> EventStream {
+        self.runtime.subscribe()
+    }
+
+    /// Adds items to a running pipeline. Waits until the pipeline has room
+    /// for all of them (backpressure); fails with
+    /// [`PipelineError::InputClosed`] once its source is exhausted or it is
+    /// stopping.
+    pub async fn inject(&self, items: Vec<WorkItem<T>>) -> Result<(), PipelineError> {
+        self.runtime
+            .inject(items.into_iter().map(erase).collect())
+            .await
+    }
+
+    /// Graceful stop: takes no more input, lets every item in the pipeline
+    /// reach its outcome, and returns when they have. `run` then returns the
+    /// results.
+    pub async fn stop(&self) -> Result<(), PipelineError> {
+        self.runtime.stop().await
+    }
+
+    /// Stops now: takes no more input and ends every item in the pipeline
+    /// as cancelled (`ItemErrorKind::Cancelled`); returns once each has its
+    /// outcome. Handlers already running on threads finish in the
+    /// background; their results are discarded.
+    pub async fn abort(&self) -> Result<(), PipelineError> {
+        self.runtime.abort().await
+    }
+}
