@@ -63,12 +63,9 @@ pub(crate) enum StageMsg {
     Demand(usize),
     /// From a worker: outcomes of items it was given.
     Report(WorkerReport),
-    /// From itself, after a worker died: account for what it still held.
-    Reap {
-        worker: WorkerId,
-        kind: ItemErrorKind,
-        reason: String,
-    },
+    /// From itself, after a worker died: account for what it still held,
+    /// and replace it unless its panic report already did.
+    Reap { worker: WorkerId, reason: String },
     /// From itself: try again to spawn a missing worker.
     Respawn,
     /// From the root: cancel everything held and everything that arrives.
@@ -215,12 +212,8 @@ impl Actor for Stage {
             StageMsg::Connect(upstream) => state.upstream = Some(upstream),
             StageMsg::Items(items) => state.receive(items),
             StageMsg::Demand(n) => state.credit += n,
-            StageMsg::Report(report) => state.on_report(report),
-            StageMsg::Reap {
-                worker,
-                kind,
-                reason,
-            } => state.reap(worker, kind, &reason),
+            StageMsg::Report(report) => state.on_report(&myself, report).await,
+            StageMsg::Reap { worker, reason } => state.reap(&myself, worker, reason).await,
             StageMsg::Respawn => state.respawn(&myself).await,
             StageMsg::Abort => state.abort(),
         }
@@ -242,28 +235,11 @@ impl Actor for Stage {
             }
             _ => return Ok(()),
         };
-        let Some(worker) = state.by_actor.remove(&cell.get_id()) else {
-            return Ok(());
-        };
-        let kind = if state.aborting {
-            ItemErrorKind::Cancelled
-        } else {
-            tracing::warn!(
-                pipeline = %state.shared.name,
-                stage = %state.name,
-                worker = %worker,
-                "worker died, replacing it: {reason}"
-            );
-            state.to_replace.push_back((worker, reason.clone()));
-            state.respawn(&myself).await;
-            ItemErrorKind::WorkerLost
-        };
-        // Queued behind any report the worker sent before it died.
-        let _ = myself.cast(StageMsg::Reap {
-            worker,
-            kind,
-            reason,
-        });
+        if let Some(worker) = state.by_actor.remove(&cell.get_id()) {
+            // Supervision events overtake messages: the reap goes through the
+            // mailbox, behind any report the worker sent before it died.
+            let _ = myself.cast(StageMsg::Reap { worker, reason });
+        }
         state.publish_gauges();
         Ok(())
     }
@@ -369,7 +345,7 @@ impl StageState {
         self.queue.extend(items);
     }
 
-    fn on_report(&mut self, report: WorkerReport) {
+    async fn on_report(&mut self, myself: &ActorRef<StageMsg>, report: WorkerReport) {
         let Some(slot) = self.slots.get_mut(&report.worker) else {
             // Its worker was reaped already: every item it held is accounted for.
             return;
@@ -379,8 +355,21 @@ impl StageState {
             slot.held.pop_front();
         }
         self.in_flight -= n;
-        slot.failing |= report.failing;
-        if slot.held.is_empty() && !slot.failing && !self.aborting {
+        if let Some(panic) = &report.panic {
+            // The worker is failing: replace it now, so that the replacement
+            // is announced before the panicked item's result.
+            slot.failing = true;
+            if !self.aborting {
+                tracing::warn!(
+                    pipeline = %self.shared.name,
+                    stage = %self.name,
+                    worker = %report.worker,
+                    "handler panicked, replacing the worker: {panic}"
+                );
+                self.to_replace.push_back((report.worker, panic.clone()));
+                self.respawn(myself).await;
+            }
+        } else if slot.held.is_empty() && !self.aborting {
             self.idle.push(report.worker);
         }
         if !report.outcomes.is_empty() {
@@ -422,12 +411,28 @@ impl StageState {
         self.to_tracker(finished);
     }
 
-    fn reap(&mut self, worker: WorkerId, kind: ItemErrorKind, reason: &str) {
+    async fn reap(&mut self, myself: &ActorRef<StageMsg>, worker: WorkerId, reason: String) {
         let Some(slot) = self.slots.remove(&worker) else {
             return;
         };
         self.idle.retain(|w| *w != worker);
         self.in_flight -= slot.held.len();
+        let kind = if self.aborting {
+            ItemErrorKind::Cancelled
+        } else {
+            if !slot.failing {
+                // It died without reporting a panic: replace it now.
+                tracing::warn!(
+                    pipeline = %self.shared.name,
+                    stage = %self.name,
+                    worker = %worker,
+                    "worker died, replacing it: {reason}"
+                );
+                self.to_replace.push_back((worker, reason.clone()));
+                self.respawn(myself).await;
+            }
+            ItemErrorKind::WorkerLost
+        };
         let message = match kind {
             ItemErrorKind::Cancelled => "pipeline aborted while a worker held the item".to_string(),
             _ => format!("worker {worker} died holding the item: {reason}"),

@@ -3,6 +3,8 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bergtalzug::prelude::*;
@@ -19,4 +21,125 @@ pub async fn within<F: Future>(limit: Duration, fut: F) -> F::Output {
 pub fn assert_unique_ids(results: &[WorkItemResult]) {
     let ids: HashSet<_> = results.iter().map(|r| r.job_id.clone()).collect();
     assert_eq!(ids.len(), results.len(), "a job id finished twice");
+}
+
+/// A stage config without the periodic stats log.
+pub fn config(name: &str, stages: Vec<StageConfig>) -> PipelineConfig {
+    PipelineConfig::new(name, stages).stats_interval(Duration::ZERO)
+}
+
+/// What a [`CountingSource`] saw.
+#[derive(Debug, Default)]
+pub struct SourceLog {
+    /// Every `refill(count)` call's count.
+    pub asked: Mutex<Vec<usize>>,
+    /// Items handed out so far.
+    pub handed_out: AtomicU64,
+}
+
+/// Hands out `0..end` as `u64` items, recording every call.
+pub struct CountingSource {
+    pub next: u64,
+    pub end: u64,
+    pub log: Arc<SourceLog>,
+    /// Called before each refill with (count, handed out so far).
+    pub probe: Option<Box<dyn FnMut(usize, u64) + Send>>,
+}
+
+impl CountingSource {
+    pub fn new(end: u64) -> (Self, Arc<SourceLog>) {
+        let log = Arc::new(SourceLog::default());
+        (
+            CountingSource {
+                next: 0,
+                end,
+                log: log.clone(),
+                probe: None,
+            },
+            log,
+        )
+    }
+}
+
+impl Source for CountingSource {
+    type Item = u64;
+
+    async fn refill(&mut self, count: usize) -> anyhow::Result<Vec<WorkItem<u64>>> {
+        let handed = self.log.handed_out.load(Ordering::SeqCst);
+        if let Some(probe) = self.probe.as_mut() {
+            probe(count, handed);
+        }
+        self.log.asked.lock().unwrap().push(count);
+        let end = self.end.min(self.next + count as u64);
+        let items: Vec<_> = (self.next..end).map(WorkItem::new).collect();
+        self.next = end;
+        self.log
+            .handed_out
+            .fetch_add(items.len() as u64, Ordering::SeqCst);
+        Ok(items)
+    }
+}
+
+/// Counts live values: `Tracked::new` increments, drop decrements, and the
+/// peak is kept.
+#[derive(Debug, Default)]
+pub struct Census {
+    live: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Census {
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+}
+
+/// A value counted by a [`Census`] while it lives.
+#[derive(Debug)]
+pub struct Tracked {
+    pub value: u64,
+    census: Arc<Census>,
+}
+
+impl Tracked {
+    pub fn new(value: u64, census: &Arc<Census>) -> Self {
+        let live = census.live.fetch_add(1, Ordering::SeqCst) + 1;
+        census.peak.fetch_max(live, Ordering::SeqCst);
+        Tracked {
+            value,
+            census: census.clone(),
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.census.live.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Completion callback counting outcomes.
+#[derive(Debug, Default)]
+pub struct Outcomes {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+impl Outcomes {
+    pub fn total(&self) -> u64 {
+        self.ok.load(Ordering::SeqCst) + self.failed.load(Ordering::SeqCst)
+    }
+    pub fn callback(self: &Arc<Self>) -> impl Fn(&WorkItemResult) + Send + Sync + 'static {
+        let me = self.clone();
+        move |r| {
+            if r.success {
+                me.ok.fetch_add(1, Ordering::SeqCst);
+            } else {
+                me.failed.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
 }

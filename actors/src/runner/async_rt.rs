@@ -36,16 +36,12 @@ pub(crate) async fn run(ctx: &Arc<RunCtx>, items: Vec<WorkItem<Payload>>) -> Res
             ),
             Err(payload) => {
                 let message = panic_message(&*payload);
-                reporter.push(
-                    attempt.fail(ctx, ItemErrorKind::Panicked, message.clone(), now),
-                    started,
-                    now,
-                );
-                reporter.finish(items.collect(), true);
+                let outcome = attempt.fail(ctx, ItemErrorKind::Panicked, message.clone(), now);
+                reporter.panicked(outcome, started, items.collect(), message.clone());
                 return Err(message);
             }
         }
     }
-    reporter.finish(Vec::new(), false);
+    reporter.finish();
     Ok(())
 }

@@ -73,8 +73,9 @@ pub(crate) struct WorkerReport {
     pub(crate) returned: Vec<WorkItem<Payload>>,
     /// Handler time spent on `outcomes`.
     pub(crate) busy: Duration,
-    /// The worker is about to fail (its handler panicked): give it no more work.
-    pub(crate) failing: bool,
+    /// The handler panicked with this message and the worker is about to
+    /// fail: give it no more work, replace it.
+    pub(crate) panic: Option<String>,
 }
 
 /// Runs a batch in the worker's execution model. `Err` carries a panic
@@ -205,8 +206,30 @@ impl<'a> Reporter<'a> {
         }
     }
 
-    /// Records an outcome; sends what has accumulated when it is time.
+    /// Records an outcome and sends what has accumulated when it is time.
     pub(crate) fn push(&mut self, outcome: Outcome, started: Instant, now: Instant) {
+        self.record(outcome, started, now);
+        if now.saturating_duration_since(self.last_flush) >= FLUSH_AFTER {
+            self.flush(Vec::new(), None, now);
+        }
+    }
+
+    /// Records the outcome of a panicked item and sends it in one report
+    /// with the items not started and the news that the worker is failing,
+    /// so the stage never sees the worker idle in between.
+    pub(crate) fn panicked(
+        mut self,
+        outcome: Outcome,
+        started: Instant,
+        returned: Vec<WorkItem<Payload>>,
+        message: String,
+    ) {
+        let now = Instant::now();
+        self.record(outcome, started, now);
+        self.flush(returned, Some(message), now);
+    }
+
+    fn record(&mut self, outcome: Outcome, started: Instant, now: Instant) {
         self.busy += now.saturating_duration_since(started);
         if self.ctx.events.has_subscribers() {
             let (job_id, success) = match &outcome {
@@ -221,21 +244,18 @@ impl<'a> Reporter<'a> {
             });
         }
         self.outcomes.push(outcome);
-        if now.saturating_duration_since(self.last_flush) >= FLUSH_AFTER {
-            self.flush(Vec::new(), false, now);
-        }
     }
 
-    /// Sends everything left; `returned` goes back to the stage's queue.
-    pub(crate) fn finish(mut self, returned: Vec<WorkItem<Payload>>, failing: bool) {
-        self.flush(returned, failing, Instant::now());
+    /// Sends everything left.
+    pub(crate) fn finish(mut self) {
+        self.flush(Vec::new(), None, Instant::now());
     }
 
-    fn flush(&mut self, returned: Vec<WorkItem<Payload>>, failing: bool, now: Instant) {
+    fn flush(&mut self, returned: Vec<WorkItem<Payload>>, panic: Option<String>, now: Instant) {
         if !self.events.is_empty() {
             self.ctx.events.lifecycle(std::mem::take(&mut self.events));
         }
-        if self.outcomes.is_empty() && returned.is_empty() && !failing {
+        if self.outcomes.is_empty() && returned.is_empty() && panic.is_none() {
             return;
         }
         let report = WorkerReport {
@@ -243,7 +263,7 @@ impl<'a> Reporter<'a> {
             outcomes: std::mem::replace(&mut self.outcomes, Vec::new()),
             returned,
             busy: std::mem::take(&mut self.busy),
-            failing,
+            panic,
         };
         self.last_flush = now;
         // The stage is gone only when the pipeline is shutting down.
@@ -285,16 +305,12 @@ pub(crate) fn run_blocking(ctx: &RunCtx, items: Vec<WorkItem<Payload>>) -> Resul
             ),
             Err(payload) => {
                 let message = panic_message(&*payload);
-                reporter.push(
-                    attempt.fail(ctx, ItemErrorKind::Panicked, message.clone(), now),
-                    started,
-                    now,
-                );
-                reporter.finish(items.collect(), true);
+                let outcome = attempt.fail(ctx, ItemErrorKind::Panicked, message.clone(), now);
+                reporter.panicked(outcome, started, items.collect(), message.clone());
                 return Err(message);
             }
         }
     }
-    reporter.finish(Vec::new(), false);
+    reporter.finish();
     Ok(())
 }

@@ -1,0 +1,310 @@
+//! Failures stay with their item: a handler error or panic fails that item
+//! and nothing else, a panicking worker is replaced, a panicking callback is
+//! logged, a failing source is asked again later, a duplicate job id is
+//! refused, and a panicking source ends the pipeline cleanly.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use bergtalzug::prelude::*;
+
+mod common;
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_error_fails_only_its_item() {
+    let pipeline = Pipeline::builder(config(
+        "errors",
+        vec![
+            StageConfig::new("check", ExecutionType::Async)
+                .workers(3)
+                .queue_size(10),
+            StageConfig::new("store", ExecutionType::Thread)
+                .workers(2)
+                .queue_size(10),
+        ],
+    ))
+    .unwrap()
+    .source(sources::iter(0..300u64))
+    .async_stage("check", |i: WorkItem<u64>| async move {
+        if i.data % 10 == 3 {
+            let inner: anyhow::Result<()> = Err(anyhow::anyhow!("value {} is odd", i.data));
+            inner.context("validation failed")?;
+        }
+        Ok(i)
+    })
+    .sync_stage("store", Ok)
+    .build()
+    .unwrap();
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 300);
+    assert_unique_ids(&results);
+    let failed: Vec<_> = results.iter().filter(|r| !r.success).collect();
+    assert_eq!(failed.len(), 30);
+    for r in failed {
+        let e = r.error.as_ref().unwrap();
+        assert_eq!(e.stage, "check");
+        assert_eq!(e.kind, ItemErrorKind::Failed);
+        assert_eq!(e.attempts, 1);
+        // The whole chain, outermost first.
+        assert!(
+            e.message.starts_with("validation failed: value "),
+            "{}",
+            e.message
+        );
+        assert!(
+            r.metadata.stage_duration("check").is_some(),
+            "a failed item keeps its times"
+        );
+        assert!(r.metadata.stage("store").is_none());
+    }
+    let stats = pipeline.stats().await.unwrap();
+    assert_eq!(stats.failed_items, 30);
+    assert_eq!(stats.stage("check").unwrap().failed, 30);
+    assert_eq!(stats.stage("store").unwrap().processed, 270);
+}
+
+async fn panics_in(model: ExecutionType) {
+    let workers = 3;
+    let mut stage = StageConfig::new("risky", model)
+        .workers(workers)
+        .queue_size(20);
+    stage.queue_size = 20;
+    let config = config("panics", vec![stage]);
+    let builder = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::iter(0..200u64));
+    let check = |i: WorkItem<u64>| -> anyhow::Result<WorkItem<u64>> {
+        if i.data % 50 == 7 {
+            panic!("boom on item {}", i.data);
+        }
+        Ok(i)
+    };
+    let pipeline = match model {
+        ExecutionType::Async => builder
+            .async_stage("risky", move |i: WorkItem<u64>| async move { check(i) })
+            .build(),
+        _ => builder.sync_stage("risky", check).build(),
+    }
+    .unwrap();
+    let mut events = pipeline.subscribe();
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 200, "{model}");
+    assert_unique_ids(&results);
+    let panicked: Vec<_> = results.iter().filter(|r| !r.success).collect();
+    assert_eq!(
+        panicked.len(),
+        4,
+        "{model}: {:#?}",
+        panicked.iter().map(|r| r.error.clone()).collect::<Vec<_>>()
+    );
+    for r in &panicked {
+        let e = r.error.as_ref().unwrap();
+        assert_eq!(e.kind, ItemErrorKind::Panicked, "{model}");
+        assert_eq!(e.stage, "risky");
+        assert!(e.message.starts_with("boom on item "), "{}", e.message);
+    }
+    let mut restarts = 0;
+    while let Some(event) = events.recv().await {
+        if let PipelineEvent::WorkerRestarted { stage, reason, .. } = event {
+            assert_eq!(&*stage, "risky");
+            assert!(reason.contains("boom on item"), "{reason}");
+            restarts += 1;
+        }
+    }
+    assert_eq!(restarts, 4, "{model}: one replacement per panic");
+    // The stage kept its worker count.
+    assert_eq!(
+        pipeline.stats().await.unwrap().stages[0].workers,
+        workers,
+        "{model}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_fails_only_its_item_and_the_worker_is_replaced_async() {
+    panics_in(ExecutionType::Async).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_fails_only_its_item_and_the_worker_is_replaced_thread() {
+    panics_in(ExecutionType::Thread).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_fails_only_its_item_and_the_worker_is_replaced_cpu() {
+    panics_in(ExecutionType::Cpu).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_callback_is_not_fatal() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let pipeline = Pipeline::builder(config(
+        "callback",
+        vec![StageConfig::new("a", ExecutionType::Async)],
+    ))
+    .unwrap()
+    .source(sources::iter(0..100u64))
+    .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+    .on_complete(|r| {
+        if r.job_id.to_string().ends_with('0') {
+            panic!("callback bug");
+        }
+    })
+    .on_complete(move |_| {
+        seen.fetch_add(1, Ordering::SeqCst);
+    })
+    .build()
+    .unwrap();
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 100);
+    assert!(results.iter().all(|r| r.success));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        100,
+        "later callbacks still run"
+    );
+}
+
+/// Fails its first `failures` refills, then hands out `0..end`.
+struct Flaky {
+    failures: usize,
+    inner: CountingSource,
+}
+
+impl Source for Flaky {
+    type Item = u64;
+    async fn refill(&mut self, count: usize) -> anyhow::Result<Vec<WorkItem<u64>>> {
+        if self.failures > 0 {
+            self.failures -= 1;
+            anyhow::bail!("queue service unavailable");
+        }
+        self.inner.refill(count).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_refill_is_retried_after_the_refresh_rate() {
+    let config = PipelineConfig::new("flaky", vec![StageConfig::new("a", ExecutionType::Async)])
+        .queue_refresh_rate(Duration::from_secs(5))
+        .stats_interval(Duration::ZERO);
+    let (inner, _) = CountingSource::new(50);
+    let pipeline = Pipeline::builder(config)
+        .unwrap()
+        .source(Flaky { failures: 2, inner })
+        .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+        .build()
+        .unwrap();
+    let mut events = pipeline.subscribe();
+    let start = tokio::time::Instant::now();
+    let results = within(Duration::from_secs(60), pipeline.run())
+        .await
+        .unwrap();
+    let elapsed = start.elapsed();
+    assert_eq!(results.len(), 50);
+    assert!(
+        elapsed >= Duration::from_secs(10),
+        "two retries 5 s apart, took {elapsed:?}"
+    );
+    assert!(elapsed < Duration::from_secs(11), "took {elapsed:?}");
+    let mut errors = Vec::new();
+    while let Some(event) = events.recv().await {
+        if let PipelineEvent::SourceError { message } = event {
+            errors.push(message);
+        }
+    }
+    assert_eq!(errors, vec!["queue service unavailable"; 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_job_id_is_refused_clearly() {
+    let items = vec![
+        WorkItem::with_job_id("same", 1u64),
+        WorkItem::with_job_id("other", 2),
+        WorkItem::with_job_id("same", 3),
+    ];
+    let pipeline = Pipeline::builder(config(
+        "dups",
+        vec![StageConfig::new("a", ExecutionType::Async)],
+    ))
+    .unwrap()
+    .source(sources::items(items))
+    .async_stage("a", |i: WorkItem<u64>| async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(i)
+    })
+    .build()
+    .unwrap();
+    let results = within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 3);
+    let refused: Vec<_> = results.iter().filter(|r| !r.success).collect();
+    assert_eq!(refused.len(), 1);
+    let e = refused[0].error.as_ref().unwrap();
+    assert_eq!(e.kind, ItemErrorKind::DuplicateJobId);
+    assert_eq!(refused[0].job_id, JobId::from("same"));
+    assert!(e.message.contains("same"), "{}", e.message);
+}
+
+/// Panics on its second refill.
+struct Exploding {
+    calls: usize,
+}
+
+impl Source for Exploding {
+    type Item = u64;
+    async fn refill(&mut self, count: usize) -> anyhow::Result<Vec<WorkItem<u64>>> {
+        self.calls += 1;
+        if self.calls == 2 {
+            panic!("source bug");
+        }
+        Ok((0..count as u64).map(WorkItem::new).collect())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_source_finishes_what_it_admitted_and_reports() {
+    let outcomes = Arc::new(Outcomes::default());
+    let pipeline = Pipeline::builder(config(
+        "exploding",
+        vec![
+            StageConfig::new("a", ExecutionType::Async)
+                .workers(2)
+                .queue_size(10),
+        ],
+    ))
+    .unwrap()
+    .source(Exploding { calls: 0 })
+    .async_stage("a", |i: WorkItem<u64>| async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Ok(i)
+    })
+    .on_complete(outcomes.callback())
+    .build()
+    .unwrap();
+    let err = within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PipelineError::SourcePanicked { message, .. } if message.contains("source bug")),
+        "{err}"
+    );
+    let stats = pipeline.stats().await.unwrap();
+    assert!(stats.admitted_items >= 10);
+    assert_eq!(
+        outcomes.total(),
+        stats.admitted_items,
+        "every admitted item finished"
+    );
+    assert_eq!(stats.active_items, 0);
+}
