@@ -202,7 +202,7 @@ impl TrackerState {
         }
         self.done = true;
         let stats = self.snapshot();
-        tracing::info!(pipeline = %self.shared.name, "finished: {stats}");
+        tracing::debug!(pipeline = %self.shared.name, "finished: {stats}");
         if self.shared.events.has_subscribers() {
             self.shared
                 .events

@@ -1,0 +1,254 @@
+//! Stopping: `stop` lets every admitted item finish, `abort` cancels what is
+//! in flight, and either way every admitted item has exactly one outcome.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bergtalzug::prelude::*;
+
+mod common;
+use common::*;
+
+fn endless() -> impl Iterator<Item = u64> + Send + 'static {
+    0u64..
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_lets_every_admitted_item_finish() {
+    let outcomes = Arc::new(Outcomes::default());
+    let pipeline = Pipeline::builder(config(
+        "stop",
+        vec![
+            StageConfig::new("a", ExecutionType::Async)
+                .workers(4)
+                .queue_size(20),
+            StageConfig::new("b", ExecutionType::Thread)
+                .workers(2)
+                .queue_size(20),
+        ],
+    ))
+    .unwrap()
+    .source(sources::iter(endless()))
+    .async_stage("a", |i: WorkItem<u64>| async move {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        Ok(i)
+    })
+    .sync_stage("b", Ok)
+    .on_complete(outcomes.callback())
+    .build()
+    .unwrap();
+    pipeline.start().await.unwrap();
+    while outcomes.total() < 200 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    within(Duration::from_secs(10), pipeline.stop())
+        .await
+        .unwrap();
+    assert!(pipeline.is_finished() && !pipeline.is_running());
+    let results = pipeline.run().await.unwrap();
+    let stats = pipeline.stats().await.unwrap();
+    assert_eq!(results.len() as u64, stats.admitted_items);
+    assert!(results.iter().all(|r| r.success), "stop cancels nothing");
+    assert_unique_ids(&results);
+    assert_eq!(stats.active_items, 0);
+    assert_eq!(outcomes.total(), stats.admitted_items);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_cancels_what_is_in_flight() {
+    let pipeline = Pipeline::builder(config(
+        "abort",
+        vec![
+            StageConfig::new("quick", ExecutionType::Async)
+                .workers(2)
+                .queue_size(10),
+            StageConfig::new("stuck", ExecutionType::Async)
+                .workers(3)
+                .queue_size(10),
+        ],
+    ))
+    .unwrap()
+    .source(sources::iter(endless()))
+    .async_stage("quick", |i: WorkItem<u64>| async move { Ok(i) })
+    .async_stage("stuck", |i: WorkItem<u64>| async move {
+        std::future::pending::<()>().await;
+        Ok(i)
+    })
+    .build()
+    .unwrap();
+    let mut events = pipeline.subscribe();
+    pipeline.start().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    within(Duration::from_secs(10), pipeline.abort())
+        .await
+        .unwrap();
+    let results = pipeline.run().await.unwrap();
+    let stats = pipeline.stats().await.unwrap();
+    assert_eq!(results.len() as u64, stats.admitted_items);
+    assert!(!results.is_empty());
+    assert_unique_ids(&results);
+    assert!(
+        results.iter().all(|r| r.is_cancelled()),
+        "nothing could complete"
+    );
+    // The three items held by the stuck workers are cancelled too.
+    let held = results
+        .iter()
+        .filter(|r| r.error.as_ref().unwrap().message.contains("worker held"))
+        .count();
+    assert_eq!(held, 3);
+    assert_eq!(stats.cancelled_items, stats.admitted_items);
+    let mut finished = 0;
+    let mut last = None;
+    while let Some(event) = events.recv().await {
+        if matches!(event, PipelineEvent::ItemFinished(_)) {
+            finished += 1;
+        }
+        last = Some(event);
+    }
+    assert_eq!(finished, results.len());
+    assert!(matches!(last, Some(PipelineEvent::PipelineFinished(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_does_not_wait_for_blocking_handlers() {
+    let pipeline = Pipeline::builder(config(
+        "abort-blocking",
+        vec![
+            StageConfig::new("slow", ExecutionType::Thread)
+                .workers(2)
+                .queue_size(4),
+        ],
+    ))
+    .unwrap()
+    .source(sources::iter(endless()))
+    .sync_stage("slow", |i: WorkItem<u64>| {
+        std::thread::sleep(Duration::from_millis(400));
+        Ok(i)
+    })
+    .build()
+    .unwrap();
+    pipeline.start().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    within(Duration::from_secs(10), pipeline.abort())
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "abort waited {:?}",
+        started.elapsed()
+    );
+    let results = pipeline.run().await.unwrap();
+    assert_eq!(
+        results.len() as u64,
+        pipeline.stats().await.unwrap().admitted_items
+    );
+    assert!(results.iter().all(|r| r.is_cancelled()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_pipeline_refuses_input() {
+    let pipeline = Pipeline::builder(config(
+        "closed",
+        vec![StageConfig::new("a", ExecutionType::Async)],
+    ))
+    .unwrap()
+    .injected::<u64>()
+    .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+    .build()
+    .unwrap();
+    assert!(matches!(
+        pipeline.inject(vec![WorkItem::new(1)]).await,
+        Err(PipelineError::NotRunning(_))
+    ));
+    pipeline.start().await.unwrap();
+    pipeline
+        .inject((0..10).map(WorkItem::new).collect())
+        .await
+        .unwrap();
+    within(Duration::from_secs(10), pipeline.stop())
+        .await
+        .unwrap();
+    assert!(matches!(
+        pipeline.inject(vec![WorkItem::new(1)]).await,
+        Err(PipelineError::InputClosed(_))
+    ));
+    let results = pipeline.run().await.unwrap();
+    assert_eq!(results.len(), 10);
+    assert!(matches!(
+        pipeline.run().await,
+        Err(PipelineError::ResultsTaken(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_fed_pipeline_ends_with_its_senders_or_on_stop() {
+    // Ends when the senders are gone.
+    let (tx, source) = sources::channel::<u64>(8);
+    let pipeline = Pipeline::builder(config(
+        "channel",
+        vec![StageConfig::new("a", ExecutionType::Async)],
+    ))
+    .unwrap()
+    .source(source)
+    .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+    .build()
+    .unwrap();
+    pipeline.start().await.unwrap();
+    let feeder = tokio::spawn(async move {
+        for n in 0..100 {
+            tx.send(WorkItem::new(n)).await.unwrap();
+        }
+    });
+    let results = within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap();
+    feeder.await.unwrap();
+    assert_eq!(results.len(), 100);
+
+    // Stops while the source waits on an idle channel.
+    let (tx, source) = sources::channel::<u64>(8);
+    let pipeline = Pipeline::builder(config(
+        "idle-channel",
+        vec![StageConfig::new("a", ExecutionType::Async)],
+    ))
+    .unwrap()
+    .source(source)
+    .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+    .build()
+    .unwrap();
+    pipeline.start().await.unwrap();
+    tx.send(WorkItem::new(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    within(Duration::from_secs(10), pipeline.stop())
+        .await
+        .unwrap();
+    assert_eq!(pipeline.run().await.unwrap().len(), 1);
+    drop(tx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_are_kept_only_when_asked() {
+    let outcomes = Arc::new(Outcomes::default());
+    let pipeline = Pipeline::builder(
+        config(
+            "no-results",
+            vec![StageConfig::new("a", ExecutionType::Async)],
+        )
+        .retain_results(false),
+    )
+    .unwrap()
+    .source(sources::iter(0..1_000u64))
+    .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+    .on_complete(outcomes.callback())
+    .build()
+    .unwrap();
+    let results = within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap();
+    assert!(results.is_empty());
+    assert_eq!(outcomes.ok.load(Ordering::SeqCst), 1_000);
+    assert_eq!(pipeline.stats().await.unwrap().completed_items, 1_000);
+}
