@@ -23,8 +23,11 @@ pub struct IterSource<I> {
     iter: I,
 }
 
+/// The iterator behind [`iter`]: each element wrapped in a [`WorkItem`].
+pub type DataIter<I> = std::iter::Map<I, fn(<I as Iterator>::Item) -> WorkItem<<I as Iterator>::Item>>;
+
 /// Each element becomes a [`WorkItem`] with a random job id.
-pub fn iter<I>(data: I) -> IterSource<std::iter::Map<I::IntoIter, fn(I::Item) -> WorkItem<I::Item>>>
+pub fn iter<I>(data: I) -> IterSource<DataIter<I::IntoIter>>
 where
     I: IntoIterator,
     I::Item: Send + 'static,

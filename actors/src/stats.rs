@@ -176,6 +176,6 @@ impl Timings {
     }
 
     pub(crate) fn quantile(&self, q: f64) -> Option<Duration> {
-        (self.hist.len() > 0).then(|| Duration::from_micros(self.hist.value_at_quantile(q)))
+        (!self.hist.is_empty()).then(|| Duration::from_micros(self.hist.value_at_quantile(q)))
     }
 }

@@ -260,7 +260,7 @@ impl<'a> Reporter<'a> {
         }
         let report = WorkerReport {
             worker: self.ctx.worker,
-            outcomes: std::mem::replace(&mut self.outcomes, Vec::new()),
+            outcomes: std::mem::take(&mut self.outcomes),
             returned,
             busy: std::mem::take(&mut self.busy),
             panic,
