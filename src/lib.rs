@@ -95,3 +95,8 @@ pub mod prelude {
         StageStats, WorkItem, WorkItemMetadata, WorkItemResult,
     };
 }
+
+/// The README's example is compiled and run as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

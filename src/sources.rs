@@ -24,7 +24,8 @@ pub struct IterSource<I> {
 }
 
 /// The iterator behind [`iter`]: each element wrapped in a [`WorkItem`].
-pub type DataIter<I> = std::iter::Map<I, fn(<I as Iterator>::Item) -> WorkItem<<I as Iterator>::Item>>;
+pub type DataIter<I> =
+    std::iter::Map<I, fn(<I as Iterator>::Item) -> WorkItem<<I as Iterator>::Item>>;
 
 /// Each element becomes a [`WorkItem`] with a random job id.
 pub fn iter<I>(data: I) -> IterSource<DataIter<I::IntoIter>>

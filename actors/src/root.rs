@@ -293,7 +293,9 @@ impl PipelineState {
 pub struct PipelineRuntime {
     shared: Arc<Shared>,
     parts: std::sync::Mutex<Option<PipelineParts>>,
-    actor: AsyncMutex<Option<ActorRef<PipelineMsg>>>,
+    /// Held while starting, so that only one caller starts the actors.
+    starting: AsyncMutex<()>,
+    actor: std::sync::OnceLock<ActorRef<PipelineMsg>>,
 }
 
 impl PipelineRuntime {
@@ -302,7 +304,8 @@ impl PipelineRuntime {
         PipelineRuntime {
             shared: Arc::new(Shared::new(parts.config.clone())),
             parts: std::sync::Mutex::new(Some(parts)),
-            actor: AsyncMutex::new(None),
+            starting: AsyncMutex::new(()),
+            actor: std::sync::OnceLock::new(),
         }
     }
 
@@ -322,8 +325,8 @@ impl PipelineRuntime {
         &self,
         supervisor: Option<ActorCell>,
     ) -> Result<ActorRef<PipelineMsg>, PipelineError> {
-        let mut actor = self.actor.lock().await;
-        if let Some(actor) = actor.as_ref() {
+        let _starting = self.starting.lock().await;
+        if let Some(actor) = self.actor.get() {
             return Ok(actor.clone());
         }
         let parts = self
@@ -349,15 +352,14 @@ impl PipelineRuntime {
             self.shared.completion.finish(Err(error.clone()), None);
             error
         })?;
-        *actor = Some(root.clone());
+        let _ = self.actor.set(root.clone());
         Ok(root)
     }
 
     fn root(&self) -> Result<ActorRef<PipelineMsg>, PipelineError> {
         self.actor
-            .try_lock()
-            .ok()
-            .and_then(|a| a.clone())
+            .get()
+            .cloned()
             .ok_or_else(|| PipelineError::NotRunning(self.name().to_string()))
     }
 

@@ -1,0 +1,231 @@
+//! Conservation, by property: for random stage counts, execution models,
+//! worker counts, queue sizes, error and panic rates, and a random stop or
+//! abort, every admitted item finishes exactly once, the counts agree, and
+//! the items alive never exceed Σ(queue_size + workers) plus one refill.
+//!
+//! `PROPTEST_CASES=500 cargo test --release --test properties` runs more.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bergtalzug::prelude::*;
+use proptest::prelude::*;
+
+mod common;
+use common::*;
+
+#[derive(Debug, Clone)]
+struct StageSpec {
+    model: ExecutionType,
+    workers: usize,
+    queue_size: usize,
+    /// Per mille of items failing here with an error.
+    errors: u64,
+    /// Per mille of items panicking here.
+    panics: u64,
+    /// Some items take a little time here.
+    slow: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    Exhausted,
+    Stop,
+    Abort,
+}
+
+fn stage_spec() -> impl Strategy<Value = StageSpec> {
+    (
+        prop_oneof![
+            Just(ExecutionType::Async),
+            Just(ExecutionType::Thread),
+            Just(ExecutionType::Cpu)
+        ],
+        1usize..5,
+        1usize..12,
+        0u64..80,
+        0u64..30,
+        any::<bool>(),
+    )
+        .prop_map(
+            |(model, workers, queue_size, errors, panics, slow)| StageSpec {
+                model,
+                workers,
+                queue_size,
+                errors,
+                panics,
+                slow,
+            },
+        )
+}
+
+fn ending() -> impl Strategy<Value = Ending> {
+    prop_oneof![
+        2 => Just(Ending::Exhausted),
+        1 => Just(Ending::Stop),
+        1 => Just(Ending::Abort),
+    ]
+}
+
+/// A deterministic per-(item, stage) dice roll in 0..1000.
+fn roll(value: u64, stage: usize) -> u64 {
+    let mut z = value.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (stage as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 31)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 29)) % 1000
+}
+
+fn step(
+    spec: &StageSpec,
+    index: usize,
+    item: WorkItem<Tracked>,
+) -> anyhow::Result<WorkItem<Tracked>> {
+    let r = roll(item.data.value, index);
+    if r < spec.panics {
+        panic!("planned panic");
+    }
+    if r < spec.panics + spec.errors {
+        anyhow::bail!("planned error");
+    }
+    Ok(item)
+}
+
+async fn run_case(stages: Vec<StageSpec>, items: u64, ending: Ending, stop_after: u64) {
+    let census = Arc::new(Census::default());
+    let configs = stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            StageConfig::new(format!("s{i}"), s.model)
+                .workers(s.workers)
+                .queue_size(s.queue_size)
+        })
+        .collect::<Vec<_>>();
+    let config = config("prop", configs);
+    let bound = config
+        .stages
+        .iter()
+        .map(|s| s.queue_size + s.workers)
+        .sum::<usize>()
+        + config.stages[0].queue_size;
+    let outcomes = Arc::new(Outcomes::default());
+    let source = {
+        let census = census.clone();
+        sources::iter((0..items).map(move |n| Tracked::new(n, &census)))
+    };
+    let mut builder = Pipeline::builder(config.clone())
+        .unwrap()
+        .source(source)
+        .on_complete(outcomes.callback());
+    for (index, spec) in stages.iter().enumerate() {
+        let name = format!("s{index}");
+        let spec = spec.clone();
+        builder = match spec.model {
+            ExecutionType::Async => builder.async_stage(&name, move |item: WorkItem<Tracked>| {
+                let spec = spec.clone();
+                async move {
+                    if spec.slow && item.data.value % 7 == 0 {
+                        tokio::time::sleep(Duration::from_micros(200)).await;
+                    }
+                    step(&spec, index, item)
+                }
+            }),
+            _ => builder.sync_stage(&name, move |item: WorkItem<Tracked>| {
+                if spec.slow && item.data.value % 7 == 0 {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                step(&spec, index, item)
+            }),
+        };
+    }
+    let pipeline = builder.build().unwrap();
+    pipeline.start().await.unwrap();
+    match ending {
+        Ending::Exhausted => {}
+        Ending::Stop | Ending::Abort => {
+            while outcomes.total() < stop_after && !pipeline.is_finished() {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            let end = async {
+                match ending {
+                    Ending::Stop => pipeline.stop().await,
+                    _ => pipeline.abort().await,
+                }
+            };
+            within(Duration::from_secs(30), end).await.unwrap();
+        }
+    }
+    let results = within(Duration::from_secs(60), pipeline.run())
+        .await
+        .unwrap();
+    let stats = pipeline.stats().await.unwrap();
+
+    // Every admitted item finished exactly once.
+    assert_eq!(results.len() as u64, stats.admitted_items);
+    assert_eq!(outcomes.total(), stats.admitted_items);
+    assert_unique_ids(&results);
+    if matches!(ending, Ending::Exhausted) {
+        assert_eq!(stats.admitted_items, items);
+    }
+    // The counts agree.
+    let failed = results.iter().filter(|r| !r.success).count() as u64;
+    let cancelled = results.iter().filter(|r| r.is_cancelled()).count() as u64;
+    assert_eq!(stats.completed_items, results.len() as u64);
+    assert_eq!(stats.failed_items, failed);
+    assert_eq!(stats.cancelled_items, cancelled);
+    assert_eq!(stats.active_items, 0);
+    let processed_last = stats.stages.last().unwrap().processed;
+    assert_eq!(
+        processed_last,
+        results.len() as u64 - failed,
+        "the last stage's successes are the completions"
+    );
+    if !matches!(ending, Ending::Abort) {
+        assert_eq!(cancelled, 0);
+    }
+    // Only planned outcomes.
+    for r in results.iter().filter(|r| !r.success) {
+        let e = r.error.as_ref().unwrap();
+        match e.kind {
+            ItemErrorKind::Failed => assert_eq!(e.message, "planned error"),
+            ItemErrorKind::Panicked => assert_eq!(e.message, "planned panic"),
+            ItemErrorKind::Cancelled => {}
+            other => panic!("unexpected {other}: {e}"),
+        }
+    }
+    // Every stage still has all its workers.
+    for (spec, s) in stages.iter().zip(&stats.stages) {
+        if !matches!(ending, Ending::Abort) {
+            assert_eq!(s.workers, spec.workers, "stage {}", s.name);
+        }
+    }
+    // Memory was bounded by the configuration.
+    assert!(
+        census.peak() <= bound,
+        "peak {} items alive, bound {bound}",
+        census.peak()
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(24),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn every_item_finishes_exactly_once(
+        stages in prop::collection::vec(stage_spec(), 1..5),
+        items in 1u64..1500,
+        ending in ending(),
+        stop_after in 0u64..500,
+    ) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(run_case(stages, items, ending, stop_after));
+    }
+}
