@@ -252,3 +252,50 @@ async fn results_are_kept_only_when_asked() {
     assert_eq!(outcomes.ok.load(Ordering::SeqCst), 1_000);
     assert_eq!(pipeline.stats().await.unwrap().completed_items, 1_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_stopped_from_outside_never_leaves_run_hanging() {
+    let pipeline = Pipeline::builder(config(
+        "killed",
+        vec![StageConfig::new("a", ExecutionType::Async)],
+    ))
+    .unwrap()
+    .source(sources::iter(endless()))
+    .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+    .build()
+    .unwrap();
+    // A parent actor that owns the pipeline kills it.
+    let (parent, _) = ractor::Actor::spawn(None, Parent, ()).await.unwrap();
+    let root = pipeline.spawn_linked(parent.get_cell()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    root.kill();
+    let err = within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PipelineError::Interrupted { .. }), "{err}");
+    assert!(!pipeline.is_running());
+    parent.stop(None);
+}
+
+struct Parent;
+
+impl ractor::Actor for Parent {
+    type Msg = ();
+    type State = ();
+    type Arguments = ();
+    async fn pre_start(
+        &self,
+        _: ractor::ActorRef<()>,
+        _: (),
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        Ok(())
+    }
+    async fn handle_supervisor_evt(
+        &self,
+        _: ractor::ActorRef<()>,
+        _: ractor::SupervisionEvent,
+        _: &mut (),
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        Ok(())
+    }
+}

@@ -38,6 +38,15 @@ pub enum PipelineError {
         /// Why.
         message: String,
     },
+    /// The pipeline's root actor was stopped or killed from outside before
+    /// every item had its outcome (its supervisor stopped it).
+    #[error("pipeline `{pipeline}` was stopped from outside before it finished: {reason}")]
+    Interrupted {
+        /// The pipeline.
+        pipeline: String,
+        /// How it was stopped.
+        reason: String,
+    },
     /// `run` already returned this pipeline's results to another caller.
     #[error("the results of pipeline `{0}` were already returned by an earlier run()")]
     ResultsTaken(String),

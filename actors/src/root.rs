@@ -281,6 +281,23 @@ async fn spawn_children(
     })
 }
 
+impl Drop for PipelineState {
+    /// However the root ends (even killed), waiters are woken: a pipeline
+    /// stopped from outside ends `Interrupted` rather than hanging `run`.
+    fn drop(&mut self) {
+        if !self.shared.completion.is_done() {
+            self.shared.events.close();
+            self.shared.completion.finish(
+                Err(PipelineError::Interrupted {
+                    pipeline: self.shared.name.to_string(),
+                    reason: "its root actor stopped".into(),
+                }),
+                None,
+            );
+        }
+    }
+}
+
 impl PipelineState {
     fn close_input(&self) {
         let _ = self.shared.closing.send_replace(true);
