@@ -76,7 +76,9 @@ async fn fetch(item: WorkItem<Job>) -> anyhow::Result<WorkItem<Vec<u8>>> {
     let id = item.data.id;
     let latency = Duration::from_millis(2 + mix(id) % 8);
     tokio::time::sleep(latency).await;
-    let samples = (0..256).map(|i| (mix(id * 1000 + i) % 10_000) as f64 / 100.0).collect();
+    let samples = (0..256)
+        .map(|i| (mix(id * 1000 + i) % 10_000) as f64 / 100.0)
+        .collect();
     let mut body = serde_json::to_vec(&Record { id, samples })?;
     if id % 97 == 42 {
         body.truncate(body.len() / 2); // a corrupt response
@@ -109,7 +111,10 @@ fn compute(item: WorkItem<Record>) -> anyhow::Result<WorkItem<Summary>> {
 }
 
 /// ASYNC: stores the result as a JSON file.
-async fn store(item: WorkItem<Summary>, dir: std::path::PathBuf) -> anyhow::Result<WorkItem<Summary>> {
+async fn store(
+    item: WorkItem<Summary>,
+    dir: std::path::PathBuf,
+) -> anyhow::Result<WorkItem<Summary>> {
     let path = dir.join(format!("{}.json", item.job_id()));
     tokio::fs::write(&path, serde_json::to_vec(&item.data)?)
         .await
@@ -118,7 +123,8 @@ async fn store(item: WorkItem<Summary>, dir: std::path::PathBuf) -> anyhow::Resu
 }
 
 fn ms(d: Option<Duration>) -> String {
-    d.map(|d| format!("{:.2} ms", d.as_secs_f64() * 1e3)).unwrap_or_else(|| "-".into())
+    d.map(|d| format!("{:.2} ms", d.as_secs_f64() * 1e3))
+        .unwrap_or_else(|| "-".into())
 }
 
 #[tokio::main]
@@ -140,10 +146,18 @@ async fn main() -> anyhow::Result<()> {
     let config = PipelineConfig::new(
         "my_pipeline",
         vec![
-            StageConfig::new("fetch", ExecutionType::Async).workers(10).queue_size(100),
-            StageConfig::new("parse", ExecutionType::Thread).workers(5).queue_size(50),
-            StageConfig::new("compute", ExecutionType::Cpu).workers(cores).queue_size(20),
-            StageConfig::new("store", ExecutionType::Async).workers(10).queue_size(100),
+            StageConfig::new("fetch", ExecutionType::Async)
+                .workers(10)
+                .queue_size(100),
+            StageConfig::new("parse", ExecutionType::Thread)
+                .workers(5)
+                .queue_size(50),
+            StageConfig::new("compute", ExecutionType::Cpu)
+                .workers(cores)
+                .queue_size(20),
+            StageConfig::new("store", ExecutionType::Async)
+                .workers(10)
+                .queue_size(100),
         ],
     )
     .queue_refresh_rate(Duration::from_secs(1))
@@ -159,7 +173,10 @@ async fn main() -> anyhow::Result<()> {
         .async_stage("store", move |item| store(item, dir.clone()))
         .on_complete(|result| {
             if let Some(error) = &result.error {
-                println!("✗ {} failed in {}: {}", result.job_id, error.stage, error.message);
+                println!(
+                    "✗ {} failed in {}: {}",
+                    result.job_id, error.stage, error.message
+                );
             }
         })
         .build()?;
@@ -210,6 +227,9 @@ async fn main() -> anyhow::Result<()> {
     let stored = std::fs::read_dir(out.path())?.count();
     println!();
     println!("{stored} results stored in {}", out.path().display());
-    anyhow::ensure!(stored == ok, "stored {stored} files for {ok} completed items");
+    anyhow::ensure!(
+        stored == ok,
+        "stored {stored} files for {ok} completed items"
+    );
     Ok(())
 }

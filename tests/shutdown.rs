@@ -299,3 +299,39 @@ impl ractor::Actor for Parent {
         Ok(())
     }
 }
+
+/// An abort that lands while panicking workers hand back their unstarted
+/// items still accounts for every item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_amid_panics_accounts_for_every_item() {
+    for model in [ExecutionType::Async, ExecutionType::Thread, ExecutionType::Cpu] {
+        for round in 0..10u64 {
+            let builder = Pipeline::builder(config(
+                "abort-panics",
+                vec![StageConfig::new("risky", model).workers(3).queue_size(30)],
+            ))
+            .unwrap()
+            .source(sources::iter(endless()));
+            let work = |i: WorkItem<u64>| -> anyhow::Result<WorkItem<u64>> {
+                std::thread::sleep(Duration::from_micros(50));
+                if i.data % 7 == 3 {
+                    panic!("planned");
+                }
+                Ok(i)
+            };
+            let pipeline = match model {
+                ExecutionType::Async => builder.async_stage("risky", move |i| async move { work(i) }),
+                _ => builder.sync_stage("risky", work),
+            }
+            .build()
+            .unwrap();
+            pipeline.start().await.unwrap();
+            tokio::time::sleep(Duration::from_micros(200 + round * 150)).await;
+            within(Duration::from_secs(10), pipeline.abort()).await.unwrap();
+            let results = pipeline.run().await.unwrap();
+            let stats = pipeline.stats().await.unwrap();
+            assert_eq!(results.len() as u64, stats.admitted_items, "{model} round {round}");
+            assert_unique_ids(&results);
+        }
+    }
+}

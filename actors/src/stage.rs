@@ -107,8 +107,9 @@ pub(crate) struct StageArgs {
 
 struct Slot {
     actor: ActorRef<WorkerMsg>,
-    /// Job ids of the items the worker holds, in the order given.
-    held: VecDeque<JobId>,
+    /// Job ids and creation times of the items the worker holds, in the
+    /// order given: enough to account for them if the worker dies.
+    held: VecDeque<(JobId, Instant)>,
     /// It reported a panic and is about to fail: no more work for it.
     failing: bool,
 }
@@ -380,12 +381,17 @@ impl StageState {
                 0.8 * self.service_ns + 0.2 * per_item
             };
         }
-        for item in report.returned.into_iter().rev() {
-            self.queue.push_front(item);
+        let mut finished = Vec::new();
+        if self.aborting {
+            let cancelled = report.returned.into_iter().map(|i| self.cancel(i, "before it started"));
+            finished.extend(cancelled);
+        } else {
+            for item in report.returned.into_iter().rev() {
+                self.queue.push_front(item);
+            }
         }
         let gauges = &self.shared.gauges[self.index];
         let finished_at = (self.is_last() && self.shared.config.enable_tracking).then(Instant::now);
-        let mut finished = Vec::new();
         let (mut processed, mut failed) = (0, 0);
         for outcome in report.outcomes {
             match outcome {
@@ -440,12 +446,10 @@ impl StageState {
         let lost: Vec<_> = slot
             .held
             .into_iter()
-            .map(|job_id| {
-                WorkItemResult::failed(
-                    job_id,
-                    WorkItemMetadata::default(),
-                    ItemError::new(&*self.name, kind, message.clone()),
-                )
+            .map(|(job_id, created)| {
+                let mut metadata = WorkItemMetadata::default();
+                metadata.set_created(created);
+                WorkItemResult::failed(job_id, metadata, ItemError::new(&*self.name, kind, message.clone()))
             })
             .collect();
         if kind != ItemErrorKind::Cancelled {
@@ -509,7 +513,7 @@ impl StageState {
                 .slots
                 .get_mut(&worker)
                 .expect("idle workers have slots");
-            slot.held.extend(items.iter().map(|i| i.job_id.clone()));
+            slot.held.extend(items.iter().map(|i| (i.job_id.clone(), i.metadata.created())));
             self.in_flight += take;
             if let Err(MessagingErr::SendErr(WorkerMsg::Run(items))) =
                 slot.actor.cast(WorkerMsg::Run(items))

@@ -198,11 +198,12 @@ impl<'a> Reporter<'a> {
     /// Notes that the handler is about to start on an item.
     pub(crate) fn started(&mut self, attempt: &Attempt) {
         if self.ctx.events.has_subscribers() {
-            self.events.push(PipelineEvent::ItemStarted {
+            // At once, not with the next report: the handler may take long.
+            self.ctx.events.lifecycle(vec![PipelineEvent::ItemStarted {
                 job_id: attempt.job_id().clone(),
                 stage: self.ctx.stage.clone(),
                 worker: self.ctx.worker,
-            });
+            }]);
         }
     }
 
