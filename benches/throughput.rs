@@ -1,1 +1,416 @@
-fn main() {}
+//! Items per second through a 4-stage pipeline with 4 async workers per stage,
+//! bounded queues of 100 and a trivial handler (`n + 1` on a `u64`): how
+//! much bergtalzug costs over the same pipeline written by hand with tokio.
+//!
+//! Timed, per run, from before the pipeline is built until every item came
+//! out of the last stage and was counted, on a tokio multi-thread runtime
+//! with 2 worker threads. Every stage holds at most about 104 items
+//! (bergtalzug's `queue_size + workers`) in every variant:
+//!
+//! - `tokio shared rx`: by hand, one item at a time; each stage's 4 worker
+//!   tasks share one bounded `mpsc` receiver (capacity 100) behind a
+//!   `tokio::sync::Mutex`.
+//! - `tokio rr channels`: by hand, one item at a time; each worker owns a
+//!   bounded `mpsc` channel (capacity 25, so 100 per stage) and every sender
+//!   deals its items round-robin.
+//! - `tokio batched`: by hand, as `shared rx`, but a worker takes what is
+//!   ready (up to 16) under one lock and reserves room for all of it
+//!   downstream at once (`recv_many` / `reserve_many`); channels of 40, so
+//!   40 queued + 4 x 16 in hand = 104 per stage. bergtalzug batches its
+//!   transport too; this is the fastest fair hand-written version found.
+//! - `bergtalzug tracking on` / `off`: `sources::iter(0..N)` through four
+//!   `Async` stages (`workers(4).queue_size(100)`), `retain_results(false)`,
+//!   outcomes counted by an `on_complete` callback; all N must succeed.
+//!
+//! Each variant runs 5 times, interleaved, after one warm-up run; the
+//! table shows the median and the best, and the median's ratio to the
+//! faster per-item baseline and to the batched one. Quick mode
+//! (`BENCH_QUICK=1` or `--quick`): 20,000 items, one repetition, for CI.
+//!
+//! ```text
+//! cargo bench --bench throughput
+//! BENCH_QUICK=1 cargo bench --bench throughput
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bergtalzug::prelude::*;
+use tokio::sync::{Mutex, mpsc};
+
+const STAGES: usize = 4;
+const WORKERS: usize = 4;
+const QUEUE: usize = 100;
+/// Most items a batched hand-written worker takes at once.
+const BATCH: usize = 16;
+/// Channel capacity of the batched baseline: with `WORKERS * BATCH` items in
+/// hand, a stage holds `QUEUE + WORKERS` at most, as a bergtalzug stage does.
+const BATCH_QUEUE: usize = QUEUE + WORKERS - WORKERS * BATCH;
+const FULL_ITEMS: u64 = 1_000_000;
+const FULL_REPS: usize = 5;
+const QUICK_ITEMS: u64 = 20_000;
+const WARMUP_ITEMS: u64 = 20_000;
+
+/// Sum of `i + STAGES` for `i` in `0..n`: what the collector must see.
+fn expected_sum(n: u64) -> u64 {
+    n * n.saturating_sub(1) / 2 + n * STAGES as u64
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    SharedRx,
+    RoundRobin,
+    Batched,
+    Tracking(bool),
+}
+
+impl Variant {
+    const ALL: [Variant; 5] = [
+        Variant::SharedRx,
+        Variant::RoundRobin,
+        Variant::Batched,
+        Variant::Tracking(true),
+        Variant::Tracking(false),
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Variant::SharedRx => "tokio shared rx (baseline)",
+            Variant::RoundRobin => "tokio rr channels (baseline)",
+            Variant::Batched => "tokio batched (baseline)",
+            Variant::Tracking(true) => "bergtalzug tracking on",
+            Variant::Tracking(false) => "bergtalzug tracking off",
+        }
+    }
+
+    async fn run(self, n: u64) -> Duration {
+        match self {
+            Variant::SharedRx => shared_rx(n).await,
+            Variant::RoundRobin => round_robin(n).await,
+            Variant::Batched => shared_rx_batched(n).await,
+            Variant::Tracking(on) => bergtalzug(n, on).await,
+        }
+    }
+}
+
+/// Hand-written: one bounded channel per stage, its workers share the
+/// receiver behind a tokio mutex.
+async fn shared_rx(n: u64) -> Duration {
+    let start = Instant::now();
+    let (feed, first) = mpsc::channel::<u64>(QUEUE);
+    let mut input = Arc::new(Mutex::new(first));
+    for _ in 0..STAGES {
+        let (tx, rx) = mpsc::channel::<u64>(QUEUE);
+        for _ in 0..WORKERS {
+            let input = input.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    let next = input.lock().await.recv().await;
+                    let Some(x) = next else { break };
+                    if tx.send(x + 1).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        input = Arc::new(Mutex::new(rx));
+    }
+    tokio::spawn(async move {
+        for i in 0..n {
+            if feed.send(i).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = input.lock().await;
+    let (mut count, mut sum) = (0u64, 0u64);
+    while let Some(x) = out.recv().await {
+        count += 1;
+        sum += x;
+    }
+    let elapsed = start.elapsed();
+    assert_eq!((count, sum), (n, expected_sum(n)), "shared rx lost items");
+    elapsed
+}
+
+/// Hand-written, batched: as [`shared_rx`], but a worker takes what is
+/// ready (up to `BATCH`) in one lock, and reserves room for all of it in
+/// the next channel before sending.
+async fn shared_rx_batched(n: u64) -> Duration {
+    let start = Instant::now();
+    let (feed, first) = mpsc::channel::<u64>(BATCH_QUEUE);
+    let mut input = Arc::new(Mutex::new(first));
+    for _ in 0..STAGES {
+        let (tx, rx) = mpsc::channel::<u64>(BATCH_QUEUE);
+        for _ in 0..WORKERS {
+            let input = input.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut batch = Vec::with_capacity(BATCH);
+                loop {
+                    batch.clear();
+                    if input.lock().await.recv_many(&mut batch, BATCH).await == 0 {
+                        break;
+                    }
+                    let Ok(permits) = tx.reserve_many(batch.len()).await else {
+                        break;
+                    };
+                    for (permit, x) in permits.zip(batch.drain(..)) {
+                        permit.send(x + 1);
+                    }
+                }
+            });
+        }
+        input = Arc::new(Mutex::new(rx));
+    }
+    tokio::spawn(async move {
+        let mut next = 0;
+        while next < n {
+            let k = (n - next).min(BATCH as u64);
+            let Ok(permits) = feed.reserve_many(k as usize).await else {
+                break;
+            };
+            for (permit, i) in permits.zip(next..next + k) {
+                permit.send(i);
+            }
+            next += k;
+        }
+    });
+    let mut out = input.lock().await;
+    let (mut count, mut sum) = (0u64, 0u64);
+    let mut batch = Vec::with_capacity(BATCH);
+    while out.recv_many(&mut batch, BATCH).await > 0 {
+        count += batch.len() as u64;
+        sum += batch.drain(..).sum::<u64>();
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(
+        (count, sum),
+        (n, expected_sum(n)),
+        "batched shared rx lost items"
+    );
+    elapsed
+}
+
+/// Sends each item to the next of `outs` in turn; false once they closed.
+async fn send_round_robin(outs: &[mpsc::Sender<u64>], next: &mut usize, x: u64) -> bool {
+    let ok = outs[*next].send(x).await.is_ok();
+    *next = (*next + 1) % outs.len();
+    ok
+}
+
+/// Hand-written: one bounded channel per worker (`QUEUE / WORKERS` each),
+/// every sender deals its items round-robin over the next stage's workers.
+async fn round_robin(n: u64) -> Duration {
+    let start = Instant::now();
+    let (done_tx, mut done) = mpsc::channel::<u64>(QUEUE);
+    // Built from the last stage back, so each stage knows its downstream.
+    let mut downstream = vec![done_tx];
+    for _ in 0..STAGES {
+        let mut inputs = Vec::with_capacity(WORKERS);
+        for _ in 0..WORKERS {
+            let (tx, mut rx) = mpsc::channel::<u64>(QUEUE / WORKERS);
+            inputs.push(tx);
+            let outs = downstream.clone();
+            tokio::spawn(async move {
+                let mut next = 0;
+                while let Some(x) = rx.recv().await {
+                    if !send_round_robin(&outs, &mut next, x + 1).await {
+                        break;
+                    }
+                }
+            });
+        }
+        downstream = inputs;
+    }
+    tokio::spawn(async move {
+        let mut next = 0;
+        for i in 0..n {
+            if !send_round_robin(&downstream, &mut next, i).await {
+                break;
+            }
+        }
+    });
+    let (mut count, mut sum) = (0u64, 0u64);
+    while let Some(x) = done.recv().await {
+        count += 1;
+        sum += x;
+    }
+    let elapsed = start.elapsed();
+    assert_eq!((count, sum), (n, expected_sum(n)), "rr channels lost items");
+    elapsed
+}
+
+/// bergtalzug with the same shape; outcomes counted by a callback.
+async fn bergtalzug(n: u64, tracking: bool) -> Duration {
+    let start = Instant::now();
+    let stages = (0..STAGES)
+        .map(|i| {
+            StageConfig::new(format!("s{i}"), ExecutionType::Async)
+                .workers(WORKERS)
+                .queue_size(QUEUE)
+        })
+        .collect();
+    let config = PipelineConfig::new("bench", stages)
+        .stats_interval(Duration::ZERO)
+        .enable_tracking(tracking)
+        .retain_results(false);
+    let succeeded = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let (ok, bad) = (succeeded.clone(), failed.clone());
+    let pipeline = Pipeline::builder(config)
+        .expect("valid config")
+        .source(sources::iter(0..n))
+        .async_stage("s0", |item: WorkItem<u64>| async move {
+            Ok(item.map(|n| n + 1))
+        })
+        .async_stage("s1", |item: WorkItem<u64>| async move {
+            Ok(item.map(|n| n + 1))
+        })
+        .async_stage("s2", |item: WorkItem<u64>| async move {
+            Ok(item.map(|n| n + 1))
+        })
+        .async_stage("s3", |item: WorkItem<u64>| async move {
+            Ok(item.map(|n| n + 1))
+        })
+        .on_complete(move |r| {
+            let counter = if r.success { &ok } else { &bad };
+            counter.fetch_add(1, Ordering::Relaxed);
+        })
+        .build()
+        .expect("pipeline builds");
+    let results = pipeline.run().await.expect("pipeline runs");
+    let elapsed = start.elapsed();
+    assert!(results.is_empty(), "retain_results is off");
+    assert_eq!(
+        (
+            succeeded.load(Ordering::Relaxed),
+            failed.load(Ordering::Relaxed)
+        ),
+        (n, 0),
+        "bergtalzug (tracking {tracking}): every item must complete successfully"
+    );
+    elapsed
+}
+
+/// The process's peak resident set size (`VmHWM`), as reported by Linux.
+fn peak_rss() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line["VmHWM:".len()..].trim().to_string())
+}
+
+/// CPU time (user + system) of the whole process so far, from
+/// `/proc/self/stat`, in clock ticks of 10 ms (Linux's `USER_HZ`).
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses: state is
+    // field 3, utime field 14, stime field 15.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; other unknown arguments are ignored too.
+    let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
+        || std::env::args().any(|a| a == "--quick");
+    let (items, reps) = if quick {
+        (QUICK_ITEMS, 1)
+    } else {
+        (FULL_ITEMS, FULL_REPS)
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+
+    println!(
+        "throughput: {STAGES} stages x {WORKERS} async workers, queue {QUEUE}, \
+         {items} u64 items, {reps} rep(s), 2 tokio worker threads{}",
+        if quick { " (quick)" } else { "" }
+    );
+
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); Variant::ALL.len()];
+    let mut cpu_ns: Vec<Vec<f64>> = vec![Vec::new(); Variant::ALL.len()];
+    runtime.block_on(async {
+        for variant in Variant::ALL {
+            variant.run(WARMUP_ITEMS.min(items)).await;
+        }
+        for rep in 0..reps {
+            for (i, variant) in Variant::ALL.into_iter().enumerate() {
+                let cpu_before = cpu_time();
+                let elapsed = variant.run(items).await;
+                let cpu = cpu_time()
+                    .zip(cpu_before)
+                    .map(|(after, before)| (after - before).as_nanos() as f64 / items as f64);
+                let rate = items as f64 / elapsed.as_secs_f64();
+                println!(
+                    "  rep {}: {:<30} {:>8.1} ms {:>12.0} items/s {:>8} CPU ns/item",
+                    rep + 1,
+                    variant.name(),
+                    elapsed.as_secs_f64() * 1e3,
+                    rate,
+                    cpu.map_or("?".into(), |c| format!("{c:.0}"))
+                );
+                rates[i].push(rate);
+                cpu_ns[i].extend(cpu);
+            }
+        }
+    });
+
+    for r in rates.iter_mut().chain(&mut cpu_ns) {
+        r.sort_by(f64::total_cmp);
+    }
+    let median_of = |v: Variant| {
+        let i = Variant::ALL.iter().position(|&w| w == v).expect("listed");
+        median(&rates[i])
+    };
+    let per_item = median_of(Variant::SharedRx).max(median_of(Variant::RoundRobin));
+    let batched = median_of(Variant::Batched);
+
+    println!();
+    println!(
+        "{:<30} {:>14} {:>14} {:>9} {:>9} {:>12}",
+        "variant", "median items/s", "best items/s", "/per-item", "/batched", "CPU ns/item"
+    );
+    for ((variant, r), cpu) in Variant::ALL.into_iter().zip(&rates).zip(&cpu_ns) {
+        let med = median(r);
+        println!(
+            "{:<30} {:>14.0} {:>14.0} {:>8.2}x {:>8.2}x {:>12}",
+            variant.name(),
+            med,
+            r[r.len() - 1],
+            med / per_item,
+            med / batched,
+            if cpu.is_empty() {
+                "?".into()
+            } else {
+                format!("{:.0}", median(cpu))
+            }
+        );
+    }
+    println!(
+        "(ratios of medians: /per-item = vs the faster of shared rx and rr channels; \
+         /batched = vs tokio batched; \
+         CPU ns/item = median process CPU time per item, both threads, 10 ms ticks)"
+    );
+    println!(
+        "peak RSS (VmHWM): {}",
+        peak_rss().unwrap_or_else(|| "unavailable".into())
+    );
+}
