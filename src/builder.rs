@@ -50,10 +50,9 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use bergtalzug_actors::config::{ConfigError, ExecutionType, PipelineConfig};
-use bergtalzug_actors::handler::StageHandler;
 use bergtalzug_actors::item::{WorkItem, WorkItemResult};
-use bergtalzug_actors::source::{ErasedSource, Source, erase_source};
-use bergtalzug_actors::{Callback, PipelineParts, PipelineRuntime};
+use bergtalzug_actors::source::Source;
+use bergtalzug_actors::{Callback, PipelineParts, PipelineRuntime, SourceBinding, StageBinding};
 
 use crate::pipeline::Pipeline;
 
@@ -120,9 +119,8 @@ pub enum NoInput {}
 #[must_use = "a builder does nothing until .build()"]
 pub struct PipelineBuilder<T, C> {
     config: PipelineConfig,
-    source: Option<Box<dyn ErasedSource>>,
-    has_input: bool,
-    handlers: Vec<StageHandler>,
+    source: Option<SourceBinding<T>>,
+    handlers: Vec<StageBinding>,
     callbacks: Vec<Callback>,
     error: Option<BuildError>,
     _types: PhantomData<fn(T) -> C>,
@@ -137,7 +135,6 @@ impl Pipeline<NoInput> {
         Ok(PipelineBuilder {
             config,
             source: None,
-            has_input: false,
             handlers: Vec::new(),
             callbacks: Vec::new(),
             error: None,
@@ -149,18 +146,22 @@ impl Pipeline<NoInput> {
 impl PipelineBuilder<NoInput, NoInput> {
     /// Feeds the pipeline from `source`; its items are the first stage's input.
     pub fn source<S: Source>(self, source: S) -> PipelineBuilder<S::Item, S::Item> {
-        PipelineBuilder {
-            source: Some(erase_source(source)),
-            has_input: true,
-            ..self.retype()
-        }
+        self.input(SourceBinding::from_source(source))
     }
 
     /// Feeds the pipeline only by [`Pipeline::inject`]: it runs until stopped.
     pub fn injected<T: Send + 'static>(self) -> PipelineBuilder<T, T> {
+        self.input(SourceBinding::injected())
+    }
+
+    fn input<T: Send + 'static>(self, source: SourceBinding<T>) -> PipelineBuilder<T, T> {
         PipelineBuilder {
-            has_input: true,
-            ..self.retype()
+            config: self.config,
+            source: Some(source),
+            handlers: self.handlers,
+            callbacks: self.callbacks,
+            error: self.error,
+            _types: PhantomData,
         }
     }
 }
@@ -174,7 +175,7 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         Fut: Future<Output = anyhow::Result<WorkItem<O>>> + Send + 'static,
     {
         self.check(name, |t| matches!(t, ExecutionType::Async));
-        self.handlers.push(StageHandler::from_async(handler));
+        self.handlers.push(StageBinding::asynchronous(handler));
         self.retype()
     }
 
@@ -187,7 +188,7 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         self.check(name, |t| {
             matches!(t, ExecutionType::Thread | ExecutionType::Cpu)
         });
-        self.handlers.push(StageHandler::from_sync(handler));
+        self.handlers.push(StageBinding::blocking(handler));
         self.retype()
     }
 
@@ -212,15 +213,15 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
                 stage: missing.name.clone(),
             });
         }
-        if !self.has_input {
+        let Some(source) = self.source else {
             return Err(BuildError::MissingSource {
                 pipeline: self.config.pipeline_name.clone(),
             });
-        }
+        };
         let runtime = PipelineRuntime::new(PipelineParts {
             config: self.config,
-            source: self.source,
-            handlers: self.handlers,
+            source,
+            stages: self.handlers,
             callbacks: self.callbacks,
         });
         Ok(Pipeline::new(runtime))
@@ -269,11 +270,10 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         };
     }
 
-    fn retype<T2, C2>(self) -> PipelineBuilder<T2, C2> {
+    fn retype<C2>(self) -> PipelineBuilder<T, C2> {
         PipelineBuilder {
             config: self.config,
             source: self.source,
-            has_input: self.has_input,
             handlers: self.handlers,
             callbacks: self.callbacks,
             error: self.error,

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use bergtalzug_actors::config::PipelineConfig;
 use bergtalzug_actors::error::PipelineError;
 use bergtalzug_actors::event::EventStream;
-use bergtalzug_actors::handler::erase;
 use bergtalzug_actors::item::{WorkItem, WorkItemResult};
 use bergtalzug_actors::stats::PipelineStats;
 use bergtalzug_actors::{PipelineMsg, PipelineRuntime};
@@ -36,7 +35,7 @@ use ractor::{ActorCell, ActorRef};
 /// # Ok(()) }
 /// ```
 pub struct Pipeline<T> {
-    runtime: Arc<PipelineRuntime>,
+    runtime: Arc<PipelineRuntime<T>>,
     _input: PhantomData<fn(T)>,
 }
 
@@ -49,7 +48,7 @@ impl<T> Clone for Pipeline<T> {
     }
 }
 
-impl<T> std::fmt::Debug for Pipeline<T> {
+impl<T: Send + 'static> std::fmt::Debug for Pipeline<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pipeline")
             .field("name", &self.runtime.name())
@@ -60,7 +59,7 @@ impl<T> std::fmt::Debug for Pipeline<T> {
 }
 
 impl<T: Send + 'static> Pipeline<T> {
-    pub(crate) fn new(runtime: PipelineRuntime) -> Self {
+    pub(crate) fn new(runtime: PipelineRuntime<T>) -> Self {
         Pipeline {
             runtime: Arc::new(runtime),
             _input: PhantomData,
@@ -101,7 +100,7 @@ impl<T: Send + 'static> Pipeline<T> {
     pub async fn spawn_linked(
         &self,
         supervisor: ActorCell,
-    ) -> Result<ActorRef<PipelineMsg>, PipelineError> {
+    ) -> Result<ActorRef<PipelineMsg<T>>, PipelineError> {
         self.runtime.start(Some(supervisor)).await
     }
 
@@ -132,9 +131,7 @@ impl<T: Send + 'static> Pipeline<T> {
     /// [`PipelineError::InputClosed`] once its source is exhausted or it is
     /// stopping.
     pub async fn inject(&self, items: Vec<WorkItem<T>>) -> Result<(), PipelineError> {
-        self.runtime
-            .inject(items.into_iter().map(erase).collect())
-            .await
+        self.runtime.inject(items).await
     }
 
     /// Graceful stop: takes no more input, lets every item in the pipeline

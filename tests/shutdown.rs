@@ -304,7 +304,11 @@ impl ractor::Actor for Parent {
 /// items still accounts for every item.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_amid_panics_accounts_for_every_item() {
-    for model in [ExecutionType::Async, ExecutionType::Thread, ExecutionType::Cpu] {
+    for model in [
+        ExecutionType::Async,
+        ExecutionType::Thread,
+        ExecutionType::Cpu,
+    ] {
         for round in 0..10u64 {
             let builder = Pipeline::builder(config(
                 "abort-panics",
@@ -320,17 +324,25 @@ async fn abort_amid_panics_accounts_for_every_item() {
                 Ok(i)
             };
             let pipeline = match model {
-                ExecutionType::Async => builder.async_stage("risky", move |i| async move { work(i) }),
+                ExecutionType::Async => {
+                    builder.async_stage("risky", move |i| async move { work(i) })
+                }
                 _ => builder.sync_stage("risky", work),
             }
             .build()
             .unwrap();
             pipeline.start().await.unwrap();
             tokio::time::sleep(Duration::from_micros(200 + round * 150)).await;
-            within(Duration::from_secs(10), pipeline.abort()).await.unwrap();
+            within(Duration::from_secs(10), pipeline.abort())
+                .await
+                .unwrap();
             let results = pipeline.run().await.unwrap();
             let stats = pipeline.stats().await.unwrap();
-            assert_eq!(results.len() as u64, stats.admitted_items, "{model} round {round}");
+            assert_eq!(
+                results.len() as u64,
+                stats.admitted_items,
+                "{model} round {round}"
+            );
             assert_unique_ids(&results);
         }
     }

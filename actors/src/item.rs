@@ -109,19 +109,23 @@ impl<'de> Deserialize<'de> for JobId {
     }
 }
 
+/// The names of a pipeline's stages, shared by every item's metadata.
+pub(crate) type StageNames = Arc<[Box<str>]>;
+
 /// When an item entered, started and left one stage.
 #[derive(Debug, Clone)]
 pub struct StageTimes {
-    pub(crate) stage: Arc<str>,
+    /// The stage's position in the pipeline.
+    pub(crate) stage: u16,
     pub(crate) queued: Instant,
     pub(crate) started: Option<Instant>,
     pub(crate) completed: Option<Instant>,
 }
 
 impl StageTimes {
-    /// The stage's name.
-    pub fn stage(&self) -> &str {
-        &self.stage
+    /// The stage's position in the pipeline, from 0.
+    pub fn stage_index(&self) -> usize {
+        self.stage as usize
     }
 
     /// When the item entered the stage's queue.
@@ -158,6 +162,8 @@ impl StageTimes {
 #[derive(Debug, Clone)]
 pub struct WorkItemMetadata {
     created: Instant,
+    /// Set when the item is admitted with tracking on.
+    pub(crate) names: Option<StageNames>,
     pub(crate) stages: Vec<StageTimes>,
     pub(crate) finished: Option<Instant>,
     /// Free-form metadata of the user's; travels with the item from stage to stage.
@@ -168,6 +174,7 @@ impl Default for WorkItemMetadata {
     fn default() -> Self {
         WorkItemMetadata {
             created: Instant::now(),
+            names: None,
             stages: Vec::new(),
             finished: None,
             custom: BTreeMap::new(),
@@ -190,14 +197,18 @@ impl WorkItemMetadata {
         self.finished
     }
 
-    /// The times of every stage the item entered, in order.
-    pub fn stages(&self) -> &[StageTimes] {
-        &self.stages
+    /// The name and times of every stage the item entered, in order.
+    pub fn stages(&self) -> impl Iterator<Item = (&str, &StageTimes)> {
+        self.stages.iter().filter_map(|t| {
+            let name = self.names.as_ref()?.get(t.stage as usize)?;
+            Some((&**name, t))
+        })
     }
 
     /// The times of the stage called `stage`, if the item entered it.
     pub fn stage(&self, stage: &str) -> Option<&StageTimes> {
-        self.stages.iter().find(|s| &*s.stage == stage)
+        let index = self.names.as_ref()?.iter().position(|n| &**n == stage)?;
+        self.stages.iter().find(|t| t.stage as usize == index)
     }
 
     /// How long the stage's handler took for this item: started to completed.

@@ -9,7 +9,7 @@
 //!   with the Python library's names and defaults, plus validation.
 //! - [`item`]: `WorkItem`, `JobId`, metadata, `WorkItemResult`, `ItemError`.
 //! - [`source`]: the demand-driven `Source` trait.
-//! - [`handler`]: stage handlers with their types erased.
+//! - [`binding`]: typed stage handlers and sources, ready to spawn.
 //! - [`event`]: `PipelineEvent`, subscriptions and their delivery policy.
 //! - [`stats`]: `PipelineStats`, `StageStats`.
 //! - The actors, one per file, each opening with its contract:
@@ -32,10 +32,10 @@
 //! Every hop carries batches; every data message answers a demand, so no
 //! mailbox holds more than its receiver asked for. See `docs/architecture.md`.
 
+pub mod binding;
 pub mod config;
 pub mod error;
 pub mod event;
-pub mod handler;
 pub mod item;
 pub mod root;
 pub(crate) mod runner;
@@ -47,5 +47,6 @@ pub mod stats;
 pub(crate) mod tracker;
 pub(crate) mod worker;
 
+pub use binding::{HandlerKind, SourceBinding, StageBinding};
 pub use root::{FINISHED, PipelineActor, PipelineMsg, PipelineParts, PipelineRuntime};
 pub use tracker::Callback;

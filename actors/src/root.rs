@@ -27,21 +27,20 @@
 //! pipeline reports that it finished. A refill in progress when the input
 //! closes is abandoned (its future dropped).
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::sync::Mutex as AsyncMutex;
 
+use crate::binding::{Outlet, SourceBinding, SpawnCtx, StageBinding, StageControl};
 use crate::config::PipelineConfig;
 use crate::error::PipelineError;
 use crate::event::{EventStream, PipelineEvent};
-use crate::handler::{Payload, StageHandler};
 use crate::item::{WorkItem, WorkItemResult};
 use crate::shared::Shared;
-use crate::source::ErasedSource;
 use crate::source_actor::{SourceActor, SourceArgs, SourceMsg};
-use crate::stage::{Downstream, Stage, StageArgs, StageMsg, Upstream};
 use crate::stats::PipelineStats;
 use crate::tracker::{Callback, Tracker, TrackerArgs, TrackerMsg};
 
@@ -51,14 +50,11 @@ pub const FINISHED: &str = "pipeline finished";
 /// How long the root waits for its children to stop when it finishes.
 const CHILD_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The pipeline root's mailbox.
-pub enum PipelineMsg {
+/// The pipeline root's mailbox; `T` is the pipeline's input type.
+pub enum PipelineMsg<T> {
     /// Admit these items; the reply comes once all are admitted (so the
     /// caller waits for room), or with `InputClosed`.
-    Inject(
-        Vec<WorkItem<Payload>>,
-        RpcReplyPort<Result<(), PipelineError>>,
-    ),
+    Inject(Vec<WorkItem<T>>, RpcReplyPort<Result<(), PipelineError>>),
     /// Graceful stop: take no more input, finish every item in the pipeline.
     Stop,
     /// Stop now: take no more input, cancel every item in the pipeline.
@@ -76,45 +72,51 @@ pub struct FinishReport {
 }
 
 /// Everything a pipeline is made of, as the builder assembled it.
-pub struct PipelineParts {
+pub struct PipelineParts<T> {
     /// The validated configuration.
     pub config: PipelineConfig,
-    /// The source; `None` for a pipeline fed only by injection.
-    pub source: Option<Box<dyn ErasedSource>>,
-    /// One handler per stage, in config order.
-    pub handlers: Vec<StageHandler>,
+    /// Where the items come from.
+    pub source: SourceBinding<T>,
+    /// One binding per stage, in config order.
+    pub stages: Vec<StageBinding>,
     /// Completion callbacks, called once per item.
     pub callbacks: Vec<Callback>,
 }
 
-/// The root actor.
-pub struct PipelineActor;
+/// The root actor of a pipeline whose input type is `T`.
+pub struct PipelineActor<T>(PhantomData<fn(T)>);
+
+impl<T> PipelineActor<T> {
+    fn new() -> Self {
+        PipelineActor(PhantomData)
+    }
+}
 
 /// The root's start-up arguments; made by [`PipelineRuntime`].
-pub struct PipelineArgs {
+pub struct PipelineArgs<T> {
     shared: Arc<Shared>,
-    parts: PipelineParts,
+    parts: PipelineParts<T>,
 }
 
 /// The root's state.
-pub struct PipelineState {
+pub struct PipelineState<T> {
     shared: Arc<Shared>,
-    source: ActorRef<SourceMsg>,
-    stages: Vec<ActorRef<StageMsg>>,
+    source: ActorRef<SourceMsg<T>>,
+    stages: Vec<Box<dyn StageControl>>,
     tracker: ActorRef<TrackerMsg>,
     source_panic: Option<String>,
 }
 
-impl Actor for PipelineActor {
-    type Msg = PipelineMsg;
-    type State = PipelineState;
-    type Arguments = PipelineArgs;
+impl<T: Send + 'static> Actor for PipelineActor<T> {
+    type Msg = PipelineMsg<T>;
+    type State = PipelineState<T>;
+    type Arguments = PipelineArgs<T>;
 
     async fn pre_start(
         &self,
-        myself: ActorRef<PipelineMsg>,
-        args: PipelineArgs,
-    ) -> Result<PipelineState, ActorProcessingErr> {
+        myself: ActorRef<PipelineMsg<T>>,
+        args: PipelineArgs<T>,
+    ) -> Result<PipelineState<T>, ActorProcessingErr> {
         let PipelineArgs { shared, parts } = args;
         let mut spawned: Vec<ActorCell> = Vec::new();
         let result = spawn_children(&myself, &shared, parts, &mut spawned).await;
@@ -128,9 +130,9 @@ impl Actor for PipelineActor {
 
     async fn handle(
         &self,
-        myself: ActorRef<PipelineMsg>,
-        message: PipelineMsg,
-        state: &mut PipelineState,
+        myself: ActorRef<PipelineMsg<T>>,
+        message: PipelineMsg<T>,
+        state: &mut PipelineState<T>,
     ) -> Result<(), ActorProcessingErr> {
         match message {
             PipelineMsg::Inject(items, reply) => {
@@ -146,7 +148,7 @@ impl Actor for PipelineActor {
             PipelineMsg::Abort => {
                 state.close_input();
                 for stage in &state.stages {
-                    let _ = stage.cast(StageMsg::Abort);
+                    stage.abort();
                 }
             }
             PipelineMsg::Stats(reply) => {
@@ -173,9 +175,9 @@ impl Actor for PipelineActor {
 
     async fn handle_supervisor_evt(
         &self,
-        myself: ActorRef<PipelineMsg>,
+        myself: ActorRef<PipelineMsg<T>>,
         event: SupervisionEvent,
-        state: &mut PipelineState,
+        state: &mut PipelineState<T>,
     ) -> Result<(), ActorProcessingErr> {
         let SupervisionEvent::ActorFailed(cell, err) = event else {
             return Ok(()); // children stop only when the root stops them
@@ -199,7 +201,7 @@ impl Actor for PipelineActor {
             match state
                 .stages
                 .iter()
-                .position(|s| s.get_id() == cell.get_id())
+                .position(|s| s.cell().get_id() == cell.get_id())
             {
                 Some(i) => format!("stage {}", state.shared.stage_names[i]),
                 None => format!("actor {}", cell.get_id()),
@@ -218,58 +220,72 @@ impl Actor for PipelineActor {
     }
 }
 
-async fn spawn_children(
-    myself: &ActorRef<PipelineMsg>,
+/// Spawns the tracker, the stages from last to first (each knowing the
+/// next), and the source, then wires demand and releases.
+async fn spawn_children<T: Send + 'static>(
+    myself: &ActorRef<PipelineMsg<T>>,
     shared: &Arc<Shared>,
-    parts: PipelineParts,
+    parts: PipelineParts<T>,
     spawned: &mut Vec<ActorCell>,
-) -> Result<PipelineState, ActorProcessingErr> {
+) -> Result<PipelineState<T>, ActorProcessingErr> {
     let cell = myself.get_cell();
+    let root = myself.clone();
     let tracker_args = TrackerArgs {
         shared: shared.clone(),
-        root: myself.clone(),
+        finish: Box::new(move |report| {
+            let _ = root.cast(PipelineMsg::Finished(Box::new(report)));
+        }),
         callbacks: parts.callbacks,
     };
     let (tracker, _) = Actor::spawn_linked(None, Tracker, tracker_args, cell.clone()).await?;
     spawned.push(tracker.get_cell());
 
-    let mut stages = Vec::with_capacity(parts.handlers.len());
-    for (index, handler) in parts.handlers.into_iter().enumerate().rev() {
-        let downstream = match stages.last() {
-            None => Downstream::Tracker,
-            Some(next) => Downstream::Stage(ActorRef::clone(next)),
-        };
-        let args = StageArgs {
+    let mut stages: Vec<Box<dyn StageControl>> = Vec::with_capacity(parts.stages.len());
+    let mut outlet = None;
+    for (index, binding) in parts.stages.into_iter().enumerate().rev() {
+        let ctx = SpawnCtx {
             shared: shared.clone(),
             index,
-            handler,
-            downstream,
             tracker: tracker.clone(),
+            supervisor: cell.clone(),
         };
-        let (stage, _) = Actor::spawn_linked(None, Stage, args, cell.clone()).await?;
-        spawned.push(stage.get_cell());
-        stages.push(stage);
+        let stage = binding.spawn(ctx, outlet.take()).await?;
+        spawned.push(stage.control.cell());
+        outlet = Some(stage.inlet);
+        stages.push(stage.control);
     }
     stages.reverse();
+    let first_stage = *outlet
+        .ok_or("a pipeline needs at least one stage")?
+        .downcast::<Arc<dyn Outlet<T>>>()
+        .map_err(
+            |_| "the first stage does not take the source's item type (a bug in the builder)",
+        )?;
 
     let source_args = SourceArgs {
         shared: shared.clone(),
-        source: parts.source,
-        first_stage: stages[0].clone(),
+        source: parts.source.source,
+        first_stage,
         tracker: tracker.clone(),
     };
-    let (source, _) = Actor::spawn_linked(None, SourceActor, source_args, cell).await?;
+    let (source, _) = Actor::spawn_linked(None, SourceActor::new(), source_args, cell).await?;
     spawned.push(source.get_cell());
 
-    tracker.cast(TrackerMsg::Connect(source.clone()))?;
+    let releases = source.clone();
+    tracker.cast(TrackerMsg::Connect(Box::new(move |n, ids| {
+        let _ = releases.cast(SourceMsg::Released(n, ids));
+    })))?;
     for (i, stage) in stages.iter().enumerate() {
         let upstream = match i {
-            0 => Upstream::Source(source.clone()),
-            _ => Upstream::Stage(stages[i - 1].clone()),
+            0 => {
+                let source = source.clone();
+                Arc::new(move |n| {
+                    let _ = source.cast(SourceMsg::Demand(n));
+                }) as crate::binding::DemandPort
+            }
+            _ => stages[i - 1].demand_port(),
         };
-        stage
-            .cast(StageMsg::Connect(upstream))
-            .map_err(|e| e.to_string())?;
+        stage.connect(upstream);
     }
     *shared.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     Ok(PipelineState {
@@ -281,7 +297,7 @@ async fn spawn_children(
     })
 }
 
-impl Drop for PipelineState {
+impl<T> Drop for PipelineState<T> {
     /// However the root ends (even killed), waiters are woken: a pipeline
     /// stopped from outside ends `Interrupted` rather than hanging `run`.
     fn drop(&mut self) {
@@ -298,7 +314,7 @@ impl Drop for PipelineState {
     }
 }
 
-impl PipelineState {
+impl<T: Send + 'static> PipelineState<T> {
     fn close_input(&self) {
         let _ = self.shared.closing.send_replace(true);
         let _ = self.source.cast(SourceMsg::Close);
@@ -307,17 +323,17 @@ impl PipelineState {
 
 /// Drives one pipeline: starts its actors, and talks to them on behalf of
 /// the typed handle in `bergtalzug`. A pipeline runs once.
-pub struct PipelineRuntime {
+pub struct PipelineRuntime<T> {
     shared: Arc<Shared>,
-    parts: std::sync::Mutex<Option<PipelineParts>>,
+    parts: std::sync::Mutex<Option<PipelineParts<T>>>,
     /// Held while starting, so that only one caller starts the actors.
     starting: AsyncMutex<()>,
-    actor: std::sync::OnceLock<ActorRef<PipelineMsg>>,
+    actor: std::sync::OnceLock<ActorRef<PipelineMsg<T>>>,
 }
 
-impl PipelineRuntime {
+impl<T: Send + 'static> PipelineRuntime<T> {
     /// A runtime for a built pipeline; nothing runs until [`Self::start`].
-    pub fn new(parts: PipelineParts) -> Self {
+    pub fn new(parts: PipelineParts<T>) -> Self {
         PipelineRuntime {
             shared: Arc::new(Shared::new(parts.config.clone())),
             parts: std::sync::Mutex::new(Some(parts)),
@@ -341,7 +357,7 @@ impl PipelineRuntime {
     pub async fn start(
         &self,
         supervisor: Option<ActorCell>,
-    ) -> Result<ActorRef<PipelineMsg>, PipelineError> {
+    ) -> Result<ActorRef<PipelineMsg<T>>, PipelineError> {
         let _starting = self.starting.lock().await;
         if let Some(actor) = self.actor.get() {
             return Ok(actor.clone());
@@ -357,8 +373,10 @@ impl PipelineRuntime {
             parts,
         };
         let spawned = match supervisor {
-            Some(supervisor) => Actor::spawn_linked(None, PipelineActor, args, supervisor).await,
-            None => Actor::spawn(None, PipelineActor, args).await,
+            Some(supervisor) => {
+                Actor::spawn_linked(None, PipelineActor::new(), args, supervisor).await
+            }
+            None => Actor::spawn(None, PipelineActor::new(), args).await,
         };
         let (root, _) = spawned.map_err(|e| {
             let error = PipelineError::Start {
@@ -373,7 +391,7 @@ impl PipelineRuntime {
         Ok(root)
     }
 
-    fn root(&self) -> Result<ActorRef<PipelineMsg>, PipelineError> {
+    fn root(&self) -> Result<ActorRef<PipelineMsg<T>>, PipelineError> {
         self.actor
             .get()
             .cloned()
@@ -408,7 +426,7 @@ impl PipelineRuntime {
     }
 
     /// Admits items once there is room; fails if the input is closed.
-    pub async fn inject(&self, items: Vec<WorkItem<Payload>>) -> Result<(), PipelineError> {
+    pub async fn inject(&self, items: Vec<WorkItem<T>>) -> Result<(), PipelineError> {
         let root = self.root()?;
         let closed = || PipelineError::InputClosed(self.name().to_string());
         if self.is_finished() {

@@ -5,13 +5,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use dashmap::DashMap;
 use tokio::sync::watch;
 
 use crate::config::PipelineConfig;
 use crate::error::PipelineError;
 use crate::event::EventHub;
-use crate::item::{JobId, WorkItemResult};
+use crate::item::{StageNames, WorkItemResult};
 use crate::stats::{PipelineStats, StageGauges};
 
 pub(crate) struct Shared {
@@ -20,8 +19,8 @@ pub(crate) struct Shared {
     pub(crate) stage_names: Vec<Arc<str>>,
     /// Items handed to the pipeline so far; bumped before they are sent.
     pub(crate) admitted: AtomicU64,
-    /// Job ids in the pipeline now (tracking on): duplicates are refused.
-    pub(crate) active_ids: Option<DashMap<JobId, ()>>,
+    /// The stage names, shared by every tracked item's metadata.
+    pub(crate) names: StageNames,
     pub(crate) gauges: Vec<StageGauges>,
     pub(crate) events: Arc<EventHub>,
     pub(crate) started: Mutex<Option<Instant>>,
@@ -40,7 +39,11 @@ impl Shared {
                 .map(|s| s.name.as_str().into())
                 .collect(),
             admitted: AtomicU64::new(0),
-            active_ids: config.enable_tracking.then(DashMap::new),
+            names: config
+                .stages
+                .iter()
+                .map(|s| s.name.clone().into_boxed_str())
+                .collect(),
             gauges: config
                 .stages
                 .iter()

@@ -26,7 +26,6 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::handler::{Payload, erase};
 use crate::item::WorkItem;
 
 /// A demand-driven supplier of work items.
@@ -45,28 +44,22 @@ pub trait Source: Send + 'static {
     ) -> impl Future<Output = anyhow::Result<Vec<WorkItem<Self::Item>>>> + Send;
 }
 
-/// The future an erased source returns.
-pub type RefillFuture<'a> =
-    Pin<Box<dyn Future<Output = anyhow::Result<Vec<WorkItem<Payload>>>> + Send + 'a>>;
+/// The future a boxed source returns.
+pub(crate) type RefillFuture<'a, T> =
+    Pin<Box<dyn Future<Output = anyhow::Result<Vec<WorkItem<T>>>> + Send + 'a>>;
 
-/// A [`Source`] with its item type erased, as the source actor holds it.
-pub trait ErasedSource: Send + 'static {
-    /// [`Source::refill`], with the items' data erased.
-    fn refill(&mut self, count: usize) -> RefillFuture<'_>;
+/// A [`Source`] behind a pointer, as the source actor holds it (one boxed
+/// future per refill, not per item).
+pub(crate) trait DynSource<T>: Send + 'static {
+    fn refill(&mut self, count: usize) -> RefillFuture<'_, T>;
 }
 
-struct Erased<S>(S);
-
-impl<S: Source> ErasedSource for Erased<S> {
-    fn refill(&mut self, count: usize) -> RefillFuture<'_> {
-        Box::pin(async move {
-            let items = self.0.refill(count).await?;
-            Ok(items.into_iter().map(erase).collect())
-        })
+impl<S: Source> DynSource<S::Item> for S {
+    fn refill(&mut self, count: usize) -> RefillFuture<'_, S::Item> {
+        Box::pin(Source::refill(self, count))
     }
 }
 
-/// Erases a source's item type.
-pub fn erase_source<S: Source>(source: S) -> Box<dyn ErasedSource> {
-    Box::new(Erased(source))
+pub(crate) fn erase_source<S: Source>(source: S) -> Box<dyn DynSource<S::Item>> {
+    Box::new(source)
 }

@@ -17,56 +17,59 @@
 //! Injected items go before the source's own: an injection is answered once
 //! all its items are admitted, so an injecting caller waits for room.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::watch;
 
+use crate::binding::Outlet;
 use crate::error::PipelineError;
 use crate::event::PipelineEvent;
-use crate::handler::Payload;
-use crate::item::{ItemError, ItemErrorKind, WorkItem, WorkItemResult};
+use crate::item::{ItemError, ItemErrorKind, JobId, WorkItem, WorkItemResult};
 use crate::shared::Shared;
-use crate::source::ErasedSource;
-use crate::stage::StageMsg;
+use crate::source::DynSource;
 use crate::tracker::TrackerMsg;
 
 /// The source actor's mailbox.
-pub(crate) enum SourceMsg {
+pub(crate) enum SourceMsg<T> {
     /// From the first stage: room for this many more items.
     Demand(usize),
-    /// From the tracker: this many admitted items have finished.
-    Released(usize),
+    /// From the tracker: this many admitted items have finished; with
+    /// tracking on, their job ids (refused duplicates left out).
+    Released(usize, Vec<JobId>),
     /// From the root: admit these; the reply comes once all are admitted.
-    Inject(
-        Vec<WorkItem<Payload>>,
-        RpcReplyPort<Result<(), PipelineError>>,
-    ),
+    Inject(Vec<WorkItem<T>>, RpcReplyPort<Result<(), PipelineError>>),
     /// From the root: admit nothing more (stop or abort).
     Close,
     /// From itself: ask the source again after a failed refill.
     RetryRefill,
 }
 
-pub(crate) struct SourceActor;
+pub(crate) struct SourceActor<T>(std::marker::PhantomData<fn() -> T>);
 
-pub(crate) struct SourceArgs {
+impl<T> SourceActor<T> {
+    pub(crate) fn new() -> Self {
+        SourceActor(std::marker::PhantomData)
+    }
+}
+
+pub(crate) struct SourceArgs<T> {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) source: Option<Box<dyn ErasedSource>>,
-    pub(crate) first_stage: ActorRef<StageMsg>,
+    pub(crate) source: Option<Box<dyn DynSource<T>>>,
+    pub(crate) first_stage: Arc<dyn Outlet<T>>,
     pub(crate) tracker: ActorRef<TrackerMsg>,
 }
 
-struct Injection {
-    items: VecDeque<WorkItem<Payload>>,
+struct Injection<T> {
+    items: VecDeque<WorkItem<T>>,
     reply: RpcReplyPort<Result<(), PipelineError>>,
 }
 
-pub(crate) struct SourceState {
+pub(crate) struct SourceState<T> {
     shared: Arc<Shared>,
-    source: Option<Box<dyn ErasedSource>>,
-    first_stage: ActorRef<StageMsg>,
+    source: Option<Box<dyn DynSource<T>>>,
+    first_stage: Arc<dyn Outlet<T>>,
     tracker: ActorRef<TrackerMsg>,
     closing: watch::Receiver<bool>,
     /// Room the first stage has granted.
@@ -78,28 +81,31 @@ pub(crate) struct SourceState {
     /// Most items asked of `refill` at once: the first stage's queue_size.
     max_refill: usize,
     /// Items a source returned beyond what it was asked for.
-    carry: VecDeque<WorkItem<Payload>>,
-    injections: VecDeque<Injection>,
+    carry: VecDeque<WorkItem<T>>,
+    injections: VecDeque<Injection<T>>,
+    /// Job ids in the pipeline now (tracking on): duplicates are refused.
+    active: Option<HashSet<JobId>>,
     exhausted: bool,
     closed: bool,
     retry_pending: bool,
 }
 
-impl Actor for SourceActor {
-    type Msg = SourceMsg;
-    type State = SourceState;
-    type Arguments = SourceArgs;
+impl<T: Send + 'static> Actor for SourceActor<T> {
+    type Msg = SourceMsg<T>;
+    type State = SourceState<T>;
+    type Arguments = SourceArgs<T>;
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<SourceMsg>,
-        args: SourceArgs,
-    ) -> Result<SourceState, ActorProcessingErr> {
+        _myself: ActorRef<SourceMsg<T>>,
+        args: SourceArgs<T>,
+    ) -> Result<SourceState<T>, ActorProcessingErr> {
         let config = &args.shared.config;
         Ok(SourceState {
             window: config.stages.iter().map(|s| s.capacity()).sum(),
             max_refill: config.stages[0].queue_size,
             closing: args.shared.closing.subscribe(),
+            active: config.enable_tracking.then(HashSet::new),
             shared: args.shared,
             source: args.source,
             first_stage: args.first_stage,
@@ -116,13 +122,20 @@ impl Actor for SourceActor {
 
     async fn handle(
         &self,
-        myself: ActorRef<SourceMsg>,
-        message: SourceMsg,
-        state: &mut SourceState,
+        myself: ActorRef<SourceMsg<T>>,
+        message: SourceMsg<T>,
+        state: &mut SourceState<T>,
     ) -> Result<(), ActorProcessingErr> {
         match message {
             SourceMsg::Demand(n) => state.demand += n,
-            SourceMsg::Released(n) => state.outstanding = state.outstanding.saturating_sub(n),
+            SourceMsg::Released(n, ids) => {
+                state.outstanding = state.outstanding.saturating_sub(n);
+                if let Some(active) = state.active.as_mut() {
+                    for id in &ids {
+                        active.remove(id);
+                    }
+                }
+            }
             SourceMsg::Inject(items, reply) => {
                 if state.closed {
                     let _ = reply.send(Err(PipelineError::InputClosed(
@@ -143,10 +156,10 @@ impl Actor for SourceActor {
     }
 }
 
-impl SourceState {
+impl<T: Send + 'static> SourceState<T> {
     /// Admits what the demand and the window allow: carried-over items first,
     /// then injections, then the source.
-    async fn pump(&mut self, myself: &ActorRef<SourceMsg>) {
+    async fn pump(&mut self, myself: &ActorRef<SourceMsg<T>>) {
         loop {
             if self.closed {
                 return;
@@ -226,19 +239,20 @@ impl SourceState {
 
     /// Counts the batch in, refuses ids already in the pipeline, and sends
     /// the rest to the first stage.
-    fn admit(&mut self, batch: Vec<WorkItem<Payload>>) {
+    fn admit(&mut self, batch: Vec<WorkItem<T>>) {
         let n = batch.len();
         self.shared
             .admitted
             .fetch_add(n as u64, std::sync::atomic::Ordering::AcqRel);
         self.outstanding += n;
-        let (accepted, refused) = match &self.shared.active_ids {
+        let (accepted, refused) = match self.active.as_mut() {
             None => (batch, Vec::new()),
             Some(active) => {
                 let mut accepted = Vec::with_capacity(n);
                 let mut refused = Vec::new();
-                for item in batch {
-                    if active.insert(item.job_id.clone(), ()).is_none() {
+                for mut item in batch {
+                    item.metadata.names = Some(self.shared.names.clone());
+                    if active.insert(item.job_id.clone()) {
                         accepted.push(item);
                     } else {
                         let error = ItemError::new(
@@ -261,7 +275,7 @@ impl SourceState {
             let _ = self.tracker.cast(TrackerMsg::Finished(refused));
         }
         if !accepted.is_empty() {
-            let _ = self.first_stage.cast(StageMsg::Items(accepted));
+            self.first_stage.send(accepted);
         }
     }
 

@@ -32,19 +32,19 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use std::marker::PhantomData;
+
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, MessagingErr, SupervisionEvent};
 
-use crate::config::ExecutionType;
+use crate::binding::{DemandPort, Outlet};
 use crate::event::{PipelineEvent, WorkerId};
-use crate::handler::{Payload, StageHandler};
 use crate::item::{
     ItemError, ItemErrorKind, JobId, StageTimes, WorkItem, WorkItemMetadata, WorkItemResult,
 };
-use crate::runner::{self, Model, Outcome, RunCtx, WorkerReport};
+use crate::runner::{Outcome, RunCtx, StageRunner, WorkerReport};
 use crate::shared::Shared;
-use crate::source_actor::SourceMsg;
 use crate::tracker::TrackerMsg;
-use crate::worker::{Worker, WorkerArgs, WorkerMsg};
+use crate::worker::{Worker, WorkerMsg};
 
 /// The most items a worker is given at once.
 const MAX_BATCH: usize = 64;
@@ -53,16 +53,17 @@ const BATCH_WORK: Duration = Duration::from_millis(1);
 /// Wait before trying again when a replacement worker cannot be spawned.
 const RESPAWN_DELAY: Duration = Duration::from_millis(100);
 
-/// A stage supervisor's mailbox.
-pub(crate) enum StageMsg {
-    /// From the root, first: who to ask for items.
-    Connect(Upstream),
+/// A stage supervisor's mailbox; `I` is the stage's input type, `O` its
+/// output type.
+pub(crate) enum StageMsg<I, O> {
+    /// From the root, first: where to ask for items.
+    Connect(DemandPort),
     /// From upstream: items, at most as many as this stage asked for.
-    Items(Vec<WorkItem<Payload>>),
+    Items(Vec<WorkItem<I>>),
     /// From downstream: room for this many more items.
     Demand(usize),
     /// From a worker: outcomes of items it was given.
-    Report(WorkerReport),
+    Report(WorkerReport<I, O>),
     /// From itself, after a worker died: account for what it still held,
     /// and replace it unless its panic report already did.
     Reap { worker: WorkerId, reason: String },
@@ -72,41 +73,32 @@ pub(crate) enum StageMsg {
     Abort,
 }
 
-/// Where a stage asks for items.
-pub(crate) enum Upstream {
-    Source(ActorRef<SourceMsg>),
-    Stage(ActorRef<StageMsg>),
-}
-
-impl Upstream {
-    fn demand(&self, n: usize) {
-        // A closed upstream means the pipeline is shutting down.
-        let _ = match self {
-            Upstream::Source(r) => r.cast(SourceMsg::Demand(n)).map_err(drop),
-            Upstream::Stage(r) => r.cast(StageMsg::Demand(n)).map_err(drop),
-        };
-    }
-}
-
 /// Where a stage sends the items its handler finished.
-pub(crate) enum Downstream {
-    Stage(ActorRef<StageMsg>),
+pub(crate) enum Downstream<O> {
+    Stage(Arc<dyn Outlet<O>>),
     /// The last stage: finished items are results.
     Tracker,
 }
 
-pub(crate) struct Stage;
+/// The stage supervisor of a stage from `I` to `O`, run by `R`.
+pub(crate) struct Stage<I, O, R>(PhantomData<fn(I, R) -> O>);
 
-pub(crate) struct StageArgs {
+impl<I, O, R> Stage<I, O, R> {
+    pub(crate) fn new() -> Self {
+        Stage(PhantomData)
+    }
+}
+
+pub(crate) struct StageArgs<O, R> {
     pub(crate) shared: Arc<Shared>,
     pub(crate) index: usize,
-    pub(crate) handler: StageHandler,
-    pub(crate) downstream: Downstream,
+    pub(crate) runner: Arc<R>,
+    pub(crate) downstream: Downstream<O>,
     pub(crate) tracker: ActorRef<TrackerMsg>,
 }
 
-struct Slot {
-    actor: ActorRef<WorkerMsg>,
+struct Slot<I> {
+    actor: ActorRef<WorkerMsg<I>>,
     /// Job ids and creation times of the items the worker holds, in the
     /// order given: enough to account for them if the worker dies.
     held: VecDeque<(JobId, Instant)>,
@@ -114,24 +106,23 @@ struct Slot {
     failing: bool,
 }
 
-pub(crate) struct StageState {
+pub(crate) struct StageState<I, O, R> {
     shared: Arc<Shared>,
     index: usize,
     name: Arc<str>,
     capacity: usize,
     workers: usize,
-    model: Model,
-    handler: StageHandler,
+    runner: Arc<R>,
     tracker: ActorRef<TrackerMsg>,
-    upstream: Option<Upstream>,
-    downstream: Downstream,
-    queue: VecDeque<WorkItem<Payload>>,
-    outbox: VecDeque<WorkItem<Payload>>,
+    upstream: Option<DemandPort>,
+    downstream: Downstream<O>,
+    queue: VecDeque<WorkItem<I>>,
+    outbox: VecDeque<WorkItem<O>>,
     /// Items downstream asked for and has not been sent yet.
     credit: usize,
     /// Items asked of upstream and not yet received.
     requested: usize,
-    slots: HashMap<WorkerId, Slot>,
+    slots: HashMap<WorkerId, Slot<I>>,
     by_actor: HashMap<ActorId, WorkerId>,
     idle: Vec<WorkerId>,
     in_flight: usize,
@@ -143,34 +134,28 @@ pub(crate) struct StageState {
     service_ns: f64,
 }
 
-impl Actor for Stage {
-    type Msg = StageMsg;
-    type State = StageState;
-    type Arguments = StageArgs;
+impl<I, O, R> Actor for Stage<I, O, R>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    R: StageRunner<I, O>,
+{
+    type Msg = StageMsg<I, O>;
+    type State = StageState<I, O, R>;
+    type Arguments = StageArgs<O, R>;
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<StageMsg>,
-        args: StageArgs,
-    ) -> Result<StageState, ActorProcessingErr> {
+        _myself: ActorRef<StageMsg<I, O>>,
+        args: StageArgs<O, R>,
+    ) -> Result<Self::State, ActorProcessingErr> {
         let config = &args.shared.config.stages[args.index];
         let name = args.shared.stage_names[args.index].clone();
-        let model = match config.execution_type {
-            ExecutionType::Async => Model::Async,
-            ExecutionType::Thread => Model::Thread,
-            ExecutionType::Cpu => Model::Cpu(Arc::new(runner::cpu::pool(&name, config.workers)?)),
-            other => {
-                return Err(
-                    format!("stage `{name}`: execution type {other} cannot run here").into(),
-                );
-            }
-        };
         Ok(StageState {
             index: args.index,
             capacity: config.capacity(),
             workers: config.workers,
-            model,
-            handler: args.handler,
+            runner: args.runner,
             tracker: args.tracker,
             upstream: None,
             downstream: args.downstream,
@@ -193,8 +178,8 @@ impl Actor for Stage {
 
     async fn post_start(
         &self,
-        myself: ActorRef<StageMsg>,
-        state: &mut StageState,
+        myself: ActorRef<StageMsg<I, O>>,
+        state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         for _ in 0..state.workers {
             state.spawn_worker(&myself).await?;
@@ -205,9 +190,9 @@ impl Actor for Stage {
 
     async fn handle(
         &self,
-        myself: ActorRef<StageMsg>,
-        message: StageMsg,
-        state: &mut StageState,
+        myself: ActorRef<StageMsg<I, O>>,
+        message: StageMsg<I, O>,
+        state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
             StageMsg::Connect(upstream) => state.upstream = Some(upstream),
@@ -225,9 +210,9 @@ impl Actor for Stage {
 
     async fn handle_supervisor_evt(
         &self,
-        myself: ActorRef<StageMsg>,
+        myself: ActorRef<StageMsg<I, O>>,
         event: SupervisionEvent,
-        state: &mut StageState,
+        state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let (cell, reason) = match event {
             SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
@@ -246,30 +231,32 @@ impl Actor for Stage {
     }
 }
 
-impl StageState {
+impl<I, O, R> StageState<I, O, R>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    R: StageRunner<I, O>,
+{
     fn is_last(&self) -> bool {
         matches!(self.downstream, Downstream::Tracker)
     }
 
     async fn spawn_worker(
         &mut self,
-        myself: &ActorRef<StageMsg>,
+        myself: &ActorRef<StageMsg<I, O>>,
     ) -> Result<WorkerId, ActorProcessingErr> {
         let id = WorkerId(self.next_worker);
         self.next_worker += 1;
         let ctx = Arc::new(RunCtx {
             stage: self.name.clone(),
             worker: id,
-            handler: self.handler.clone(),
             stage_ref: myself.clone(),
             tracking: self.shared.config.enable_tracking,
             events: self.shared.events.clone(),
         });
-        let args = WorkerArgs {
-            ctx,
-            model: self.model.clone(),
-        };
-        let (actor, _) = Actor::spawn_linked(None, Worker, args, myself.get_cell()).await?;
+        let args = (ctx, self.runner.clone());
+        let (actor, _) =
+            Actor::spawn_linked(None, Worker::<I, O, R>::new(), args, myself.get_cell()).await?;
         self.by_actor.insert(actor.get_id(), id);
         self.slots.insert(
             id,
@@ -284,7 +271,7 @@ impl StageState {
     }
 
     /// Spawns the workers that died; on failure, tries again later.
-    async fn respawn(&mut self, myself: &ActorRef<StageMsg>) {
+    async fn respawn(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
         while !self.aborting {
             let Some((worker, reason)) = self.to_replace.pop_front() else {
                 break;
@@ -312,7 +299,7 @@ impl StageState {
         }
     }
 
-    fn receive(&mut self, mut items: Vec<WorkItem<Payload>>) {
+    fn receive(&mut self, mut items: Vec<WorkItem<I>>) {
         self.requested = self.requested.saturating_sub(items.len());
         if self.aborting {
             let cancelled = items
@@ -325,8 +312,12 @@ impl StageState {
         if self.shared.config.enable_tracking {
             let now = Instant::now();
             for item in &mut items {
-                item.metadata.stages.push(StageTimes {
-                    stage: self.name.clone(),
+                let stages = &mut item.metadata.stages;
+                if stages.capacity() == 0 {
+                    stages.reserve_exact(self.shared.config.stages.len() - self.index);
+                }
+                stages.push(StageTimes {
+                    stage: self.index as u16,
                     queued: now,
                     started: None,
                     completed: None,
@@ -346,7 +337,7 @@ impl StageState {
         self.queue.extend(items);
     }
 
-    async fn on_report(&mut self, myself: &ActorRef<StageMsg>, report: WorkerReport) {
+    async fn on_report(&mut self, myself: &ActorRef<StageMsg<I, O>>, report: WorkerReport<I, O>) {
         let Some(slot) = self.slots.get_mut(&report.worker) else {
             // Its worker was reaped already: every item it held is accounted for.
             return;
@@ -383,7 +374,10 @@ impl StageState {
         }
         let mut finished = Vec::new();
         if self.aborting {
-            let cancelled = report.returned.into_iter().map(|i| self.cancel(i, "before it started"));
+            let cancelled = report
+                .returned
+                .into_iter()
+                .map(|i| self.cancel(i, "before it started"));
             finished.extend(cancelled);
         } else {
             for item in report.returned.into_iter().rev() {
@@ -417,7 +411,7 @@ impl StageState {
         self.to_tracker(finished);
     }
 
-    async fn reap(&mut self, myself: &ActorRef<StageMsg>, worker: WorkerId, reason: String) {
+    async fn reap(&mut self, myself: &ActorRef<StageMsg<I, O>>, worker: WorkerId, reason: String) {
         let Some(slot) = self.slots.remove(&worker) else {
             return;
         };
@@ -449,7 +443,11 @@ impl StageState {
             .map(|(job_id, created)| {
                 let mut metadata = WorkItemMetadata::default();
                 metadata.set_created(created);
-                WorkItemResult::failed(job_id, metadata, ItemError::new(&*self.name, kind, message.clone()))
+                WorkItemResult::failed(
+                    job_id,
+                    metadata,
+                    ItemError::new(&*self.name, kind, message.clone()),
+                )
             })
             .collect();
         if kind != ItemErrorKind::Cancelled {
@@ -485,7 +483,7 @@ impl StageState {
         }
     }
 
-    fn cancel(&self, item: WorkItem<Payload>, when: &str) -> WorkItemResult {
+    fn cancel<T>(&self, item: WorkItem<T>, when: &str) -> WorkItemResult {
         let message = format!("pipeline aborted {when}");
         WorkItemResult::failed(
             item.job_id,
@@ -501,7 +499,7 @@ impl StageState {
             let n = self.credit.min(self.outbox.len());
             if n > 0 {
                 self.credit -= n;
-                let _ = next.cast(StageMsg::Items(self.outbox.drain(..n).collect()));
+                next.send(self.outbox.drain(..n).collect());
             }
         }
         while !self.queue.is_empty() {
@@ -513,7 +511,11 @@ impl StageState {
                 .slots
                 .get_mut(&worker)
                 .expect("idle workers have slots");
-            slot.held.extend(items.iter().map(|i| (i.job_id.clone(), i.metadata.created())));
+            slot.held.extend(
+                items
+                    .iter()
+                    .map(|i| (i.job_id.clone(), i.metadata.created())),
+            );
             self.in_flight += take;
             if let Err(MessagingErr::SendErr(WorkerMsg::Run(items))) =
                 slot.actor.cast(WorkerMsg::Run(items))
@@ -549,7 +551,7 @@ impl StageState {
         let free = self.capacity.saturating_sub(held + self.requested);
         if free > 0 && (free >= self.capacity.div_ceil(4) || held + self.requested == 0) {
             self.requested += free;
-            upstream.demand(free);
+            upstream(free);
         }
     }
 

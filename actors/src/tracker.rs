@@ -20,19 +20,26 @@ use std::sync::atomic::Ordering;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::event::PipelineEvent;
+use crate::item::JobId;
 use crate::item::{ItemErrorKind, WorkItemResult};
-use crate::root::{FinishReport, PipelineMsg};
+use crate::root::FinishReport;
 use crate::shared::Shared;
-use crate::source_actor::SourceMsg;
 use crate::stats::{PipelineStats, StageStats, Timings};
 
 /// A completion callback: called once per item, on the tracker's task.
 pub type Callback = Arc<dyn Fn(&WorkItemResult) + Send + Sync>;
 
+/// Tells the source that items finished: how many, and their job ids
+/// (tracking on).
+pub(crate) type ReleasePort = Box<dyn Fn(usize, Vec<JobId>) + Send + Sync>;
+
+/// Hands the root the end of the pipeline.
+pub(crate) type FinishPort = Box<dyn Fn(FinishReport) + Send + Sync>;
+
 /// The tracker's mailbox.
 pub(crate) enum TrackerMsg {
     /// From the root, first: where to send `Released`.
-    Connect(ActorRef<SourceMsg>),
+    Connect(ReleasePort),
     /// From the stages (and the source, for refused duplicates): outcomes.
     Finished(Vec<WorkItemResult>),
     /// From the source or the root: no more items will be admitted.
@@ -49,14 +56,14 @@ pub(crate) struct Tracker;
 
 pub(crate) struct TrackerArgs {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) root: ActorRef<PipelineMsg>,
+    pub(crate) finish: FinishPort,
     pub(crate) callbacks: Vec<Callback>,
 }
 
 pub(crate) struct TrackerState {
     shared: Arc<Shared>,
-    root: ActorRef<PipelineMsg>,
-    source: Option<ActorRef<SourceMsg>>,
+    finish: FinishPort,
+    release: Option<ReleasePort>,
     callbacks: Vec<Callback>,
     results: Vec<WorkItemResult>,
     finished: u64,
@@ -85,8 +92,8 @@ impl Actor for Tracker {
             myself.send_interval(interval, || TrackerMsg::LogStats);
         }
         Ok(TrackerState {
-            root: args.root,
-            source: None,
+            finish: args.finish,
+            release: None,
             callbacks: args.callbacks,
             results: Vec::new(),
             finished: 0,
@@ -108,7 +115,7 @@ impl Actor for Tracker {
         state: &mut TrackerState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            TrackerMsg::Connect(source) => state.source = Some(source),
+            TrackerMsg::Connect(release) => state.release = Some(release),
             TrackerMsg::Finished(results) => state.record(results).await,
             TrackerMsg::InputClosed => state.input_closed = true,
             TrackerMsg::Event(event) => {
@@ -135,6 +142,7 @@ impl TrackerState {
     async fn record(&mut self, results: Vec<WorkItemResult>) {
         let n = results.len();
         let tracking = self.shared.config.enable_tracking;
+        let mut released = Vec::with_capacity(if tracking { n } else { 0 });
         for result in &results {
             self.finished += 1;
             if let Some(error) = &result.error {
@@ -147,13 +155,11 @@ impl TrackerState {
                 if let Some(total) = result.total_duration() {
                     self.total.record(total);
                 }
-                for (i, times) in result
-                    .metadata
-                    .stages()
-                    .iter()
-                    .enumerate()
-                    .take(self.service.len())
-                {
+                for times in &result.metadata.stages {
+                    let i = times.stage as usize;
+                    if i >= self.service.len() {
+                        continue;
+                    }
                     if let Some(d) = times.duration() {
                         self.service[i].record(d);
                     }
@@ -162,11 +168,11 @@ impl TrackerState {
                     }
                 }
             }
-            if let Some(active) = &self.shared.active_ids {
+            if tracking {
                 let refused =
                     matches!(&result.error, Some(e) if e.kind == ItemErrorKind::DuplicateJobId);
                 if !refused {
-                    active.remove(&result.job_id);
+                    released.push(result.job_id.clone());
                 }
             }
             for callback in &self.callbacks {
@@ -191,8 +197,8 @@ impl TrackerState {
         if self.shared.config.retain_results {
             self.results.extend(results);
         }
-        if let Some(source) = &self.source {
-            let _ = source.cast(SourceMsg::Released(n));
+        if let Some(release) = &self.release {
+            release(n, released);
         }
     }
 
@@ -216,7 +222,7 @@ impl TrackerState {
             results: std::mem::take(&mut self.results),
             stats,
         };
-        let _ = self.root.cast(PipelineMsg::Finished(Box::new(report)));
+        (self.finish)(report);
     }
 
     pub(crate) fn snapshot(&self) -> PipelineStats {

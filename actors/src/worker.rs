@@ -6,72 +6,71 @@
 //! - **Sends**: `StageMsg::Report` to its stage, as items finish.
 //! - **Supervised by**: its stage supervisor (linked at spawn). A handler
 //!   panic makes the worker fail after it reported the panicked item and
-//!   handed back the rest of its batch; the supervisor replaces it.
+//!   handed back the rest of its batch; the supervisor has replaced it by then.
 //! - **Invariant**: every item it is given is reported exactly once, as an
-//!   outcome or handed back — unless it is killed (abort), in which case its
+//!   outcome or handed back, unless it is killed (abort), in which case its
 //!   supervisor accounts for the items it held.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::handler::Payload;
 use crate::item::WorkItem;
-use crate::runner::{Model, RunCtx, run_batch};
+use crate::runner::{RunCtx, StageRunner};
 
 /// A worker's mailbox.
-pub(crate) enum WorkerMsg {
+pub(crate) enum WorkerMsg<I> {
     /// From the stage supervisor: run these items, in order. No reply; the
     /// outcomes come back as `StageMsg::Report`.
-    Run(Vec<WorkItem<Payload>>),
+    Run(Vec<WorkItem<I>>),
 }
 
-pub(crate) struct Worker;
+pub(crate) struct Worker<I, O, R>(PhantomData<fn(I, R) -> O>);
 
-pub(crate) struct WorkerArgs {
-    pub(crate) ctx: Arc<RunCtx>,
-    pub(crate) model: Model,
+impl<I, O, R> Worker<I, O, R> {
+    pub(crate) fn new() -> Self {
+        Worker(PhantomData)
+    }
 }
 
-pub(crate) struct WorkerState {
-    ctx: Arc<RunCtx>,
-    model: Model,
+pub(crate) struct WorkerState<I, O, R> {
+    ctx: Arc<RunCtx<I, O>>,
+    runner: Arc<R>,
 }
 
-impl Actor for Worker {
-    type Msg = WorkerMsg;
-    type State = WorkerState;
-    type Arguments = WorkerArgs;
+impl<I, O, R> Actor for Worker<I, O, R>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    R: StageRunner<I, O>,
+{
+    type Msg = WorkerMsg<I>;
+    type State = WorkerState<I, O, R>;
+    type Arguments = (Arc<RunCtx<I, O>>, Arc<R>);
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<WorkerMsg>,
-        args: WorkerArgs,
-    ) -> Result<WorkerState, ActorProcessingErr> {
-        Ok(WorkerState {
-            ctx: args.ctx,
-            model: args.model,
-        })
+        _myself: ActorRef<WorkerMsg<I>>,
+        (ctx, runner): (Arc<RunCtx<I, O>>, Arc<R>),
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(WorkerState { ctx, runner })
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<WorkerMsg>,
-        message: WorkerMsg,
-        state: &mut WorkerState,
+        _myself: ActorRef<WorkerMsg<I>>,
+        message: WorkerMsg<I>,
+        state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            WorkerMsg::Run(items) => {
-                run_batch(&state.model, &state.ctx, items)
-                    .await
-                    .map_err(|panic| {
-                        format!(
-                            "handler of stage `{}` panicked in worker {}: {panic}",
-                            state.ctx.stage, state.ctx.worker
-                        )
-                        .into()
-                    })
-            }
+            WorkerMsg::Run(items) => state.runner.run(&state.ctx, items).await.map_err(|panic| {
+                format!(
+                    "handler of stage `{}` panicked in worker {}: {panic}",
+                    state.ctx.stage, state.ctx.worker
+                )
+                .into()
+            }),
         }
     }
 }

@@ -1,47 +1,57 @@
 //! `Async`: the handler's future is awaited on the worker actor's own task,
 //! one item at a time; `workers` actors give the stage its concurrency.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures::FutureExt;
 
-use super::{Attempt, Reporter, RunCtx, panic_message};
-use crate::handler::{Payload, StageHandler};
+use super::{Attempt, Reporter, RunCtx, StageRunner, panic_message};
 use crate::item::{ItemErrorKind, WorkItem};
 
-pub(crate) async fn run(ctx: &Arc<RunCtx>, items: Vec<WorkItem<Payload>>) -> Result<(), String> {
-    let StageHandler::Async(handler) = &ctx.handler else {
-        return Err(format!("stage `{}` has no async handler", ctx.stage));
-    };
-    let mut reporter = Reporter::new(ctx, items.len());
-    let mut items = items.into_iter();
-    while let Some(mut item) = items.next() {
-        let started = Instant::now();
-        let attempt = Attempt::begin(ctx, &mut item, started);
-        reporter.started(&attempt);
-        // A handler that panics while building its future is caught too.
-        let result = match std::panic::catch_unwind(AssertUnwindSafe(|| handler(item))) {
-            Ok(fut) => AssertUnwindSafe(fut).catch_unwind().await,
-            Err(payload) => Err(payload),
-        };
-        let now = Instant::now();
-        match result {
-            Ok(Ok(out)) => reporter.push(attempt.succeed(ctx, out, now), started, now),
-            Ok(Err(e)) => reporter.push(
-                attempt.fail(ctx, ItemErrorKind::Failed, format!("{e:#}"), now),
-                started,
-                now,
-            ),
-            Err(payload) => {
-                let message = panic_message(&*payload);
-                let outcome = attempt.fail(ctx, ItemErrorKind::Panicked, message.clone(), now);
-                reporter.panicked(outcome, started, items.collect(), message.clone());
-                return Err(message);
+/// Runs an `async fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>`.
+pub(crate) struct AsyncRunner<F>(pub(crate) F);
+
+impl<I, O, F, Fut> StageRunner<I, O> for AsyncRunner<F>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    F: Fn(WorkItem<I>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<WorkItem<O>>> + Send + 'static,
+{
+    async fn run(&self, ctx: &Arc<RunCtx<I, O>>, items: Vec<WorkItem<I>>) -> Result<(), String> {
+        let ctx: &RunCtx<I, O> = ctx;
+        let mut started = Instant::now();
+        let mut reporter = Reporter::new(ctx, items.len(), started);
+        let mut items = items.into_iter();
+        while let Some(mut item) = items.next() {
+            let attempt = Attempt::begin(ctx, &mut item, started);
+            reporter.started(&attempt.job_id);
+            // A handler that panics while building its future is caught too.
+            let result = match std::panic::catch_unwind(AssertUnwindSafe(|| (self.0)(item))) {
+                Ok(fut) => AssertUnwindSafe(fut).catch_unwind().await,
+                Err(payload) => Err(payload),
+            };
+            let now = Instant::now();
+            match result {
+                Ok(Ok(out)) => reporter.push(attempt.succeed(ctx, out, now), started, now),
+                Ok(Err(e)) => reporter.push(
+                    attempt.fail(ctx, ItemErrorKind::Failed, format!("{e:#}"), now),
+                    started,
+                    now,
+                ),
+                Err(payload) => {
+                    let message = panic_message(&*payload);
+                    let outcome = attempt.fail(ctx, ItemErrorKind::Panicked, message.clone(), now);
+                    reporter.panicked(outcome, started, now, items.collect(), message.clone());
+                    return Err(message);
+                }
             }
+            started = now;
         }
+        reporter.finish(started);
+        Ok(())
     }
-    reporter.finish();
-    Ok(())
 }

@@ -4,21 +4,31 @@
 
 use std::sync::Arc;
 
-use super::{RunCtx, run_blocking};
-use crate::handler::Payload;
+use super::{RunCtx, StageRunner, run_blocking};
 use crate::item::WorkItem;
 
-pub(crate) async fn run(
-    pool: &rayon::ThreadPool,
-    ctx: Arc<RunCtx>,
-    items: Vec<WorkItem<Payload>>,
-) -> Result<(), String> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    pool.spawn(move || {
-        let _ = tx.send(run_blocking(&ctx, items));
-    });
-    rx.await
-        .unwrap_or_else(|_| Err("the rayon task ended without reporting".to_string()))
+/// Runs a blocking `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>` on the
+/// stage's rayon pool.
+pub(crate) struct CpuRunner<F> {
+    pub(crate) handler: Arc<F>,
+    pub(crate) pool: Arc<rayon::ThreadPool>,
+}
+
+impl<I, O, F> StageRunner<I, O> for CpuRunner<F>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
+{
+    async fn run(&self, ctx: &Arc<RunCtx<I, O>>, items: Vec<WorkItem<I>>) -> Result<(), String> {
+        let (ctx, handler) = (ctx.clone(), self.handler.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pool.spawn(move || {
+            let _ = tx.send(run_blocking(&ctx, &*handler, items));
+        });
+        rx.await
+            .unwrap_or_else(|_| Err("the rayon task ended without reporting".to_string()))
+    }
 }
 
 /// The pool of a Cpu stage: `workers` threads named after the stage.

@@ -1,17 +1,22 @@
 //! Execution models: how a worker runs its batch through the stage's handler.
 //!
-//! One file per model, behind one function, [`run_batch`]:
+//! One file per model, each one [`StageRunner`]:
 //!
-//! - [`async_rt`]: awaited on the worker actor's own task;
-//! - [`thread`]: the batch goes to one of tokio's blocking threads;
-//! - [`cpu`]: the batch goes to the stage's rayon pool (`workers` threads).
+//! - [`async_rt::AsyncRunner`]: awaited on the worker actor's own task;
+//! - [`thread::ThreadRunner`]: the batch goes to one of tokio's blocking threads;
+//! - [`cpu::CpuRunner`]: the batch goes to the stage's rayon pool.
+//!
+//! Runners are generic over the handler, so a handler's future is never
+//! boxed and its data never erased: the stage and its workers are compiled
+//! for their own input and output types.
 //!
 //! Whatever the model, each item is handled the same way ([`Attempt`]): the
 //! pipeline's own bookkeeping (stage times) is held aside while the handler
 //! runs, so that a failing or panicking handler still leaves a complete
 //! result; an error fails the item with its chain (`{:#}`); a panic fails the
 //! item as `Panicked`, hands the untouched rest of the batch back to the
-//! stage, and makes the worker fail so that its supervisor replaces it.
+//! stage in the same report, and makes the worker fail so that it is
+//! replaced.
 //!
 //! Results stream back to the stage as they are ready: after each item the
 //! worker sends what it has if [`FLUSH_AFTER`] has passed since its last
@@ -23,13 +28,13 @@ pub(crate) mod cpu;
 pub(crate) mod thread;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::ActorRef;
 
 use crate::event::{EventHub, PipelineEvent, WorkerId};
-use crate::handler::{Payload, StageHandler};
 use crate::item::{
     ItemError, ItemErrorKind, JobId, StageTimes, WorkItem, WorkItemMetadata, WorkItemResult,
 };
@@ -38,39 +43,41 @@ use crate::stage::StageMsg;
 /// How long a worker may hold finished items before reporting them.
 pub(crate) const FLUSH_AFTER: Duration = Duration::from_micros(100);
 
-/// Where a worker's batches run.
-#[derive(Clone)]
-pub(crate) enum Model {
-    Async,
-    Thread,
-    Cpu(Arc<rayon::ThreadPool>),
+/// Runs batches of a stage's items in one execution model.
+pub(crate) trait StageRunner<I, O>: Send + Sync + 'static {
+    /// Runs `items` in order, reporting outcomes to the stage as they are
+    /// ready. `Err` carries a panic message: the worker must then fail.
+    fn run(
+        &self,
+        ctx: &Arc<RunCtx<I, O>>,
+        items: Vec<WorkItem<I>>,
+    ) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 /// Everything a worker needs to run items, shared with the threads it uses.
-pub(crate) struct RunCtx {
+pub(crate) struct RunCtx<I, O> {
     pub(crate) stage: Arc<str>,
     pub(crate) worker: WorkerId,
-    pub(crate) handler: StageHandler,
-    pub(crate) stage_ref: ActorRef<StageMsg>,
+    pub(crate) stage_ref: ActorRef<StageMsg<I, O>>,
     pub(crate) tracking: bool,
     pub(crate) events: Arc<EventHub>,
 }
 
 /// What became of one item in a stage.
-pub(crate) enum Outcome {
+pub(crate) enum Outcome<O> {
     /// The handler returned the item for the next stage.
-    Done(WorkItem<Payload>),
+    Done(WorkItem<O>),
     /// The item failed here; its result is final.
     Failed(Box<WorkItemResult>),
 }
 
 /// A worker's report to its stage.
-pub(crate) struct WorkerReport {
+pub(crate) struct WorkerReport<I, O> {
     pub(crate) worker: WorkerId,
     /// Outcomes, in the order the items were given.
-    pub(crate) outcomes: Vec<Outcome>,
+    pub(crate) outcomes: Vec<Outcome<O>>,
     /// Items of the batch the worker did not start (after a panic), in order.
-    pub(crate) returned: Vec<WorkItem<Payload>>,
+    pub(crate) returned: Vec<WorkItem<I>>,
     /// Handler time spent on `outcomes`.
     pub(crate) busy: Duration,
     /// The handler panicked with this message and the worker is about to
@@ -78,29 +85,12 @@ pub(crate) struct WorkerReport {
     pub(crate) panic: Option<String>,
 }
 
-/// Runs a batch in the worker's execution model. `Err` carries a panic
-/// message: the worker must then fail.
-pub(crate) async fn run_batch(
-    model: &Model,
-    ctx: &Arc<RunCtx>,
-    items: Vec<WorkItem<Payload>>,
-) -> Result<(), String> {
-    match (model, &ctx.handler) {
-        (Model::Async, StageHandler::Async(_)) => async_rt::run(ctx, items).await,
-        (Model::Thread, StageHandler::Sync(_)) => thread::run(ctx.clone(), items).await,
-        (Model::Cpu(pool), StageHandler::Sync(_)) => cpu::run(pool, ctx.clone(), items).await,
-        (_, handler) => Err(format!(
-            "stage `{}` was given a {handler:?} that its execution model cannot run",
-            ctx.stage
-        )),
-    }
-}
-
 /// One item's pass through the handler: what is held aside, and how the
 /// item's outcome is put together afterwards.
 pub(crate) struct Attempt {
     job_id: JobId,
     created: Instant,
+    names: Option<crate::item::StageNames>,
     stages: Vec<StageTimes>,
     custom: Option<BTreeMap<String, serde_json::Value>>,
 }
@@ -108,7 +98,7 @@ pub(crate) struct Attempt {
 impl Attempt {
     /// Takes the item's stage times aside (stamping `started`) before the
     /// handler gets it.
-    pub(crate) fn begin(ctx: &RunCtx, item: &mut WorkItem<Payload>, now: Instant) -> Attempt {
+    pub(crate) fn begin<I, O>(ctx: &RunCtx<I, O>, item: &mut WorkItem<I>, now: Instant) -> Attempt {
         let mut stages = std::mem::take(&mut item.metadata.stages);
         if ctx.tracking {
             if let Some(times) = stages.last_mut() {
@@ -119,88 +109,86 @@ impl Attempt {
         Attempt {
             job_id: item.job_id.clone(),
             created: item.metadata.created(),
+            names: item.metadata.names.take(),
             stages,
             custom: (!custom.is_empty()).then(|| custom.clone()),
         }
     }
 
     /// The handler returned `out`: it keeps the item's identity and times.
-    pub(crate) fn succeed(
+    pub(crate) fn succeed<I, O>(
         mut self,
-        ctx: &RunCtx,
-        mut out: WorkItem<Payload>,
+        ctx: &RunCtx<I, O>,
+        mut out: WorkItem<O>,
         now: Instant,
-    ) -> Outcome {
+    ) -> Outcome<O> {
         self.stamp_completed(ctx, now);
         out.job_id = self.job_id;
         out.metadata.stages = self.stages;
+        out.metadata.names = self.names;
         out.metadata.set_created(self.created);
         Outcome::Done(out)
     }
 
     /// The handler failed or panicked: the item's result, with the metadata
     /// it had when the handler got it.
-    pub(crate) fn fail(
-        self,
-        ctx: &RunCtx,
+    pub(crate) fn fail<I, O>(
+        mut self,
+        ctx: &RunCtx<I, O>,
         kind: ItemErrorKind,
         message: String,
         now: Instant,
-    ) -> Outcome {
-        let mut attempt = self;
-        attempt.stamp_completed(ctx, now);
+    ) -> Outcome<O> {
+        self.stamp_completed(ctx, now);
         let mut metadata = WorkItemMetadata::default();
-        metadata.set_created(attempt.created);
-        metadata.stages = attempt.stages;
-        metadata.custom = attempt.custom.unwrap_or_default();
+        metadata.set_created(self.created);
+        metadata.names = self.names;
+        metadata.stages = self.stages;
+        metadata.custom = self.custom.unwrap_or_default();
         metadata.finished = Some(now);
         let error = ItemError::new(&*ctx.stage, kind, message);
         Outcome::Failed(Box::new(WorkItemResult::failed(
-            attempt.job_id,
+            self.job_id,
             metadata,
             error,
         )))
     }
 
-    fn stamp_completed(&mut self, ctx: &RunCtx, now: Instant) {
+    fn stamp_completed<I, O>(&mut self, ctx: &RunCtx<I, O>, now: Instant) {
         if ctx.tracking {
             if let Some(times) = self.stages.last_mut() {
                 times.completed = Some(now);
             }
         }
     }
-
-    pub(crate) fn job_id(&self) -> &JobId {
-        &self.job_id
-    }
 }
 
 /// Collects a worker's outcomes and sends them to the stage in batches.
-pub(crate) struct Reporter<'a> {
-    ctx: &'a RunCtx,
-    outcomes: Vec<Outcome>,
+pub(crate) struct Reporter<'a, I, O> {
+    ctx: &'a RunCtx<I, O>,
+    outcomes: Vec<Outcome<O>>,
     busy: Duration,
     last_flush: Instant,
     events: Vec<PipelineEvent>,
 }
 
-impl<'a> Reporter<'a> {
-    pub(crate) fn new(ctx: &'a RunCtx, batch: usize) -> Self {
+impl<'a, I: Send + 'static, O: Send + 'static> Reporter<'a, I, O> {
+    pub(crate) fn new(ctx: &'a RunCtx<I, O>, batch: usize, now: Instant) -> Self {
         Reporter {
             ctx,
             outcomes: Vec::with_capacity(batch),
             busy: Duration::ZERO,
-            last_flush: Instant::now(),
+            last_flush: now,
             events: Vec::new(),
         }
     }
 
     /// Notes that the handler is about to start on an item.
-    pub(crate) fn started(&mut self, attempt: &Attempt) {
+    pub(crate) fn started(&mut self, job_id: &JobId) {
         if self.ctx.events.has_subscribers() {
             // At once, not with the next report: the handler may take long.
             self.ctx.events.lifecycle(vec![PipelineEvent::ItemStarted {
-                job_id: attempt.job_id().clone(),
+                job_id: job_id.clone(),
                 stage: self.ctx.stage.clone(),
                 worker: self.ctx.worker,
             }]);
@@ -208,7 +196,7 @@ impl<'a> Reporter<'a> {
     }
 
     /// Records an outcome and sends what has accumulated when it is time.
-    pub(crate) fn push(&mut self, outcome: Outcome, started: Instant, now: Instant) {
+    pub(crate) fn push(&mut self, outcome: Outcome<O>, started: Instant, now: Instant) {
         self.record(outcome, started, now);
         if now.saturating_duration_since(self.last_flush) >= FLUSH_AFTER {
             self.flush(Vec::new(), None, now);
@@ -220,17 +208,17 @@ impl<'a> Reporter<'a> {
     /// so the stage never sees the worker idle in between.
     pub(crate) fn panicked(
         mut self,
-        outcome: Outcome,
+        outcome: Outcome<O>,
         started: Instant,
-        returned: Vec<WorkItem<Payload>>,
+        now: Instant,
+        returned: Vec<WorkItem<I>>,
         message: String,
     ) {
-        let now = Instant::now();
         self.record(outcome, started, now);
         self.flush(returned, Some(message), now);
     }
 
-    fn record(&mut self, outcome: Outcome, started: Instant, now: Instant) {
+    fn record(&mut self, outcome: Outcome<O>, started: Instant, now: Instant) {
         self.busy += now.saturating_duration_since(started);
         if self.ctx.events.has_subscribers() {
             let (job_id, success) = match &outcome {
@@ -248,11 +236,11 @@ impl<'a> Reporter<'a> {
     }
 
     /// Sends everything left.
-    pub(crate) fn finish(mut self) {
-        self.flush(Vec::new(), None, Instant::now());
+    pub(crate) fn finish(mut self, now: Instant) {
+        self.flush(Vec::new(), None, now);
     }
 
-    fn flush(&mut self, returned: Vec<WorkItem<Payload>>, panic: Option<String>, now: Instant) {
+    fn flush(&mut self, returned: Vec<WorkItem<I>>, panic: Option<String>, now: Instant) {
         if !self.events.is_empty() {
             self.ctx.events.lifecycle(std::mem::take(&mut self.events));
         }
@@ -284,17 +272,22 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Runs a batch through a blocking handler on the current thread; shared by
-/// the Thread and Cpu models.
-pub(crate) fn run_blocking(ctx: &RunCtx, items: Vec<WorkItem<Payload>>) -> Result<(), String> {
-    let StageHandler::Sync(handler) = &ctx.handler else {
-        return Err(format!("stage `{}` has no blocking handler", ctx.stage));
-    };
-    let mut reporter = Reporter::new(ctx, items.len());
+/// the Thread and Cpu models. One clock read per item: an item's end is the
+/// next one's start.
+pub(crate) fn run_blocking<I: Send + 'static, O: Send + 'static, F>(
+    ctx: &RunCtx<I, O>,
+    handler: &F,
+    items: Vec<WorkItem<I>>,
+) -> Result<(), String>
+where
+    F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>,
+{
+    let mut started = Instant::now();
+    let mut reporter = Reporter::new(ctx, items.len(), started);
     let mut items = items.into_iter();
     while let Some(mut item) = items.next() {
-        let started = Instant::now();
         let attempt = Attempt::begin(ctx, &mut item, started);
-        reporter.started(&attempt);
+        reporter.started(&attempt.job_id);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(item)));
         let now = Instant::now();
         match result {
@@ -307,11 +300,12 @@ pub(crate) fn run_blocking(ctx: &RunCtx, items: Vec<WorkItem<Payload>>) -> Resul
             Err(payload) => {
                 let message = panic_message(&*payload);
                 let outcome = attempt.fail(ctx, ItemErrorKind::Panicked, message.clone(), now);
-                reporter.panicked(outcome, started, items.collect(), message.clone());
+                reporter.panicked(outcome, started, now, items.collect(), message.clone());
                 return Err(message);
             }
         }
+        started = now;
     }
-    reporter.finish();
+    reporter.finish(started);
     Ok(())
 }

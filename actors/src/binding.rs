@@ -1,0 +1,236 @@
+//! How typed stages are bound to a pipeline and spawned, and the narrow
+//! references the actors hold of one another.
+//!
+//! A [`StageBinding`] is a stage's handler together with the code that spawns
+//! its supervisor, compiled for the handler's own input and output types.
+//! The root spawns the bindings from the last stage to the first, handing
+//! each the [`Outlet`] of the stage after it; it never sees their types.
+
+use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
+
+use crate::config::ExecutionType;
+use crate::item::WorkItem;
+use crate::runner::StageRunner;
+use crate::runner::async_rt::AsyncRunner;
+use crate::runner::cpu::{self, CpuRunner};
+use crate::runner::thread::ThreadRunner;
+use crate::shared::Shared;
+use crate::source::{DynSource, Source, erase_source};
+use crate::stage::{Downstream, Stage, StageArgs, StageMsg};
+use crate::tracker::TrackerMsg;
+
+/// Where an actor sends demand: the stage or source before it.
+pub(crate) type DemandPort = Arc<dyn Fn(usize) + Send + Sync>;
+
+/// Where a stage sends the items its handler finished: the next stage.
+pub(crate) trait Outlet<T>: Send + Sync + 'static {
+    /// Sends a batch; the receiver asked for at least this many.
+    fn send(&self, items: Vec<WorkItem<T>>);
+}
+
+impl<T: Send + 'static, O: Send + 'static> Outlet<T> for ActorRef<StageMsg<T, O>> {
+    fn send(&self, items: Vec<WorkItem<T>>) {
+        // A closed stage means the pipeline is shutting down.
+        let _ = self.cast(StageMsg::Items(items));
+    }
+}
+
+/// What the root needs of a stage, whatever its types.
+pub(crate) trait StageControl: Send + Sync + 'static {
+    fn connect(&self, upstream: DemandPort);
+    fn abort(&self);
+    fn cell(&self) -> ActorCell;
+    /// A port that sends demand to this stage.
+    fn demand_port(&self) -> DemandPort;
+}
+
+impl<I: Send + 'static, O: Send + 'static> StageControl for ActorRef<StageMsg<I, O>> {
+    fn connect(&self, upstream: DemandPort) {
+        let _ = self.cast(StageMsg::Connect(upstream));
+    }
+
+    fn abort(&self) {
+        let _ = self.cast(StageMsg::Abort);
+    }
+
+    fn cell(&self) -> ActorCell {
+        self.get_cell()
+    }
+
+    fn demand_port(&self) -> DemandPort {
+        let me = self.clone();
+        Arc::new(move |n| {
+            let _ = me.cast(StageMsg::Demand(n));
+        })
+    }
+}
+
+/// What spawning a stage needs from the root.
+pub(crate) struct SpawnCtx {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) index: usize,
+    pub(crate) tracker: ActorRef<TrackerMsg>,
+    pub(crate) supervisor: ActorCell,
+}
+
+/// A spawned stage: its inlet (an `Arc<dyn Outlet<I>>`, typed for the stage
+/// before it) and its controls.
+pub(crate) struct Spawned {
+    pub(crate) inlet: Box<dyn Any + Send>,
+    pub(crate) control: Box<dyn StageControl>,
+}
+
+type SpawnFuture = Pin<Box<dyn Future<Output = Result<Spawned, ActorProcessingErr>> + Send>>;
+type SpawnFn = Box<dyn FnOnce(SpawnCtx, Option<Box<dyn Any + Send>>) -> SpawnFuture + Send>;
+
+/// Which builder method bound a handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HandlerKind {
+    /// An `async fn`, for `Async` stages.
+    Async,
+    /// A blocking `fn`, for `Thread` and `Cpu` stages.
+    Blocking,
+}
+
+/// A stage's handler, ready to be spawned as a supervisor with its workers.
+pub struct StageBinding {
+    kind: HandlerKind,
+    spawn: SpawnFn,
+}
+
+impl std::fmt::Debug for StageBinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageBinding")
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+impl StageBinding {
+    /// Binds an `async fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>`.
+    pub fn asynchronous<I, O, F, Fut>(handler: F) -> Self
+    where
+        I: Send + 'static,
+        O: Send + 'static,
+        F: Fn(WorkItem<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<WorkItem<O>>> + Send + 'static,
+    {
+        StageBinding {
+            kind: HandlerKind::Async,
+            spawn: Box::new(move |ctx, outlet| {
+                Box::pin(spawn_stage::<I, O, _>(ctx, AsyncRunner(handler), outlet))
+            }),
+        }
+    }
+
+    /// Binds a blocking `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>`; it
+    /// runs on blocking threads or on a rayon pool, as the stage's execution
+    /// type says.
+    pub fn blocking<I, O, F>(handler: F) -> Self
+    where
+        I: Send + 'static,
+        O: Send + 'static,
+        F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
+    {
+        StageBinding {
+            kind: HandlerKind::Blocking,
+            spawn: Box::new(move |ctx, outlet| {
+                Box::pin(async move {
+                    let handler = Arc::new(handler);
+                    let config = &ctx.shared.config.stages[ctx.index];
+                    match config.execution_type {
+                        ExecutionType::Thread => {
+                            spawn_stage::<I, O, _>(ctx, ThreadRunner(handler), outlet).await
+                        }
+                        ExecutionType::Cpu => {
+                            let pool = Arc::new(cpu::pool(&config.name, config.workers)?);
+                            spawn_stage::<I, O, _>(ctx, CpuRunner { handler, pool }, outlet).await
+                        }
+                        other => Err(format!(
+                            "stage `{}`: a blocking handler cannot run as {other}",
+                            config.name
+                        )
+                        .into()),
+                    }
+                })
+            }),
+        }
+    }
+
+    /// Which kind of handler this is.
+    pub fn kind(&self) -> HandlerKind {
+        self.kind
+    }
+
+    pub(crate) fn spawn(self, ctx: SpawnCtx, outlet: Option<Box<dyn Any + Send>>) -> SpawnFuture {
+        (self.spawn)(ctx, outlet)
+    }
+}
+
+async fn spawn_stage<I, O, R>(
+    ctx: SpawnCtx,
+    runner: R,
+    outlet: Option<Box<dyn Any + Send>>,
+) -> Result<Spawned, ActorProcessingErr>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    R: StageRunner<I, O>,
+{
+    let name = &ctx.shared.config.stages[ctx.index].name;
+    let downstream = match outlet {
+        None => Downstream::Tracker,
+        Some(next) => Downstream::Stage(*next.downcast::<Arc<dyn Outlet<O>>>().map_err(|_| {
+            format!(
+                "stage `{name}` produces a type the next stage does not take (a bug in the builder)"
+            )
+        })?),
+    };
+    let args = StageArgs {
+        shared: ctx.shared.clone(),
+        index: ctx.index,
+        runner: Arc::new(runner),
+        downstream,
+        tracker: ctx.tracker,
+    };
+    let (stage, _) =
+        Actor::spawn_linked(None, Stage::<I, O, R>::new(), args, ctx.supervisor).await?;
+    let inlet: Arc<dyn Outlet<I>> = Arc::new(stage.clone());
+    Ok(Spawned {
+        inlet: Box::new(inlet),
+        control: Box::new(stage),
+    })
+}
+
+/// Where a pipeline's items come from: a [`Source`], or only `inject`.
+pub struct SourceBinding<T> {
+    pub(crate) source: Option<Box<dyn DynSource<T>>>,
+}
+
+impl<T> std::fmt::Debug for SourceBinding<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceBinding")
+            .field("source", &self.source.is_some())
+            .finish()
+    }
+}
+
+impl<T: Send + 'static> SourceBinding<T> {
+    /// Items from `source`, asked for on demand.
+    pub fn from_source<S: Source<Item = T>>(source: S) -> Self {
+        SourceBinding {
+            source: Some(erase_source(source)),
+        }
+    }
+
+    /// Items only by injection; the input stays open until stopped.
+    pub fn injected() -> Self {
+        SourceBinding { source: None }
+    }
+}
