@@ -7,6 +7,9 @@
 //! with 2 worker threads. Every stage holds at most about 104 items
 //! (bergtalzug's `queue_size + workers`) in every variant:
 //!
+//! - `async-channel mpmc`: by hand, the plainest way: one bounded
+//!   multi-consumer channel (capacity 100) per stage, each worker receives,
+//!   handles and sends one item at a time.
 //! - `tokio shared rx`: by hand, one item at a time; each stage's 4 worker
 //!   tasks share one bounded `mpsc` receiver (capacity 100) behind a
 //!   `tokio::sync::Mutex`.
@@ -24,7 +27,7 @@
 //!
 //! Each variant runs 5 times, interleaved, after one warm-up run; the
 //! table shows the median and the best, and the median's ratio to the
-//! faster per-item baseline and to the batched one. Quick mode
+//! fastest per-item baseline and to the batched one. Quick mode
 //! (`BENCH_QUICK=1` or `--quick`): 20,000 items, one repetition, for CI.
 //!
 //! ```text
@@ -59,6 +62,7 @@ fn expected_sum(n: u64) -> u64 {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Variant {
+    Mpmc,
     SharedRx,
     RoundRobin,
     Batched,
@@ -66,7 +70,8 @@ enum Variant {
 }
 
 impl Variant {
-    const ALL: [Variant; 5] = [
+    const ALL: [Variant; 6] = [
+        Variant::Mpmc,
         Variant::SharedRx,
         Variant::RoundRobin,
         Variant::Batched,
@@ -76,6 +81,7 @@ impl Variant {
 
     fn name(self) -> &'static str {
         match self {
+            Variant::Mpmc => "async-channel mpmc (baseline)",
             Variant::SharedRx => "tokio shared rx (baseline)",
             Variant::RoundRobin => "tokio rr channels (baseline)",
             Variant::Batched => "tokio batched (baseline)",
@@ -86,12 +92,51 @@ impl Variant {
 
     async fn run(self, n: u64) -> Duration {
         match self {
+            Variant::Mpmc => mpmc(n).await,
             Variant::SharedRx => shared_rx(n).await,
             Variant::RoundRobin => round_robin(n).await,
             Variant::Batched => shared_rx_batched(n).await,
             Variant::Tracking(on) => bergtalzug(n, on).await,
         }
     }
+}
+
+/// Hand-written, the plainest way: one bounded multi-consumer channel
+/// (`async-channel`, capacity 100) per stage; each of a stage's workers
+/// receives, handles and sends one item at a time.
+async fn mpmc(n: u64) -> Duration {
+    let start = Instant::now();
+    let (feed, first) = async_channel::bounded::<u64>(QUEUE);
+    let mut input = first;
+    for _ in 0..STAGES {
+        let (tx, rx) = async_channel::bounded::<u64>(QUEUE);
+        for _ in 0..WORKERS {
+            let (input, tx) = (input.clone(), tx.clone());
+            tokio::spawn(async move {
+                while let Ok(x) = input.recv().await {
+                    if tx.send(x + 1).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        input = rx;
+    }
+    tokio::spawn(async move {
+        for i in 0..n {
+            if feed.send(i).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (mut count, mut sum) = (0u64, 0u64);
+    while let Ok(x) = input.recv().await {
+        count += 1;
+        sum += x;
+    }
+    let elapsed = start.elapsed();
+    assert_eq!((count, sum), (n, expected_sum(n)), "mpmc lost items");
+    elapsed
 }
 
 /// Hand-written: one bounded channel per stage, its workers share the
@@ -380,7 +425,9 @@ fn main() {
         let i = Variant::ALL.iter().position(|&w| w == v).expect("listed");
         median(&rates[i])
     };
-    let per_item = median_of(Variant::SharedRx).max(median_of(Variant::RoundRobin));
+    let per_item = median_of(Variant::Mpmc)
+        .max(median_of(Variant::SharedRx))
+        .max(median_of(Variant::RoundRobin));
     let batched = median_of(Variant::Batched);
 
     println!();
@@ -405,7 +452,7 @@ fn main() {
         );
     }
     println!(
-        "(ratios of medians: /per-item = vs the faster of shared rx and rr channels; \
+        "(ratios of medians: /per-item = vs the fastest of mpmc, shared rx and rr channels; \
          /batched = vs tokio batched; \
          CPU ns/item = median process CPU time per item, both threads, 10 ms ticks)"
     );

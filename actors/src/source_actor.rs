@@ -17,10 +17,11 @@
 //! Injected items go before the source's own: an injection is answered once
 //! all its items are admitted, so an injecting caller waits for room.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use rustc_hash::FxHashSet;
 use tokio::sync::watch;
 
 use crate::binding::Outlet;
@@ -84,7 +85,7 @@ pub(crate) struct SourceState<T> {
     carry: VecDeque<WorkItem<T>>,
     injections: VecDeque<Injection<T>>,
     /// Job ids in the pipeline now (tracking on): duplicates are refused.
-    active: Option<HashSet<JobId>>,
+    active: Option<FxHashSet<JobId>>,
     exhausted: bool,
     closed: bool,
     retry_pending: bool,
@@ -105,7 +106,7 @@ impl<T: Send + 'static> Actor for SourceActor<T> {
             window: config.stages.iter().map(|s| s.capacity()).sum(),
             max_refill: config.stages[0].queue_size,
             closing: args.shared.closing.subscribe(),
-            active: config.enable_tracking.then(HashSet::new),
+            active: config.enable_tracking.then(FxHashSet::default),
             shared: args.shared,
             source: args.source,
             first_stage: args.first_stage,
