@@ -32,20 +32,21 @@ pub struct JobId(Repr);
 
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Repr {
-    Uuid(Uuid),
+    /// A uuid as a number: copied in two aligned words.
+    Uuid(u128),
     Name(Arc<str>),
 }
 
 impl JobId {
     /// A new random (v4) id.
     pub fn random() -> Self {
-        JobId(Repr::Uuid(Uuid::new_v4()))
+        JobId(Repr::Uuid(Uuid::new_v4().as_u128()))
     }
 
     /// The id as a uuid, when it is one.
     pub fn as_uuid(&self) -> Option<Uuid> {
         match &self.0 {
-            Repr::Uuid(u) => Some(*u),
+            Repr::Uuid(u) => Some(Uuid::from_u128(*u)),
             Repr::Name(_) => None,
         }
     }
@@ -53,7 +54,7 @@ impl JobId {
 
 impl From<Uuid> for JobId {
     fn from(u: Uuid) -> Self {
-        JobId(Repr::Uuid(u))
+        JobId(Repr::Uuid(u.as_u128()))
     }
 }
 
@@ -61,7 +62,7 @@ impl From<&str> for JobId {
     fn from(s: &str) -> Self {
         match s.len() {
             32 | 36 | 38 | 45 => match Uuid::try_parse(s) {
-                Ok(u) => JobId(Repr::Uuid(u)),
+                Ok(u) => JobId(Repr::Uuid(u.as_u128())),
                 Err(_) => JobId(Repr::Name(s.into())),
             },
             _ => JobId(Repr::Name(s.into())),
@@ -84,7 +85,7 @@ impl From<&String> for JobId {
 impl fmt::Display for JobId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
-            Repr::Uuid(u) => fmt::Display::fmt(u, f),
+            Repr::Uuid(u) => fmt::Display::fmt(&Uuid::from_u128(*u), f),
             Repr::Name(n) => f.write_str(n),
         }
     }
