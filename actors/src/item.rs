@@ -32,21 +32,20 @@ pub struct JobId(Repr);
 
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Repr {
-    /// A uuid as a number: copied in two aligned words.
-    Uuid(u128),
+    Uuid(Uuid),
     Name(Arc<str>),
 }
 
 impl JobId {
     /// A new random (v4) id.
     pub fn random() -> Self {
-        JobId(Repr::Uuid(Uuid::new_v4().as_u128()))
+        JobId(Repr::Uuid(Uuid::new_v4()))
     }
 
     /// The id as a uuid, when it is one.
     pub fn as_uuid(&self) -> Option<Uuid> {
         match &self.0 {
-            Repr::Uuid(u) => Some(Uuid::from_u128(*u)),
+            Repr::Uuid(u) => Some(*u),
             Repr::Name(_) => None,
         }
     }
@@ -54,7 +53,7 @@ impl JobId {
 
 impl From<Uuid> for JobId {
     fn from(u: Uuid) -> Self {
-        JobId(Repr::Uuid(u.as_u128()))
+        JobId(Repr::Uuid(u))
     }
 }
 
@@ -62,7 +61,7 @@ impl From<&str> for JobId {
     fn from(s: &str) -> Self {
         match s.len() {
             32 | 36 | 38 | 45 => match Uuid::try_parse(s) {
-                Ok(u) => JobId(Repr::Uuid(u.as_u128())),
+                Ok(u) => JobId(Repr::Uuid(u)),
                 Err(_) => JobId(Repr::Name(s.into())),
             },
             _ => JobId(Repr::Name(s.into())),
@@ -85,7 +84,7 @@ impl From<&String> for JobId {
 impl fmt::Display for JobId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
-            Repr::Uuid(u) => fmt::Display::fmt(&Uuid::from_u128(*u), f),
+            Repr::Uuid(u) => fmt::Display::fmt(u, f),
             Repr::Name(n) => f.write_str(n),
         }
     }
