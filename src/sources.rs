@@ -70,7 +70,8 @@ where
 /// `refill` waits for the first item, then takes whatever else is ready, up
 /// to the count asked for: a slow stream never delays items it already has.
 pub struct StreamSource<S> {
-    stream: std::pin::Pin<Box<S>>,
+    /// Fused: a stream that ended is never polled again.
+    stream: std::pin::Pin<Box<futures::stream::Fuse<S>>>,
 }
 
 impl<S> std::fmt::Debug for StreamSource<S> {
@@ -86,7 +87,7 @@ where
     T: Send + 'static,
 {
     StreamSource {
-        stream: Box::pin(stream),
+        stream: Box::pin(stream.fuse()),
     }
 }
 

@@ -1,0 +1,122 @@
+//! Each execution model runs where it should, at the concurrency the stage
+//! asks for: Async on the runtime, Thread on blocking threads, Cpu on the
+//! stage's own rayon pool; never more than `workers` items at once, and
+//! all `workers` busy when there is work.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bergtalzug::prelude::*;
+
+mod common;
+use common::*;
+
+/// Counts handler calls running at once.
+#[derive(Default)]
+struct Concurrency {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Concurrency {
+    fn enter(&self) {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+    }
+    fn leave(&self) {
+        self.now.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn run_blocking_model(model: ExecutionType, workers: usize) -> (usize, Vec<String>) {
+    let seen = Arc::new(Concurrency::default());
+    let threads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (c, t) = (seen.clone(), threads.clone());
+    let pipeline = Pipeline::builder(config(
+        "blocking",
+        vec![
+            StageConfig::new("work", model)
+                .workers(workers)
+                .queue_size(16),
+        ],
+    ))
+    .unwrap()
+    .source(sources::iter(0..60u64))
+    .sync_stage("work", move |i: WorkItem<u64>| {
+        c.enter();
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        t.lock().unwrap().push(name);
+        std::thread::sleep(Duration::from_millis(5));
+        c.leave();
+        Ok(i)
+    })
+    .build()
+    .unwrap();
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 60);
+    let names = threads.lock().unwrap().clone();
+    (seen.peak.load(Ordering::SeqCst), names)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_stages_use_blocking_threads_at_most_workers_at_once() {
+    let (peak, threads) = run_blocking_model(ExecutionType::Thread, 3).await;
+    assert_eq!(peak, 3, "all 3 workers busy, never more");
+    assert!(
+        threads
+            .iter()
+            .all(|n| !n.starts_with("tokio-runtime-worker")),
+        "a blocking handler ran on a runtime worker: {threads:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_stages_run_on_their_own_pool_sized_to_workers() {
+    let (peak, threads) = run_blocking_model(ExecutionType::Cpu, 3).await;
+    assert_eq!(peak, 3, "all 3 workers busy, never more");
+    assert!(
+        threads.iter().all(|n| n.starts_with("work-cpu-")),
+        "{threads:?}"
+    );
+    let distinct: std::collections::HashSet<_> = threads.iter().collect();
+    assert!(distinct.len() <= 3, "the pool has 3 threads: {distinct:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn async_stages_run_workers_items_at_once() {
+    let seen = Arc::new(Concurrency::default());
+    let c = seen.clone();
+    let pipeline = Pipeline::builder(config(
+        "async",
+        vec![
+            StageConfig::new("io", ExecutionType::Async)
+                .workers(8)
+                .queue_size(32),
+        ],
+    ))
+    .unwrap()
+    .source(sources::iter(0..200u64))
+    .async_stage("io", move |i: WorkItem<u64>| {
+        let c = c.clone();
+        async move {
+            c.enter();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            c.leave();
+            Ok(i)
+        }
+    })
+    .build()
+    .unwrap();
+    let start = tokio::time::Instant::now();
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 200);
+    assert_eq!(seen.peak.load(Ordering::SeqCst), 8);
+    // 200 items x 10 ms / 8 workers = 250 ms when all 8 stay busy.
+    let elapsed = start.elapsed();
+    assert!(elapsed < Duration::from_millis(400), "took {elapsed:?}");
+}
