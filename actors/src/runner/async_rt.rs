@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use futures::FutureExt;
 
-use super::{Attempt, Reporter, RunCtx, StageRunner, panic_message};
-use crate::item::{ItemErrorKind, WorkItem};
+use super::{Attempt, Reporter, RunCtx, StageRunner};
+use crate::item::WorkItem;
 
 /// Runs an `async fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>`.
 pub(crate) struct AsyncRunner<F>(pub(crate) F);
@@ -35,20 +35,7 @@ where
                 Err(payload) => Err(payload),
             };
             let now = Instant::now();
-            match result {
-                Ok(Ok(out)) => reporter.push(attempt.succeed(ctx, out, now), started, now),
-                Ok(Err(e)) => reporter.push(
-                    attempt.fail(ctx, ItemErrorKind::Failed, format!("{e:#}"), now),
-                    started,
-                    now,
-                ),
-                Err(payload) => {
-                    let message = panic_message(&*payload);
-                    let outcome = attempt.fail(ctx, ItemErrorKind::Panicked, message.clone(), now);
-                    reporter.panicked(outcome, started, now, items.collect(), message.clone());
-                    return Err(message);
-                }
-            }
+            reporter.settle(attempt, result, started, now, &mut items)?;
             started = now;
         }
         reporter.finish(started);

@@ -203,19 +203,32 @@ impl<'a, I: Send + 'static, O: Send + 'static> Reporter<'a, I, O> {
         }
     }
 
-    /// Records the outcome of a panicked item and sends it in one report
-    /// with the items not started and the news that the worker is failing,
-    /// so the stage never sees the worker idle in between.
-    pub(crate) fn panicked(
-        mut self,
-        outcome: Outcome<O>,
+    /// Records what the handler did with an item. After a panic, reports
+    /// it with the rest of the batch (`rest`) handed back and returns the
+    /// panic message: the worker must then fail.
+    pub(crate) fn settle(
+        &mut self,
+        attempt: Attempt,
+        result: std::thread::Result<anyhow::Result<WorkItem<O>>>,
         started: Instant,
         now: Instant,
-        returned: Vec<WorkItem<I>>,
-        message: String,
-    ) {
-        self.record(outcome, started, now);
-        self.flush(returned, Some(message), now);
+        rest: &mut dyn Iterator<Item = WorkItem<I>>,
+    ) -> Result<(), String> {
+        match result {
+            Ok(Ok(out)) => self.push(attempt.succeed(self.ctx, out, now), started, now),
+            Ok(Err(e)) => {
+                let outcome = attempt.fail(self.ctx, ItemErrorKind::Failed, format!("{e:#}"), now);
+                self.push(outcome, started, now);
+            }
+            Err(payload) => {
+                let message = panic_message(&*payload);
+                let outcome = attempt.fail(self.ctx, ItemErrorKind::Panicked, message.clone(), now);
+                self.record(outcome, started, now);
+                self.flush(rest.collect(), Some(message.clone()), now);
+                return Err(message);
+            }
+        }
+        Ok(())
     }
 
     fn record(&mut self, outcome: Outcome<O>, started: Instant, now: Instant) {
@@ -290,20 +303,7 @@ where
         reporter.started(&attempt.job_id);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(item)));
         let now = Instant::now();
-        match result {
-            Ok(Ok(out)) => reporter.push(attempt.succeed(ctx, out, now), started, now),
-            Ok(Err(e)) => reporter.push(
-                attempt.fail(ctx, ItemErrorKind::Failed, format!("{e:#}"), now),
-                started,
-                now,
-            ),
-            Err(payload) => {
-                let message = panic_message(&*payload);
-                let outcome = attempt.fail(ctx, ItemErrorKind::Panicked, message.clone(), now);
-                reporter.panicked(outcome, started, now, items.collect(), message.clone());
-                return Err(message);
-            }
-        }
+        reporter.settle(attempt, result, started, now, &mut items)?;
         started = now;
     }
     reporter.finish(started);
