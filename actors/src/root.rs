@@ -50,6 +50,10 @@ pub const FINISHED: &str = "pipeline finished";
 /// How long the root waits for its children to stop when it finishes.
 const CHILD_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a root stopped from outside waits for its aborted items to be
+/// accounted for before it gives up (and ends `Interrupted`).
+const STOP_ACCOUNTING_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The pipeline root's mailbox; `T` is the pipeline's input type.
 pub enum PipelineMsg<T> {
     /// Admit these items; the reply comes once all are admitted (so the
@@ -61,12 +65,17 @@ pub enum PipelineMsg<T> {
     Abort,
     /// A statistics snapshot.
     Stats(RpcReplyPort<PipelineStats>),
-    /// From the tracker: every item has its outcome.
-    Finished(Box<FinishReport>),
+    /// From the tracker: every item has its outcome (the report is filed).
+    /// Only the tracker can make one.
+    Finished(Filed),
 }
 
-/// What the tracker hands the root at the end. Only the tracker makes one.
-pub struct FinishReport {
+/// The proof that the tracker filed its report; see [`PipelineMsg::Finished`].
+#[derive(Debug)]
+pub struct Filed(());
+
+/// What the tracker hands over at the end.
+pub(crate) struct FinishReport {
     pub(crate) results: Vec<WorkItemResult>,
     pub(crate) stats: PipelineStats,
 }
@@ -104,7 +113,6 @@ pub struct PipelineState<T> {
     source: ActorRef<SourceMsg<T>>,
     stages: Vec<Box<dyn StageControl>>,
     tracker: ActorRef<TrackerMsg>,
-    source_panic: Option<String>,
 }
 
 impl<T: Send + 'static> Actor for PipelineActor<T> {
@@ -154,20 +162,13 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
             PipelineMsg::Stats(reply) => {
                 let _ = state.tracker.cast(TrackerMsg::Stats(reply));
             }
-            PipelineMsg::Finished(report) => {
-                let FinishReport { results, stats } = *report;
-                myself
-                    .stop_children_and_wait(Some(FINISHED.into()), Some(CHILD_STOP_TIMEOUT))
-                    .await;
-                let outcome = match state.source_panic.take() {
-                    Some(message) => Err(PipelineError::SourcePanicked {
-                        pipeline: state.shared.name.to_string(),
-                        message,
-                    }),
-                    None => Ok(results),
-                };
-                state.shared.completion.finish(outcome, Some(stats));
-                myself.stop(Some(FINISHED.into()));
+            PipelineMsg::Finished(Filed(())) => {
+                let report = state.shared.report.take(Duration::ZERO).await;
+                match state.conclude(&myself, report).await {
+                    Ok(()) => myself.stop(Some(FINISHED.into())),
+                    // The supervisor sees `ActorFailed` with the reason.
+                    Err(error) => return Err(error.into()),
+                }
             }
         }
         Ok(())
@@ -190,7 +191,7 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
                 .cast(TrackerMsg::Event(PipelineEvent::SourceError {
                     message: format!("source panicked: {message}"),
                 }));
-            state.source_panic = Some(message);
+            *state.shared.source_panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
             let _ = state.shared.closing.send_replace(true);
             let _ = state.tracker.cast(TrackerMsg::InputClosed);
             return Ok(());
@@ -218,6 +219,27 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
         myself.stop_children(None);
         Err(error.into())
     }
+
+    /// Stopped from outside (e.g. by its supervisor's
+    /// `stop_children_and_wait`) before it finished: aborts, waits until
+    /// every admitted item is accounted for, and ends like an abort.
+    async fn post_stop(
+        &self,
+        myself: ActorRef<PipelineMsg<T>>,
+        state: &mut PipelineState<T>,
+    ) -> Result<(), ActorProcessingErr> {
+        if state.shared.completion.is_done() {
+            return Ok(());
+        }
+        tracing::info!(pipeline = %state.shared.name, "stopped from outside: aborting and accounting for every item");
+        state.close_input();
+        for stage in &state.stages {
+            stage.abort();
+        }
+        let report = state.shared.report.take(STOP_ACCOUNTING_TIMEOUT).await;
+        let _ = state.conclude(&myself, report).await;
+        Ok(())
+    }
 }
 
 /// Spawns the tracker, the stages from last to first (each knowing the
@@ -232,8 +254,8 @@ async fn spawn_children<T: Send + 'static>(
     let root = myself.clone();
     let tracker_args = TrackerArgs {
         shared: shared.clone(),
-        finish: Box::new(move |report| {
-            let _ = root.cast(PipelineMsg::Finished(Box::new(report)));
+        finish: Box::new(move || {
+            let _ = root.cast(PipelineMsg::Finished(Filed(())));
         }),
         callbacks: parts.callbacks,
     };
@@ -293,7 +315,6 @@ async fn spawn_children<T: Send + 'static>(
         source,
         stages,
         tracker,
-        source_panic: None,
     })
 }
 
@@ -315,6 +336,32 @@ impl<T> Drop for PipelineState<T> {
 }
 
 impl<T: Send + 'static> PipelineState<T> {
+    /// Ends the pipeline from the tracker's report (`None`: it did not come
+    /// in time): stops the children, then records the outcome for the
+    /// handles, which it returns.
+    async fn conclude(
+        &self,
+        myself: &ActorRef<PipelineMsg<T>>,
+        report: Option<FinishReport>,
+    ) -> Result<(), PipelineError> {
+        myself
+            .stop_children_and_wait(Some(FINISHED.into()), Some(CHILD_STOP_TIMEOUT))
+            .await;
+        let pipeline = self.shared.name.to_string();
+        let source_panic = self.shared.source_panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (outcome, stats) = match (report, source_panic) {
+            (None, _) => {
+                let reason = format!("not every item was accounted for within {STOP_ACCOUNTING_TIMEOUT:?}");
+                (Err(PipelineError::Interrupted { pipeline, reason }), None)
+            }
+            (Some(report), Some(message)) => (Err(PipelineError::SourcePanicked { pipeline, message }), Some(report.stats)),
+            (Some(report), None) => (Ok(report.results), Some(report.stats)),
+        };
+        let result = outcome.as_ref().map(drop).map_err(Clone::clone);
+        self.shared.completion.finish(outcome, stats);
+        result
+    }
+
     fn close_input(&self) {
         let _ = self.shared.closing.send_replace(true);
         let _ = self.source.cast(SourceMsg::Close);

@@ -11,6 +11,7 @@ use crate::config::PipelineConfig;
 use crate::error::PipelineError;
 use crate::event::EventHub;
 use crate::item::{StageNames, WorkItemResult};
+use crate::root::FinishReport;
 use crate::stats::{PipelineStats, StageGauges};
 
 pub(crate) struct Shared {
@@ -26,6 +27,10 @@ pub(crate) struct Shared {
     pub(crate) started: Mutex<Option<Instant>>,
     /// Set when the source should stop: a refill in progress is abandoned.
     pub(crate) closing: watch::Sender<bool>,
+    /// The tracker's report, once every admitted item has its outcome.
+    pub(crate) report: Report,
+    /// The message of a source that panicked.
+    pub(crate) source_panic: Mutex<Option<String>>,
     pub(crate) completion: Completion,
 }
 
@@ -52,6 +57,8 @@ impl Shared {
             events: Arc::new(EventHub::default()),
             started: Mutex::new(None),
             closing: watch::Sender::new(false),
+            report: Report::default(),
+            source_panic: Mutex::new(None),
             completion: Completion::default(),
             config,
         }
@@ -63,6 +70,37 @@ impl Shared {
 
     pub(crate) fn started_at(&self) -> Option<Instant> {
         *self.started.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What the tracker hands over when every admitted item has its outcome:
+/// filed here rather than sent, so that a root being stopped (whose mailbox
+/// is closed) can still wait for it.
+pub(crate) struct Report {
+    filed: watch::Sender<bool>,
+    report: Mutex<Option<FinishReport>>,
+}
+
+impl Default for Report {
+    fn default() -> Self {
+        Report {
+            filed: watch::Sender::new(false),
+            report: Mutex::new(None),
+        }
+    }
+}
+
+impl Report {
+    pub(crate) fn file(&self, report: FinishReport) {
+        *self.report.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
+        self.filed.send_replace(true);
+    }
+
+    /// Waits for the report, at most `limit`; takes it.
+    pub(crate) async fn take(&self, limit: std::time::Duration) -> Option<FinishReport> {
+        let mut rx = self.filed.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|filed| *filed)).await;
+        self.report.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 

@@ -33,8 +33,8 @@ pub type Callback = Arc<dyn Fn(&WorkItemResult) + Send + Sync>;
 /// (tracking on).
 pub(crate) type ReleasePort = Box<dyn Fn(usize, Vec<JobId>) + Send + Sync>;
 
-/// Hands the root the end of the pipeline.
-pub(crate) type FinishPort = Box<dyn Fn(FinishReport) + Send + Sync>;
+/// Tells the root that the report is filed.
+pub(crate) type FinishPort = Box<dyn Fn() + Send + Sync>;
 
 /// The tracker's mailbox.
 pub(crate) enum TrackerMsg {
@@ -222,7 +222,8 @@ impl TrackerState {
             results: std::mem::take(&mut self.results),
             stats,
         };
-        (self.finish)(report);
+        self.shared.report.file(report);
+        (self.finish)();
     }
 
     pub(crate) fn snapshot(&self) -> PipelineStats {
