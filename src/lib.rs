@@ -72,7 +72,9 @@ pub use bergtalzug_actors::config::{ConfigError, ExecutionType, PipelineConfig, 
 #[doc(inline)]
 pub use bergtalzug_actors::error::PipelineError;
 #[doc(inline)]
-pub use bergtalzug_actors::event::{EventStream, PipelineEvent, WorkerId};
+pub use bergtalzug_actors::event::{
+    ActorEvent, EventFilter, EventStream, PipelineEvent, WorkerId, forward_to_actor,
+};
 #[doc(inline)]
 pub use bergtalzug_actors::item::{
     ItemError, ItemErrorKind, JobId, StageTimes, WorkItem, WorkItemMetadata, WorkItemResult,
@@ -90,8 +92,8 @@ pub use pipeline::Pipeline;
 pub mod prelude {
     pub use crate::sources;
     pub use crate::{
-        BuildError, ConfigError, ExecutionType, ItemError, ItemErrorKind, JobId, Pipeline,
-        PipelineConfig, PipelineError, PipelineEvent, PipelineStats, Source, StageConfig,
+        BuildError, ConfigError, EventFilter, ExecutionType, ItemError, ItemErrorKind, JobId,
+        Pipeline, PipelineConfig, PipelineError, PipelineEvent, PipelineStats, Source, StageConfig,
         StageStats, WorkItem, WorkItemMetadata, WorkItemResult,
     };
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bergtalzug_actors::config::PipelineConfig;
 use bergtalzug_actors::error::PipelineError;
-use bergtalzug_actors::event::EventStream;
+use bergtalzug_actors::event::{ActorEvent, EventFilter, EventStream, forward_to_actor};
 use bergtalzug_actors::item::{WorkItem, WorkItemResult};
 use bergtalzug_actors::stats::PipelineStats;
 use bergtalzug_actors::{PipelineMsg, PipelineRuntime};
@@ -123,7 +123,35 @@ impl<T: Send + 'static> Pipeline<T> {
     /// Subscribe before `start` to see every event. See
     /// [`bergtalzug_actors::event`] for the delivery policy.
     pub fn subscribe(&self) -> EventStream {
-        self.runtime.subscribe()
+        self.runtime.subscribe(EventFilter::all())
+    }
+
+    /// Subscribes to the events `filter` matches; the others are never
+    /// queued for this subscriber.
+    ///
+    /// ```
+    /// # use bergtalzug::prelude::*;
+    /// # fn demo(pipeline: &Pipeline<u64>) {
+    /// let failures = pipeline.subscribe_filtered(EventFilter::failures());
+    /// # }
+    /// ```
+    pub fn subscribe_filtered(&self, filter: EventFilter) -> EventStream {
+        self.runtime.subscribe(filter)
+    }
+
+    /// Delivers the events `filter` matches to `actor`, as its own messages
+    /// (`M: From<ActorEvent>`), until the pipeline finishes or the actor
+    /// stops. Lossless for terminal events and bounded in memory: see
+    /// [`forward_to_actor`].
+    pub fn subscribe_actor<M>(
+        &self,
+        actor: ActorRef<M>,
+        filter: EventFilter,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        M: ractor::Message + From<ActorEvent>,
+    {
+        forward_to_actor(self.runtime.subscribe(filter), actor)
     }
 
     /// Adds items to a running pipeline. Waits until the pipeline has room

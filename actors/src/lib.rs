@@ -50,3 +50,14 @@ pub(crate) mod worker;
 pub use binding::{HandlerKind, SourceBinding, StageBinding};
 pub use root::{FINISHED, PipelineActor, PipelineMsg, PipelineParts, PipelineRuntime};
 pub use tracker::Callback;
+
+/// With ractor's `cluster` feature the blanket `Message` impl is gone: each
+/// message type declares itself a local (never serialised) message.
+#[cfg(feature = "cluster")]
+mod cluster {
+    impl<T: Send + 'static> ractor::Message for crate::root::PipelineMsg<T> {}
+    impl<T: Send + 'static> ractor::Message for crate::source_actor::SourceMsg<T> {}
+    impl<I: Send + 'static, O: Send + 'static> ractor::Message for crate::stage::StageMsg<I, O> {}
+    impl<I: Send + 'static> ractor::Message for crate::worker::WorkerMsg<I> {}
+    impl ractor::Message for crate::tracker::TrackerMsg {}
+}

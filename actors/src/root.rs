@@ -37,7 +37,7 @@ use tokio::sync::Mutex as AsyncMutex;
 use crate::binding::{Outlet, SourceBinding, SpawnCtx, StageBinding, StageControl};
 use crate::config::PipelineConfig;
 use crate::error::PipelineError;
-use crate::event::{EventStream, PipelineEvent};
+use crate::event::{EventFilter, EventStream, PipelineEvent};
 use crate::item::{WorkItem, WorkItemResult};
 use crate::shared::Shared;
 use crate::source_actor::{SourceActor, SourceArgs, SourceMsg};
@@ -65,6 +65,9 @@ pub enum PipelineMsg<T> {
     Abort,
     /// A statistics snapshot.
     Stats(RpcReplyPort<PipelineStats>),
+    /// A subscription to the events `filter` matches, from now on; hand the
+    /// stream to [`crate::event::forward_to_actor`] to get them as messages.
+    Subscribe(EventFilter, RpcReplyPort<EventStream>),
     /// From the tracker: every item has its outcome (the report is filed).
     /// Only the tracker can make one.
     Finished(Filed),
@@ -162,6 +165,9 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
             PipelineMsg::Stats(reply) => {
                 let _ = state.tracker.cast(TrackerMsg::Stats(reply));
             }
+            PipelineMsg::Subscribe(filter, reply) => {
+                let _ = reply.send(state.shared.events.subscribe(filter));
+            }
             PipelineMsg::Finished(Filed(())) => {
                 let report = state.shared.report.take(Duration::ZERO).await;
                 match state.conclude(&myself, report).await {
@@ -191,7 +197,11 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
                 .cast(TrackerMsg::Event(PipelineEvent::SourceError {
                     message: format!("source panicked: {message}"),
                 }));
-            *state.shared.source_panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+            *state
+                .shared
+                .source_panic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(message);
             let _ = state.shared.closing.send_replace(true);
             let _ = state.tracker.cast(TrackerMsg::InputClosed);
             return Ok(());
@@ -348,13 +358,22 @@ impl<T: Send + 'static> PipelineState<T> {
             .stop_children_and_wait(Some(FINISHED.into()), Some(CHILD_STOP_TIMEOUT))
             .await;
         let pipeline = self.shared.name.to_string();
-        let source_panic = self.shared.source_panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let source_panic = self
+            .shared
+            .source_panic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let (outcome, stats) = match (report, source_panic) {
             (None, _) => {
-                let reason = format!("not every item was accounted for within {STOP_ACCOUNTING_TIMEOUT:?}");
+                let reason =
+                    format!("not every item was accounted for within {STOP_ACCOUNTING_TIMEOUT:?}");
                 (Err(PipelineError::Interrupted { pipeline, reason }), None)
             }
-            (Some(report), Some(message)) => (Err(PipelineError::SourcePanicked { pipeline, message }), Some(report.stats)),
+            (Some(report), Some(message)) => (
+                Err(PipelineError::SourcePanicked { pipeline, message }),
+                Some(report.stats),
+            ),
             (Some(report), None) => (Ok(report.results), Some(report.stats)),
         };
         let result = outcome.as_ref().map(drop).map_err(Clone::clone);
@@ -467,9 +486,9 @@ impl<T: Send + 'static> PipelineRuntime<T> {
         self.shared.completion.wait().await;
     }
 
-    /// Subscribes to the pipeline's events (see [`crate::event`]).
-    pub fn subscribe(&self) -> EventStream {
-        self.shared.events.subscribe()
+    /// Subscribes to the events `filter` matches (see [`crate::event`]).
+    pub fn subscribe(&self, filter: EventFilter) -> EventStream {
+        self.shared.events.subscribe(filter)
     }
 
     /// Admits items once there is room; fails if the input is closed.

@@ -330,7 +330,7 @@ where
                 });
             }
         }
-        if self.shared.events.has_subscribers() {
+        if self.shared.events.wants_lifecycle() {
             let events = items
                 .iter()
                 .map(|i| PipelineEvent::ItemQueued {

@@ -185,7 +185,7 @@ impl<'a, I: Send + 'static, O: Send + 'static> Reporter<'a, I, O> {
 
     /// Notes that the handler is about to start on an item.
     pub(crate) fn started(&mut self, job_id: &JobId) {
-        if self.ctx.events.has_subscribers() {
+        if self.ctx.events.wants_lifecycle() {
             // At once, not with the next report: the handler may take long.
             self.ctx.events.lifecycle(vec![PipelineEvent::ItemStarted {
                 job_id: job_id.clone(),
@@ -233,7 +233,7 @@ impl<'a, I: Send + 'static, O: Send + 'static> Reporter<'a, I, O> {
 
     fn record(&mut self, outcome: Outcome<O>, started: Instant, now: Instant) {
         self.busy += now.saturating_duration_since(started);
-        if self.ctx.events.has_subscribers() {
+        if self.ctx.events.wants_lifecycle() {
             let (job_id, success) = match &outcome {
                 Outcome::Done(item) => (item.job_id.clone(), true),
                 Outcome::Failed(result) => (result.job_id.clone(), false),
