@@ -409,3 +409,73 @@ async fn a_filtered_subscriber_actor_receives_exactly_what_it_asked_for() {
     collector.stop(None);
     other.stop(None);
 }
+
+/// An actor that waits at a gate before handling each event.
+struct Sluggish;
+
+impl Actor for Sluggish {
+    type Msg = CollectorMsg;
+    type State = (Arc<tokio::sync::Semaphore>, Arc<Mutex<Vec<PipelineEvent>>>);
+    type Arguments = Self::State;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<CollectorMsg>,
+        state: Self::State,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<CollectorMsg>,
+        CollectorMsg::Event(event): CollectorMsg,
+        (gate, got): &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        gate.acquire().await?.forget();
+        got.lock().unwrap().push(event.into_event());
+        Ok(())
+    }
+}
+
+/// A subscriber that does not keep up holds the pipeline back instead of
+/// piling events up, and still gets every terminal event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_actor_slows_the_pipeline_and_loses_nothing() {
+    let items = 20_000u64;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let (slow, _) = Actor::spawn(None, Sluggish, (gate.clone(), got.clone()))
+        .await
+        .unwrap();
+    let pipeline = numbers("slow-subscriber", items);
+    pipeline.subscribe_actor(slow.clone(), EventFilter::finished());
+    pipeline.start().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Held back: at most the actor's window, the subscription's buffer and
+    // the pipeline's own capacity finished (2 stages x (8 + 2) = 20).
+    let bound = (bergtalzug::actors::event::ACTOR_EVENT_WINDOW
+        + bergtalzug::actors::event::EVENT_BUFFER
+        + 20
+        + 64) as u64;
+    let stats = pipeline.stats().await.unwrap();
+    assert!(!pipeline.is_finished());
+    assert!(
+        stats.completed_items <= bound,
+        "{} finished with the subscriber stuck",
+        stats.completed_items
+    );
+    gate.add_permits(items as usize + 1);
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len() as u64, items);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let got = got.lock().unwrap();
+    let finished = got
+        .iter()
+        .filter(|e| matches!(e, PipelineEvent::ItemFinished(_)))
+        .count();
+    assert_eq!(finished as u64, items, "every ItemFinished delivered");
+    slow.stop(None);
+}

@@ -68,6 +68,8 @@ pub enum PipelineMsg<T> {
     /// A subscription to the events `filter` matches, from now on; hand the
     /// stream to [`crate::event::forward_to_actor`] to get them as messages.
     Subscribe(EventFilter, RpcReplyPort<EventStream>),
+    /// From its own timer, every `stats_interval`: log the stats line.
+    LogStats(Tick),
     /// From the tracker: every item has its outcome (the report is filed).
     /// Only the tracker can make one.
     Finished(Filed),
@@ -76,6 +78,10 @@ pub enum PipelineMsg<T> {
 /// The proof that the tracker filed its report; see [`PipelineMsg::Finished`].
 #[derive(Debug)]
 pub struct Filed(());
+
+/// A tick of the root's stats timer; see [`PipelineMsg::LogStats`].
+#[derive(Debug)]
+pub struct Tick(());
 
 /// What the tracker hands over at the end.
 pub(crate) struct FinishReport {
@@ -163,7 +169,12 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
                 }
             }
             PipelineMsg::Stats(reply) => {
-                let _ = state.tracker.cast(TrackerMsg::Stats(reply));
+                let _ = reply.send(state.shared.stats());
+            }
+            PipelineMsg::LogStats(Tick(())) => {
+                if !state.shared.completion.is_done() {
+                    tracing::info!(pipeline = %state.shared.name, "{}", state.shared.stats());
+                }
             }
             PipelineMsg::Subscribe(filter, reply) => {
                 let _ = reply.send(state.shared.events.subscribe(filter));
@@ -320,6 +331,10 @@ async fn spawn_children<T: Send + 'static>(
         stage.connect(upstream);
     }
     *shared.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    let interval = shared.config.stats_interval;
+    if !interval.is_zero() {
+        myself.send_interval(interval, || PipelineMsg::LogStats(Tick(())));
+    }
     Ok(PipelineState {
         shared: shared.clone(),
         source,
@@ -512,17 +527,8 @@ impl<T: Send + 'static> PipelineRuntime<T> {
         if let Some(stats) = self.shared.completion.stats() {
             return Ok(stats);
         }
-        let root = self.root()?;
-        match root.call(PipelineMsg::Stats, None).await {
-            Ok(ractor::rpc::CallResult::Success(stats)) => Ok(stats),
-            _ => {
-                self.finished().await;
-                self.shared
-                    .completion
-                    .stats()
-                    .ok_or_else(|| PipelineError::NotRunning(self.name().to_string()))
-            }
-        }
+        self.root()?;
+        Ok(self.shared.stats())
     }
 
     /// Graceful stop; returns once every item has its outcome.

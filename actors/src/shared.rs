@@ -12,7 +12,7 @@ use crate::error::PipelineError;
 use crate::event::EventHub;
 use crate::item::{StageNames, WorkItemResult};
 use crate::root::FinishReport;
-use crate::stats::{PipelineStats, StageGauges};
+use crate::stats::{PipelineStats, StageGauges, Tally};
 
 pub(crate) struct Shared {
     pub(crate) config: PipelineConfig,
@@ -32,6 +32,8 @@ pub(crate) struct Shared {
     /// The message of a source that panicked.
     pub(crate) source_panic: Mutex<Option<String>>,
     pub(crate) completion: Completion,
+    /// Counts and timings of finished items, kept by the tracker.
+    pub(crate) tally: Mutex<Tally>,
 }
 
 impl Shared {
@@ -60,12 +62,29 @@ impl Shared {
             report: Report::default(),
             source_panic: Mutex::new(None),
             completion: Completion::default(),
+            tally: Mutex::new(Tally::new(config.stages.len())),
             config,
         }
     }
 
     pub(crate) fn admitted(&self) -> u64 {
         self.admitted.load(Ordering::Acquire)
+    }
+
+    /// A stats snapshot, from the gauges and the tally; never waits for an actor.
+    pub(crate) fn stats(&self) -> PipelineStats {
+        self.tally
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .snapshot(self)
+    }
+
+    /// Items finished so far.
+    pub(crate) fn finished(&self) -> u64 {
+        self.tally
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .finished
     }
 
     pub(crate) fn started_at(&self) -> Option<Instant> {

@@ -13,6 +13,8 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::config::ExecutionType;
+use crate::item::{ItemErrorKind, WorkItemResult};
+use crate::shared::Shared;
 
 /// A snapshot of a pipeline: the seed's fields plus per-stage numbers.
 #[derive(Debug, Clone, Serialize)]
@@ -177,5 +179,115 @@ impl Timings {
 
     pub(crate) fn quantile(&self, q: f64) -> Option<Duration> {
         (!self.hist.is_empty()).then(|| Duration::from_micros(self.hist.value_at_quantile(q)))
+    }
+}
+
+/// What the tracker has counted and timed; shared, so that stats never wait
+/// for the tracker (which may be waiting for a slow subscriber).
+#[derive(Debug)]
+pub(crate) struct Tally {
+    pub(crate) finished: u64,
+    pub(crate) failed: u64,
+    pub(crate) cancelled: u64,
+    total: Timings,
+    service: Vec<Timings>,
+    queue_wait: Vec<Timings>,
+}
+
+impl Tally {
+    pub(crate) fn new(stages: usize) -> Self {
+        Tally {
+            finished: 0,
+            failed: 0,
+            cancelled: 0,
+            total: Timings::default(),
+            service: (0..stages).map(|_| Timings::default()).collect(),
+            queue_wait: (0..stages).map(|_| Timings::default()).collect(),
+        }
+    }
+
+    /// Counts (and, with tracking on, times) one finished item.
+    pub(crate) fn record(&mut self, result: &WorkItemResult, tracking: bool) {
+        self.finished += 1;
+        if let Some(error) = &result.error {
+            self.failed += 1;
+            if error.kind == ItemErrorKind::Cancelled {
+                self.cancelled += 1;
+            }
+        }
+        if tracking {
+            if let Some(total) = result.total_duration() {
+                self.total.record(total);
+            }
+            for times in &result.metadata.stages {
+                let i = times.stage as usize;
+                if i >= self.service.len() {
+                    continue;
+                }
+                if let Some(d) = times.duration() {
+                    self.service[i].record(d);
+                }
+                if let Some(d) = times.queue_wait() {
+                    self.queue_wait[i].record(d);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn snapshot(&self, shared: &Shared) -> PipelineStats {
+        let elapsed = shared.started_at().map(|t| t.elapsed()).unwrap_or_default();
+        let admitted = shared.admitted();
+        let stages: Vec<StageStats> = shared
+            .config
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, config)| {
+                let g = &shared.gauges[i];
+                StageStats {
+                    name: config.name.clone(),
+                    execution_type: config.execution_type,
+                    workers: g.workers.load(Ordering::Relaxed),
+                    processed: g.processed.load(Ordering::Relaxed),
+                    failed: g.failed.load(Ordering::Relaxed),
+                    retried: g.retried.load(Ordering::Relaxed),
+                    queued: g.queued.load(Ordering::Relaxed),
+                    in_flight: g.in_flight.load(Ordering::Relaxed),
+                    waiting_downstream: g.waiting_downstream.load(Ordering::Relaxed),
+                    average_duration: self.service[i].mean(),
+                    p50_duration: self.service[i].quantile(0.5),
+                    p99_duration: self.service[i].quantile(0.99),
+                    average_queue_wait: self.queue_wait[i].mean(),
+                }
+            })
+            .collect();
+        PipelineStats {
+            pipeline_name: shared.name.to_string(),
+            elapsed,
+            admitted_items: admitted,
+            active_items: admitted.saturating_sub(self.finished),
+            active_by_stage: shared
+                .config
+                .stages
+                .iter()
+                .zip(&shared.gauges)
+                .map(|(s, g)| (s.name.clone(), g.held()))
+                .collect(),
+            completed_items: self.finished,
+            failed_items: self.failed,
+            cancelled_items: self.cancelled,
+            success_rate: if self.finished == 0 {
+                1.0
+            } else {
+                (self.finished - self.failed) as f64 / self.finished as f64
+            },
+            average_duration: self.total.mean(),
+            items_per_second: if elapsed.is_zero() {
+                0.0
+            } else {
+                self.finished as f64 / elapsed.as_secs_f64()
+            },
+            stages,
+        }
     }
 }
