@@ -68,7 +68,9 @@ pub mod sources;
 pub use bergtalzug_actors as actors;
 
 #[doc(inline)]
-pub use bergtalzug_actors::config::{ConfigError, ExecutionType, PipelineConfig, StageConfig};
+pub use bergtalzug_actors::config::{
+    ConfigError, ExecutionType, PipelineConfig, RestartBudget, StageConfig,
+};
 #[doc(inline)]
 pub use bergtalzug_actors::error::PipelineError;
 #[doc(inline)]
@@ -93,8 +95,8 @@ pub mod prelude {
     pub use crate::sources;
     pub use crate::{
         BuildError, ConfigError, EventFilter, ExecutionType, ItemError, ItemErrorKind, JobId,
-        Pipeline, PipelineConfig, PipelineError, PipelineEvent, PipelineStats, Source, StageConfig,
-        StageStats, WorkItem, WorkItemMetadata, WorkItemResult,
+        Pipeline, PipelineConfig, PipelineError, PipelineEvent, PipelineStats, RestartBudget,
+        Source, StageConfig, StageStats, WorkItem, WorkItemMetadata, WorkItemResult,
     };
 }
 

@@ -169,6 +169,13 @@ impl<T: Send + 'static> Pipeline<T> {
         self.runtime.stop().await
     }
 
+    /// Graceful stop with a deadline: like [`Pipeline::stop`], but what has
+    /// not finished when `deadline` has passed is aborted (ends
+    /// `Cancelled`). Returns once every item has its outcome.
+    pub async fn stop_within(&self, deadline: std::time::Duration) -> Result<(), PipelineError> {
+        self.runtime.stop_within(deadline).await
+    }
+
     /// Stops now: takes no more input and ends every item in the pipeline
     /// as cancelled (`ItemErrorKind::Cancelled`); returns once each has its
     /// outcome. Handlers already running on threads finish in the

@@ -120,3 +120,45 @@ async fn async_stages_run_workers_items_at_once() {
     let elapsed = start.elapsed();
     assert!(elapsed < Duration::from_millis(400), "took {elapsed:?}");
 }
+
+/// Items are handed to a worker in batches, but an item that finished is
+/// reported before the worker waits on a slow one behind it.
+#[tokio::test(start_paused = true)]
+async fn finished_items_never_wait_behind_a_slow_async_one() {
+    let finished_at = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let f = finished_at.clone();
+    let start = tokio::time::Instant::now();
+    let pipeline = Pipeline::builder(config(
+        "no-waiting",
+        vec![
+            StageConfig::new("io", ExecutionType::Async)
+                .workers(1)
+                .queue_size(50),
+        ],
+    ))
+    .unwrap()
+    .source(sources::iter(0..30u64))
+    .async_stage("io", |i: WorkItem<u64>| async move {
+        if i.data == 20 {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        Ok(i)
+    })
+    .on_complete(move |_| f.lock().unwrap().push(start.elapsed()))
+    .build()
+    .unwrap();
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 30);
+    let times = finished_at.lock().unwrap();
+    // Items 0..20 finish at once; only the slow one and those behind it wait.
+    let early = times
+        .iter()
+        .filter(|t| **t < Duration::from_secs(1))
+        .count();
+    assert!(
+        early >= 20,
+        "{early} items finished before the slow one: {times:?}"
+    );
+}

@@ -308,3 +308,63 @@ async fn a_panicking_source_finishes_what_it_admitted_and_reports() {
     );
     assert_eq!(stats.active_items, 0);
 }
+
+/// A handler that panics on every item is a crash loop: over its restart
+/// budget, the stage fails the pipeline loudly instead of replacing workers
+/// for ever, and every admitted item still has its outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_over_the_restart_budget_fails_the_pipeline() {
+    let outcomes = Arc::new(Outcomes::default());
+    let stage = StageConfig::new("doomed", ExecutionType::Thread)
+        .workers(2)
+        .queue_size(10)
+        .restart_budget(RestartBudget::new(3, Duration::from_secs(60)));
+    let pipeline = Pipeline::builder(config("crash-loop", vec![stage]))
+        .unwrap()
+        .source(sources::iter(0u64..))
+        .sync_stage(
+            "doomed",
+            |_: WorkItem<u64>| -> anyhow::Result<WorkItem<u64>> { panic!("always") },
+        )
+        .on_complete(outcomes.callback())
+        .build()
+        .unwrap();
+    let err = within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap_err();
+    match &err {
+        PipelineError::RestartBudgetExceeded {
+            stage, restarts, ..
+        } => {
+            assert_eq!(stage, "doomed");
+            assert_eq!(*restarts, 4);
+        }
+        other => panic!("expected the restart budget to fail the pipeline, got {other}"),
+    }
+    assert!(err.to_string().contains("doomed"), "{err}");
+    let stats = pipeline.stats().await.unwrap();
+    assert_eq!(
+        outcomes.total(),
+        stats.admitted_items,
+        "every admitted item finished"
+    );
+    assert_eq!(stats.active_items, 0);
+    assert!(stats.cancelled_items > 0, "the rest was cancelled");
+}
+
+#[test]
+fn restart_budgets_load_from_files() {
+    let config = PipelineConfig::from_toml_str(
+        "pipeline_name = \"p\"\n[[stages]]\nname = \"a\"\nexecution_type = \"async\"\nrestart_budget = { max_restarts = 3, window = 60.0 }\n",
+    )
+    .unwrap();
+    assert_eq!(
+        config.stages[0].restart_budget,
+        Some(RestartBudget::new(3, Duration::from_secs(60)))
+    );
+    let err = PipelineConfig::from_toml_str(
+        "pipeline_name = \"p\"\n[[stages]]\nname = \"a\"\nexecution_type = \"async\"\nrestart_budget = { max_restarts = 3, window = 0 }\n",
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("restart_budget.window"), "{err}");
+}

@@ -347,3 +347,60 @@ async fn abort_amid_panics_accounts_for_every_item() {
         }
     }
 }
+
+/// `stop_within` drains what it can and cancels what is left at the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_within_cancels_what_is_left_at_the_deadline() {
+    let outcomes = Arc::new(Outcomes::default());
+    let pipeline = Pipeline::builder(config(
+        "deadline",
+        vec![
+            StageConfig::new("quick", ExecutionType::Async)
+                .workers(2)
+                .queue_size(10),
+            StageConfig::new("slow", ExecutionType::Async)
+                .workers(2)
+                .queue_size(10),
+        ],
+    ))
+    .unwrap()
+    .source(sources::iter(endless()))
+    .async_stage("quick", |i: WorkItem<u64>| async move { Ok(i) })
+    .async_stage("slow", |i: WorkItem<u64>| async move {
+        if i.data >= 10 {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        Ok(i)
+    })
+    .on_complete(outcomes.callback())
+    .build()
+    .unwrap();
+    pipeline.start().await.unwrap();
+    while outcomes.total() < 10 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = std::time::Instant::now();
+    within(
+        Duration::from_secs(10),
+        pipeline.stop_within(Duration::from_millis(200)),
+    )
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let results = pipeline.run().await.unwrap();
+    assert_eq!(
+        results.len() as u64,
+        pipeline.stats().await.unwrap().admitted_items
+    );
+    assert_eq!(results.iter().filter(|r| r.success).count(), 10);
+    assert!(
+        results
+            .iter()
+            .filter(|r| !r.success)
+            .all(|r| r.is_cancelled())
+    );
+}

@@ -27,6 +27,9 @@ use crate::tracker::TrackerMsg;
 /// Where an actor sends demand: the stage or source before it.
 pub(crate) type DemandPort = Arc<dyn Fn(usize) + Send + Sync>;
 
+/// How a stage fails the whole pipeline (through the root).
+pub(crate) type FailPort = Arc<dyn Fn(crate::error::PipelineError) + Send + Sync>;
+
 /// Where a stage sends the items its handler finished: the next stage.
 pub(crate) trait Outlet<T>: Send + Sync + 'static {
     /// Sends a batch; the receiver asked for at least this many.
@@ -76,6 +79,7 @@ pub(crate) struct SpawnCtx {
     pub(crate) index: usize,
     pub(crate) tracker: ActorRef<TrackerMsg>,
     pub(crate) supervisor: ActorCell,
+    pub(crate) fail: FailPort,
 }
 
 /// A spawned stage: its inlet (an `Arc<dyn Outlet<I>>`, typed for the stage
@@ -198,6 +202,7 @@ where
         runner: Arc::new(runner),
         downstream,
         tracker: ctx.tracker,
+        fail: ctx.fail,
     };
     let (stage, _) =
         Actor::spawn_linked(None, Stage::<I, O, R>::new(), args, ctx.supervisor).await?;

@@ -92,6 +92,35 @@ pub struct StageConfig {
     /// How many items may wait in front of this stage. Default 1000.
     #[serde(default = "default_queue_size")]
     pub queue_size: usize,
+    /// Fail the pipeline if this stage replaces more workers than this
+    /// within a time window (a crash loop); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_budget: Option<RestartBudget>,
+}
+
+/// How many worker replacements a stage may make within a window before
+/// the pipeline fails loudly instead of replacing workers forever.
+///
+/// In files: `restart_budget = { max_restarts = 10, window = 60.0 }`
+/// (seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartBudget {
+    /// Replacements allowed within `window`; one more fails the pipeline.
+    pub max_restarts: u32,
+    /// The sliding window.
+    #[serde(with = "seconds")]
+    pub window: Duration,
+}
+
+impl RestartBudget {
+    /// At most `max_restarts` replacements within any `window`.
+    pub fn new(max_restarts: u32, window: Duration) -> Self {
+        RestartBudget {
+            max_restarts,
+            window,
+        }
+    }
 }
 
 fn default_workers() -> usize {
@@ -110,12 +139,20 @@ impl StageConfig {
             execution_type,
             workers: default_workers(),
             queue_size: default_queue_size(),
+            restart_budget: None,
         }
     }
 
     /// Sets how many items this stage works on at once.
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = workers;
+        self
+    }
+
+    /// Fails the pipeline when this stage replaces more workers than the
+    /// budget allows.
+    pub fn restart_budget(mut self, budget: RestartBudget) -> Self {
+        self.restart_budget = Some(budget);
         self
     }
 
@@ -297,6 +334,12 @@ impl PipelineConfig {
             }
             if stage.queue_size == 0 {
                 return Err(invalid("queue_size", "must be at least 1".into()));
+            }
+            if stage.restart_budget.is_some_and(|b| b.window.is_zero()) {
+                return Err(invalid(
+                    "restart_budget.window",
+                    "must be longer than zero".into(),
+                ));
             }
         }
         Ok(())

@@ -28,6 +28,22 @@ pub enum PipelineError {
         /// The panic message.
         message: String,
     },
+    /// A stage replaced more workers than its restart budget allows (its
+    /// handler keeps panicking). The pipeline was aborted: every item it had
+    /// admitted has its outcome (see callbacks and events).
+    #[error(
+        "pipeline `{pipeline}`: stage `{stage}` replaced {restarts} workers within {window:?}, over its restart budget; pipeline aborted"
+    )]
+    RestartBudgetExceeded {
+        /// The pipeline.
+        pipeline: String,
+        /// The stage.
+        stage: String,
+        /// Replacements counted within the window.
+        restarts: u32,
+        /// The budget's window.
+        window: std::time::Duration,
+    },
     /// One of the pipeline's own actors failed: a bug in bergtalzug.
     #[error("pipeline `{pipeline}`: internal actor `{actor}` failed: {message}")]
     ActorFailed {

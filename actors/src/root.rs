@@ -68,6 +68,9 @@ pub enum PipelineMsg<T> {
     /// A subscription to the events `filter` matches, from now on; hand the
     /// stream to [`crate::event::forward_to_actor`] to get them as messages.
     Subscribe(EventFilter, RpcReplyPort<EventStream>),
+    /// From a stage over its restart budget: fail the pipeline (abort it,
+    /// account for every item, end with the error).
+    StageFailed(Failure),
     /// From its own timer, every `stats_interval`: log the stats line.
     LogStats(Tick),
     /// From the tracker: every item has its outcome (the report is filed).
@@ -78,6 +81,16 @@ pub enum PipelineMsg<T> {
 /// The proof that the tracker filed its report; see [`PipelineMsg::Finished`].
 #[derive(Debug)]
 pub struct Filed(());
+
+/// Why a stage failed the pipeline; see [`PipelineMsg::StageFailed`].
+#[derive(Debug)]
+pub struct Failure(PipelineError);
+
+impl Failure {
+    pub(crate) fn new(error: PipelineError) -> Self {
+        Failure(error)
+    }
+}
 
 /// A tick of the root's stats timer; see [`PipelineMsg::LogStats`].
 #[derive(Debug)]
@@ -171,6 +184,14 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
             PipelineMsg::Stats(reply) => {
                 let _ = reply.send(state.shared.stats());
             }
+            PipelineMsg::StageFailed(Failure(error)) => {
+                tracing::error!(pipeline = %state.shared.name, "{error}");
+                state.shared.fail(error);
+                state.close_input();
+                for stage in &state.stages {
+                    stage.abort();
+                }
+            }
             PipelineMsg::LogStats(Tick(())) => {
                 if !state.shared.completion.is_done() {
                     tracing::info!(pipeline = %state.shared.name, "{}", state.shared.stats());
@@ -208,11 +229,10 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
                 .cast(TrackerMsg::Event(PipelineEvent::SourceError {
                     message: format!("source panicked: {message}"),
                 }));
-            *state
-                .shared
-                .source_panic
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(message);
+            state.shared.fail(PipelineError::SourcePanicked {
+                pipeline: state.shared.name.to_string(),
+                message,
+            });
             let _ = state.shared.closing.send_replace(true);
             let _ = state.tracker.cast(TrackerMsg::InputClosed);
             return Ok(());
@@ -286,11 +306,15 @@ async fn spawn_children<T: Send + 'static>(
     let mut stages: Vec<Box<dyn StageControl>> = Vec::with_capacity(parts.stages.len());
     let mut outlet = None;
     for (index, binding) in parts.stages.into_iter().enumerate().rev() {
+        let root = myself.clone();
         let ctx = SpawnCtx {
             shared: shared.clone(),
             index,
             tracker: tracker.clone(),
             supervisor: cell.clone(),
+            fail: Arc::new(move |error| {
+                let _ = root.cast(PipelineMsg::StageFailed(Failure::new(error)));
+            }),
         };
         let stage = binding.spawn(ctx, outlet.take()).await?;
         spawned.push(stage.control.cell());
@@ -373,22 +397,19 @@ impl<T: Send + 'static> PipelineState<T> {
             .stop_children_and_wait(Some(FINISHED.into()), Some(CHILD_STOP_TIMEOUT))
             .await;
         let pipeline = self.shared.name.to_string();
-        let source_panic = self
+        let failure = self
             .shared
-            .source_panic
+            .failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        let (outcome, stats) = match (report, source_panic) {
+        let (outcome, stats) = match (report, failure) {
             (None, _) => {
                 let reason =
                     format!("not every item was accounted for within {STOP_ACCOUNTING_TIMEOUT:?}");
                 (Err(PipelineError::Interrupted { pipeline, reason }), None)
             }
-            (Some(report), Some(message)) => (
-                Err(PipelineError::SourcePanicked { pipeline, message }),
-                Some(report.stats),
-            ),
+            (Some(report), Some(error)) => (Err(error), Some(report.stats)),
             (Some(report), None) => (Ok(report.results), Some(report.stats)),
         };
         let result = outcome.as_ref().map(drop).map_err(Clone::clone);
@@ -536,6 +557,22 @@ impl<T: Send + 'static> PipelineRuntime<T> {
         let root = self.root()?;
         let _ = root.cast(PipelineMsg::Stop);
         self.finished().await;
+        Ok(())
+    }
+
+    /// Graceful stop; what is left after `deadline` is aborted. Returns once
+    /// every item has its outcome.
+    pub async fn stop_within(&self, deadline: Duration) -> Result<(), PipelineError> {
+        let root = self.root()?;
+        let _ = root.cast(PipelineMsg::Stop);
+        if tokio::time::timeout(deadline, self.finished())
+            .await
+            .is_err()
+        {
+            tracing::info!(pipeline = %self.name(), "not drained within {deadline:?}: aborting the rest");
+            let _ = root.cast(PipelineMsg::Abort);
+            self.finished().await;
+        }
         Ok(())
     }
 

@@ -29,8 +29,9 @@ pub(crate) struct Shared {
     pub(crate) closing: watch::Sender<bool>,
     /// The tracker's report, once every admitted item has its outcome.
     pub(crate) report: Report,
-    /// The message of a source that panicked.
-    pub(crate) source_panic: Mutex<Option<String>>,
+    /// Why the pipeline failed, if it did (the first reason wins): its
+    /// source panicked, or a stage went over its restart budget.
+    pub(crate) failure: Mutex<Option<PipelineError>>,
     pub(crate) completion: Completion,
     /// Counts and timings of finished items, kept by the tracker.
     pub(crate) tally: Mutex<Tally>,
@@ -60,7 +61,7 @@ impl Shared {
             started: Mutex::new(None),
             closing: watch::Sender::new(false),
             report: Report::default(),
-            source_panic: Mutex::new(None),
+            failure: Mutex::new(None),
             completion: Completion::default(),
             tally: Mutex::new(Tally::new(config.stages.len())),
             config,
@@ -77,6 +78,14 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .snapshot(self)
+    }
+
+    /// Records why the pipeline failed; the first reason is kept.
+    pub(crate) fn fail(&self, error: PipelineError) {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(error);
     }
 
     /// Items finished so far.

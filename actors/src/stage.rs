@@ -40,7 +40,9 @@ use std::marker::PhantomData;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, MessagingErr, SupervisionEvent};
 
-use crate::binding::{DemandPort, Outlet};
+use crate::binding::{DemandPort, FailPort, Outlet};
+use crate::config::RestartBudget;
+use crate::error::PipelineError;
 use crate::event::{PipelineEvent, WorkerId};
 use crate::item::{
     ItemError, ItemErrorKind, JobId, StageTimes, WorkItem, WorkItemMetadata, WorkItemResult,
@@ -101,6 +103,7 @@ pub(crate) struct StageArgs<O, R> {
     pub(crate) runner: Arc<R>,
     pub(crate) downstream: Downstream<O>,
     pub(crate) tracker: ActorRef<TrackerMsg>,
+    pub(crate) fail: FailPort,
 }
 
 struct Slot<I> {
@@ -138,6 +141,12 @@ pub(crate) struct StageState<I, O, R> {
     aborting: bool,
     /// Recent per-item service time, in nanoseconds (0 = not known yet).
     service_ns: f64,
+    fail: FailPort,
+    budget: Option<RestartBudget>,
+    /// When workers were replaced, within the budget's window.
+    restarts: VecDeque<Instant>,
+    /// The budget was exceeded: no more replacements.
+    over_budget: bool,
 }
 
 impl<I, O, R> Actor for Stage<I, O, R>
@@ -177,6 +186,10 @@ where
             to_replace: VecDeque::new(),
             aborting: false,
             service_ns: 0.0,
+            fail: args.fail,
+            budget: config.restart_budget,
+            restarts: VecDeque::new(),
+            over_budget: false,
             name,
             shared: args.shared,
         })
@@ -282,6 +295,10 @@ where
             let Some((worker, reason)) = self.to_replace.pop_front() else {
                 break;
             };
+            if !self.within_budget() {
+                self.to_replace.clear();
+                return;
+            }
             match self.spawn_worker(myself).await {
                 Ok(replacement) => {
                     self.tell_tracker_event(PipelineEvent::WorkerRestarted {
@@ -303,6 +320,38 @@ where
                 }
             }
         }
+    }
+
+    /// Counts a replacement against the restart budget; over it, fails the
+    /// pipeline (the root then aborts every stage) and replaces no more.
+    fn within_budget(&mut self) -> bool {
+        let Some(budget) = self.budget else {
+            return true;
+        };
+        if self.over_budget {
+            return false;
+        }
+        let now = Instant::now();
+        while self
+            .restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > budget.window)
+        {
+            self.restarts.pop_front();
+        }
+        self.restarts.push_back(now);
+        let restarts = self.restarts.len() as u32;
+        if restarts <= budget.max_restarts {
+            return true;
+        }
+        (self.fail)(PipelineError::RestartBudgetExceeded {
+            pipeline: self.shared.name.to_string(),
+            stage: self.name.to_string(),
+            restarts,
+            window: budget.window,
+        });
+        self.over_budget = true;
+        false
     }
 
     fn receive(&mut self, mut items: Vec<WorkItem<I>>) {

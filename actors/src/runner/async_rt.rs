@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use futures::FutureExt;
@@ -31,7 +32,18 @@ where
             reporter.started(&attempt.job_id);
             // A handler that panics while building its future is caught too.
             let result = match std::panic::catch_unwind(AssertUnwindSafe(|| (self.0)(item))) {
-                Ok(fut) => AssertUnwindSafe(fut).catch_unwind().await,
+                Ok(fut) => {
+                    let mut fut = std::pin::pin!(AssertUnwindSafe(fut).catch_unwind());
+                    match futures::poll!(fut.as_mut()) {
+                        Poll::Ready(result) => result,
+                        // It will wait: send what is done first, so that
+                        // finished items never wait behind a slow one.
+                        Poll::Pending => {
+                            reporter.flush_done();
+                            fut.await
+                        }
+                    }
+                }
                 Err(payload) => Err(payload),
             };
             let now = Instant::now();

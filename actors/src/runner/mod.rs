@@ -20,8 +20,12 @@
 //!
 //! Results stream back to the stage as they are ready: after each item the
 //! worker sends what it has if [`FLUSH_AFTER`] has passed since its last
-//! report, so a batch of slow items never holds finished ones back, while a
-//! batch of fast ones is reported in one message.
+//! report, and an async worker also sends what it has before awaiting a
+//! handler that does not complete at once; so a batch of fast items is
+//! reported in one message and finished items do not wait behind a slow
+//! one. (A blocking handler cannot be looked into: items finished within
+//! [`FLUSH_AFTER`] before a slow one in the same batch wait for it. The
+//! stage keeps such batches to about a millisecond of recent work.)
 
 pub(crate) mod async_rt;
 pub(crate) mod cpu;
@@ -246,6 +250,13 @@ impl<'a, I: Send + 'static, O: Send + 'static> Reporter<'a, I, O> {
             });
         }
         self.outcomes.push(outcome);
+    }
+
+    /// Sends the outcomes recorded so far, if any.
+    pub(crate) fn flush_done(&mut self) {
+        if !self.outcomes.is_empty() {
+            self.flush(Vec::new(), None, Instant::now());
+        }
     }
 
     /// Sends everything left.
