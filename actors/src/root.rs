@@ -2,26 +2,30 @@
 //!
 //! - **Owns**: the tracker, the stage supervisors and the source actor, all
 //!   spawned linked to it, in that order, and wired together.
-//! - **Receives**: [`PipelineMsg`]: `Inject`, `Stop`, `Abort` and `Stats`
-//!   from handles or from other actors; `Finished` from the tracker.
-//! - **Sends**: injections and `Close` to the source, `Abort` to the stages,
-//!   stats queries to the tracker.
+//! - **Receives**: [`PipelineMsg`]: `Inject`, `Stop`, `Abort`, `Stats` and
+//!   `Subscribe` from handles or other actors; `StageFailed` from a stage
+//!   over its restart budget; `LogStats` from its timer; `Finished` from the
+//!   tracker.
+//! - **Sends**: injections and `Close` to the source, `Abort` to the stages.
+//!   Stats are read from `Shared`, never asked of an actor.
 //! - **Supervises**: its children. A source that panics closes the input:
 //!   the pipeline finishes the items it has and reports
 //!   [`PipelineError::SourcePanicked`]. A tracker or stage that fails is a
 //!   bug in bergtalzug: the pipeline stops at once with
 //!   [`PipelineError::ActorFailed`].
-//! - **Ends**: when the tracker reports every item finished, it stops its
-//!   children, records the outcome for the handles, and stops with the
-//!   reason [`FINISHED`]; after a fatal error it fails instead, so a
-//!   supervising parent can tell the two apart.
+//! - **Ends**: when the tracker has filed its report, it stops its children,
+//!   records the outcome for the handles, and stops with the reason
+//!   [`FINISHED`]; if the pipeline failed (source panic, restart budget) it
+//!   fails with the error instead, so a supervising parent can tell the two
+//!   apart. Stopped from outside, it aborts and accounts for every item in
+//!   `post_stop` first.
 //!
 //! # Shutdown protocol
 //!
 //! | request | input | queued items | items in workers |
 //! |---|---|---|---|
 //! | `Stop` | closed: no refill, injections refused | run to their outcome | run to their outcome |
-//! | `Abort` | closed | end `Cancelled` | workers are killed; their items end `Cancelled` |
+//! | `Abort`, a stage over budget, stopped from outside | closed | end `Cancelled` | workers are killed; their items end `Cancelled` |
 //!
 //! Either way every admitted item gets exactly one outcome before the
 //! pipeline reports that it finished. A refill in progress when the input
