@@ -4,7 +4,7 @@
 //! A [`StageBinding`] is a stage's handler together with the code that spawns
 //! its supervisor, compiled for the handler's own input and output types.
 //! The root spawns the bindings from the last stage to the first, handing
-//! each the [`Outlet`] of the stage after it; it never sees their types.
+//! each the `Outlet` of the stage after it; it never sees their types.
 
 use std::any::Any;
 use std::future::Future;
