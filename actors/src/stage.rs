@@ -28,8 +28,8 @@
 //! recent service time), so fast handlers run many items per message while
 //! slow ones go one at a time to every idle worker. Demand goes upstream in
 //! chunks of at least half the stage's capacity, so that `Items` messages
-//! are large too (measured: twice the throughput of quarter-capacity
-//! chunks on the 4 x 4 benchmark).
+//! are large too (measured on 2,000,000 items through 4 x 4 stages: about
+//! 1.3x the throughput of quarter-capacity chunks).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
