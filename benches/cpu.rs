@@ -31,6 +31,8 @@
 //! BENCH_QUICK=1 cargo bench --bench cpu
 //! ```
 
+mod common;
+use common::{cpu_time, median};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,32 +192,9 @@ fn threads(n: u64, rounds: u64) -> Duration {
     elapsed
 }
 
-/// CPU time (user + system) of the whole process so far, from
-/// `/proc/self/stat`, in clock ticks of 10 ms (Linux's `USER_HZ`).
-fn cpu_time() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name, which is in parentheses: state is
-    // field 3, utime field 14, stime field 15.
-    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(Duration::from_millis((utime + stime) * 10))
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    }
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; other unknown arguments are ignored too.
-    let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
-        || std::env::args().any(|a| a == "--quick");
+    let quick = common::quick();
     let (items, reps) = if quick {
         (QUICK_ITEMS, 1)
     } else {
@@ -286,7 +265,7 @@ fn main() {
             if cpu_us[i].is_empty() {
                 "?".into()
             } else {
-                format!("{:.1}", median(&mut cpu_us[i]))
+                format!("{:.1}", median(&cpu_us[i]))
             }
         );
     }

@@ -40,6 +40,8 @@
 //! BENCH_QUICK=1 cargo bench --bench latency
 //! ```
 
+mod common;
+use common::verdict;
 use std::time::{Duration, Instant};
 
 use bergtalzug::prelude::*;
@@ -274,14 +276,9 @@ fn us(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e6)
 }
 
-fn verdict(met: bool) -> &'static str {
-    if met { "met" } else { "NOT met" }
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; other unknown arguments are ignored too.
-    let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
-        || std::env::args().any(|a| a == "--quick");
+    let quick = common::quick();
     let (samples, startups) = if quick {
         (QUICK_SAMPLES, QUICK_STARTUPS)
     } else {

@@ -33,6 +33,8 @@
 //! BENCH_QUICK=1 cargo bench --bench memory
 //! ```
 
+mod common;
+use common::{status_kib, verdict};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -170,20 +172,6 @@ async fn bergtalzug(n: u64, retain: bool) -> Vec<WorkItemResult> {
     results
 }
 
-/// A field of `/proc/self/status` in KiB, e.g. `VmHWM`.
-fn status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?;
-    line[field.len() + 1..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// In the child: run one variant, print `VmHWM` and the time taken.
 fn child(spec: &str) {
     let (key, items) = spec.split_once(':').expect("<variant>:<items>");
@@ -254,18 +242,13 @@ fn median(sorted: &[u64]) -> u64 {
     }
 }
 
-fn verdict(met: bool) -> &'static str {
-    if met { "met" } else { "NOT met" }
-}
-
 fn main() {
     if let Ok(spec) = std::env::var(CHILD_ENV) {
         child(&spec);
         return;
     }
     // `cargo bench` passes `--bench`; other unknown arguments are ignored too.
-    let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
-        || std::env::args().any(|a| a == "--quick");
+    let quick = common::quick();
     let (small, large, reps) = if quick {
         (QUICK_SMALL, QUICK_LARGE, 1)
     } else {

@@ -28,6 +28,8 @@
 //! BENCH_QUICK=1 cargo bench --bench scaling
 //! ```
 
+mod common;
+use common::median;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -170,20 +172,9 @@ async fn sleep_floor(workers: usize, n: u64) -> Duration {
     start.elapsed()
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    }
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; other unknown arguments are ignored too.
-    let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
-        || std::env::args().any(|a| a == "--quick");
+    let quick = common::quick();
     let (items, sleep_items, reps) = if quick {
         (QUICK_ITEMS, QUICK_SLEEP_ITEMS, 1)
     } else {

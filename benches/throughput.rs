@@ -35,6 +35,8 @@
 //! BENCH_QUICK=1 cargo bench --bench throughput
 //! ```
 
+mod common;
+use common::{cpu_time, median};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -340,38 +342,9 @@ async fn bergtalzug(n: u64, tracking: bool) -> Duration {
     elapsed
 }
 
-/// The process's peak resident set size (`VmHWM`), as reported by Linux.
-fn peak_rss() -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line["VmHWM:".len()..].trim().to_string())
-}
-
-/// CPU time (user + system) of the whole process so far, from
-/// `/proc/self/stat`, in clock ticks of 10 ms (Linux's `USER_HZ`).
-fn cpu_time() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name, which is in parentheses: state is
-    // field 3, utime field 14, stime field 15.
-    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(Duration::from_millis((utime + stime) * 10))
-}
-
-fn median(sorted: &[f64]) -> f64 {
-    let mid = sorted.len() / 2;
-    if sorted.len() % 2 == 1 {
-        sorted[mid]
-    } else {
-        (sorted[mid - 1] + sorted[mid]) / 2.0
-    }
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; other unknown arguments are ignored too.
-    let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
-        || std::env::args().any(|a| a == "--quick");
+    let quick = common::quick();
     let (items, reps) = if quick {
         (QUICK_ITEMS, 1)
     } else {
@@ -458,6 +431,6 @@ fn main() {
     );
     println!(
         "peak RSS (VmHWM): {}",
-        peak_rss().unwrap_or_else(|| "unavailable".into())
+        common::status_kib("VmHWM").map_or_else(|| "unavailable".into(), |kib| format!("{kib} kB"))
     );
 }
