@@ -110,7 +110,7 @@ impl<'de> Deserialize<'de> for JobId {
 }
 
 /// The names of a pipeline's stages, shared by every item's metadata.
-pub(crate) type StageNames = Arc<[Box<str>]>;
+pub(crate) type StageNames = Arc<[Arc<str>]>;
 
 /// When an item entered, started and left one stage.
 #[derive(Debug, Clone)]

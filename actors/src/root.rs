@@ -249,7 +249,7 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
                 .iter()
                 .position(|s| s.cell().get_id() == cell.get_id())
             {
-                Some(i) => format!("stage {}", state.shared.stage_names[i]),
+                Some(i) => format!("stage {}", state.shared.names[i]),
                 None => format!("actor {}", cell.get_id()),
             }
         };

@@ -17,10 +17,10 @@ use crate::stats::{PipelineStats, StageGauges, Tally};
 pub(crate) struct Shared {
     pub(crate) config: PipelineConfig,
     pub(crate) name: Arc<str>,
-    pub(crate) stage_names: Vec<Arc<str>>,
     /// Items handed to the pipeline so far; bumped before they are sent.
     pub(crate) admitted: AtomicU64,
-    /// The stage names, shared by every tracked item's metadata.
+    /// The stage names, in order; shared by the stages, events and every
+    /// tracked item's metadata.
     pub(crate) names: StageNames,
     pub(crate) gauges: Vec<StageGauges>,
     pub(crate) events: Arc<EventHub>,
@@ -41,16 +41,11 @@ impl Shared {
     pub(crate) fn new(config: PipelineConfig) -> Self {
         Shared {
             name: config.pipeline_name.as_str().into(),
-            stage_names: config
-                .stages
-                .iter()
-                .map(|s| s.name.as_str().into())
-                .collect(),
             admitted: AtomicU64::new(0),
             names: config
                 .stages
                 .iter()
-                .map(|s| s.name.clone().into_boxed_str())
+                .map(|s| Arc::from(s.name.as_str()))
                 .collect(),
             gauges: config
                 .stages

@@ -165,7 +165,7 @@ where
         args: StageArgs<O, R>,
     ) -> Result<Self::State, ActorProcessingErr> {
         let config = &args.shared.config.stages[args.index];
-        let name = args.shared.stage_names[args.index].clone();
+        let name = args.shared.names[args.index].clone();
         Ok(StageState {
             index: args.index,
             capacity: config.capacity(),
