@@ -69,7 +69,7 @@ pub use bergtalzug_actors as actors;
 
 #[doc(inline)]
 pub use bergtalzug_actors::config::{
-    ConfigError, ExecutionType, PipelineConfig, RestartBudget, StageConfig,
+    ConfigError, ExecutionType, PipelineConfig, RestartBudget, RetryPolicy, StageConfig,
 };
 #[doc(inline)]
 pub use bergtalzug_actors::error::PipelineError;
@@ -79,7 +79,8 @@ pub use bergtalzug_actors::event::{
 };
 #[doc(inline)]
 pub use bergtalzug_actors::item::{
-    ItemError, ItemErrorKind, JobId, StageTimes, WorkItem, WorkItemMetadata, WorkItemResult,
+    ItemError, ItemErrorKind, JobId, Permanent, StageTimes, WorkItem, WorkItemMetadata,
+    WorkItemResult,
 };
 #[doc(inline)]
 pub use bergtalzug_actors::source::Source;
@@ -95,8 +96,9 @@ pub mod prelude {
     pub use crate::sources;
     pub use crate::{
         BuildError, ConfigError, EventFilter, ExecutionType, ItemError, ItemErrorKind, JobId,
-        Pipeline, PipelineConfig, PipelineError, PipelineEvent, PipelineStats, RestartBudget,
-        Source, StageConfig, StageStats, WorkItem, WorkItemMetadata, WorkItemResult,
+        Permanent, Pipeline, PipelineConfig, PipelineError, PipelineEvent, PipelineStats,
+        RestartBudget, RetryPolicy, Source, StageConfig, StageStats, WorkItem, WorkItemMetadata,
+        WorkItemResult,
     };
 }
 

@@ -96,6 +96,140 @@ pub struct StageConfig {
     /// within a time window (a crash loop); none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_budget: Option<RestartBudget>,
+    /// How long one attempt may take; none by default. An Async attempt is
+    /// cancelled at the deadline, a Process attempt's child is killed, and a
+    /// Thread or Cpu attempt (which cannot be interrupted) is failed
+    /// `TimedOut` and its late result discarded. Seconds in files.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_seconds")]
+    pub timeout: Option<Duration>,
+    /// Whether and how a failed attempt is tried again; none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+}
+
+/// How a stage tries a failed item again: up to `max_attempts` attempts in
+/// all, waiting `initial_delay`, then `multiplier` times longer after each
+/// further failure, never more than `max_delay`, with up to `jitter` of each
+/// wait taken off at random so that retries spread out.
+///
+/// A retry waits without holding a worker and then re-enters the stage's
+/// queue. Every failure is retried except a cancellation and an error the
+/// handler marks [`Permanent`](crate::item::Permanent).
+///
+/// In files:
+/// `retry = { max_attempts = 3, initial_delay = 0.05, multiplier = 2.0, max_delay = 5.0, jitter = 0.2 }`
+/// (only `max_attempts` and `initial_delay` are required; the rest default
+/// to a fixed delay with no jitter and a 30 s cap).
+///
+/// ```
+/// use std::time::Duration;
+/// use bergtalzug_actors::config::RetryPolicy;
+///
+/// let policy = RetryPolicy::exponential(4, Duration::from_millis(100))
+///     .max_delay(Duration::from_millis(250));
+/// assert_eq!(policy.delay_before(2, 0.0), Duration::from_millis(100));
+/// assert_eq!(policy.delay_before(3, 0.0), Duration::from_millis(200));
+/// assert_eq!(policy.delay_before(4, 0.0), Duration::from_millis(250));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// All attempts, the first included; 1 means never retry.
+    pub max_attempts: u32,
+    /// The wait before the second attempt.
+    #[serde(with = "seconds")]
+    pub initial_delay: Duration,
+    /// Each further wait is this many times the previous one; 1 is a fixed
+    /// delay. At least 1.
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+    /// No wait is longer than this. Default 30 s.
+    #[serde(default = "default_max_delay", with = "seconds")]
+    pub max_delay: Duration,
+    /// The share of each wait, from 0 to 1, that may be taken off at random.
+    /// Default 0.
+    #[serde(default)]
+    pub jitter: f64,
+}
+
+fn default_multiplier() -> f64 {
+    1.0
+}
+
+fn default_max_delay() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl RetryPolicy {
+    /// Up to `max_attempts` attempts in all, `delay` apart.
+    pub fn fixed(max_attempts: u32, delay: Duration) -> Self {
+        RetryPolicy {
+            max_attempts,
+            initial_delay: delay,
+            multiplier: 1.0,
+            max_delay: default_max_delay().max(delay),
+            jitter: 0.0,
+        }
+    }
+
+    /// Up to `max_attempts` attempts in all, waiting `initial_delay` and then
+    /// twice as long after each further failure (30 s at most).
+    pub fn exponential(max_attempts: u32, initial_delay: Duration) -> Self {
+        RetryPolicy {
+            multiplier: 2.0,
+            ..Self::fixed(max_attempts, initial_delay)
+        }
+    }
+
+    /// Sets the growth factor between waits (at least 1).
+    pub fn multiplier(mut self, multiplier: f64) -> Self {
+        self.multiplier = multiplier;
+        self
+    }
+
+    /// Caps every wait.
+    pub fn max_delay(mut self, max_delay: Duration) -> Self {
+        self.max_delay = max_delay;
+        self
+    }
+
+    /// Takes up to this share (0 to 1) of each wait off at random.
+    pub fn jitter(mut self, jitter: f64) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// The wait before attempt number `attempt` (2 for the first retry).
+    /// `random` in `[0, 1)` picks how much jitter is taken off.
+    pub fn delay_before(&self, attempt: u32, random: f64) -> Duration {
+        let retries = attempt.saturating_sub(2).min(1024) as i32;
+        let base = self.initial_delay.as_secs_f64() * self.multiplier.powi(retries);
+        let capped = base.min(self.max_delay.as_secs_f64());
+        let jittered = capped * (1.0 - self.jitter.clamp(0.0, 1.0) * random.clamp(0.0, 1.0));
+        Duration::try_from_secs_f64(jittered).unwrap_or(self.max_delay)
+    }
+
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.max_attempts == 0 {
+            return Err(("retry.max_attempts", "must be at least 1".into()));
+        }
+        if !(self.multiplier.is_finite() && self.multiplier >= 1.0) {
+            return Err((
+                "retry.multiplier",
+                format!(
+                    "must be a finite number of at least 1, not {}",
+                    self.multiplier
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err((
+                "retry.jitter",
+                format!("must be between 0 and 1, not {}", self.jitter),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// How many worker replacements a stage may make within a window before
@@ -140,7 +274,27 @@ impl StageConfig {
             workers: default_workers(),
             queue_size: default_queue_size(),
             restart_budget: None,
+            timeout: None,
+            retry: None,
         }
+    }
+
+    /// Limits how long one attempt may take.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Tries failed items again under `policy`. The stage's input type must
+    /// be `Clone` (checked when the handler is bound).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// How many attempts this stage makes at most: 1 without a retry policy.
+    pub fn max_attempts(&self) -> u32 {
+        self.retry.map_or(1, |r| r.max_attempts)
     }
 
     /// Sets how many items this stage works on at once.
@@ -341,6 +495,12 @@ impl PipelineConfig {
                     "must be longer than zero".into(),
                 ));
             }
+            if stage.timeout.is_some_and(|t| t.is_zero()) {
+                return Err(invalid("timeout", "must be longer than zero".into()));
+            }
+            if let Some(Err((field, message))) = stage.retry.map(|r| r.check()) {
+                return Err(invalid(field, message));
+            }
         }
         Ok(())
     }
@@ -438,6 +598,26 @@ mod seconds {
                 "{secs} is not a duration in seconds (must be finite and not negative)"
             ))
         })
+    }
+}
+
+/// Optional durations as fractional seconds.
+mod opt_seconds {
+    use super::*;
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        struct Secs(#[serde(with = "seconds")] Duration);
+        Ok(Option::<Secs>::deserialize(d)?.map(|Secs(d)| d))
     }
 }
 

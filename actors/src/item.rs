@@ -281,6 +281,42 @@ impl<T> WorkItem<T> {
     }
 }
 
+/// Marks a handler's error as not worth retrying: the item fails at once,
+/// whatever the stage's [`RetryPolicy`](crate::config::RetryPolicy).
+///
+/// ```
+/// use bergtalzug_actors::item::{Permanent, WorkItem};
+///
+/// fn parse(item: WorkItem<String>) -> anyhow::Result<WorkItem<u64>> {
+///     let n = item.data.parse::<u64>().map_err(|e| Permanent(e.into()))?;
+///     Ok(item.map(|_| n))
+/// }
+/// let err = parse(WorkItem::new("x".to_string())).unwrap_err();
+/// assert!(Permanent::is(&err));
+/// ```
+#[derive(Debug)]
+pub struct Permanent(pub anyhow::Error);
+
+impl Permanent {
+    /// Whether `error` (or any error in its chain) was marked permanent.
+    pub fn is(error: &anyhow::Error) -> bool {
+        error.chain().any(|e| e.is::<Permanent>())
+    }
+}
+
+impl fmt::Display for Permanent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The alternate form keeps the wrapped error's whole chain.
+        if f.alternate() {
+            write!(f, "{:#}", self.0)
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
+impl std::error::Error for Permanent {}
+
 /// Why an item failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -298,6 +334,9 @@ pub enum ItemErrorKind {
     DuplicateJobId,
     /// The worker holding the item died without reporting it.
     WorkerLost,
+    /// The worker process running the item died (abort, segfault, killed);
+    /// the message gives the exit status or signal. Process stages only.
+    ProcessDied,
 }
 
 impl fmt::Display for ItemErrorKind {
@@ -309,6 +348,7 @@ impl fmt::Display for ItemErrorKind {
             ItemErrorKind::Cancelled => "cancelled",
             ItemErrorKind::DuplicateJobId => "duplicate job id",
             ItemErrorKind::WorkerLost => "worker lost",
+            ItemErrorKind::ProcessDied => "process died",
         })
     }
 }
