@@ -53,6 +53,12 @@
 //! - [`Pipeline`]: `run`, `start`, `stats`, `subscribe`, `inject`, `stop`,
 //!   `abort`, `spawn_linked`.
 //! - [`sources`]: sources from an iterator, a `Stream` or a channel.
+//! - `progress` (feature `progress`, on by default): a progress bar in a
+//!   terminal, plain progress lines elsewhere.
+//! - Observation: [`PipelineStats`] (percentiles, recent throughput,
+//!   utilisation, the bottleneck), [`PipelineEvent`] (including stalled
+//!   items), a tracing span per item per stage, and metrics through the
+//!   `metrics` facade (feature `metrics`); see `docs/observability.md`.
 //! - The engine, its actors and messages live in the `bergtalzug-actors`
 //!   crate, re-exported here as [`actors`] for those who embed a pipeline
 //!   in their own ractor system.
@@ -62,6 +68,8 @@
 
 pub mod builder;
 pub mod pipeline;
+#[cfg(feature = "progress")]
+pub mod progress;
 pub mod sources;
 
 /// The engine crate, for embedding in a ractor system.

@@ -114,6 +114,12 @@ impl<T: Send + 'static> Pipeline<T> {
         self.runtime.is_finished()
     }
 
+    /// Waits until the pipeline has finished, without taking the results.
+    #[cfg(feature = "progress")]
+    pub(crate) async fn wait_finished(&self) {
+        self.runtime.finished().await
+    }
+
     /// A statistics snapshot; after the end, the final statistics.
     pub async fn stats(&self) -> Result<PipelineStats, PipelineError> {
         self.runtime.stats().await

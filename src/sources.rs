@@ -6,6 +6,8 @@
 //! let numbers = sources::iter(0..1000u32);            // data, one item each
 //! let named = sources::items(vec![WorkItem::with_job_id("a", 1u8)]);
 //! let (tx, rx) = sources::channel::<String>(64);     // fed while running
+//! assert_eq!(numbers.size_hint(), Some(1000));        // known: progress shows a total
+//! assert_eq!(rx.size_hint(), None);                   // unknown: a spinner
 //! # drop((numbers, named, tx, rx));
 //! ```
 
@@ -63,6 +65,15 @@ where
     async fn refill(&mut self, count: usize) -> anyhow::Result<Vec<WorkItem<T>>> {
         Ok(self.iter.by_ref().take(count).collect())
     }
+
+    /// The iterator's length when it knows it exactly (a range, a `Vec`).
+    fn size_hint(&self) -> Option<u64> {
+        exact(self.iter.size_hint())
+    }
+}
+
+fn exact((low, high): (usize, Option<usize>)) -> Option<u64> {
+    (high == Some(low)).then_some(low as u64)
 }
 
 /// A source over a `Stream` of work items; see [`stream`].
@@ -111,6 +122,11 @@ where
             }
         }
         Ok(batch)
+    }
+
+    /// The stream's length when it knows it exactly.
+    fn size_hint(&self) -> Option<u64> {
+        exact(self.stream.size_hint())
     }
 }
 

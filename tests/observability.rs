@@ -184,3 +184,141 @@ async fn stats_serialise_with_the_seeds_fields() {
     assert!(json["stages"][0]["p99_duration"].is_f64());
     assert_eq!(json["active_by_stage"]["a"], 0);
 }
+
+/// The keys of a JSON object, sorted.
+fn keys(value: &serde_json::Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = value
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {value}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_json_has_exactly_the_documented_shape() {
+    let pipeline = two_stage("shape", 50);
+    within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap();
+    let json = serde_json::to_value(pipeline.stats().await.unwrap()).unwrap();
+    let mut pipeline_keys = vec![
+        "pipeline_name",
+        "elapsed",
+        "admitted_items",
+        "expected_items",
+        "active_items",
+        "active_by_stage",
+        "completed_items",
+        "failed_items",
+        "cancelled_items",
+        "success_rate",
+        "average_duration",
+        "p50_duration",
+        "p90_duration",
+        "p99_duration",
+        "items_per_second",
+        "recent_items_per_second",
+        "bottleneck",
+        "stalled_items",
+        "stages",
+    ];
+    pipeline_keys.sort_unstable();
+    assert_eq!(keys(&json), pipeline_keys);
+    let mut stage_keys = vec![
+        "name",
+        "execution_type",
+        "workers",
+        "admitted",
+        "processed",
+        "failed",
+        "retried",
+        "queued",
+        "in_flight",
+        "waiting_downstream",
+        "items_per_second",
+        "utilisation",
+        "stalled",
+        "average_duration",
+        "p50_duration",
+        "p90_duration",
+        "p99_duration",
+        "average_queue_wait",
+        "p50_queue_wait",
+        "p90_queue_wait",
+        "p99_queue_wait",
+    ];
+    stage_keys.sort_unstable();
+    let stages = json["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 2);
+    for stage in stages {
+        assert_eq!(keys(stage), stage_keys);
+        // Durations are seconds; counts are integers; rates are numbers.
+        for key in ["p50_duration", "p90_duration", "p99_queue_wait"] {
+            assert!(stage[key].as_f64().is_some_and(|s| s >= 0.0), "{key}: {stage}");
+        }
+        assert_eq!(stage["admitted"], 50);
+        assert!(stage["utilisation"].as_f64().is_some_and(|u| (0.0..=1.0).contains(&u)));
+    }
+    // 50 from `sources::iter(0..50)`, which knows its length.
+    assert_eq!(json["expected_items"], 50);
+    assert_eq!(json["admitted_items"], 50);
+    assert_eq!(json["stalled_items"], 0);
+    assert!(json["elapsed"].as_f64().is_some_and(|s| s > 0.0));
+    assert!(json["p99_duration"].as_f64().is_some());
+    assert!(json["recent_items_per_second"].as_f64().is_some_and(|r| r > 0.0));
+    assert!(json["bottleneck"].is_string(), "{}", json["bottleneck"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_item_is_reported_while_it_runs() {
+    // Real time: one item holds its worker for 1 s; the threshold is 100 ms.
+    let pipeline = Pipeline::builder(
+        config(
+            "stall",
+            vec![
+                StageConfig::new("fetch", ExecutionType::Async).workers(2),
+                StageConfig::new("hang", ExecutionType::Thread).workers(1),
+            ],
+        )
+        .stall_threshold(Duration::from_millis(100)),
+    )
+    .unwrap()
+    .source(sources::items(vec![
+        WorkItem::with_job_id("quick", 0u64),
+        WorkItem::with_job_id("slow", 1u64),
+    ]))
+    .async_stage("fetch", |i: WorkItem<u64>| async move { Ok(i) })
+    .sync_stage("hang", |i: WorkItem<u64>| {
+        if i.data == 1 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        Ok(i)
+    })
+    .build()
+    .unwrap();
+    let mut events = pipeline.subscribe_filtered(EventFilter::none().with_control());
+    let run = tokio::spawn({
+        let pipeline = pipeline.clone();
+        async move { pipeline.run().await }
+    });
+    // The report comes while the item is still held.
+    let event = within(Duration::from_secs(5), events.recv()).await.unwrap();
+    assert!(!pipeline.is_finished());
+    let PipelineEvent::ItemStalled {
+        job_id, stage, age, ..
+    } = event
+    else {
+        panic!("not a stall: {event:?}");
+    };
+    assert_eq!(job_id, JobId::from("slow"));
+    assert_eq!(&*stage, "hang");
+    assert!(age >= Duration::from_millis(100), "{age:?}");
+    within(Duration::from_secs(10), run).await.unwrap().unwrap();
+    let stats = pipeline.stats().await.unwrap();
+    assert_eq!(stats.stalled_items, 1);
+    assert_eq!(stats.stage("hang").unwrap().stalled, 1);
+    assert_eq!(stats.stage("fetch").unwrap().stalled, 0);
+}

@@ -50,6 +50,8 @@ pub(crate) trait StageControl: Send + Sync + 'static {
     fn cell(&self) -> ActorCell;
     /// A port that sends demand to this stage.
     fn demand_port(&self) -> DemandPort;
+    /// A port that asks this stage to report its stalled items.
+    fn stall_port(&self) -> crate::monitor::StallPort;
 }
 
 impl<I: Send + 'static, O: Send + 'static> StageControl for ActorRef<StageMsg<I, O>> {
@@ -69,6 +71,13 @@ impl<I: Send + 'static, O: Send + 'static> StageControl for ActorRef<StageMsg<I,
         let me = self.clone();
         Arc::new(move |n| {
             let _ = me.cast(StageMsg::Demand(n));
+        })
+    }
+
+    fn stall_port(&self) -> crate::monitor::StallPort {
+        let me = self.clone();
+        Arc::new(move |threshold| {
+            let _ = me.cast(StageMsg::CheckStalls(threshold));
         })
     }
 }

@@ -354,6 +354,17 @@ pub struct PipelineConfig {
     /// use completion callbacks or events instead.
     #[serde(default = "default_true")]
     pub retain_results: bool,
+    /// Report an item a worker has held longer than this: a
+    /// `PipelineEvent::ItemStalled` and a warning naming the job id, stage,
+    /// worker and age, once per item and stage. None (the default) turns
+    /// stall detection off. `stall_threshold_seconds` in files.
+    #[serde(
+        default,
+        rename = "stall_threshold_seconds",
+        skip_serializing_if = "Option::is_none",
+        with = "opt_seconds"
+    )]
+    pub stall_threshold: Option<Duration>,
 }
 
 fn default_refresh() -> Duration {
@@ -378,6 +389,7 @@ impl PipelineConfig {
             stats_interval: default_stats_interval(),
             enable_tracking: true,
             retain_results: true,
+            stall_threshold: None,
         }
     }
 
@@ -396,6 +408,22 @@ impl PipelineConfig {
     /// Turns per-item timing on or off.
     pub fn enable_tracking(mut self, on: bool) -> Self {
         self.enable_tracking = on;
+        self
+    }
+
+    /// Reports items held by a worker longer than `threshold` (see
+    /// [`PipelineConfig::stall_threshold`]).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bergtalzug_actors::config::{ExecutionType, PipelineConfig, StageConfig};
+    ///
+    /// let config = PipelineConfig::new("p", vec![StageConfig::new("s", ExecutionType::Async)])
+    ///     .stall_threshold(Duration::from_secs(30));
+    /// assert_eq!(config.stall_threshold, Some(Duration::from_secs(30)));
+    /// ```
+    pub fn stall_threshold(mut self, threshold: Duration) -> Self {
+        self.stall_threshold = Some(threshold);
         self
     }
 
@@ -459,6 +487,12 @@ impl PipelineConfig {
             return Err(ConfigError::Invalid {
                 field: "stages".into(),
                 message: "a pipeline needs at least one stage".into(),
+            });
+        }
+        if self.stall_threshold.is_some_and(|t| t.is_zero()) {
+            return Err(ConfigError::Invalid {
+                field: "stall_threshold_seconds".into(),
+                message: "must be longer than zero".into(),
             });
         }
         let mut seen = std::collections::HashSet::new();

@@ -7,7 +7,7 @@
 //! Each subscriber has its own bounded buffer ([`EVENT_BUFFER`] events).
 //!
 //! - **Terminal and control events** (`ItemFinished`, `WorkerRestarted`,
-//!   `SourceError`, `PipelineFinished`) are never dropped: when a
+//!   `ItemStalled`, `SourceError`, `PipelineFinished`) are never dropped: when a
 //!   subscriber's buffer is full the tracker waits for it, and the pipeline
 //!   slows to the subscriber's pace (its memory stays bounded because the
 //!   source admits new items only as old ones are tracked).
@@ -111,6 +111,19 @@ pub enum PipelineEvent {
         /// Why it died.
         reason: String,
     },
+    /// A worker has held an item longer than the pipeline's
+    /// `stall_threshold`; sent once per item and stage. The item goes on
+    /// (this is a report, not a timeout). Never dropped.
+    ItemStalled {
+        /// The item.
+        job_id: JobId,
+        /// The stage.
+        stage: Arc<str>,
+        /// The worker holding it.
+        worker: WorkerId,
+        /// How long the worker had held it when it was noticed.
+        age: std::time::Duration,
+    },
     /// The source's `refill` failed; it is asked again after
     /// `queue_refresh_rate`. Never dropped.
     SourceError {
@@ -129,7 +142,8 @@ impl PipelineEvent {
             PipelineEvent::ItemQueued { stage, .. }
             | PipelineEvent::ItemStarted { stage, .. }
             | PipelineEvent::ItemCompleted { stage, .. }
-            | PipelineEvent::WorkerRestarted { stage, .. } => Some(stage),
+            | PipelineEvent::WorkerRestarted { stage, .. }
+            | PipelineEvent::ItemStalled { stage, .. } => Some(stage),
             PipelineEvent::ItemFinished(result) => result.error.as_ref().map(|e| e.stage.as_str()),
             PipelineEvent::SourceError { .. } | PipelineEvent::PipelineFinished(_) => None,
         }
@@ -190,7 +204,8 @@ impl EventFilter {
         EventFilter::none().with_finished()
     }
 
-    /// Only what went wrong: failed items, worker restarts, source errors.
+    /// Only what went wrong: failed items, worker restarts, stalled items,
+    /// source errors.
     pub fn failures() -> Self {
         EventFilter::none()
             .with_finished()
@@ -215,7 +230,7 @@ impl EventFilter {
         self
     }
 
-    /// Adds `WorkerRestarted` and `SourceError`.
+    /// Adds `WorkerRestarted`, `ItemStalled` and `SourceError`.
     pub fn with_control(mut self) -> Self {
         self.control = true;
         self
@@ -247,9 +262,9 @@ impl EventFilter {
             PipelineEvent::ItemFinished(result) => {
                 self.finished && (!self.failures_only || !result.success)
             }
-            PipelineEvent::WorkerRestarted { .. } | PipelineEvent::SourceError { .. } => {
-                self.control
-            }
+            PipelineEvent::WorkerRestarted { .. }
+            | PipelineEvent::ItemStalled { .. }
+            | PipelineEvent::SourceError { .. } => self.control,
         };
         kind && match &self.stage {
             None => true,

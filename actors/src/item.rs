@@ -173,7 +173,7 @@ pub struct WorkItemMetadata {
 impl Default for WorkItemMetadata {
     fn default() -> Self {
         WorkItemMetadata {
-            created: Instant::now(),
+            created: crate::clock::now(),
             names: None,
             stages: Vec::new(),
             finished: None,
@@ -406,7 +406,7 @@ impl WorkItemResult {
     }
 
     pub(crate) fn failed(job_id: JobId, mut metadata: WorkItemMetadata, error: ItemError) -> Self {
-        metadata.finished.get_or_insert_with(Instant::now);
+        metadata.finished.get_or_insert_with(crate::clock::now);
         WorkItemResult {
             job_id,
             success: false,

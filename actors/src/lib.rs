@@ -11,7 +11,12 @@
 //! - [`source`]: the demand-driven `Source` trait.
 //! - [`binding`]: typed stage handlers and sources, ready to spawn.
 //! - [`event`]: `PipelineEvent`, subscriptions and their delivery policy.
-//! - [`stats`]: `PipelineStats`, `StageStats`.
+//! - [`stats`]: `PipelineStats`, `StageStats`: counts, percentiles, recent
+//!   throughput, utilisation and the bottleneck stage.
+//! - Observation beside the actors: `monitor` (samples for the recent
+//!   window, stall checks, metrics), `metrics` (the `metrics` facade, crate
+//!   feature `metrics`); `docs/observability.md` lists every metric, span
+//!   and event.
 //! - The actors, one per file, each opening with its contract:
 //!   `root` (the pipeline root, [`PipelineActor`]), `source_actor`, `stage`
 //!   (stage supervisor), `worker`, `tracker`; the execution models in
@@ -33,10 +38,14 @@
 //! mailbox holds more than its receiver asked for. See `docs/architecture.md`.
 
 pub mod binding;
+pub(crate) mod clock;
 pub mod config;
 pub mod error;
 pub mod event;
 pub mod item;
+#[cfg(feature = "metrics")]
+pub(crate) mod metrics;
+pub(crate) mod monitor;
 pub mod root;
 pub(crate) mod runner;
 pub(crate) mod shared;

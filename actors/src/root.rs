@@ -33,7 +33,7 @@
 
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::sync::Mutex as AsyncMutex;
@@ -198,7 +198,7 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
             }
             PipelineMsg::LogStats(Tick(())) => {
                 if !state.shared.completion.is_done() {
-                    tracing::info!(pipeline = %state.shared.name, "{}", state.shared.stats());
+                    log_stats(&state.shared.stats());
                 }
             }
             PipelineMsg::Subscribe(filter, reply) => {
@@ -287,6 +287,24 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
     }
 }
 
+/// The periodic stats line: the seed's fields as tracing fields, and the
+/// whole snapshot as the message.
+fn log_stats(stats: &PipelineStats) {
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+    tracing::info!(
+        pipeline = %stats.pipeline_name,
+        active_items = stats.active_items,
+        active_by_stage = ?stats.active_by_stage,
+        completed_items = stats.completed_items,
+        failed_items = stats.failed_items,
+        success_rate = stats.success_rate,
+        average_duration_ms = ms(stats.average_duration),
+        items_per_second = stats.recent_items_per_second,
+        bottleneck = stats.bottleneck.as_deref(),
+        "{stats}"
+    );
+}
+
 /// Spawns the tracker, the stages from last to first (each knowing the
 /// next), and the source, then wires demand and releases.
 async fn spawn_children<T: Send + 'static>(
@@ -333,6 +351,9 @@ async fn spawn_children<T: Send + 'static>(
             |_| "the first stage does not take the source's item type (a bug in the builder)",
         )?;
 
+    let _ = shared
+        .expected
+        .set(parts.source.source.as_ref().and_then(|s| s.size_hint()));
     let source_args = SourceArgs {
         shared: shared.clone(),
         source: parts.source.source,
@@ -358,7 +379,13 @@ async fn spawn_children<T: Send + 'static>(
         };
         stage.connect(upstream);
     }
-    *shared.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    #[cfg(feature = "metrics")]
+    crate::metrics::install(shared);
+    *shared.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(crate::clock::now());
+    crate::monitor::spawn(
+        shared.clone(),
+        stages.iter().map(|s| s.stall_port()).collect(),
+    );
     let interval = shared.config.stats_interval;
     if !interval.is_zero() {
         myself.send_interval(interval, || PipelineMsg::LogStats(Tick(())));
@@ -417,6 +444,10 @@ impl<T: Send + 'static> PipelineState<T> {
             (Some(report), None) => (Ok(report.results), Some(report.stats)),
         };
         let result = outcome.as_ref().map(drop).map_err(Clone::clone);
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = self.shared.metrics.get() {
+            metrics.sync(&self.shared, true);
+        }
         self.shared.completion.finish(outcome, stats);
         result
     }

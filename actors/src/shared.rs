@@ -2,7 +2,7 @@
 //! configuration, live counters, the event hub, and the completion slot.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use tokio::sync::watch;
@@ -35,6 +35,11 @@ pub(crate) struct Shared {
     pub(crate) completion: Completion,
     /// Counts and timings of finished items, kept by the tracker.
     pub(crate) tally: Mutex<Tally>,
+    /// How many items the source said it would hand out, read at the start.
+    pub(crate) expected: OnceLock<Option<u64>>,
+    /// The metrics handles, registered at the start.
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: OnceLock<Arc<crate::metrics::Metrics>>,
 }
 
 impl Shared {
@@ -59,6 +64,9 @@ impl Shared {
             failure: Mutex::new(None),
             completion: Completion::default(),
             tally: Mutex::new(Tally::new(config.stages.len())),
+            expected: OnceLock::new(),
+            #[cfg(feature = "metrics")]
+            metrics: OnceLock::new(),
             config,
         }
     }
@@ -73,6 +81,19 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .snapshot(self)
+    }
+
+    /// Samples the counters for the recent window, if a sample is due.
+    pub(crate) fn sample(&self) {
+        self.tally
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sample(self, crate::clock::now());
+    }
+
+    /// Items the source said it would hand out, if it knew.
+    pub(crate) fn expected_items(&self) -> Option<u64> {
+        self.expected.get().copied().flatten()
     }
 
     /// Records why the pipeline failed; the first reason is kept.

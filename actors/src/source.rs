@@ -42,6 +42,37 @@ pub trait Source: Send + 'static {
         &mut self,
         count: usize,
     ) -> impl Future<Output = anyhow::Result<Vec<WorkItem<Self::Item>>>> + Send;
+
+    /// How many more items `refill` will hand out, if the source knows.
+    ///
+    /// Read once, when the pipeline starts, as
+    /// [`PipelineStats::expected_items`](crate::stats::PipelineStats::expected_items):
+    /// progress bars show it as their total. The default, `None`, means
+    /// "unknown" (a spinner with a rate instead of a bar). A wrong hint
+    /// changes only what is shown, never what runs.
+    ///
+    /// ```
+    /// use bergtalzug_actors::{item::WorkItem, source::Source};
+    ///
+    /// struct Numbers { next: u64, end: u64 }
+    ///
+    /// impl Source for Numbers {
+    ///     type Item = u64;
+    ///     async fn refill(&mut self, count: usize) -> anyhow::Result<Vec<WorkItem<u64>>> {
+    ///         let end = self.end.min(self.next + count as u64);
+    ///         let items = (self.next..end).map(WorkItem::new).collect();
+    ///         self.next = end;
+    ///         Ok(items)
+    ///     }
+    ///     fn size_hint(&self) -> Option<u64> {
+    ///         Some(self.end - self.next)
+    ///     }
+    /// }
+    /// assert_eq!(Numbers { next: 0, end: 10 }.size_hint(), Some(10));
+    /// ```
+    fn size_hint(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The future a boxed source returns.
@@ -52,11 +83,16 @@ pub(crate) type RefillFuture<'a, T> =
 /// future per refill, not per item).
 pub(crate) trait DynSource<T>: Send + 'static {
     fn refill(&mut self, count: usize) -> RefillFuture<'_, T>;
+    fn size_hint(&self) -> Option<u64>;
 }
 
 impl<S: Source> DynSource<S::Item> for S {
     fn refill(&mut self, count: usize) -> RefillFuture<'_, S::Item> {
         Box::pin(Source::refill(self, count))
+    }
+
+    fn size_hint(&self) -> Option<u64> {
+        Source::size_hint(self)
     }
 }
 

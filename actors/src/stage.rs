@@ -79,6 +79,9 @@ pub(crate) enum StageMsg<I, O> {
     Respawn,
     /// From the root: cancel everything held and everything that arrives.
     Abort,
+    /// From the pipeline's monitor: report the items workers have held
+    /// longer than this (`stall_threshold`).
+    CheckStalls(Duration),
 }
 
 /// Where a stage sends the items its handler finished.
@@ -113,6 +116,10 @@ struct Slot<I> {
     held: VecDeque<(JobId, Instant)>,
     /// It reported a panic and is about to fail: no more work for it.
     failing: bool,
+    /// Since when it has held the front of `held` (stall detection).
+    since: Instant,
+    /// The front of `held` was reported stalled.
+    stalled: bool,
 }
 
 pub(crate) struct StageState<I, O, R> {
@@ -221,6 +228,7 @@ where
             StageMsg::Reap { worker, reason } => state.reap(&myself, worker, reason).await,
             StageMsg::Respawn => state.respawn(&myself).await,
             StageMsg::Abort => state.abort(),
+            StageMsg::CheckStalls(threshold) => state.check_stalls(threshold),
         }
         state.pump();
         state.publish_gauges();
@@ -267,6 +275,7 @@ where
         let id = WorkerId(self.next_worker);
         self.next_worker += 1;
         let ctx = Arc::new(RunCtx {
+            pipeline: self.shared.name.clone(),
             stage: self.name.clone(),
             worker: id,
             stage_ref: myself.clone(),
@@ -283,6 +292,8 @@ where
                 actor,
                 held: VecDeque::new(),
                 failing: false,
+                since: crate::clock::now(),
+                stalled: false,
             },
         );
         self.idle.push(id);
@@ -331,7 +342,7 @@ where
         if self.over_budget {
             return false;
         }
-        let now = Instant::now();
+        let now = crate::clock::now();
         while self
             .restarts
             .front()
@@ -356,6 +367,9 @@ where
 
     fn receive(&mut self, mut items: Vec<WorkItem<I>>) {
         self.requested = self.requested.saturating_sub(items.len());
+        self.shared.gauges[self.index]
+            .admitted
+            .fetch_add(items.len() as u64, Ordering::Relaxed);
         if self.aborting {
             let cancelled = items
                 .into_iter()
@@ -365,7 +379,7 @@ where
             return;
         }
         if self.shared.config.enable_tracking {
-            let now = Instant::now();
+            let now = crate::clock::now();
             for item in &mut items {
                 let stages = &mut item.metadata.stages;
                 if stages.capacity() == 0 {
@@ -400,6 +414,11 @@ where
         let n = report.outcomes.len() + report.returned.len();
         for _ in 0..n {
             slot.held.pop_front();
+        }
+        if n > 0 && !slot.held.is_empty() {
+            // The worker goes on with the rest of its batch.
+            slot.since = crate::clock::now();
+            slot.stalled = false;
         }
         self.in_flight -= n;
         if let Some(panic) = &report.panic {
@@ -440,7 +459,10 @@ where
             }
         }
         let gauges = &self.shared.gauges[self.index];
-        let finished_at = (self.is_last() && self.shared.config.enable_tracking).then(Instant::now);
+        gauges
+            .busy_ns
+            .fetch_add(report.busy.as_nanos() as u64, Ordering::Relaxed);
+        let finished_at = (self.is_last() && self.shared.config.enable_tracking).then(crate::clock::now);
         let (mut processed, mut failed) = (0, 0);
         for outcome in report.outcomes {
             match outcome {
@@ -572,6 +594,8 @@ where
                     .iter()
                     .map(|i| (i.job_id.clone(), i.metadata.created())),
             );
+            slot.since = crate::clock::now();
+            slot.stalled = false;
             self.in_flight += take;
             if let Err(MessagingErr::SendErr(WorkerMsg::Run(items))) =
                 slot.actor.cast(WorkerMsg::Run(items))
@@ -615,6 +639,30 @@ where
         if free > 0 && (free >= self.capacity.div_ceil(2) || held + self.requested == 0) {
             self.requested += free;
             upstream(free);
+        }
+    }
+
+    /// Reports, once each, the items at the front of a worker's batch that
+    /// it has held for `threshold` or longer.
+    fn check_stalls(&mut self, threshold: Duration) {
+        let now = crate::clock::now();
+        for (worker, slot) in &mut self.slots {
+            let Some((job_id, _)) = slot.held.front() else {
+                continue;
+            };
+            let age = now.saturating_duration_since(slot.since);
+            if slot.stalled || slot.failing || age < threshold {
+                continue;
+            }
+            slot.stalled = true;
+            crate::monitor::report_stall(
+                &self.shared,
+                self.index,
+                &self.tracker,
+                job_id,
+                *worker,
+                age,
+            );
         }
     }
 

@@ -5,11 +5,11 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Instant;
 
 use futures::FutureExt;
+use tracing::Instrument;
 
-use super::{Attempt, Reporter, RunCtx, StageRunner};
+use super::{Attempt, Reporter, RunCtx, StageRunner, item_span};
 use crate::item::WorkItem;
 
 /// Runs an `async fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>`.
@@ -24,15 +24,21 @@ where
 {
     async fn run(&self, ctx: &Arc<RunCtx<I, O>>, items: Vec<WorkItem<I>>) -> Result<(), String> {
         let ctx: &RunCtx<I, O> = ctx;
-        let mut started = Instant::now();
+        let mut started = crate::clock::now();
         let mut reporter = Reporter::new(ctx, items.len(), started);
         let mut items = items.into_iter();
         while let Some(mut item) = items.next() {
             let attempt = Attempt::begin(ctx, &mut item, started);
             reporter.started(&attempt.job_id);
+            let span = item_span(ctx, &attempt.job_id);
             // A handler that panics while building its future is caught too.
-            let result = match std::panic::catch_unwind(AssertUnwindSafe(|| (self.0)(item))) {
+            let made = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                let _entered = span.enter();
+                (self.0)(item)
+            }));
+            let result = match made {
                 Ok(fut) => {
+                    let fut = fut.instrument(span);
                     let mut fut = std::pin::pin!(AssertUnwindSafe(fut).catch_unwind());
                     match futures::poll!(fut.as_mut()) {
                         Poll::Ready(result) => result,
@@ -46,7 +52,7 @@ where
                 }
                 Err(payload) => Err(payload),
             };
-            let now = Instant::now();
+            let now = crate::clock::now();
             reporter.settle(attempt, result, started, now, &mut items)?;
             started = now;
         }

@@ -63,6 +63,7 @@ pub(crate) trait StageRunner<I, O>: Send + Sync + 'static {
 
 /// Everything a worker needs to run items, shared with the threads it uses.
 pub(crate) struct RunCtx<I, O> {
+    pub(crate) pipeline: Arc<str>,
     pub(crate) stage: Arc<str>,
     pub(crate) worker: WorkerId,
     pub(crate) stage_ref: ActorRef<StageMsg<I, O>>,
@@ -258,7 +259,7 @@ impl<'a, I: Send + 'static, O: Send + 'static> Reporter<'a, I, O> {
     /// Sends the outcomes recorded so far, if any.
     pub(crate) fn flush_done(&mut self) {
         if !self.outcomes.is_empty() {
-            self.flush(Vec::new(), None, Instant::now());
+            self.flush(Vec::new(), None, crate::clock::now());
         }
     }
 
@@ -287,6 +288,21 @@ impl<'a, I: Send + 'static, O: Send + 'static> Reporter<'a, I, O> {
     }
 }
 
+/// The span of one item's pass through a stage's handler, with the fixed
+/// fields `pipeline`, `stage`, `worker` and `job_id`. At DEBUG: unless a
+/// subscriber enables it, this is one check of the level filter, and no
+/// field is formatted.
+#[inline]
+pub(crate) fn item_span<I, O>(ctx: &RunCtx<I, O>, job_id: &JobId) -> tracing::Span {
+    tracing::debug_span!(
+        "item",
+        pipeline = %ctx.pipeline,
+        stage = %ctx.stage,
+        worker = %ctx.worker,
+        job_id = %job_id
+    )
+}
+
 /// The text of a panic payload.
 pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
@@ -309,14 +325,18 @@ pub(crate) fn run_blocking<I: Send + 'static, O: Send + 'static, F>(
 where
     F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>,
 {
-    let mut started = Instant::now();
+    let mut started = crate::clock::now();
     let mut reporter = Reporter::new(ctx, items.len(), started);
     let mut items = items.into_iter();
     while let Some(mut item) = items.next() {
         let attempt = Attempt::begin(ctx, &mut item, started);
         reporter.started(&attempt.job_id);
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(item)));
-        let now = Instant::now();
+        let span = item_span(ctx, &attempt.job_id);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _entered = span.enter();
+            handler(item)
+        }));
+        let now = crate::clock::now();
         reporter.settle(attempt, result, started, now, &mut items)?;
         started = now;
     }
