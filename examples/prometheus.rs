@@ -38,7 +38,10 @@ fn check(item: WorkItem<u64>) -> anyhow::Result<WorkItem<u64>> {
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let usage = "usage: prometheus [ITEMS] [ADDR] [LINGER_SECONDS]";
-    let items: u64 = args.next().map_or(Ok(20_000), |a| a.parse()).context(usage)?;
+    let items: u64 = args
+        .next()
+        .map_or(Ok(20_000), |a| a.parse())
+        .context(usage)?;
     let addr: SocketAddr = args
         .next()
         .map_or(Ok(([127, 0, 0, 1], 9000).into()), |a| a.parse())

@@ -5,7 +5,13 @@
 //! ```text
 //! cargo run --release --example quickstart            # 2,000 items
 //! cargo run --release --example quickstart -- 20000   # as many as you like
+//! cargo run --release --example quickstart | cat      # plain progress lines
 //! ```
+//!
+//! In a terminal it shows a live progress bar (the `progress` feature, on by
+//! default) with a line of per-stage detail: queue, busy workers,
+//! utilisation, and the bottleneck. Piped or redirected, it prints a plain
+//! progress line every 2 seconds instead.
 //!
 //! - `fetch` stands in for an HTTP API: each record is served as JSON after a
 //!   few milliseconds of (simulated) network latency. Many workers.
@@ -19,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bergtalzug::prelude::*;
+use bergtalzug::progress::Progress;
 use serde::{Deserialize, Serialize};
 
 /// What the source hands out: where to fetch a record.
@@ -60,6 +67,11 @@ impl Source for Jobs {
             .collect();
         self.next = end;
         Ok(jobs) // empty once every job was handed out: the pipeline finishes
+    }
+
+    /// How many jobs are left: the progress bar's total.
+    fn size_hint(&self) -> Option<u64> {
+        Some(self.total - self.next)
     }
 }
 
@@ -129,10 +141,15 @@ fn ms(d: Option<Duration>) -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // A bar in a terminal, plain lines when piped; logs go through it so
+    // that they do not tear the bar.
+    let progress = Progress::new();
+    let logs = progress.clone();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_writer(move || logs.writer())
         .init();
     let total: u64 = match std::env::args().nth(1) {
         Some(n) => n.parse().context("usage: quickstart [ITEMS]")?,
@@ -161,7 +178,8 @@ async fn main() -> anyhow::Result<()> {
         ],
     )
     .queue_refresh_rate(Duration::from_secs(1))
-    .stats_interval(Duration::from_secs(2));
+    .stats_interval(Duration::from_secs(10))
+    .stall_threshold(Duration::from_secs(5));
 
     // 2-4. The source, the handlers in config order, a completion callback.
     let dir = out.path().to_path_buf();
@@ -171,19 +189,24 @@ async fn main() -> anyhow::Result<()> {
         .sync_stage("parse", parse)
         .sync_stage("compute", compute)
         .async_stage("store", move |item| store(item, dir.clone()))
-        .on_complete(|result| {
-            if let Some(error) = &result.error {
-                println!(
-                    "✗ {} failed in {}: {}",
-                    result.job_id, error.stage, error.message
-                );
+        .on_complete({
+            let progress = progress.clone();
+            move |result| {
+                if let Some(error) = &result.error {
+                    progress.println(format!(
+                        "✗ {} failed in {}: {}",
+                        result.job_id, error.stage, error.message
+                    ));
+                }
             }
         })
         .build()?;
 
     let started = Instant::now();
+    let shown = progress.watch(&pipeline);
     let results = pipeline.run().await?;
     let elapsed = started.elapsed();
+    shown.await?;
 
     // The summary: totals, then one line per stage.
     let stats = pipeline.stats().await?;
@@ -200,22 +223,37 @@ async fn main() -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "{:<8} {:<7} {:>7} {:>9} {:>7} {:>11} {:>11} {:>11} {:>11}",
-        "stage", "model", "workers", "processed", "failed", "avg", "p50", "p99", "queue wait"
+        "{:<8} {:<7} {:>7} {:>9} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10} {:>5}",
+        "stage",
+        "model",
+        "workers",
+        "processed",
+        "failed",
+        "p50",
+        "p90",
+        "p99",
+        "wait p50",
+        "wait p99",
+        "busy"
     );
     for s in &stats.stages {
         println!(
-            "{:<8} {:<7} {:>7} {:>9} {:>7} {:>11} {:>11} {:>11} {:>11}",
+            "{:<8} {:<7} {:>7} {:>9} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10} {:>4.0}%",
             s.name,
             s.execution_type.to_string(),
             s.workers,
             s.processed,
             s.failed,
-            ms(s.average_duration),
             ms(s.p50_duration),
+            ms(s.p90_duration),
             ms(s.p99_duration),
-            ms(s.average_queue_wait),
+            ms(s.p50_queue_wait),
+            ms(s.p99_queue_wait),
+            s.utilisation * 100.0,
         );
+    }
+    if let Some(bottleneck) = &stats.bottleneck {
+        println!("bottleneck (busiest over the last 10 s): {bottleneck}");
     }
     if let Some(r) = results.iter().find(|r| r.success) {
         println!();

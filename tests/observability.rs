@@ -257,10 +257,17 @@ async fn stats_json_has_exactly_the_documented_shape() {
         assert_eq!(keys(stage), stage_keys);
         // Durations are seconds; counts are integers; rates are numbers.
         for key in ["p50_duration", "p90_duration", "p99_queue_wait"] {
-            assert!(stage[key].as_f64().is_some_and(|s| s >= 0.0), "{key}: {stage}");
+            assert!(
+                stage[key].as_f64().is_some_and(|s| s >= 0.0),
+                "{key}: {stage}"
+            );
         }
         assert_eq!(stage["admitted"], 50);
-        assert!(stage["utilisation"].as_f64().is_some_and(|u| (0.0..=1.0).contains(&u)));
+        assert!(
+            stage["utilisation"]
+                .as_f64()
+                .is_some_and(|u| (0.0..=1.0).contains(&u))
+        );
     }
     // 50 from `sources::iter(0..50)`, which knows its length.
     assert_eq!(json["expected_items"], 50);
@@ -268,7 +275,11 @@ async fn stats_json_has_exactly_the_documented_shape() {
     assert_eq!(json["stalled_items"], 0);
     assert!(json["elapsed"].as_f64().is_some_and(|s| s > 0.0));
     assert!(json["p99_duration"].as_f64().is_some());
-    assert!(json["recent_items_per_second"].as_f64().is_some_and(|r| r > 0.0));
+    assert!(
+        json["recent_items_per_second"]
+            .as_f64()
+            .is_some_and(|r| r > 0.0)
+    );
     assert!(json["bottleneck"].is_string(), "{}", json["bottleneck"]);
 }
 

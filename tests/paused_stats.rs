@@ -68,9 +68,7 @@ async fn percentiles_utilisation_and_bottleneck_of_a_controlled_run() {
 
     let service: Vec<Duration> = (1..=100).map(ms).collect();
     let waits: Vec<Duration> = (0..100u64).map(|k| ms(k * (k + 1) / 2)).collect();
-    let totals: Vec<Duration> = (0..100u64)
-        .map(|k| ms((k + 1) * (k + 2) / 2 + 1))
-        .collect();
+    let totals: Vec<Duration> = (0..100u64).map(|k| ms((k + 1) * (k + 2) / 2 + 1)).collect();
     let a = stats.stage("a").unwrap();
     let b = stats.stage("b").unwrap();
     for (q, got_service, got_wait, got_total) in [

@@ -93,7 +93,9 @@ async fn prometheus_scrape_matches_a_known_run() {
     })
     .build()
     .unwrap();
-    let results = within(Duration::from_secs(30), pipeline.run()).await.unwrap();
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
     assert_eq!(results.len(), 200);
 
     let body = tokio::task::spawn_blocking(move || scrape(addr))
@@ -141,13 +143,20 @@ async fn prometheus_scrape_matches_a_known_run() {
             "bergtalzug_stage_service_seconds_count",
             "bergtalzug_stage_queue_wait_seconds_count",
         ] {
-            assert_eq!(value(&body, histogram, &labels), 200.0, "{histogram} {stage}");
+            assert_eq!(
+                value(&body, histogram, &labels),
+                200.0,
+                "{histogram} {stage}"
+            );
         }
     }
     // Stage a sleeps 2 ms per item: 200 items take at least 0.4 s in all,
     // and none is done within 1 ms.
     let service_a = value(&body, "bergtalzug_stage_service_seconds_sum", &[p, a]);
-    assert!(service_a >= 0.4, "stage a's service time sums to {service_a} s");
+    assert!(
+        service_a >= 0.4,
+        "stage a's service time sums to {service_a} s"
+    );
     let fast = value(
         &body,
         "bergtalzug_stage_service_seconds_bucket",

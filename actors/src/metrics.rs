@@ -18,8 +18,8 @@
 //!
 //! `examples/prometheus.rs` serves them in Prometheus format.
 
-use std::sync::atomic::Ordering;
 use metrics::{Counter, Gauge, Histogram, Unit};
+use std::sync::atomic::Ordering;
 
 use crate::shared::Shared;
 
@@ -138,16 +138,10 @@ impl Metrics {
             .names
             .iter()
             .map(|stage| {
-                let labels = [
-                    ("pipeline", pipeline.clone()),
-                    ("stage", stage.to_string()),
-                ];
+                let labels = [("pipeline", pipeline.clone()), ("stage", stage.to_string())];
                 StageMetrics {
                     admitted: metrics::counter!("bergtalzug_stage_items_admitted_total", &labels),
-                    completed: metrics::counter!(
-                        "bergtalzug_stage_items_completed_total",
-                        &labels
-                    ),
+                    completed: metrics::counter!("bergtalzug_stage_items_completed_total", &labels),
                     failed: metrics::counter!("bergtalzug_stage_items_failed_total", &labels),
                     retried: metrics::counter!("bergtalzug_stage_items_retried_total", &labels),
                     stalled: metrics::counter!("bergtalzug_stage_items_stalled_total", &labels),

@@ -113,6 +113,9 @@ mod tests {
             stall_period(Duration::from_millis(1)),
             Duration::from_millis(10)
         );
-        assert_eq!(stall_period(Duration::from_secs(60)), Duration::from_secs(1));
+        assert_eq!(
+            stall_period(Duration::from_secs(60)),
+            Duration::from_secs(1)
+        );
     }
 }

@@ -462,7 +462,8 @@ where
         gauges
             .busy_ns
             .fetch_add(report.busy.as_nanos() as u64, Ordering::Relaxed);
-        let finished_at = (self.is_last() && self.shared.config.enable_tracking).then(crate::clock::now);
+        let finished_at =
+            (self.is_last() && self.shared.config.enable_tracking).then(crate::clock::now);
         let (mut processed, mut failed) = (0, 0);
         for outcome in report.outcomes {
             match outcome {

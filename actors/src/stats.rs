@@ -591,7 +591,10 @@ mod tests {
         }
         let close = |d: Option<Duration>, ms: u64| {
             let got = d.unwrap().as_secs_f64() * 1e3;
-            assert!((got - ms as f64).abs() <= ms as f64 * 0.01, "{got} ms, want {ms} ms");
+            assert!(
+                (got - ms as f64).abs() <= ms as f64 * 0.01,
+                "{got} ms, want {ms} ms"
+            );
         };
         close(t.quantile(0.5), 50);
         close(t.quantile(0.9), 90);
