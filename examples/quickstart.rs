@@ -149,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(progress.is_bar())
         .with_writer(move || logs.writer())
         .init();
     let total: u64 = match std::env::args().nth(1) {
