@@ -138,7 +138,8 @@ impl Progress {
     /// Shows `pipeline`'s progress until it has finished, from a task on the
     /// current tokio runtime; the task ends after the last line is drawn.
     /// Call it before or after `start`; several pipelines can be watched at
-    /// once (one bar each).
+    /// once (one bar each). If the pipeline never starts, the task waits
+    /// until it is aborted.
     pub fn watch<T: Send + 'static>(&self, pipeline: &Pipeline<T>) -> tokio::task::JoinHandle<()> {
         let (me, pipeline) = (self.clone(), pipeline.clone());
         tokio::spawn(async move {
@@ -220,7 +221,8 @@ async fn watch_bar<T: Send + 'static>(multi: &MultiProgress, pipeline: &Pipeline
     let detail = multi.add(ProgressBar::new_spinner());
     detail.set_style(ProgressStyle::with_template("  {wide_msg}").expect("a valid template"));
     bar.set_prefix(pipeline.name().to_string());
-    let mut known_total = None;
+    // Whether the bar's style is the one with a total; none set yet.
+    let mut with_total: Option<bool> = None;
     let mut ticks = tokio::time::interval(BAR_REFRESH);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -230,10 +232,10 @@ async fn watch_bar<T: Send + 'static>(multi: &MultiProgress, pipeline: &Pipeline
         };
         if let Ok(stats) = pipeline.stats().await {
             let total = stats.expected_items.map(|n| n.max(stats.admitted_items));
-            if total.is_some() != known_total.is_some() {
+            if with_total != Some(total.is_some()) {
                 bar.set_style(bar_style(total.is_some()));
+                with_total = Some(total.is_some());
             }
-            known_total = total;
             if let Some(total) = total {
                 bar.set_length(total);
             }
