@@ -72,6 +72,8 @@ pub use bergtalzug_actors::config::{
     ConfigError, ExecutionType, PipelineConfig, RestartBudget, RetryPolicy, StageConfig,
 };
 #[doc(inline)]
+pub use bergtalzug_actors::dead_letter::{DeadLetter, DeadLetterSink};
+#[doc(inline)]
 pub use bergtalzug_actors::error::PipelineError;
 #[doc(inline)]
 pub use bergtalzug_actors::event::{
@@ -95,8 +97,8 @@ pub use pipeline::Pipeline;
 pub mod prelude {
     pub use crate::sources;
     pub use crate::{
-        BuildError, ConfigError, EventFilter, ExecutionType, ItemError, ItemErrorKind, JobId,
-        Permanent, Pipeline, PipelineConfig, PipelineError, PipelineEvent, PipelineStats,
+        BuildError, ConfigError, DeadLetter, EventFilter, ExecutionType, ItemError, ItemErrorKind,
+        JobId, Permanent, Pipeline, PipelineConfig, PipelineError, PipelineEvent, PipelineStats,
         RestartBudget, RetryPolicy, Source, StageConfig, StageStats, WorkItem, WorkItemMetadata,
         WorkItemResult,
     };

@@ -40,6 +40,7 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use crate::binding::{Outlet, SourceBinding, SpawnCtx, StageBinding, StageControl};
 use crate::config::PipelineConfig;
+use crate::dead_letter::DeadLetterSink;
 use crate::error::PipelineError;
 use crate::event::{EventFilter, EventStream, PipelineEvent};
 use crate::item::{WorkItem, WorkItemResult};
@@ -116,6 +117,8 @@ pub struct PipelineParts<T> {
     pub stages: Vec<StageBinding>,
     /// Completion callbacks, called once per item.
     pub callbacks: Vec<Callback>,
+    /// Where items that end without success go.
+    pub dead_letters: Option<DeadLetterSink>,
 }
 
 /// The root actor of a pipeline whose input type is `T`.
@@ -303,6 +306,7 @@ async fn spawn_children<T: Send + 'static>(
             let _ = root.cast(PipelineMsg::Finished(Filed(())));
         }),
         callbacks: parts.callbacks,
+        dead_letters: parts.dead_letters,
     };
     let (tracker, _) = Actor::spawn_linked(None, Tracker, tracker_args, cell.clone()).await?;
     spawned.push(tracker.get_cell());
