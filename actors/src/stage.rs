@@ -155,11 +155,12 @@ pub(crate) struct StageState<I, O, R> {
     budget: Option<RestartBudget>,
     keep: Option<fn(&I) -> I>,
     retry: Option<RetryPolicy>,
-    /// Items waiting out their retry backoff, by when they are due.
-    delayed: BTreeMap<(Instant, u64), WorkItem<I>>,
+    /// Items waiting out their retry backoff, by when they are due (on
+    /// tokio's clock, so that paused time in tests applies).
+    delayed: BTreeMap<(tokio::time::Instant, u64), WorkItem<I>>,
     next_delayed: u64,
     /// When the `Wake` timer set last will fire.
-    wake_at: Option<Instant>,
+    wake_at: Option<tokio::time::Instant>,
     /// When workers were replaced, within the budget's window.
     restarts: VecDeque<Instant>,
     /// The budget was exceeded: no more replacements.
@@ -516,7 +517,7 @@ where
     fn delay(&mut self, myself: &ActorRef<StageMsg<I, O>>, item: WorkItem<I>) {
         let policy = self.retry.expect("only stages with a retry policy retry");
         let wait = policy.delay_before(item.metadata.attempts + 1, fastrand::f64());
-        let due = Instant::now() + wait;
+        let due = tokio::time::Instant::now() + wait;
         self.delayed.insert((due, self.next_delayed), item);
         self.next_delayed += 1;
         if self.wake_at.is_none_or(|at| due < at) {
@@ -527,7 +528,7 @@ where
 
     /// Queues the items whose backoff is over, and sets the timer for the next.
     fn wake(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
-        let now = Instant::now();
+        let now = tokio::time::Instant::now();
         if self.wake_at.is_some_and(|at| at <= now) {
             self.wake_at = None;
         }

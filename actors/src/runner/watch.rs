@@ -151,9 +151,14 @@ where
         let Some(deadline) = watched.expire(limit)? else {
             return done.await;
         };
+        // Relative to now: the deadline is on the real clock, which a
+        // blocking thread shares (tokio's may be paused in tests).
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
         tokio::select! {
             result = &mut done => return result,
-            _ = tokio::time::sleep_until(deadline.into()) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
