@@ -4,8 +4,11 @@
 //! room: the demand-driven counterpart of the seed's `refill_queue(count)`.
 //! Returning an empty `Vec` means the source is exhausted; the pipeline then
 //! finishes the items it has and stops. An error is logged, reported as a
-//! [`PipelineEvent::SourceError`](crate::event::PipelineEvent::SourceError),
-//! and the source is asked again after `queue_refresh_rate`.
+//! [`PipelineEvent::SourceError`](crate::event::PipelineEvent::SourceError)
+//! and counted in `PipelineStats::source_errors`; the source is asked again
+//! after `queue_refresh_rate`, then twice as long after each further failure
+//! in a row (at most 30 s, or the refresh rate if longer), and at the
+//! refresh rate again once a refill succeeds.
 //!
 //! ```
 //! use bergtalzug_actors::{item::WorkItem, source::Source};

@@ -19,6 +19,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rustc_hash::FxHashSet;
@@ -89,6 +90,8 @@ pub(crate) struct SourceState<T> {
     exhausted: bool,
     closed: bool,
     retry_pending: bool,
+    /// Refills failed in a row; the wait before the next doubles with each.
+    failures_in_a_row: u32,
 }
 
 impl<T: Send + 'static> Actor for SourceActor<T> {
@@ -118,6 +121,7 @@ impl<T: Send + 'static> Actor for SourceActor<T> {
             exhausted: false,
             closed: false,
             retry_pending: false,
+            failures_in_a_row: 0,
         })
     }
 
@@ -155,6 +159,18 @@ impl<T: Send + 'static> Actor for SourceActor<T> {
         state.pump(&myself).await;
         Ok(())
     }
+}
+
+/// Longest wait between refills of a failing source, unless
+/// `queue_refresh_rate` is longer still.
+const MAX_REFILL_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The wait after the `failures`-th failed refill in a row: the refresh
+/// rate, doubled for each further failure, at most [`MAX_REFILL_BACKOFF`]
+/// (or the refresh rate, if that is longer).
+fn refill_backoff(rate: Duration, failures: u32) -> Duration {
+    let doubled = rate.saturating_mul(1u32 << failures.saturating_sub(1).min(20));
+    doubled.min(MAX_REFILL_BACKOFF.max(rate))
 }
 
 impl<T: Send + 'static> SourceState<T> {
@@ -210,6 +226,7 @@ impl<T: Send + 'static> SourceState<T> {
                 }
                 Some(Ok(items)) if items.is_empty() => self.exhausted = true,
                 Some(Ok(mut items)) => {
+                    self.failures_in_a_row = 0;
                     if items.len() > count {
                         tracing::warn!(
                             pipeline = %self.shared.name,
@@ -222,9 +239,17 @@ impl<T: Send + 'static> SourceState<T> {
                 }
                 Some(Err(e)) => {
                     let message = format!("{e:#}");
-                    let retry_in = self.shared.config.queue_refresh_rate;
+                    self.failures_in_a_row += 1;
+                    let retry_in = refill_backoff(
+                        self.shared.config.queue_refresh_rate,
+                        self.failures_in_a_row,
+                    );
+                    self.shared
+                        .source_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(
                         pipeline = %self.shared.name,
+                        failures_in_a_row = self.failures_in_a_row,
                         "refill failed, asking again in {retry_in:?}: {message}"
                     );
                     let _ = self
