@@ -85,7 +85,7 @@ pub use bergtalzug_actors::item::{
     WorkItemResult,
 };
 #[doc(inline)]
-pub use bergtalzug_actors::source::Source;
+pub use bergtalzug_actors::source::{Ack, Source};
 #[doc(inline)]
 pub use bergtalzug_actors::stats::{PipelineStats, StageStats};
 #[doc(inline)]

@@ -24,7 +24,11 @@ async fn a_failing_attempt_is_retried_until_it_succeeds() {
     let pipeline = Pipeline::builder(config(
         "retries",
         // Room for every item: items waiting to retry count against it.
-        vec![stage("flaky", ExecutionType::Async).queue_size(64).retry(policy)],
+        vec![
+            stage("flaky", ExecutionType::Async)
+                .queue_size(64)
+                .retry(policy),
+        ],
     ))
     .unwrap()
     .source(sources::iter(0..30u64))

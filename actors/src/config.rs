@@ -568,7 +568,10 @@ fn parse_error<E: std::fmt::Display>(
         .find_map(|marker| {
             let start = message.find(marker)? + marker.len();
             let len = message[start..].find('`')?;
-            Some((marker.starts_with("missing"), message[start..start + len].to_string()))
+            Some((
+                marker.starts_with("missing"),
+                message[start..start + len].to_string(),
+            ))
         });
     let (missing, named) = match named {
         Some((missing, name)) => (missing, Some(name)),
@@ -593,7 +596,10 @@ fn parse_error<E: std::fmt::Display>(
 fn one_line(message: &str) -> String {
     let mut lines = message.lines().map(str::trim).filter(|l| !l.is_empty());
     let first = lines.next().unwrap_or_default();
-    match (first.strip_prefix("TOML parse error at "), lines.next_back()) {
+    match (
+        first.strip_prefix("TOML parse error at "),
+        lines.next_back(),
+    ) {
         (Some(position), Some(last)) => format!("{last} (at {position})"),
         _ => first.to_string(),
     }

@@ -30,7 +30,7 @@ use crate::error::PipelineError;
 use crate::event::PipelineEvent;
 use crate::item::{ItemError, ItemErrorKind, JobId, WorkItem, WorkItemResult};
 use crate::shared::Shared;
-use crate::source::DynSource;
+use crate::source::{Ack, DynSource};
 use crate::tracker::TrackerMsg;
 
 /// The source actor's mailbox.
@@ -38,14 +38,18 @@ pub(crate) enum SourceMsg<T> {
     /// From the first stage: room for this many more items.
     Demand(usize),
     /// From the tracker: this many admitted items have finished; with
-    /// tracking on, their job ids (refused duplicates left out).
-    Released(usize, Vec<JobId>),
+    /// tracking on, their job ids (refused duplicates left out); when the
+    /// source wants them, their acknowledgements.
+    Released(usize, Vec<JobId>, Vec<Ack>),
     /// From the root: admit these; the reply comes once all are admitted.
     Inject(Vec<WorkItem<T>>, RpcReplyPort<Result<(), PipelineError>>),
     /// From the root: admit nothing more (stop or abort).
     Close,
     /// From itself: ask the source again after a failed refill.
     RetryRefill,
+    /// From the root, before it stops the pipeline: answered once every
+    /// message before it (every acknowledgement) is handled.
+    Flush(RpcReplyPort<()>),
 }
 
 pub(crate) struct SourceActor<T>(std::marker::PhantomData<fn() -> T>);
@@ -133,13 +137,20 @@ impl<T: Send + 'static> Actor for SourceActor<T> {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             SourceMsg::Demand(n) => state.demand += n,
-            SourceMsg::Released(n, ids) => {
+            SourceMsg::Released(n, ids, acks) => {
                 state.outstanding = state.outstanding.saturating_sub(n);
                 if let Some(active) = state.active.as_mut() {
                     for id in &ids {
                         active.remove(id);
                     }
                 }
+                if let (false, Some(source)) = (acks.is_empty(), state.source.as_mut()) {
+                    source.ack(acks).await;
+                }
+            }
+            SourceMsg::Flush(reply) => {
+                let _ = reply.send(());
+                return Ok(());
             }
             SourceMsg::Inject(items, reply) => {
                 if state.closed {

@@ -30,13 +30,14 @@ use crate::item::JobId;
 use crate::item::{ItemErrorKind, WorkItemResult};
 use crate::root::FinishReport;
 use crate::shared::Shared;
+use crate::source::Ack;
 
 /// A completion callback: called once per item, on the tracker's task.
 pub type Callback = Arc<dyn Fn(&WorkItemResult) + Send + Sync>;
 
-/// Tells the source that items finished: how many, and their job ids
-/// (tracking on).
-pub(crate) type ReleasePort = Box<dyn Fn(usize, Vec<JobId>) + Send + Sync>;
+/// Tells the source that items finished: how many, their job ids (tracking
+/// on) and, when the source wants them, their acknowledgements.
+pub(crate) type ReleasePort = Box<dyn Fn(usize, Vec<JobId>, Vec<Ack>) + Send + Sync>;
 
 /// Tells the root that the report is filed.
 pub(crate) type FinishPort = Box<dyn Fn() + Send + Sync>;
@@ -44,7 +45,7 @@ pub(crate) type FinishPort = Box<dyn Fn() + Send + Sync>;
 /// The tracker's mailbox.
 pub(crate) enum TrackerMsg {
     /// From the root, first: where to send `Released`.
-    Connect(ReleasePort),
+    Connect(ReleasePort, bool),
     /// From the stages (and the source, for refused duplicates): outcomes.
     Finished(Vec<WorkItemResult>),
     /// From a stage that keeps inputs, just before the failures they
@@ -69,6 +70,8 @@ pub(crate) struct TrackerState {
     shared: Arc<Shared>,
     finish: FinishPort,
     release: Option<ReleasePort>,
+    /// The source wants an `Ack` per item.
+    acks: bool,
     callbacks: Vec<Callback>,
     dead_letters: Option<DeadLetterSink>,
     /// Kept inputs of failures not recorded yet.
@@ -91,6 +94,7 @@ impl Actor for Tracker {
         Ok(TrackerState {
             finish: args.finish,
             release: None,
+            acks: false,
             callbacks: args.callbacks,
             dead_letters: args.dead_letters,
             inputs: FxHashMap::default(),
@@ -108,7 +112,10 @@ impl Actor for Tracker {
         state: &mut TrackerState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            TrackerMsg::Connect(release) => state.release = Some(release),
+            TrackerMsg::Connect(release, acks) => {
+                state.release = Some(release);
+                state.acks = acks;
+            }
             TrackerMsg::Finished(results) => state.record(results).await,
             TrackerMsg::Inputs(inputs) => state.inputs.extend(inputs),
             TrackerMsg::InputClosed => state.input_closed = true,
@@ -166,11 +173,16 @@ impl TrackerState {
                 .collect();
             self.shared.events.publish(events).await;
         }
+        let acks = if self.acks {
+            results.iter().map(Ack::of).collect()
+        } else {
+            Vec::new()
+        };
         if self.shared.config.retain_results {
             self.results.extend(results);
         }
         if let Some(release) = &self.release {
-            release(n, released);
+            release(n, released, acks);
         }
     }
 
