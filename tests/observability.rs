@@ -223,6 +223,7 @@ async fn stats_json_has_exactly_the_documented_shape() {
         "recent_items_per_second",
         "bottleneck",
         "stalled_items",
+        "source_errors",
         "stages",
     ];
     pipeline_keys.sort_unstable();

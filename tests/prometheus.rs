@@ -107,6 +107,7 @@ async fn prometheus_scrape_matches_a_known_run() {
     assert_eq!(value(&body, "bergtalzug_items_finished_total", &[p]), 200.0);
     assert_eq!(value(&body, "bergtalzug_items_failed_total", &[p]), 4.0);
     assert_eq!(value(&body, "bergtalzug_items_cancelled_total", &[p]), 0.0);
+    assert_eq!(value(&body, "bergtalzug_source_errors_total", &[p]), 0.0);
     assert_eq!(value(&body, "bergtalzug_items_active", &[p]), 0.0);
     for (stage, completed, failed) in [(a, 200.0, 0.0), (b, 196.0, 4.0)] {
         let labels = [p, stage];

@@ -40,6 +40,7 @@
 pub mod binding;
 pub(crate) mod clock;
 pub mod config;
+pub mod dead_letter;
 pub mod error;
 pub mod event;
 pub mod item;

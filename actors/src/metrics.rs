@@ -44,6 +44,7 @@ pub(crate) struct Metrics {
     finished: Counter,
     failed: Counter,
     cancelled: Counter,
+    source_errors: Counter,
     active: Gauge,
     pub(crate) latency: Histogram,
     pub(crate) stages: Vec<StageMetrics>,
@@ -74,6 +75,10 @@ fn describe() {
     describe_counter!(
         "bergtalzug_items_cancelled_total",
         "Items cancelled by an abort"
+    );
+    describe_counter!(
+        "bergtalzug_source_errors_total",
+        "Failed refill calls of the pipeline's source"
     );
     describe_gauge!(
         "bergtalzug_items_active",
@@ -163,6 +168,7 @@ impl Metrics {
             finished: metrics::counter!("bergtalzug_items_finished_total", &labels),
             failed: metrics::counter!("bergtalzug_items_failed_total", &labels),
             cancelled: metrics::counter!("bergtalzug_items_cancelled_total", &labels),
+            source_errors: metrics::counter!("bergtalzug_source_errors_total", &labels),
             active: metrics::gauge!("bergtalzug_items_active", &labels),
             latency: metrics::histogram!("bergtalzug_item_latency_seconds", &labels),
             stages,
@@ -182,6 +188,8 @@ impl Metrics {
         self.finished.absolute(finished);
         self.failed.absolute(failed);
         self.cancelled.absolute(cancelled);
+        self.source_errors
+            .absolute(shared.source_errors.load(Ordering::Relaxed));
         self.active.set(admitted.saturating_sub(finished) as f64);
         for (m, g) in self.stages.iter().zip(&shared.gauges) {
             m.admitted.absolute(g.admitted.load(Ordering::Relaxed));

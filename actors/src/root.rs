@@ -40,6 +40,7 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use crate::binding::{Outlet, SourceBinding, SpawnCtx, StageBinding, StageControl};
 use crate::config::PipelineConfig;
+use crate::dead_letter::DeadLetterSink;
 use crate::error::PipelineError;
 use crate::event::{EventFilter, EventStream, PipelineEvent};
 use crate::item::{WorkItem, WorkItemResult};
@@ -116,6 +117,8 @@ pub struct PipelineParts<T> {
     pub stages: Vec<StageBinding>,
     /// Completion callbacks, called once per item.
     pub callbacks: Vec<Callback>,
+    /// Where items that end without success go.
+    pub dead_letters: Option<DeadLetterSink>,
 }
 
 /// The root actor of a pipeline whose input type is `T`.
@@ -321,6 +324,7 @@ async fn spawn_children<T: Send + 'static>(
             let _ = root.cast(PipelineMsg::Finished(Filed(())));
         }),
         callbacks: parts.callbacks,
+        dead_letters: parts.dead_letters,
     };
     let (tracker, _) = Actor::spawn_linked(None, Tracker, tracker_args, cell.clone()).await?;
     spawned.push(tracker.get_cell());
@@ -354,6 +358,7 @@ async fn spawn_children<T: Send + 'static>(
     let _ = shared
         .expected
         .set(parts.source.source.as_ref().and_then(|s| s.size_hint()));
+    let wants_acks = parts.source.source.as_ref().is_some_and(|s| s.wants_acks());
     let source_args = SourceArgs {
         shared: shared.clone(),
         source: parts.source.source,
@@ -364,9 +369,10 @@ async fn spawn_children<T: Send + 'static>(
     spawned.push(source.get_cell());
 
     let releases = source.clone();
-    tracker.cast(TrackerMsg::Connect(Box::new(move |n, ids| {
-        let _ = releases.cast(SourceMsg::Released(n, ids));
-    })))?;
+    let release = Box::new(move |n, ids, acks| {
+        let _ = releases.cast(SourceMsg::Released(n, ids, acks));
+    });
+    tracker.cast(TrackerMsg::Connect(release, wants_acks))?;
     for (i, stage) in stages.iter().enumerate() {
         let upstream = match i {
             0 => {
@@ -424,6 +430,11 @@ impl<T: Send + 'static> PipelineState<T> {
         myself: &ActorRef<PipelineMsg<T>>,
         report: Option<FinishReport>,
     ) -> Result<(), PipelineError> {
+        // Every acknowledgement reaches the source before it stops.
+        let _ = self
+            .source
+            .call(SourceMsg::Flush, Some(CHILD_STOP_TIMEOUT))
+            .await;
         myself
             .stop_children_and_wait(Some(FINISHED.into()), Some(CHILD_STOP_TIMEOUT))
             .await;

@@ -94,6 +94,8 @@ pub struct PipelineStats {
     pub bottleneck: Option<String>,
     /// Items reported stalled so far (see `PipelineConfig::stall_threshold`).
     pub stalled_items: u64,
+    /// Failed `refill` calls so far (each is also a `SourceError` event).
+    pub source_errors: u64,
     /// One entry per stage, in order.
     pub stages: Vec<StageStats>,
 }
@@ -456,6 +458,7 @@ impl Tally {
                 .iter()
                 .map(|g| g.stalled.load(Ordering::Relaxed))
                 .sum(),
+            source_errors: shared.source_errors.load(Ordering::Relaxed),
             stages,
         }
     }
