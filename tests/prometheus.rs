@@ -69,7 +69,8 @@ async fn prometheus_scrape_matches_a_known_run() {
         .install()
         .unwrap();
 
-    // 200 items through a (2 ms each) and b, which rejects 7, 57, 107, 157.
+    // 200 items through a (2 ms each) and b, which rejects 7, 57, 107, 157
+    // on both of their attempts.
     let pipeline = Pipeline::builder(config(
         "scrape",
         vec![
@@ -78,7 +79,8 @@ async fn prometheus_scrape_matches_a_known_run() {
                 .queue_size(20),
             StageConfig::new("b", ExecutionType::Thread)
                 .workers(2)
-                .queue_size(20),
+                .queue_size(20)
+                .retry(RetryPolicy::fixed(2, Duration::from_millis(1))),
         ],
     ))
     .unwrap()
@@ -87,7 +89,7 @@ async fn prometheus_scrape_matches_a_known_run() {
         tokio::time::sleep(Duration::from_millis(2)).await;
         Ok(i)
     })
-    .sync_stage("b", |i: WorkItem<u64>| {
+    .retrying_sync_stage("b", |i: WorkItem<u64>| {
         anyhow::ensure!(i.data % 50 != 7, "rejected");
         Ok(i)
     })
@@ -109,7 +111,7 @@ async fn prometheus_scrape_matches_a_known_run() {
     assert_eq!(value(&body, "bergtalzug_items_cancelled_total", &[p]), 0.0);
     assert_eq!(value(&body, "bergtalzug_source_errors_total", &[p]), 0.0);
     assert_eq!(value(&body, "bergtalzug_items_active", &[p]), 0.0);
-    for (stage, completed, failed) in [(a, 200.0, 0.0), (b, 196.0, 4.0)] {
+    for (stage, completed, failed, retried) in [(a, 200.0, 0.0, 0.0), (b, 196.0, 4.0, 4.0)] {
         let labels = [p, stage];
         assert_eq!(
             value(&body, "bergtalzug_stage_items_admitted_total", &labels),
@@ -125,7 +127,7 @@ async fn prometheus_scrape_matches_a_known_run() {
         );
         assert_eq!(
             value(&body, "bergtalzug_stage_items_retried_total", &labels),
-            0.0
+            retried
         );
         assert_eq!(
             value(&body, "bergtalzug_stage_items_stalled_total", &labels),
