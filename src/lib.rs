@@ -53,6 +53,8 @@
 //! - [`Pipeline`]: `run`, `start`, `stats`, `subscribe`, `inject`, `stop`,
 //!   `abort`, `spawn_linked`.
 //! - [`sources`]: sources from an iterator, a `Stream` or a channel.
+//! - [`process`]: Process stages' worker processes; a program with a
+//!   Process stage calls [`process::init`] first in `main`.
 //! - The engine, its actors and messages live in the `bergtalzug-actors`
 //!   crate, re-exported here as [`actors`] for those who embed a pipeline
 //!   in their own ractor system.
@@ -63,6 +65,9 @@
 pub mod builder;
 pub mod pipeline;
 pub mod sources;
+
+#[doc(inline)]
+pub use bergtalzug_actors::process;
 
 /// The engine crate, for embedding in a ractor system.
 pub use bergtalzug_actors as actors;

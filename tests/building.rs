@@ -105,7 +105,7 @@ fn binding_mistakes_name_the_stage() {
 }
 
 #[test]
-fn process_stages_are_refused_until_supported() {
+fn process_stages_need_a_process_handler() {
     let config = PipelineConfig::new(
         "p",
         vec![StageConfig::new("isolated", ExecutionType::Process)],

@@ -4,7 +4,8 @@
 //!
 //! - [`async_rt::AsyncRunner`]: awaited on the worker actor's own task;
 //! - [`thread::ThreadRunner`]: the batch goes to one of tokio's blocking threads;
-//! - [`cpu::CpuRunner`]: the batch goes to the stage's rayon pool.
+//! - [`cpu::CpuRunner`]: the batch goes to the stage's rayon pool;
+//! - [`process::ProcessRunner`]: the batch goes to a worker process.
 //!
 //! Runners are generic over the handler, so a handler's future is never
 //! boxed and its data never erased: the stage and its workers are compiled
@@ -29,6 +30,7 @@
 
 pub(crate) mod async_rt;
 pub(crate) mod cpu;
+pub(crate) mod process;
 pub(crate) mod thread;
 
 use std::collections::BTreeMap;
