@@ -28,6 +28,8 @@ use serde::{Deserialize, Serialize};
 enum Act {
     /// Return twice the number.
     Double(u64),
+    /// Return twice the number; the bytes only make the frame large.
+    Large(u64, Vec<u8>),
     /// `std::process::abort()`.
     Abort,
     /// Write through a null pointer.
@@ -60,7 +62,7 @@ enum Act {
 
 fn act(item: WorkItem<Act>) -> anyhow::Result<WorkItem<u64>> {
     let n = match &item.data {
-        Act::Double(n) => n * 2,
+        Act::Double(n) | Act::Large(n, _) => n * 2,
         Act::Abort => std::process::abort(),
         Act::Segfault => {
             // SAFETY: none; this is the point. Only ever runs in a worker
@@ -192,7 +194,7 @@ fn only_one_failed(
     kind: ItemErrorKind,
     needle: &str,
 ) {
-    assert_eq!(returned.len(), results.len() - 1);
+    assert_eq!(returned.len(), results.len() - 1, "only item {at} failed");
     for (i, r) in results {
         if *i == at {
             let e = r.error.as_ref().expect("the special item failed");
@@ -266,6 +268,22 @@ async fn segfault_fails_only_its_item() {
     let acts = doubles_with(30, 3, Act::Segfault);
     let results = run("segv", stage("segv", 2), ProcessOptions::new(), acts).await;
     only_one_failed(&results, 3, ItemErrorKind::ProcessDied, "SIGSEGV");
+}
+
+/// A worker that dies while the next items are still being written to it
+/// may have answered items whose replies are not read yet: they must
+/// complete, and only the item it died on fail (the write error is not
+/// taken for the death of the first unanswered item).
+async fn a_death_while_items_are_being_sent_blames_the_right_item() {
+    for round in 0..5 {
+        let mut acts: Vec<Act> = (0..64)
+            .map(|n| Act::Large(n, vec![7; 256 * 1024]))
+            .collect();
+        acts.insert(20 + round, Act::Abort);
+        let name = format!("large{round}");
+        let results = run(&name, stage(&name, 1), ProcessOptions::new(), acts).await;
+        only_one_failed(&results, 20 + round, ItemErrorKind::ProcessDied, "SIGABRT");
+    }
 }
 
 async fn exit_status_is_reported() {
@@ -684,6 +702,7 @@ fn main() {
         abort_fails_only_its_item,
         segfault_fails_only_its_item,
         exit_status_is_reported,
+        a_death_while_items_are_being_sent_blames_the_right_item,
         sigkill_from_outside_fails_only_its_item,
         a_hang_past_the_timeout_is_killed,
         a_slow_item_within_the_timeout_completes,

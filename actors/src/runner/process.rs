@@ -9,7 +9,10 @@
 //! unanswered item is the one it is running: if the child dies, runs past
 //! the stage's timeout, or sends something that is not a reply, that item
 //! fails, the child is killed and reaped, and the rest of the batch goes to
-//! a new child. Nothing a child sends is trusted: frames are bounded
+//! a new child. A failed write does not blame anyone by itself: the replies
+//! the child sent before it died are read first, and if it had answered
+//! every item it was sent whole, no item fails (up to
+//! [`MAX_INNOCENT_BREAKS`] times a batch). Nothing a child sends is trusted: frames are bounded
 //! ([`crate::process::frame::FrameBuf`]) and decoding errors are values.
 
 use std::collections::VecDeque;
@@ -25,6 +28,11 @@ use super::{Attempt, Outcome, Reporter, RunCtx, StageRunner};
 use crate::item::{ItemErrorKind, Permanent, WorkItem};
 use crate::process::frame::{self, JobRef, Reply};
 use crate::process::spawn::{ChildProc, ChildSpec};
+
+/// How many times in a batch a child may break holding no item before the
+/// next item is blamed anyway (so that children that die at once cannot
+/// make a batch loop).
+const MAX_INNOCENT_BREAKS: u32 = 3;
 
 /// Runs a Process stage's batches in worker processes.
 pub(crate) struct ProcessRunner<I, O> {
@@ -62,14 +70,18 @@ struct Broken {
     what: String,
     /// Kill at once (else wait a moment for it to die by itself).
     kill: bool,
+    /// It broke holding no item: it had answered every item it was sent
+    /// whole (it died between items, or while one was still being sent).
+    innocent: bool,
 }
 
 impl Broken {
-    fn died(what: impl Into<String>) -> Broken {
+    fn died(what: impl Into<String>, innocent: bool) -> Broken {
         Broken {
             kind: ItemErrorKind::ProcessDied,
             what: what.into(),
             kill: false,
+            innocent,
         }
     }
 
@@ -78,6 +90,7 @@ impl Broken {
             kind: ItemErrorKind::ProcessDied,
             what: format!("sent a corrupt reply ({what})"),
             kill: true,
+            innocent: false,
         }
     }
 }
@@ -124,6 +137,7 @@ where
             })
             .collect();
         let mut child = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut innocent_breaks = 0;
         while let Some(front) = pending.front() {
             if let Err(e) = &front.frame {
                 let message = format!("the item cannot be sent to a worker process: {e}");
@@ -172,6 +186,15 @@ where
                     tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
                         worker = %ctx.worker, pid,
                         "worker process sent bytes nobody asked for and {how}");
+                }
+                Err(broken) if broken.innocent && innocent_breaks < MAX_INNOCENT_BREAKS => {
+                    // No item to blame: replace the child and send again.
+                    innocent_breaks += 1;
+                    let pid = proc.pid;
+                    let how = proc.end().await;
+                    tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
+                        worker = %ctx.worker, pid,
+                        "worker process {pid} {} between items; it {how}", broken.what);
                 }
                 Err(broken) => {
                     let pid = proc.pid;
@@ -243,7 +266,16 @@ where
             ..
         } = proc;
         let (mut rd, mut wr) = socket.split();
+        // Set when a write fails: the child is gone or stopped reading, but
+        // replies it sent before may still be waiting to be read.
+        let mut cannot_write = None;
         while answered < n {
+            if let Some(e) = &cannot_write {
+                if answered == written {
+                    let what = format!("stopped reading ({e})");
+                    return Err(Broken::died(what, true));
+                }
+            }
             let deadline = self
                 .timeout
                 .map(|t| tokio::time::Instant::from_std(front_started + t));
@@ -251,9 +283,18 @@ where
                 biased;
                 read = rd.read(buf.spare()) => {
                     match read {
-                        Ok(0) => return Err(Broken::died("died while running the item")),
+                        // Replies sent before the end were read first: the
+                        // child held the first unanswered item, if it was
+                        // sent whole.
+                        Ok(0) => {
+                            let innocent = answered == written;
+                            return Err(Broken::died("died while running the item", innocent));
+                        }
                         Ok(k) => buf.filled(k),
-                        Err(e) => return Err(Broken::died(format!("broke its socket ({e})"))),
+                        Err(e) => {
+                            let what = format!("broke its socket ({e})");
+                            return Err(Broken::died(what, answered == written));
+                        }
                     }
                     while answered < n {
                         let range = match buf.next_frame() {
@@ -276,16 +317,18 @@ where
                         }
                     }
                 }
-                wrote = wr.write(sendable(pending, written - answered, offset)), if written < n => {
+                wrote = wr.write(sendable(pending, written - answered, offset)),
+                    if written < n && cannot_write.is_none() =>
+                {
                     match wrote {
-                        Ok(0) => return Err(Broken::died("closed its socket")),
+                        Ok(0) => cannot_write = Some("a write of 0 bytes".to_string()),
                         Ok(k) => {
                             offset += k;
                             if offset == sendable(pending, written - answered, 0).len() {
                                 (written, offset) = (written + 1, 0);
                             }
                         }
-                        Err(e) => return Err(Broken::died(format!("stopped reading ({e})"))),
+                        Err(e) => cannot_write = Some(e.to_string()),
                     }
                 }
                 () = sleep_until(deadline) => {
@@ -294,6 +337,7 @@ where
                         kind: ItemErrorKind::TimedOut,
                         what: format!("ran past the stage's timeout of {timeout:?}"),
                         kill: true,
+                        innocent: false,
                     });
                 }
             }
