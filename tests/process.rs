@@ -14,7 +14,6 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Write;
-use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -50,6 +49,8 @@ enum Act {
     HugeLength,
     /// Return this process's id.
     Pid,
+    /// Return how many bytes standard input gives.
+    ReadStdin,
     /// Return 1 if this environment variable is set, else 0.
     Env(String),
     /// Print this to stdout and to stderr, then return 0.
@@ -94,6 +95,11 @@ fn act(item: WorkItem<Act>) -> anyhow::Result<WorkItem<u64>> {
             0
         }
         Act::Pid => std::process::id() as u64,
+        Act::ReadStdin => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+            buf.len() as u64
+        }
         Act::Env(key) => std::env::var_os(key).is_some() as u64,
         Act::Print(text) => {
             println!("{text} on stdout");
@@ -113,9 +119,20 @@ fn act(item: WorkItem<Act>) -> anyhow::Result<WorkItem<u64>> {
     Ok(item.map(|_| n))
 }
 
-/// Writes straight into the socket to the parent (the worker's stdin).
+/// Writes straight into the socket to the parent: the worker's only socket.
 fn write_to_parent(bytes: &[u8]) {
-    let fd = std::io::stdin().as_fd().try_clone_to_owned().unwrap();
+    let fd: i32 = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+        })
+        .find_map(|fd| fd.file_name().to_str()?.parse().ok())
+        .expect("the worker has its socket");
+    // SAFETY: `fd` is open (listed just now) and stays open while borrowed:
+    // nothing else in the worker closes it during this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let fd = fd.try_clone_to_owned().unwrap();
     std::fs::File::from(fd).write_all(bytes).unwrap();
 }
 

@@ -52,6 +52,9 @@ where
         .try_clone_to_owned()
         .map_err(|e| format!("cannot take the parent's socket: {e}"))?;
     let mut socket = UnixStream::from(fd);
+    // The handler gets an empty standard input, not our frames.
+    let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    nix::unistd::dup2_stdin(&null).map_err(|e| format!("cannot replace stdin: {e}"))?;
     let mut out = Vec::new();
     let hello = Reply::<O>::Hello {
         version: PROTOCOL_VERSION,

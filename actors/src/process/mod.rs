@@ -35,8 +35,9 @@
 //!
 //! The whole item: its job id, its data and its custom metadata, as
 //! [postcard](https://docs.rs/postcard) bytes in length-prefixed frames over
-//! a Unix socket that is the worker's standard input (so handlers must not
-//! read standard input). Stage times stay in the parent. The worker's stdout
+//! a Unix socket passed as the worker's standard input, which the worker
+//! then replaces with `/dev/null` (a handler reading stdin reads nothing).
+//! Stage times stay in the parent. The worker's stdout
 //! and stderr are read line by line into `tracing` (target
 //! `bergtalzug::process`, fields `pipeline`, `stage`, `worker`, `pid`,
 //! `stream`; stdout at INFO, stderr at WARN).
