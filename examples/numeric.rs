@@ -118,7 +118,11 @@ async fn serve(listener: TcpListener) {
 
 /// ASYNC: downloads the matrix behind the job's URL.
 async fn download(item: WorkItem<Job>) -> anyhow::Result<WorkItem<Matrix>> {
-    let url = item.data.url.strip_prefix("http://").context("not an http URL")?;
+    let url = item
+        .data
+        .url
+        .strip_prefix("http://")
+        .context("not an http URL")?;
     let (host, path) = url.split_once('/').context("no path in the URL")?;
     let mut socket = TcpStream::connect(host).await?;
     socket
@@ -161,7 +165,9 @@ fn compute(item: WorkItem<Matrix>) -> anyhow::Result<WorkItem<Analysis>> {
     let m = &item.data;
     let a = Array2::from_shape_vec((m.rows, m.cols), m.values.clone())?;
     let means = a.mean_axis(Axis(0)).context("an empty matrix")?;
-    let std = a.std_axis(Axis(0), 1.0).mapv(|s| if s > 0.0 { s } else { 1.0 });
+    let std = a
+        .std_axis(Axis(0), 1.0)
+        .mapv(|s| if s > 0.0 { s } else { 1.0 });
     let z = (&a - &means) / &std;
     let gram = z.t().dot(&z) / (m.rows as f64 - 1.0);
     let mut v = Array1::from_elem(m.cols, 1.0 / (m.cols as f64).sqrt());
@@ -274,7 +280,10 @@ async fn run() -> anyhow::Result<()> {
         .async_stage("save", move |item| save(item, dir.clone()))
         .on_complete(|result| {
             if let Some(error) = &result.error {
-                println!("✗ {} failed in {}: {}", result.job_id, error.stage, error.message);
+                println!(
+                    "✗ {} failed in {}: {}",
+                    result.job_id, error.stage, error.message
+                );
             }
         })
         .build()?;
@@ -328,6 +337,9 @@ async fn run() -> anyhow::Result<()> {
     }
     println!();
     println!("{stored} results saved in {}", out.path().display());
-    anyhow::ensure!(stored == ok, "saved {stored} files for {ok} completed items");
+    anyhow::ensure!(
+        stored == ok,
+        "saved {stored} files for {ok} completed items"
+    );
     Ok(())
 }

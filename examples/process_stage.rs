@@ -77,7 +77,10 @@ async fn run() -> anyhow::Result<()> {
 
     let mut by_kind = std::collections::BTreeMap::<String, usize>::new();
     for r in &results {
-        let kind = r.error.as_ref().map_or("completed".into(), |e| e.kind.to_string());
+        let kind = r
+            .error
+            .as_ref()
+            .map_or("completed".into(), |e| e.kind.to_string());
         *by_kind.entry(kind).or_default() += 1;
     }
     println!(
