@@ -571,6 +571,15 @@ async fn a_worker_that_never_starts_fails_items_not_the_pipeline() {
     assert!(e.message.contains("did not start serving within"), "{e}");
 }
 
+/// `init()` serves the stage by the handler's address, without running the
+/// rest of `main`: with `--init-must-serve`, `main` exits 99 after `init()`.
+async fn init_finds_the_handler_by_address() {
+    let options = ProcessOptions::new().args(["--init-must-serve"]);
+    let acts = (0..10).map(Act::Double).collect();
+    let (results, _) = run("byaddr", stage("byaddr", 2), options, acts).await;
+    assert!(results.values().all(|r| r.success), "{results:?}");
+}
+
 /// `main` skips `process::init()` when given `--no-init`: the worker then
 /// runs `main` and this test again up to the builder's `process_stage`,
 /// which serves the stage.
@@ -706,6 +715,10 @@ fn main() {
     if !std::env::args().any(|a| a == "--no-init") {
         bergtalzug::process::init();
     }
+    // For `init_finds_the_handler_by_address`: a worker must not get here.
+    if std::env::args().any(|a| a == "--init-must-serve") {
+        std::process::exit(99);
+    }
     // SAFETY: no other thread runs yet. For `the_environment_is_clean`.
     unsafe {
         std::env::set_var("BERGTALZUG_TEST_SECRET", "hunter2");
@@ -742,6 +755,7 @@ fn main() {
         the_environment_is_clean,
         worker_output_reaches_tracing,
         a_worker_that_never_starts_fails_items_not_the_pipeline,
+        init_finds_the_handler_by_address,
         the_builder_serves_when_init_was_not_called,
         workers_die_with_a_killed_parent,
         abort_leaves_no_worker_behind,

@@ -17,6 +17,10 @@
 //! - the child uses them only when its executable is the parent's: the same
 //!   device, inode, size and modification time of `/proc/self/exe`.
 //!
+//! The child checks the mappings again on its side. The variables are set
+//! only by the parent; whoever can set a process's environment can make it
+//! run other code anyway (`LD_PRELOAD`).
+//!
 //! Otherwise the child falls through to `main`, and the builder's
 //! `process_stage` call for the stage finds the handler by name (see the
 //! module docs of [`crate::process`]). This module is the crate's only
@@ -111,19 +115,28 @@ impl Entry {
         })
     }
 
-    /// Serves the stage and never returns.
+    /// Serves the stage and never returns, if both addresses lie in this
+    /// executable's mappings here too; returns otherwise.
     ///
-    /// Call only in a child whose executable [`ExecutableId::current`]
-    /// found equal to the parent's that made this entry.
-    pub(crate) fn serve(self) -> ! {
+    /// Call only in a child whose executable [`executable_id`] found equal
+    /// to that of the parent that made this entry.
+    pub(crate) fn serve(self) {
         let base = anchor as fn() -> usize as usize;
         let trampoline = base.wrapping_add(self.trampoline as usize);
         let handler = base.wrapping_add(self.handler as usize);
+        let Some(exe) = executable_id() else { return };
+        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+            return;
+        };
+        if !in_executable(&maps, exe.ino, trampoline) || !in_executable(&maps, exe.ino, handler) {
+            return;
+        }
         // SAFETY: the parent made this entry with `Entry::of`, which checked
         // that both addresses lie in its executable's mappings, and the
         // caller checked that this process runs the same executable file;
         // the image is loaded whole at one base, so the same distances from
-        // `anchor` give the same functions here: `trampoline::<I, O>` for
+        // `anchor` give the same functions here (and they lie in this
+        // executable's mappings, checked above): `trampoline::<I, O>` for
         // the stage's types, which takes a `Handler<I, O>` address.
         let trampoline = unsafe { std::mem::transmute::<usize, fn(usize) -> !>(trampoline) };
         trampoline(handler)

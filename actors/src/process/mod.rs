@@ -136,7 +136,7 @@ pub fn init() {
         return;
     };
     if let Some(entry) = env.entry_here() {
-        entry.serve();
+        entry.serve(); // returns only if the handler is not where it should be
     }
     // Started by another executable, or the handler could not be placed:
     // `main` goes on to the builder's `process_stage`, which serves it.
