@@ -335,7 +335,9 @@ pub enum ItemErrorKind {
     /// The worker holding the item died without reporting it.
     WorkerLost,
     /// The worker process running the item died (abort, segfault, killed);
-    /// the message gives the exit status or signal. Process stages only.
+    /// the message gives the exit status or signal. Also when it sent a
+    /// corrupt reply (and was killed) or never started serving. Process
+    /// stages only.
     ProcessDied,
 }
 
