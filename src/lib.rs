@@ -77,6 +77,8 @@ pub use bergtalzug_actors::config::{
     ConfigError, ExecutionType, PipelineConfig, RestartBudget, RetryPolicy, StageConfig,
 };
 #[doc(inline)]
+pub use bergtalzug_actors::dead_letter::{DeadLetter, DeadLetterSink};
+#[doc(inline)]
 pub use bergtalzug_actors::error::PipelineError;
 #[doc(inline)]
 pub use bergtalzug_actors::event::{
@@ -88,7 +90,7 @@ pub use bergtalzug_actors::item::{
     WorkItemResult,
 };
 #[doc(inline)]
-pub use bergtalzug_actors::source::Source;
+pub use bergtalzug_actors::source::{Ack, Source};
 #[doc(inline)]
 pub use bergtalzug_actors::stats::{PipelineStats, StageStats};
 #[doc(inline)]
@@ -100,8 +102,8 @@ pub use pipeline::Pipeline;
 pub mod prelude {
     pub use crate::sources;
     pub use crate::{
-        BuildError, ConfigError, EventFilter, ExecutionType, ItemError, ItemErrorKind, JobId,
-        Permanent, Pipeline, PipelineConfig, PipelineError, PipelineEvent, PipelineStats,
+        BuildError, ConfigError, DeadLetter, EventFilter, ExecutionType, ItemError, ItemErrorKind,
+        JobId, Permanent, Pipeline, PipelineConfig, PipelineError, PipelineEvent, PipelineStats,
         RestartBudget, RetryPolicy, Source, StageConfig, StageStats, WorkItem, WorkItemMetadata,
         WorkItemResult,
     };

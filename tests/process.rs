@@ -49,6 +49,9 @@ enum Act {
     HugeLength,
     /// Return this process's id.
     Pid,
+    /// Abort if this file does not exist yet (creating it first): the first
+    /// attempt dies, the next one returns 1.
+    AbortOnce(String),
     /// Return how many bytes standard input gives.
     ReadStdin,
     /// Return 1 if this environment variable is set, else 0.
@@ -93,6 +96,14 @@ fn act(item: WorkItem<Act>) -> anyhow::Result<WorkItem<u64>> {
             write_to_parent(&[0; 1024]);
             std::thread::sleep(Duration::from_secs(60));
             0
+        }
+        Act::AbortOnce(marker) => {
+            if std::fs::exists(marker)? {
+                1
+            } else {
+                std::fs::write(marker, b"")?;
+                std::process::abort()
+            }
         }
         Act::Pid => std::process::id() as u64,
         Act::ReadStdin => {
@@ -571,6 +582,64 @@ async fn a_worker_that_never_starts_fails_items_not_the_pipeline() {
     assert!(e.message.contains("did not start serving within"), "{e}");
 }
 
+/// Retries work as in the other models, without `Clone`: the input of a
+/// failed attempt is recovered from the bytes sent to the worker. An item
+/// whose first attempt killed its worker succeeds on its second; a hang is
+/// tried again and fails `TimedOut` after its last attempt, and its dead
+/// letter carries its input.
+async fn retries_run_the_item_again_in_a_new_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("once").display().to_string();
+    let mut acts: Vec<Act> = (0..10).map(Act::Double).collect();
+    acts[3] = Act::AbortOnce(marker);
+    acts[7] = Act::Sleep(60_000);
+    let items = acts
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| WorkItem::with_job_id(i.to_string(), a));
+    let stage = stage("retry", 2)
+        .timeout(Duration::from_millis(300))
+        .retry(RetryPolicy::fixed(2, Duration::from_millis(10)));
+    let config = PipelineConfig::new("retry", vec![stage]).stats_interval(Duration::ZERO);
+    let letters = Arc::new(Mutex::new(Vec::new()));
+    let sink = letters.clone();
+    let pipeline = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::items(items))
+        .process_stage("retry-stage", act)
+        .on_dead_letter(move |letter| sink.lock().unwrap().push(letter))
+        .build()
+        .unwrap();
+    let results = pipeline.run().await.unwrap();
+    assert_eq!(results.len(), 10);
+    for r in &results {
+        let i: usize = r.job_id.to_string().parse().unwrap();
+        match i {
+            3 => {
+                assert!(r.success, "{:?}", r.error);
+                assert_eq!(r.metadata.attempts(), 2);
+            }
+            7 => {
+                let e = r.error.as_ref().expect("the hang failed");
+                assert_eq!(e.kind, ItemErrorKind::TimedOut, "{e}");
+                assert_eq!(e.attempts, 2, "{e}");
+            }
+            _ => {
+                assert!(r.success, "{:?}", r.error);
+                assert_eq!(r.metadata.attempts(), 1);
+            }
+        }
+    }
+    let letters = letters.lock().unwrap();
+    assert_eq!(letters.len(), 1);
+    let input = letters[0]
+        .input::<Act>()
+        .expect("the dead letter has its input");
+    assert!(matches!(input.data, Act::Sleep(60_000)), "{:?}", input.data);
+    drop(letters);
+    no_children_left().await;
+}
+
 /// `init()` serves the stage by the handler's address, without running the
 /// rest of `main`: with `--init-must-serve`, `main` exits 99 after `init()`.
 async fn init_finds_the_handler_by_address() {
@@ -755,6 +824,7 @@ fn main() {
         the_environment_is_clean,
         worker_output_reaches_tracing,
         a_worker_that_never_starts_fails_items_not_the_pipeline,
+        retries_run_the_item_again_in_a_new_process,
         init_finds_the_handler_by_address,
         the_builder_serves_when_init_was_not_called,
         workers_die_with_a_killed_parent,

@@ -117,6 +117,8 @@ pub(crate) type StageNames = Arc<[Arc<str>]>;
 pub struct StageTimes {
     /// The stage's position in the pipeline.
     pub(crate) stage: u16,
+    /// Handler runs on the item in this stage (more than 1 after retries).
+    pub(crate) attempts: u32,
     pub(crate) queued: Instant,
     pub(crate) started: Option<Instant>,
     pub(crate) completed: Option<Instant>,
@@ -128,12 +130,18 @@ impl StageTimes {
         self.stage as usize
     }
 
+    /// How many times the stage ran its handler on the item: more than 1
+    /// when it was retried.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
     /// When the item entered the stage's queue.
     pub fn queued(&self) -> Instant {
         self.queued
     }
 
-    /// When a worker started the handler on it.
+    /// When a worker first started the handler on it.
     pub fn started(&self) -> Option<Instant> {
         self.started
     }
@@ -148,7 +156,8 @@ impl StageTimes {
         Some(self.started?.saturating_duration_since(self.queued))
     }
 
-    /// Time spent in the handler: started to completed.
+    /// Time spent in the stage from the first attempt's start to the last
+    /// one's end (retry waits included).
     pub fn duration(&self) -> Option<Duration> {
         Some(self.completed?.saturating_duration_since(self.started?))
     }
@@ -166,6 +175,8 @@ pub struct WorkItemMetadata {
     pub(crate) names: Option<StageNames>,
     pub(crate) stages: Vec<StageTimes>,
     pub(crate) finished: Option<Instant>,
+    /// Attempts made in the stage the item is in (or ended in).
+    pub(crate) attempts: u32,
     /// Free-form metadata of the user's; travels with the item from stage to stage.
     pub custom: BTreeMap<String, serde_json::Value>,
 }
@@ -177,6 +188,7 @@ impl Default for WorkItemMetadata {
             names: None,
             stages: Vec::new(),
             finished: None,
+            attempts: 0,
             custom: BTreeMap::new(),
         }
     }
@@ -190,6 +202,13 @@ impl WorkItemMetadata {
 
     pub(crate) fn set_created(&mut self, created: Instant) {
         self.created = created;
+    }
+
+    /// How many times the current stage has run its handler on the item,
+    /// this run included: 1 on a first attempt, 2 on the first retry. In a
+    /// result, the attempts of the stage the item ended in.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
     }
 
     /// When the item reached its outcome (the seed's `completed` key).

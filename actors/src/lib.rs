@@ -36,6 +36,7 @@
 
 pub mod binding;
 pub mod config;
+pub mod dead_letter;
 pub mod error;
 pub mod event;
 pub mod item;

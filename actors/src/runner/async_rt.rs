@@ -1,5 +1,7 @@
 //! `Async`: the handler's future is awaited on the worker actor's own task,
-//! one item at a time; `workers` actors give the stage its concurrency.
+//! one item at a time; `workers` actors give the stage its concurrency. An
+//! attempt past the stage's timeout is dropped, which cancels it at its next
+//! `.await`.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -9,7 +11,7 @@ use std::time::Instant;
 
 use futures::FutureExt;
 
-use super::{Attempt, Reporter, RunCtx, StageRunner};
+use super::{Attempt, Ran, Reporter, RunCtx, StageRunner};
 use crate::item::WorkItem;
 
 /// Runs an `async fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>`.
@@ -23,34 +25,51 @@ where
     Fut: Future<Output = anyhow::Result<WorkItem<O>>> + Send + 'static,
 {
     async fn run(&self, ctx: &Arc<RunCtx<I, O>>, items: Vec<WorkItem<I>>) -> Result<(), String> {
-        let ctx: &RunCtx<I, O> = ctx;
         let mut started = Instant::now();
         let mut reporter = Reporter::new(ctx, items.len(), started);
         let mut items = items.into_iter();
         while let Some(mut item) = items.next() {
             let attempt = Attempt::begin(ctx, &mut item, started);
-            reporter.started(&attempt.job_id);
+            reporter.started(attempt.job_id());
             // A handler that panics while building its future is caught too.
-            let result = match std::panic::catch_unwind(AssertUnwindSafe(|| (self.0)(item))) {
+            let ran = match std::panic::catch_unwind(AssertUnwindSafe(|| (self.0)(item))) {
                 Ok(fut) => {
-                    let mut fut = std::pin::pin!(AssertUnwindSafe(fut).catch_unwind());
-                    match futures::poll!(fut.as_mut()) {
-                        Poll::Ready(result) => result,
-                        // It will wait: send what is done first, so that
-                        // finished items never wait behind a slow one.
-                        Poll::Pending => {
-                            reporter.flush_done();
-                            fut.await
+                    let fut = AssertUnwindSafe(fut).catch_unwind();
+                    match ctx.timeout {
+                        None => Ran::caught(ready_or_flush(fut, &mut reporter).await),
+                        Some(limit) => {
+                            let limited = tokio::time::timeout(limit, fut);
+                            match ready_or_flush(limited, &mut reporter).await {
+                                Ok(result) => Ran::caught(result),
+                                Err(_) => Ran::TimedOut(limit),
+                            }
                         }
                     }
                 }
-                Err(payload) => Err(payload),
+                Err(payload) => Ran::Panicked(payload),
             };
             let now = Instant::now();
-            reporter.settle(attempt, result, started, now, &mut items)?;
+            reporter.settle(attempt, ran, started, now, &mut items)?;
             started = now;
         }
         reporter.finish(started);
         Ok(())
+    }
+}
+
+/// Awaits `fut`; if it cannot finish at once, first sends what is done, so
+/// that finished items never wait behind a slow one.
+async fn ready_or_flush<T, I, O>(fut: impl Future<Output = T>, reporter: &mut Reporter<I, O>) -> T
+where
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    let mut fut = std::pin::pin!(fut);
+    match futures::poll!(fut.as_mut()) {
+        Poll::Ready(output) => output,
+        Poll::Pending => {
+            reporter.flush_done();
+            fut.await
+        }
     }
 }

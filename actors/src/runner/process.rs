@@ -18,15 +18,15 @@
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Attempt, Outcome, Reporter, RunCtx, StageRunner};
+use super::{Attempt, Ran, Reporter, RunCtx, StageRunner};
 use crate::item::{ItemErrorKind, Permanent, WorkItem};
-use crate::process::frame::{self, JobRef, Reply};
+use crate::process::frame::{self, Job, JobRef, Reply};
 use crate::process::spawn::{ChildProc, ChildSpec};
 
 /// How many times in a batch a child may break holding no item before the
@@ -39,24 +39,22 @@ pub(crate) struct ProcessRunner<I, O> {
     spec: ChildSpec,
     /// Worker processes between batches.
     idle: Mutex<Vec<ChildProc>>,
-    timeout: Option<Duration>,
     _types: PhantomData<fn(I) -> O>,
 }
 
 impl<I, O> ProcessRunner<I, O> {
-    pub(crate) fn new(spec: ChildSpec, timeout: Option<Duration>) -> Self {
+    pub(crate) fn new(spec: ChildSpec) -> Self {
         ProcessRunner {
             spec,
             idle: Mutex::new(Vec::new()),
-            timeout,
             _types: PhantomData,
         }
     }
 }
 
 /// An item of the batch on its way through a child.
-struct Pending {
-    attempt: Attempt,
+struct Pending<I> {
+    attempt: Attempt<I>,
     /// When the child started on it (when it became the first unanswered).
     started: Option<Instant>,
     /// Its frame, or why it cannot be sent.
@@ -109,15 +107,15 @@ struct WorkItemParts<O> {
 
 impl<I, O> StageRunner<I, O> for ProcessRunner<I, O>
 where
-    I: Serialize + Send + 'static,
+    I: Serialize + DeserializeOwned + Send + 'static,
     O: DeserializeOwned + Send + 'static,
 {
     async fn run(&self, ctx: &Arc<RunCtx<I, O>>, items: Vec<WorkItem<I>>) -> Result<(), String> {
-        let ctx: &RunCtx<I, O> = ctx;
         let now = Instant::now();
         let mut reporter = Reporter::new(ctx, items.len(), now);
+        let ctx: &RunCtx<I, O> = ctx;
         let limit = self.spec.max_frame;
-        let mut pending: VecDeque<Pending> = items
+        let mut pending: VecDeque<Pending<I>> = items
             .into_iter()
             .map(|mut item| {
                 let attempt = Attempt::begin(ctx, &mut item, now);
@@ -143,11 +141,9 @@ where
                 let message = format!("the item cannot be sent to a worker process: {e}");
                 let Pending { attempt, .. } = pending.pop_front().expect("a front");
                 let now = Instant::now();
-                reporter.push(
-                    attempt.fail(ctx, ItemErrorKind::Failed, message, now),
-                    now,
-                    now,
-                );
+                // It would fail the same way again: not retried.
+                let outcome = attempt.fail(ctx, ItemErrorKind::Failed, message, false, now);
+                reporter.push(outcome, now, now);
                 continue;
             }
             let mut proc = match child.take() {
@@ -161,10 +157,9 @@ where
                         Err(message) => {
                             tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
                                 worker = %ctx.worker, "{message}");
-                            let Pending { attempt, .. } = pending.pop_front().expect("a front");
+                            let front = pending.pop_front().expect("a front");
                             let now = Instant::now();
-                            let outcome =
-                                attempt.fail(ctx, ItemErrorKind::ProcessDied, message, now);
+                            let outcome = front.fail(ctx, ItemErrorKind::ProcessDied, message, now);
                             reporter.push(outcome, now, now);
                             continue;
                         }
@@ -206,12 +201,10 @@ where
                     let message = format!("worker process {pid} {}; it {how}", broken.what);
                     tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
                         worker = %ctx.worker, pid, "{message}");
-                    let Pending {
-                        attempt, started, ..
-                    } = pending.pop_front().expect("a front");
+                    let front = pending.pop_front().expect("a front");
                     let now = Instant::now();
-                    let started = started.unwrap_or(now);
-                    reporter.push(attempt.fail(ctx, broken.kind, message, now), started, now);
+                    let started = front.started.unwrap_or(now);
+                    reporter.push(front.fail(ctx, broken.kind, message, now), started, now);
                 }
             }
         }
@@ -232,7 +225,7 @@ where
 
 impl<I, O> ProcessRunner<I, O>
 where
-    I: Serialize + Send + 'static,
+    I: Serialize + DeserializeOwned + Send + 'static,
     O: DeserializeOwned + Send + 'static,
 {
     /// Whether a child has served its `recycle_after` items.
@@ -247,9 +240,9 @@ where
         &self,
         ctx: &RunCtx<I, O>,
         proc: &mut ChildProc,
-        pending: &mut VecDeque<Pending>,
+        pending: &mut VecDeque<Pending<I>>,
         quota: usize,
-        reporter: &mut Reporter<'_, I, O>,
+        reporter: &mut Reporter<I, O>,
     ) -> Result<(), Broken> {
         let n = pending
             .iter()
@@ -276,7 +269,7 @@ where
                     return Err(Broken::died(what, true));
                 }
             }
-            let deadline = self
+            let deadline = ctx
                 .timeout
                 .map(|t| tokio::time::Instant::from_std(front_started + t));
             tokio::select! {
@@ -306,11 +299,11 @@ where
                             return Err(Broken::corrupt("a reply before its item was sent"));
                         }
                         let answer = decode_answer::<O>(buf.get(range))?;
-                        let Pending { attempt, .. } = pending.pop_front().expect("a sent item");
+                        let front = pending.pop_front().expect("a sent item");
                         answered += 1;
                         *served += 1;
                         let now = Instant::now();
-                        settle(ctx, reporter, attempt, answer, front_started, now);
+                        settle(ctx, reporter, front, answer, front_started, now);
                         front_started = now;
                         if answered < n {
                             self.start(ctx, &mut pending[0], reporter, now);
@@ -332,7 +325,7 @@ where
                     }
                 }
                 () = sleep_until(deadline) => {
-                    let timeout = self.timeout.unwrap_or_default();
+                    let timeout = ctx.timeout.unwrap_or_default();
                     return Err(Broken {
                         kind: ItemErrorKind::TimedOut,
                         what: format!("ran past the stage's timeout of {timeout:?}"),
@@ -349,12 +342,14 @@ where
     fn start(
         &self,
         ctx: &RunCtx<I, O>,
-        pending: &mut Pending,
-        reporter: &mut Reporter<'_, I, O>,
+        pending: &mut Pending<I>,
+        reporter: &mut Reporter<I, O>,
         now: Instant,
     ) {
         pending.started = Some(now);
-        if ctx.tracking {
+        // Stamped when the child starts on it, not when the batch came; a
+        // retry keeps its first attempt's start (as `Attempt::begin` does).
+        if ctx.tracking && pending.attempt.attempts == 1 {
             if let Some(times) = pending.attempt.stages.last_mut() {
                 times.started = Some(now);
             }
@@ -365,7 +360,7 @@ where
 
 /// The unsent rest of the frame of `pending[index]` (empty when there is
 /// none: `select!` builds this even when the branch is disabled).
-fn sendable(pending: &VecDeque<Pending>, index: usize, offset: usize) -> &[u8] {
+fn sendable<I>(pending: &VecDeque<Pending<I>>, index: usize, offset: usize) -> &[u8] {
     match pending.get(index).map(|p| &p.frame) {
         Some(Ok(frame)) => frame.get(offset..).unwrap_or(&[]),
         _ => &[],
@@ -393,33 +388,65 @@ fn decode_answer<O: DeserializeOwned>(payload: &[u8]) -> Result<Answer<O>, Broke
 }
 
 /// Records what the child's handler did with an item, as the other models do.
-fn settle<I: Send + 'static, O: Send + 'static>(
+fn settle<I, O>(
     ctx: &RunCtx<I, O>,
-    reporter: &mut Reporter<'_, I, O>,
-    attempt: Attempt,
+    reporter: &mut Reporter<I, O>,
+    front: Pending<I>,
     answer: Answer<O>,
     started: Instant,
     now: Instant,
-) {
-    let result = match answer {
+) where
+    I: DeserializeOwned + Send + 'static,
+    O: Send + 'static,
+{
+    let ran = match answer {
         Answer::Done(parts) => {
-            let mut item = WorkItem::with_job_id(attempt.job_id.clone(), parts.data);
+            let mut item = WorkItem::with_job_id(front.attempt.job_id.clone(), parts.data);
             item.metadata.custom = parts.custom;
-            Ok(item)
+            Ran::Returned(Ok(item))
         }
-        Answer::Failed { message, permanent } => Err(if permanent {
+        Answer::Failed { message, permanent } => Ran::Returned(Err(if permanent {
             anyhow::Error::new(Permanent(anyhow::Error::msg(message)))
         } else {
             anyhow::Error::msg(message)
-        }),
+        })),
         Answer::Panicked(message) => {
-            // Caught in the child, which goes on: the item fails as a panic,
-            // but this worker is not replaced.
-            let outcome: Outcome<O> = attempt.fail(ctx, ItemErrorKind::Panicked, message, now);
+            // Caught in the child, which goes on: the item fails as a panic
+            // (retried like one), but this worker is not replaced.
+            let outcome = front.fail(ctx, ItemErrorKind::Panicked, message, now);
             reporter.push(outcome, started, now);
             return;
         }
     };
+    let attempt = front.with_input();
     // Never a panic here, so the rest of the batch is never handed back.
-    let _ = reporter.settle(attempt, Ok(result), started, now, &mut std::iter::empty());
+    let _ = reporter.settle(attempt, ran, started, now, &mut std::iter::empty());
+}
+
+impl<I: DeserializeOwned + Send + 'static> Pending<I> {
+    /// The attempt, holding its input again (decoded from the frame sent),
+    /// for a retry or a dead letter: nothing is copied while attempts
+    /// succeed, and the input type need not be `Clone`.
+    fn with_input(self) -> Attempt<I> {
+        let mut attempt = self.attempt;
+        if let Ok(frame) = &self.frame {
+            if let Some(payload) = frame.get(4..) {
+                if let Ok(job) = frame::decode::<Job<I>>(payload) {
+                    attempt.kept = Some(job.data);
+                }
+            }
+        }
+        attempt
+    }
+
+    /// The item failed here with `kind` (retried if the policy allows).
+    fn fail<O>(
+        self,
+        ctx: &RunCtx<I, O>,
+        kind: ItemErrorKind,
+        message: String,
+        now: Instant,
+    ) -> super::Outcome<I, O> {
+        self.with_input().fail(ctx, kind, message, true, now)
+    }
 }
