@@ -630,13 +630,14 @@ async fn retries_run_the_item_again_in_a_new_process() {
             }
         }
     }
-    let letters = letters.lock().unwrap();
-    assert_eq!(letters.len(), 1);
-    let input = letters[0]
-        .input::<Act>()
-        .expect("the dead letter has its input");
-    assert!(matches!(input.data, Act::Sleep(60_000)), "{:?}", input.data);
-    drop(letters);
+    {
+        let letters = letters.lock().unwrap();
+        assert_eq!(letters.len(), 1);
+        let input = letters[0]
+            .input::<Act>()
+            .expect("the dead letter has its input");
+        assert!(matches!(input.data, Act::Sleep(60_000)), "{:?}", input.data);
+    }
     no_children_left().await;
 }
 
