@@ -399,17 +399,20 @@ fn settle<I, O>(
     I: DeserializeOwned + Send + 'static,
     O: Send + 'static,
 {
-    let ran = match answer {
+    let (attempt, ran) = match answer {
         Answer::Done(parts) => {
             let mut item = WorkItem::with_job_id(front.attempt.job_id.clone(), parts.data);
             item.metadata.custom = parts.custom;
-            Ran::Returned(Ok(item))
+            (front.attempt, Ran::Returned(Ok(item)))
         }
-        Answer::Failed { message, permanent } => Ran::Returned(Err(if permanent {
-            anyhow::Error::new(Permanent(anyhow::Error::msg(message)))
-        } else {
-            anyhow::Error::msg(message)
-        })),
+        Answer::Failed { message, permanent } => {
+            let error = if permanent {
+                anyhow::Error::new(Permanent(anyhow::Error::msg(message)))
+            } else {
+                anyhow::Error::msg(message)
+            };
+            (front.with_input(), Ran::Returned(Err(error)))
+        }
         Answer::Panicked(message) => {
             // Caught in the child, which goes on: the item fails as a panic
             // (retried like one), but this worker is not replaced.
@@ -418,7 +421,6 @@ fn settle<I, O>(
             return;
         }
     };
-    let attempt = front.with_input();
     // Never a panic here, so the rest of the batch is never handed back.
     let _ = reporter.settle(attempt, ran, started, now, &mut std::iter::empty());
 }
