@@ -515,8 +515,9 @@ where
 
     /// Holds an item for its retry backoff.
     fn delay(&mut self, myself: &ActorRef<StageMsg<I, O>>, item: WorkItem<I>) {
-        let policy = self.retry.expect("only stages with a retry policy retry");
-        let wait = policy.delay_before(item.metadata.attempts + 1, fastrand::f64());
+        let wait = self.retry.map_or(Duration::ZERO, |policy| {
+            policy.delay_before(item.metadata.attempts + 1, fastrand::f64())
+        });
         let due = tokio::time::Instant::now() + wait;
         self.delayed.insert((due, self.next_delayed), item);
         self.next_delayed += 1;

@@ -14,6 +14,20 @@ use futures::FutureExt;
 use super::{Attempt, Ran, Reporter, RunCtx, StageRunner};
 use crate::item::WorkItem;
 
+/// Awaits the pinned future `$fut`; if it cannot finish at once, first sends
+/// what is done, so that finished items never wait behind a slow one.
+macro_rules! ready_or_flush {
+    ($fut:ident, $reporter:ident) => {
+        match futures::poll!($fut.as_mut()) {
+            Poll::Ready(output) => output,
+            Poll::Pending => {
+                $reporter.flush_done();
+                $fut.await
+            }
+        }
+    };
+}
+
 /// Runs an `async fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>`.
 pub(crate) struct AsyncRunner<F>(pub(crate) F);
 
@@ -32,14 +46,19 @@ where
             let attempt = Attempt::begin(ctx, &mut item, started);
             reporter.started(attempt.job_id());
             // A handler that panics while building its future is caught too.
+            // The future is pinned where it is polled (no `async fn` around
+            // it): each move of a future holding an item is a memcpy.
             let ran = match std::panic::catch_unwind(AssertUnwindSafe(|| (self.0)(item))) {
                 Ok(fut) => {
                     let fut = AssertUnwindSafe(fut).catch_unwind();
                     match ctx.timeout {
-                        None => Ran::caught(ready_or_flush(fut, &mut reporter).await),
+                        None => {
+                            let mut fut = std::pin::pin!(fut);
+                            Ran::caught(ready_or_flush!(fut, reporter))
+                        }
                         Some(limit) => {
-                            let limited = tokio::time::timeout(limit, fut);
-                            match ready_or_flush(limited, &mut reporter).await {
+                            let mut fut = std::pin::pin!(tokio::time::timeout(limit, fut));
+                            match ready_or_flush!(fut, reporter) {
                                 Ok(result) => Ran::caught(result),
                                 Err(_) => Ran::TimedOut(limit),
                             }
@@ -54,22 +73,5 @@ where
         }
         reporter.finish(started);
         Ok(())
-    }
-}
-
-/// Awaits `fut`; if it cannot finish at once, first sends what is done, so
-/// that finished items never wait behind a slow one.
-async fn ready_or_flush<T, I, O>(fut: impl Future<Output = T>, reporter: &mut Reporter<I, O>) -> T
-where
-    I: Send + 'static,
-    O: Send + 'static,
-{
-    let mut fut = std::pin::pin!(fut);
-    match futures::poll!(fut.as_mut()) {
-        Poll::Ready(output) => output,
-        Poll::Pending => {
-            reporter.flush_done();
-            fut.await
-        }
     }
 }

@@ -140,6 +140,7 @@ pub(crate) enum Ran<O> {
 }
 
 impl<O> Ran<O> {
+    #[inline]
     pub(crate) fn caught(result: std::thread::Result<anyhow::Result<WorkItem<O>>>) -> Self {
         match result {
             Ok(returned) => Ran::Returned(returned),
@@ -164,6 +165,7 @@ pub(crate) struct Attempt<I> {
 impl<I: Send + 'static> Attempt<I> {
     /// Counts the attempt and takes the item's stage times aside (stamping
     /// `started` on the first attempt) before the handler gets it.
+    #[inline]
     pub(crate) fn begin<O>(ctx: &RunCtx<I, O>, item: &mut WorkItem<I>, now: Instant) -> Self {
         item.metadata.attempts += 1;
         let attempts = item.metadata.attempts;
@@ -191,6 +193,7 @@ impl<I: Send + 'static> Attempt<I> {
     }
 
     /// The handler returned `out`: it keeps the item's identity and times.
+    #[inline(always)]
     pub(crate) fn succeed<O>(
         mut self,
         ctx: &RunCtx<I, O>,
@@ -262,7 +265,12 @@ impl<I: Send + 'static> Attempt<I> {
 pub(crate) struct Reporter<I, O> {
     ctx: Arc<RunCtx<I, O>>,
     outcomes: Vec<Outcome<I, O>>,
-    busy: Duration,
+    /// When the handler started on the first outcome not yet sent, and
+    /// finished the last: items run back to back, so the handler time of
+    /// a report is the span between (one subtraction per report, not per
+    /// item).
+    first_started: Option<Instant>,
+    last_done: Instant,
     last_flush: Instant,
     events: Vec<PipelineEvent>,
 }
@@ -272,7 +280,8 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
         Reporter {
             ctx: ctx.clone(),
             outcomes: Vec::with_capacity(batch),
-            busy: Duration::ZERO,
+            first_started: None,
+            last_done: now,
             last_flush: now,
             events: Vec::new(),
         }
@@ -291,6 +300,7 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
     }
 
     /// Records an outcome and sends what has accumulated when it is time.
+    #[inline(always)]
     pub(crate) fn push(&mut self, outcome: Outcome<I, O>, started: Instant, now: Instant) {
         self.record(outcome, started, now);
         if now.saturating_duration_since(self.last_flush) >= FLUSH_AFTER {
@@ -301,6 +311,7 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
     /// Records how an attempt ended. After a panic, reports it with the
     /// rest of the batch (`rest`) handed back and returns why the worker
     /// must now fail.
+    #[inline(always)]
     pub(crate) fn settle(
         &mut self,
         attempt: Attempt<I>,
@@ -334,8 +345,10 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
         Ok(())
     }
 
+    #[inline(always)]
     fn record(&mut self, outcome: Outcome<I, O>, started: Instant, now: Instant) {
-        self.busy += now.saturating_duration_since(started);
+        self.first_started.get_or_insert(started);
+        self.last_done = now;
         if self.ctx.events.wants_lifecycle() {
             let (job_id, success) = match &outcome {
                 Outcome::Done(item) => (item.job_id.clone(), true),
@@ -381,7 +394,9 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
             worker: self.ctx.worker,
             outcomes: std::mem::take(&mut self.outcomes),
             returned,
-            busy: std::mem::take(&mut self.busy),
+            busy: self.first_started.take().map_or(Duration::ZERO, |s| {
+                self.last_done.saturating_duration_since(s)
+            }),
             failing,
         };
         self.last_flush = now;
