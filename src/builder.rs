@@ -86,9 +86,13 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
 use bergtalzug_actors::config::{ConfigError, ExecutionType, PipelineConfig};
 use bergtalzug_actors::dead_letter::{DeadLetter, DeadLetterSink};
 use bergtalzug_actors::item::{WorkItem, WorkItemResult};
+use bergtalzug_actors::process::{self, ProcessOptions};
 use bergtalzug_actors::source::Source;
 use bergtalzug_actors::{
     Callback, HandlerKind, PipelineParts, PipelineRuntime, SourceBinding, StageBinding,
@@ -286,6 +290,73 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         self.retype()
     }
 
+    /// Binds the handler of the next stage, a `Process` one: a plain `fn`
+    /// over serde data, run in worker processes started from this very
+    /// program (see [`crate::process`]; call [`crate::process::init`] first
+    /// in `main`). A crash, abort or timeout in a worker fails only the item
+    /// it was running. A stage with a `retry` policy needs no other method
+    /// and no `Clone`: an input is recovered from the bytes sent to the
+    /// worker when an attempt fails.
+    ///
+    /// ```no_run
+    /// use bergtalzug::prelude::*;
+    ///
+    /// fn risky(item: WorkItem<u64>) -> anyhow::Result<WorkItem<u64>> {
+    ///     if item.data == 13 {
+    ///         std::process::abort(); // only this item fails
+    ///     }
+    ///     Ok(item.map(|n| n * 2))
+    /// }
+    ///
+    /// # #[allow(clippy::needless_doctest_main)]
+    /// #[tokio::main]
+    /// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    ///     bergtalzug::process::init(); // first: a worker process never returns from it
+    ///     let config = PipelineConfig::new("isolated", vec![
+    ///         StageConfig::new("risky", ExecutionType::Process).workers(2),
+    ///     ]);
+    ///     let results = Pipeline::builder(config)?
+    ///         .source(sources::iter(0..100u64))
+    ///         .process_stage("risky", risky)
+    ///         .build()?
+    ///         .run()
+    ///         .await?;
+    ///     assert_eq!(results.iter().filter(|r| !r.success).count(), 1);
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn process_stage<O>(
+        self,
+        name: &str,
+        handler: fn(WorkItem<C>) -> anyhow::Result<WorkItem<O>>,
+    ) -> PipelineBuilder<T, O>
+    where
+        C: Serialize + DeserializeOwned,
+        O: Serialize + DeserializeOwned + Send + 'static,
+    {
+        self.process_stage_with(name, handler, ProcessOptions::default())
+    }
+
+    /// [`Self::process_stage`] with options: the worker command, extra
+    /// environment, recycling after N items, the frame limit.
+    pub fn process_stage_with<O>(
+        mut self,
+        name: &str,
+        handler: fn(WorkItem<C>) -> anyhow::Result<WorkItem<O>>,
+        options: ProcessOptions,
+    ) -> PipelineBuilder<T, O>
+    where
+        C: Serialize + DeserializeOwned,
+        O: Serialize + DeserializeOwned + Send + 'static,
+    {
+        // In a worker process of this stage (when `main` did not call
+        // `process::init`), this serves the stage and never returns.
+        process::serve_if_worker(&self.config.pipeline_name, name, handler);
+        self.check(name, |t| matches!(t, ExecutionType::Process));
+        self.handlers.push(StageBinding::process(handler, options));
+        self.retype()
+    }
+
     /// Adds a completion callback: called exactly once per item, with its
     /// result, on the tracker's task (keep it quick). A panic in it is
     /// logged and ignored.
@@ -383,6 +454,9 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
                         ExecutionType::Async => "bind an async fn with .async_stage".into(),
                         ExecutionType::Thread | ExecutionType::Cpu => {
                             "bind a blocking fn with .sync_stage".into()
+                        }
+                        ExecutionType::Process => {
+                            "bind a plain fn over serde data with .process_stage".into()
                         }
                         other => format!(
                             "{other} stages are not supported by this version of bergtalzug"

@@ -59,6 +59,8 @@
 //!   utilisation, the bottleneck), [`PipelineEvent`] (including stalled
 //!   items), a tracing span per item per stage, and metrics through the
 //!   `metrics` facade (feature `metrics`); see `docs/observability.md`.
+//! - [`process`]: Process stages' worker processes; a program with a
+//!   Process stage calls [`process::init`] first in `main`.
 //! - The engine, its actors and messages live in the `bergtalzug-actors`
 //!   crate, re-exported here as [`actors`] for those who embed a pipeline
 //!   in their own ractor system.
@@ -71,6 +73,9 @@ pub mod pipeline;
 #[cfg(feature = "progress")]
 pub mod progress;
 pub mod sources;
+
+#[doc(inline)]
+pub use bergtalzug_actors::process;
 
 /// The engine crate, for embedding in a ractor system.
 pub use bergtalzug_actors as actors;

@@ -334,3 +334,53 @@ async fn a_stalled_item_is_reported_while_it_runs() {
     assert_eq!(stats.stage("hang").unwrap().stalled, 1);
     assert_eq!(stats.stage("fetch").unwrap().stalled, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn each_item_runs_in_a_span_per_stage_with_the_fixed_fields() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("warn,observability=info,bergtalzug_actors::runner=debug")
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let log = |stage: &'static str| {
+        move |i: WorkItem<u64>| async move {
+            tracing::info!("handled in {stage}");
+            Ok(i)
+        }
+    };
+    let pipeline = Pipeline::builder(config(
+        "spans",
+        vec![
+            StageConfig::new("a", ExecutionType::Async).workers(1),
+            StageConfig::new("b", ExecutionType::Async).workers(1),
+        ],
+    ))
+    .unwrap()
+    .source(sources::items((0..3u64).map(|n| WorkItem::with_job_id(format!("job-{n}"), n))))
+    .async_stage("a", log("a"))
+    .async_stage("b", log("b"))
+    .build()
+    .unwrap();
+    within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap();
+
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("handled in")).collect();
+    assert_eq!(lines.len(), 6, "{text}");
+    for n in 0..3 {
+        for stage in ["a", "b"] {
+            let span = format!("item{{pipeline=spans stage={stage} worker=w0 job_id=job-{n}}}");
+            let expected = format!("handled in {stage}");
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.contains(&span) && l.ends_with(&expected)),
+                "no line in {span}: {text}"
+            );
+        }
+    }
+}

@@ -13,11 +13,18 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
 use crate::config::ExecutionType;
 use crate::item::WorkItem;
+use crate::process::ProcessOptions;
+use crate::process::entry::Entry;
+use crate::process::spawn::ChildSpec;
 use crate::runner::StageRunner;
 use crate::runner::async_rt::AsyncRunner;
 use crate::runner::cpu::{self, CpuRunner};
+use crate::runner::process::ProcessRunner;
 use crate::runner::thread::ThreadRunner;
 use crate::shared::Shared;
 use crate::source::{DynSource, Source, erase_source};
@@ -109,6 +116,8 @@ pub enum HandlerKind {
     Async,
     /// A blocking `fn`, for `Thread` and `Cpu` stages.
     Blocking,
+    /// A plain `fn` over serde data, for `Process` stages.
+    Process,
 }
 
 /// A stage's handler, ready to be spawned as a supervisor with its workers.
@@ -225,6 +234,45 @@ impl StageBinding {
                         )
                         .into()),
                     }
+                })
+            }),
+        }
+    }
+
+    /// Binds a plain `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>` for a
+    /// `Process` stage: it runs in worker processes, which the stage starts
+    /// as `options` say (see [`crate::process`]).
+    pub fn process<I, O>(
+        handler: fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>,
+        options: ProcessOptions,
+    ) -> Self
+    where
+        I: Serialize + DeserializeOwned + Send + 'static,
+        O: Serialize + DeserializeOwned + Send + 'static,
+    {
+        StageBinding {
+            kind: HandlerKind::Process,
+            // A failed attempt's input is decoded from the bytes sent to the
+            // worker: retries need no copy and no `Clone`.
+            retries: true,
+            spawn: Box::new(move |ctx, outlet| {
+                Box::pin(async move {
+                    let config = &ctx.shared.config.stages[ctx.index];
+                    if config.execution_type != ExecutionType::Process {
+                        return Err(format!(
+                            "stage `{}`: a process handler cannot run as {}",
+                            config.name, config.execution_type
+                        )
+                        .into());
+                    }
+                    let spec = ChildSpec::new(
+                        ctx.shared.name.clone(),
+                        config.name.as_str().into(),
+                        &options,
+                        Entry::of::<I, O>(handler),
+                    );
+                    let runner = ProcessRunner::<I, O>::new(spec);
+                    spawn_stage::<I, O, _>(ctx, runner, None, outlet).await
                 })
             }),
         }

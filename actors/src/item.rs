@@ -109,8 +109,29 @@ impl<'de> Deserialize<'de> for JobId {
     }
 }
 
-/// The names of a pipeline's stages, shared by every item's metadata.
-pub(crate) type StageNames = Arc<[Arc<str>]>;
+/// The names of a pipeline's stages, shared by every item's metadata: a
+/// thin pointer, so that a `WorkItem` of a word-sized type stays within 128
+/// bytes, which the compiler moves without calling `memcpy` (measured: the
+/// 8 bytes more of a fat pointer cost a twelfth of the 4 x 4 throughput).
+pub(crate) type StageNames = Arc<NameList>;
+
+/// The stage names behind [`StageNames`].
+#[derive(Debug)]
+pub(crate) struct NameList(Box<[Arc<str>]>);
+
+impl std::ops::Deref for NameList {
+    type Target = [Arc<str>];
+
+    fn deref(&self) -> &[Arc<str>] {
+        &self.0
+    }
+}
+
+impl FromIterator<Arc<str>> for NameList {
+    fn from_iter<It: IntoIterator<Item = Arc<str>>>(iter: It) -> Self {
+        NameList(iter.into_iter().collect())
+    }
+}
 
 /// When an item entered, started and left one stage.
 #[derive(Debug, Clone)]
@@ -354,7 +375,9 @@ pub enum ItemErrorKind {
     /// The worker holding the item died without reporting it.
     WorkerLost,
     /// The worker process running the item died (abort, segfault, killed);
-    /// the message gives the exit status or signal. Process stages only.
+    /// the message gives the exit status or signal. Also when it sent a
+    /// corrupt reply (and was killed) or never started serving. Process
+    /// stages only.
     ProcessDied,
 }
 
@@ -471,5 +494,17 @@ mod tests {
         assert_eq!(mapped.job_id(), &JobId::from("x"));
         assert_eq!(mapped.metadata().custom["k"], 2);
         assert_eq!(mapped.data, "1");
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// Moves of items up to 128 bytes are inlined; a `memcpy` call per move
+    /// costs throughput (see [`StageNames`]).
+    #[test]
+    fn a_word_sized_item_fits_in_128_bytes() {
+        assert!(std::mem::size_of::<WorkItem<u64>>() <= 128);
     }
 }

@@ -20,7 +20,9 @@
 //! - The actors, one per file, each opening with its contract:
 //!   `root` (the pipeline root, [`PipelineActor`]), `source_actor`, `stage`
 //!   (stage supervisor), `worker`, `tracker`; the execution models in
-//!   `runner/` (`async_rt`, `thread`, `cpu`).
+//!   `runner/` (`async_rt`, `thread`, `cpu`, `process`).
+//! - [`process`]: Process stages' worker processes: [`process::init`],
+//!   [`process::ProcessOptions`], the child's side and the wire.
 //!
 //! # The flow
 //!
@@ -47,6 +49,7 @@ pub mod item;
 #[cfg(feature = "metrics")]
 pub(crate) mod metrics;
 pub(crate) mod monitor;
+pub mod process;
 pub mod root;
 pub(crate) mod runner;
 pub(crate) mod shared;

@@ -50,11 +50,13 @@ impl Shared {
             name: config.pipeline_name.as_str().into(),
             admitted: AtomicU64::new(0),
             source_errors: AtomicU64::new(0),
-            names: config
-                .stages
-                .iter()
-                .map(|s| Arc::from(s.name.as_str()))
-                .collect(),
+            names: Arc::new(
+                config
+                    .stages
+                    .iter()
+                    .map(|s| Arc::from(s.name.as_str()))
+                    .collect(),
+            ),
             gauges: config
                 .stages
                 .iter()

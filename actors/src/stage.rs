@@ -446,7 +446,7 @@ where
         for _ in 0..n {
             slot.held.pop_front();
         }
-        if n > 0 && !slot.held.is_empty() {
+        if n > 0 && !slot.held.is_empty() && self.shared.config.stall_threshold.is_some() {
             // The worker goes on with the rest of its batch.
             slot.since = crate::clock::now();
             slot.stalled = false;
@@ -538,8 +538,9 @@ where
 
     /// Holds an item for its retry backoff.
     fn delay(&mut self, myself: &ActorRef<StageMsg<I, O>>, item: WorkItem<I>) {
-        let policy = self.retry.expect("only stages with a retry policy retry");
-        let wait = policy.delay_before(item.metadata.attempts + 1, fastrand::f64());
+        let wait = self.retry.map_or(Duration::ZERO, |policy| {
+            policy.delay_before(item.metadata.attempts + 1, fastrand::f64())
+        });
         let due = tokio::time::Instant::now() + wait;
         self.delayed.insert((due, self.next_delayed), item);
         self.next_delayed += 1;
@@ -678,8 +679,10 @@ where
                     .iter()
                     .map(|i| (i.job_id.clone(), i.metadata.created())),
             );
-            slot.since = crate::clock::now();
-            slot.stalled = false;
+            if self.shared.config.stall_threshold.is_some() {
+                slot.since = crate::clock::now();
+                slot.stalled = false;
+            }
             self.in_flight += take;
             if let Err(MessagingErr::SendErr(WorkerMsg::Run(items))) =
                 slot.actor.cast(WorkerMsg::Run(items))

@@ -11,8 +11,22 @@ use std::task::Poll;
 use futures::FutureExt;
 use tracing::Instrument;
 
-use super::{Attempt, Ran, Reporter, RunCtx, StageRunner, item_span};
+use super::{Attempt, Ran, Reporter, RunCtx, StageRunner, item_span, item_spans_enabled};
 use crate::item::WorkItem;
+
+/// Awaits the pinned future `$fut`; if it cannot finish at once, first sends
+/// what is done, so that finished items never wait behind a slow one.
+macro_rules! ready_or_flush {
+    ($fut:ident, $reporter:ident) => {
+        match futures::poll!($fut.as_mut()) {
+            Poll::Ready(output) => output,
+            Poll::Pending => {
+                $reporter.flush_done();
+                $fut.await
+            }
+        }
+    };
+}
 
 /// Runs an `async fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>`.
 pub(crate) struct AsyncRunner<F>(pub(crate) F);
@@ -27,12 +41,20 @@ where
     async fn run(&self, ctx: &Arc<RunCtx<I, O>>, items: Vec<WorkItem<I>>) -> Result<(), String> {
         let mut started = crate::clock::now();
         let mut reporter = Reporter::new(ctx, items.len(), started);
+        // Once per batch: when no subscriber wants item spans, each item
+        // gets the empty span, which costs a branch per poll.
+        let traced = item_spans_enabled();
         let mut items = items.into_iter();
         while let Some(mut item) = items.next() {
             let attempt = Attempt::begin(ctx, &mut item, started);
             reporter.started(attempt.job_id());
-            let span = item_span(ctx, attempt.job_id());
+            let span = match traced {
+                true => item_span(ctx, attempt.job_id()),
+                false => tracing::Span::none(),
+            };
             // A handler that panics while building its future is caught too.
+            // The future is pinned where it is polled (no `async fn` around
+            // it): each move of a future holding an item is a memcpy.
             let made = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 let _entered = span.enter();
                 (self.0)(item)
@@ -41,10 +63,13 @@ where
                 Ok(fut) => {
                     let fut = AssertUnwindSafe(fut.instrument(span)).catch_unwind();
                     match ctx.timeout {
-                        None => Ran::caught(ready_or_flush(fut, &mut reporter).await),
+                        None => {
+                            let mut fut = std::pin::pin!(fut);
+                            Ran::caught(ready_or_flush!(fut, reporter))
+                        }
                         Some(limit) => {
-                            let limited = tokio::time::timeout(limit, fut);
-                            match ready_or_flush(limited, &mut reporter).await {
+                            let mut fut = std::pin::pin!(tokio::time::timeout(limit, fut));
+                            match ready_or_flush!(fut, reporter) {
                                 Ok(result) => Ran::caught(result),
                                 Err(_) => Ran::TimedOut(limit),
                             }
@@ -59,22 +84,5 @@ where
         }
         reporter.finish(started);
         Ok(())
-    }
-}
-
-/// Awaits `fut`; if it cannot finish at once, first sends what is done, so
-/// that finished items never wait behind a slow one.
-async fn ready_or_flush<T, I, O>(fut: impl Future<Output = T>, reporter: &mut Reporter<I, O>) -> T
-where
-    I: Send + 'static,
-    O: Send + 'static,
-{
-    let mut fut = std::pin::pin!(fut);
-    match futures::poll!(fut.as_mut()) {
-        Poll::Ready(output) => output,
-        Poll::Pending => {
-            reporter.flush_done();
-            fut.await
-        }
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! - [`async_rt::AsyncRunner`]: awaited on the worker actor's own task;
 //! - [`thread::ThreadRunner`]: the batch goes to one of tokio's blocking threads;
-//! - [`cpu::CpuRunner`]: the batch goes to the stage's rayon pool.
+//! - [`cpu::CpuRunner`]: the batch goes to the stage's rayon pool;
+//! - [`process::ProcessRunner`]: the batch goes to a worker process.
 //!
 //! Runners are generic over the handler, so a handler's future is never
 //! boxed and its data never erased: the stage and its workers are compiled
@@ -41,6 +42,7 @@
 
 pub(crate) mod async_rt;
 pub(crate) mod cpu;
+pub(crate) mod process;
 pub(crate) mod thread;
 pub(crate) mod watch;
 
@@ -139,6 +141,7 @@ pub(crate) enum Ran<O> {
 }
 
 impl<O> Ran<O> {
+    #[inline]
     pub(crate) fn caught(result: std::thread::Result<anyhow::Result<WorkItem<O>>>) -> Self {
         match result {
             Ok(returned) => Ran::Returned(returned),
@@ -163,6 +166,7 @@ pub(crate) struct Attempt<I> {
 impl<I: Send + 'static> Attempt<I> {
     /// Counts the attempt and takes the item's stage times aside (stamping
     /// `started` on the first attempt) before the handler gets it.
+    #[inline]
     pub(crate) fn begin<O>(ctx: &RunCtx<I, O>, item: &mut WorkItem<I>, now: Instant) -> Self {
         item.metadata.attempts += 1;
         let attempts = item.metadata.attempts;
@@ -190,6 +194,7 @@ impl<I: Send + 'static> Attempt<I> {
     }
 
     /// The handler returned `out`: it keeps the item's identity and times.
+    #[inline(always)]
     pub(crate) fn succeed<O>(
         mut self,
         ctx: &RunCtx<I, O>,
@@ -261,7 +266,12 @@ impl<I: Send + 'static> Attempt<I> {
 pub(crate) struct Reporter<I, O> {
     ctx: Arc<RunCtx<I, O>>,
     outcomes: Vec<Outcome<I, O>>,
-    busy: Duration,
+    /// When the handler started on the first outcome not yet sent, and
+    /// finished the last: items run back to back, so the handler time of
+    /// a report is the span between (one subtraction per report, not per
+    /// item).
+    first_started: Option<Instant>,
+    last_done: Instant,
     last_flush: Instant,
     events: Vec<PipelineEvent>,
 }
@@ -271,7 +281,8 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
         Reporter {
             ctx: ctx.clone(),
             outcomes: Vec::with_capacity(batch),
-            busy: Duration::ZERO,
+            first_started: None,
+            last_done: now,
             last_flush: now,
             events: Vec::new(),
         }
@@ -290,6 +301,7 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
     }
 
     /// Records an outcome and sends what has accumulated when it is time.
+    #[inline(always)]
     pub(crate) fn push(&mut self, outcome: Outcome<I, O>, started: Instant, now: Instant) {
         self.record(outcome, started, now);
         if now.saturating_duration_since(self.last_flush) >= FLUSH_AFTER {
@@ -300,6 +312,7 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
     /// Records how an attempt ended. After a panic, reports it with the
     /// rest of the batch (`rest`) handed back and returns why the worker
     /// must now fail.
+    #[inline(always)]
     pub(crate) fn settle(
         &mut self,
         attempt: Attempt<I>,
@@ -333,8 +346,10 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
         Ok(())
     }
 
+    #[inline(always)]
     fn record(&mut self, outcome: Outcome<I, O>, started: Instant, now: Instant) {
-        self.busy += now.saturating_duration_since(started);
+        self.first_started.get_or_insert(started);
+        self.last_done = now;
         if self.ctx.events.wants_lifecycle() {
             let (job_id, success) = match &outcome {
                 Outcome::Done(item) => (item.job_id.clone(), true),
@@ -380,7 +395,9 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
             worker: self.ctx.worker,
             outcomes: std::mem::take(&mut self.outcomes),
             returned,
-            busy: std::mem::take(&mut self.busy),
+            busy: self.first_started.take().map_or(Duration::ZERO, |s| {
+                self.last_done.saturating_duration_since(s)
+            }),
             failing,
         };
         self.last_flush = now;
@@ -389,10 +406,15 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
     }
 }
 
+/// Whether any subscriber wants [`item_span`]s now; asked once per batch,
+/// so that a batch nobody traces makes no span at all.
+#[inline]
+pub(crate) fn item_spans_enabled() -> bool {
+    tracing::span_enabled!(tracing::Level::DEBUG)
+}
+
 /// The span of one item's pass through a stage's handler, with the fixed
-/// fields `pipeline`, `stage`, `worker` and `job_id`. At DEBUG: unless a
-/// subscriber enables it, this is one check of the level filter, and no
-/// field is formatted.
+/// fields `pipeline`, `stage`, `worker` and `job_id`, at DEBUG.
 #[inline]
 pub(crate) fn item_span<I, O>(ctx: &RunCtx<I, O>, job_id: &JobId) -> tracing::Span {
     tracing::debug_span!(
@@ -428,13 +450,14 @@ where
 {
     let mut started = crate::clock::now();
     let mut reporter = Reporter::new(ctx, items.len(), started);
+    let traced = item_spans_enabled();
     let mut items = items.into_iter();
     while let Some(mut item) = items.next() {
         let attempt = Attempt::begin(ctx, &mut item, started);
         reporter.started(attempt.job_id());
-        let span = item_span(ctx, attempt.job_id());
+        let span = traced.then(|| item_span(ctx, attempt.job_id()));
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let _entered = span.enter();
+            let _entered = span.as_ref().map(tracing::Span::enter);
             handler(item)
         }));
         let now = crate::clock::now();

@@ -59,12 +59,13 @@ impl<I: Send + 'static, O: Send + 'static> Watched<I, O> {
                 let started = Instant::now();
                 let attempt = Attempt::begin(ctx, &mut item, started);
                 reporter.started(attempt.job_id());
-                let span = super::item_span(ctx, attempt.job_id());
+                let span =
+                    super::item_spans_enabled().then(|| super::item_span(ctx, attempt.job_id()));
                 *current = Some((started, attempt));
                 (item, span)
             };
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                let _entered = span.enter();
+                let _entered = span.as_ref().map(tracing::Span::enter);
                 handler(item)
             }));
             let now = Instant::now();
