@@ -359,7 +359,9 @@ async fn each_item_runs_in_a_span_per_stage_with_the_fixed_fields() {
         ],
     ))
     .unwrap()
-    .source(sources::items((0..3u64).map(|n| WorkItem::with_job_id(format!("job-{n}"), n))))
+    .source(sources::items(
+        (0..3u64).map(|n| WorkItem::with_job_id(format!("job-{n}"), n)),
+    ))
     .async_stage("a", log("a"))
     .async_stage("b", log("b"))
     .build()
