@@ -56,6 +56,6 @@ impl Destination {
     /// The key of a file's Parquet output: `<prefix>/<stem>.parquet`.
     pub fn key(&self, file: &str) -> Path {
         let stem = file.strip_suffix(".csv").unwrap_or(file);
-        self.prefix.child(format!("{stem}.parquet"))
+        self.prefix.clone().join(format!("{stem}.parquet"))
     }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use bergtalzug::prelude::*;
 use bytes::Bytes;
-use object_store::PutPayload;
+use object_store::{ObjectStoreExt, PutPayload};
 use serde::Serialize;
 
 use crate::destination::Destination;
@@ -118,6 +118,10 @@ pub struct StageReport {
     /// Megabytes taken in per second of `busy_secs` (CSV for download and
     /// validate, Parquet for store).
     pub mb_per_sec: f64,
+    /// What the stage could take if never starved: workers / mean handler
+    /// time, in items per second (an upper bound: async workers share the
+    /// runtime's threads).
+    pub capacity_per_sec: Option<f64>,
 }
 
 /// What a run did.
@@ -241,7 +245,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
             StageConfig::new(STAGES[0], ExecutionType::Async)
                 .workers(options.download_workers)
                 .queue_size(2 * options.download_workers)
-                .retry(retry.clone())
+                .retry(retry)
                 .timeout(Duration::from_secs(60)),
             // Items here hold a whole CSV file: a short queue bounds memory.
             StageConfig::new(STAGES[1], ExecutionType::Cpu)
@@ -324,6 +328,10 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
                 busy_secs: busy,
                 items_per_sec: per_sec((s.processed + s.failed) as f64),
                 mb_per_sec: per_sec(ledger.bytes_in[i].load(Ordering::Relaxed) as f64 / 1e6),
+                capacity_per_sec: s
+                    .average_duration
+                    .filter(|d| !d.is_zero())
+                    .map(|d| s.workers as f64 / d.as_secs_f64()),
             }
         })
         .collect();
@@ -392,38 +400,49 @@ impl Report {
             }
         }
         println!();
-        println!(
-            "{:<9} {:<6} {:>7} {:>6} {:>6} {:>7} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8}",
-            "stage",
-            "model",
-            "workers",
-            "done",
-            "failed",
-            "retried",
-            "avg ms",
-            "p50 ms",
-            "p99 ms",
-            "busy s",
-            "items/s",
-            "MB/s"
-        );
         let ms = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.2}"));
-        for s in &self.stages {
-            println!(
-                "{:<9} {:<6} {:>7} {:>6} {:>6} {:>7} {:>9} {:>9} {:>9} {:>8.2} {:>9.1} {:>8.1}",
-                s.name,
-                s.model,
-                s.workers,
-                s.processed,
-                s.failed,
-                s.retried,
+        let table = std::iter::once(
+            [
+                "stage",
+                "model",
+                "workers",
+                "done",
+                "failed",
+                "retried",
+                "avg ms",
+                "p50 ms",
+                "p99 ms",
+                "busy s",
+                "items/s",
+                "MB/s",
+                "capacity/s",
+            ]
+            .map(String::from),
+        )
+        .chain(self.stages.iter().map(|s| {
+            [
+                s.name.clone(),
+                s.model.clone(),
+                s.workers.to_string(),
+                s.processed.to_string(),
+                s.failed.to_string(),
+                s.retried.to_string(),
                 ms(s.avg_ms),
                 ms(s.p50_ms),
                 ms(s.p99_ms),
-                s.busy_secs,
-                s.items_per_sec,
-                s.mb_per_sec
-            );
+                format!("{:.2}", s.busy_secs),
+                format!("{:.1}", s.items_per_sec),
+                format!("{:.1}", s.mb_per_sec),
+                s.capacity_per_sec
+                    .map_or_else(|| "-".into(), |c| format!("{c:.0}")),
+            ]
+        }));
+        for row in table {
+            let mut line = format!("{:<9}{:<6}", row[0], row[1]);
+            for cell in &row[2..] {
+                line.push_str(&format!("{cell:>11}"));
+            }
+            println!("{}", line.trim_end());
         }
     }
 }

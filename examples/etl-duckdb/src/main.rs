@@ -116,8 +116,9 @@ fn url_list(text: &str) -> Vec<(String, String)> {
                     }
                 })
                 .collect();
-            let base = if base.is_empty() {
-                "file".to_string()
+            // No hidden or special names (`.`, `..`) in the work directory.
+            let base = if base.is_empty() || base.starts_with('.') {
+                format!("file{base}")
             } else {
                 base
             };

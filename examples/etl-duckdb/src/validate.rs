@@ -27,7 +27,7 @@ pub struct Column {
     pub name: &'static str,
     /// The DuckDB type every value must cast to.
     pub sql_type: &'static str,
-    /// A SQL condition on the typed value `v`.
+    /// A SQL condition on the typed value, written `{v}`.
     pub rule: &'static str,
     /// The rule in words, for rejections.
     pub rule_text: &'static str,
@@ -38,37 +38,37 @@ pub const COLUMNS: &[Column] = &[
     Column {
         name: "order_id",
         sql_type: "BIGINT",
-        rule: "v > 0",
+        rule: "{v} > 0",
         rule_text: "> 0",
     },
     Column {
         name: "customer_id",
         sql_type: "BIGINT",
-        rule: "v > 0",
+        rule: "{v} > 0",
         rule_text: "> 0",
     },
     Column {
         name: "order_date",
         sql_type: "DATE",
-        rule: "v BETWEEN DATE '2020-01-01' AND DATE '2030-12-31'",
+        rule: "{v} BETWEEN DATE '2020-01-01' AND DATE '2030-12-31'",
         rule_text: "between 2020-01-01 and 2030-12-31",
     },
     Column {
         name: "quantity",
         sql_type: "INTEGER",
-        rule: "v BETWEEN 1 AND 10000",
+        rule: "{v} BETWEEN 1 AND 10000",
         rule_text: "between 1 and 10000",
     },
     Column {
         name: "unit_price",
         sql_type: "DECIMAL(10,2)",
-        rule: "v >= 0 AND v < 100000",
+        rule: "{v} >= 0 AND {v} < 100000",
         rule_text: "between 0 and 99999.99",
     },
     Column {
         name: "country",
         sql_type: "VARCHAR",
-        rule: "regexp_full_match(v, '[A-Z]{2}')",
+        rule: "regexp_full_match({v}, '[A-Z]{2}')",
         rule_text: "two capital letters (ISO 3166 code)",
     },
 ];
@@ -216,20 +216,22 @@ fn ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// DuckDB's message, first line only (it may go on with hints).
-fn first_line(e: &duckdb::Error) -> String {
-    e.to_string()
+/// DuckDB's message, its first two lines only (it goes on with hints).
+fn short_message(e: &duckdb::Error) -> String {
+    let text = e.to_string();
+    let lines: Vec<&str> = text
         .lines()
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_string()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .take(2)
+        .collect();
+    lines.join(" ")
 }
 
 /// Validates the CSV `body` of `file` and returns it as Parquet. Uses
 /// `work_dir` for the two files DuckDB reads and writes, and removes them.
 pub fn validate(file: &str, body: &[u8], work_dir: &Path) -> Result<Validated, Invalid> {
-    let csv = work_dir.join(format!("{file}.csv"));
+    let csv = work_dir.join(file);
     let parquet = work_dir.join(format!("{file}.parquet"));
     std::fs::write(&csv, body).with_context(|| format!("cannot write {}", csv.display()))?;
     let result = with_connection(|conn| {
@@ -255,6 +257,47 @@ pub fn validate(file: &str, body: &[u8], work_dir: &Path) -> Result<Validated, I
     })
 }
 
+/// The first column (in [`COLUMNS`] order) with rows where `bad(column)`
+/// holds, found in one scan of `table`: the column, how many rows, the first
+/// line (`line_expr`) and its value (`value(column)`).
+fn first_offender(
+    conn: &Connection,
+    table: &str,
+    line_expr: &str,
+    value: impl Fn(&Column) -> String,
+    bad: impl Fn(&Column) -> String,
+) -> Result<Option<(Column, i64, i64, String)>, Invalid> {
+    let aggregates: Vec<String> = COLUMNS
+        .iter()
+        .map(|c| {
+            let when = bad(c);
+            format!(
+                "count(*) FILTER (WHERE {when}), min({line_expr}) FILTER (WHERE {when}), \
+                 arg_min({}, {line_expr}) FILTER (WHERE {when})",
+                value(c)
+            )
+        })
+        .collect();
+    let sql = format!("SELECT {} FROM {table}", aggregates.join(", "));
+    let found = conn.query_row(&sql, [], |row| {
+        for (i, c) in COLUMNS.iter().enumerate() {
+            let count: i64 = row.get(3 * i)?;
+            if count > 0 {
+                let line: Option<i64> = row.get(3 * i + 1)?;
+                let value: Option<String> = row.get(3 * i + 2)?;
+                return Ok(Some((
+                    *c,
+                    count,
+                    line.unwrap_or_default(),
+                    value.unwrap_or_default(),
+                )));
+            }
+        }
+        Ok(None)
+    })?;
+    Ok(found)
+}
+
 fn run_checks(conn: &Connection, file: &str, csv: &Path, parquet: &Path) -> Result<u64, Invalid> {
     let reject = |check: Check, detail: String| {
         Err(Invalid::Rejected(Rejection {
@@ -269,13 +312,16 @@ fn run_checks(conn: &Connection, file: &str, csv: &Path, parquet: &Path) -> Resu
     // readable: every value as text first, so that types are ours to check.
     let load = format!(
         "CREATE OR REPLACE TEMP TABLE raw AS \
-         SELECT * FROM read_csv({}, header = true, all_varchar = true, strict_mode = true)",
+         SELECT * FROM read_csv({}, header = true, all_varchar = true, delim = ',', quote = '\"', \
+         escape = '\"', strict_mode = true)",
         literal(csv)
     );
     if let Err(e) = conn.execute_batch(&load) {
+        // DuckDB names the work file: name the user's file instead.
+        let message = short_message(&e).replace(csv, file);
         return reject(
             Check::Readable,
-            format!("DuckDB cannot parse it as CSV: {}", first_line(&e)),
+            format!("DuckDB cannot parse it as CSV: {message}"),
         );
     }
 
@@ -309,52 +355,30 @@ fn run_checks(conn: &Connection, file: &str, csv: &Path, parquet: &Path) -> Resu
         );
     }
 
-    // not-null (line numbers: the header is line 1, the first row line 2)
-    for c in COLUMNS {
-        let col = ident(c.name);
-        let (count, line): (i64, Option<i64>) = conn.query_row(
-            &format!(
-                "SELECT count(*), min(rowid) + 2 FROM raw WHERE {col} IS NULL OR trim({col}) = ''"
+    // not-null, types: one scan each over the text values (line numbers:
+    // the header is line 1, the first row line 2).
+    let text = |c: &Column| ident(c.name);
+    if let Some((c, count, line, _)) = first_offender(conn, "raw", "rowid + 2", text, |c| {
+        format!("{0} IS NULL OR trim({0}) = ''", ident(c.name))
+    })? {
+        return reject(
+            Check::NotNull,
+            format!(
+                "column {} is empty on {count} row(s), first on line {line}",
+                c.name
             ),
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        if count > 0 {
-            return reject(
-                Check::NotNull,
-                format!(
-                    "column {} is empty on {count} row(s), first on line {}",
-                    c.name,
-                    line.unwrap_or_default()
-                ),
-            );
-        }
+        );
     }
-
-    // types
-    for c in COLUMNS {
-        let col = ident(c.name);
-        let (count, line, value): (i64, Option<i64>, Option<String>) = conn.query_row(
-            &format!(
-                "SELECT count(*), min(rowid) + 2, arg_min({col}, rowid) FROM raw \
-                 WHERE TRY_CAST({col} AS {}) IS NULL",
-                c.sql_type
+    if let Some((c, count, line, value)) = first_offender(conn, "raw", "rowid + 2", text, |c| {
+        format!("TRY_CAST({} AS {}) IS NULL", ident(c.name), c.sql_type)
+    })? {
+        return reject(
+            Check::Types,
+            format!(
+                "column {}: {count} value(s) are not {}, first on line {line}: {value:?}",
+                c.name, c.sql_type
             ),
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?;
-        if count > 0 {
-            return reject(
-                Check::Types,
-                format!(
-                    "column {}: {count} value(s) are not {}, first on line {}: {:?}",
-                    c.name,
-                    c.sql_type,
-                    line.unwrap_or_default(),
-                    value.unwrap_or_default()
-                ),
-            );
-        }
+        );
     }
 
     // ranges, on the typed table the output is written from
@@ -366,29 +390,17 @@ fn run_checks(conn: &Connection, file: &str, csv: &Path, parquet: &Path) -> Resu
         "CREATE OR REPLACE TEMP TABLE typed AS SELECT rowid + 2 AS line, {} FROM raw",
         casts.join(", ")
     ))?;
-    for c in COLUMNS {
-        let col = ident(c.name);
-        let (count, line, value): (i64, Option<i64>, Option<String>) = conn.query_row(
-            &format!(
-                "SELECT count(*), min(line), arg_min(CAST(v AS VARCHAR), line) \
-                 FROM (SELECT line, {col} AS v FROM typed) WHERE NOT ({})",
-                c.rule
+    let as_text = |c: &Column| format!("CAST({} AS VARCHAR)", ident(c.name));
+    if let Some((c, count, line, value)) = first_offender(conn, "typed", "line", as_text, |c| {
+        format!("NOT ({})", c.rule.replace("{v}", &ident(c.name)))
+    })? {
+        return reject(
+            Check::Ranges,
+            format!(
+                "column {}: {count} value(s) not {}, first on line {line}: {value}",
+                c.name, c.rule_text
             ),
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?;
-        if count > 0 {
-            return reject(
-                Check::Ranges,
-                format!(
-                    "column {}: {count} value(s) not {}, first on line {}: {}",
-                    c.name,
-                    c.rule_text,
-                    line.unwrap_or_default(),
-                    value.unwrap_or_default()
-                ),
-            );
-        }
+        );
     }
 
     // unique-key

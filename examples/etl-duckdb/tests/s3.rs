@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use etl_duckdb::dataset::{self, Expected};
 use futures_util::TryStreamExt;
-use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
 
 const BUCKET: &str = "etl-test";
 const PREFIX: &str = "orders/run-1";
