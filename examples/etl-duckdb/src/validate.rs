@@ -231,8 +231,9 @@ fn short_message(e: &duckdb::Error) -> String {
 /// Validates the CSV `body` of `file` and returns it as Parquet. Uses
 /// `work_dir` for the two files DuckDB reads and writes, and removes them.
 pub fn validate(file: &str, body: &[u8], work_dir: &Path) -> Result<Validated, Invalid> {
-    let csv = work_dir.join(file);
-    let parquet = work_dir.join(format!("{file}.parquet"));
+    // Prefixed, so that no file's input is another file's output.
+    let csv = work_dir.join(format!("in-{file}"));
+    let parquet = work_dir.join(format!("out-{file}.parquet"));
     std::fs::write(&csv, body).with_context(|| format!("cannot write {}", csv.display()))?;
     let result = with_connection(|conn| {
         let outcome = run_checks(conn, file, &csv, &parquet);
