@@ -53,6 +53,8 @@
 //! - [`Pipeline`]: `run`, `start`, `stats`, `subscribe`, `inject`, `stop`,
 //!   `abort`, `spawn_linked`.
 //! - [`sources`]: sources from an iterator, a `Stream` or a channel.
+//! - [`process`]: Process stages' worker processes; a program with a
+//!   Process stage calls [`process::init`] first in `main`.
 //! - The engine, its actors and messages live in the `bergtalzug-actors`
 //!   crate, re-exported here as [`actors`] for those who embed a pipeline
 //!   in their own ractor system.
@@ -64,6 +66,9 @@ pub mod builder;
 pub mod pipeline;
 pub mod sources;
 
+#[doc(inline)]
+pub use bergtalzug_actors::process;
+
 /// The engine crate, for embedding in a ractor system.
 pub use bergtalzug_actors as actors;
 
@@ -71,6 +76,8 @@ pub use bergtalzug_actors as actors;
 pub use bergtalzug_actors::config::{
     ConfigError, ExecutionType, PipelineConfig, RestartBudget, RetryPolicy, StageConfig,
 };
+#[doc(inline)]
+pub use bergtalzug_actors::dead_letter::{DeadLetter, DeadLetterSink};
 #[doc(inline)]
 pub use bergtalzug_actors::error::PipelineError;
 #[doc(inline)]
@@ -83,7 +90,7 @@ pub use bergtalzug_actors::item::{
     WorkItemResult,
 };
 #[doc(inline)]
-pub use bergtalzug_actors::source::Source;
+pub use bergtalzug_actors::source::{Ack, Source};
 #[doc(inline)]
 pub use bergtalzug_actors::stats::{PipelineStats, StageStats};
 #[doc(inline)]
@@ -95,8 +102,8 @@ pub use pipeline::Pipeline;
 pub mod prelude {
     pub use crate::sources;
     pub use crate::{
-        BuildError, ConfigError, EventFilter, ExecutionType, ItemError, ItemErrorKind, JobId,
-        Permanent, Pipeline, PipelineConfig, PipelineError, PipelineEvent, PipelineStats,
+        BuildError, ConfigError, DeadLetter, EventFilter, ExecutionType, ItemError, ItemErrorKind,
+        JobId, Permanent, Pipeline, PipelineConfig, PipelineError, PipelineEvent, PipelineStats,
         RestartBudget, RetryPolicy, Source, StageConfig, StageStats, WorkItem, WorkItemMetadata,
         WorkItemResult,
     };

@@ -105,7 +105,38 @@ fn binding_mistakes_name_the_stage() {
 }
 
 #[test]
-fn process_stages_are_refused_until_supported() {
+fn a_process_handler_fits_only_a_process_stage() {
+    let config = PipelineConfig::new("p", vec![StageConfig::new("crunch", ExecutionType::Cpu)]);
+    let err = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::iter(0..1u32))
+        .process_stage("crunch", id_sync)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, BuildError::WrongHandlerKind { stage, execution_type: ExecutionType::Cpu, .. } if stage == "crunch"),
+        "{err}"
+    );
+    // A Process stage retries without a Clone bound or another method.
+    let config = PipelineConfig::new(
+        "p",
+        vec![
+            StageConfig::new("isolated", ExecutionType::Process)
+                .retry(RetryPolicy::fixed(3, Duration::from_millis(1))),
+        ],
+    );
+    assert!(
+        Pipeline::builder(config)
+            .unwrap()
+            .source(sources::iter(0..1u32))
+            .process_stage("isolated", id_sync)
+            .build()
+            .is_ok()
+    );
+}
+
+#[test]
+fn process_stages_need_a_process_handler() {
     let config = PipelineConfig::new(
         "p",
         vec![StageConfig::new("isolated", ExecutionType::Process)],

@@ -193,7 +193,7 @@ impl Source for Flaky {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_failing_refill_is_retried_after_the_refresh_rate() {
+async fn a_failing_refill_is_retried_with_backoff_from_the_refresh_rate() {
     let config = PipelineConfig::new("flaky", vec![StageConfig::new("a", ExecutionType::Async)])
         .queue_refresh_rate(Duration::from_secs(5))
         .stats_interval(Duration::ZERO);
@@ -212,10 +212,11 @@ async fn a_failing_refill_is_retried_after_the_refresh_rate() {
     let elapsed = start.elapsed();
     assert_eq!(results.len(), 50);
     assert!(
-        elapsed >= Duration::from_secs(10),
-        "two retries 5 s apart, took {elapsed:?}"
+        elapsed >= Duration::from_secs(15),
+        "asked again after 5 s, then after 10 s (backing off), took {elapsed:?}"
     );
-    assert!(elapsed < Duration::from_secs(11), "took {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(16), "took {elapsed:?}");
+    assert_eq!(pipeline.stats().await.unwrap().source_errors, 2);
     let mut errors = Vec::new();
     while let Some(event) = events.recv().await {
         if let PipelineEvent::SourceError { message } = event {

@@ -1,7 +1,9 @@
 //! Conservation, by property: for random stage counts, execution models,
-//! worker counts, queue sizes, error and panic rates, and a random stop or
-//! abort, every admitted item finishes exactly once, the counts agree, and
-//! the items alive never exceed Σ(queue_size + workers) plus one refill.
+//! worker counts, queue sizes, error, panic and timeout rates, retry
+//! policies, and a random stop or abort, every admitted item finishes
+//! exactly once, the counts agree, and the items alive never exceed
+//! Σ(queue_size + workers) plus one refill (plus, in retrying stages, the
+//! copy each running attempt keeps).
 //!
 //! `PROPTEST_CASES=500 cargo test --release --test properties` runs more.
 
@@ -25,6 +27,11 @@ struct StageSpec {
     panics: u64,
     /// Some items take a little time here.
     slow: bool,
+    /// Per mille of attempts that hang past the stage's timeout (a stage
+    /// with a rate has a timeout).
+    hangs: u64,
+    /// All attempts allowed, and the backoff, when the stage retries.
+    retry: Option<(u32, u64)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -46,15 +53,19 @@ fn stage_spec() -> impl Strategy<Value = StageSpec> {
         0u64..80,
         0u64..30,
         any::<bool>(),
+        prop_oneof![2 => Just(0u64), 1 => 1u64..20],
+        prop::option::of((2u32..5, 0u64..3)),
     )
         .prop_map(
-            |(model, workers, queue_size, errors, panics, slow)| StageSpec {
+            |(model, workers, queue_size, errors, panics, slow, hangs, retry)| StageSpec {
                 model,
                 workers,
                 queue_size,
                 errors,
                 panics,
                 slow,
+                hangs,
+                retry,
             },
         )
 }
@@ -75,12 +86,23 @@ fn roll(value: u64, stage: usize) -> u64 {
     (z ^ (z >> 29)) % 1000
 }
 
+/// A stage's timeout, when it has planned hangs: far above a normal item's
+/// time, far below a hang's.
+const TIMEOUT: Duration = Duration::from_millis(40);
+const HANG: Duration = Duration::from_millis(400);
+
+/// The dice for an attempt: a retry may go otherwise than the first try.
+fn attempt_roll(item: &WorkItem<Tracked>, index: usize) -> u64 {
+    let attempt = u64::from(item.metadata().attempts());
+    roll(item.data.value ^ (attempt << 40), index)
+}
+
 fn step(
     spec: &StageSpec,
     index: usize,
     item: WorkItem<Tracked>,
 ) -> anyhow::Result<WorkItem<Tracked>> {
-    let r = roll(item.data.value, index);
+    let r = attempt_roll(&item, index);
     if r < spec.panics {
         panic!("planned panic");
     }
@@ -90,15 +112,38 @@ fn step(
     Ok(item)
 }
 
+/// A blocking attempt that hangs: it lets go of its item first, since the
+/// pipeline has given it up by the time it returns.
+fn hangs_blocking(
+    spec: &StageSpec,
+    index: usize,
+    item: WorkItem<Tracked>,
+) -> Option<WorkItem<Tracked>> {
+    if attempt_roll(&item, index) >= 1000 - spec.hangs {
+        drop(item);
+        std::thread::sleep(HANG);
+        return None;
+    }
+    Some(item)
+}
+
 async fn run_case(stages: Vec<StageSpec>, items: u64, ending: Ending, stop_after: u64) {
     let census = Arc::new(Census::default());
     let configs = stages
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            StageConfig::new(format!("s{i}"), s.model)
+            let mut c = StageConfig::new(format!("s{i}"), s.model)
                 .workers(s.workers)
-                .queue_size(s.queue_size)
+                .queue_size(s.queue_size);
+            if s.hangs > 0 {
+                c = c.timeout(TIMEOUT);
+            }
+            if let Some((attempts, delay)) = s.retry {
+                let policy = RetryPolicy::exponential(attempts, Duration::from_millis(delay));
+                c = c.retry(policy.jitter(0.5));
+            }
+            c
         })
         .collect::<Vec<_>>();
     let config = config("prop", configs);
@@ -107,7 +152,12 @@ async fn run_case(stages: Vec<StageSpec>, items: u64, ending: Ending, stop_after
         .iter()
         .map(|s| s.queue_size + s.workers)
         .sum::<usize>()
-        + config.stages[0].queue_size;
+        + config.stages[0].queue_size
+        + stages
+            .iter()
+            .filter(|s| s.retry.is_some())
+            .map(|s| s.workers)
+            .sum::<usize>();
     let outcomes = Arc::new(Outcomes::default());
     let source = {
         let census = census.clone();
@@ -120,22 +170,35 @@ async fn run_case(stages: Vec<StageSpec>, items: u64, ending: Ending, stop_after
     for (index, spec) in stages.iter().enumerate() {
         let name = format!("s{index}");
         let spec = spec.clone();
-        builder = match spec.model {
-            ExecutionType::Async => builder.async_stage(&name, move |item: WorkItem<Tracked>| {
+        let asynchronous = {
+            let spec = spec.clone();
+            move |item: WorkItem<Tracked>| {
                 let spec = spec.clone();
                 async move {
+                    if attempt_roll(&item, index) >= 1000 - spec.hangs {
+                        tokio::time::sleep(HANG).await;
+                    }
                     if spec.slow && item.data.value % 7 == 0 {
                         tokio::time::sleep(Duration::from_micros(200)).await;
                     }
                     step(&spec, index, item)
                 }
-            }),
-            _ => builder.sync_stage(&name, move |item: WorkItem<Tracked>| {
-                if spec.slow && item.data.value % 7 == 0 {
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-                step(&spec, index, item)
-            }),
+            }
+        };
+        let blocking = move |item: WorkItem<Tracked>| {
+            let Some(item) = hangs_blocking(&spec, index, item) else {
+                anyhow::bail!("given up at the timeout: never seen");
+            };
+            if spec.slow && item.data.value % 7 == 0 {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            step(&spec, index, item)
+        };
+        builder = match (stages[index].model, stages[index].retry.is_some()) {
+            (ExecutionType::Async, false) => builder.async_stage(&name, asynchronous),
+            (ExecutionType::Async, true) => builder.retrying_async_stage(&name, asynchronous),
+            (_, false) => builder.sync_stage(&name, blocking),
+            (_, true) => builder.retrying_sync_stage(&name, blocking),
         };
     }
     let pipeline = builder.build().unwrap();
@@ -183,14 +246,25 @@ async fn run_case(stages: Vec<StageSpec>, items: u64, ending: Ending, stop_after
     if !matches!(ending, Ending::Abort) {
         assert_eq!(cancelled, 0);
     }
-    // Only planned outcomes.
+    // Only planned outcomes, after every attempt the policy allows.
     for r in results.iter().filter(|r| !r.success) {
         let e = r.error.as_ref().unwrap();
+        let spec = &stages[config.stage_index(&e.stage).unwrap()];
         match e.kind {
             ItemErrorKind::Failed => assert_eq!(e.message, "planned error"),
             ItemErrorKind::Panicked => assert_eq!(e.message, "planned panic"),
+            ItemErrorKind::TimedOut => assert!(spec.hangs > 0, "{e}"),
             ItemErrorKind::Cancelled => {}
             other => panic!("unexpected {other}: {e}"),
+        }
+        if e.kind != ItemErrorKind::Cancelled {
+            let allowed = spec.retry.map_or(1, |(attempts, _)| attempts);
+            assert_eq!(e.attempts, allowed, "{e}");
+        }
+    }
+    for (spec, s) in stages.iter().zip(&stats.stages) {
+        if spec.retry.is_none() {
+            assert_eq!(s.retried, 0, "stage {}", s.name);
         }
     }
     // Every stage still has all its workers.

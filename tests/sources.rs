@@ -65,3 +65,111 @@ async fn a_channel_from_an_existing_receiver() {
     feeder.await.unwrap();
     assert_eq!(results.len(), 30);
 }
+
+/// A queue that hands out messages and records every acknowledgement.
+struct AckingQueue {
+    next: u64,
+    end: u64,
+    acks: std::sync::Arc<std::sync::Mutex<Vec<bergtalzug::Ack>>>,
+}
+
+impl Source for AckingQueue {
+    type Item = u64;
+
+    async fn refill(&mut self, count: usize) -> anyhow::Result<Vec<WorkItem<u64>>> {
+        let end = self.end.min(self.next + count as u64);
+        let items = (self.next..end)
+            .map(|n| WorkItem::with_job_id(format!("msg-{n}"), n))
+            .collect();
+        self.next = end;
+        Ok(items)
+    }
+
+    fn wants_acks(&self) -> bool {
+        true
+    }
+
+    async fn ack(&mut self, outcomes: Vec<bergtalzug::Ack>) {
+        // A slow acknowledgement (a network call) holds only the source.
+        tokio::task::yield_now().await;
+        self.acks.lock().unwrap().extend(outcomes);
+    }
+}
+
+async fn acks_after(stop: Option<Duration>, abort: bool) {
+    let acks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let pipeline = Pipeline::builder(config(
+        "acks",
+        vec![
+            StageConfig::new("a", ExecutionType::Async)
+                .workers(3)
+                .queue_size(16),
+            StageConfig::new("b", ExecutionType::Thread)
+                .workers(2)
+                .queue_size(16),
+        ],
+    ))
+    .unwrap()
+    .source(AckingQueue {
+        next: 0,
+        end: 2_000,
+        acks: acks.clone(),
+    })
+    .async_stage("a", |i: WorkItem<u64>| async move {
+        tokio::time::sleep(Duration::from_micros(50)).await;
+        if i.data % 7 == 0 {
+            anyhow::bail!("{} is a multiple of 7", i.data);
+        }
+        Ok(i)
+    })
+    .sync_stage("b", Ok)
+    .build()
+    .unwrap();
+    pipeline.start().await.unwrap();
+    if let Some(after) = stop {
+        tokio::time::sleep(after).await;
+        if abort {
+            within(Duration::from_secs(10), pipeline.abort())
+                .await
+                .unwrap();
+        } else {
+            within(Duration::from_secs(10), pipeline.stop())
+                .await
+                .unwrap();
+        }
+    }
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    // Every admitted item is acknowledged once, with its own outcome,
+    // before run() returns.
+    let acks = acks.lock().unwrap();
+    assert_eq!(acks.len(), results.len(), "stop {stop:?} abort {abort}");
+    let by_id: std::collections::HashMap<_, _> =
+        acks.iter().map(|a| (a.job_id.clone(), a)).collect();
+    assert_eq!(by_id.len(), acks.len(), "an item was acknowledged twice");
+    for r in &results {
+        let ack = by_id.get(&r.job_id).expect("every result is acknowledged");
+        assert_eq!(ack.is_success(), r.success);
+        assert_eq!(ack.error, r.error);
+    }
+    if stop.is_none() {
+        assert_eq!(acks.len(), 2_000);
+        assert_eq!(acks.iter().filter(|a| !a.is_success()).count(), 286);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acking_source_hears_every_outcome_once_before_run_returns() {
+    acks_after(None, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_pipeline_acknowledges_what_it_admitted() {
+    acks_after(Some(Duration::from_millis(20)), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_pipeline_acknowledges_the_cancelled_items() {
+    acks_after(Some(Duration::from_millis(20)), true).await;
+}

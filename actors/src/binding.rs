@@ -13,11 +13,18 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
 use crate::config::ExecutionType;
 use crate::item::WorkItem;
+use crate::process::ProcessOptions;
+use crate::process::entry::Entry;
+use crate::process::spawn::ChildSpec;
 use crate::runner::StageRunner;
 use crate::runner::async_rt::AsyncRunner;
 use crate::runner::cpu::{self, CpuRunner};
+use crate::runner::process::ProcessRunner;
 use crate::runner::thread::ThreadRunner;
 use crate::shared::Shared;
 use crate::source::{DynSource, Source, erase_source};
@@ -100,11 +107,14 @@ pub enum HandlerKind {
     Async,
     /// A blocking `fn`, for `Thread` and `Cpu` stages.
     Blocking,
+    /// A plain `fn` over serde data, for `Process` stages.
+    Process,
 }
 
 /// A stage's handler, ready to be spawned as a supervisor with its workers.
 pub struct StageBinding {
     kind: HandlerKind,
+    retries: bool,
     spawn: SpawnFn,
 }
 
@@ -112,6 +122,7 @@ impl std::fmt::Debug for StageBinding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StageBinding")
             .field("kind", &self.kind)
+            .field("retries", &self.retries)
             .finish()
     }
 }
@@ -125,10 +136,39 @@ impl StageBinding {
         F: Fn(WorkItem<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = anyhow::Result<WorkItem<O>>> + Send + 'static,
     {
+        Self::asynchronous_keeping(handler, None)
+    }
+
+    /// Like [`asynchronous`](Self::asynchronous), for a stage that retries:
+    /// a copy of each input is kept for the next attempt (and for the dead
+    /// letter when the last one fails).
+    pub fn asynchronous_retrying<I, O, F, Fut>(handler: F) -> Self
+    where
+        I: Clone + Send + 'static,
+        O: Send + 'static,
+        F: Fn(WorkItem<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<WorkItem<O>>> + Send + 'static,
+    {
+        Self::asynchronous_keeping(handler, Some(I::clone))
+    }
+
+    fn asynchronous_keeping<I, O, F, Fut>(handler: F, keep: Option<fn(&I) -> I>) -> Self
+    where
+        I: Send + 'static,
+        O: Send + 'static,
+        F: Fn(WorkItem<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<WorkItem<O>>> + Send + 'static,
+    {
         StageBinding {
             kind: HandlerKind::Async,
+            retries: keep.is_some(),
             spawn: Box::new(move |ctx, outlet| {
-                Box::pin(spawn_stage::<I, O, _>(ctx, AsyncRunner(handler), outlet))
+                Box::pin(spawn_stage::<I, O, _>(
+                    ctx,
+                    AsyncRunner(handler),
+                    keep,
+                    outlet,
+                ))
             }),
         }
     }
@@ -142,19 +182,42 @@ impl StageBinding {
         O: Send + 'static,
         F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
     {
+        Self::blocking_keeping(handler, None)
+    }
+
+    /// Like [`blocking`](Self::blocking), for a stage that retries: a copy
+    /// of each input is kept for the next attempt (and for the dead letter
+    /// when the last one fails).
+    pub fn blocking_retrying<I, O, F>(handler: F) -> Self
+    where
+        I: Clone + Send + 'static,
+        O: Send + 'static,
+        F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
+    {
+        Self::blocking_keeping(handler, Some(I::clone))
+    }
+
+    fn blocking_keeping<I, O, F>(handler: F, keep: Option<fn(&I) -> I>) -> Self
+    where
+        I: Send + 'static,
+        O: Send + 'static,
+        F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
+    {
         StageBinding {
             kind: HandlerKind::Blocking,
+            retries: keep.is_some(),
             spawn: Box::new(move |ctx, outlet| {
                 Box::pin(async move {
                     let handler = Arc::new(handler);
                     let config = &ctx.shared.config.stages[ctx.index];
                     match config.execution_type {
                         ExecutionType::Thread => {
-                            spawn_stage::<I, O, _>(ctx, ThreadRunner(handler), outlet).await
+                            spawn_stage::<I, O, _>(ctx, ThreadRunner(handler), keep, outlet).await
                         }
                         ExecutionType::Cpu => {
                             let pool = Arc::new(cpu::pool(&config.name, config.workers)?);
-                            spawn_stage::<I, O, _>(ctx, CpuRunner { handler, pool }, outlet).await
+                            let runner = CpuRunner { handler, pool };
+                            spawn_stage::<I, O, _>(ctx, runner, keep, outlet).await
                         }
                         other => Err(format!(
                             "stage `{}`: a blocking handler cannot run as {other}",
@@ -167,9 +230,53 @@ impl StageBinding {
         }
     }
 
+    /// Binds a plain `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>` for a
+    /// `Process` stage: it runs in worker processes, which the stage starts
+    /// as `options` say (see [`crate::process`]).
+    pub fn process<I, O>(
+        handler: fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>,
+        options: ProcessOptions,
+    ) -> Self
+    where
+        I: Serialize + DeserializeOwned + Send + 'static,
+        O: Serialize + DeserializeOwned + Send + 'static,
+    {
+        StageBinding {
+            kind: HandlerKind::Process,
+            // A failed attempt's input is decoded from the bytes sent to the
+            // worker: retries need no copy and no `Clone`.
+            retries: true,
+            spawn: Box::new(move |ctx, outlet| {
+                Box::pin(async move {
+                    let config = &ctx.shared.config.stages[ctx.index];
+                    if config.execution_type != ExecutionType::Process {
+                        return Err(format!(
+                            "stage `{}`: a process handler cannot run as {}",
+                            config.name, config.execution_type
+                        )
+                        .into());
+                    }
+                    let spec = ChildSpec::new(
+                        ctx.shared.name.clone(),
+                        config.name.as_str().into(),
+                        &options,
+                        Entry::of::<I, O>(handler),
+                    );
+                    let runner = ProcessRunner::<I, O>::new(spec);
+                    spawn_stage::<I, O, _>(ctx, runner, None, outlet).await
+                })
+            }),
+        }
+    }
+
     /// Which kind of handler this is.
     pub fn kind(&self) -> HandlerKind {
         self.kind
+    }
+
+    /// Whether the handler was bound to retry (it keeps a copy of each input).
+    pub fn retries(&self) -> bool {
+        self.retries
     }
 
     pub(crate) fn spawn(self, ctx: SpawnCtx, outlet: Option<Box<dyn Any + Send>>) -> SpawnFuture {
@@ -180,6 +287,7 @@ impl StageBinding {
 async fn spawn_stage<I, O, R>(
     ctx: SpawnCtx,
     runner: R,
+    keep: Option<fn(&I) -> I>,
     outlet: Option<Box<dyn Any + Send>>,
 ) -> Result<Spawned, ActorProcessingErr>
 where
@@ -200,6 +308,7 @@ where
         shared: ctx.shared.clone(),
         index: ctx.index,
         runner: Arc::new(runner),
+        keep,
         downstream,
         tracker: ctx.tracker,
         fail: ctx.fail,

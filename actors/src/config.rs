@@ -561,25 +561,47 @@ fn parse_error<E: std::fmt::Display>(
     format: &'static str,
     e: serde_path_to_error::Error<E>,
 ) -> ConfigError {
-    let message = e.inner().to_string();
+    let message = one_line(&e.inner().to_string());
     let path = e.path().to_string();
-    let named = (message.starts_with("missing field") || message.starts_with("unknown field"))
-        .then(|| {
-            let start = message.find('`')? + 1;
+    let named = ["missing field `", "unknown field `"]
+        .iter()
+        .find_map(|marker| {
+            let start = message.find(marker)? + marker.len();
             let len = message[start..].find('`')?;
-            Some(message[start..start + len].to_string())
-        })
-        .flatten();
+            Some((
+                marker.starts_with("missing"),
+                message[start..start + len].to_string(),
+            ))
+        });
+    let (missing, named) = match named {
+        Some((missing, name)) => (missing, Some(name)),
+        None => (false, None),
+    };
     let field = match (path.as_str(), named) {
         (".", None) | ("", None) => None,
         (".", Some(name)) | ("", Some(name)) => Some(name),
-        (path, Some(name)) if message.starts_with("missing") => Some(format!("{path}.{name}")),
+        (path, Some(name)) if missing => Some(format!("{path}.{name}")),
         (path, _) => Some(path.to_string()),
     };
     ConfigError::Parse {
         format,
         field,
-        message: message.lines().next().unwrap_or_default().to_string(),
+        message,
+    }
+}
+
+/// A parser's message on one line. The toml crate writes the position, a
+/// snippet with a caret, and the message last: keep the message and the
+/// position.
+fn one_line(message: &str) -> String {
+    let mut lines = message.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default();
+    match (
+        first.strip_prefix("TOML parse error at "),
+        lines.next_back(),
+    ) {
+        (Some(position), Some(last)) => format!("{last} (at {position})"),
+        _ => first.to_string(),
     }
 }
 

@@ -15,7 +15,9 @@
 //! - The actors, one per file, each opening with its contract:
 //!   `root` (the pipeline root, [`PipelineActor`]), `source_actor`, `stage`
 //!   (stage supervisor), `worker`, `tracker`; the execution models in
-//!   `runner/` (`async_rt`, `thread`, `cpu`).
+//!   `runner/` (`async_rt`, `thread`, `cpu`, `process`).
+//! - [`process`]: Process stages' worker processes: [`process::init`],
+//!   [`process::ProcessOptions`], the child's side and the wire.
 //!
 //! # The flow
 //!
@@ -34,9 +36,11 @@
 
 pub mod binding;
 pub mod config;
+pub mod dead_letter;
 pub mod error;
 pub mod event;
 pub mod item;
+pub mod process;
 pub mod root;
 pub(crate) mod runner;
 pub(crate) mod shared;

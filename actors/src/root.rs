@@ -40,6 +40,7 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use crate::binding::{Outlet, SourceBinding, SpawnCtx, StageBinding, StageControl};
 use crate::config::PipelineConfig;
+use crate::dead_letter::DeadLetterSink;
 use crate::error::PipelineError;
 use crate::event::{EventFilter, EventStream, PipelineEvent};
 use crate::item::{WorkItem, WorkItemResult};
@@ -116,6 +117,8 @@ pub struct PipelineParts<T> {
     pub stages: Vec<StageBinding>,
     /// Completion callbacks, called once per item.
     pub callbacks: Vec<Callback>,
+    /// Where items that end without success go.
+    pub dead_letters: Option<DeadLetterSink>,
 }
 
 /// The root actor of a pipeline whose input type is `T`.
@@ -303,6 +306,7 @@ async fn spawn_children<T: Send + 'static>(
             let _ = root.cast(PipelineMsg::Finished(Filed(())));
         }),
         callbacks: parts.callbacks,
+        dead_letters: parts.dead_letters,
     };
     let (tracker, _) = Actor::spawn_linked(None, Tracker, tracker_args, cell.clone()).await?;
     spawned.push(tracker.get_cell());
@@ -333,6 +337,7 @@ async fn spawn_children<T: Send + 'static>(
             |_| "the first stage does not take the source's item type (a bug in the builder)",
         )?;
 
+    let wants_acks = parts.source.source.as_ref().is_some_and(|s| s.wants_acks());
     let source_args = SourceArgs {
         shared: shared.clone(),
         source: parts.source.source,
@@ -343,9 +348,10 @@ async fn spawn_children<T: Send + 'static>(
     spawned.push(source.get_cell());
 
     let releases = source.clone();
-    tracker.cast(TrackerMsg::Connect(Box::new(move |n, ids| {
-        let _ = releases.cast(SourceMsg::Released(n, ids));
-    })))?;
+    let release = Box::new(move |n, ids, acks| {
+        let _ = releases.cast(SourceMsg::Released(n, ids, acks));
+    });
+    tracker.cast(TrackerMsg::Connect(release, wants_acks))?;
     for (i, stage) in stages.iter().enumerate() {
         let upstream = match i {
             0 => {
@@ -397,6 +403,11 @@ impl<T: Send + 'static> PipelineState<T> {
         myself: &ActorRef<PipelineMsg<T>>,
         report: Option<FinishReport>,
     ) -> Result<(), PipelineError> {
+        // Every acknowledgement reaches the source before it stops.
+        let _ = self
+            .source
+            .call(SourceMsg::Flush, Some(CHILD_STOP_TIMEOUT))
+            .await;
         myself
             .stop_children_and_wait(Some(FINISHED.into()), Some(CHILD_STOP_TIMEOUT))
             .await;

@@ -19,6 +19,8 @@ pub(crate) struct Shared {
     pub(crate) name: Arc<str>,
     /// Items handed to the pipeline so far; bumped before they are sent.
     pub(crate) admitted: AtomicU64,
+    /// Failed refills so far.
+    pub(crate) source_errors: AtomicU64,
     /// The stage names, in order; shared by the stages, events and every
     /// tracked item's metadata.
     pub(crate) names: StageNames,
@@ -42,11 +44,14 @@ impl Shared {
         Shared {
             name: config.pipeline_name.as_str().into(),
             admitted: AtomicU64::new(0),
-            names: config
-                .stages
-                .iter()
-                .map(|s| Arc::from(s.name.as_str()))
-                .collect(),
+            source_errors: AtomicU64::new(0),
+            names: Arc::new(
+                config
+                    .stages
+                    .iter()
+                    .map(|s| Arc::from(s.name.as_str()))
+                    .collect(),
+            ),
             gauges: config
                 .stages
                 .iter()

@@ -19,6 +19,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rustc_hash::FxHashSet;
@@ -29,7 +30,7 @@ use crate::error::PipelineError;
 use crate::event::PipelineEvent;
 use crate::item::{ItemError, ItemErrorKind, JobId, WorkItem, WorkItemResult};
 use crate::shared::Shared;
-use crate::source::DynSource;
+use crate::source::{Ack, DynSource};
 use crate::tracker::TrackerMsg;
 
 /// The source actor's mailbox.
@@ -37,14 +38,18 @@ pub(crate) enum SourceMsg<T> {
     /// From the first stage: room for this many more items.
     Demand(usize),
     /// From the tracker: this many admitted items have finished; with
-    /// tracking on, their job ids (refused duplicates left out).
-    Released(usize, Vec<JobId>),
+    /// tracking on, their job ids (refused duplicates left out); when the
+    /// source wants them, their acknowledgements.
+    Released(usize, Vec<JobId>, Vec<Ack>),
     /// From the root: admit these; the reply comes once all are admitted.
     Inject(Vec<WorkItem<T>>, RpcReplyPort<Result<(), PipelineError>>),
     /// From the root: admit nothing more (stop or abort).
     Close,
     /// From itself: ask the source again after a failed refill.
     RetryRefill,
+    /// From the root, before it stops the pipeline: answered once every
+    /// message before it (every acknowledgement) is handled.
+    Flush(RpcReplyPort<()>),
 }
 
 pub(crate) struct SourceActor<T>(std::marker::PhantomData<fn() -> T>);
@@ -89,6 +94,8 @@ pub(crate) struct SourceState<T> {
     exhausted: bool,
     closed: bool,
     retry_pending: bool,
+    /// Refills failed in a row; the wait before the next doubles with each.
+    failures_in_a_row: u32,
 }
 
 impl<T: Send + 'static> Actor for SourceActor<T> {
@@ -118,6 +125,7 @@ impl<T: Send + 'static> Actor for SourceActor<T> {
             exhausted: false,
             closed: false,
             retry_pending: false,
+            failures_in_a_row: 0,
         })
     }
 
@@ -129,13 +137,20 @@ impl<T: Send + 'static> Actor for SourceActor<T> {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             SourceMsg::Demand(n) => state.demand += n,
-            SourceMsg::Released(n, ids) => {
+            SourceMsg::Released(n, ids, acks) => {
                 state.outstanding = state.outstanding.saturating_sub(n);
                 if let Some(active) = state.active.as_mut() {
                     for id in &ids {
                         active.remove(id);
                     }
                 }
+                if let (false, Some(source)) = (acks.is_empty(), state.source.as_mut()) {
+                    source.ack(acks).await;
+                }
+            }
+            SourceMsg::Flush(reply) => {
+                let _ = reply.send(());
+                return Ok(());
             }
             SourceMsg::Inject(items, reply) => {
                 if state.closed {
@@ -155,6 +170,18 @@ impl<T: Send + 'static> Actor for SourceActor<T> {
         state.pump(&myself).await;
         Ok(())
     }
+}
+
+/// Longest wait between refills of a failing source, unless
+/// `queue_refresh_rate` is longer still.
+const MAX_REFILL_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The wait after the `failures`-th failed refill in a row: the refresh
+/// rate, doubled for each further failure, at most [`MAX_REFILL_BACKOFF`]
+/// (or the refresh rate, if that is longer).
+fn refill_backoff(rate: Duration, failures: u32) -> Duration {
+    let doubled = rate.saturating_mul(1u32 << failures.saturating_sub(1).min(20));
+    doubled.min(MAX_REFILL_BACKOFF.max(rate))
 }
 
 impl<T: Send + 'static> SourceState<T> {
@@ -210,6 +237,7 @@ impl<T: Send + 'static> SourceState<T> {
                 }
                 Some(Ok(items)) if items.is_empty() => self.exhausted = true,
                 Some(Ok(mut items)) => {
+                    self.failures_in_a_row = 0;
                     if items.len() > count {
                         tracing::warn!(
                             pipeline = %self.shared.name,
@@ -222,9 +250,17 @@ impl<T: Send + 'static> SourceState<T> {
                 }
                 Some(Err(e)) => {
                     let message = format!("{e:#}");
-                    let retry_in = self.shared.config.queue_refresh_rate;
+                    self.failures_in_a_row += 1;
+                    let retry_in = refill_backoff(
+                        self.shared.config.queue_refresh_rate,
+                        self.failures_in_a_row,
+                    );
+                    self.shared
+                        .source_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(
                         pipeline = %self.shared.name,
+                        failures_in_a_row = self.failures_in_a_row,
                         "refill failed, asking again in {retry_in:?}: {message}"
                     );
                     let _ = self

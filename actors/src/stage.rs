@@ -5,15 +5,20 @@
 //!   its `workers` worker actors, and (for Cpu stages) the rayon pool.
 //! - **Receives**: [`StageMsg`]: `Connect` from the root; `Items` from
 //!   upstream (never more than it asked for); `Demand` from downstream;
-//!   `Report` from its workers; `Reap` from itself; `Abort` from the root.
+//!   `Report` from its workers; `Reap`, `Respawn` and `Wake` from itself;
+//!   `Abort` from the root.
 //! - **Sends**: `Demand` upstream, `Items` downstream (never more than the
 //!   downstream asked for), `Run` to idle workers, finished results to the
 //!   tracker (the last stage's successes and every failure).
 //! - **Supervises**: its workers (linked at spawn). A worker that fails is
 //!   replaced at once, so the stage keeps its worker count; what it held is
 //!   accounted for when its `Reap` arrives, after any report it sent.
+//! - **Retries**: an attempt that failed while the retry policy allows
+//!   another comes back as `Outcome::Retry`; the stage holds it, without a
+//!   worker, until its backoff is over (one `Wake` timer for the earliest),
+//!   then queues it again. It still counts against the stage's room.
 //! - **Invariants** (after every message):
-//!   - held (queued + in flight + waiting downstream) + demand outstanding
+//!   - held (queued + waiting to retry + in flight + waiting downstream) + demand outstanding
 //!     upstream <= `queue_size + workers`: the stage never asks for more
 //!     than it has room for;
 //!   - no worker is idle while items are queued;
@@ -31,7 +36,7 @@
 //! are large too (measured on 2,000,000 items through 4 x 4 stages: about
 //! 1.3x the throughput of quarter-capacity chunks).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -41,7 +46,7 @@ use std::marker::PhantomData;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, MessagingErr, SupervisionEvent};
 
 use crate::binding::{DemandPort, FailPort, Outlet};
-use crate::config::RestartBudget;
+use crate::config::{RestartBudget, RetryPolicy};
 use crate::error::PipelineError;
 use crate::event::{PipelineEvent, WorkerId};
 use crate::item::{
@@ -77,6 +82,8 @@ pub(crate) enum StageMsg<I, O> {
     Reap { worker: WorkerId, reason: String },
     /// From itself: try again to spawn a missing worker.
     Respawn,
+    /// From itself: items waiting to be retried may be due.
+    Wake,
     /// From the root: cancel everything held and everything that arrives.
     Abort,
 }
@@ -97,10 +104,13 @@ impl<I, O, R> Stage<I, O, R> {
     }
 }
 
-pub(crate) struct StageArgs<O, R> {
+pub(crate) struct StageArgs<I, O, R> {
     pub(crate) shared: Arc<Shared>,
     pub(crate) index: usize,
     pub(crate) runner: Arc<R>,
+    /// Copies an input for another attempt: set when the handler was bound
+    /// to retry.
+    pub(crate) keep: Option<fn(&I) -> I>,
     pub(crate) downstream: Downstream<O>,
     pub(crate) tracker: ActorRef<TrackerMsg>,
     pub(crate) fail: FailPort,
@@ -143,6 +153,14 @@ pub(crate) struct StageState<I, O, R> {
     service_ns: f64,
     fail: FailPort,
     budget: Option<RestartBudget>,
+    keep: Option<fn(&I) -> I>,
+    retry: Option<RetryPolicy>,
+    /// Items waiting out their retry backoff, by when they are due (on
+    /// tokio's clock, so that paused time in tests applies).
+    delayed: BTreeMap<(tokio::time::Instant, u64), WorkItem<I>>,
+    next_delayed: u64,
+    /// When the `Wake` timer set last will fire.
+    wake_at: Option<tokio::time::Instant>,
     /// When workers were replaced, within the budget's window.
     restarts: VecDeque<Instant>,
     /// The budget was exceeded: no more replacements.
@@ -157,12 +175,12 @@ where
 {
     type Msg = StageMsg<I, O>;
     type State = StageState<I, O, R>;
-    type Arguments = StageArgs<O, R>;
+    type Arguments = StageArgs<I, O, R>;
 
     async fn pre_start(
         &self,
         _myself: ActorRef<StageMsg<I, O>>,
-        args: StageArgs<O, R>,
+        args: StageArgs<I, O, R>,
     ) -> Result<Self::State, ActorProcessingErr> {
         let config = &args.shared.config.stages[args.index];
         let name = args.shared.names[args.index].clone();
@@ -188,6 +206,11 @@ where
             service_ns: 0.0,
             fail: args.fail,
             budget: config.restart_budget,
+            keep: args.keep.filter(|_| config.max_attempts() > 1),
+            retry: config.retry,
+            delayed: BTreeMap::new(),
+            next_delayed: 0,
+            wake_at: None,
             restarts: VecDeque::new(),
             over_budget: false,
             name,
@@ -220,6 +243,7 @@ where
             StageMsg::Report(report) => state.on_report(&myself, report).await,
             StageMsg::Reap { worker, reason } => state.reap(&myself, worker, reason).await,
             StageMsg::Respawn => state.respawn(&myself).await,
+            StageMsg::Wake => state.wake(&myself),
             StageMsg::Abort => state.abort(),
         }
         state.pump();
@@ -272,6 +296,9 @@ where
             stage_ref: myself.clone(),
             tracking: self.shared.config.enable_tracking,
             events: self.shared.events.clone(),
+            keep: self.keep,
+            max_attempts: self.shared.config.stages[self.index].max_attempts(),
+            timeout: self.shared.config.stages[self.index].timeout,
         });
         let args = (ctx, self.runner.clone());
         let (actor, _) =
@@ -364,6 +391,9 @@ where
             self.to_tracker(cancelled);
             return;
         }
+        for item in &mut items {
+            item.metadata.attempts = 0;
+        }
         if self.shared.config.enable_tracking {
             let now = Instant::now();
             for item in &mut items {
@@ -373,6 +403,7 @@ where
                 }
                 stages.push(StageTimes {
                     stage: self.index as u16,
+                    attempts: 0,
                     queued: now,
                     started: None,
                     completed: None,
@@ -402,18 +433,18 @@ where
             slot.held.pop_front();
         }
         self.in_flight -= n;
-        if let Some(panic) = &report.panic {
+        if let Some(reason) = &report.failing {
             // The worker is failing: replace it now, so that the replacement
-            // is announced before the panicked item's result.
+            // is announced before the failed item's result.
             slot.failing = true;
             if !self.aborting {
                 tracing::warn!(
                     pipeline = %self.shared.name,
                     stage = %self.name,
                     worker = %report.worker,
-                    "handler panicked, replacing the worker: {panic}"
+                    "replacing the worker: {reason}"
                 );
-                self.to_replace.push_back((report.worker, panic.clone()));
+                self.to_replace.push_back((report.worker, reason.clone()));
                 self.respawn(myself).await;
             }
         } else if slot.held.is_empty() && !self.aborting {
@@ -439,9 +470,9 @@ where
                 self.queue.push_front(item);
             }
         }
-        let gauges = &self.shared.gauges[self.index];
         let finished_at = (self.is_last() && self.shared.config.enable_tracking).then(Instant::now);
-        let (mut processed, mut failed) = (0, 0);
+        let (mut processed, mut failed, mut retried) = (0, 0, 0);
+        let mut inputs = Vec::new();
         for outcome in report.outcomes {
             match outcome {
                 Outcome::Done(item) if self.aborting => {
@@ -455,15 +486,64 @@ where
                         self.outbox.push_back(item);
                     }
                 }
-                Outcome::Failed(result) => {
+                Outcome::Failed(outcome) => {
                     failed += 1;
-                    finished.push(*result);
+                    let crate::runner::Failed { result, input } = *outcome;
+                    if let Some(input) = input {
+                        inputs.push((result.job_id.clone(), input));
+                    }
+                    finished.push(result);
+                }
+                Outcome::Retry(item) if self.aborting => {
+                    finished.push(self.cancel(item, "while it waited to be retried"));
+                }
+                Outcome::Retry(item) => {
+                    retried += 1;
+                    self.delay(myself, item);
                 }
             }
         }
+        let gauges = &self.shared.gauges[self.index];
         gauges.processed.fetch_add(processed, Ordering::Relaxed);
         gauges.failed.fetch_add(failed, Ordering::Relaxed);
+        gauges.retried.fetch_add(retried, Ordering::Relaxed);
+        if !inputs.is_empty() {
+            let _ = self.tracker.cast(TrackerMsg::Inputs(inputs));
+        }
         self.to_tracker(finished);
+    }
+
+    /// Holds an item for its retry backoff.
+    fn delay(&mut self, myself: &ActorRef<StageMsg<I, O>>, item: WorkItem<I>) {
+        let wait = self.retry.map_or(Duration::ZERO, |policy| {
+            policy.delay_before(item.metadata.attempts + 1, fastrand::f64())
+        });
+        let due = tokio::time::Instant::now() + wait;
+        self.delayed.insert((due, self.next_delayed), item);
+        self.next_delayed += 1;
+        if self.wake_at.is_none_or(|at| due < at) {
+            self.wake_at = Some(due);
+            myself.send_after(wait, || StageMsg::Wake);
+        }
+    }
+
+    /// Queues the items whose backoff is over, and sets the timer for the next.
+    fn wake(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
+        let now = tokio::time::Instant::now();
+        if self.wake_at.is_some_and(|at| at <= now) {
+            self.wake_at = None;
+        }
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                let due = entry.key().0;
+                if self.wake_at.is_none_or(|at| due < at) {
+                    self.wake_at = Some(due);
+                    myself.send_after(due - now, || StageMsg::Wake);
+                }
+                break;
+            }
+            self.queue.push_back(entry.remove());
+        }
     }
 
     async fn reap(&mut self, myself: &ActorRef<StageMsg<I, O>>, worker: WorkerId, reason: String) {
@@ -524,6 +604,12 @@ where
             .into_iter()
             .map(|i| self.cancel(i, "before it started"))
             .collect();
+        let retrying = std::mem::take(&mut self.delayed);
+        cancelled.extend(
+            retrying
+                .into_values()
+                .map(|i| self.cancel(i, "while it waited to be retried")),
+        );
         let waiting = std::mem::take(&mut self.outbox);
         cancelled.extend(
             waiting
@@ -540,11 +626,9 @@ where
 
     fn cancel<T>(&self, item: WorkItem<T>, when: &str) -> WorkItemResult {
         let message = format!("pipeline aborted {when}");
-        WorkItemResult::failed(
-            item.job_id,
-            item.metadata,
-            ItemError::new(&*self.name, ItemErrorKind::Cancelled, message),
-        )
+        let mut error = ItemError::new(&*self.name, ItemErrorKind::Cancelled, message);
+        error.attempts = item.metadata.attempts;
+        WorkItemResult::failed(item.job_id, item.metadata, error)
     }
 
     /// Moves what can move: finished items downstream, queued items to idle
@@ -610,7 +694,7 @@ where
         let Some(upstream) = &self.upstream else {
             return;
         };
-        let held = self.queue.len() + self.in_flight + self.outbox.len();
+        let held = self.queue.len() + self.delayed.len() + self.in_flight + self.outbox.len();
         let free = self.capacity.saturating_sub(held + self.requested);
         if free > 0 && (free >= self.capacity.div_ceil(2) || held + self.requested == 0) {
             self.requested += free;
@@ -630,7 +714,8 @@ where
 
     fn publish_gauges(&self) {
         let g = &self.shared.gauges[self.index];
-        g.queued.store(self.queue.len(), Ordering::Relaxed);
+        g.queued
+            .store(self.queue.len() + self.delayed.len(), Ordering::Relaxed);
         g.in_flight.store(self.in_flight, Ordering::Relaxed);
         g.waiting_downstream
             .store(self.outbox.len(), Ordering::Relaxed);

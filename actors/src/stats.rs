@@ -45,6 +45,8 @@ pub struct PipelineStats {
     pub average_duration: Option<Duration>,
     /// Finished items per second since the start.
     pub items_per_second: f64,
+    /// Failed `refill` calls so far (each is also a `SourceError` event).
+    pub source_errors: u64,
     /// One entry per stage, in order.
     pub stages: Vec<StageStats>,
 }
@@ -287,6 +289,7 @@ impl Tally {
             } else {
                 self.finished as f64 / elapsed.as_secs_f64()
             },
+            source_errors: shared.source_errors.load(Ordering::Relaxed),
             stages,
         }
     }

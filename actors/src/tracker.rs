@@ -5,33 +5,39 @@
 //!   `Shared::tally`, where stats read them without asking it (it may be
 //!   waiting for a slow subscriber).
 //! - **Receives**: [`TrackerMsg`]: `Finished` results from the stages (and
-//!   refused duplicates from the source); `InputClosed` from the source or
-//!   the root; `Event`s to publish.
+//!   refused duplicates from the source), each failure's kept input just
+//!   before it (`Inputs`); `InputClosed` from the source or the root;
+//!   `Event`s to publish.
 //! - **Sends**: `Released` to the source (so it may admit more), events to
-//!   subscribers, and `Finished` to the root once every admitted item has an
-//!   outcome and the input is closed.
+//!   subscribers, dead letters to the sink, and `Finished` to the root once
+//!   every admitted item has an outcome and the input is closed.
 //! - **Supervised by**: the pipeline root.
 //! - **Invariants**: each result is counted, called back and published once;
 //!   its mailbox holds at most the pipeline's window of results, because
 //!   the source admits an item only after an earlier one was released here.
 
+use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use rustc_hash::FxHashMap;
+
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
+use crate::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::event::PipelineEvent;
 use crate::item::JobId;
 use crate::item::{ItemErrorKind, WorkItemResult};
 use crate::root::FinishReport;
 use crate::shared::Shared;
+use crate::source::Ack;
 
 /// A completion callback: called once per item, on the tracker's task.
 pub type Callback = Arc<dyn Fn(&WorkItemResult) + Send + Sync>;
 
-/// Tells the source that items finished: how many, and their job ids
-/// (tracking on).
-pub(crate) type ReleasePort = Box<dyn Fn(usize, Vec<JobId>) + Send + Sync>;
+/// Tells the source that items finished: how many, their job ids (tracking
+/// on) and, when the source wants them, their acknowledgements.
+pub(crate) type ReleasePort = Box<dyn Fn(usize, Vec<JobId>, Vec<Ack>) + Send + Sync>;
 
 /// Tells the root that the report is filed.
 pub(crate) type FinishPort = Box<dyn Fn() + Send + Sync>;
@@ -39,9 +45,12 @@ pub(crate) type FinishPort = Box<dyn Fn() + Send + Sync>;
 /// The tracker's mailbox.
 pub(crate) enum TrackerMsg {
     /// From the root, first: where to send `Released`.
-    Connect(ReleasePort),
+    Connect(ReleasePort, bool),
     /// From the stages (and the source, for refused duplicates): outcomes.
     Finished(Vec<WorkItemResult>),
+    /// From a stage that keeps inputs, just before the failures they
+    /// belong to: each failed item's last input, for its dead letter.
+    Inputs(Vec<(JobId, Box<dyn Any + Send>)>),
     /// From the source or the root: no more items will be admitted.
     InputClosed,
     /// From any actor: an event every subscriber must get.
@@ -54,13 +63,19 @@ pub(crate) struct TrackerArgs {
     pub(crate) shared: Arc<Shared>,
     pub(crate) finish: FinishPort,
     pub(crate) callbacks: Vec<Callback>,
+    pub(crate) dead_letters: Option<DeadLetterSink>,
 }
 
 pub(crate) struct TrackerState {
     shared: Arc<Shared>,
     finish: FinishPort,
     release: Option<ReleasePort>,
+    /// The source wants an `Ack` per item.
+    acks: bool,
     callbacks: Vec<Callback>,
+    dead_letters: Option<DeadLetterSink>,
+    /// Kept inputs of failures not recorded yet.
+    inputs: FxHashMap<JobId, Box<dyn Any + Send>>,
     results: Vec<WorkItemResult>,
     input_closed: bool,
     done: bool,
@@ -79,7 +94,10 @@ impl Actor for Tracker {
         Ok(TrackerState {
             finish: args.finish,
             release: None,
+            acks: false,
             callbacks: args.callbacks,
+            dead_letters: args.dead_letters,
+            inputs: FxHashMap::default(),
             results: Vec::new(),
             input_closed: false,
             done: false,
@@ -94,8 +112,12 @@ impl Actor for Tracker {
         state: &mut TrackerState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            TrackerMsg::Connect(release) => state.release = Some(release),
+            TrackerMsg::Connect(release, acks) => {
+                state.release = Some(release);
+                state.acks = acks;
+            }
             TrackerMsg::Finished(results) => state.record(results).await,
+            TrackerMsg::Inputs(inputs) => state.inputs.extend(inputs),
             TrackerMsg::InputClosed => state.input_closed = true,
             TrackerMsg::Event(event) => {
                 if state.shared.events.has_subscribers() {
@@ -139,6 +161,11 @@ impl TrackerState {
                 }
             }
         }
+        if self.dead_letters.is_some() {
+            self.send_dead_letters(&results).await;
+        } else if !self.inputs.is_empty() {
+            self.inputs.clear();
+        }
         if self.shared.events.has_subscribers() {
             let events = results
                 .iter()
@@ -146,11 +173,35 @@ impl TrackerState {
                 .collect();
             self.shared.events.publish(events).await;
         }
+        let acks = if self.acks {
+            results.iter().map(Ack::of).collect()
+        } else {
+            Vec::new()
+        };
         if self.shared.config.retain_results {
             self.results.extend(results);
         }
         if let Some(release) = &self.release {
-            release(n, released);
+            release(n, released, acks);
+        }
+    }
+
+    async fn send_dead_letters(&mut self, results: &[WorkItemResult]) {
+        for result in results.iter().filter(|r| !r.success) {
+            let input = self.inputs.remove(&result.job_id);
+            let Some(letter) = DeadLetter::new(result, input) else {
+                continue;
+            };
+            let Some(sink) = self.dead_letters.as_mut() else {
+                return;
+            };
+            if !sink.deliver(letter).await {
+                tracing::error!(
+                    pipeline = %self.shared.name,
+                    "the dead-letter receiver is gone; later dead letters are dropped"
+                );
+                self.dead_letters = None;
+            }
         }
     }
 

@@ -6,7 +6,8 @@
 //! - **Sends**: `StageMsg::Report` to its stage, as items finish.
 //! - **Supervised by**: its stage supervisor (linked at spawn). A handler
 //!   panic makes the worker fail after it reported the panicked item and
-//!   handed back the rest of its batch; the supervisor has replaced it by then.
+//!   handed back the rest of its batch; the supervisor has replaced it by
+//!   then. So does a blocking attempt given up at the stage's timeout.
 //! - **Invariant**: every item it is given is reported exactly once, as an
 //!   outcome or handed back, unless it is killed (abort), in which case its
 //!   supervisor accounts for the items it held.
@@ -64,10 +65,10 @@ where
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            WorkerMsg::Run(items) => state.runner.run(&state.ctx, items).await.map_err(|panic| {
+            WorkerMsg::Run(items) => state.runner.run(&state.ctx, items).await.map_err(|reason| {
                 format!(
-                    "handler of stage `{}` panicked in worker {}: {panic}",
-                    state.ctx.stage, state.ctx.worker
+                    "worker {} of stage `{}` stopped: {reason}",
+                    state.ctx.worker, state.ctx.stage
                 )
                 .into()
             }),

@@ -115,6 +115,13 @@ impl Tracked {
     }
 }
 
+/// A copy is a live value too (a retrying stage keeps one per attempt).
+impl Clone for Tracked {
+    fn clone(&self) -> Self {
+        Tracked::new(self.value, &self.census)
+    }
+}
+
 impl Drop for Tracked {
     fn drop(&mut self) {
         self.census.live.fetch_sub(1, Ordering::SeqCst);

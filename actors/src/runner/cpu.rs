@@ -1,10 +1,12 @@
 //! `Cpu`: each batch runs on the stage's own rayon pool, sized to the stage's
 //! workers, so CPU-bound handlers never oversubscribe the cores the user gave
-//! them and never touch tokio's threads. Items move; nothing is copied.
+//! them and never touch tokio's threads. Items move; nothing is copied. An
+//! attempt given up at the stage's timeout keeps its pool thread until it
+//! returns, so the pool runs one thread short meanwhile.
 
 use std::sync::Arc;
 
-use super::{RunCtx, StageRunner, run_blocking};
+use super::{RunCtx, StageRunner, run_blocking, watch};
 use crate::item::WorkItem;
 
 /// Runs a blocking `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>` on the
@@ -21,13 +23,24 @@ where
     F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
 {
     async fn run(&self, ctx: &Arc<RunCtx<I, O>>, items: Vec<WorkItem<I>>) -> Result<(), String> {
-        let (ctx, handler) = (ctx.clone(), self.handler.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.pool.spawn(move || {
-            let _ = tx.send(run_blocking(&ctx, &*handler, items));
-        });
-        rx.await
-            .unwrap_or_else(|_| Err("the rayon task ended without reporting".to_string()))
+        let handler = self.handler.clone();
+        let on_pool = |job: Box<dyn FnOnce() -> Result<(), String> + Send>| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.pool.spawn(move || {
+                let _ = tx.send(job());
+            });
+            async move {
+                rx.await
+                    .unwrap_or_else(|_| Err("the rayon task ended without reporting".to_string()))
+            }
+        };
+        match ctx.timeout {
+            None => {
+                let ctx = ctx.clone();
+                on_pool(Box::new(move || run_blocking(&ctx, &*handler, items))).await
+            }
+            Some(limit) => watch::run_watched(ctx, handler, items, limit, on_pool).await,
+        }
     }
 }
 

@@ -4,7 +4,8 @@
 //!
 //! - [`async_rt::AsyncRunner`]: awaited on the worker actor's own task;
 //! - [`thread::ThreadRunner`]: the batch goes to one of tokio's blocking threads;
-//! - [`cpu::CpuRunner`]: the batch goes to the stage's rayon pool.
+//! - [`cpu::CpuRunner`]: the batch goes to the stage's rayon pool;
+//! - [`process::ProcessRunner`]: the batch goes to a worker process.
 //!
 //! Runners are generic over the handler, so a handler's future is never
 //! boxed and its data never erased: the stage and its workers are compiled
@@ -26,11 +27,26 @@
 //! one. (A blocking handler cannot be looked into: items finished within
 //! [`FLUSH_AFTER`] before a slow one in the same batch wait for it. The
 //! stage keeps such batches to about a millisecond of recent work.)
+//!
+//! # Attempts, retries and timeouts
+//!
+//! An attempt that fails (an error not marked [`Permanent`], a panic, a
+//! timeout) while the stage's retry policy allows another comes back to the
+//! stage as [`Outcome::Retry`], with the copy of its input taken before the
+//! handler ran; the stage holds it for the backoff, without a worker, and
+//! queues it again. An Async attempt past the stage's `timeout` is dropped
+//! (cancelled at its next await). A blocking attempt cannot be stopped:
+//! [`watch`] fails it `TimedOut` at the deadline, hands back the rest of its
+//! batch and gives the worker up, so the stage replaces it while the late
+//! handler finishes on its thread; what it returns then is discarded.
 
 pub(crate) mod async_rt;
 pub(crate) mod cpu;
+pub(crate) mod process;
 pub(crate) mod thread;
+pub(crate) mod watch;
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -40,7 +56,8 @@ use ractor::ActorRef;
 
 use crate::event::{EventHub, PipelineEvent, WorkerId};
 use crate::item::{
-    ItemError, ItemErrorKind, JobId, StageTimes, WorkItem, WorkItemMetadata, WorkItemResult,
+    ItemError, ItemErrorKind, JobId, Permanent, StageTimes, WorkItem, WorkItemMetadata,
+    WorkItemResult,
 };
 use crate::stage::StageMsg;
 
@@ -53,7 +70,8 @@ pub(crate) const FLUSH_AFTER: Duration = Duration::from_millis(1);
 /// Runs batches of a stage's items in one execution model.
 pub(crate) trait StageRunner<I, O>: Send + Sync + 'static {
     /// Runs `items` in order, reporting outcomes to the stage as they are
-    /// ready. `Err` carries a panic message: the worker must then fail.
+    /// ready. `Err` says why the worker must fail (a panic, or a blocking
+    /// attempt given up at its deadline); the report saying so was sent.
     fn run(
         &self,
         ctx: &Arc<RunCtx<I, O>>,
@@ -68,100 +86,173 @@ pub(crate) struct RunCtx<I, O> {
     pub(crate) stage_ref: ActorRef<StageMsg<I, O>>,
     pub(crate) tracking: bool,
     pub(crate) events: Arc<EventHub>,
+    /// Copies an input before each attempt, for a retry or a dead letter:
+    /// set only for stages bound to retry whose policy allows more than one
+    /// attempt.
+    pub(crate) keep: Option<fn(&I) -> I>,
+    /// All attempts the stage's retry policy allows (1 without one).
+    pub(crate) max_attempts: u32,
+    /// How long one attempt may take.
+    pub(crate) timeout: Option<Duration>,
 }
 
 /// What became of one item in a stage.
-pub(crate) enum Outcome<O> {
+pub(crate) enum Outcome<I, O> {
     /// The handler returned the item for the next stage.
     Done(WorkItem<O>),
     /// The item failed here; its result is final.
-    Failed(Box<WorkItemResult>),
+    Failed(Box<Failed>),
+    /// The attempt failed and the retry policy allows another: the item as
+    /// it was before the attempt, its attempts counted.
+    Retry(WorkItem<I>),
+}
+
+/// An item's final failure, with its last input when the stage kept one.
+pub(crate) struct Failed {
+    pub(crate) result: WorkItemResult,
+    /// A `WorkItem<I>` of the stage's input type, for the dead letter.
+    pub(crate) input: Option<Box<dyn Any + Send>>,
 }
 
 /// A worker's report to its stage.
 pub(crate) struct WorkerReport<I, O> {
     pub(crate) worker: WorkerId,
     /// Outcomes, in the order the items were given.
-    pub(crate) outcomes: Vec<Outcome<O>>,
-    /// Items of the batch the worker did not start (after a panic), in order.
+    pub(crate) outcomes: Vec<Outcome<I, O>>,
+    /// Items of the batch the worker did not start (after a panic or a
+    /// timeout), in order.
     pub(crate) returned: Vec<WorkItem<I>>,
     /// Handler time spent on `outcomes`.
     pub(crate) busy: Duration,
-    /// The handler panicked with this message and the worker is about to
-    /// fail: give it no more work, replace it.
-    pub(crate) panic: Option<String>,
+    /// The worker is about to fail (a panic, or a blocking attempt given up
+    /// at its deadline), for this reason: give it no more work, replace it.
+    pub(crate) failing: Option<String>,
+}
+
+/// How one attempt ended.
+pub(crate) enum Ran<O> {
+    /// The handler returned.
+    Returned(anyhow::Result<WorkItem<O>>),
+    /// The handler panicked with this payload.
+    Panicked(Box<dyn Any + Send>),
+    /// The attempt ran past the stage's timeout.
+    TimedOut(Duration),
+}
+
+impl<O> Ran<O> {
+    #[inline]
+    pub(crate) fn caught(result: std::thread::Result<anyhow::Result<WorkItem<O>>>) -> Self {
+        match result {
+            Ok(returned) => Ran::Returned(returned),
+            Err(payload) => Ran::Panicked(payload),
+        }
+    }
 }
 
 /// One item's pass through the handler: what is held aside, and how the
 /// item's outcome is put together afterwards.
-pub(crate) struct Attempt {
+pub(crate) struct Attempt<I> {
     job_id: JobId,
     created: Instant,
+    attempts: u32,
     names: Option<crate::item::StageNames>,
     stages: Vec<StageTimes>,
     custom: Option<BTreeMap<String, serde_json::Value>>,
+    /// A copy of the input, when the stage keeps one.
+    kept: Option<I>,
 }
 
-impl Attempt {
-    /// Takes the item's stage times aside (stamping `started`) before the
-    /// handler gets it.
-    pub(crate) fn begin<I, O>(ctx: &RunCtx<I, O>, item: &mut WorkItem<I>, now: Instant) -> Attempt {
+impl<I: Send + 'static> Attempt<I> {
+    /// Counts the attempt and takes the item's stage times aside (stamping
+    /// `started` on the first attempt) before the handler gets it.
+    #[inline]
+    pub(crate) fn begin<O>(ctx: &RunCtx<I, O>, item: &mut WorkItem<I>, now: Instant) -> Self {
+        item.metadata.attempts += 1;
+        let attempts = item.metadata.attempts;
         let mut stages = std::mem::take(&mut item.metadata.stages);
         if ctx.tracking {
             if let Some(times) = stages.last_mut() {
-                times.started = Some(now);
+                times.started.get_or_insert(now);
+                times.attempts = attempts;
             }
         }
         let custom = &item.metadata.custom;
         Attempt {
             job_id: item.job_id.clone(),
             created: item.metadata.created(),
+            attempts,
             names: item.metadata.names.take(),
             stages,
             custom: (!custom.is_empty()).then(|| custom.clone()),
+            kept: ctx.keep.map(|keep| keep(&item.data)),
         }
     }
 
+    pub(crate) fn job_id(&self) -> &JobId {
+        &self.job_id
+    }
+
     /// The handler returned `out`: it keeps the item's identity and times.
-    pub(crate) fn succeed<I, O>(
+    #[inline(always)]
+    pub(crate) fn succeed<O>(
         mut self,
         ctx: &RunCtx<I, O>,
         mut out: WorkItem<O>,
         now: Instant,
-    ) -> Outcome<O> {
+    ) -> Outcome<I, O> {
         self.stamp_completed(ctx, now);
         out.job_id = self.job_id;
         out.metadata.stages = self.stages;
         out.metadata.names = self.names;
+        out.metadata.attempts = self.attempts;
         out.metadata.set_created(self.created);
         Outcome::Done(out)
     }
 
-    /// The handler failed or panicked: the item's result, with the metadata
-    /// it had when the handler got it.
-    pub(crate) fn fail<I, O>(
+    /// The attempt failed: another attempt if the policy allows one and the
+    /// input was kept, else the item's final result, with the metadata it
+    /// had when the handler got it.
+    pub(crate) fn fail<O>(
         mut self,
         ctx: &RunCtx<I, O>,
         kind: ItemErrorKind,
         message: String,
+        retryable: bool,
         now: Instant,
-    ) -> Outcome<O> {
+    ) -> Outcome<I, O> {
         self.stamp_completed(ctx, now);
         let mut metadata = WorkItemMetadata::default();
         metadata.set_created(self.created);
         metadata.names = self.names;
         metadata.stages = self.stages;
+        metadata.attempts = self.attempts;
         metadata.custom = self.custom.unwrap_or_default();
+        if retryable && self.attempts < ctx.max_attempts {
+            if let Some(data) = self.kept.take() {
+                return Outcome::Retry(WorkItem {
+                    job_id: self.job_id,
+                    data,
+                    metadata,
+                });
+            }
+        }
         metadata.finished = Some(now);
-        let error = ItemError::new(&*ctx.stage, kind, message);
-        Outcome::Failed(Box::new(WorkItemResult::failed(
-            self.job_id,
-            metadata,
-            error,
-        )))
+        let input = self.kept.map(|data| {
+            Box::new(WorkItem {
+                job_id: self.job_id.clone(),
+                data,
+                metadata: metadata.clone(),
+            }) as Box<dyn Any + Send>
+        });
+        let mut error = ItemError::new(&*ctx.stage, kind, message);
+        error.attempts = self.attempts;
+        Outcome::Failed(Box::new(Failed {
+            result: WorkItemResult::failed(self.job_id, metadata, error),
+            input,
+        }))
     }
 
-    fn stamp_completed<I, O>(&mut self, ctx: &RunCtx<I, O>, now: Instant) {
+    fn stamp_completed<O>(&mut self, ctx: &RunCtx<I, O>, now: Instant) {
         if ctx.tracking {
             if let Some(times) = self.stages.last_mut() {
                 times.completed = Some(now);
@@ -171,20 +262,26 @@ impl Attempt {
 }
 
 /// Collects a worker's outcomes and sends them to the stage in batches.
-pub(crate) struct Reporter<'a, I, O> {
-    ctx: &'a RunCtx<I, O>,
-    outcomes: Vec<Outcome<O>>,
-    busy: Duration,
+pub(crate) struct Reporter<I, O> {
+    ctx: Arc<RunCtx<I, O>>,
+    outcomes: Vec<Outcome<I, O>>,
+    /// When the handler started on the first outcome not yet sent, and
+    /// finished the last: items run back to back, so the handler time of
+    /// a report is the span between (one subtraction per report, not per
+    /// item).
+    first_started: Option<Instant>,
+    last_done: Instant,
     last_flush: Instant,
     events: Vec<PipelineEvent>,
 }
 
-impl<'a, I: Send + 'static, O: Send + 'static> Reporter<'a, I, O> {
-    pub(crate) fn new(ctx: &'a RunCtx<I, O>, batch: usize, now: Instant) -> Self {
+impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
+    pub(crate) fn new(ctx: &Arc<RunCtx<I, O>>, batch: usize, now: Instant) -> Self {
         Reporter {
-            ctx,
+            ctx: ctx.clone(),
             outcomes: Vec::with_capacity(batch),
-            busy: Duration::ZERO,
+            first_started: None,
+            last_done: now,
             last_flush: now,
             events: Vec::new(),
         }
@@ -203,47 +300,60 @@ impl<'a, I: Send + 'static, O: Send + 'static> Reporter<'a, I, O> {
     }
 
     /// Records an outcome and sends what has accumulated when it is time.
-    pub(crate) fn push(&mut self, outcome: Outcome<O>, started: Instant, now: Instant) {
+    #[inline(always)]
+    pub(crate) fn push(&mut self, outcome: Outcome<I, O>, started: Instant, now: Instant) {
         self.record(outcome, started, now);
         if now.saturating_duration_since(self.last_flush) >= FLUSH_AFTER {
             self.flush(Vec::new(), None, now);
         }
     }
 
-    /// Records what the handler did with an item. After a panic, reports
-    /// it with the rest of the batch (`rest`) handed back and returns the
-    /// panic message: the worker must then fail.
+    /// Records how an attempt ended. After a panic, reports it with the
+    /// rest of the batch (`rest`) handed back and returns why the worker
+    /// must now fail.
+    #[inline(always)]
     pub(crate) fn settle(
         &mut self,
-        attempt: Attempt,
-        result: std::thread::Result<anyhow::Result<WorkItem<O>>>,
+        attempt: Attempt<I>,
+        ran: Ran<O>,
         started: Instant,
         now: Instant,
         rest: &mut dyn Iterator<Item = WorkItem<I>>,
     ) -> Result<(), String> {
-        match result {
-            Ok(Ok(out)) => self.push(attempt.succeed(self.ctx, out, now), started, now),
-            Ok(Err(e)) => {
-                let outcome = attempt.fail(self.ctx, ItemErrorKind::Failed, format!("{e:#}"), now);
-                self.push(outcome, started, now);
+        let ctx = &*self.ctx;
+        let outcome = match ran {
+            Ran::Returned(Ok(out)) => attempt.succeed(ctx, out, now),
+            Ran::Returned(Err(e)) => {
+                let retryable = !Permanent::is(&e);
+                attempt.fail(ctx, ItemErrorKind::Failed, format!("{e:#}"), retryable, now)
             }
-            Err(payload) => {
+            Ran::TimedOut(limit) => {
+                let message = format!("the attempt ran past the stage's timeout of {limit:?}");
+                attempt.fail(ctx, ItemErrorKind::TimedOut, message, true, now)
+            }
+            Ran::Panicked(payload) => {
                 let message = panic_message(&*payload);
-                let outcome = attempt.fail(self.ctx, ItemErrorKind::Panicked, message.clone(), now);
+                let outcome =
+                    attempt.fail(ctx, ItemErrorKind::Panicked, message.clone(), true, now);
+                let reason = format!("handler panicked: {message}");
                 self.record(outcome, started, now);
-                self.flush(rest.collect(), Some(message.clone()), now);
-                return Err(message);
+                self.flush(rest.collect(), Some(reason.clone()), now);
+                return Err(reason);
             }
-        }
+        };
+        self.push(outcome, started, now);
         Ok(())
     }
 
-    fn record(&mut self, outcome: Outcome<O>, started: Instant, now: Instant) {
-        self.busy += now.saturating_duration_since(started);
+    #[inline(always)]
+    fn record(&mut self, outcome: Outcome<I, O>, started: Instant, now: Instant) {
+        self.first_started.get_or_insert(started);
+        self.last_done = now;
         if self.ctx.events.wants_lifecycle() {
             let (job_id, success) = match &outcome {
                 Outcome::Done(item) => (item.job_id.clone(), true),
-                Outcome::Failed(result) => (result.job_id.clone(), false),
+                Outcome::Failed(failed) => (failed.result.job_id.clone(), false),
+                Outcome::Retry(item) => (item.job_id.clone(), false),
             };
             self.events.push(PipelineEvent::ItemCompleted {
                 job_id,
@@ -267,19 +377,27 @@ impl<'a, I: Send + 'static, O: Send + 'static> Reporter<'a, I, O> {
         self.flush(Vec::new(), None, now);
     }
 
-    fn flush(&mut self, returned: Vec<WorkItem<I>>, panic: Option<String>, now: Instant) {
+    /// Sends everything left with the unstarted items handed back, and
+    /// tells the stage the worker is giving up for `reason`.
+    pub(crate) fn give_up(mut self, returned: Vec<WorkItem<I>>, reason: String, now: Instant) {
+        self.flush(returned, Some(reason), now);
+    }
+
+    fn flush(&mut self, returned: Vec<WorkItem<I>>, failing: Option<String>, now: Instant) {
         if !self.events.is_empty() {
             self.ctx.events.lifecycle(std::mem::take(&mut self.events));
         }
-        if self.outcomes.is_empty() && returned.is_empty() && panic.is_none() {
+        if self.outcomes.is_empty() && returned.is_empty() && failing.is_none() {
             return;
         }
         let report = WorkerReport {
             worker: self.ctx.worker,
             outcomes: std::mem::take(&mut self.outcomes),
             returned,
-            busy: std::mem::take(&mut self.busy),
-            panic,
+            busy: self.first_started.take().map_or(Duration::ZERO, |s| {
+                self.last_done.saturating_duration_since(s)
+            }),
+            failing,
         };
         self.last_flush = now;
         // The stage is gone only when the pipeline is shutting down.
@@ -299,10 +417,10 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Runs a batch through a blocking handler on the current thread; shared by
-/// the Thread and Cpu models. One clock read per item: an item's end is the
-/// next one's start.
+/// the Thread and Cpu models when the stage has no timeout. One clock read
+/// per item: an item's end is the next one's start.
 pub(crate) fn run_blocking<I: Send + 'static, O: Send + 'static, F>(
-    ctx: &RunCtx<I, O>,
+    ctx: &Arc<RunCtx<I, O>>,
     handler: &F,
     items: Vec<WorkItem<I>>,
 ) -> Result<(), String>
@@ -314,10 +432,10 @@ where
     let mut items = items.into_iter();
     while let Some(mut item) = items.next() {
         let attempt = Attempt::begin(ctx, &mut item, started);
-        reporter.started(&attempt.job_id);
+        reporter.started(attempt.job_id());
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(item)));
         let now = Instant::now();
-        reporter.settle(attempt, result, started, now, &mut items)?;
+        reporter.settle(attempt, Ran::caught(result), started, now, &mut items)?;
         started = now;
     }
     reporter.finish(started);

@@ -1,10 +1,11 @@
 //! `Thread`: each batch runs on one of tokio's blocking threads, so a
 //! blocking handler never stalls the runtime. A stage has at most `workers`
-//! batches out at once, so at most `workers` threads are busy for it.
+//! batches out at once, so at most `workers` threads are busy for it (plus,
+//! under a timeout, threads still finishing attempts given up on).
 
 use std::sync::Arc;
 
-use super::{RunCtx, StageRunner, run_blocking};
+use super::{RunCtx, StageRunner, run_blocking, watch};
 use crate::item::WorkItem;
 
 /// Runs a blocking `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>` on
@@ -18,10 +19,22 @@ where
     F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
 {
     async fn run(&self, ctx: &Arc<RunCtx<I, O>>, items: Vec<WorkItem<I>>) -> Result<(), String> {
-        let (ctx, handler) = (ctx.clone(), self.0.clone());
-        match tokio::task::spawn_blocking(move || run_blocking(&ctx, &*handler, items)).await {
-            Ok(result) => result,
-            Err(e) => Err(format!("blocking task ended abnormally: {e}")),
+        let handler = self.0.clone();
+        match ctx.timeout {
+            None => {
+                let ctx = ctx.clone();
+                on_blocking_thread(Box::new(move || run_blocking(&ctx, &*handler, items))).await
+            }
+            Some(limit) => watch::run_watched(ctx, handler, items, limit, on_blocking_thread).await,
         }
+    }
+}
+
+async fn on_blocking_thread(
+    job: Box<dyn FnOnce() -> Result<(), String> + Send>,
+) -> Result<(), String> {
+    match tokio::task::spawn_blocking(job).await {
+        Ok(result) => result,
+        Err(e) => Err(format!("blocking task ended abnormally: {e}")),
     }
 }

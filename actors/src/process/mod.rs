@@ -1,0 +1,300 @@
+//! Process stages: a handler in worker OS processes, so that a crash, an
+//! abort, a runaway item or a leak takes down one process, never the
+//! pipeline.
+//!
+//! # The one call
+//!
+//! A Process stage starts its workers by running the program again (its own
+//! executable, `/proc/self/exe`): there is no second binary. A worker must
+//! reach the stage's handler before it does anything else, so put this
+//! first in `main`:
+//!
+//! ```no_run
+//! # #[allow(clippy::needless_doctest_main)]
+//! fn main() {
+//!     bergtalzug_actors::process::init(); // `bergtalzug::process::init()`
+//!     // ... parse arguments, read files, build and run the pipeline ...
+//! }
+//! ```
+//!
+//! In the parent, [`init`] returns at once. In a worker it never returns: it
+//! serves the stage until the parent closes the connection. Without it, a
+//! worker runs `main` from the top until the builder's `process_stage` call
+//! for its stage, which then serves the stage instead of returning; that is
+//! enough only when everything `main` does before building the pipeline is
+//! harmless to repeat in every worker (no output, no input, no side
+//! effects), so call [`init`].
+//!
+//! Test binaries: a test harness runs tests, not `main`. Give a Process
+//! stage's tests their own file with `harness = false` and a `main` that
+//! calls [`init`] first (as `tests/process.rs` does here), or name a worker
+//! command with [`ProcessOptions::args`] / [`ProcessOptions::program`] that
+//! reaches [`init`].
+//!
+//! # What crosses
+//!
+//! The whole item: its job id, its data and its custom metadata, as
+//! [postcard](https://docs.rs/postcard) bytes in length-prefixed frames over
+//! a Unix socket passed as the worker's standard input, which the worker
+//! then replaces with `/dev/null` (a handler reading stdin reads nothing).
+//! Stage times stay in the parent. The worker's stdout
+//! and stderr are read line by line into `tracing` (target
+//! `bergtalzug::process`, fields `pipeline`, `stage`, `worker`, `pid`,
+//! `stream`; stdout at INFO, stderr at WARN).
+//!
+//! # Failures
+//!
+//! | what happens in the worker | the item | the worker process |
+//! |---|---|---|
+//! | the handler returns an error | `Failed` (retried per policy) | goes on |
+//! | the handler panics | `Panicked`; the message is also logged | goes on (the panic is caught) |
+//! | abort, segfault, `exit`, killed from outside | `ProcessDied`, with the exit status or signal | replaced |
+//! | runs past the stage's `timeout` | `TimedOut` | killed (SIGKILL), replaced |
+//! | sends a frame above the limit, or one that does not decode | `ProcessDied` ("corrupt reply") | killed, replaced |
+//! | never says hello (does not reach its handler) within [`ProcessOptions::start_timeout`] | `ProcessDied` | killed; the next item tries a new one |
+//!
+//! Only the item the worker was running fails; items sent after it are
+//! sent again to the replacement. A stage keeps at most `workers` worker
+//! processes, started when first needed and kept between batches;
+//! [`ProcessOptions::recycle_after`] replaces each after that many items.
+//!
+//! # Lifetime
+//!
+//! Workers never outlive the pipeline: they are killed when the pipeline
+//! finishes or is aborted (the stage's runner owns them, with tokio's
+//! `kill_on_drop`), and a worker whose parent dies exits: on the closed
+//! socket when it is idle, and on Linux by `SIGKILL` at once (the
+//! parent-death signal, set by the worker for the thread that started it,
+//! which is one of the tokio runtime's worker threads).
+//!
+//! # Environment
+//!
+//! Workers get a clean environment: only [`INHERITED_ENV`] from the
+//! parent's, the variables the stage set with [`ProcessOptions::env`] or
+//! [`ProcessOptions::inherit_env`], and bergtalzug's own `BERGTALZUG_*`
+//! variables. Nothing else (credentials, tokens) is passed on. The working
+//! directory is the parent's.
+
+pub(crate) mod child;
+pub(crate) mod entry;
+pub(crate) mod frame;
+pub(crate) mod spawn;
+
+use std::ffi::{OsStr, OsString};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::item::WorkItem;
+use entry::{Entry, ExecutableId};
+
+/// Variables a worker process inherits from its parent's environment, when
+/// set: what a program needs to start and to format text, nothing secret.
+pub const INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "LC_NUMERIC",
+    "LC_TIME",
+    "LC_MESSAGES",
+    "TZ",
+    "TMPDIR",
+    "LD_LIBRARY_PATH",
+    "RUST_BACKTRACE",
+    "RUST_LIB_BACKTRACE",
+    "RUST_LOG",
+];
+
+/// The default largest frame, either way: 64 MiB.
+pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// Set in a worker: the pipeline's name.
+pub(crate) const ENV_PIPELINE: &str = "BERGTALZUG_WORKER_PIPELINE";
+/// Set in a worker: the stage's name.
+pub(crate) const ENV_STAGE: &str = "BERGTALZUG_WORKER_STAGE";
+/// Set in a worker: the parent's executable ([`ExecutableId`]).
+pub(crate) const ENV_EXE: &str = "BERGTALZUG_WORKER_EXE";
+/// Set in a worker when the parent could place the handler ([`Entry`]).
+pub(crate) const ENV_ENTRY: &str = "BERGTALZUG_WORKER_ENTRY";
+/// Set in a worker started as the parent's own executable: the parent's pid.
+pub(crate) const ENV_PARENT: &str = "BERGTALZUG_WORKER_PARENT";
+/// Set in a worker: the frame limit.
+pub(crate) const ENV_MAX_FRAME: &str = "BERGTALZUG_WORKER_MAX_FRAME";
+
+/// Serves a Process stage if this process was started as one of its
+/// workers; returns at once otherwise. Call it first in `main`.
+///
+/// See the [module docs](self) for why and for test binaries.
+pub fn init() {
+    let Some(env) = WorkerEnv::read() else {
+        return;
+    };
+    if let Some(entry) = env.entry_here() {
+        entry.serve(); // returns only if the handler is not where it should be
+    }
+    // Started by another executable, or the handler could not be placed:
+    // `main` goes on to the builder's `process_stage`, which serves it.
+}
+
+/// True in a worker process of a Process stage.
+pub fn is_worker() -> bool {
+    std::env::var_os(ENV_STAGE).is_some()
+}
+
+/// Serves `handler` if this process is a worker of stage `stage` of
+/// pipeline `pipeline` bound to this very handler; returns otherwise.
+/// Called by the builder's `process_stage`.
+#[doc(hidden)]
+pub fn serve_if_worker<I, O>(
+    pipeline: &str,
+    stage: &str,
+    handler: fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>,
+) where
+    I: DeserializeOwned + Send + 'static,
+    O: Serialize + Send + 'static,
+{
+    let Some(env) = WorkerEnv::read() else {
+        return;
+    };
+    if env.pipeline != pipeline || env.stage != stage {
+        return;
+    }
+    // In the parent's own executable, the handler must be the one sent too
+    // (two pipelines of the same name may bind other handlers).
+    if let Some(sent) = env.entry_here() {
+        if sent != Entry::unchecked::<I, O>(handler) {
+            return;
+        }
+    }
+    child::serve(handler)
+}
+
+/// What a worker process was told in its environment.
+struct WorkerEnv {
+    pipeline: String,
+    stage: String,
+    exe: Option<ExecutableId>,
+    entry: Option<Entry>,
+}
+
+impl WorkerEnv {
+    fn read() -> Option<WorkerEnv> {
+        let stage = std::env::var(ENV_STAGE).ok()?;
+        let var = |name| std::env::var(name).ok();
+        Some(WorkerEnv {
+            pipeline: var(ENV_PIPELINE).unwrap_or_default(),
+            stage,
+            exe: var(ENV_EXE).and_then(|v| ExecutableId::from_env(&v)),
+            entry: var(ENV_ENTRY).and_then(|v| Entry::from_env(&v)),
+        })
+    }
+
+    /// The entry, if the parent sent one and this is its executable.
+    fn entry_here(&self) -> Option<Entry> {
+        let entry = self.entry?;
+        (self.exe.is_some() && self.exe == entry::executable_id()).then_some(entry)
+    }
+}
+
+/// How a Process stage starts and keeps its worker processes.
+///
+/// ```
+/// use std::time::Duration;
+/// use bergtalzug_actors::process::ProcessOptions;
+///
+/// let options = ProcessOptions::new()
+///     .recycle_after(10_000)               // a fresh process every 10,000 items
+///     .env("OMP_NUM_THREADS", "1")          // set in the workers
+///     .inherit_env("DATABASE_URL")          // passed on from the parent
+///     .start_timeout(Duration::from_secs(5));
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ProcessOptions {
+    pub(crate) program: Option<PathBuf>,
+    pub(crate) args: Vec<OsString>,
+    pub(crate) env: Vec<(OsString, OsString)>,
+    pub(crate) inherit_env: Vec<OsString>,
+    pub(crate) recycle_after: Option<u64>,
+    pub(crate) max_frame: usize,
+    pub(crate) start_timeout: Duration,
+}
+
+impl Default for ProcessOptions {
+    fn default() -> Self {
+        ProcessOptions {
+            program: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            inherit_env: Vec::new(),
+            recycle_after: None,
+            max_frame: DEFAULT_MAX_FRAME,
+            start_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ProcessOptions {
+    /// The defaults: this executable with no arguments, no recycling,
+    /// frames up to [`DEFAULT_MAX_FRAME`], 10 s to start.
+    pub fn new() -> Self {
+        ProcessOptions::default()
+    }
+
+    /// Runs `program` as the worker instead of this executable. It must
+    /// call [`init`] first in `main` or build the same pipeline (the same
+    /// pipeline and stage names) so that the stage's `process_stage` call
+    /// serves it. Not given the parent's pid: it may be a wrapper.
+    pub fn program(mut self, program: impl Into<PathBuf>) -> Self {
+        self.program = Some(program.into());
+        self
+    }
+
+    /// Arguments for the worker command (none by default). For a libtest
+    /// test binary, e.g. `["worker", "--exact", "--nocapture"]` with a
+    /// `#[test] fn worker() { bergtalzug::process::init() }`.
+    pub fn args<A: AsRef<OsStr>>(mut self, args: impl IntoIterator<Item = A>) -> Self {
+        self.args = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        self
+    }
+
+    /// Sets a variable in the workers' environment.
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.env
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Passes a variable of the parent's environment on to the workers.
+    pub fn inherit_env(mut self, key: impl AsRef<OsStr>) -> Self {
+        self.inherit_env.push(key.as_ref().to_owned());
+        self
+    }
+
+    /// Replaces each worker process after it has handled `items` items
+    /// (for handlers that leak); never by default. At least 1.
+    pub fn recycle_after(mut self, items: u64) -> Self {
+        self.recycle_after = Some(items.max(1));
+        self
+    }
+
+    /// The largest frame either way, in bytes: an item or result above it
+    /// fails; a worker that sends a larger one is killed.
+    pub fn max_frame_bytes(mut self, bytes: usize) -> Self {
+        self.max_frame = bytes.clamp(64, u32::MAX as usize);
+        self
+    }
+
+    /// How long a new worker may take to reach its handler (default 10 s).
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout;
+        self
+    }
+}

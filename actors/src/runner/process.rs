@@ -1,0 +1,454 @@
+//! `Process`: each worker runs its batches in a worker OS process of its
+//! own (see [`crate::process`] for the child's side and the user's view).
+//!
+//! A stage keeps at most `workers` worker processes: a worker takes an idle
+//! one from the stage's pool for each batch (starting one if there is
+//! none) and gives it back after. The batch's frames are written ahead
+//! while replies are read, so a batch of small items costs one round trip
+//! of latency, not one per item. The child answers in order, so the first
+//! unanswered item is the one it is running: if the child dies, runs past
+//! the stage's timeout, or sends something that is not a reply, that item
+//! fails, the child is killed and reaped, and the rest of the batch goes to
+//! a new child. A failed write does not blame anyone by itself: the replies
+//! the child sent before it died are read first, and if it had answered
+//! every item it was sent whole, no item fails (up to
+//! [`MAX_INNOCENT_BREAKS`] times a batch). Nothing a child sends is trusted: frames are bounded
+//! ([`crate::process::frame::FrameBuf`]) and decoding errors are values.
+
+use std::collections::VecDeque;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{Attempt, Ran, Reporter, RunCtx, StageRunner};
+use crate::item::{ItemErrorKind, Permanent, WorkItem};
+use crate::process::frame::{self, Job, JobRef, Reply};
+use crate::process::spawn::{ChildProc, ChildSpec};
+
+/// How many times in a batch a child may break holding no item before the
+/// next item is blamed anyway (so that children that die at once cannot
+/// make a batch loop).
+const MAX_INNOCENT_BREAKS: u32 = 3;
+
+/// Runs a Process stage's batches in worker processes.
+pub(crate) struct ProcessRunner<I, O> {
+    spec: ChildSpec,
+    /// Worker processes between batches.
+    idle: Mutex<Vec<ChildProc>>,
+    _types: PhantomData<fn(I) -> O>,
+}
+
+impl<I, O> ProcessRunner<I, O> {
+    pub(crate) fn new(spec: ChildSpec) -> Self {
+        ProcessRunner {
+            spec,
+            idle: Mutex::new(Vec::new()),
+            _types: PhantomData,
+        }
+    }
+}
+
+/// An item of the batch on its way through a child.
+struct Pending<I> {
+    attempt: Attempt<I>,
+    /// When the child started on it (when it became the first unanswered).
+    started: Option<Instant>,
+    /// Its frame, or why it cannot be sent.
+    frame: Result<Vec<u8>, String>,
+}
+
+/// Why a child cannot go on: the item it holds fails with this.
+struct Broken {
+    kind: ItemErrorKind,
+    /// What happened; the child's fate is added.
+    what: String,
+    /// Kill at once (else wait a moment for it to die by itself).
+    kill: bool,
+    /// It broke holding no item: it had answered every item it was sent
+    /// whole (it died between items, or while one was still being sent).
+    innocent: bool,
+}
+
+impl Broken {
+    fn died(what: impl Into<String>, innocent: bool) -> Broken {
+        Broken {
+            kind: ItemErrorKind::ProcessDied,
+            what: what.into(),
+            kill: false,
+            innocent,
+        }
+    }
+
+    fn corrupt(what: impl std::fmt::Display) -> Broken {
+        Broken {
+            kind: ItemErrorKind::ProcessDied,
+            what: format!("sent a corrupt reply ({what})"),
+            kill: true,
+            innocent: false,
+        }
+    }
+}
+
+/// A reply, decoded and checked, before its item is taken off the batch.
+enum Answer<O> {
+    Done(WorkItemParts<O>),
+    Failed { message: String, permanent: bool },
+    Panicked(String),
+}
+
+struct WorkItemParts<O> {
+    data: O,
+    custom: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl<I, O> StageRunner<I, O> for ProcessRunner<I, O>
+where
+    I: Serialize + DeserializeOwned + Send + 'static,
+    O: DeserializeOwned + Send + 'static,
+{
+    async fn run(&self, ctx: &Arc<RunCtx<I, O>>, items: Vec<WorkItem<I>>) -> Result<(), String> {
+        let now = Instant::now();
+        let mut reporter = Reporter::new(ctx, items.len(), now);
+        let ctx: &RunCtx<I, O> = ctx;
+        let limit = self.spec.max_frame;
+        let mut pending: VecDeque<Pending<I>> = items
+            .into_iter()
+            .map(|mut item| {
+                let attempt = Attempt::begin(ctx, &mut item, now);
+                let frame = frame::custom_to_wire(&item.metadata.custom).and_then(|custom| {
+                    let job = JobRef {
+                        job_id: &item.job_id.to_string(),
+                        custom: &custom,
+                        data: &item.data,
+                    };
+                    frame::encode(&job, limit)
+                });
+                Pending {
+                    attempt,
+                    started: None,
+                    frame,
+                }
+            })
+            .collect();
+        let mut child = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut innocent_breaks = 0;
+        while let Some(front) = pending.front() {
+            if let Err(e) = &front.frame {
+                let message = format!("the item cannot be sent to a worker process: {e}");
+                let Pending { attempt, .. } = pending.pop_front().expect("a front");
+                let now = Instant::now();
+                // It would fail the same way again: not retried.
+                let outcome = attempt.fail(ctx, ItemErrorKind::Failed, message, false, now);
+                reporter.push(outcome, now, now);
+                continue;
+            }
+            let mut proc = match child.take() {
+                Some(proc) if !self.used_up(&proc) => proc,
+                other => {
+                    if let Some(old) = other {
+                        old.retire();
+                    }
+                    match self.spec.spawn(ctx.worker).await {
+                        Ok(proc) => proc,
+                        Err(message) => {
+                            tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
+                                worker = %ctx.worker, "{message}");
+                            let front = pending.pop_front().expect("a front");
+                            let now = Instant::now();
+                            let outcome = front.fail(ctx, ItemErrorKind::ProcessDied, message, now);
+                            reporter.push(outcome, now, now);
+                            continue;
+                        }
+                    }
+                }
+            };
+            let quota = self
+                .spec
+                .recycle_after
+                .map_or(usize::MAX, |n| n.saturating_sub(proc.served) as usize);
+            match self
+                .exchange(ctx, &mut proc, &mut pending, quota, &mut reporter)
+                .await
+            {
+                Ok(()) if proc.buf.is_empty() => child = Some(proc),
+                Ok(()) => {
+                    let pid = proc.pid;
+                    let how = proc.kill().await;
+                    tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
+                        worker = %ctx.worker, pid,
+                        "worker process sent bytes nobody asked for and {how}");
+                }
+                Err(broken) if broken.innocent && innocent_breaks < MAX_INNOCENT_BREAKS => {
+                    // No item to blame: replace the child and send again.
+                    innocent_breaks += 1;
+                    let pid = proc.pid;
+                    let how = proc.end().await;
+                    tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
+                        worker = %ctx.worker, pid,
+                        "worker process {pid} {} between items; it {how}", broken.what);
+                }
+                Err(broken) => {
+                    let pid = proc.pid;
+                    let how = if broken.kill {
+                        proc.kill().await
+                    } else {
+                        proc.end().await
+                    };
+                    let message = format!("worker process {pid} {}; it {how}", broken.what);
+                    tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
+                        worker = %ctx.worker, pid, "{message}");
+                    let front = pending.pop_front().expect("a front");
+                    let now = Instant::now();
+                    let started = front.started.unwrap_or(now);
+                    reporter.push(front.fail(ctx, broken.kind, message, now), started, now);
+                }
+            }
+        }
+        reporter.finish(Instant::now());
+        if let Some(proc) = child {
+            if self.used_up(&proc) {
+                proc.retire();
+            } else {
+                self.idle
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(proc);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<I, O> ProcessRunner<I, O>
+where
+    I: Serialize + DeserializeOwned + Send + 'static,
+    O: DeserializeOwned + Send + 'static,
+{
+    /// Whether a child has served its `recycle_after` items.
+    fn used_up(&self, proc: &ChildProc) -> bool {
+        self.spec.recycle_after.is_some_and(|n| proc.served >= n)
+    }
+
+    /// Sends the front run of sendable items (at most `quota`) to `proc`
+    /// and settles each as its reply comes; stops early when the child
+    /// breaks, leaving the item it held at the front of `pending`.
+    async fn exchange(
+        &self,
+        ctx: &RunCtx<I, O>,
+        proc: &mut ChildProc,
+        pending: &mut VecDeque<Pending<I>>,
+        quota: usize,
+        reporter: &mut Reporter<I, O>,
+    ) -> Result<(), Broken> {
+        let n = pending
+            .iter()
+            .take(quota.max(1))
+            .take_while(|p| p.frame.is_ok())
+            .count();
+        let (mut answered, mut written, mut offset) = (0, 0, 0);
+        let mut front_started = Instant::now();
+        self.start(ctx, &mut pending[0], reporter, front_started);
+        let ChildProc {
+            socket,
+            buf,
+            served,
+            ..
+        } = proc;
+        let (mut rd, mut wr) = socket.split();
+        // Set when a write fails: the child is gone or stopped reading, but
+        // replies it sent before may still be waiting to be read.
+        let mut cannot_write = None;
+        while answered < n {
+            if let Some(e) = &cannot_write {
+                if answered == written {
+                    let what = format!("stopped reading ({e})");
+                    return Err(Broken::died(what, true));
+                }
+            }
+            let deadline = ctx
+                .timeout
+                .map(|t| tokio::time::Instant::from_std(front_started + t));
+            tokio::select! {
+                biased;
+                read = rd.read(buf.spare()) => {
+                    match read {
+                        // Replies sent before the end were read first: the
+                        // child held the first unanswered item, if it was
+                        // sent whole.
+                        Ok(0) => {
+                            let innocent = answered == written;
+                            return Err(Broken::died("died while running the item", innocent));
+                        }
+                        Ok(k) => buf.filled(k),
+                        Err(e) => {
+                            let what = format!("broke its socket ({e})");
+                            return Err(Broken::died(what, answered == written));
+                        }
+                    }
+                    while answered < n {
+                        let range = match buf.next_frame() {
+                            Ok(Some(range)) => range,
+                            Ok(None) => break,
+                            Err(e) => return Err(Broken::corrupt(e)),
+                        };
+                        if answered == written {
+                            return Err(Broken::corrupt("a reply before its item was sent"));
+                        }
+                        let answer = decode_answer::<O>(buf.get(range))?;
+                        let front = pending.pop_front().expect("a sent item");
+                        answered += 1;
+                        *served += 1;
+                        let now = Instant::now();
+                        settle(ctx, reporter, front, answer, front_started, now);
+                        front_started = now;
+                        if answered < n {
+                            self.start(ctx, &mut pending[0], reporter, now);
+                        }
+                    }
+                }
+                wrote = wr.write(sendable(pending, written - answered, offset)),
+                    if written < n && cannot_write.is_none() =>
+                {
+                    match wrote {
+                        Ok(0) => cannot_write = Some("a write of 0 bytes".to_string()),
+                        Ok(k) => {
+                            offset += k;
+                            if offset == sendable(pending, written - answered, 0).len() {
+                                (written, offset) = (written + 1, 0);
+                            }
+                        }
+                        Err(e) => cannot_write = Some(e.to_string()),
+                    }
+                }
+                () = sleep_until(deadline) => {
+                    let timeout = ctx.timeout.unwrap_or_default();
+                    return Err(Broken {
+                        kind: ItemErrorKind::TimedOut,
+                        what: format!("ran past the stage's timeout of {timeout:?}"),
+                        kill: true,
+                        innocent: false,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The child starts on `pending` now: stamp it and tell subscribers.
+    fn start(
+        &self,
+        ctx: &RunCtx<I, O>,
+        pending: &mut Pending<I>,
+        reporter: &mut Reporter<I, O>,
+        now: Instant,
+    ) {
+        pending.started = Some(now);
+        // Stamped when the child starts on it, not when the batch came; a
+        // retry keeps its first attempt's start (as `Attempt::begin` does).
+        if ctx.tracking && pending.attempt.attempts == 1 {
+            if let Some(times) = pending.attempt.stages.last_mut() {
+                times.started = Some(now);
+            }
+        }
+        reporter.started(&pending.attempt.job_id);
+    }
+}
+
+/// The unsent rest of the frame of `pending[index]` (empty when there is
+/// none: `select!` builds this even when the branch is disabled).
+fn sendable<I>(pending: &VecDeque<Pending<I>>, index: usize, offset: usize) -> &[u8] {
+    match pending.get(index).map(|p| &p.frame) {
+        Some(Ok(frame)) => frame.get(offset..).unwrap_or(&[]),
+        _ => &[],
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Decodes a reply to an item, refusing anything else.
+fn decode_answer<O: DeserializeOwned>(payload: &[u8]) -> Result<Answer<O>, Broken> {
+    match frame::decode::<Reply<O>>(payload).map_err(Broken::corrupt)? {
+        Reply::Done { custom, data } => Ok(Answer::Done(WorkItemParts {
+            data,
+            custom: frame::custom_from_wire(&custom).map_err(Broken::corrupt)?,
+        })),
+        Reply::Failed { message, permanent } => Ok(Answer::Failed { message, permanent }),
+        Reply::Panicked { message } => Ok(Answer::Panicked(message)),
+        Reply::Hello { .. } => Err(Broken::corrupt("a second hello")),
+    }
+}
+
+/// Records what the child's handler did with an item, as the other models do.
+fn settle<I, O>(
+    ctx: &RunCtx<I, O>,
+    reporter: &mut Reporter<I, O>,
+    front: Pending<I>,
+    answer: Answer<O>,
+    started: Instant,
+    now: Instant,
+) where
+    I: DeserializeOwned + Send + 'static,
+    O: Send + 'static,
+{
+    let (attempt, ran) = match answer {
+        Answer::Done(parts) => {
+            let mut item = WorkItem::with_job_id(front.attempt.job_id.clone(), parts.data);
+            item.metadata.custom = parts.custom;
+            (front.attempt, Ran::Returned(Ok(item)))
+        }
+        Answer::Failed { message, permanent } => {
+            let error = if permanent {
+                anyhow::Error::new(Permanent(anyhow::Error::msg(message)))
+            } else {
+                anyhow::Error::msg(message)
+            };
+            (front.with_input(), Ran::Returned(Err(error)))
+        }
+        Answer::Panicked(message) => {
+            // Caught in the child, which goes on: the item fails as a panic
+            // (retried like one), but this worker is not replaced.
+            let outcome = front.fail(ctx, ItemErrorKind::Panicked, message, now);
+            reporter.push(outcome, started, now);
+            return;
+        }
+    };
+    // Never a panic here, so the rest of the batch is never handed back.
+    let _ = reporter.settle(attempt, ran, started, now, &mut std::iter::empty());
+}
+
+impl<I: DeserializeOwned + Send + 'static> Pending<I> {
+    /// The attempt, holding its input again (decoded from the frame sent),
+    /// for a retry or a dead letter: nothing is copied while attempts
+    /// succeed, and the input type need not be `Clone`.
+    fn with_input(self) -> Attempt<I> {
+        let mut attempt = self.attempt;
+        if let Ok(frame) = &self.frame {
+            if let Some(payload) = frame.get(4..) {
+                if let Ok(job) = frame::decode::<Job<I>>(payload) {
+                    attempt.kept = Some(job.data);
+                }
+            }
+        }
+        attempt
+    }
+
+    /// The item failed here with `kind` (retried if the policy allows).
+    fn fail<O>(
+        self,
+        ctx: &RunCtx<I, O>,
+        kind: ItemErrorKind,
+        message: String,
+        now: Instant,
+    ) -> super::Outcome<I, O> {
+        self.with_input().fail(ctx, kind, message, true, now)
+    }
+}

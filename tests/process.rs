@@ -1,0 +1,874 @@
+//! Process stages: whatever a worker process does (abort, segfault, being
+//! killed, hanging, panicking, writing garbage), only the item it was
+//! running fails, every other item completes, and no worker process is left
+//! behind.
+//!
+//! This file has its own `main` (`harness = false` in Cargo.toml): a Process
+//! stage starts this very binary again as its workers, and `main` must call
+//! `bergtalzug::process::init()` before anything else. Run one test by
+//! giving part of its name: `cargo test --test process -- abort`. Every test
+//! is bounded in time.
+
+#![allow(unsafe_code)] // One test-only handler segfaults on purpose.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::Write;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bergtalzug::prelude::*;
+use bergtalzug::process::ProcessOptions;
+use serde::{Deserialize, Serialize};
+
+/// What a worker should do with an item.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Act {
+    /// Return twice the number.
+    Double(u64),
+    /// `std::process::abort()`.
+    Abort,
+    /// Write through a null pointer.
+    Segfault,
+    /// Panic in the handler.
+    Panic,
+    /// Return an error.
+    Fail,
+    /// Return an error marked permanent.
+    FailPermanent,
+    /// Exit the process with this status.
+    Exit(i32),
+    /// Sleep this many milliseconds, then double 0.
+    Sleep(u64),
+    /// Write our pid to this file, then sleep (to be killed from outside).
+    AwaitKill(String),
+    /// Write a frame of garbage to the parent, then return normally.
+    Garbage,
+    /// Write a frame header claiming 4 GiB to the parent, then sleep.
+    HugeLength,
+    /// Return this process's id.
+    Pid,
+    /// Abort if this file does not exist yet (creating it first): the first
+    /// attempt dies, the next one returns 1.
+    AbortOnce(String),
+    /// Return how many bytes standard input gives.
+    ReadStdin,
+    /// Return 1 if this environment variable is set, else 0.
+    Env(String),
+    /// Print this to stdout and to stderr, then return 0.
+    Print(String),
+    /// Return the custom metadata `in` times 3, and set `out` = "seen".
+    Custom,
+}
+
+fn act(item: WorkItem<Act>) -> anyhow::Result<WorkItem<u64>> {
+    let n = match &item.data {
+        Act::Double(n) => n * 2,
+        Act::Abort => std::process::abort(),
+        Act::Segfault => {
+            // SAFETY: none; this is the point. Only ever runs in a worker
+            // process, which the test expects to die by SIGSEGV.
+            unsafe { std::ptr::null_mut::<u64>().write_volatile(1) };
+            0
+        }
+        Act::Panic => panic!("the handler panicked on purpose"),
+        Act::Fail => anyhow::bail!("the handler failed on purpose"),
+        Act::FailPermanent => return Err(Permanent(anyhow::anyhow!("never retry this")).into()),
+        Act::Exit(code) => std::process::exit(*code),
+        Act::Sleep(ms) => {
+            std::thread::sleep(Duration::from_millis(*ms));
+            0
+        }
+        Act::AwaitKill(marker) => {
+            std::fs::write(marker, std::process::id().to_string())?;
+            std::thread::sleep(Duration::from_secs(60));
+            0
+        }
+        Act::Garbage => {
+            let mut frame = 16u32.to_le_bytes().to_vec();
+            frame.extend_from_slice(&[0xff; 16]);
+            write_to_parent(&frame);
+            1
+        }
+        Act::HugeLength => {
+            write_to_parent(&u32::MAX.to_le_bytes());
+            write_to_parent(&[0; 1024]);
+            std::thread::sleep(Duration::from_secs(60));
+            0
+        }
+        Act::AbortOnce(marker) => {
+            if std::fs::exists(marker)? {
+                1
+            } else {
+                std::fs::write(marker, b"")?;
+                std::process::abort()
+            }
+        }
+        Act::Pid => std::process::id() as u64,
+        Act::ReadStdin => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+            buf.len() as u64
+        }
+        Act::Env(key) => std::env::var_os(key).is_some() as u64,
+        Act::Print(text) => {
+            println!("{text} on stdout");
+            eprintln!("{text} on stderr");
+            0
+        }
+        Act::Custom => {
+            let custom = &item.metadata().custom;
+            let n = custom.get("in").and_then(|v| v.as_u64()).unwrap_or(0) * 3;
+            let mut out = item.map(|_| n);
+            out.metadata_mut()
+                .custom
+                .insert("out".into(), "seen".into());
+            return Ok(out);
+        }
+    };
+    Ok(item.map(|_| n))
+}
+
+/// Writes straight into the socket to the parent: the worker's only socket.
+fn write_to_parent(bytes: &[u8]) {
+    let fd: i32 = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+        })
+        .find_map(|fd| fd.file_name().to_str()?.parse().ok())
+        .expect("the worker has its socket");
+    // SAFETY: `fd` is open (listed just now) and stays open while borrowed:
+    // nothing else in the worker closes it during this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let fd = fd.try_clone_to_owned().unwrap();
+    std::fs::File::from(fd).write_all(bytes).unwrap();
+}
+
+/// Runs `acts` through one Process stage (job ids `"<index>"`) and a Thread
+/// stage that records what it returned; gives the results and the returned
+/// numbers by index, having checked that every item finished exactly once
+/// and that no worker process is left.
+async fn run(
+    name: &str,
+    stage: StageConfig,
+    options: ProcessOptions,
+    acts: Vec<Act>,
+) -> (BTreeMap<usize, WorkItemResult>, BTreeMap<usize, u64>) {
+    let count = acts.len();
+    let items = acts
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| WorkItem::with_job_id(i.to_string(), a));
+    let config = PipelineConfig::new(
+        name,
+        vec![
+            stage,
+            StageConfig::new("collect", ExecutionType::Thread).workers(1),
+        ],
+    )
+    .stats_interval(Duration::ZERO);
+    let returned = Arc::new(Mutex::new(BTreeMap::new()));
+    let record = returned.clone();
+    let pipeline = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::items(items))
+        .process_stage_with(&stage_name(name), act, options)
+        .sync_stage("collect", move |item: WorkItem<u64>| {
+            let index: usize = item.job_id().to_string().parse()?;
+            record.lock().unwrap().insert(index, item.data);
+            Ok(item)
+        })
+        .build()
+        .unwrap();
+    let results = pipeline.run().await.unwrap();
+    assert_eq!(results.len(), count, "every item has one outcome");
+    let by_id: BTreeMap<usize, WorkItemResult> = results
+        .into_iter()
+        .map(|r| (r.job_id.to_string().parse().unwrap(), r))
+        .collect();
+    assert_eq!(by_id.len(), count, "no item finished twice");
+    no_children_left().await;
+    let returned = returned.lock().unwrap().clone();
+    (by_id, returned)
+}
+
+fn stage_name(pipeline: &str) -> String {
+    format!("{pipeline}-stage")
+}
+
+fn stage(pipeline: &str, workers: usize) -> StageConfig {
+    StageConfig::new(stage_name(pipeline), ExecutionType::Process)
+        .workers(workers)
+        .queue_size(16)
+}
+
+/// `Double(0..n)` with `special` inserted at index `at`.
+fn doubles_with(n: u64, at: usize, special: Act) -> Vec<Act> {
+    let mut acts: Vec<Act> = (0..n).map(Act::Double).collect();
+    acts.insert(at, special);
+    acts
+}
+
+/// Every item but `at` doubled its number; `at` failed with `kind`, and its
+/// message contains `needle`.
+fn only_one_failed(
+    (results, returned): &(BTreeMap<usize, WorkItemResult>, BTreeMap<usize, u64>),
+    at: usize,
+    kind: ItemErrorKind,
+    needle: &str,
+) {
+    assert_eq!(returned.len(), results.len() - 1, "only item {at} failed");
+    for (i, r) in results {
+        if *i == at {
+            let e = r.error.as_ref().expect("the special item failed");
+            println!("    {e}");
+            assert!(!r.success);
+            assert_eq!(e.kind, kind, "{e}");
+            assert!(e.message.contains(needle), "{e}");
+            assert!(e.stage.ends_with("-stage"), "{e}");
+        } else {
+            assert!(r.success, "item {i} should have completed: {:?}", r.error);
+            let n = if *i < at { *i } else { *i - 1 } as u64;
+            assert_eq!(returned[i], 2 * n, "item {i}");
+        }
+    }
+}
+
+/// Pids of this process's children (zombies included).
+fn children() -> Vec<(u32, String)> {
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let mut fields = after.split_whitespace();
+        let state = fields.next().unwrap_or("?").to_string();
+        if fields.next().and_then(|p| p.parse::<u32>().ok()) == Some(me) {
+            found.push((pid, state));
+        }
+    }
+    found
+}
+
+/// No child process of ours is left, not even a zombie (waits up to 3 s for
+/// the runtime to reap what was killed).
+async fn no_children_left() {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let left = children();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker processes left behind (pid, state): {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---- the tests ----
+
+async fn abort_fails_only_its_item() {
+    let acts = doubles_with(30, 7, Act::Abort);
+    let results = run("abort", stage("abort", 2), ProcessOptions::new(), acts).await;
+    only_one_failed(&results, 7, ItemErrorKind::ProcessDied, "SIGABRT");
+}
+
+async fn segfault_fails_only_its_item() {
+    let acts = doubles_with(30, 3, Act::Segfault);
+    let results = run("segv", stage("segv", 2), ProcessOptions::new(), acts).await;
+    only_one_failed(&results, 3, ItemErrorKind::ProcessDied, "SIGSEGV");
+}
+
+/// A worker that dies while the next items are still being written to it
+/// may have answered items whose replies are not read yet: they must
+/// complete, and only the item it died on fail (a failed write is not taken
+/// for the death of the first unanswered item). A race: many deaths among
+/// quick items make it show.
+async fn a_death_while_items_are_being_sent_blames_the_right_item() {
+    let acts: Vec<Act> = (0..600)
+        .map(|i| {
+            if i % 4 == 3 {
+                Act::Abort
+            } else {
+                Act::Double(i)
+            }
+        })
+        .collect();
+    let (results, returned) = run("deaths", stage("deaths", 2), ProcessOptions::new(), acts).await;
+    for (i, r) in &results {
+        if i % 4 == 3 {
+            let e = r.error.as_ref().expect("the aborting item failed");
+            assert_eq!(e.kind, ItemErrorKind::ProcessDied, "{e}");
+            assert!(e.message.contains("SIGABRT"), "{e}");
+        } else {
+            assert!(r.success, "item {i} should have completed: {:?}", r.error);
+            assert_eq!(returned[i], 2 * *i as u64);
+        }
+    }
+}
+
+async fn exit_status_is_reported() {
+    let acts = doubles_with(10, 4, Act::Exit(7));
+    let results = run("exit", stage("exit", 1), ProcessOptions::new(), acts).await;
+    only_one_failed(
+        &results,
+        4,
+        ItemErrorKind::ProcessDied,
+        "exited with status 7",
+    );
+}
+
+async fn sigkill_from_outside_fails_only_its_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("pid");
+    let acts = doubles_with(20, 5, Act::AwaitKill(marker.display().to_string()));
+    let killer = tokio::spawn(async move {
+        loop {
+            if let Ok(pid) = std::fs::read_to_string(&marker) {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    )
+                    .unwrap();
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let results = run("sigkill", stage("sigkill", 2), ProcessOptions::new(), acts).await;
+    killer.await.unwrap();
+    only_one_failed(&results, 5, ItemErrorKind::ProcessDied, "SIGKILL");
+}
+
+async fn a_hang_past_the_timeout_is_killed() {
+    let acts = doubles_with(20, 2, Act::Sleep(60_000));
+    let started = Instant::now();
+    let stage = stage("hang", 2).timeout(Duration::from_millis(300));
+    let results = run("hang", stage, ProcessOptions::new(), acts).await;
+    only_one_failed(&results, 2, ItemErrorKind::TimedOut, "timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the hung item was not cut short: {:?}",
+        started.elapsed()
+    );
+}
+
+async fn a_slow_item_within_the_timeout_completes() {
+    let acts = doubles_with(6, 1, Act::Sleep(100));
+    let stage = stage("slow", 1).timeout(Duration::from_secs(5));
+    let (results, _) = run("slow", stage, ProcessOptions::new(), acts).await;
+    assert!(results.values().all(|r| r.success));
+}
+
+async fn a_panic_fails_only_its_item_and_keeps_the_process() {
+    let mut acts = vec![Act::Pid];
+    acts.extend((0..10).map(Act::Double));
+    acts.insert(4, Act::Panic);
+    acts.push(Act::Pid);
+    let last = acts.len() - 1;
+    let (results, returned) = run("panic", stage("panic", 1), ProcessOptions::new(), acts).await;
+    let e = results[&4]
+        .error
+        .as_ref()
+        .expect("the panic failed its item");
+    assert_eq!(e.kind, ItemErrorKind::Panicked);
+    assert!(e.message.contains("panicked on purpose"), "{e}");
+    assert_eq!(results.values().filter(|r| !r.success).count(), 1);
+    // The panic was caught in the worker process, which went on.
+    assert_eq!(
+        returned[&0], returned[&last],
+        "the worker process was replaced"
+    );
+}
+
+async fn errors_fail_their_item_with_the_message() {
+    let mut acts = doubles_with(10, 2, Act::Fail);
+    acts.insert(6, Act::FailPermanent);
+    let (results, _) = run("errors", stage("errors", 2), ProcessOptions::new(), acts).await;
+    for (i, r) in &results {
+        match i {
+            2 => {
+                let e = r.error.as_ref().unwrap();
+                assert_eq!(e.kind, ItemErrorKind::Failed);
+                assert_eq!(e.message, "the handler failed on purpose");
+            }
+            6 => {
+                let e = r.error.as_ref().unwrap();
+                assert_eq!(e.kind, ItemErrorKind::Failed);
+                assert_eq!(e.message, "never retry this");
+            }
+            _ => assert!(r.success),
+        }
+    }
+}
+
+async fn garbage_from_a_worker_fails_its_item_and_replaces_it() {
+    let mut acts: Vec<Act> = (0..20).map(Act::Double).collect();
+    acts.insert(4, Act::Garbage);
+    acts.insert(12, Act::HugeLength);
+    let (results, _) = run("garbage", stage("garbage", 1), ProcessOptions::new(), acts).await;
+    for (i, r) in &results {
+        if *i == 4 || *i == 12 {
+            let e = r.error.as_ref().expect("the garbage item failed");
+            assert_eq!(e.kind, ItemErrorKind::ProcessDied, "{e}");
+            assert!(e.message.contains("corrupt reply"), "{e}");
+        } else {
+            assert!(r.success, "item {i}: {:?}", r.error);
+        }
+    }
+    assert!(
+        results[&12]
+            .error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("above the limit")
+    );
+}
+
+async fn the_whole_item_crosses() {
+    let config = PipelineConfig::new(
+        "whole",
+        vec![
+            StageConfig::new("tag", ExecutionType::Async).workers(2),
+            StageConfig::new("whole-stage", ExecutionType::Process).workers(2),
+            StageConfig::new("check", ExecutionType::Thread).workers(1),
+        ],
+    )
+    .stats_interval(Duration::ZERO);
+    let pipeline = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::iter(0..40u64))
+        .async_stage("tag", |mut item: WorkItem<u64>| async move {
+            let n = item.data;
+            item.metadata_mut().custom.insert("in".into(), n.into());
+            Ok(item.map(|_| Act::Custom))
+        })
+        .process_stage("whole-stage", act)
+        .sync_stage("check", |item: WorkItem<u64>| {
+            let seen = &item.metadata().custom["out"];
+            anyhow::ensure!(seen == "seen", "custom metadata lost: {seen}");
+            let n = item.metadata().custom["in"].as_u64().unwrap();
+            anyhow::ensure!(item.data == 3 * n, "{} != 3 * {n}", item.data);
+            Ok(item)
+        })
+        .build()
+        .unwrap();
+    let results = pipeline.run().await.unwrap();
+    assert_eq!(results.len(), 40);
+    for r in &results {
+        assert!(r.success, "{:?}", r.error);
+        assert!(r.metadata.stage_duration("whole-stage").is_some());
+    }
+    no_children_left().await;
+}
+
+async fn job_ids_cross_unchanged() {
+    let acts = (0..50).map(Act::Double).collect();
+    let (results, returned) = run("ids", stage("ids", 2), ProcessOptions::new(), acts).await;
+    // `run` parsed every job id back to its index, in both stages.
+    assert_eq!(
+        results.keys().copied().collect::<Vec<_>>(),
+        (0..50).collect::<Vec<_>>()
+    );
+    assert!(results.values().all(|r| r.success));
+    assert!(returned.iter().all(|(i, n)| *n == 2 * *i as u64));
+}
+
+async fn workers_are_recycled_after_n_items() {
+    let acts: Vec<Act> = (0..20).map(|_| Act::Pid).collect();
+    let options = ProcessOptions::new().recycle_after(5);
+    let (results, returned) = run("recycle", stage("recycle", 1), options, acts).await;
+    assert!(results.values().all(|r| r.success));
+    let pids: Vec<u64> = returned.values().copied().collect();
+    for chunk in pids.chunks(5) {
+        assert!(chunk.iter().all(|p| *p == chunk[0]), "{pids:?}");
+    }
+    let distinct: std::collections::BTreeSet<u64> = pids.iter().copied().collect();
+    assert_eq!(distinct.len(), 4, "{pids:?}");
+}
+
+async fn the_environment_is_clean() {
+    // BERGTALZUG_TEST_SECRET and PASSED_ON are set by `main`.
+    let acts = vec![
+        Act::Env("BERGTALZUG_TEST_SECRET".into()),
+        Act::Env("PATH".into()),
+        Act::Env("GIVEN".into()),
+        Act::Env("PASSED_ON".into()),
+    ];
+    let options = ProcessOptions::new()
+        .env("GIVEN", "1")
+        .inherit_env("PASSED_ON");
+    let (results, returned) = run("env", stage("env", 1), options, acts).await;
+    assert!(results.values().all(|r| r.success));
+    assert_eq!(
+        returned.values().copied().collect::<Vec<_>>(),
+        vec![0, 1, 1, 1]
+    );
+}
+
+async fn worker_output_reaches_tracing() {
+    let acts = vec![Act::Print("hello from a worker".into())];
+    let (results, _) = run("logs", stage("logs", 1), ProcessOptions::new(), acts).await;
+    assert!(results[&0].success);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let log = String::from_utf8_lossy(&LOG.lock().unwrap()).to_string();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("hello from a worker"))
+            .collect();
+        let has = |stream: &str, level: &str| {
+            lines.iter().any(|l| {
+                l.contains(&format!("hello from a worker on {stream}"))
+                    && l.contains(level)
+                    && l.contains("stage=logs-stage")
+                    && l.contains("worker=w")
+                    && l.contains("pipeline=logs")
+            })
+        };
+        if has("stdout", "INFO") && has("stderr", "WARN") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker output not logged: {lines:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn a_worker_that_never_starts_fails_items_not_the_pipeline() {
+    let options = ProcessOptions::new().program("/bin/false");
+    let acts: Vec<Act> = (0..3).map(Act::Double).collect();
+    let (results, _) = run("nostart", stage("nostart", 1), options, acts).await;
+    for r in results.values() {
+        let e = r.error.as_ref().expect("failed");
+        assert_eq!(e.kind, ItemErrorKind::ProcessDied, "{e}");
+        assert!(e.message.contains("before it started serving"), "{e}");
+        assert!(e.message.contains("process::init"), "{e}");
+    }
+    let options = ProcessOptions::new()
+        .program("/bin/sleep")
+        .args(["30"])
+        .start_timeout(Duration::from_millis(200));
+    let (results, _) = run(
+        "slowstart",
+        stage("slowstart", 1),
+        options,
+        vec![Act::Double(1)],
+    )
+    .await;
+    let e = results[&0].error.as_ref().expect("failed");
+    assert!(e.message.contains("did not start serving within"), "{e}");
+}
+
+/// Retries work as in the other models, without `Clone`: the input of a
+/// failed attempt is recovered from the bytes sent to the worker. An item
+/// whose first attempt killed its worker succeeds on its second; a hang is
+/// tried again and fails `TimedOut` after its last attempt, and its dead
+/// letter carries its input.
+async fn retries_run_the_item_again_in_a_new_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("once").display().to_string();
+    let mut acts: Vec<Act> = (0..10).map(Act::Double).collect();
+    acts[3] = Act::AbortOnce(marker);
+    acts[7] = Act::Sleep(60_000);
+    let items = acts
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| WorkItem::with_job_id(i.to_string(), a));
+    let stage = stage("retry", 2)
+        .timeout(Duration::from_millis(300))
+        .retry(RetryPolicy::fixed(2, Duration::from_millis(10)));
+    let config = PipelineConfig::new("retry", vec![stage]).stats_interval(Duration::ZERO);
+    let letters = Arc::new(Mutex::new(Vec::new()));
+    let sink = letters.clone();
+    let pipeline = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::items(items))
+        .process_stage("retry-stage", act)
+        .on_dead_letter(move |letter| sink.lock().unwrap().push(letter))
+        .build()
+        .unwrap();
+    let results = pipeline.run().await.unwrap();
+    assert_eq!(results.len(), 10);
+    for r in &results {
+        let i: usize = r.job_id.to_string().parse().unwrap();
+        match i {
+            3 => {
+                assert!(r.success, "{:?}", r.error);
+                assert_eq!(r.metadata.attempts(), 2);
+            }
+            7 => {
+                let e = r.error.as_ref().expect("the hang failed");
+                assert_eq!(e.kind, ItemErrorKind::TimedOut, "{e}");
+                assert_eq!(e.attempts, 2, "{e}");
+            }
+            _ => {
+                assert!(r.success, "{:?}", r.error);
+                assert_eq!(r.metadata.attempts(), 1);
+            }
+        }
+    }
+    {
+        let letters = letters.lock().unwrap();
+        assert_eq!(letters.len(), 1);
+        let input = letters[0]
+            .input::<Act>()
+            .expect("the dead letter has its input");
+        assert!(matches!(input.data, Act::Sleep(60_000)), "{:?}", input.data);
+    }
+    no_children_left().await;
+}
+
+/// `init()` serves the stage by the handler's address, without running the
+/// rest of `main`: with `--init-must-serve`, `main` exits 99 after `init()`.
+async fn init_finds_the_handler_by_address() {
+    let options = ProcessOptions::new().args(["--init-must-serve"]);
+    let acts = (0..10).map(Act::Double).collect();
+    let (results, _) = run("byaddr", stage("byaddr", 2), options, acts).await;
+    assert!(results.values().all(|r| r.success), "{results:?}");
+}
+
+/// `main` skips `process::init()` when given `--no-init`: the worker then
+/// runs `main` and this test again up to the builder's `process_stage`,
+/// which serves the stage.
+async fn the_builder_serves_when_init_was_not_called() {
+    let options = ProcessOptions::new().args(["--no-init", "the_builder_serves_when_init"]);
+    let acts = doubles_with(20, 9, Act::Abort);
+    let results = run("noinit", stage("noinit", 2), options, acts).await;
+    only_one_failed(&results, 9, ItemErrorKind::ProcessDied, "SIGABRT");
+}
+
+async fn abort_leaves_no_worker_behind() {
+    let config = PipelineConfig::new("abort-all", vec![stage("abort-all", 2)])
+        .stats_interval(Duration::ZERO);
+    let pipeline = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::iter((0..10).map(|_| Act::Sleep(30_000))))
+        .process_stage("abort-all-stage", act)
+        .build()
+        .unwrap();
+    pipeline.start().await.unwrap();
+    // Wait until both workers run an item.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while children().iter().filter(|(_, s)| s != "Z").count() < 2 {
+        assert!(Instant::now() < deadline, "workers did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pipeline.abort().await.unwrap();
+    let results = pipeline.run().await.unwrap();
+    assert_eq!(results.len(), 10);
+    assert!(results.iter().all(|r| r.is_cancelled()), "{results:?}");
+    no_children_left().await;
+}
+
+/// A parent killed by SIGKILL cannot clean up: its busy workers die by the
+/// parent-death signal. The parent here is this binary started with
+/// `--hold-workers DIR` (see `main`), whose two workers write their pids
+/// into DIR and sleep.
+async fn workers_die_with_a_killed_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut parent = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .arg("--hold-workers")
+        .arg(dir.path())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid_file = |i: usize| dir.path().join(format!("pid-{i}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pids: Vec<i32> = loop {
+        let pids: Vec<i32> = (0..2)
+            .filter_map(|i| {
+                std::fs::read_to_string(pid_file(i))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        if pids.len() == 2 {
+            break pids;
+        }
+        assert!(Instant::now() < deadline, "the workers did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    parent.start_kill().unwrap();
+    parent.wait().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let alive: Vec<i32> = pids
+            .iter()
+            .copied()
+            .filter(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+            .collect();
+        if alive.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "workers outlived their parent: {alive:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `--hold-workers DIR`: runs a pipeline whose two workers write their pids
+/// to DIR/pid-0 and DIR/pid-1 and hang, until killed.
+fn hold_workers(dir: &str) -> ! {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let config =
+            PipelineConfig::new("held", vec![stage("held", 2)]).stats_interval(Duration::ZERO);
+        let acts: Vec<Act> = (0..2)
+            .map(|i| Act::AwaitKill(format!("{dir}/pid-{i}")))
+            .collect();
+        let pipeline = Pipeline::builder(config)
+            .unwrap()
+            .source(sources::iter(acts))
+            .process_stage("held-stage", act)
+            .build()
+            .unwrap();
+        let _ = pipeline.run().await;
+    });
+    std::process::exit(0)
+}
+
+// ---- the runner ----
+
+static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct Capture;
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOG.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+type Test = fn() -> Pin<Box<dyn Future<Output = ()>>>;
+
+macro_rules! tests {
+    ($($name:ident),* $(,)?) => {
+        vec![$((stringify!($name), (|| Box::pin($name()) as Pin<Box<dyn Future<Output = ()>>>) as Test)),*]
+    };
+}
+
+fn main() {
+    // First: in a worker process this serves the stage and never returns.
+    // (`--no-init` is for `the_builder_serves_when_init_was_not_called`.)
+    if !std::env::args().any(|a| a == "--no-init") {
+        bergtalzug::process::init();
+    }
+    // For `init_finds_the_handler_by_address`: a worker must not get here.
+    if std::env::args().any(|a| a == "--init-must-serve") {
+        std::process::exit(99);
+    }
+    // SAFETY: no other thread runs yet. For `the_environment_is_clean`.
+    unsafe {
+        std::env::set_var("BERGTALZUG_TEST_SECRET", "hunter2");
+        std::env::set_var("PASSED_ON", "yes");
+    }
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--hold-workers") {
+        hold_workers(&args[i + 1]);
+    }
+    tracing_subscriber::fmt()
+        .with_writer(|| Capture)
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .init();
+    let filters: Vec<String> = args
+        .into_iter()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let tests: Vec<(&str, Test)> = tests![
+        abort_fails_only_its_item,
+        segfault_fails_only_its_item,
+        exit_status_is_reported,
+        a_death_while_items_are_being_sent_blames_the_right_item,
+        sigkill_from_outside_fails_only_its_item,
+        a_hang_past_the_timeout_is_killed,
+        a_slow_item_within_the_timeout_completes,
+        a_panic_fails_only_its_item_and_keeps_the_process,
+        errors_fail_their_item_with_the_message,
+        garbage_from_a_worker_fails_its_item_and_replaces_it,
+        the_whole_item_crosses,
+        job_ids_cross_unchanged,
+        workers_are_recycled_after_n_items,
+        the_environment_is_clean,
+        worker_output_reaches_tracing,
+        a_worker_that_never_starts_fails_items_not_the_pipeline,
+        retries_run_the_item_again_in_a_new_process,
+        init_finds_the_handler_by_address,
+        the_builder_serves_when_init_was_not_called,
+        workers_die_with_a_killed_parent,
+        abort_leaves_no_worker_behind,
+    ];
+    let mut failed = Vec::new();
+    let mut ran = 0;
+    for (name, test) in tests {
+        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        ran += 1;
+        let started = Instant::now();
+        let outcome = std::panic::catch_unwind(|| {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                match tokio::time::timeout(Duration::from_secs(60), test()).await {
+                    Ok(()) => {}
+                    Err(_) => panic!("timed out after 60 s"),
+                }
+            });
+        });
+        let took = started.elapsed();
+        match outcome {
+            Ok(()) => println!("test {name} ... ok ({took:.2?})"),
+            Err(_) => {
+                println!("test {name} ... FAILED ({took:.2?})");
+                failed.push(name);
+            }
+        }
+    }
+    println!(
+        "\ntest result: {}. {} passed; {} failed",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        ran - failed.len(),
+        failed.len()
+    );
+    if !failed.is_empty() {
+        println!("failed: {failed:?}");
+        std::process::exit(1);
+    }
+}
