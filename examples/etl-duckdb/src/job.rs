@@ -277,14 +277,15 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     let destination = options.destination.clone();
     let pipeline = Pipeline::builder(config)?
         .source(sources::items(items))
-        .async_stage(STAGES[0], move |item| {
+        // Retrying stages keep a copy of each input for the next attempt.
+        .retrying_async_stage(STAGES[0], move |item| {
             download(client.clone(), l1.clone(), item)
         })
         .sync_stage(STAGES[1], move |item| check(&work, &l2, item))
-        .async_stage(STAGES[2], move |item| {
+        .retrying_async_stage(STAGES[2], move |item| {
             store(destination.clone(), l3.clone(), item)
         })
-        .on_complete(dead_letter_sink(dead.clone()))
+        .on_dead_letter(dead_letter_sink(dead.clone()))
         .build()?;
 
     let started = Instant::now();

@@ -49,17 +49,14 @@ impl DeadFile {
 /// The failed files of a run, in the order they failed.
 pub type DeadFiles = Arc<Mutex<Vec<DeadFile>>>;
 
-/// The pipeline's sink for failed items: records each in `dead`.
+/// The pipeline's dead-letter sink: records each failed item in `dead`.
 ///
-/// Bound with `.on_complete(...)`, keeping only the failures. The builder's
-/// dead-letter sink (`.on_dead_letter(|letter: DeadLetter| ...)`) will take
-/// its place: the body becomes `dead.lock()...push(DeadFile::new(&letter.job_id, &letter.error))`.
-pub fn dead_letter_sink(dead: DeadFiles) -> impl Fn(&WorkItemResult) + Send + Sync + 'static {
-    move |result: &WorkItemResult| {
-        if let Some(error) = &result.error {
-            dead.lock()
-                .expect("not poisoned")
-                .push(DeadFile::new(&result.job_id, error));
-        }
+/// Bound with the builder's `.on_dead_letter(...)`, which hands over every
+/// item that ends without success, once.
+pub fn dead_letter_sink(dead: DeadFiles) -> impl FnMut(DeadLetter) + Send + 'static {
+    move |letter: DeadLetter| {
+        dead.lock()
+            .expect("not poisoned")
+            .push(DeadFile::new(&letter.job_id, &letter.error));
     }
 }

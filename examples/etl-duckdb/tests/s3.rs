@@ -3,6 +3,7 @@
 //! with an `s3://` destination, and the test checks that every valid file
 //! arrived in the bucket as readable Parquet with all its rows, that no
 //! invalid one did, and that every invalid one was reported with its check.
+//! Two files answer HTTP 503 once: they arrive too, after a retry.
 //!
 //! The server is `$MOTO_SERVER`, or `moto_server` on the PATH; `.ci/run`
 //! installs it into a virtualenv and sets `MOTO_SERVER`.
@@ -118,6 +119,8 @@ async fn valid_files_arrive_in_s3_and_invalid_ones_are_reported() {
             Command::new(env!("CARGO_BIN_EXE_etl-duckdb"))
                 .arg(format!("s3://{BUCKET}/{PREFIX}"))
                 .args(["--files", &valid.to_string(), "--rows", &rows.to_string()])
+                // Two files answer 503 once: the download stage retries them.
+                .args(["--flaky", "2"])
                 .arg("--report")
                 .arg(&report_path)
                 .env("AWS_ACCESS_KEY_ID", "test")
@@ -238,6 +241,9 @@ async fn valid_files_arrive_in_s3_and_invalid_ones_are_reported() {
         report["stored"].as_array().unwrap().len(),
         expected_keys.len()
     );
+    let download = &report["stages"][0];
+    assert_eq!(download["name"], "download");
+    assert_eq!(download["retried"], 2, "the two flaky files, once each");
     assert_eq!(
         report["downloaded"].as_array().unwrap().len(),
         files.len(),
