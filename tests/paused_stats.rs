@@ -4,7 +4,6 @@
 //!
 //! `cargo test --features test-clock --test paused_stats`
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bergtalzug::prelude::*;
@@ -135,19 +134,6 @@ async fn recent_throughput_follows_the_last_ten_seconds() {
     assert!(s.utilisation > 0.9, "{}", s.utilisation);
 }
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn an_item_held_past_the_threshold_is_reported_once_with_its_age() {
     let captured = Captured::default();
@@ -215,7 +201,7 @@ async fn an_item_held_past_the_threshold_is_reported_once_with_its_age() {
     assert_eq!(stats.stalled_items, 1);
     assert_eq!(stats.stage("slow").unwrap().stalled, 1);
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     let warnings: Vec<&str> = logs.lines().filter(|l| l.contains("stalled")).collect();
     assert_eq!(warnings.len(), 1, "{logs}");
     let warning = warnings[0];

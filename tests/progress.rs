@@ -2,7 +2,6 @@
 //! with the count, the total the source knows, the rate and every stage,
 //! and a last line at the end.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bergtalzug::prelude::*;
@@ -10,26 +9,6 @@ use bergtalzug::progress::{Progress, stage_line, summary_line};
 
 mod common;
 use common::*;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn lines(&self) -> Vec<String> {
-        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
-        text.lines().map(str::to_string).collect()
-    }
-}
 
 fn slow(name: &str, items: impl Source<Item = u64>) -> Pipeline<u64> {
     Pipeline::builder(config(

@@ -6,26 +6,12 @@
 //! interested, and subscribers set by tests running at the same time on
 //! other threads race with that cache.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bergtalzug::prelude::*;
 
 mod common;
 use common::*;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[tokio::test(start_paused = true)]
 async fn each_item_runs_in_a_span_per_stage_with_the_fixed_fields() {
@@ -62,7 +48,7 @@ async fn each_item_runs_in_a_span_per_stage_with_the_fixed_fields() {
         .await
         .unwrap();
 
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = captured.text();
     let lines: Vec<&str> = text.lines().filter(|l| l.contains("handled in")).collect();
     assert_eq!(lines.len(), 6, "{text}");
     for n in 0..3 {
