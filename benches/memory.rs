@@ -102,39 +102,6 @@ struct Measured {
     secs: f64,
 }
 
-/// Hand-written 4 x 4 pipeline of bounded `async-channel`s, as in
-/// `benches/throughput.rs`.
-async fn mpmc(n: u64) {
-    let (feed, first) = async_channel::bounded::<u64>(QUEUE);
-    let mut input = first;
-    for _ in 0..STAGES {
-        let (tx, rx) = async_channel::bounded::<u64>(QUEUE);
-        for _ in 0..WORKERS {
-            let (input, tx) = (input.clone(), tx.clone());
-            tokio::spawn(async move {
-                while let Ok(x) = input.recv().await {
-                    if tx.send(x + 1).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        input = rx;
-    }
-    tokio::spawn(async move {
-        for i in 0..n {
-            if feed.send(i).await.is_err() {
-                break;
-            }
-        }
-    });
-    let mut count = 0u64;
-    while input.recv().await.is_ok() {
-        count += 1;
-    }
-    assert_eq!(count, n, "mpmc lost items");
-}
-
 /// The bergtalzug pipeline; returns what `run()` returned.
 async fn bergtalzug(n: u64, retain: bool) -> Vec<WorkItemResult> {
     let stages = (0..STAGES)
@@ -187,7 +154,7 @@ fn child(spec: &str) {
         match variant {
             Variant::Idle => Vec::new(),
             Variant::Mpmc => {
-                mpmc(n).await;
+                common::mpmc(STAGES, WORKERS, QUEUE, n, |x| async move { x + 1 }).await;
                 Vec::new()
             }
             Variant::Bergtalzug { retain } => bergtalzug(n, retain).await,

@@ -102,48 +102,6 @@ where
     elapsed
 }
 
-/// By hand: one bounded multi-consumer channel per stage, `workers` tokio
-/// tasks per stage, each running `f` on one item at a time.
-async fn mpmc<F, Fut>(stages: usize, workers: usize, n: u64, f: F) -> Duration
-where
-    F: Fn(u64) -> Fut + Copy + Send + 'static,
-    Fut: Future<Output = u64> + Send,
-{
-    let start = Instant::now();
-    let (feed, first) = async_channel::bounded::<u64>(QUEUE);
-    let mut input = first;
-    for _ in 0..stages {
-        let (tx, rx) = async_channel::bounded::<u64>(QUEUE);
-        for _ in 0..workers {
-            let (input, tx) = (input.clone(), tx.clone());
-            tokio::spawn(async move {
-                while let Ok(x) = input.recv().await {
-                    if tx.send(f(x).await).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        input = rx;
-    }
-    tokio::spawn(async move {
-        for i in 0..n {
-            if feed.send(i).await.is_err() {
-                break;
-            }
-        }
-    });
-    let (mut count, mut sum) = (0u64, 0u64);
-    while let Ok(x) = input.recv().await {
-        count += 1;
-        sum += x;
-    }
-    let elapsed = start.elapsed();
-    let expected = n * n.saturating_sub(1) / 2 + n * stages as u64;
-    assert_eq!((count, sum), (n, expected), "mpmc lost items");
-    elapsed
-}
-
 async fn plus_one(x: u64) -> u64 {
     x + 1
 }
@@ -204,14 +162,17 @@ fn main() {
     let mut sleep_rates = vec![[Vec::new(), Vec::new(), Vec::new()]; STAGE_COUNTS.len()];
     runtime.block_on(async {
         bergtalzug(4, 4, WARMUP_ITEMS.min(items), trivial).await;
-        mpmc(4, 4, WARMUP_ITEMS.min(items), plus_one).await;
+        common::mpmc(4, 4, QUEUE, WARMUP_ITEMS.min(items), plus_one).await;
         for rep in 0..reps {
             for (i, &(stages, workers)) in grid.iter().enumerate() {
                 let b = items as f64
                     / bergtalzug(stages, workers, items, trivial)
                         .await
                         .as_secs_f64();
-                let m = items as f64 / mpmc(stages, workers, items, plus_one).await.as_secs_f64();
+                let m = items as f64
+                    / common::mpmc(stages, workers, QUEUE, items, plus_one)
+                        .await
+                        .as_secs_f64();
                 println!(
                     "  rep {}: {stages} stages x {workers:>2} workers: bergtalzug {b:>10.0} \
                      mpmc {m:>10.0} items/s",
@@ -226,7 +187,7 @@ fn main() {
                         .await
                         .as_secs_f64();
                 let m = sleep_items as f64
-                    / mpmc(stages, SLEEP_WORKERS, sleep_items, sleepy_plus_one)
+                    / common::mpmc(stages, SLEEP_WORKERS, QUEUE, sleep_items, sleepy_plus_one)
                         .await
                         .as_secs_f64();
                 let f = sleep_items as f64

@@ -94,7 +94,7 @@ impl Variant {
 
     async fn run(self, n: u64) -> Duration {
         match self {
-            Variant::Mpmc => mpmc(n).await,
+            Variant::Mpmc => common::mpmc(STAGES, WORKERS, QUEUE, n, plus_one).await,
             Variant::SharedRx => shared_rx(n).await,
             Variant::RoundRobin => round_robin(n).await,
             Variant::Batched => shared_rx_batched(n).await,
@@ -103,42 +103,8 @@ impl Variant {
     }
 }
 
-/// Hand-written, the plainest way: one bounded multi-consumer channel
-/// (`async-channel`, capacity 100) per stage; each of a stage's workers
-/// receives, handles and sends one item at a time.
-async fn mpmc(n: u64) -> Duration {
-    let start = Instant::now();
-    let (feed, first) = async_channel::bounded::<u64>(QUEUE);
-    let mut input = first;
-    for _ in 0..STAGES {
-        let (tx, rx) = async_channel::bounded::<u64>(QUEUE);
-        for _ in 0..WORKERS {
-            let (input, tx) = (input.clone(), tx.clone());
-            tokio::spawn(async move {
-                while let Ok(x) = input.recv().await {
-                    if tx.send(x + 1).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        input = rx;
-    }
-    tokio::spawn(async move {
-        for i in 0..n {
-            if feed.send(i).await.is_err() {
-                break;
-            }
-        }
-    });
-    let (mut count, mut sum) = (0u64, 0u64);
-    while let Ok(x) = input.recv().await {
-        count += 1;
-        sum += x;
-    }
-    let elapsed = start.elapsed();
-    assert_eq!((count, sum), (n, expected_sum(n)), "mpmc lost items");
-    elapsed
+async fn plus_one(x: u64) -> u64 {
+    x + 1
 }
 
 /// Hand-written: one bounded channel per stage, its workers share the

@@ -1,7 +1,8 @@
 //! Helpers shared by the benchmarks.
 #![allow(dead_code, unreachable_pub)]
 
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 /// Quick mode (`BENCH_QUICK=1` or `--quick`): checks that a benchmark runs,
 /// not its timings. `cargo bench` passes `--bench`; other arguments are ignored.
@@ -51,4 +52,49 @@ pub fn median(values: &[f64]) -> f64 {
 /// How a target reads in a bench's verdict line.
 pub fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "NOT met" }
+}
+
+/// The plainest hand-written pipeline, the baseline the issues describe:
+/// one bounded multi-consumer channel (`async-channel`, capacity `queue`)
+/// per stage, `workers` tokio tasks per stage, each running `f` on one item
+/// at a time. `f` must add 1 (the sum of the outputs is checked); returns
+/// the time from the first channel's creation to the last item out.
+pub async fn mpmc<F, Fut>(stages: usize, workers: usize, queue: usize, n: u64, f: F) -> Duration
+where
+    F: Fn(u64) -> Fut + Copy + Send + 'static,
+    Fut: Future<Output = u64> + Send,
+{
+    let start = Instant::now();
+    let (feed, first) = async_channel::bounded::<u64>(queue);
+    let mut input = first;
+    for _ in 0..stages {
+        let (tx, rx) = async_channel::bounded::<u64>(queue);
+        for _ in 0..workers {
+            let (input, tx) = (input.clone(), tx.clone());
+            tokio::spawn(async move {
+                while let Ok(x) = input.recv().await {
+                    if tx.send(f(x).await).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        input = rx;
+    }
+    tokio::spawn(async move {
+        for i in 0..n {
+            if feed.send(i).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (mut count, mut sum) = (0u64, 0u64);
+    while let Ok(x) = input.recv().await {
+        count += 1;
+        sum += x;
+    }
+    let elapsed = start.elapsed();
+    let expected = n * n.saturating_sub(1) / 2 + n * stages as u64;
+    assert_eq!((count, sum), (n, expected), "mpmc lost items");
+    elapsed
 }
