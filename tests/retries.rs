@@ -389,9 +389,7 @@ async fn abort_cancels_items_waiting_to_be_retried() {
     .unwrap()
     .source(sources::iter(0..8u64))
     .retrying_async_stage("fail", |_: WorkItem<u64>| async move {
-        anyhow::bail!("down");
-        #[allow(unreachable_code)]
-        Ok(WorkItem::new(0u64))
+        Err::<WorkItem<u64>, _>(anyhow::anyhow!("down"))
     })
     .on_dead_letter(move |letter| sink.lock().unwrap().push(letter))
     .build()
