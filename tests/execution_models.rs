@@ -4,7 +4,7 @@
 //! all `workers` busy when there is work.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bergtalzug::prelude::*;
@@ -161,4 +161,84 @@ async fn finished_items_never_wait_behind_a_slow_async_one() {
         early >= 20,
         "{early} items finished before the slow one: {times:?}"
     );
+}
+
+/// Waits, on the current thread, until `release` is set (10 s at most).
+fn hold_until(release: &AtomicBool) {
+    let start = std::time::Instant::now();
+    while !release.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// One slow item holds back only itself: the items batched behind it are
+/// taken by the idle worker, and the items finished before it are reported,
+/// while it runs (issue 12 item 2).
+async fn a_slow_item_holds_back_only_itself(model: ExecutionType) {
+    let release = Arc::new(AtomicBool::new(false));
+    let outcomes = Arc::new(Outcomes::default());
+    let builder = Pipeline::builder(config(
+        "slow-one",
+        vec![StageConfig::new("work", model).workers(2)],
+    ))
+    .unwrap()
+    .source(sources::iter(0..20u64));
+    let r = release.clone();
+    let builder = match model {
+        ExecutionType::Async => builder.async_stage("work", move |i: WorkItem<u64>| {
+            let r = r.clone();
+            async move {
+                if i.data == 3 {
+                    let start = std::time::Instant::now();
+                    while !r.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(10) {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+                Ok(i)
+            }
+        }),
+        _ => builder.sync_stage("work", move |i: WorkItem<u64>| {
+            if i.data == 3 {
+                hold_until(&r);
+            }
+            Ok(i)
+        }),
+    };
+    let pipeline = builder.on_complete(outcomes.callback()).build().unwrap();
+    pipeline.start().await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_secs(5), async {
+        while outcomes.total() < 19 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let stats = pipeline.stats().await.unwrap();
+    release.store(true, Ordering::SeqCst);
+    assert!(
+        waited.is_ok(),
+        "{model}: {} of 19 finished while one item was slow; the stage holds {:?}",
+        outcomes.total(),
+        stats.stages[0]
+    );
+    assert_eq!(stats.stages[0].in_flight, 1, "{model}");
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 20, "{model}");
+    assert!(results.iter().all(|r| r.success), "{model}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_item_holds_back_only_itself_async() {
+    a_slow_item_holds_back_only_itself(ExecutionType::Async).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_item_holds_back_only_itself_thread() {
+    a_slow_item_holds_back_only_itself(ExecutionType::Thread).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_item_holds_back_only_itself_cpu() {
+    a_slow_item_holds_back_only_itself(ExecutionType::Cpu).await;
 }

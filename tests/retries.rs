@@ -333,6 +333,54 @@ async fn a_cpu_attempt_past_the_timeout_fails_at_the_deadline() {
     a_blocking_attempt_past_the_timeout_fails_at_the_deadline(ExecutionType::Cpu).await;
 }
 
+/// A worker whose blocking attempt is given up at the timeout is dying: it
+/// gets no more work, so no item that never ran fails `WorkerLost` with it
+/// (issue 20 item 5). Every attempt here runs past the timeout: each fails
+/// `TimedOut`, none is lost.
+async fn items_that_never_ran_are_not_lost_with_a_timed_out_worker(model: ExecutionType) {
+    // The race it guards against (the stage handing the dying worker more
+    // work) is narrow: many short rounds.
+    for round in 0..4 {
+        let pipeline = Pipeline::builder(config(
+            "never-ran",
+            vec![
+                stage("crunch", model)
+                    .workers(8)
+                    .timeout(Duration::from_millis(5)),
+            ],
+        ))
+        .unwrap()
+        .source(sources::iter(0..300u64))
+        .sync_stage("crunch", |item: WorkItem<u64>| {
+            std::thread::sleep(Duration::from_millis(12));
+            Ok(item)
+        })
+        .build()
+        .unwrap();
+        let results = within(Duration::from_secs(30), pipeline.run())
+            .await
+            .unwrap();
+        assert_eq!(results.len(), 300, "{model} round {round}");
+        assert_unique_ids(&results);
+        let lost: Vec<_> = results
+            .iter()
+            .filter_map(|r| r.error.as_ref())
+            .filter(|e| e.kind != ItemErrorKind::TimedOut)
+            .collect();
+        assert!(lost.is_empty(), "{model} round {round}: {lost:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_that_never_ran_are_not_lost_with_a_timed_out_thread_worker() {
+    items_that_never_ran_are_not_lost_with_a_timed_out_worker(ExecutionType::Thread).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_that_never_ran_are_not_lost_with_a_timed_out_cpu_worker() {
+    items_that_never_ran_are_not_lost_with_a_timed_out_worker(ExecutionType::Cpu).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_timed_out_attempt_is_retried() {
     let attempts = Arc::new(Mutex::new(HashMap::<u64, u32>::new()));

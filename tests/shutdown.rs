@@ -1,8 +1,9 @@
 //! Stopping: `stop` lets every admitted item finish, `abort` cancels what is
 //! in flight, and either way every admitted item has exactly one outcome.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bergtalzug::prelude::*;
@@ -403,4 +404,73 @@ async fn stop_within_cancels_what_is_left_at_the_deadline() {
             .filter(|r| !r.success)
             .all(|r| r.is_cancelled())
     );
+}
+
+/// A result a handler returned is never replaced by another outcome: when
+/// `stop_within` cancels what is left at its deadline, while a blocking
+/// handler holds its worker, every item whose handler had returned keeps
+/// its result, whether or not its worker had reported it yet (issue 12
+/// item 1). With one worker no other worker can take anything from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_that_came_back_is_never_replaced() {
+    for model in [ExecutionType::Thread, ExecutionType::Cpu] {
+        for workers in [1, 2] {
+            let release = Arc::new(AtomicBool::new(false));
+            let blocked = Arc::new(AtomicBool::new(false));
+            let returned = Arc::new(Mutex::new(HashSet::new()));
+            let (r, b, back) = (release.clone(), blocked.clone(), returned.clone());
+            let pipeline = Pipeline::builder(config(
+                "came-back",
+                vec![StageConfig::new("work", model).workers(workers)],
+            ))
+            .unwrap()
+            .source(sources::iter(0..20u64))
+            .sync_stage("work", move |i: WorkItem<u64>| {
+                if i.data == 3 {
+                    b.store(true, Ordering::SeqCst);
+                    let start = std::time::Instant::now();
+                    while !r.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(10) {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                back.lock().unwrap().insert(i.job_id().clone());
+                Ok(i)
+            })
+            .build()
+            .unwrap();
+            pipeline.start().await.unwrap();
+            within(Duration::from_secs(10), async {
+                while !blocked.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let came_back = returned.lock().unwrap().clone();
+            within(
+                Duration::from_secs(10),
+                pipeline.stop_within(Duration::from_millis(300)),
+            )
+            .await
+            .unwrap();
+            let results = within(Duration::from_secs(10), pipeline.run())
+                .await
+                .unwrap();
+            release.store(true, Ordering::SeqCst);
+            assert_eq!(results.len(), 20, "{model} x {workers}");
+            assert_unique_ids(&results);
+            assert!(!came_back.is_empty(), "{model} x {workers}");
+            for r in &results {
+                if came_back.contains(&r.job_id) {
+                    assert!(
+                        r.success,
+                        "{model} x {workers}: {} returned Ok, yet {:?}",
+                        r.job_id, r.error
+                    );
+                } else {
+                    assert!(r.success || r.is_cancelled(), "{model} x {workers}: {r:?}");
+                }
+            }
+        }
+    }
 }

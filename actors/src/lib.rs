@@ -71,6 +71,6 @@ mod cluster {
     impl<T: Send + 'static> ractor::Message for crate::root::PipelineMsg<T> {}
     impl<T: Send + 'static> ractor::Message for crate::source_actor::SourceMsg<T> {}
     impl<I: Send + 'static, O: Send + 'static> ractor::Message for crate::stage::StageMsg<I, O> {}
-    impl<I: Send + 'static> ractor::Message for crate::worker::WorkerMsg<I> {}
+    impl ractor::Message for crate::worker::WorkerMsg {}
     impl ractor::Message for crate::tracker::TrackerMsg {}
 }

@@ -36,14 +36,14 @@
 //! are large too (measured on 2,000,000 items through 4 x 4 stages: about
 //! 1.3x the throughput of quarter-capacity chunks).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use std::marker::PhantomData;
 
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, MessagingErr, SupervisionEvent};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use crate::binding::{DemandPort, FailPort, Outlet};
 use crate::config::{RestartBudget, RetryPolicy};
@@ -52,6 +52,7 @@ use crate::event::{PipelineEvent, WorkerId};
 use crate::item::{
     ItemError, ItemErrorKind, JobId, StageTimes, WorkItem, WorkItemMetadata, WorkItemResult,
 };
+use crate::runner::hand::{Hand, Harvest};
 use crate::runner::{Outcome, RunCtx, StageRunner, WorkerReport};
 use crate::shared::Shared;
 use crate::tracker::TrackerMsg;
@@ -119,13 +120,21 @@ pub(crate) struct StageArgs<I, O, R> {
     pub(crate) fail: FailPort,
 }
 
-struct Slot<I> {
-    actor: ActorRef<WorkerMsg<I>>,
-    /// Job ids and creation times of the items the worker holds, in the
-    /// order given: enough to account for them if the worker dies.
+struct Slot<I, O> {
+    actor: ActorRef<WorkerMsg>,
+    /// The items given to the worker and not started yet (shared with it).
+    hand: Arc<Hand<I, O>>,
+    /// Job ids and creation times of the items the worker holds and has
+    /// not reported, in the order given (those not started are the end):
+    /// enough to account for them if the worker dies.
     held: VecDeque<(JobId, Instant)>,
-    /// It reported a panic and is about to fail: no more work for it.
+    /// It reported a panic or a timeout and is about to fail: no more work
+    /// for it.
     failing: bool,
+    /// It died (or is being killed): no more work for it; its hand is
+    /// closed and what was in it waits in `harvest` for its `Reap`.
+    dead: bool,
+    harvest: Harvest<I, O>,
     /// Since when it has held the front of `held` (stall detection).
     since: Instant,
     /// The front of `held` was reported stalled.
@@ -148,7 +157,7 @@ pub(crate) struct StageState<I, O, R> {
     credit: usize,
     /// Items asked of upstream and not yet received.
     requested: usize,
-    slots: HashMap<WorkerId, Slot<I>>,
+    slots: HashMap<WorkerId, Slot<I, O>>,
     by_actor: HashMap<ActorId, WorkerId>,
     idle: Vec<WorkerId>,
     in_flight: usize,
@@ -254,7 +263,7 @@ where
             StageMsg::Abort => state.abort(),
             StageMsg::CheckStalls(threshold) => state.check_stalls(threshold),
         }
-        state.pump();
+        state.pump(&myself);
         state.publish_gauges();
         Ok(())
     }
@@ -273,12 +282,34 @@ where
             _ => return Ok(()),
         };
         if let Some(worker) = state.by_actor.remove(&cell.get_id()) {
+            if let Some(slot) = state.slots.get_mut(&worker) {
+                // Closed now, before the reap is queued: a blocking thread
+                // that outlives its worker reports under the hand's lock,
+                // so whatever it sent is queued ahead of the reap, and it
+                // sends nothing more.
+                slot.close();
+            }
+            state.idle.retain(|w| *w != worker);
             // Supervision events overtake messages: the reap goes through the
             // mailbox, behind any report the worker sent before it died.
             let _ = myself.cast(StageMsg::Reap { worker, reason });
         }
         state.publish_gauges();
         Ok(())
+    }
+}
+
+impl<I: Send + 'static, O: Send + 'static> Slot<I, O> {
+    /// Closes the worker's hand (it died or is being killed), keeping what
+    /// was in it for the reap.
+    fn close(&mut self) {
+        self.dead = true;
+        let Harvest {
+            outcomes,
+            unstarted,
+        } = self.hand.close();
+        self.harvest.outcomes.extend(outcomes);
+        self.harvest.unstarted.extend(unstarted);
     }
 }
 
@@ -308,7 +339,9 @@ where
             keep: self.keep,
             max_attempts: self.shared.config.stages[self.index].max_attempts(),
             timeout: self.shared.config.stages[self.index].timeout,
+            hand: Arc::new(Hand::new()),
         });
+        let hand = ctx.hand.clone();
         let args = (ctx, self.runner.clone());
         let (actor, _) =
             Actor::spawn_linked(None, Worker::<I, O, R>::new(), args, myself.get_cell()).await?;
@@ -317,8 +350,11 @@ where
             id,
             Slot {
                 actor,
+                hand,
                 held: VecDeque::new(),
                 failing: false,
+                dead: false,
+                harvest: Harvest::default(),
                 since: crate::clock::now(),
                 stalled: false,
             },
@@ -466,7 +502,7 @@ where
                 self.to_replace.push_back((report.worker, reason.clone()));
                 self.respawn(myself).await;
             }
-        } else if slot.held.is_empty() && !self.aborting {
+        } else if slot.held.is_empty() && !slot.dead && !self.aborting {
             self.idle.push(report.worker);
         }
         if !report.outcomes.is_empty() {
@@ -492,22 +528,35 @@ where
         self.shared.gauges[self.index]
             .busy_ns
             .fetch_add(report.busy.as_nanos() as u64, Ordering::Relaxed);
+        self.settle(myself, report.outcomes, finished);
+    }
+
+    /// Accounts for outcomes that came back from a worker: items done go
+    /// downstream (the last stage's are results, even while aborting: a
+    /// result that came back is never replaced), failures and `finished`
+    /// go to the tracker, retries wait out their backoff.
+    fn settle(
+        &mut self,
+        myself: &ActorRef<StageMsg<I, O>>,
+        outcomes: Vec<Outcome<I, O>>,
+        mut finished: Vec<WorkItemResult>,
+    ) {
         let finished_at =
             (self.is_last() && self.shared.config.enable_tracking).then(crate::clock::now);
         let (mut processed, mut failed, mut retried) = (0, 0, 0);
         let mut inputs = Vec::new();
-        for outcome in report.outcomes {
+        for outcome in outcomes {
             match outcome {
+                Outcome::Done(item) if self.is_last() => {
+                    processed += 1;
+                    finished.push(WorkItemResult::completed(item, finished_at));
+                }
                 Outcome::Done(item) if self.aborting => {
                     finished.push(self.cancel(item, "after this stage finished it"));
                 }
                 Outcome::Done(item) => {
                     processed += 1;
-                    if self.is_last() {
-                        finished.push(WorkItemResult::completed(item, finished_at));
-                    } else {
-                        self.outbox.push_back(item);
-                    }
+                    self.outbox.push_back(item);
                 }
                 Outcome::Failed(outcome) => {
                     failed += 1;
@@ -569,11 +618,20 @@ where
         }
     }
 
+    /// Accounts for what a dead worker held: the outcomes it had not
+    /// reported are settled, the items it never started go back to the
+    /// queue (cancelled on abort), and the one it was running fails
+    /// `WorkerLost` (`Cancelled` on abort).
     async fn reap(&mut self, myself: &ActorRef<StageMsg<I, O>>, worker: WorkerId, reason: String) {
-        let Some(slot) = self.slots.remove(&worker) else {
+        let Some(mut slot) = self.slots.remove(&worker) else {
             return;
         };
         self.idle.retain(|w| *w != worker);
+        slot.close();
+        let Harvest {
+            outcomes,
+            unstarted,
+        } = slot.harvest;
         self.in_flight -= slot.held.len();
         let kind = if self.aborting {
             ItemErrorKind::Cancelled
@@ -595,25 +653,43 @@ where
             ItemErrorKind::Cancelled => "pipeline aborted while a worker held the item".to_string(),
             _ => format!("worker {worker} died holding the item: {reason}"),
         };
-        let lost: Vec<_> = slot
+        let accounted: HashSet<&JobId> = outcomes
+            .iter()
+            .map(Outcome::job_id)
+            .chain(unstarted.iter().map(|i| &i.job_id))
+            .collect();
+        let mut finished: Vec<_> = slot
             .held
-            .into_iter()
+            .iter()
+            .filter(|(job_id, _)| !accounted.contains(job_id))
             .map(|(job_id, created)| {
                 let mut metadata = WorkItemMetadata::default();
-                metadata.set_created(created);
+                metadata.set_created(*created);
                 WorkItemResult::failed(
-                    job_id,
+                    job_id.clone(),
                     metadata,
                     ItemError::new(&*self.name, kind, message.clone()),
                 )
             })
             .collect();
+        drop(accounted);
         if kind != ItemErrorKind::Cancelled {
             self.shared.gauges[self.index]
                 .failed
-                .fetch_add(lost.len() as u64, Ordering::Relaxed);
+                .fetch_add(finished.len() as u64, Ordering::Relaxed);
         }
-        self.to_tracker(lost);
+        if self.aborting {
+            let cancelled = unstarted
+                .into_iter()
+                .map(|i| self.cancel(i, "before it started"));
+            finished.extend(cancelled);
+        } else {
+            // They never started: they run on another worker.
+            for item in unstarted.into_iter().rev() {
+                self.queue.push_front(item);
+            }
+        }
+        self.settle(myself, outcomes, finished);
     }
 
     fn abort(&mut self) {
@@ -640,9 +716,11 @@ where
                 .map(|i| self.cancel(i, "after this stage finished it")),
         );
         self.to_tracker(cancelled);
-        // Each killed worker is reaped, its items cancelled, when its
-        // termination arrives.
-        for slot in self.slots.values() {
+        // Each killed worker is reaped when its termination arrives: the
+        // results it had are delivered, its other items cancelled. Its hand
+        // is closed first, so that a thread it leaves behind adds nothing.
+        for slot in self.slots.values_mut() {
+            slot.close();
             slot.actor.kill();
         }
     }
@@ -656,7 +734,7 @@ where
 
     /// Moves what can move: finished items downstream, queued items to idle
     /// workers, demand upstream.
-    fn pump(&mut self) {
+    fn pump(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
         if let Downstream::Stage(next) = &self.downstream {
             let n = self.credit.min(self.outbox.len());
             if n > 0 {
@@ -664,6 +742,7 @@ where
                 next.send(self.outbox.drain(..n).collect());
             }
         }
+        self.steal(myself);
         while !self.queue.is_empty() {
             let Some(worker) = self.idle.pop() else { break };
             let (least, most) = self.batch_bounds();
@@ -684,18 +763,63 @@ where
                 slot.stalled = false;
             }
             self.in_flight += take;
-            if let Err(MessagingErr::SendErr(WorkerMsg::Run(items))) =
-                slot.actor.cast(WorkerMsg::Run(items))
-            {
+            slot.hand.give(items);
+            if slot.actor.cast(WorkerMsg::Run).is_err() {
                 // The worker died after its last report; its Reap is on the way.
+                let items = slot.hand.take_back(|all| all);
                 slot.held.clear();
-                self.in_flight -= items.len();
+                self.in_flight -= take;
                 for item in items.into_iter().rev() {
                     self.queue.push_front(item);
                 }
             }
         }
         self.request();
+    }
+
+    /// When workers are idle and nothing is queued, takes from the busy
+    /// worker holding the most what it has not started, for the idle
+    /// workers, and what its blocking handler returned and it has not
+    /// reported yet: so an item that takes long holds back only itself,
+    /// never the rest of its batch while a worker is idle. The busy worker
+    /// keeps an even share.
+    fn steal(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
+        if self.aborting || self.idle.is_empty() || !self.queue.is_empty() {
+            return;
+        }
+        let idle = self.idle.len();
+        let Some(slot) = self
+            .slots
+            .values_mut()
+            .filter(|s| !s.failing && !s.dead && s.held.len() > 1)
+            .max_by_key(|s| s.held.len())
+        else {
+            return;
+        };
+        let items = slot
+            .hand
+            .take_back(|unstarted| unstarted - unstarted / (idle + 1));
+        for item in items.iter().rev() {
+            let back = slot.held.pop_back();
+            debug_assert!(
+                back.is_some_and(|(job_id, _)| job_id == item.job_id),
+                "the unstarted items are the end of what a worker holds"
+            );
+        }
+        let (outcomes, busy) = slot.hand.take_outcomes();
+        // They were held before the rest (reports on their way, if any,
+        // take the same number off the front).
+        for _ in 0..outcomes.len() {
+            slot.held.pop_front();
+        }
+        self.in_flight -= items.len() + outcomes.len();
+        self.queue.extend(items);
+        if !outcomes.is_empty() {
+            self.shared.gauges[self.index]
+                .busy_ns
+                .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+            self.settle(myself, outcomes, Vec::new());
+        }
     }
 
     /// How many items a worker is given at once: at least [`SPLIT_WORK`]
@@ -738,7 +862,7 @@ where
                 continue;
             };
             let age = now.saturating_duration_since(slot.since);
-            if slot.stalled || slot.failing || age < threshold {
+            if slot.stalled || slot.failing || slot.dead || age < threshold {
                 continue;
             }
             slot.stalled = true;
@@ -771,7 +895,10 @@ where
         g.waiting_downstream
             .store(self.outbox.len(), Ordering::Relaxed);
         g.workers.store(
-            self.slots.values().filter(|s| !s.failing).count(),
+            self.slots
+                .values()
+                .filter(|s| !s.failing && !s.dead)
+                .count(),
             Ordering::Relaxed,
         );
     }

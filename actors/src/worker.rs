@@ -2,7 +2,9 @@
 //!
 //! - **Owns**: nothing but its batch while it runs.
 //! - **Receives**: [`WorkerMsg::Run`] from its stage supervisor, only when the
-//!   stage counts it idle, so its mailbox holds at most one batch.
+//!   stage counts it idle, after putting a batch in its hand
+//!   ([`crate::runner::hand`]); the worker takes the items from there one by
+//!   one, so the stage can take back those it has not started.
 //! - **Sends**: `StageMsg::Report` to its stage, as items finish.
 //! - **Supervised by**: its stage supervisor (linked at spawn). A handler
 //!   panic makes the worker fail after it reported the panicked item and
@@ -17,14 +19,14 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::item::WorkItem;
 use crate::runner::{RunCtx, StageRunner};
 
 /// A worker's mailbox.
-pub(crate) enum WorkerMsg<I> {
-    /// From the stage supervisor: run these items, in order. No reply; the
+pub(crate) enum WorkerMsg {
+    /// From the stage supervisor: run the items it put in the worker's hand
+    /// (`RunCtx::hand`), in order, until the hand is empty. No reply; the
     /// outcomes come back as `StageMsg::Report`.
-    Run(Vec<WorkItem<I>>),
+    Run,
 }
 
 pub(crate) struct Worker<I, O, R>(PhantomData<fn(I, R) -> O>);
@@ -46,13 +48,13 @@ where
     O: Send + 'static,
     R: StageRunner<I, O>,
 {
-    type Msg = WorkerMsg<I>;
+    type Msg = WorkerMsg;
     type State = WorkerState<I, O, R>;
     type Arguments = (Arc<RunCtx<I, O>>, Arc<R>);
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<WorkerMsg<I>>,
+        _myself: ActorRef<WorkerMsg>,
         (ctx, runner): (Arc<RunCtx<I, O>>, Arc<R>),
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(WorkerState { ctx, runner })
@@ -60,12 +62,12 @@ where
 
     async fn handle(
         &self,
-        _myself: ActorRef<WorkerMsg<I>>,
-        message: WorkerMsg<I>,
+        _myself: ActorRef<WorkerMsg>,
+        message: WorkerMsg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            WorkerMsg::Run(items) => state.runner.run(&state.ctx, items).await.map_err(|reason| {
+            WorkerMsg::Run => state.runner.run(&state.ctx).await.map_err(|reason| {
                 format!(
                     "worker {} of stage `{}` stopped: {reason}",
                     state.ctx.worker, state.ctx.stage

@@ -2,6 +2,12 @@
 //! one item at a time; `workers` actors give the stage its concurrency. An
 //! attempt past the stage's timeout is dropped, which cancels it at its next
 //! `.await`.
+//!
+//! The worker takes its whole batch out of its hand at once and keeps it
+//! while handlers complete at once; before it awaits one that does not, it
+//! reports what is done and puts the unstarted rest back in its hand, where
+//! an idle worker of the stage may take it. It then takes items from the
+//! hand one by one.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -15,13 +21,21 @@ use super::{Attempt, Ran, Reporter, RunCtx, StageRunner, item_span, item_spans_e
 use crate::item::WorkItem;
 
 /// Awaits the pinned future `$fut`; if it cannot finish at once, first sends
-/// what is done, so that finished items never wait behind a slow one.
+/// what is done and puts the unstarted `$items` back in `$hand`, so that
+/// neither finished nor unstarted items wait behind a slow one.
 macro_rules! ready_or_flush {
-    ($fut:ident, $reporter:ident) => {
+    ($fut:ident, $reporter:ident, $items:ident, $hand:expr) => {
         match futures::poll!($fut.as_mut()) {
             Poll::Ready(output) => output,
             Poll::Pending => {
-                $reporter.flush_done();
+                // Back in the hand before the report goes: the stage looks
+                // into the hand when the report comes.
+                if $items.is_empty() {
+                    $reporter.flush_done();
+                } else {
+                    $hand.put_back(&mut $items);
+                    $reporter.flush_offered();
+                }
                 $fut.await
             }
         }
@@ -38,14 +52,18 @@ where
     F: Fn(WorkItem<I>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<WorkItem<O>>> + Send + 'static,
 {
-    async fn run(&self, ctx: &Arc<RunCtx<I, O>>, items: Vec<WorkItem<I>>) -> Result<(), String> {
+    async fn run(&self, ctx: &Arc<RunCtx<I, O>>) -> Result<(), String> {
+        let hand = &ctx.hand;
+        let mut items = hand.take_all();
+        if items.is_empty() {
+            return Ok(());
+        }
         let mut started = crate::clock::now();
         let mut reporter = Reporter::new(ctx, items.len(), started);
         // Once per batch: when no subscriber wants item spans, each item
         // gets the empty span, which costs a branch per poll.
         let traced = item_spans_enabled();
-        let mut items = items.into_iter();
-        while let Some(mut item) = items.next() {
+        while let Some(mut item) = items.pop_front().or_else(|| hand.next()) {
             let attempt = Attempt::begin(ctx, &mut item, started);
             reporter.started(attempt.job_id());
             let span = match traced {
@@ -65,11 +83,11 @@ where
                     match ctx.timeout {
                         None => {
                             let mut fut = std::pin::pin!(fut);
-                            Ran::caught(ready_or_flush!(fut, reporter))
+                            Ran::caught(ready_or_flush!(fut, reporter, items, hand))
                         }
                         Some(limit) => {
                             let mut fut = std::pin::pin!(tokio::time::timeout(limit, fut));
-                            match ready_or_flush!(fut, reporter) {
+                            match ready_or_flush!(fut, reporter, items, hand) {
                                 Ok(result) => Ran::caught(result),
                                 Err(_) => Ran::TimedOut(limit),
                             }
@@ -79,7 +97,9 @@ where
                 Err(payload) => Ran::Panicked(payload),
             };
             let now = crate::clock::now();
-            reporter.settle(attempt, ran, started, now, &mut items)?;
+            // Taken only after a panic, to be handed back.
+            let mut rest = std::iter::from_fn(|| items.pop_front().or_else(|| hand.next()));
+            reporter.settle(attempt, ran, started, now, &mut rest)?;
             started = now;
         }
         reporter.finish(started);

@@ -22,7 +22,10 @@ where
     O: Send + 'static,
     F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
 {
-    async fn run(&self, ctx: &Arc<RunCtx<I, O>>, items: Vec<WorkItem<I>>) -> Result<(), String> {
+    async fn run(&self, ctx: &Arc<RunCtx<I, O>>) -> Result<(), String> {
+        if !ctx.hand.begin_batch(ctx) {
+            return Ok(());
+        }
         let handler = self.handler.clone();
         let on_pool = |job: Box<dyn FnOnce() -> Result<(), String> + Send>| {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -37,9 +40,9 @@ where
         match ctx.timeout {
             None => {
                 let ctx = ctx.clone();
-                on_pool(Box::new(move || run_blocking(&ctx, &*handler, items))).await
+                on_pool(Box::new(move || run_blocking(&ctx, &*handler))).await
             }
-            Some(limit) => watch::run_watched(ctx, handler, items, limit, on_pool).await,
+            Some(limit) => watch::run_watched(ctx, handler, limit, on_pool).await,
         }
     }
 }

@@ -42,6 +42,7 @@
 
 pub(crate) mod async_rt;
 pub(crate) mod cpu;
+pub(crate) mod hand;
 pub(crate) mod process;
 pub(crate) mod thread;
 pub(crate) mod watch;
@@ -60,6 +61,7 @@ use crate::item::{
     WorkItemResult,
 };
 use crate::stage::StageMsg;
+use hand::{Hand, HandState};
 
 /// How long a worker may hold finished items before reporting them. Each
 /// report wakes the stage; at 100 µs a Cpu stage of 50 µs items lost a fifth
@@ -69,14 +71,12 @@ pub(crate) const FLUSH_AFTER: Duration = Duration::from_millis(1);
 
 /// Runs batches of a stage's items in one execution model.
 pub(crate) trait StageRunner<I, O>: Send + Sync + 'static {
-    /// Runs `items` in order, reporting outcomes to the stage as they are
-    /// ready. `Err` says why the worker must fail (a panic, or a blocking
-    /// attempt given up at its deadline); the report saying so was sent.
-    fn run(
-        &self,
-        ctx: &Arc<RunCtx<I, O>>,
-        items: Vec<WorkItem<I>>,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    /// Runs the items in the worker's hand (`ctx.hand`) in order, taking
+    /// each as it starts it, until the hand is empty, reporting outcomes
+    /// to the stage as they are ready. `Err` says why the worker must fail
+    /// (a panic, or a blocking attempt given up at its deadline); the
+    /// report saying so was sent.
+    fn run(&self, ctx: &Arc<RunCtx<I, O>>) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 /// Everything a worker needs to run items, shared with the threads it uses.
@@ -95,6 +95,9 @@ pub(crate) struct RunCtx<I, O> {
     pub(crate) max_attempts: u32,
     /// How long one attempt may take.
     pub(crate) timeout: Option<Duration>,
+    /// The items the worker was given and has not started, shared with
+    /// the stage.
+    pub(crate) hand: Arc<Hand<I, O>>,
 }
 
 /// What became of one item in a stage.
@@ -106,6 +109,16 @@ pub(crate) enum Outcome<I, O> {
     /// The attempt failed and the retry policy allows another: the item as
     /// it was before the attempt, its attempts counted.
     Retry(WorkItem<I>),
+}
+
+impl<I, O> Outcome<I, O> {
+    pub(crate) fn job_id(&self) -> &JobId {
+        match self {
+            Outcome::Done(item) => &item.job_id,
+            Outcome::Failed(failed) => &failed.result.job_id,
+            Outcome::Retry(item) => &item.job_id,
+        }
+    }
 }
 
 /// An item's final failure, with its last input when the stage kept one.
@@ -347,17 +360,13 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
     }
 
     #[inline(always)]
-    fn record(&mut self, outcome: Outcome<I, O>, started: Instant, now: Instant) {
+    pub(crate) fn record(&mut self, outcome: Outcome<I, O>, started: Instant, now: Instant) {
         self.first_started.get_or_insert(started);
         self.last_done = now;
         if self.ctx.events.wants_lifecycle() {
-            let (job_id, success) = match &outcome {
-                Outcome::Done(item) => (item.job_id.clone(), true),
-                Outcome::Failed(failed) => (failed.result.job_id.clone(), false),
-                Outcome::Retry(item) => (item.job_id.clone(), false),
-            };
+            let success = matches!(outcome, Outcome::Done(_));
             self.events.push(PipelineEvent::ItemCompleted {
-                job_id,
+                job_id: outcome.job_id().clone(),
                 stage: self.ctx.stage.clone(),
                 worker: self.ctx.worker,
                 success,
@@ -373,9 +382,51 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
         }
     }
 
+    /// Sends the outcomes recorded so far, or an empty report if there are
+    /// none: the stage looks into the worker's hand on every report, and
+    /// the worker just put items back in it.
+    pub(crate) fn flush_offered(&mut self) {
+        if self.outcomes.is_empty() {
+            if !self.events.is_empty() {
+                self.ctx.events.lifecycle(std::mem::take(&mut self.events));
+            }
+            let report = WorkerReport {
+                worker: self.ctx.worker,
+                outcomes: Vec::new(),
+                returned: Vec::new(),
+                busy: Duration::ZERO,
+                failing: None,
+            };
+            let _ = self.ctx.stage_ref.cast(StageMsg::Report(report));
+        } else {
+            self.flush(Vec::new(), None, crate::clock::now());
+        }
+    }
+
     /// Sends everything left.
     pub(crate) fn finish(mut self, now: Instant) {
         self.flush(Vec::new(), None, now);
+    }
+
+    /// From the stage, while the worker is busy with a later item: the
+    /// outcomes recorded and not sent, and the handler time spent on them.
+    pub(crate) fn take_outcomes(&mut self) -> (Vec<Outcome<I, O>>, Duration) {
+        if !self.events.is_empty() {
+            self.ctx.events.lifecycle(std::mem::take(&mut self.events));
+        }
+        let busy = self.first_started.take().map_or(Duration::ZERO, |s| {
+            self.last_done.saturating_duration_since(s)
+        });
+        (std::mem::take(&mut self.outcomes), busy)
+    }
+
+    /// The outcomes recorded and not sent, for the stage that closed the
+    /// worker's hand.
+    pub(crate) fn into_outcomes(mut self) -> Vec<Outcome<I, O>> {
+        if !self.events.is_empty() {
+            self.ctx.events.lifecycle(std::mem::take(&mut self.events));
+        }
+        std::mem::take(&mut self.outcomes)
     }
 
     /// Sends everything left with the unstarted items handed back, and
@@ -437,33 +488,63 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Runs a batch through a blocking handler on the current thread; shared by
-/// the Thread and Cpu models when the stage has no timeout. One clock read
-/// per item: an item's end is the next one's start.
+/// Runs the worker's hand through a blocking handler on the current
+/// thread; shared by the Thread and Cpu models, with or without a timeout
+/// (then [`watch`] watches the same hand). The batch's reporter was put in
+/// the hand by [`Hand::begin_batch`]. One lock per item, taken between two
+/// items: it settles the one that ended and takes the next, so the items
+/// not started stay within the stage's reach and the outcomes not reported
+/// yet are never lost with a handler that blocks. One clock read per item:
+/// an item's end is the next one's start.
 pub(crate) fn run_blocking<I: Send + 'static, O: Send + 'static, F>(
     ctx: &Arc<RunCtx<I, O>>,
     handler: &F,
-    items: Vec<WorkItem<I>>,
 ) -> Result<(), String>
 where
     F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>,
 {
-    let mut started = crate::clock::now();
-    let mut reporter = Reporter::new(ctx, items.len(), started);
     let traced = item_spans_enabled();
-    let mut items = items.into_iter();
-    while let Some(mut item) = items.next() {
-        let attempt = Attempt::begin(ctx, &mut item, started);
-        reporter.started(attempt.job_id());
-        let span = traced.then(|| item_span(ctx, attempt.job_id()));
+    let mut ran = None;
+    loop {
+        let (item, span) = {
+            let mut guard = ctx.hand.lock();
+            let state: &mut HandState<I, O> = &mut guard;
+            // Under a timeout, the real clock: the watcher's deadlines are
+            // on it (tokio's may be paused in tests).
+            let now = match ctx.timeout {
+                Some(_) => Instant::now(),
+                None => crate::clock::now(),
+            };
+            let Some(reporter) = state.reporter.as_mut() else {
+                // Given up at the deadline, or taken by the stage: a late
+                // result is discarded.
+                return Ok(());
+            };
+            if let Some(ran) = ran.take() {
+                let (started, attempt) = state.current.take().expect("the attempt is in hand");
+                let pending = &mut state.pending;
+                let mut rest = std::iter::from_fn(|| pending.pop_front());
+                if let Err(reason) = reporter.settle(attempt, ran, started, now, &mut rest) {
+                    state.reporter = None;
+                    return Err(reason);
+                }
+            }
+            let Some(mut item) = state.pending.pop_front() else {
+                if let Some(reporter) = state.reporter.take() {
+                    reporter.finish(now);
+                }
+                return Ok(());
+            };
+            let attempt = Attempt::begin(ctx, &mut item, now);
+            reporter.started(attempt.job_id());
+            let span = traced.then(|| item_span(ctx, attempt.job_id()));
+            state.current = Some((now, attempt));
+            (item, span)
+        };
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let _entered = span.as_ref().map(tracing::Span::enter);
             handler(item)
         }));
-        let now = crate::clock::now();
-        reporter.settle(attempt, Ran::caught(result), started, now, &mut items)?;
-        started = now;
+        ran = Some(Ran::caught(result));
     }
-    reporter.finish(started);
-    Ok(())
 }

@@ -17,8 +17,9 @@
 
 use std::collections::VecDeque;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -34,11 +35,21 @@ use crate::process::spawn::{ChildProc, ChildSpec};
 /// make a batch loop).
 const MAX_INNOCENT_BREAKS: u32 = 3;
 
+/// About how much work (by the stage's recent time per item) is written
+/// ahead to a worker process; the rest of the batch stays in the worker's
+/// hand, where an idle worker of the stage may take it.
+const WRITE_AHEAD_WORK: Duration = Duration::from_millis(1);
+/// The most items written ahead.
+const MAX_WRITE_AHEAD: usize = 64;
+
 /// Runs a Process stage's batches in worker processes.
 pub(crate) struct ProcessRunner<I, O> {
     spec: ChildSpec,
     /// Worker processes between batches.
     idle: Mutex<Vec<ChildProc>>,
+    /// Recent time from one reply to the next, in nanoseconds (0 = not
+    /// known yet): sets how many items are written ahead.
+    pace_ns: AtomicU64,
     _types: PhantomData<fn(I) -> O>,
 }
 
@@ -47,6 +58,7 @@ impl<I, O> ProcessRunner<I, O> {
         ProcessRunner {
             spec,
             idle: Mutex::new(Vec::new()),
+            pace_ns: AtomicU64::new(0),
             _types: PhantomData,
         }
     }
@@ -110,33 +122,23 @@ where
     I: Serialize + DeserializeOwned + Send + 'static,
     O: DeserializeOwned + Send + 'static,
 {
-    async fn run(&self, ctx: &Arc<RunCtx<I, O>>, items: Vec<WorkItem<I>>) -> Result<(), String> {
-        let now = Instant::now();
-        let mut reporter = Reporter::new(ctx, items.len(), now);
+    async fn run(&self, ctx: &Arc<RunCtx<I, O>>) -> Result<(), String> {
+        // Items are taken from the hand as they are written, at most
+        // about `WRITE_AHEAD_WORK` of them ahead of the one the child runs.
+        let mut pending: VecDeque<Pending<I>> = VecDeque::new();
+        self.top_up(ctx, &mut pending);
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut reporter = Reporter::new(ctx, pending.len(), Instant::now());
         let ctx: &RunCtx<I, O> = ctx;
-        let limit = self.spec.max_frame;
-        let mut pending: VecDeque<Pending<I>> = items
-            .into_iter()
-            .map(|mut item| {
-                let attempt = Attempt::begin(ctx, &mut item, now);
-                let frame = frame::custom_to_wire(&item.metadata.custom).and_then(|custom| {
-                    let job = JobRef {
-                        job_id: &item.job_id.to_string(),
-                        custom: &custom,
-                        data: &item.data,
-                    };
-                    frame::encode(&job, limit)
-                });
-                Pending {
-                    attempt,
-                    started: None,
-                    frame,
-                }
-            })
-            .collect();
         let mut child = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut innocent_breaks = 0;
-        while let Some(front) = pending.front() {
+        loop {
+            self.top_up(ctx, &mut pending);
+            let Some(front) = pending.front() else {
+                break;
+            };
             if let Err(e) = &front.frame {
                 let message = format!("the item cannot be sent to a worker process: {e}");
                 let Pending { attempt, .. } = pending.pop_front().expect("a front");
@@ -228,6 +230,51 @@ where
     I: Serialize + DeserializeOwned + Send + 'static,
     O: DeserializeOwned + Send + 'static,
 {
+    /// How many items to have begun at once: about [`WRITE_AHEAD_WORK`]
+    /// worth by the recent pace, one at a time until it is known.
+    fn window(&self) -> usize {
+        match self.pace_ns.load(Ordering::Relaxed) {
+            0 => 1,
+            pace => ((WRITE_AHEAD_WORK.as_nanos() as u64 / pace) as usize).clamp(1, MAX_WRITE_AHEAD),
+        }
+    }
+
+    /// Counts the time an item took, from the previous reply to its own.
+    fn note_pace(&self, took: Duration) {
+        let took = (took.as_nanos() as u64).max(1);
+        let pace = match self.pace_ns.load(Ordering::Relaxed) {
+            0 => took,
+            old => (old * 4 + took) / 5,
+        };
+        self.pace_ns.store(pace.max(1), Ordering::Relaxed);
+    }
+
+    /// Takes items from the worker's hand until the window is full,
+    /// beginning their attempts and encoding their frames.
+    fn top_up(&self, ctx: &RunCtx<I, O>, pending: &mut VecDeque<Pending<I>>) {
+        let window = self.window();
+        let limit = self.spec.max_frame;
+        while pending.len() < window {
+            let Some(mut item) = ctx.hand.next() else {
+                return;
+            };
+            let attempt = Attempt::begin(ctx, &mut item, Instant::now());
+            let frame = frame::custom_to_wire(&item.metadata.custom).and_then(|custom| {
+                let job = JobRef {
+                    job_id: &item.job_id.to_string(),
+                    custom: &custom,
+                    data: &item.data,
+                };
+                frame::encode(&job, limit)
+            });
+            pending.push_back(Pending {
+                attempt,
+                started: None,
+                frame,
+            });
+        }
+    }
+
     /// Whether a child has served its `recycle_after` items.
     fn used_up(&self, proc: &ChildProc) -> bool {
         self.spec.recycle_after.is_some_and(|n| proc.served >= n)
@@ -244,9 +291,10 @@ where
         quota: usize,
         reporter: &mut Reporter<I, O>,
     ) -> Result<(), Broken> {
-        let n = pending
+        let quota = quota.max(1);
+        let mut n = pending
             .iter()
-            .take(quota.max(1))
+            .take(quota)
             .take_while(|p| p.frame.is_ok())
             .count();
         let (mut answered, mut written, mut offset) = (0, 0, 0);
@@ -303,8 +351,18 @@ where
                         answered += 1;
                         *served += 1;
                         let now = Instant::now();
+                        self.note_pace(now.saturating_duration_since(front_started));
                         settle(ctx, reporter, front, answer, front_started, now);
                         front_started = now;
+                        // Keep the window full: items taken now join this
+                        // exchange while they can be sent.
+                        self.top_up(ctx, pending);
+                        while n < quota
+                            && n - answered < pending.len()
+                            && pending[n - answered].frame.is_ok()
+                        {
+                            n += 1;
+                        }
                         if answered < n {
                             self.start(ctx, &mut pending[0], reporter, now);
                         }

@@ -18,14 +18,17 @@ where
     O: Send + 'static,
     F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
 {
-    async fn run(&self, ctx: &Arc<RunCtx<I, O>>, items: Vec<WorkItem<I>>) -> Result<(), String> {
+    async fn run(&self, ctx: &Arc<RunCtx<I, O>>) -> Result<(), String> {
+        if !ctx.hand.begin_batch(ctx) {
+            return Ok(());
+        }
         let handler = self.0.clone();
         match ctx.timeout {
             None => {
                 let ctx = ctx.clone();
-                on_blocking_thread(Box::new(move || run_blocking(&ctx, &*handler, items))).await
+                on_blocking_thread(Box::new(move || run_blocking(&ctx, &*handler))).await
             }
-            Some(limit) => watch::run_watched(ctx, handler, items, limit, on_blocking_thread).await,
+            Some(limit) => watch::run_watched(ctx, handler, limit, on_blocking_thread).await,
         }
     }
 }

@@ -1,0 +1,174 @@
+//! A worker's hand: the items it was given and has not started, and (for
+//! the blocking models) the outcomes it has and has not reported yet,
+//! shared between the worker and its stage.
+//!
+//! The stage puts a batch in the hand and wakes the worker (`WorkerMsg::Run`);
+//! the worker takes the items one by one as it starts them. So the items a
+//! worker has not started are never out of the stage's reach:
+//!
+//! - an idle worker takes unstarted items from a busy one's hand
+//!   ([`Hand::take_back`]), so one slow item holds back only itself;
+//! - when a worker dies or is killed, the stage closes its hand
+//!   ([`Hand::close`]): the items it never started go back to the queue (or
+//!   are cancelled on abort), and the outcomes a blocking handler returned
+//!   but the worker had not reported yet are delivered, not replaced. What
+//!   a late thread does with a closed hand is discarded.
+//!
+//! One lock per item in the blocking models (taken once between two items);
+//! an async worker keeps its batch to itself while its handlers complete at
+//! once and puts the rest back in its hand before it awaits one that does
+//! not (see `async_rt`), so the fast path takes two locks per batch.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::{Attempt, Outcome, Reporter, RunCtx};
+use crate::item::WorkItem;
+
+/// What one worker holds, shared with its stage.
+pub(crate) struct Hand<I, O> {
+    state: Mutex<HandState<I, O>>,
+}
+
+pub(crate) struct HandState<I, O> {
+    /// Items given to the worker and not started yet, in order.
+    pub(crate) pending: VecDeque<WorkItem<I>>,
+    /// A blocking batch's reporter while it runs, holding the outcomes not
+    /// reported yet; gone once the batch is finished, given up or closed.
+    pub(crate) reporter: Option<Reporter<I, O>>,
+    /// The attempt a blocking handler is running, and when it started.
+    pub(crate) current: Option<(Instant, Attempt<I>)>,
+    /// The stage took what the worker held (it died or is being killed):
+    /// the worker starts nothing more and whatever it finishes is discarded.
+    pub(crate) closed: bool,
+}
+
+/// What the stage takes from a closed hand.
+pub(crate) struct Harvest<I, O> {
+    /// Outcomes that came back and were not reported, in order.
+    pub(crate) outcomes: Vec<Outcome<I, O>>,
+    /// Items never started, in order.
+    pub(crate) unstarted: Vec<WorkItem<I>>,
+}
+
+impl<I, O> Default for Harvest<I, O> {
+    fn default() -> Self {
+        Harvest {
+            outcomes: Vec::new(),
+            unstarted: Vec::new(),
+        }
+    }
+}
+
+impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
+    pub(crate) fn new() -> Self {
+        Hand {
+            state: Mutex::new(HandState {
+                pending: VecDeque::new(),
+                reporter: None,
+                current: None,
+                closed: false,
+            }),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, HandState<I, O>> {
+        // Nothing that can panic runs under the lock but the sending of a
+        // report, and the state stays whole if it does.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// From the stage: more items for the worker, after the ones it has.
+    pub(crate) fn give(&self, items: Vec<WorkItem<I>>) {
+        self.lock().pending.extend(items);
+    }
+
+    /// From the stage: some of the items the worker has not started, from
+    /// the end of its batch, in order; `share` says how many, of how many
+    /// there are.
+    pub(crate) fn take_back(&self, share: impl FnOnce(usize) -> usize) -> Vec<WorkItem<I>> {
+        let mut state = self.lock();
+        let n = share(state.pending.len()).min(state.pending.len());
+        let from = state.pending.len() - n;
+        state.pending.drain(from..).collect()
+    }
+
+    /// From the stage: the outcomes a blocking handler returned that the
+    /// worker has not reported, while its thread is busy with a later item,
+    /// and the handler time spent on them.
+    pub(crate) fn take_outcomes(&self) -> (Vec<Outcome<I, O>>, Duration) {
+        match self.lock().reporter.as_mut() {
+            Some(reporter) => reporter.take_outcomes(),
+            None => (Vec::new(), Duration::ZERO),
+        }
+    }
+
+    /// From a blocking worker's task, before its thread starts on the
+    /// hand: puts the batch's reporter in it. `false` when there is
+    /// nothing to run.
+    pub(crate) fn begin_batch(&self, ctx: &Arc<RunCtx<I, O>>) -> bool {
+        let mut state = self.lock();
+        if state.closed || state.pending.is_empty() {
+            return false;
+        }
+        debug_assert!(state.reporter.is_none(), "one batch at a time");
+        let now = match ctx.timeout {
+            Some(_) => Instant::now(),
+            None => crate::clock::now(),
+        };
+        state.reporter = Some(Reporter::new(ctx, state.pending.len(), now));
+        true
+    }
+
+    /// From a worker: every item it has not started (none once closed).
+    pub(crate) fn take_all(&self) -> VecDeque<WorkItem<I>> {
+        let mut state = self.lock();
+        if state.closed {
+            return VecDeque::new();
+        }
+        std::mem::take(&mut state.pending)
+    }
+
+    /// From a worker: the next item to start (none once closed).
+    pub(crate) fn next(&self) -> Option<WorkItem<I>> {
+        let mut state = self.lock();
+        if state.closed {
+            return None;
+        }
+        state.pending.pop_front()
+    }
+
+    /// From a worker about to await: puts the items it has not started
+    /// back in front of what the hand holds, within the stage's reach.
+    pub(crate) fn put_back(&self, items: &mut VecDeque<WorkItem<I>>) {
+        if items.is_empty() {
+            return;
+        }
+        // Even into a closed hand: the stage takes what is left when it
+        // reaps the worker, so nothing put back is lost.
+        let mut state = self.lock();
+        let later = std::mem::take(&mut state.pending);
+        state.pending = std::mem::take(items);
+        state.pending.extend(later);
+    }
+
+    /// From the stage, when the worker died or is being killed: takes the
+    /// items it never started and the outcomes it had not reported, and
+    /// closes the hand so that the worker starts nothing more from it and
+    /// reports nothing more. Called again when the worker is reaped, for
+    /// anything put in since.
+    pub(crate) fn close(&self) -> Harvest<I, O> {
+        let mut state = self.lock();
+        state.closed = true;
+        state.current = None;
+        Harvest {
+            outcomes: state
+                .reporter
+                .take()
+                .map(Reporter::into_outcomes)
+                .unwrap_or_default(),
+            unstarted: state.pending.drain(..).collect(),
+        }
+    }
+}
