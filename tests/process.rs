@@ -379,6 +379,51 @@ async fn a_slow_item_within_the_timeout_completes() {
     assert!(results.values().all(|r| r.success));
 }
 
+/// One slow item holds back only itself and the few items written ahead to
+/// its worker process (at most 3): an idle worker takes the rest of its
+/// batch (issue 12 item 2). The slow item comes late, when batches are
+/// large.
+async fn a_slow_item_holds_back_only_itself() {
+    let mut acts: Vec<Act> = (0..200).map(Act::Double).collect();
+    acts[150] = Act::Sleep(1500);
+    let items = acts
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| WorkItem::with_job_id(i.to_string(), a));
+    let config = PipelineConfig::new("slow-one", vec![stage("slow-one", 2)])
+        .stats_interval(Duration::ZERO);
+    let start = Instant::now();
+    let finished = Arc::new(Mutex::new(Vec::new()));
+    let record = finished.clone();
+    let pipeline = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::items(items))
+        .process_stage(&stage_name("slow-one"), act)
+        .on_complete(move |r| {
+            record
+                .lock()
+                .unwrap()
+                .push((r.job_id.to_string(), start.elapsed()))
+        })
+        .build()
+        .unwrap();
+    let results = pipeline.run().await.unwrap();
+    assert_eq!(results.len(), 200);
+    assert!(results.iter().all(|r| r.success));
+    let finished = finished.lock().unwrap().clone();
+    let slow = finished.iter().find(|(id, _)| id == "150").unwrap().1;
+    let behind: Vec<_> = finished
+        .iter()
+        .filter(|(id, at)| id != "150" && *at + Duration::from_millis(300) > slow)
+        .collect();
+    assert!(
+        behind.len() <= 3,
+        "{} items waited behind the slow one: {behind:?}",
+        behind.len()
+    );
+    no_children_left().await;
+}
+
 async fn a_panic_fails_only_its_item_and_keeps_the_process() {
     let mut acts = vec![Act::Pid];
     acts.extend((0..10).map(Act::Double));
@@ -816,6 +861,7 @@ fn main() {
         sigkill_from_outside_fails_only_its_item,
         a_hang_past_the_timeout_is_killed,
         a_slow_item_within_the_timeout_completes,
+        a_slow_item_holds_back_only_itself,
         a_panic_fails_only_its_item_and_keeps_the_process,
         errors_fail_their_item_with_the_message,
         garbage_from_a_worker_fails_its_item_and_replaces_it,

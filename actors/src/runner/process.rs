@@ -3,9 +3,13 @@
 //!
 //! A stage keeps at most `workers` worker processes: a worker takes an idle
 //! one from the stage's pool for each batch (starting one if there is
-//! none) and gives it back after. The batch's frames are written ahead
-//! while replies are read, so a batch of small items costs one round trip
-//! of latency, not one per item. The child answers in order, so the first
+//! none) and gives it back after. Items are taken from the worker's hand
+//! as they are sent, and up to [`MAX_WRITE_AHEAD`] small ones are written
+//! ahead while replies are read, so small items do not pay a round trip of
+//! latency each, while the rest of the batch stays in the hand, where an
+//! idle worker may take it (only those written ahead wait behind a slow
+//! one). Items that take [`ONE_AT_A_TIME`] or longer go one at a time,
+//! and nothing waits behind them. The child answers in order, so the first
 //! unanswered item is the one it is running: if the child dies, runs past
 //! the stage's timeout, or sends something that is not a reply, that item
 //! fails, the child is killed and reaped, and the rest of the batch goes to
@@ -25,7 +29,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Attempt, Ran, Reporter, RunCtx, StageRunner};
+use super::{Attempt, FLUSH_AFTER, Ran, Reporter, RunCtx, StageRunner};
 use crate::item::{ItemErrorKind, Permanent, WorkItem};
 use crate::process::frame::{self, Job, JobRef, Reply};
 use crate::process::spawn::{ChildProc, ChildSpec};
@@ -35,12 +39,14 @@ use crate::process::spawn::{ChildProc, ChildSpec};
 /// make a batch loop).
 const MAX_INNOCENT_BREAKS: u32 = 3;
 
-/// About how much work (by the stage's recent time per item) is written
-/// ahead to a worker process; the rest of the batch stays in the worker's
-/// hand, where an idle worker of the stage may take it.
-const WRITE_AHEAD_WORK: Duration = Duration::from_millis(1);
-/// The most items written ahead.
-const MAX_WRITE_AHEAD: usize = 64;
+/// Items that take at least this long (by the recent pace) go to a worker
+/// process one at a time: a round trip costs little beside them.
+const ONE_AT_A_TIME: Duration = Duration::from_millis(1);
+/// The most items a worker process is sent at once (the one it runs and
+/// those written ahead, which wait behind it): enough to hide the round
+/// trip of small items; the rest of the batch stays in the worker's hand,
+/// where an idle worker of the stage may take it.
+const MAX_WRITE_AHEAD: usize = 4;
 
 /// Runs a Process stage's batches in worker processes.
 pub(crate) struct ProcessRunner<I, O> {
@@ -124,7 +130,8 @@ where
 {
     async fn run(&self, ctx: &Arc<RunCtx<I, O>>) -> Result<(), String> {
         // Items are taken from the hand as they are written, at most
-        // about `WRITE_AHEAD_WORK` of them ahead of the one the child runs.
+        // `MAX_WRITE_AHEAD` at once, so the rest stay within the stage's
+        // reach.
         let mut pending: VecDeque<Pending<I>> = VecDeque::new();
         self.top_up(ctx, &mut pending);
         if pending.is_empty() {
@@ -230,12 +237,14 @@ where
     I: Serialize + DeserializeOwned + Send + 'static,
     O: DeserializeOwned + Send + 'static,
 {
-    /// How many items to have begun at once: about [`WRITE_AHEAD_WORK`]
-    /// worth by the recent pace, one at a time until it is known.
+    /// How many items to have sent at once: one at a time until the pace
+    /// is known and while items take [`ONE_AT_A_TIME`] or longer, else
+    /// [`MAX_WRITE_AHEAD`].
     fn window(&self) -> usize {
         match self.pace_ns.load(Ordering::Relaxed) {
             0 => 1,
-            pace => ((WRITE_AHEAD_WORK.as_nanos() as u64 / pace) as usize).clamp(1, MAX_WRITE_AHEAD),
+            pace if pace >= ONE_AT_A_TIME.as_nanos() as u64 => 1,
+            _ => MAX_WRITE_AHEAD,
         }
     }
 
@@ -307,6 +316,7 @@ where
             ..
         } = proc;
         let (mut rd, mut wr) = socket.split();
+        let mut flush_at = std::pin::pin!(tokio::time::sleep(FLUSH_AFTER));
         // Set when a write fails: the child is gone or stopped reading, but
         // replies it sent before may still be waiting to be read.
         let mut cannot_write = None;
@@ -320,6 +330,16 @@ where
             let deadline = ctx
                 .timeout
                 .map(|t| tokio::time::Instant::from_std(front_started + t));
+            // Finished items are reported within `FLUSH_AFTER` even while
+            // the child is slow with the next one (the timer is reset only
+            // when a report went, about once a `FLUSH_AFTER`).
+            let unsent = !reporter.outcomes.is_empty();
+            if unsent {
+                let due = tokio::time::Instant::from_std(reporter.last_flush + FLUSH_AFTER);
+                if flush_at.deadline() != due {
+                    flush_at.as_mut().reset(due);
+                }
+            }
             tokio::select! {
                 biased;
                 read = rd.read(buf.spare()) => {
@@ -382,6 +402,7 @@ where
                         Err(e) => cannot_write = Some(e.to_string()),
                     }
                 }
+                () = &mut flush_at, if unsent => reporter.flush_done(),
                 () = sleep_until(deadline) => {
                     let timeout = ctx.timeout.unwrap_or_default();
                     return Err(Broken {
