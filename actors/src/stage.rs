@@ -52,7 +52,7 @@ use crate::event::{PipelineEvent, WorkerId};
 use crate::item::{
     ItemError, ItemErrorKind, JobId, StageTimes, WorkItem, WorkItemMetadata, WorkItemResult,
 };
-use crate::runner::hand::{Hand, Harvest};
+use crate::runner::hand::{Hand, Harvest, Taken};
 use crate::runner::{Outcome, RunCtx, StageRunner, WorkerReport};
 use crate::shared::Shared;
 use crate::tracker::TrackerMsg;
@@ -766,7 +766,7 @@ where
             slot.hand.give(items);
             if slot.actor.cast(WorkerMsg::Run).is_err() {
                 // The worker died after its last report; its Reap is on the way.
-                let items = slot.hand.take_back(|all| all);
+                let items = slot.hand.take_back_all();
                 slot.held.clear();
                 self.in_flight -= take;
                 for item in items.into_iter().rev() {
@@ -788,17 +788,21 @@ where
             return;
         }
         let idle = self.idle.len();
-        let Some(slot) = self
+        let Some((&victim, slot)) = self
             .slots
-            .values_mut()
-            .filter(|s| !s.failing && !s.dead && s.held.len() > 1)
-            .max_by_key(|s| s.held.len())
+            .iter_mut()
+            .filter(|(_, s)| !s.failing && !s.dead && s.held.len() > 1)
+            .max_by_key(|(_, s)| s.held.len())
         else {
             return;
         };
-        let items = slot
+        let Taken {
+            unstarted: items,
+            outcomes,
+            busy,
+        } = slot
             .hand
-            .take_back(|unstarted| unstarted - unstarted / (idle + 1));
+            .take_for_others(|unstarted| unstarted - unstarted / (idle + 1));
         for item in items.iter().rev() {
             let back = slot.held.pop_back();
             debug_assert!(
@@ -806,11 +810,15 @@ where
                 "the unstarted items are the end of what a worker holds"
             );
         }
-        let (outcomes, busy) = slot.hand.take_outcomes();
         // They were held before the rest (reports on their way, if any,
         // take the same number off the front).
         for _ in 0..outcomes.len() {
             slot.held.pop_front();
+        }
+        if slot.held.is_empty() {
+            // It had not started on its batch: all of it went to others.
+            // The wake-up it has yet to read finds its hand empty.
+            self.idle.push(victim);
         }
         self.in_flight -= items.len() + outcomes.len();
         self.queue.extend(items);

@@ -52,6 +52,14 @@ pub(crate) struct Harvest<I, O> {
     pub(crate) unstarted: Vec<WorkItem<I>>,
 }
 
+/// What the stage takes from a busy worker's hand for idle ones.
+pub(crate) struct Taken<I, O> {
+    pub(crate) unstarted: Vec<WorkItem<I>>,
+    pub(crate) outcomes: Vec<Outcome<I, O>>,
+    /// Handler time spent on `outcomes`.
+    pub(crate) busy: Duration,
+}
+
 impl<I, O> Default for Harvest<I, O> {
     fn default() -> Self {
         Harvest {
@@ -84,24 +92,31 @@ impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
         self.lock().pending.extend(items);
     }
 
-    /// From the stage: some of the items the worker has not started, from
-    /// the end of its batch, in order; `share` says how many, of how many
-    /// there are.
-    pub(crate) fn take_back(&self, share: impl FnOnce(usize) -> usize) -> Vec<WorkItem<I>> {
+    /// From the stage, for idle workers: some of the items the worker has
+    /// not started, from the end of its batch, in order (`share` says how
+    /// many, of how many there are), and the outcomes a blocking handler
+    /// returned that the worker has not reported while its thread is busy
+    /// with a later item, with the handler time spent on them.
+    pub(crate) fn take_for_others(&self, share: impl FnOnce(usize) -> usize) -> Taken<I, O> {
         let mut state = self.lock();
         let n = share(state.pending.len()).min(state.pending.len());
         let from = state.pending.len() - n;
-        state.pending.drain(from..).collect()
-    }
-
-    /// From the stage: the outcomes a blocking handler returned that the
-    /// worker has not reported, while its thread is busy with a later item,
-    /// and the handler time spent on them.
-    pub(crate) fn take_outcomes(&self) -> (Vec<Outcome<I, O>>, Duration) {
-        match self.lock().reporter.as_mut() {
+        let unstarted = state.pending.drain(from..).collect();
+        let (outcomes, busy) = match state.reporter.as_mut() {
             Some(reporter) => reporter.take_outcomes(),
             None => (Vec::new(), Duration::ZERO),
+        };
+        Taken {
+            unstarted,
+            outcomes,
+            busy,
         }
+    }
+
+    /// From the stage, when the worker died after it was given items:
+    /// every item it has not started.
+    pub(crate) fn take_back_all(&self) -> Vec<WorkItem<I>> {
+        self.lock().pending.drain(..).collect()
     }
 
     /// From a blocking worker's task, before its thread starts on the
