@@ -390,8 +390,8 @@ async fn a_slow_item_holds_back_only_itself() {
         .into_iter()
         .enumerate()
         .map(|(i, a)| WorkItem::with_job_id(i.to_string(), a));
-    let config = PipelineConfig::new("slow-one", vec![stage("slow-one", 2)])
-        .stats_interval(Duration::ZERO);
+    let config =
+        PipelineConfig::new("slow-one", vec![stage("slow-one", 2)]).stats_interval(Duration::ZERO);
     let start = Instant::now();
     let finished = Arc::new(Mutex::new(Vec::new()));
     let record = finished.clone();

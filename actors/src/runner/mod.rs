@@ -19,14 +19,19 @@
 //! stage in the same report, and makes the worker fail so that it is
 //! replaced.
 //!
+//! The stage puts each batch in the worker's [`hand`], shared with it, and
+//! the worker takes the items from there as it starts them: the items a
+//! worker has not started are always within the stage's reach, for an idle
+//! worker to take or, when the worker dies, to run elsewhere.
+//!
 //! Results stream back to the stage as they are ready: after each item the
 //! worker sends what it has if [`FLUSH_AFTER`] has passed since its last
 //! report, and an async worker also sends what it has before awaiting a
 //! handler that does not complete at once; so a batch of fast items is
 //! reported in one message and finished items do not wait behind a slow
-//! one. (A blocking handler cannot be looked into: items finished within
-//! [`FLUSH_AFTER`] before a slow one in the same batch wait for it. The
-//! stage keeps such batches to about a millisecond of recent work.)
+//! one. (A blocking handler cannot be looked into: its batch's reporter
+//! sits in the hand, and the stage takes the results it holds when another
+//! worker is idle, or when the worker dies.)
 //!
 //! # Attempts, retries and timeouts
 //!

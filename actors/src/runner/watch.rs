@@ -15,8 +15,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::hand::Hand;
 use super::RunCtx;
+use super::hand::Hand;
 use crate::item::{ItemErrorKind, WorkItem};
 
 /// At the deadline of the attempt in hand, if it is still running: fails
