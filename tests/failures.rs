@@ -369,3 +369,54 @@ fn restart_budgets_load_from_files() {
     .unwrap_err();
     assert!(err.to_string().contains("restart_budget.window"), "{err}");
 }
+
+/// Data whose copy panics for every tenth value: the copy a retrying stage
+/// keeps is made outside the handler's guard, so it kills the worker.
+#[derive(Debug)]
+struct Touchy(u64);
+
+impl Clone for Touchy {
+    fn clone(&self) -> Self {
+        if self.0 % 10 == 3 {
+            panic!("Touchy({}) refuses to be copied", self.0);
+        }
+        Touchy(self.0)
+    }
+}
+
+/// The items a worker that dies never started run on another worker: only
+/// the item whose copy panicked fails (issue 20 items 5 and 9), whatever
+/// the model keeps unstarted items in.
+async fn items_a_dead_worker_never_started_run_elsewhere(model: ExecutionType) {
+    let stage = StageConfig::new("touchy", model)
+        .workers(2)
+        .queue_size(50)
+        .retry(RetryPolicy::exponential(2, Duration::from_millis(1)));
+    let builder = Pipeline::builder(config("touchy", vec![stage]))
+        .unwrap()
+        .source(sources::iter((0..200u64).map(Touchy)));
+    let builder = match model {
+        ExecutionType::Async => {
+            builder.retrying_async_stage("touchy", |i: WorkItem<Touchy>| async move { Ok(i) })
+        }
+        _ => builder.retrying_sync_stage("touchy", Ok::<WorkItem<Touchy>, anyhow::Error>),
+    };
+    let pipeline = builder.build().unwrap();
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 200, "{model}");
+    assert_unique_ids(&results);
+    let failed = results.iter().filter(|r| !r.success).count();
+    assert_eq!(failed, 20, "{model}: only the 20 touchy items fail");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_a_dead_async_worker_never_started_run_elsewhere() {
+    items_a_dead_worker_never_started_run_elsewhere(ExecutionType::Async).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_a_dead_thread_worker_never_started_run_elsewhere() {
+    items_a_dead_worker_never_started_run_elsewhere(ExecutionType::Thread).await;
+}

@@ -9,6 +9,7 @@
 //! an idle worker of the stage may take it. It then takes items from the
 //! hand one by one.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -17,7 +18,8 @@ use std::task::Poll;
 use futures::FutureExt;
 use tracing::Instrument;
 
-use super::{Attempt, Ran, Reporter, RunCtx, StageRunner, item_span, item_spans_enabled};
+use super::hand::Hand;
+use super::{Attempt, Ran, Reporter, RunCtx, Sending, StageRunner, item_span, item_spans_enabled};
 use crate::item::WorkItem;
 
 /// Awaits the pinned future `$fut`; if it cannot finish at once, first sends
@@ -33,13 +35,28 @@ macro_rules! ready_or_flush {
                 if $items.is_empty() {
                     $reporter.flush_done();
                 } else {
-                    $hand.put_back(&mut $items);
+                    $hand.put_back($items);
                     $reporter.flush_offered();
                 }
                 $fut.await
             }
         }
     };
+}
+
+/// The unstarted items an async worker keeps to itself: put back in its
+/// hand if the worker ends while it holds them (a panic outside the
+/// handler's guard, or a kill), so that the stage finds them there and
+/// runs them elsewhere (or cancels them on abort).
+struct Rest<'a, I: Send + 'static, O: Send + 'static> {
+    items: VecDeque<WorkItem<I>>,
+    hand: &'a Hand<I, O>,
+}
+
+impl<I: Send + 'static, O: Send + 'static> Drop for Rest<'_, I, O> {
+    fn drop(&mut self) {
+        self.hand.put_back(&mut self.items);
+    }
 }
 
 /// Runs an `async fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>`.
@@ -54,12 +71,16 @@ where
 {
     async fn run(&self, ctx: &Arc<RunCtx<I, O>>) -> Result<(), String> {
         let hand = &ctx.hand;
-        let mut items = hand.take_all();
+        let mut rest = Rest {
+            items: hand.take_all(),
+            hand,
+        };
+        let items = &mut rest.items;
         if items.is_empty() {
             return Ok(());
         }
         let mut started = crate::clock::now();
-        let mut reporter = Reporter::new(ctx, items.len(), started);
+        let mut reporter = Sending(Reporter::new(ctx, items.len(), started));
         // Once per batch: when no subscriber wants item spans, each item
         // gets the empty span, which costs a branch per poll.
         let traced = item_spans_enabled();
@@ -98,8 +119,8 @@ where
             };
             let now = crate::clock::now();
             // Taken only after a panic, to be handed back.
-            let mut rest = std::iter::from_fn(|| items.pop_front().or_else(|| hand.next()));
-            reporter.settle(attempt, ran, started, now, &mut rest)?;
+            let mut returned = std::iter::from_fn(|| items.pop_front().or_else(|| hand.next()));
+            reporter.settle(attempt, ran, started, now, &mut returned)?;
             started = now;
         }
         reporter.finish(started);

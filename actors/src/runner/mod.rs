@@ -462,6 +462,39 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
     }
 }
 
+/// The reporter of a worker's own task (Async, Process), which sends what
+/// it holds if the task ends without finishing its batch (a panic outside
+/// the handler's guard, or a kill): results that came back are delivered,
+/// ahead of the stage's `Reap` of the worker. (A blocking batch's reporter
+/// sits in the worker's hand, where the stage takes what it holds.)
+pub(crate) struct Sending<I: Send + 'static, O: Send + 'static>(pub(crate) Reporter<I, O>);
+
+impl<I: Send + 'static, O: Send + 'static> Sending<I, O> {
+    /// Sends everything left.
+    pub(crate) fn finish(mut self, now: Instant) {
+        self.0.flush(Vec::new(), None, now);
+    }
+}
+
+impl<I: Send + 'static, O: Send + 'static> std::ops::Deref for Sending<I, O> {
+    type Target = Reporter<I, O>;
+    fn deref(&self) -> &Reporter<I, O> {
+        &self.0
+    }
+}
+
+impl<I: Send + 'static, O: Send + 'static> std::ops::DerefMut for Sending<I, O> {
+    fn deref_mut(&mut self) -> &mut Reporter<I, O> {
+        &mut self.0
+    }
+}
+
+impl<I: Send + 'static, O: Send + 'static> Drop for Sending<I, O> {
+    fn drop(&mut self) {
+        self.0.flush_done();
+    }
+}
+
 /// Whether any subscriber wants [`item_span`]s now; asked once per batch,
 /// so that a batch nobody traces makes no span at all.
 #[inline]

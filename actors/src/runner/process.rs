@@ -29,7 +29,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Attempt, FLUSH_AFTER, Ran, Reporter, RunCtx, StageRunner};
+use super::{Attempt, FLUSH_AFTER, Ran, Reporter, RunCtx, Sending, StageRunner};
 use crate::item::{ItemErrorKind, Permanent, WorkItem};
 use crate::process::frame::{self, Job, JobRef, Reply};
 use crate::process::spawn::{ChildProc, ChildSpec};
@@ -137,7 +137,7 @@ where
         if pending.is_empty() {
             return Ok(());
         }
-        let mut reporter = Reporter::new(ctx, pending.len(), Instant::now());
+        let mut reporter = Sending(Reporter::new(ctx, pending.len(), Instant::now()));
         let ctx: &RunCtx<I, O> = ctx;
         let mut child = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut innocent_breaks = 0;
