@@ -242,3 +242,93 @@ async fn a_slow_item_holds_back_only_itself_thread() {
 async fn a_slow_item_holds_back_only_itself_cpu() {
     a_slow_item_holds_back_only_itself(ExecutionType::Cpu).await;
 }
+
+/// Hands out 5 items, then, once `gate` is opened, 4 more at once (less
+/// work than is worth splitting between workers), then nothing.
+struct TwoBursts {
+    turn: u8,
+    gate: Arc<tokio::sync::Notify>,
+}
+
+impl Source for TwoBursts {
+    type Item = u64;
+
+    async fn refill(&mut self, _count: usize) -> anyhow::Result<Vec<WorkItem<u64>>> {
+        self.turn += 1;
+        Ok(match self.turn {
+            1 => (0..5).map(WorkItem::new).collect(),
+            2 => {
+                self.gate.notified().await;
+                (100..104).map(WorkItem::new).collect()
+            }
+            _ => Vec::new(),
+        })
+    }
+}
+
+/// A batch that outlives its pace is shared: when one worker was given a
+/// whole batch of fast items (too little work to split between workers)
+/// and one of them blocks, the idle worker takes the rest within
+/// milliseconds, though the blocked worker sends nothing (issue 12 item 2).
+async fn a_blocked_batch_is_shared_with_an_idle_worker(model: ExecutionType) {
+    let release = Arc::new(AtomicBool::new(false));
+    let outcomes = Arc::new(Outcomes::default());
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let source = TwoBursts {
+        turn: 0,
+        gate: gate.clone(),
+    };
+    let r = release.clone();
+    let pipeline = Pipeline::builder(config(
+        "blocked-batch",
+        vec![StageConfig::new("work", model).workers(2)],
+    ))
+    .unwrap()
+    .source(source)
+    .sync_stage("work", move |i: WorkItem<u64>| {
+        if i.data == 101 {
+            hold_until(&r);
+        }
+        Ok(i)
+    })
+    .on_complete(outcomes.callback())
+    .build()
+    .unwrap();
+    pipeline.start().await.unwrap();
+    // Warm up: the stage learns that items are fast.
+    within(Duration::from_secs(5), async {
+        while outcomes.total() < 5 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    gate.notify_one();
+    let waited = tokio::time::timeout(Duration::from_secs(5), async {
+        while outcomes.total() < 5 + 3 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    release.store(true, Ordering::SeqCst);
+    assert!(
+        waited.is_ok(),
+        "{model}: {} of 8 finished while one item was blocked",
+        outcomes.total()
+    );
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 9, "{model}");
+    assert!(results.iter().all(|r| r.success), "{model}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_batch_is_shared_with_an_idle_worker_thread() {
+    a_blocked_batch_is_shared_with_an_idle_worker(ExecutionType::Thread).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_batch_is_shared_with_an_idle_worker_cpu() {
+    a_blocked_batch_is_shared_with_an_idle_worker(ExecutionType::Cpu).await;
+}

@@ -74,6 +74,10 @@ const BATCH_WORK: Duration = Duration::from_millis(1);
 const SPLIT_WORK: Duration = Duration::from_micros(20);
 /// Wait before trying again when a replacement worker cannot be spawned.
 const RESPAWN_DELAY: Duration = Duration::from_millis(100);
+/// While a worker is idle, nothing is queued and a busy worker may hold
+/// items it has not started, the stage looks again this often (a worker
+/// blocked in its handler sends nothing that would make it look).
+const REBALANCE_AFTER: Duration = Duration::from_millis(5);
 
 /// A stage supervisor's mailbox; `I` is the stage's input type, `O` its
 /// output type.
@@ -93,6 +97,9 @@ pub(crate) enum StageMsg<I, O> {
     Respawn,
     /// From itself: items waiting to be retried may be due.
     Wake,
+    /// From itself, [`REBALANCE_AFTER`] after a turn that left a worker
+    /// idle while another may hold items it has not started: look again.
+    Rebalance,
     /// From the root: cancel everything held and everything that arrives.
     Abort,
     /// From the pipeline's monitor: report the items workers have held
@@ -189,6 +196,8 @@ pub(crate) struct StageState<I, O, R> {
     restarts: VecDeque<Instant>,
     /// The budget was exceeded: no more replacements.
     over_budget: bool,
+    /// A `Rebalance` is on its way.
+    rebalance_armed: bool,
 }
 
 impl<I, O, R> Actor for Stage<I, O, R>
@@ -237,6 +246,7 @@ where
             wake_at: None,
             restarts: VecDeque::new(),
             over_budget: false,
+            rebalance_armed: false,
             name,
             shared: args.shared,
         })
@@ -268,6 +278,7 @@ where
             StageMsg::Reap { worker, reason } => state.reap(&myself, worker, reason).await,
             StageMsg::Respawn => state.respawn(&myself).await,
             StageMsg::Wake => state.wake(&myself),
+            StageMsg::Rebalance => state.rebalance_armed = false,
             StageMsg::Abort => state.abort(),
             StageMsg::CheckStalls(threshold) => state.check_stalls(threshold),
         }
@@ -782,7 +793,30 @@ where
                 }
             }
         }
+        self.arm_rebalance(myself);
         self.request();
+    }
+
+    /// A worker blocked in its handler sends nothing for long: while a
+    /// worker is idle, nothing is queued and a busy one holds more than the
+    /// item it runs, look again in [`REBALANCE_AFTER`]. So a batch that
+    /// outlives its pace (about 1 ms of work) is shared with idle workers
+    /// within a few milliseconds, while batches of fast items are left
+    /// whole (see [`SPLIT_WORK`]).
+    fn arm_rebalance(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
+        if self.rebalance_armed
+            || self.aborting
+            || self.idle.is_empty()
+            || !self.queue.is_empty()
+            || !self
+                .slots
+                .values()
+                .any(|s| !s.failing && !s.dead && s.held.len() > 1)
+        {
+            return;
+        }
+        self.rebalance_armed = true;
+        myself.send_after(REBALANCE_AFTER, || StageMsg::Rebalance);
     }
 
     /// When workers are idle and nothing is queued, takes from the busy
