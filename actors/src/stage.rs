@@ -944,11 +944,10 @@ where
         g.in_flight.store(self.in_flight, Ordering::Relaxed);
         g.waiting_downstream
             .store(self.outbox.len(), Ordering::Relaxed);
+        // A worker seen dead that reported no panic is still counted: its
+        // reap replaces it.
         g.workers.store(
-            self.slots
-                .values()
-                .filter(|s| !s.failing && !s.dead)
-                .count(),
+            self.slots.values().filter(|s| !s.failing).count(),
             Ordering::Relaxed,
         );
     }
