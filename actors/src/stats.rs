@@ -121,7 +121,9 @@ pub struct StageStats {
     pub retried: u64,
     /// Items waiting in its queue now.
     pub queued: usize,
-    /// Items its workers hold now.
+    /// Items its workers hold now: given to them, started or not (at most
+    /// `workers` are running; an idle worker takes the others from a busy
+    /// one, see docs/architecture.md, "The hand").
     pub in_flight: usize,
     /// Items done here and waiting for the next stage to ask for them.
     pub waiting_downstream: usize,
