@@ -372,7 +372,8 @@ pub enum ItemErrorKind {
     /// Another item with the same job id was still in the pipeline; this one
     /// was not admitted.
     DuplicateJobId,
-    /// The worker holding the item died without reporting it.
+    /// The worker running the item died without reporting it. (Items the
+    /// worker had been given and had not started run on another worker.)
     WorkerLost,
     /// The worker process running the item died (abort, segfault, killed);
     /// the message gives the exit status or signal. Also when it sent a
