@@ -74,6 +74,9 @@ const BATCH_WORK: Duration = Duration::from_millis(1);
 const SPLIT_WORK: Duration = Duration::from_micros(20);
 /// Wait before trying again when a replacement worker cannot be spawned.
 const RESPAWN_DELAY: Duration = Duration::from_millis(100);
+/// How many busy workers an idle one looks into, busiest first, for items
+/// they have not started.
+const STEAL_TRIES: usize = 4;
 /// While a worker is idle, nothing is queued and a busy worker may hold
 /// items it has not started, the stage looks again this often (a worker
 /// blocked in its handler sends nothing that would make it look).
@@ -830,45 +833,53 @@ where
             return;
         }
         let idle = self.idle.len();
-        let Some((&victim, slot)) = self
+        // The busiest first; an async worker keeps its batch to itself
+        // while its handlers complete at once, so look at a few.
+        let mut candidates: Vec<_> = self
             .slots
-            .iter_mut()
+            .iter()
             .filter(|(_, s)| !s.failing && !s.dead && s.held.len() > 1)
-            .max_by_key(|(_, s)| s.held.len())
-        else {
+            .map(|(id, s)| (s.held.len(), *id))
+            .collect();
+        candidates.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, victim) in candidates.into_iter().take(STEAL_TRIES) {
+            let slot = self.slots.get_mut(&victim).expect("listed above");
+            let Taken {
+                unstarted: items,
+                outcomes,
+                busy,
+            } = slot
+                .hand
+                .take_for_others(|unstarted| unstarted - unstarted / (idle + 1));
+            if items.is_empty() && outcomes.is_empty() {
+                continue;
+            }
+            for item in items.iter().rev() {
+                let back = slot.held.pop_back();
+                debug_assert!(
+                    back.is_some_and(|(job_id, _)| job_id == item.job_id),
+                    "the unstarted items are the end of what a worker holds"
+                );
+            }
+            // They were held before the rest (reports on their way, if any,
+            // take the same number off the front).
+            for _ in 0..outcomes.len() {
+                slot.held.pop_front();
+            }
+            if slot.held.is_empty() {
+                // It had not started on its batch: all of it went to others.
+                // The wake-up it has yet to read finds its hand empty.
+                self.idle.push(victim);
+            }
+            self.in_flight -= items.len() + outcomes.len();
+            self.queue.extend(items);
+            if !outcomes.is_empty() {
+                self.shared.gauges[self.index]
+                    .busy_ns
+                    .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+                self.settle(myself, outcomes, Vec::new());
+            }
             return;
-        };
-        let Taken {
-            unstarted: items,
-            outcomes,
-            busy,
-        } = slot
-            .hand
-            .take_for_others(|unstarted| unstarted - unstarted / (idle + 1));
-        for item in items.iter().rev() {
-            let back = slot.held.pop_back();
-            debug_assert!(
-                back.is_some_and(|(job_id, _)| job_id == item.job_id),
-                "the unstarted items are the end of what a worker holds"
-            );
-        }
-        // They were held before the rest (reports on their way, if any,
-        // take the same number off the front).
-        for _ in 0..outcomes.len() {
-            slot.held.pop_front();
-        }
-        if slot.held.is_empty() {
-            // It had not started on its batch: all of it went to others.
-            // The wake-up it has yet to read finds its hand empty.
-            self.idle.push(victim);
-        }
-        self.in_flight -= items.len() + outcomes.len();
-        self.queue.extend(items);
-        if !outcomes.is_empty() {
-            self.shared.gauges[self.index]
-                .busy_ns
-                .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
-            self.settle(myself, outcomes, Vec::new());
         }
     }
 
