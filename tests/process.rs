@@ -576,7 +576,10 @@ async fn the_environment_is_inherited_by_default() {
     let options = ProcessOptions::new().env("GIVEN", "1");
     let (results, returned) = run("envall", stage("envall", 1), options, acts).await;
     assert!(results.values().all(|r| r.success));
-    assert_eq!(returned.values().copied().collect::<Vec<_>>(), vec![1, 1, 1]);
+    assert_eq!(
+        returned.values().copied().collect::<Vec<_>>(),
+        vec![1, 1, 1]
+    );
 }
 
 async fn the_environment_is_clean() {
@@ -633,7 +636,12 @@ async fn captured_worker_output_reaches_tracing() {
 
 /// Runs `count` doubles through one Process stage started with `options`,
 /// for a pipeline expected to fail: its error.
-async fn run_to_error(name: &str, stage: StageConfig, options: ProcessOptions, acts: Vec<Act>) -> PipelineError {
+async fn run_to_error(
+    name: &str,
+    stage: StageConfig,
+    options: ProcessOptions,
+    acts: Vec<Act>,
+) -> PipelineError {
     let config = PipelineConfig::new(name, vec![stage]).stats_interval(Duration::ZERO);
     let pipeline = Pipeline::builder(config)
         .unwrap()
@@ -655,7 +663,9 @@ async fn workers_that_cannot_start_fail_the_pipeline_once() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("starts");
     let script = format!("echo started >> '{}'; exit 2", log.display());
-    let options = ProcessOptions::new().program("/bin/sh").args(["-c", &script]);
+    let options = ProcessOptions::new()
+        .program("/bin/sh")
+        .args(["-c", &script]);
     let started = Instant::now();
     let acts = (0..2000).map(Act::Double).collect();
     let error = run_to_error("nostart", stage("nostart", 2), options, acts).await;
@@ -669,7 +679,11 @@ async fn workers_that_cannot_start_fail_the_pipeline_once() {
     }
     let starts = std::fs::read_to_string(&log).unwrap().lines().count();
     assert!(starts <= 6, "{starts} worker processes started");
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 
     let options = ProcessOptions::new()
         .program("/bin/sleep")
@@ -735,7 +749,8 @@ async fn a_killed_worker_takes_its_children_with_it() {
 async fn run_returns_after_the_workers_are_reaped() {
     for round in 0..5 {
         let name = format!("reaped{round}");
-        let config = PipelineConfig::new(&name, vec![stage(&name, 2)]).stats_interval(Duration::ZERO);
+        let config =
+            PipelineConfig::new(&name, vec![stage(&name, 2)]).stats_interval(Duration::ZERO);
         let pipeline = Pipeline::builder(config)
             .unwrap()
             .source(sources::iter((0..20).map(Act::Double)))
@@ -744,7 +759,10 @@ async fn run_returns_after_the_workers_are_reaped() {
             .unwrap();
         let results = pipeline.run().await.unwrap();
         let left = children();
-        assert!(left.is_empty(), "round {round}: left (pid, state): {left:?}");
+        assert!(
+            left.is_empty(),
+            "round {round}: left (pid, state): {left:?}"
+        );
         assert!(results.iter().all(|r| r.success));
     }
 }
@@ -841,15 +859,22 @@ async fn worker_output_reaches_the_parents_stdout_and_stderr() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("hello from a worker on stdout"), "stdout: {stdout}");
-    assert!(stderr.contains("hello from a worker on stderr"), "stderr: {stderr}");
+    assert!(
+        stdout.contains("hello from a worker on stdout"),
+        "stdout: {stdout}"
+    );
+    assert!(
+        stderr.contains("hello from a worker on stderr"),
+        "stderr: {stderr}"
+    );
 }
 
 /// `--print`: one item through a Process stage that prints.
 fn print_through() -> ! {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let ok = runtime.block_on(async {
-        let config = PipelineConfig::new("print", vec![stage("print", 1)]).stats_interval(Duration::ZERO);
+        let config =
+            PipelineConfig::new("print", vec![stage("print", 1)]).stats_interval(Duration::ZERO);
         let pipeline = Pipeline::builder(config)
             .unwrap()
             .source(sources::iter([Act::Print("hello from a worker".into())]))
@@ -896,7 +921,8 @@ async fn ctrl_c_stops_gracefully_and_spares_the_workers() {
 fn ctrl_c_parent() -> ! {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let ok = runtime.block_on(async {
-        let config = PipelineConfig::new("ctrlc", vec![stage("ctrlc", 2)]).stats_interval(Duration::ZERO);
+        let config =
+            PipelineConfig::new("ctrlc", vec![stage("ctrlc", 2)]).stats_interval(Duration::ZERO);
         let pipeline = Pipeline::builder(config)
             .unwrap()
             .source(sources::iter((0..400).map(|_| Act::Sleep(50))))

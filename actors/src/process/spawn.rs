@@ -300,7 +300,9 @@ impl ChildProc {
     /// items and its process (for `exchange`, which uses them at once).
     pub(crate) fn parts(&mut self) -> (&mut UnixStream, &mut FrameBuf, &mut u64, &mut Child) {
         (
-            self.socket.as_mut().expect("a started worker has its socket"),
+            self.socket
+                .as_mut()
+                .expect("a started worker has its socket"),
             &mut self.buf,
             &mut self.served,
             self.child.as_mut().expect("a worker not yet reaped"),

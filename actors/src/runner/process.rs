@@ -176,7 +176,10 @@ where
                 let message = format!("the stage cannot start its worker processes: {why}");
                 let front = pending.pop_front().expect("a front");
                 let now = Instant::now();
-                let outcome = front.with_input().fail(ctx, ItemErrorKind::ProcessDied, message, false, now);
+                let outcome =
+                    front
+                        .with_input()
+                        .fail(ctx, ItemErrorKind::ProcessDied, message, false, now);
                 reporter.push(outcome, now, now);
                 continue;
             }
@@ -237,7 +240,11 @@ where
                     let front = pending.pop_front().expect("a front");
                     let now = Instant::now();
                     let started = front.started.unwrap_or(now);
-                    reporter.push(front.fail(ctx, broken.kind, message.clone(), now), started, now);
+                    reporter.push(
+                        front.fail(ctx, broken.kind, message.clone(), now),
+                        started,
+                        now,
+                    );
                     // The worker process was lost as a worker actor is when
                     // its handler panics: the worker gives up, so that the
                     // stage replaces it (counted against its restart
@@ -311,7 +318,8 @@ where
         for p in pending.drain(..) {
             match p.unstarted() {
                 Ok(item) => returned.push(item),
-                Err((attempt, message)) => {
+                Err(lost) => {
+                    let (attempt, message) = *lost;
                     let now = Instant::now();
                     let outcome = attempt.fail(ctx, ItemErrorKind::Failed, message, false, now);
                     reporter.push(outcome, now, now);
@@ -538,7 +546,7 @@ fn settle<I, O>(
 impl<I: DeserializeOwned + Send + 'static> Pending<I> {
     /// The item as it was before this attempt began, its data decoded from
     /// the frame it was to be sent in; else its attempt and why not.
-    fn unstarted(self) -> Result<WorkItem<I>, (Attempt<I>, String)> {
+    fn unstarted(self) -> Result<WorkItem<I>, Box<(Attempt<I>, String)>> {
         let mut attempt = self.attempt;
         let data = match &self.frame {
             Ok(frame) => match frame.get(4..).map(frame::decode::<Job<I>>) {
@@ -551,7 +559,7 @@ impl<I: DeserializeOwned + Send + 'static> Pending<I> {
         let data = match data.map_err(|e| (attempt.kept.take(), e)) {
             Ok(data) => data,
             Err((Some(kept), _)) => kept,
-            Err((None, message)) => return Err((attempt, message)),
+            Err((None, message)) => return Err(Box::new((attempt, message))),
         };
         let mut metadata = WorkItemMetadata::default();
         metadata.set_created(attempt.created);
