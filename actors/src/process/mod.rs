@@ -225,7 +225,8 @@ impl WorkerEnv {
 /// let options = ProcessOptions::new()
 ///     .recycle_after(10_000)               // a fresh process every 10,000 items
 ///     .env("OMP_NUM_THREADS", "1")          // set in the workers
-///     .inherit_env("DATABASE_URL")          // passed on from the parent
+///     .clean_env()                          // not the parent's environment,
+///     .inherit_env("DATABASE_URL")          // but for this variable
 ///     .start_timeout(Duration::from_secs(5));
 /// # let _ = options;
 /// ```
