@@ -121,6 +121,19 @@ impl ChildSpec {
         }
         if self.clean_env {
             command.env_clear();
+        } else {
+            // A worker that runs a pipeline of its own passes on only what
+            // its own stage sets.
+            for key in [
+                ENV_PIPELINE,
+                ENV_STAGE,
+                ENV_EXE,
+                ENV_ENTRY,
+                ENV_PARENT,
+                ENV_MAX_FRAME,
+            ] {
+                command.env_remove(key);
+            }
         }
         let output = || {
             if self.capture_output {
