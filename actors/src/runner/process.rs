@@ -45,6 +45,9 @@ const MAX_INNOCENT_BREAKS: u32 = 3;
 const START_FAILURES: u32 = 3;
 /// The pause before starting another worker process after one failed to.
 const START_RETRY_DELAY: Duration = Duration::from_millis(50);
+/// How long an exchange with a worker process runs before the process's
+/// exit is watched as well as its socket (each look is a system call).
+const WATCH_EXIT_AFTER: Duration = Duration::from_millis(10);
 /// How long the stage waits, when it stops, for its worker processes to be
 /// reaped (an idle one exits as soon as its socket closes).
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
@@ -355,8 +358,17 @@ where
         self.start(ctx, &mut pending[0], reporter, front_started);
         let (socket, buf, served, process) = proc.parts();
         let (mut rd, mut wr) = socket.split();
+        // The socket alone would not tell of a death: a process the handler
+        // started (a fork) may hold it open after the worker died. Its exit
+        // is watched after a moment, so that the quick exchanges of most
+        // batches cost no `waitpid` call.
+        let watch = async {
+            tokio::time::sleep(WATCH_EXIT_AFTER).await;
+            process.wait().await
+        };
+        let mut watch = std::pin::pin!(watch);
         // Set when the process has exited: what it wrote before is read
-        // without waiting (something it started may hold the socket open).
+        // without waiting.
         let mut exited = false;
         // Set when a write fails: the child is gone or stopped reading, but
         // replies it sent before may still be waiting to be read.
@@ -423,9 +435,7 @@ where
                         Err(e) => cannot_write = Some(e.to_string()),
                     }
                 }
-                // The socket alone would not tell: a process the handler
-                // started (a fork) may hold it open after the worker died.
-                _ = process.wait(), if !exited => exited = true,
+                _ = &mut watch, if !exited => exited = true,
                 () = sleep_until(deadline) => {
                     let timeout = ctx.timeout.unwrap_or_default();
                     return Err(Broken {
