@@ -362,10 +362,11 @@ impl ChildProc {
     }
 
     /// Kills the child (if it still runs) with its process group and says
-    /// how it ended, e.g. "was killed by signal 6 (SIGABRT)".
+    /// how it ended, e.g. "was killed by signal 6 (SIGABRT)". (Cancelled,
+    /// or if the child outlives SIGKILL, `drop` ends and reaps it.)
     pub(crate) async fn end(mut self) -> String {
         let pid = self.pid;
-        let Some(mut child) = self.child.take() else {
+        let Some(child) = self.child.as_mut() else {
             return "was already reaped".to_string();
         };
         // Already dead (it closed the socket by dying)? Give it a moment
@@ -377,13 +378,11 @@ impl ChildProc {
                 let _ = child.start_kill();
                 match tokio::time::timeout(REAP_WAIT, child.wait()).await {
                     Ok(status) => status,
-                    Err(_) => {
-                        self.reaper.reap(child, pid, Duration::ZERO);
-                        return "did not exit after SIGKILL".to_string();
-                    }
+                    Err(_) => return "did not exit after SIGKILL".to_string(),
                 }
             }
         };
+        self.child = None;
         // What it started and left running.
         kill_group(pid);
         match status {
@@ -396,19 +395,19 @@ impl ChildProc {
     /// ended.
     pub(crate) async fn kill(mut self) -> String {
         let pid = self.pid;
-        let Some(mut child) = self.child.take() else {
+        let Some(child) = self.child.as_mut() else {
             return "was already reaped".to_string();
         };
         kill_group(pid);
         let _ = child.start_kill();
-        match tokio::time::timeout(REAP_WAIT, child.wait()).await {
+        let how = match tokio::time::timeout(REAP_WAIT, child.wait()).await {
             Ok(Ok(status)) => describe(status),
             Ok(Err(e)) => format!("ended with an unknown status ({e})"),
-            Err(_) => {
-                self.reaper.reap(child, pid, Duration::ZERO);
-                "did not exit after SIGKILL".to_string()
-            }
-        }
+            Err(_) => return "did not exit after SIGKILL".to_string(),
+        };
+        self.child = None;
+        kill_group(pid);
+        how
     }
 
     /// Lets an idle child go: closes its socket, so that it exits, and
