@@ -5,7 +5,7 @@
 //! read, handed to the handler, and answered before the next is read, so
 //! the parent knows which item a dead child held: the first unanswered one.
 //! A panic in the handler is caught and answered as `Panicked` (the panic
-//! message also reaches the parent's log through stderr); the child goes
+//! message also reaches the parent's stderr, or its log); the child goes
 //! on. A process built with `panic = "abort"` dies instead, and the parent
 //! reports `ProcessDied`.
 

@@ -46,7 +46,7 @@
 //! | what happens in the worker | the item | the worker process |
 //! |---|---|---|
 //! | the handler returns an error | `Failed` (retried per policy) | goes on |
-//! | the handler panics | `Panicked`; the message is also logged | goes on (the panic is caught) |
+//! | the handler panics | `Panicked`; the message is also printed on stderr | goes on (the panic is caught) |
 //! | abort, segfault, `exit`, killed from outside | `ProcessDied`, with the exit status or signal | replaced |
 //! | runs past the stage's `timeout` | `TimedOut` | killed (SIGKILL), replaced |
 //! | sends a frame above the limit, or one that does not decode | `ProcessDied` ("corrupt reply") | killed, replaced |
