@@ -732,7 +732,7 @@ async fn a_killed_worker_takes_its_children_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("pids");
     let acts = doubles_with(6, 2, Act::AwaitKillWithChild(marker.display().to_string()));
-    let stage = stage("grandchild", 1).timeout(Duration::from_millis(500));
+    let stage = stage("grandchild", 1).timeout(Duration::from_secs(1));
     let results = run("grandchild", stage, ProcessOptions::new(), acts).await;
     only_one_failed(&results, 2, ItemErrorKind::TimedOut, "timeout");
     let pids: Vec<i32> = std::fs::read_to_string(&marker)
