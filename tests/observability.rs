@@ -212,6 +212,7 @@ async fn stats_json_has_exactly_the_documented_shape() {
         "bottleneck",
         "stalled_items",
         "source_errors",
+        "held_back_by",
         "stages",
     ];
     pipeline_keys.sort_unstable();
@@ -391,6 +392,8 @@ async fn a_pipeline_held_back_by_a_lossless_subscriber_says_so() {
     assert!(subscriber.contains("observability.rs"), "{subscriber}");
     assert!(waited >= Duration::from_secs(1));
     assert!(!pipeline.is_finished(), "held back");
+    let held_back_by = pipeline.stats().await.unwrap().held_back_by.unwrap();
+    assert!(held_back_by.contains("observability.rs"), "{held_back_by}");
     let log = captured.text();
     assert!(
         log.contains("lossless event subscriber created at") && log.contains("observability.rs"),

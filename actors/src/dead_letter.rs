@@ -128,6 +128,7 @@ impl DeadLetterSink {
         pipeline: &str,
         stop_waiting: &mut watch::Receiver<bool>,
         spill: usize,
+        hub: &crate::event::EventHub,
     ) -> bool {
         match self {
             DeadLetterSink::Callback(callback) => {
@@ -157,16 +158,23 @@ impl DeadLetterSink {
                     loop {
                         tokio::select! {
                             biased;
-                            permit = &mut reserve => return match permit {
+                            permit = &mut reserve => {
+                                if !waited.is_zero() {
+                                    hub.set_held_back_by(None);
+                                }
+                                return match permit {
                                 Ok(permit) => {
                                     permit.send(letter);
                                     true
                                 }
                                 Err(_) => false,
-                            },
+                            }},
                             _ = stop_waiting.wait_for(|stop| *stop) => break,
                             _ = tokio::time::sleep(warning) => {
                                 waited += warning;
+                                if waited == warning {
+                                    hub.set_held_back_by(Some("dead-letter receiver".into()));
+                                }
                                 if waited == warning || waited.as_secs() % 30 == 0 {
                                     tracing::warn!(
                                         pipeline,
@@ -177,6 +185,9 @@ impl DeadLetterSink {
                             }
                         }
                     }
+                }
+                if !waited.is_zero() {
+                    hub.set_held_back_by(None);
                 }
                 // No more waiting: a task takes the letters to the receiver.
                 let (spilled, mut rx) = mpsc::channel(spill.max(1));

@@ -411,6 +411,9 @@ pub struct EventHub {
     /// waiting, and a full lossless buffer grows past its size instead
     /// (by at most the items still in the pipeline, as the input is closed).
     overflow: AtomicBool,
+    /// The observer a publisher has waited for longer than
+    /// [`SUBSCRIBER_STALL_WARNING`], while it still waits.
+    held_back_by: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for EventHub {
@@ -525,6 +528,7 @@ impl EventHub {
             match ring.try_push(event, false, overflow) {
                 Ok(open) => {
                     if !waited.is_zero() {
+                        self.set_held_back_by(None);
                         tracing::info!(
                             pipeline,
                             subscriber = %ring.origin,
@@ -553,6 +557,7 @@ impl EventHub {
     /// Says that the pipeline waits for `ring`'s subscriber.
     fn stalled(&self, pipeline: &str, ring: &Ring, waited: std::time::Duration) {
         let subscriber = ring.origin.to_string();
+        self.set_held_back_by(Some(format!("subscriber at {subscriber}")));
         tracing::warn!(
             pipeline,
             subscriber = %subscriber,
@@ -566,6 +571,20 @@ impl EventHub {
                 let _ = s.ring.try_push(event.clone(), true, false);
             }
         }
+    }
+
+    /// The observer the pipeline waits for now, if it has waited for it
+    /// longer than [`SUBSCRIBER_STALL_WARNING`] (for `PipelineStats`).
+    pub(crate) fn held_back_by(&self) -> Option<String> {
+        self.held_back_by
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records (`Some`) or clears the observer the pipeline waits for.
+    pub(crate) fn set_held_back_by(&self, observer: Option<String>) {
+        *self.held_back_by.lock().unwrap_or_else(|e| e.into_inner()) = observer;
     }
 
     /// Lossless subscribers are no longer waited for (abort, a stop's

@@ -240,7 +240,13 @@ impl TrackerState {
             let window = self.shared.config.stages.iter().map(|s| s.capacity()).sum();
             let mut stop_waiting = self.shared.stop_waiting.subscribe();
             if !sink
-                .deliver(letter, &self.shared.name, &mut stop_waiting, window)
+                .deliver(
+                    letter,
+                    &self.shared.name,
+                    &mut stop_waiting,
+                    window,
+                    &self.shared.events,
+                )
                 .await
             {
                 tracing::error!(
