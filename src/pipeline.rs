@@ -210,8 +210,12 @@ impl<T: Send + 'static> Pipeline<T> {
 
     /// Adds items to a running pipeline. Waits until the pipeline has room
     /// for all of them (backpressure); fails with
-    /// [`PipelineError::InputClosed`] once its source is exhausted or it is
-    /// stopping.
+    /// [`PipelineError::InputClosed`] (none was admitted) once its source
+    /// is exhausted or it is stopping. If the input closes while the items
+    /// are being admitted, the first ones (in the order given) may already
+    /// be in: the error is then [`PipelineError::PartlyAdmitted`], saying
+    /// how many; those get their outcomes as usual and the rest were not
+    /// admitted.
     pub async fn inject(&self, items: Vec<WorkItem<T>>) -> Result<(), PipelineError> {
         self.runtime.inject(items).await
     }

@@ -60,7 +60,8 @@ pub enum PipelineError {
     },
     /// A stage replaced more workers than its restart budget allows (its
     /// handler keeps panicking). The pipeline was aborted: every item it had
-    /// admitted has its outcome (see callbacks and events).
+    /// admitted has its outcome (see callbacks and events, and
+    /// `Pipeline::run_outcome` for the results).
     #[error(
         "pipeline `{pipeline}`: stage `{stage}` replaced {restarts} workers within {window:?}, over its restart budget; pipeline aborted"
     )]

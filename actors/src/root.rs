@@ -62,7 +62,8 @@ const STOP_ACCOUNTING_TIMEOUT: Duration = Duration::from_secs(30);
 /// The pipeline root's mailbox; `T` is the pipeline's input type.
 pub enum PipelineMsg<T> {
     /// Admit these items; the reply comes once all are admitted (so the
-    /// caller waits for room), or with `InputClosed`.
+    /// caller waits for room), or with `InputClosed` (none was admitted) or
+    /// `PartlyAdmitted` (the first `admitted` were) once the input closes.
     Inject(Vec<WorkItem<T>>, RpcReplyPort<Result<(), PipelineError>>),
     /// Graceful stop: take no more input, finish every item in the pipeline.
     Stop,
