@@ -741,3 +741,73 @@ where
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restart(n: u64) -> PipelineEvent {
+        PipelineEvent::WorkerRestarted {
+            stage: "s".into(),
+            worker: WorkerId(n),
+            replacement: WorkerId(n + 1),
+            reason: String::new(),
+        }
+    }
+
+    fn worker_of(event: &PipelineEvent) -> u64 {
+        match event {
+            PipelineEvent::WorkerRestarted { worker, .. } => worker.0,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_lossy_stream_drops_its_oldest_events_and_never_waits() {
+        let hub = EventHub::default();
+        let mut stream = hub.subscribe(EventFilter::all());
+        let n = EVENT_BUFFER as u64 + 100;
+        hub.publish("p", (0..n).map(restart).collect()).await;
+        assert_eq!(stream.dropped(), 100);
+        hub.close();
+        let mut got = Vec::new();
+        while let Some(event) = stream.recv().await {
+            got.push(worker_of(&event));
+        }
+        assert_eq!(got, (100..n).collect::<Vec<_>>(), "the newest, in order");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_lossless_stream_is_waited_for_until_read_or_told_to_stop() {
+        let hub = Arc::new(EventHub::default());
+        let mut stream = hub.subscribe(EventFilter::all().lossless());
+        let full = (0..EVENT_BUFFER as u64).map(restart).collect();
+        hub.publish("p", full).await;
+        // Lifecycle events never wait: dropped and counted.
+        hub.lifecycle(vec![PipelineEvent::ItemQueued {
+            job_id: "j".into(),
+            stage: "s".into(),
+        }]);
+        assert_eq!(stream.dropped(), 1);
+        let waiting = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.publish("p", vec![restart(9_000)]).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        assert!(!waiting.is_finished(), "waits for room");
+        assert!(hub.held_back_by().unwrap().contains("event.rs"));
+        assert_eq!(worker_of(&stream.recv().await.unwrap()), 0);
+        waiting.await.unwrap();
+        assert_eq!(hub.held_back_by(), None);
+        // Told to stop waiting: the buffer grows instead.
+        hub.stop_waiting();
+        hub.publish("p", vec![restart(9_001), restart(9_002)]).await;
+        hub.close();
+        let mut last = Vec::new();
+        while let Some(event) = stream.recv().await {
+            last.push(worker_of(&event));
+        }
+        assert_eq!(last.len(), EVENT_BUFFER + 2, "nothing lost");
+        assert_eq!(&last[last.len() - 3..], &[9_000, 9_001, 9_002]);
+    }
+}
