@@ -8,11 +8,16 @@
 //!   tracker.
 //! - **Sends**: injections and `Close` to the source, `Abort` to the stages.
 //!   Stats are read from `Shared`, never asked of an actor.
-//! - **Supervises**: its children. A source that panics closes the input:
-//!   the pipeline finishes the items it has and reports
-//!   [`PipelineError::SourcePanicked`]. A tracker or stage that fails is a
-//!   bug in bergtalzug: the pipeline stops at once with
-//!   [`PipelineError::ActorFailed`].
+//! - **Supervises**: its children, which end only when it stops them; any
+//!   other end (a panic, or a stop or kill from outside) ends the run with
+//!   an error naming the child. A source that ends closes the input: the
+//!   pipeline finishes the items it has and reports the error (a panic in
+//!   `refill` or `ack` is caught in the source actor, which does the same
+//!   and stays to acknowledge). A stage that ends aborts the pipeline: the
+//!   other stages are killed, and every item left without an outcome ends
+//!   `Cancelled` through the tracker. A tracker that ends leaves nothing to
+//!   record outcomes: the run ends at once. Errors: [`PipelineError::ActorFailed`]
+//!   (a panic: a bug in bergtalzug) or [`PipelineError::ActorStopped`].
 //! - **Ends**: when the tracker has filed its report, it stops its children,
 //!   records the outcome for the handles, and stops with the reason
 //!   [`FINISHED`]; if the pipeline failed (source panic, restart budget) it
@@ -26,10 +31,14 @@
 //! |---|---|---|---|
 //! | `Stop` | closed: no refill, injections refused | run to their outcome | run to their outcome |
 //! | `Abort`, a stage over budget, stopped from outside | closed | end `Cancelled` | workers are killed; their items end `Cancelled` |
+//! | a stage stopped or killed from outside | closed | the other stages are killed; every item without an outcome ends `Cancelled` | likewise |
 //!
 //! Either way every admitted item gets exactly one outcome before the
 //! pipeline reports that it finished. A refill in progress when the input
-//! closes is abandoned (its future dropped).
+//! closes is abandoned (its future dropped). Abort (and a stop's deadline)
+//! never waits for an observer: lossless subscribers and a full
+//! dead-letter channel are no longer waited for (`Shared::stop_waiting`).
+//! A stop or abort that comes while `start` is starting waits for it.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
