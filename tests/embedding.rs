@@ -560,3 +560,60 @@ async fn every_childs_end_ends_the_run() {
         sup.stop(None);
     }
 }
+
+/// With tracking off the items a killed stage held have no job ids to end
+/// with: the error counts them instead, and the callbacks got every other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_stage_with_tracking_off_counts_what_it_lost() {
+    let (sup, _seen) = supervisor().await;
+    let outcomes = Arc::new(Outcomes::default());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let pipeline = Pipeline::builder(
+        config(
+            "untracked-blown",
+            vec![
+                StageConfig::new("a", ExecutionType::Async)
+                    .workers(2)
+                    .queue_size(8),
+                StageConfig::new("held", ExecutionType::Async)
+                    .workers(2)
+                    .queue_size(8),
+            ],
+        )
+        .enable_tracking(false),
+    )
+    .unwrap()
+    .source(sources::iter(0u64..))
+    .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+    .async_stage("held", move |i: WorkItem<u64>| {
+        let g = g.clone();
+        async move {
+            g.acquire().await?.forget();
+            Ok(i)
+        }
+    })
+    .on_complete(outcomes.callback())
+    .build()
+    .unwrap();
+    let root = pipeline.spawn_linked(sup.get_cell()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut children = root.get_children();
+    children.sort_by_key(|c| c.get_id().pid());
+    children[1].kill(); // the last stage, holding its items at the gate
+    let err = within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap_err();
+    let PipelineError::ActorStopped {
+        actor, unaccounted, ..
+    } = &err
+    else {
+        panic!("{err}");
+    };
+    assert_eq!(actor, "stage held");
+    let admitted = pipeline.stats().await.unwrap().admitted_items;
+    assert!(*unaccounted > 0, "{err}");
+    assert_eq!(outcomes.total() + unaccounted, admitted, "{err}");
+    assert!(err.to_string().contains("got no outcome"), "{err}");
+    sup.stop(None);
+}
