@@ -14,8 +14,8 @@
 //!   counts what it lost. A stream kept and never read costs its buffer
 //!   and nothing else.
 //! - **Lossless** ([`EventFilter::lossless`]): terminal and control events
-//!   (`ItemFinished`, `WorkerRestarted`, `ItemStalled`, `SubscriberStalled`,
-//!   `SourceError`, `PipelineFinished`) are never dropped: when the buffer
+//!   (`ItemFinished`, `WorkerRestarted`, `ItemStalled`, `SourceError`,
+//!   `PipelineFinished`) are never dropped: when the buffer
 //!   is full the tracker waits for the subscriber, and the pipeline slows
 //!   to its pace (its memory stays bounded because the source admits new
 //!   items only as old ones are tracked). A wait of more than
@@ -143,7 +143,8 @@ pub enum PipelineEvent {
     },
     /// The pipeline has waited [`SUBSCRIBER_STALL_WARNING`] (then every
     /// 30 s) for a lossless subscriber whose buffer is full; sent to the
-    /// other subscribers, and logged as a warning. Control.
+    /// other subscribers, and logged as a warning. Control, but never
+    /// waited for: a full buffer drops it.
     SubscriberStalled {
         /// Where the stalled subscriber subscribed (`file:line:column`).
         subscriber: String,
