@@ -396,7 +396,7 @@ async fn a_pipeline_held_back_by_a_lossless_subscriber_says_so() {
     assert!(held_back_by.contains("observability.rs"), "{held_back_by}");
     let log = captured.text();
     assert!(
-        log.contains("lossless event subscriber created at") && log.contains("observability.rs"),
+        log.contains("lossless event subscriber at") && log.contains("observability.rs"),
         "{log}"
     );
     within(Duration::from_secs(5), pipeline.abort())

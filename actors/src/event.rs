@@ -339,8 +339,8 @@ struct Ring {
     room: Notify,
     dropped: AtomicU64,
     lossless: bool,
-    /// Where `subscribe` was called: names the subscriber in warnings.
-    origin: &'static Location<'static>,
+    /// Who subscribed, for warnings: where `subscribe` was called.
+    origin: String,
 }
 
 struct RingInner {
@@ -430,6 +430,11 @@ impl EventHub {
     /// as the filter's delivery says (lossy unless [`EventFilter::lossless`]).
     #[track_caller]
     pub fn subscribe(&self, filter: EventFilter) -> EventStream {
+        self.subscribe_as(filter, Location::caller().to_string())
+    }
+
+    /// A new subscriber called `origin` in warnings (where it subscribed).
+    pub(crate) fn subscribe_as(&self, filter: EventFilter, origin: String) -> EventStream {
         let ring = Arc::new(Ring {
             inner: Mutex::new(RingInner {
                 queue: VecDeque::new(),
@@ -440,7 +445,7 @@ impl EventHub {
             room: Notify::new(),
             dropped: AtomicU64::new(0),
             lossless: filter.lossless,
-            origin: Location::caller(),
+            origin,
         });
         let mut subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
         if self.closed.load(Ordering::Acquire) {
@@ -533,7 +538,7 @@ impl EventHub {
                         tracing::info!(
                             pipeline,
                             subscriber = %ring.origin,
-                            "the lossless event subscriber created at {} read again after {waited:.1?}",
+                            "the lossless event subscriber at {} read again after {waited:.1?}",
                             ring.origin
                         );
                     }
@@ -557,12 +562,12 @@ impl EventHub {
 
     /// Says that the pipeline waits for `ring`'s subscriber.
     fn stalled(&self, pipeline: &str, ring: &Ring, waited: std::time::Duration) {
-        let subscriber = ring.origin.to_string();
+        let subscriber = ring.origin.clone();
         self.set_held_back_by(Some(format!("subscriber at {subscriber}")));
         tracing::warn!(
             pipeline,
             subscriber = %subscriber,
-            "the pipeline has waited {waited:.1?} for the lossless event subscriber created at {subscriber}: \
+            "the pipeline has waited {waited:.1?} for the lossless event subscriber at {subscriber}: \
              its buffer of {EVENT_BUFFER} events is full and it does not read (read it, drop it, or subscribe lossy)"
         );
         let event = PipelineEvent::SubscriberStalled { subscriber, waited };

@@ -221,7 +221,8 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
                 }
             }
             PipelineMsg::Subscribe(filter, reply) => {
-                let _ = reply.send(state.shared.events.subscribe(filter));
+                let by = "PipelineMsg::Subscribe (an actor's subscription)".to_string();
+                let _ = reply.send(state.shared.events.subscribe_as(filter, by));
             }
             PipelineMsg::Finished(Filed(())) => {
                 let report = state.shared.report.take(Duration::ZERO).await;
@@ -761,6 +762,15 @@ impl<T: Send + 'static> PipelineRuntime<T> {
         if self.actor.get().is_none() && self.start_begun.load(std::sync::atomic::Ordering::Acquire)
         {
             drop(self.starting.lock().await);
+            if self.actor.get().is_none() {
+                // That start failed: say why.
+                return Err(self
+                    .shared
+                    .completion
+                    .take_all(self.name())
+                    .1
+                    .unwrap_or_else(|| PipelineError::NotRunning(self.name().to_string())));
+            }
         }
         self.root()
     }
