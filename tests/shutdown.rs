@@ -505,18 +505,29 @@ async fn abort_and_deadlines_return_whatever_observers_do() {
 }
 
 /// An endless source that takes a while to say how much it holds (it
-/// counts a directory, say): `start` is in flight for that long.
-struct SlowToStart(u64);
+/// counts a directory, say): `start` is in flight until the test lets it
+/// go on (`go`), and a little longer.
+struct SlowToStart {
+    next: u64,
+    entered: Arc<std::sync::atomic::AtomicBool>,
+    go: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl Source for SlowToStart {
     type Item = u64;
     async fn refill(&mut self, count: usize) -> anyhow::Result<Vec<WorkItem<u64>>> {
-        let items = (self.0..self.0 + count as u64).map(WorkItem::new).collect();
-        self.0 += count as u64;
+        let items = (self.next..self.next + count as u64)
+            .map(WorkItem::new)
+            .collect();
+        self.next += count as u64;
         Ok(items)
     }
     fn size_hint(&self) -> Option<u64> {
-        std::thread::sleep(Duration::from_millis(30));
+        self.entered.store(true, Ordering::SeqCst);
+        while !self.go.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(20));
         None
     }
 }
@@ -526,6 +537,8 @@ impl Source for SlowToStart {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_during_start_takes_effect_once_the_pipeline_is_up() {
     for round in 0..50u32 {
+        let entered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let go = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let pipeline = Pipeline::builder(config(
             "stopped-while-starting",
             vec![
@@ -534,7 +547,11 @@ async fn a_stop_during_start_takes_effect_once_the_pipeline_is_up() {
             ],
         ))
         .unwrap()
-        .source(SlowToStart(0))
+        .source(SlowToStart {
+            next: 0,
+            entered: entered.clone(),
+            go: go.clone(),
+        })
         .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
         .async_stage("b", |i: WorkItem<u64>| async move { Ok(i) })
         .build()
@@ -543,11 +560,14 @@ async fn a_stop_during_start_takes_effect_once_the_pipeline_is_up() {
             let pipeline = pipeline.clone();
             async move { pipeline.start().await }
         });
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        while !entered.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         assert!(
             !starting.is_finished() && !pipeline.is_running(),
             "round {round}"
         );
+        go.store(true, Ordering::SeqCst);
         let abort = round % 2 == 1;
         let stopped = if abort {
             within(Duration::from_secs(10), pipeline.abort()).await
