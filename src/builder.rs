@@ -380,7 +380,10 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
 
     /// Sends every item that ends without success into `sender` as a
     /// [`DeadLetter`]. The channel is bounded: while it is full the
-    /// pipeline waits for its receiver.
+    /// pipeline waits for its receiver (with a warning after a second, and
+    /// `PipelineStats::held_back_by`), so read it while the pipeline runs.
+    /// `abort` and `stop_within`'s deadline do not wait for it: the letters
+    /// left are then forwarded by a task as the receiver reads.
     pub fn dead_letters(mut self, sender: tokio::sync::mpsc::Sender<DeadLetter>) -> Self {
         self.dead_letters = Some(DeadLetterSink::Channel(sender));
         self

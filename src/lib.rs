@@ -102,7 +102,7 @@ pub use bergtalzug_actors::source::{Ack, Source};
 #[doc(inline)]
 pub use bergtalzug_actors::stats::{PipelineStats, StageStats};
 #[doc(inline)]
-pub use bergtalzug_actors::{FINISHED, PipelineMsg};
+pub use bergtalzug_actors::{FINISHED, PipelineMsg, RunOutcome};
 pub use builder::{BuildError, NoInput, PipelineBuilder};
 pub use pipeline::Pipeline;
 
@@ -112,8 +112,8 @@ pub mod prelude {
     pub use crate::{
         BuildError, ConfigError, DeadLetter, EventFilter, ExecutionType, ItemError, ItemErrorKind,
         JobId, Permanent, Pipeline, PipelineConfig, PipelineError, PipelineEvent, PipelineStats,
-        RestartBudget, RetryPolicy, Source, StageConfig, StageStats, WorkItem, WorkItemMetadata,
-        WorkItemResult,
+        RestartBudget, RetryPolicy, RunOutcome, Source, StageConfig, StageStats, WorkItem,
+        WorkItemMetadata, WorkItemResult,
     };
 }
 

@@ -226,6 +226,59 @@ async fn a_failing_refill_is_retried_with_backoff_from_the_refresh_rate() {
     assert_eq!(errors, vec!["queue service unavailable"; 2]);
 }
 
+/// A source that can never refill (a directory that does not exist) ends
+/// the run with its error after `max_refill_failures` failures in a row
+/// (default 5: 1 + 2 + 4 + 8 s of backoff at the default refresh rate),
+/// visible without a tracing subscriber; 0 keeps asking for ever.
+#[tokio::test(start_paused = true)]
+async fn a_source_that_always_fails_ends_the_run_with_its_error() {
+    let pipeline = |limit: Option<u32>| {
+        let mut config = PipelineConfig::new(
+            "missing-dir",
+            vec![StageConfig::new("a", ExecutionType::Async)],
+        )
+        .stats_interval(Duration::ZERO);
+        if let Some(limit) = limit {
+            config = config.max_refill_failures(limit);
+        }
+        let (inner, _) = CountingSource::new(10);
+        Pipeline::builder(config)
+            .unwrap()
+            .source(Flaky {
+                failures: usize::MAX,
+                inner,
+            })
+            .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+            .build()
+            .unwrap()
+    };
+    let failing = pipeline(None);
+    let start = tokio::time::Instant::now();
+    let err = within(Duration::from_secs(60), failing.run())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PipelineError::SourceFailed { failures: 5, message, .. }
+            if message.contains("queue service unavailable")),
+        "{err}"
+    );
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(15) && took < Duration::from_secs(16),
+        "{took:?}"
+    );
+    assert_eq!(failing.stats().await.unwrap().source_errors, 5);
+
+    let patient = pipeline(Some(0));
+    patient.start().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert!(!patient.is_finished(), "0: asked again for ever");
+    within(Duration::from_secs(60), patient.stop())
+        .await
+        .unwrap();
+    assert!(patient.run().await.unwrap().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_job_id_is_refused_clearly() {
     let items = vec![
@@ -308,6 +361,47 @@ async fn a_panicking_source_finishes_what_it_admitted_and_reports() {
         "every admitted item finished"
     );
     assert_eq!(stats.active_items, 0);
+}
+
+/// A failed run keeps what completed: `run()` returns the error, and
+/// `run_outcome()` hands over the results of every item that finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_run_still_returns_what_completed() {
+    for first_run in [true, false] {
+        let pipeline = Pipeline::builder(config(
+            "exploding-outcome",
+            vec![
+                StageConfig::new("a", ExecutionType::Async)
+                    .workers(2)
+                    .queue_size(10),
+            ],
+        ))
+        .unwrap()
+        .source(Exploding { calls: 0 })
+        .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+        .build()
+        .unwrap();
+        if first_run {
+            let err = within(Duration::from_secs(10), pipeline.run())
+                .await
+                .unwrap_err();
+            assert!(matches!(err, PipelineError::SourcePanicked { .. }), "{err}");
+        }
+        let outcome = within(Duration::from_secs(10), pipeline.run_outcome()).await;
+        assert!(
+            matches!(&outcome.error, Some(PipelineError::SourcePanicked { message, .. }) if message.contains("source bug")),
+            "{:?}",
+            outcome.error
+        );
+        let admitted = pipeline.stats().await.unwrap().admitted_items;
+        assert!(admitted >= 10);
+        assert_eq!(outcome.results.len() as u64, admitted);
+        assert!(outcome.results.iter().all(|r| r.success));
+        assert_unique_ids(&outcome.results);
+        // Taken once: a later caller gets the error and no results.
+        let again = pipeline.run_outcome().await;
+        assert!(again.results.is_empty() && again.error.is_some());
+    }
 }
 
 /// A handler that panics on every item is a crash loop: over its restart

@@ -173,3 +173,154 @@ async fn a_stopped_pipeline_acknowledges_what_it_admitted() {
 async fn an_aborted_pipeline_acknowledges_the_cancelled_items() {
     acks_after(Some(Duration::from_millis(20)), true).await;
 }
+
+/// An acking queue that panics in its `refill_panics`-th refill or in its
+/// `ack_panics`-th ack (after it has recorded what it was told).
+struct PanickingQueue {
+    queue: AckingQueue,
+    refills: u32,
+    acks: u32,
+    refill_panics: u32,
+    ack_panics: u32,
+}
+
+impl Source for PanickingQueue {
+    type Item = u64;
+
+    async fn refill(&mut self, count: usize) -> anyhow::Result<Vec<WorkItem<u64>>> {
+        self.refills += 1;
+        assert!(self.refills != self.refill_panics, "refill bug");
+        self.queue.refill(count.min(4)).await
+    }
+
+    fn wants_acks(&self) -> bool {
+        true
+    }
+
+    async fn ack(&mut self, outcomes: Vec<bergtalzug::Ack>) {
+        self.acks += 1;
+        self.queue.ack(outcomes).await;
+        assert!(self.acks != self.ack_panics, "ack bug");
+    }
+}
+
+/// Every admitted item is acknowledged once, whatever the source does: a
+/// panic in `refill` or in `ack` fails the run (`SourcePanicked`) but
+/// still acknowledges every item it had admitted, before `run` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_source_still_acknowledges_every_admitted_item() {
+    for (refill_panics, ack_panics) in [(3, 0), (0, 1), (0, 2)] {
+        let acks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let pipeline = Pipeline::builder(config(
+            "panicking-queue",
+            vec![
+                StageConfig::new("a", ExecutionType::Async)
+                    .workers(2)
+                    .queue_size(4),
+            ],
+        ))
+        .unwrap()
+        .source(PanickingQueue {
+            queue: AckingQueue {
+                next: 0,
+                end: 1_000,
+                acks: acks.clone(),
+            },
+            refills: 0,
+            acks: 0,
+            refill_panics,
+            ack_panics,
+        })
+        .async_stage("a", |i: WorkItem<u64>| async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            Ok(i)
+        })
+        .build()
+        .unwrap();
+        let err = within(Duration::from_secs(10), pipeline.run())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, PipelineError::SourcePanicked { message, .. } if message.contains("bug")),
+            "{err}"
+        );
+        let admitted = pipeline.stats().await.unwrap().admitted_items;
+        assert!(admitted > 0);
+        let acks = acks.lock().unwrap();
+        let ids: std::collections::HashSet<_> = acks.iter().map(|a| a.job_id.clone()).collect();
+        assert_eq!(ids.len(), acks.len(), "an item was acknowledged twice");
+        assert_eq!(
+            acks.len() as u64,
+            admitted,
+            "refill panics at {refill_panics}, ack at {ack_panics}"
+        );
+    }
+}
+
+/// An injection cut short by the input closing says how many of its items
+/// were admitted (the first ones, in order); those, and only those, get
+/// outcomes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injection_cut_short_says_which_items_got_in() {
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let pipeline = Pipeline::builder(config(
+        "cut-short",
+        vec![
+            StageConfig::new("gate", ExecutionType::Async)
+                .workers(1)
+                .queue_size(10),
+        ],
+    ))
+    .unwrap()
+    .injected::<u64>()
+    .async_stage("gate", move |i: WorkItem<u64>| {
+        let g = g.clone();
+        async move {
+            g.acquire().await?.forget();
+            Ok(i)
+        }
+    })
+    .build()
+    .unwrap();
+    pipeline.start().await.unwrap();
+    let injecting = tokio::spawn({
+        let pipeline = pipeline.clone();
+        async move {
+            let items = (0..100u64)
+                .map(|n| WorkItem::with_job_id(format!("job-{n}"), n))
+                .collect();
+            pipeline.inject(items).await
+        }
+    });
+    // Room for 11 (queue 10 + 1 worker): the rest wait until the stop.
+    while pipeline.stats().await.unwrap().admitted_items < 11 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stopping = tokio::spawn({
+        let pipeline = pipeline.clone();
+        async move { pipeline.stop().await }
+    });
+    let err = within(Duration::from_secs(10), injecting)
+        .await
+        .unwrap()
+        .unwrap_err();
+    gate.add_permits(100);
+    within(Duration::from_secs(10), stopping)
+        .await
+        .unwrap()
+        .unwrap();
+    let results = pipeline.run().await.unwrap();
+    let PipelineError::PartlyAdmitted {
+        admitted, refused, ..
+    } = err
+    else {
+        panic!("not a partial admission: {err}");
+    };
+    assert_eq!(admitted + refused, 100);
+    assert_eq!(admitted, results.len());
+    let mut ids: Vec<_> = results.iter().map(|r| r.job_id.to_string()).collect();
+    ids.sort_by_key(|id| id[4..].parse::<u64>().unwrap());
+    let first: Vec<_> = (0..admitted).map(|n| format!("job-{n}")).collect();
+    assert_eq!(ids, first, "the first `admitted` items, in order");
+}

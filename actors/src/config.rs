@@ -345,13 +345,17 @@ pub struct PipelineConfig {
         with = "seconds"
     )]
     pub stats_interval: Duration,
-    /// Stamp per-stage times on every item and keep timing statistics.
-    /// Default true.
+    /// Stamp per-stage times on every item, keep timing statistics, refuse
+    /// duplicate job ids, and keep results for `run()`. Default true. Off,
+    /// as in the seed, nothing is kept per item: `run()` returns no results
+    /// (whatever `retain_results` says); completion callbacks, events, dead
+    /// letters and the counts in stats still work.
     #[serde(default = "default_true")]
     pub enable_tracking: bool,
     /// Keep every item's `WorkItemResult` and return them from `run()`.
     /// Default true (the seed's behaviour); turn off for unbounded inputs and
-    /// use completion callbacks or events instead.
+    /// use completion callbacks or events instead. Results are kept only
+    /// when `enable_tracking` is on too.
     #[serde(default = "default_true")]
     pub retain_results: bool,
     /// Report an item a worker has held longer than this: a
@@ -365,6 +369,19 @@ pub struct PipelineConfig {
         with = "opt_seconds"
     )]
     pub stall_threshold: Option<Duration>,
+    /// After this many failed refills in a row the source is given up: the
+    /// input closes, the items already admitted finish, and `run()` returns
+    /// `PipelineError::SourceFailed` with the last error (and what
+    /// completed, through `run_outcome()`). Default 5: at the default
+    /// `queue_refresh_rate` the run ends about 15 s after the first failure
+    /// of a source that never recovers, whether or not a tracing subscriber
+    /// shows the warnings. 0 never gives up (the seed's behaviour).
+    #[serde(default = "default_refill_failures")]
+    pub max_refill_failures: u32,
+}
+
+fn default_refill_failures() -> u32 {
+    5
 }
 
 fn default_refresh() -> Duration {
@@ -390,6 +407,7 @@ impl PipelineConfig {
             enable_tracking: true,
             retain_results: true,
             stall_threshold: None,
+            max_refill_failures: default_refill_failures(),
         }
     }
 
@@ -405,7 +423,8 @@ impl PipelineConfig {
         self
     }
 
-    /// Turns per-item timing on or off.
+    /// Turns per-item tracking on or off (off: no results are kept; see
+    /// [`PipelineConfig::enable_tracking`]).
     pub fn enable_tracking(mut self, on: bool) -> Self {
         self.enable_tracking = on;
         self
@@ -424,6 +443,13 @@ impl PipelineConfig {
     /// ```
     pub fn stall_threshold(mut self, threshold: Duration) -> Self {
         self.stall_threshold = Some(threshold);
+        self
+    }
+
+    /// Gives up the source after `failures` failed refills in a row (0:
+    /// never); see [`PipelineConfig::max_refill_failures`].
+    pub fn max_refill_failures(mut self, failures: u32) -> Self {
+        self.max_refill_failures = failures;
         self
     }
 

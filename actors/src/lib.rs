@@ -61,7 +61,7 @@ pub(crate) mod tracker;
 pub(crate) mod worker;
 
 pub use binding::{HandlerKind, SourceBinding, StageBinding};
-pub use root::{FINISHED, PipelineActor, PipelineMsg, PipelineParts, PipelineRuntime};
+pub use root::{FINISHED, PipelineActor, PipelineMsg, PipelineParts, PipelineRuntime, RunOutcome};
 pub use tracker::Callback;
 
 /// With ractor's `cluster` feature the blanket `Message` impl is gone: each

@@ -96,6 +96,12 @@ pub struct PipelineStats {
     pub stalled_items: u64,
     /// Failed `refill` calls so far (each is also a `SourceError` event).
     pub source_errors: u64,
+    /// The observer the pipeline has been waiting for, for more than a
+    /// second, right now: `subscriber at file:line:column` for a lossless
+    /// event subscriber (see `EventFilter::lossless`), `dead-letter
+    /// receiver` for a full dead-letter channel; `None` while it waits for
+    /// no observer.
+    pub held_back_by: Option<String>,
     /// One entry per stage, in order.
     pub stages: Vec<StageStats>,
 }
@@ -199,6 +205,9 @@ impl std::fmt::Display for PipelineStats {
         }
         if let Some(b) = &self.bottleneck {
             write!(f, " | bottleneck {b}")?;
+        }
+        if let Some(o) = &self.held_back_by {
+            write!(f, " | held back by {o}")?;
         }
         Ok(())
     }
@@ -458,6 +467,7 @@ impl Tally {
                 .iter()
                 .map(|g| g.stalled.load(Ordering::Relaxed))
                 .sum(),
+            held_back_by: shared.events.held_back_by(),
             source_errors: shared.source_errors.load(Ordering::Relaxed),
             stages,
         }
