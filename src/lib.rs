@@ -80,6 +80,9 @@ pub use bergtalzug_actors::process;
 /// The engine crate, for embedding in a ractor system.
 pub use bergtalzug_actors as actors;
 
+/// Configuration: [`PipelineConfig`], [`StageConfig`], and the limits
+/// validation holds them to ([`config::MAX_WORKERS`], [`config::MAX_DURATION`], ...).
+pub use bergtalzug_actors::config;
 #[doc(inline)]
 pub use bergtalzug_actors::config::{
     ConfigError, ExecutionType, PipelineConfig, RestartBudget, RetryPolicy, StageConfig,
@@ -103,7 +106,7 @@ pub use bergtalzug_actors::source::{Ack, Source};
 pub use bergtalzug_actors::stats::{PipelineStats, StageStats};
 #[doc(inline)]
 pub use bergtalzug_actors::{FINISHED, PipelineMsg};
-pub use builder::{BuildError, NoInput, PipelineBuilder};
+pub use builder::{BuildError, HasInput, InputGiven, NeedsInput, NoInput, PipelineBuilder};
 pub use pipeline::Pipeline;
 
 /// Everything a pipeline program needs: `use bergtalzug::prelude::*;`

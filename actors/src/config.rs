@@ -35,6 +35,29 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Stage names the Python library reserves for its metadata keys.
 pub const RESERVED_STAGE_NAMES: [&str; 3] = ["created", "completed", "error"];
 
+/// The most workers one stage may have. Each worker is an actor (about
+/// 10 KiB); a Thread, Cpu or Process worker is also an OS thread or process.
+/// 100,000 Async workers took 960 MiB before any item ran, and 10^9 aborted
+/// the program on allocation, so validation refuses more than this.
+pub const MAX_WORKERS: usize = 10_000;
+
+/// The largest `queue_size` of one stage. Buffers grow only with the items
+/// that wait, but the window of the whole pipeline is the sum of every
+/// stage's `queue_size + workers`, which must not overflow.
+pub const MAX_QUEUE_SIZE: usize = 1 << 32;
+
+/// The longest duration any field may hold: 10 years (365-day years). A
+/// longer timeout, retry delay, window or interval cannot be told from
+/// "never" and overflows the clock's arithmetic (`timeout = 1e19` made every
+/// Thread attempt panic), so validation refuses it.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
+/// The shortest period of a repeating timer (`stats_interval_seconds`,
+/// `queue_refresh_rate`): 1 ms. A shorter one fires faster than the pipeline
+/// can answer it (`stats_interval_seconds = 1e-7` grew an idle pipeline's
+/// memory by 900 MiB in 6 s and hung `stop()`), so validation refuses it.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
+
 /// How a stage runs its handler.
 ///
 /// | seed          | here      | runs on                                         |
@@ -213,6 +236,8 @@ impl RetryPolicy {
         if self.max_attempts == 0 {
             return Err(("retry.max_attempts", "must be at least 1".into()));
         }
+        check_at_most_max("retry.initial_delay", self.initial_delay)?;
+        check_at_most_max("retry.max_delay", self.max_delay)?;
         if !(self.multiplier.is_finite() && self.multiplier >= 1.0) {
             return Err((
                 "retry.multiplier",
@@ -255,6 +280,41 @@ impl RestartBudget {
             window,
         }
     }
+}
+
+/// Refuses a duration longer than [`MAX_DURATION`], naming `field`.
+fn check_at_most_max(field: &'static str, d: Duration) -> Result<(), (&'static str, String)> {
+    if d > MAX_DURATION {
+        return Err((
+            field,
+            format!(
+                "must be at most {} s (10 years), not {} s",
+                MAX_DURATION.as_secs(),
+                d.as_secs_f64()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a timer period that is neither zero (when `zero_ok`) nor between
+/// [`MIN_INTERVAL`] and [`MAX_DURATION`], naming `field`.
+fn check_interval(
+    field: &'static str,
+    d: Duration,
+    zero_ok: bool,
+) -> Result<(), (&'static str, String)> {
+    if d.is_zero() && zero_ok {
+        return Ok(());
+    }
+    if d < MIN_INTERVAL {
+        let off = if zero_ok { "zero (off) or " } else { "" };
+        return Err((
+            field,
+            format!("must be {off}at least 0.001 s (1 ms), not {} s", d.as_secs_f64()),
+        ));
+    }
+    check_at_most_max(field, d)
 }
 
 fn default_workers() -> usize {
@@ -475,7 +535,12 @@ impl PipelineConfig {
 
     /// Checks the rules the Python library checks, and a few more: at least
     /// one stage; unique, non-empty, non-reserved names; workers and
-    /// queue_size above zero.
+    /// queue_size above zero; and what would parse but could not run:
+    /// at most [`MAX_WORKERS`] workers and a `queue_size` of at most
+    /// [`MAX_QUEUE_SIZE`] per stage, no duration longer than
+    /// [`MAX_DURATION`], and timer periods (`stats_interval_seconds`,
+    /// `queue_refresh_rate`) of at least [`MIN_INTERVAL`] (or zero, for the
+    /// stats line, to turn it off).
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.pipeline_name.trim().is_empty() {
             return Err(ConfigError::Invalid {
@@ -486,13 +551,25 @@ impl PipelineConfig {
         if self.stages.is_empty() {
             return Err(ConfigError::Invalid {
                 field: "stages".into(),
-                message: "a pipeline needs at least one stage".into(),
+                message: "must list at least one stage".into(),
             });
         }
         if self.stall_threshold.is_some_and(|t| t.is_zero()) {
             return Err(ConfigError::Invalid {
                 field: "stall_threshold_seconds".into(),
                 message: "must be longer than zero".into(),
+            });
+        }
+        let pipeline_checks = [
+            check_interval("queue_refresh_rate", self.queue_refresh_rate, false),
+            check_interval("stats_interval_seconds", self.stats_interval, true),
+            self.stall_threshold
+                .map_or(Ok(()), |t| check_at_most_max("stall_threshold_seconds", t)),
+        ];
+        if let Some(Err((field, message))) = pipeline_checks.into_iter().find(Result::is_err) {
+            return Err(ConfigError::Invalid {
+                field: field.into(),
+                message,
             });
         }
         let mut seen = std::collections::HashSet::new();
@@ -508,10 +585,7 @@ impl PipelineConfig {
             if RESERVED_STAGE_NAMES.contains(&stage.name.as_str()) {
                 return Err(invalid(
                     "name",
-                    format!(
-                        "`{}` is reserved (created, completed and error are)",
-                        stage.name
-                    ),
+                    "must not be one of the reserved names created, completed and error".into(),
                 ));
             }
             if !seen.insert(stage.name.as_str()) {
@@ -520,8 +594,20 @@ impl PipelineConfig {
             if stage.workers == 0 {
                 return Err(invalid("workers", "must be at least 1".into()));
             }
+            if stage.workers > MAX_WORKERS {
+                return Err(invalid(
+                    "workers",
+                    format!("must be at most {MAX_WORKERS}, not {}", stage.workers),
+                ));
+            }
             if stage.queue_size == 0 {
                 return Err(invalid("queue_size", "must be at least 1".into()));
+            }
+            if stage.queue_size > MAX_QUEUE_SIZE {
+                return Err(invalid(
+                    "queue_size",
+                    format!("must be at most {MAX_QUEUE_SIZE}, not {}", stage.queue_size),
+                ));
             }
             if stage.restart_budget.is_some_and(|b| b.window.is_zero()) {
                 return Err(invalid(
@@ -532,7 +618,16 @@ impl PipelineConfig {
             if stage.timeout.is_some_and(|t| t.is_zero()) {
                 return Err(invalid("timeout", "must be longer than zero".into()));
             }
-            if let Some(Err((field, message))) = stage.retry.map(|r| r.check()) {
+            let durations = [
+                stage.timeout.map(|t| check_at_most_max("timeout", t)),
+                stage
+                    .restart_budget
+                    .map(|b| check_at_most_max("restart_budget.window", b.window)),
+                stage.retry.map(|r| r.check()),
+            ];
+            if let Some(Some(Err((field, message)))) =
+                durations.into_iter().find(|c| matches!(c, Some(Err(_))))
+            {
                 return Err(invalid(field, message));
             }
         }

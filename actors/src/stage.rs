@@ -421,6 +421,8 @@ where
                     queued: now,
                     started: None,
                     completed: None,
+                    attempt_started: None,
+                    handler: Duration::ZERO,
                 });
             }
         }
