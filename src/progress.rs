@@ -8,6 +8,8 @@
 //!   ([`Source::size_hint`](crate::Source::size_hint)) and a spinner with
 //!   the rate otherwise, and below it one detail line per pipeline: each
 //!   stage's queue, items in its workers, utilisation, and the bottleneck;
+//!   when the pipeline ends, both give way to a last plain line (ended by a
+//!   newline, so what the program prints next starts a line of its own);
 //! - **anything else** (piped, redirected, CI): a plain line on stderr every
 //!   few seconds and a last one at the end, the same numbers as text.
 //!
