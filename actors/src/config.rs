@@ -109,10 +109,12 @@ pub struct StageConfig {
     pub name: String,
     /// How the handler runs.
     pub execution_type: ExecutionType,
-    /// How many items this stage works on at once. Default 5.
+    /// How many items this stage works on at once. Default 5; at most
+    /// [`MAX_WORKERS`].
     #[serde(default = "default_workers")]
     pub workers: usize,
-    /// How many items may wait in front of this stage. Default 1000.
+    /// How many items may wait in front of this stage. Default 1000; at
+    /// most [`MAX_QUEUE_SIZE`].
     #[serde(default = "default_queue_size")]
     pub queue_size: usize,
     /// Fail the pipeline if this stage replaces more workers than this
@@ -122,7 +124,8 @@ pub struct StageConfig {
     /// How long one attempt may take; none by default. An Async attempt is
     /// cancelled at the deadline, a Process attempt's child is killed, and a
     /// Thread or Cpu attempt (which cannot be interrupted) is failed
-    /// `TimedOut` and its late result discarded. Seconds in files.
+    /// `TimedOut` and its late result discarded. Seconds in files; at most
+    /// [`MAX_DURATION`].
     #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_seconds")]
     pub timeout: Option<Duration>,
     /// Whether and how a failed attempt is tried again; none by default.
@@ -393,12 +396,13 @@ pub struct PipelineConfig {
     /// The stages, in the order items flow through them.
     pub stages: Vec<StageConfig>,
     /// After a failing `refill`, how long to wait before asking the source
-    /// again. Default 1 s. (The seed also polls at this rate; here refill is
-    /// demand-driven and never waits for it.) Seconds in files.
+    /// again. Default 1 s; at least [`MIN_INTERVAL`]. (The seed also polls
+    /// at this rate; here refill is demand-driven and never waits for it.)
+    /// Seconds in files.
     #[serde(default = "default_refresh", with = "seconds")]
     pub queue_refresh_rate: Duration,
-    /// How often the stats line is logged; zero disables it. Default 10 s.
-    /// `stats_interval_seconds` in files.
+    /// How often the stats line is logged; zero disables it. Default 10 s;
+    /// otherwise at least [`MIN_INTERVAL`]. `stats_interval_seconds` in files.
     #[serde(
         default = "default_stats_interval",
         rename = "stats_interval_seconds",
