@@ -626,7 +626,11 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
                     } else {
                         "retrying_sync_stage"
                     },
-                    plain: if async_kind { "async_stage" } else { "sync_stage" },
+                    plain: if async_kind {
+                        "async_stage"
+                    } else {
+                        "sync_stage"
+                    },
                 });
             }
             if stage.max_attempts() > 1 && !binding.retries() {

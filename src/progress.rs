@@ -399,7 +399,10 @@ mod tests {
 
     impl Write for Screen {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().push_str(&String::from_utf8_lossy(buf));
+            self.0
+                .lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(buf));
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {

@@ -292,7 +292,8 @@ impl Glob {
 pub fn files(root: impl AsRef<Path>, pattern: &str) -> anyhow::Result<FileSource> {
     let root = root.as_ref().to_path_buf();
     let pattern = Glob::new(pattern)?;
-    std::fs::read_dir(&root).with_context(|| format!("cannot read directory {}", root.display()))?;
+    std::fs::read_dir(&root)
+        .with_context(|| format!("cannot read directory {}", root.display()))?;
     let counted = pattern
         .walk(&root)
         .filter_map(Result::ok)
@@ -456,9 +457,8 @@ pub struct LineSource {
 /// ```
 pub fn lines(path: impl AsRef<Path>) -> anyhow::Result<LineSource> {
     let path = path.as_ref();
-    let open = || {
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))
-    };
+    let open =
+        || std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()));
     let counted =
         count_lines(open()?).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(LineSource {
@@ -486,7 +486,10 @@ impl LineSource {
                 let number = self.next;
                 self.next += 1;
                 let job_id = format!("{}:{number}", self.name);
-                Some(decode_line(bytes, &self.name, number).map(|l| WorkItem::with_job_id(job_id, l)))
+                Some(
+                    decode_line(bytes, &self.name, number)
+                        .map(|l| WorkItem::with_job_id(job_id, l)),
+                )
             }
             Err(e) => Some(Err(anyhow::Error::new(e)
                 .context(format!("cannot read line {} of {}", self.next, self.name)))),

@@ -110,7 +110,10 @@ fn a_builder_shows_itself_so_a_refused_config_can_be_unwrapped() {
     let err = Pipeline::builder(bad).unwrap_err();
     assert!(matches!(err, ConfigError::Invalid { ref field, .. } if field == "stages"));
     let shown = format!("{:?}", builder().async_stage("fetch", id));
-    assert!(shown.contains("PipelineBuilder") && shown.contains("fetch"), "{shown}");
+    assert!(
+        shown.contains("PipelineBuilder") && shown.contains("fetch"),
+        "{shown}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

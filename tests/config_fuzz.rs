@@ -112,8 +112,12 @@ fn any_value() -> impl Strategy<Value = Value> {
             Just(1e9)
         ]
         .prop_map(Value::from),
-        prop_oneof![Just(1_000_000_000u64), Just(MAX_WORKERS as u64 + 1), Just(u64::MAX >> 1)]
-            .prop_map(Value::from),
+        prop_oneof![
+            Just(1_000_000_000u64),
+            Just(MAX_WORKERS as u64 + 1),
+            Just(u64::MAX >> 1)
+        ]
+        .prop_map(Value::from),
         "[a-z_]{0,12}".prop_map(Value::from),
         prop_oneof![
             Just("created"),
@@ -262,18 +266,68 @@ fn runnable(config: &PipelineConfig) -> bool {
 #[test]
 fn values_that_parse_but_cannot_run_are_refused_naming_the_field() {
     let cases: &[(&str, Value, Option<&str>, &str)] = &[
-        ("/stats_interval_seconds", json!(1e-7), None, "stats_interval_seconds"),
-        ("/stats_interval_seconds", json!(1e19), None, "stats_interval_seconds"),
-        ("/queue_refresh_rate", json!(0.0), None, "queue_refresh_rate"),
-        ("/queue_refresh_rate", json!(1e-9), None, "queue_refresh_rate"),
+        (
+            "/stats_interval_seconds",
+            json!(1e-7),
+            None,
+            "stats_interval_seconds",
+        ),
+        (
+            "/stats_interval_seconds",
+            json!(1e19),
+            None,
+            "stats_interval_seconds",
+        ),
+        (
+            "/queue_refresh_rate",
+            json!(0.0),
+            None,
+            "queue_refresh_rate",
+        ),
+        (
+            "/queue_refresh_rate",
+            json!(1e-9),
+            None,
+            "queue_refresh_rate",
+        ),
         ("/stages/1/timeout", json!(1e19), Some("parse"), "timeout"),
         ("/stages/0/timeout", json!(1e10), Some("fetch"), "timeout"),
-        ("/stages/0/retry/initial_delay", json!(1e19), Some("fetch"), "retry.initial_delay"),
-        ("/stages/0/retry/max_delay", json!(1e19), Some("fetch"), "retry.max_delay"),
-        ("/stages/1/restart_budget/window", json!(1e19), Some("parse"), "restart_budget.window"),
-        ("/stages/0/workers", json!(1_000_000_000u64), Some("fetch"), "workers"),
-        ("/stages/2/workers", json!(MAX_WORKERS + 1), Some("crunch"), "workers"),
-        ("/stages/0/queue_size", json!(u64::MAX >> 1), Some("fetch"), "queue_size"),
+        (
+            "/stages/0/retry/initial_delay",
+            json!(1e19),
+            Some("fetch"),
+            "retry.initial_delay",
+        ),
+        (
+            "/stages/0/retry/max_delay",
+            json!(1e19),
+            Some("fetch"),
+            "retry.max_delay",
+        ),
+        (
+            "/stages/1/restart_budget/window",
+            json!(1e19),
+            Some("parse"),
+            "restart_budget.window",
+        ),
+        (
+            "/stages/0/workers",
+            json!(1_000_000_000u64),
+            Some("fetch"),
+            "workers",
+        ),
+        (
+            "/stages/2/workers",
+            json!(MAX_WORKERS + 1),
+            Some("crunch"),
+            "workers",
+        ),
+        (
+            "/stages/0/queue_size",
+            json!(u64::MAX >> 1),
+            Some("fetch"),
+            "queue_size",
+        ),
     ];
     for (pointer, value, stage, field) in cases {
         let mut doc = valid();
@@ -312,21 +366,25 @@ fn configs_built_in_code_are_held_to_the_same_limits() {
     let stage = || StageConfig::new("s", ExecutionType::Thread);
     let refused = |config: PipelineConfig| config.validate().is_err();
     let one = |s: StageConfig| PipelineConfig::new("p", vec![s]);
-    assert!(refused(one(stage()).stats_interval(Duration::from_nanos(100))));
+    assert!(refused(
+        one(stage()).stats_interval(Duration::from_nanos(100))
+    ));
     assert!(refused(one(stage()).queue_refresh_rate(Duration::ZERO)));
     assert!(refused(one(stage().timeout(Duration::MAX))));
     assert!(refused(one(stage().workers(MAX_WORKERS + 1))));
-    assert!(refused(one(stage().retry(RetryPolicy::fixed(2, Duration::MAX)))));
-    assert!(refused(one(stage().restart_budget(RestartBudget::new(1, Duration::MAX)))));
+    assert!(refused(one(
+        stage().retry(RetryPolicy::fixed(2, Duration::MAX))
+    )));
+    assert!(refused(one(
+        stage().restart_budget(RestartBudget::new(1, Duration::MAX))
+    )));
     // At the limits, accepted.
-    let at_limits = one(
-        stage()
-            .workers(MAX_WORKERS)
-            .queue_size(MAX_QUEUE_SIZE)
-            .timeout(MAX_DURATION)
-            .retry(RetryPolicy::exponential(3, MAX_DURATION))
-            .restart_budget(RestartBudget::new(1, MAX_DURATION)),
-    )
+    let at_limits = one(stage()
+        .workers(MAX_WORKERS)
+        .queue_size(MAX_QUEUE_SIZE)
+        .timeout(MAX_DURATION)
+        .retry(RetryPolicy::exponential(3, MAX_DURATION))
+        .restart_budget(RestartBudget::new(1, MAX_DURATION)))
     .stats_interval(MIN_INTERVAL)
     .queue_refresh_rate(MIN_INTERVAL)
     .stall_threshold(MAX_DURATION);
@@ -352,7 +410,9 @@ async fn the_longest_timeout_runs_thread_items() {
         .sync_stage("slow", Ok)
         .build()
         .unwrap();
-    let results = within(Duration::from_secs(30), results.run()).await.unwrap();
+    let results = within(Duration::from_secs(30), results.run())
+        .await
+        .unwrap();
     assert_eq!(results.len(), 100);
     assert!(results.iter().all(|r| r.success), "{:?}", results[0].error);
 }
@@ -385,10 +445,18 @@ async fn the_longest_retry_delay_keeps_the_stage_running() {
     let stats = pipeline.stats().await.unwrap();
     assert_eq!(stats.completed_items, 0, "{stats}");
     assert!(pipeline.is_running());
-    within(Duration::from_secs(5), pipeline.abort()).await.unwrap();
-    let results = within(Duration::from_secs(5), pipeline.run()).await.unwrap();
+    within(Duration::from_secs(5), pipeline.abort())
+        .await
+        .unwrap();
+    let results = within(Duration::from_secs(5), pipeline.run())
+        .await
+        .unwrap();
     assert_eq!(results.len(), 3);
-    assert!(results.iter().all(|r| r.is_cancelled()), "{:?}", results[0].error);
+    assert!(
+        results.iter().all(|r| r.is_cancelled()),
+        "{:?}",
+        results[0].error
+    );
 }
 
 /// The fastest stats line accepted leaves an idle pipeline stoppable.
@@ -407,8 +475,12 @@ async fn the_fastest_stats_interval_leaves_an_idle_pipeline_stoppable() {
         .unwrap();
     pipeline.start().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    within(Duration::from_secs(5), pipeline.stop()).await.unwrap();
-    within(Duration::from_secs(5), pipeline.run()).await.unwrap();
+    within(Duration::from_secs(5), pipeline.stop())
+        .await
+        .unwrap();
+    within(Duration::from_secs(5), pipeline.run())
+        .await
+        .unwrap();
 }
 
 /// The most workers accepted can be started and run items.
@@ -429,6 +501,8 @@ async fn the_most_workers_accepted_start_and_run() {
         .async_stage("wide", |i: WorkItem<u64>| async move { Ok(i) })
         .build()
         .unwrap();
-    let results = within(Duration::from_secs(60), pipeline.run()).await.unwrap();
+    let results = within(Duration::from_secs(60), pipeline.run())
+        .await
+        .unwrap();
     assert_eq!(results.len(), 1_000);
 }

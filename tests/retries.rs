@@ -502,11 +502,17 @@ async fn stage_duration_is_handler_time(model: ExecutionType) {
         let times = r.metadata.stage("flaky").unwrap();
         assert_eq!(times.attempts(), 2);
         assert!(handler >= Duration::from_millis(10), "{model}: {handler:?}");
-        assert!(handler < backoff / 2, "{model}: the backoff was counted: {handler:?}");
+        assert!(
+            handler < backoff / 2,
+            "{model}: the backoff was counted: {handler:?}"
+        );
         assert_eq!(times.handler_duration(), Some(handler));
         assert!(times.duration().unwrap() >= backoff, "{model}: {times:?}");
         let wait = times.retry_wait().unwrap();
-        assert!(wait >= backoff && wait + handler <= times.duration().unwrap() + Duration::from_micros(1));
+        assert!(
+            wait >= backoff
+                && wait + handler <= times.duration().unwrap() + Duration::from_micros(1)
+        );
     }
     let stats = pipeline.stats().await.unwrap();
     let flaky = &stats.stages[0];

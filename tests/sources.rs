@@ -231,7 +231,13 @@ async fn the_files_of_a_directory_that_match_a_glob_each_become_an_item() {
     let results = run_all(all).await;
     assert_eq!(
         ids(&results),
-        [".hidden/e.json", "2024/03/a.json", "2024/03/b.json", "2024/04/d.json", "top.json"]
+        [
+            ".hidden/e.json",
+            "2024/03/a.json",
+            "2024/03/b.json",
+            "2024/04/d.json",
+            "top.json"
+        ]
     );
     assert!(results.iter().all(|r| r.success));
 
@@ -268,7 +274,10 @@ async fn a_file_item_carries_the_path_to_read() {
     let results = within(Duration::from_secs(10), pipeline.run())
         .await
         .unwrap();
-    assert_eq!(ids(&results), ["2024/03/a.json", "2024/03/b.json", "2024/04/d.json"]);
+    assert_eq!(
+        ids(&results),
+        ["2024/03/a.json", "2024/03/b.json", "2024/04/d.json"]
+    );
     assert!(results.iter().all(|r| r.success), "{:?}", results[0].error);
 }
 
@@ -303,7 +312,14 @@ async fn the_lines_of_a_file_each_become_an_item_numbered_from_one() {
     let name = path.display().to_string();
     for r in &results {
         assert!(r.success);
-        let n: u64 = r.job_id.to_string().rsplit(':').next().unwrap().parse().unwrap();
+        let n: u64 = r
+            .job_id
+            .to_string()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert_eq!(r.job_id.to_string(), format!("{name}:{n}"));
         assert!((1..=10).contains(&n));
     }
@@ -331,7 +347,10 @@ async fn a_line_that_is_not_text_is_reported_and_the_lines_after_it_follow() {
     let rest = source.refill(10).await.unwrap();
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0].data, "four");
-    assert_eq!(rest[0].job_id().to_string(), format!("{}:4", path.display()));
+    assert_eq!(
+        rest[0].job_id().to_string(),
+        format!("{}:4", path.display())
+    );
     assert!(source.refill(10).await.unwrap().is_empty());
 }
 
@@ -359,7 +378,12 @@ fn the_lines_of_stdin_each_become_an_item() {
 
     let child = |stdin: Stdio| {
         Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "stdin_reader_in_a_child", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "stdin_reader_in_a_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("BERGTALZUG_STDIN_CHILD", "1")
             .stdin(stdin)
             .stdout(Stdio::piped())
@@ -385,7 +409,10 @@ fn the_lines_of_stdin_each_become_an_item() {
     let out = child(std::fs::File::open(&path).unwrap().into())
         .wait_with_output()
         .unwrap();
-    assert_eq!(report(out), ("Some(3)".into(), "stdin:1,stdin:2,stdin:3".into()));
+    assert_eq!(
+        report(out),
+        ("Some(3)".into(), "stdin:1,stdin:2,stdin:3".into())
+    );
 
     // From a pipe: no count; read until the writer closes it.
     let mut piped = child(Stdio::piped());

@@ -314,7 +314,10 @@ fn check_interval(
         let off = if zero_ok { "zero (off) or " } else { "" };
         return Err((
             field,
-            format!("must be {off}at least 0.001 s (1 ms), not {} s", d.as_secs_f64()),
+            format!(
+                "must be {off}at least 0.001 s (1 ms), not {} s",
+                d.as_secs_f64()
+            ),
         ));
     }
     check_at_most_max(field, d)
@@ -821,6 +824,43 @@ mod tests {
                 .contains("more than one")
         );
         assert!(PipelineConfig::new("p", vec![]).validate().is_err());
+    }
+
+    #[test]
+    fn errors_read_as_sentences() {
+        let none = PipelineConfig::new("p", vec![]).validate().unwrap_err();
+        assert_eq!(
+            none.to_string(),
+            "invalid pipeline config: `stages` must list at least one stage"
+        );
+        let reserved =
+            PipelineConfig::new("p", vec![StageConfig::new("error", ExecutionType::Async)])
+                .validate()
+                .unwrap_err();
+        assert_eq!(
+            reserved.to_string(),
+            "invalid config for stage `error`: `name` must not be one of the reserved names created, completed and error"
+        );
+        let fast = PipelineConfig::new("p", vec![StageConfig::new("a", ExecutionType::Async)])
+            .stats_interval(Duration::from_nanos(100))
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            fast.to_string(),
+            "invalid pipeline config: `stats_interval_seconds` must be zero (off) or at least 0.001 s (1 ms), not 0.0000001 s"
+        );
+        let long = PipelineConfig::new(
+            "p",
+            vec![
+                StageConfig::new("a", ExecutionType::Thread).timeout(Duration::from_secs_f64(1e19)),
+            ],
+        )
+        .validate()
+        .unwrap_err();
+        assert_eq!(
+            long.to_string(),
+            "invalid config for stage `a`: `timeout` must be at most 315360000 s (10 years), not 10000000000000000000 s"
+        );
     }
 
     #[test]

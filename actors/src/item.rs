@@ -532,7 +532,10 @@ mod tests {
     #[test]
     fn item_errors_read_as_sentences() {
         let mut e = ItemError::new("parse", ItemErrorKind::Failed, "bad json");
-        assert_eq!(e.to_string(), "failed in stage `parse` after 1 attempt: bad json");
+        assert_eq!(
+            e.to_string(),
+            "failed in stage `parse` after 1 attempt: bad json"
+        );
         e.attempts = 3;
         e.kind = ItemErrorKind::TimedOut;
         assert_eq!(
