@@ -52,7 +52,8 @@
 //!   handler per stage; [`BuildError`] if they do not fit.
 //! - [`Pipeline`]: `run`, `start`, `stats`, `subscribe`, `inject`, `stop`,
 //!   `abort`, `spawn_linked`.
-//! - [`sources`]: sources from an iterator, a `Stream` or a channel.
+//! - [`sources`]: sources from an iterator, a `Stream` or a channel, the
+//!   files of a directory (by glob), and the lines of a file or of stdin.
 //! - `progress` (feature `progress`, on by default): a progress bar in a
 //!   terminal, plain progress lines elsewhere.
 //! - Observation: [`PipelineStats`] (percentiles, recent throughput,
