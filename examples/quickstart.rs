@@ -207,6 +207,8 @@ async fn main() -> anyhow::Result<()> {
         })
         .build()?;
 
+    // First Ctrl-C: finish what is in the pipeline; second: abort.
+    pipeline.stop_on_ctrl_c();
     let started = Instant::now();
     let shown = progress.watch(&pipeline);
     let results = pipeline.run().await?;

@@ -591,7 +591,8 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
     }
 
     /// [`Self::process_stage`] with options: the worker command, extra
-    /// environment, recycling after N items, the frame limit.
+    /// environment (or a clean one), output read into `tracing`, recycling
+    /// after N items, the frame limit.
     pub fn process_stage_with<O>(
         mut self,
         name: &str,

@@ -189,4 +189,54 @@ impl<T: Send + 'static> Pipeline<T> {
     pub async fn abort(&self) -> Result<(), PipelineError> {
         self.runtime.abort().await
     }
+
+    /// The usual Ctrl-C behaviour of a command-line program, in one call:
+    /// the first Ctrl-C (SIGINT) stops the pipeline gracefully, as
+    /// [`Pipeline::stop`] does, and says so on stderr; the second aborts it
+    /// ([`Pipeline::abort`]: what is left ends `Cancelled`); a third, or one
+    /// before the pipeline started or after it finished, exits the program
+    /// with status 130, as Ctrl-C does without a handler. `run` returns the
+    /// results as after `stop` or `abort`.
+    ///
+    /// Call it in a tokio runtime (it spawns a task), before `run` or
+    /// `start`. It handles SIGINT for the whole program from then on (tokio
+    /// cannot give the default back). Process stages' worker processes do
+    /// not get the terminal's Ctrl-C at all (each runs in a process group of
+    /// its own): the parent decides.
+    ///
+    /// ```no_run
+    /// # use bergtalzug::prelude::*;
+    /// # async fn f(pipeline: Pipeline<u64>) -> Result<(), PipelineError> {
+    /// pipeline.stop_on_ctrl_c();
+    /// let results = pipeline.run().await?; // Ctrl-C: stops, then returns
+    /// # Ok(()) }
+    /// ```
+    pub fn stop_on_ctrl_c(&self) {
+        let pipeline = self.clone();
+        tokio::spawn(async move {
+            let mut presses = 0u32;
+            while tokio::signal::ctrl_c().await.is_ok() {
+                presses += 1;
+                let name = pipeline.name().to_string();
+                let running = pipeline.is_running() && !pipeline.is_finished();
+                if !running || presses > 2 {
+                    std::process::exit(130);
+                }
+                let handle = pipeline.clone();
+                if presses == 1 {
+                    eprintln!(
+                        "\n{name}: stopping: the items in the pipeline run to their end \
+                         (Ctrl-C again to abort)"
+                    );
+                    tokio::spawn(async move { handle.stop().await });
+                } else {
+                    eprintln!(
+                        "\n{name}: aborting: the items left end cancelled \
+                         (Ctrl-C again to exit at once)"
+                    );
+                    tokio::spawn(async move { handle.abort().await });
+                }
+            }
+        });
+    }
 }

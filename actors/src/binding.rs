@@ -271,7 +271,7 @@ impl StageBinding {
                         &options,
                         Entry::of::<I, O>(handler),
                     );
-                    let runner = ProcessRunner::<I, O>::new(spec);
+                    let runner = ProcessRunner::<I, O>::new(spec, ctx.fail.clone());
                     spawn_stage::<I, O, _>(ctx, runner, None, outlet).await
                 })
             }),

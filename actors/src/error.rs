@@ -44,6 +44,22 @@ pub enum PipelineError {
         /// The budget's window.
         window: std::time::Duration,
     },
+    /// A Process stage's worker processes failed to start several times in
+    /// a row (most often: `main` does not call `process::init()` first).
+    /// The pipeline was aborted: every item it had admitted has its outcome.
+    #[error(
+        "pipeline `{pipeline}`: stage `{stage}` cannot start its worker processes ({failures} failed in a row); pipeline aborted; the last: {message}"
+    )]
+    WorkersCannotStart {
+        /// The pipeline.
+        pipeline: String,
+        /// The stage.
+        stage: String,
+        /// Worker processes that failed to start in a row.
+        failures: u32,
+        /// How the last one failed, with a hint.
+        message: String,
+    },
     /// One of the pipeline's own actors failed: a bug in bergtalzug.
     #[error("pipeline `{pipeline}`: internal actor `{actor}` failed: {message}")]
     ActorFailed {

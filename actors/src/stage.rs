@@ -237,6 +237,17 @@ where
         Ok(())
     }
 
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<StageMsg<I, O>>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // A Process stage's worker processes are reaped before the stage
+        // (and so the pipeline) ends.
+        state.runner.shutdown().await;
+        Ok(())
+    }
+
     async fn handle(
         &self,
         myself: ActorRef<StageMsg<I, O>>,

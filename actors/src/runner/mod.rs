@@ -77,6 +77,13 @@ pub(crate) trait StageRunner<I, O>: Send + Sync + 'static {
         ctx: &Arc<RunCtx<I, O>>,
         items: Vec<WorkItem<I>>,
     ) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// Ends what the runner keeps between batches, before the stage stops
+    /// (a Process stage's worker processes: the stage stops once they are
+    /// reaped). Nothing by default.
+    fn shutdown(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Everything a worker needs to run items, shared with the threads it uses.

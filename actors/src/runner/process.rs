@@ -17,15 +17,18 @@
 
 use std::collections::VecDeque;
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Attempt, Ran, Reporter, RunCtx, StageRunner};
-use crate::item::{ItemErrorKind, Permanent, WorkItem};
+use crate::binding::FailPort;
+use crate::error::PipelineError;
+use crate::item::{ItemErrorKind, Permanent, WorkItem, WorkItemMetadata};
 use crate::process::frame::{self, Job, JobRef, Reply};
 use crate::process::spawn::{ChildProc, ChildSpec};
 
@@ -34,19 +37,44 @@ use crate::process::spawn::{ChildProc, ChildSpec};
 /// make a batch loop).
 const MAX_INNOCENT_BREAKS: u32 = 3;
 
+/// Worker processes of a stage that fail to start this many times in a row
+/// (none starting in between) fail the pipeline: one failure may be a
+/// passing shortage (of memory, of processes), three in a row are a program
+/// that cannot serve the stage (most often: `main` does not call
+/// `process::init()` first).
+const START_FAILURES: u32 = 3;
+/// The pause before starting another worker process after one failed to.
+const START_RETRY_DELAY: Duration = Duration::from_millis(50);
+/// How long an exchange with a worker process runs before the process's
+/// exit is watched as well as its socket (each look is a system call).
+const WATCH_EXIT_AFTER: Duration = Duration::from_millis(10);
+/// How long the stage waits, when it stops, for its worker processes to be
+/// reaped (an idle one exits as soon as its socket closes).
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
+
 /// Runs a Process stage's batches in worker processes.
 pub(crate) struct ProcessRunner<I, O> {
     spec: ChildSpec,
     /// Worker processes between batches.
     idle: Mutex<Vec<ChildProc>>,
+    /// Fails the pipeline (when worker processes cannot start).
+    fail: FailPort,
+    /// Worker processes that failed to start since one last started.
+    start_failures: AtomicU32,
+    /// Set once worker processes could not be started: why. Items then
+    /// fail at once, without another try.
+    cannot_start: OnceLock<String>,
     _types: PhantomData<fn(I) -> O>,
 }
 
 impl<I, O> ProcessRunner<I, O> {
-    pub(crate) fn new(spec: ChildSpec) -> Self {
+    pub(crate) fn new(spec: ChildSpec, fail: FailPort) -> Self {
         ProcessRunner {
             spec,
             idle: Mutex::new(Vec::new()),
+            fail,
+            start_failures: AtomicU32::new(0),
+            cannot_start: OnceLock::new(),
             _types: PhantomData,
         }
     }
@@ -146,6 +174,18 @@ where
                 reporter.push(outcome, now, now);
                 continue;
             }
+            if let Some(why) = self.cannot_start.get() {
+                // The stage cannot start worker processes: no more tries.
+                let message = format!("the stage cannot start its worker processes: {why}");
+                let front = pending.pop_front().expect("a front");
+                let now = Instant::now();
+                let outcome =
+                    front
+                        .with_input()
+                        .fail(ctx, ItemErrorKind::ProcessDied, message, false, now);
+                reporter.push(outcome, now, now);
+                continue;
+            }
             let mut proc = match child.take() {
                 Some(proc) if !self.used_up(&proc) => proc,
                 other => {
@@ -153,14 +193,13 @@ where
                         old.retire();
                     }
                     match self.spec.spawn(ctx.worker).await {
-                        Ok(proc) => proc,
+                        Ok(proc) => {
+                            self.start_failures.store(0, Ordering::Relaxed);
+                            proc
+                        }
                         Err(message) => {
-                            tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
-                                worker = %ctx.worker, "{message}");
-                            let front = pending.pop_front().expect("a front");
-                            let now = Instant::now();
-                            let outcome = front.fail(ctx, ItemErrorKind::ProcessDied, message, now);
-                            reporter.push(outcome, now, now);
+                            // No item is to blame: it never reached a handler.
+                            self.start_failed(ctx, message).await;
                             continue;
                         }
                     }
@@ -204,7 +243,19 @@ where
                     let front = pending.pop_front().expect("a front");
                     let now = Instant::now();
                     let started = front.started.unwrap_or(now);
-                    reporter.push(front.fail(ctx, broken.kind, message, now), started, now);
+                    reporter.push(
+                        front.fail(ctx, broken.kind, message.clone(), now),
+                        started,
+                        now,
+                    );
+                    // The worker process was lost as a worker actor is when
+                    // its handler panics: the worker gives up, so that the
+                    // stage replaces it (counted against its restart
+                    // budget, announced as `WorkerRestarted`), and the rest
+                    // of the batch goes back to the stage's queue.
+                    let returned = self.hand_back(ctx, &mut pending, &mut reporter);
+                    reporter.give_up(returned, message.clone(), Instant::now());
+                    return Err(message);
                 }
             }
         }
@@ -221,6 +272,14 @@ where
         }
         Ok(())
     }
+
+    async fn shutdown(&self) {
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        for proc in idle {
+            proc.retire();
+        }
+        self.spec.reap_all(SHUTDOWN_WAIT).await;
+    }
 }
 
 impl<I, O> ProcessRunner<I, O>
@@ -228,6 +287,51 @@ where
     I: Serialize + DeserializeOwned + Send + 'static,
     O: DeserializeOwned + Send + 'static,
 {
+    /// A worker process failed to start (`message` says how): counts it,
+    /// and fails the pipeline once [`START_FAILURES`] in a row did.
+    async fn start_failed(&self, ctx: &RunCtx<I, O>, message: String) {
+        tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
+            worker = %ctx.worker, "{message}");
+        let failures = self.start_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < START_FAILURES {
+            tokio::time::sleep(START_RETRY_DELAY).await;
+            return;
+        }
+        if self.cannot_start.set(message.clone()).is_ok() {
+            (self.fail)(PipelineError::WorkersCannotStart {
+                pipeline: self.spec.pipeline.to_string(),
+                stage: self.spec.stage.to_string(),
+                failures,
+                message,
+            });
+        }
+    }
+
+    /// The items of `pending` as they were before this batch, for the
+    /// stage to give to another worker; an item that cannot be had again
+    /// (its data did not encode, or does not decode) fails here as it would
+    /// have in the batch.
+    fn hand_back(
+        &self,
+        ctx: &RunCtx<I, O>,
+        pending: &mut VecDeque<Pending<I>>,
+        reporter: &mut Reporter<I, O>,
+    ) -> Vec<WorkItem<I>> {
+        let mut returned = Vec::with_capacity(pending.len());
+        for p in pending.drain(..) {
+            match p.unstarted() {
+                Ok(item) => returned.push(item),
+                Err(lost) => {
+                    let (attempt, message) = *lost;
+                    let now = Instant::now();
+                    let outcome = attempt.fail(ctx, ItemErrorKind::Failed, message, false, now);
+                    reporter.push(outcome, now, now);
+                }
+            }
+        }
+        returned
+    }
+
     /// Whether a child has served its `recycle_after` items.
     fn used_up(&self, proc: &ChildProc) -> bool {
         self.spec.recycle_after.is_some_and(|n| proc.served >= n)
@@ -252,13 +356,20 @@ where
         let (mut answered, mut written, mut offset) = (0, 0, 0);
         let mut front_started = Instant::now();
         self.start(ctx, &mut pending[0], reporter, front_started);
-        let ChildProc {
-            socket,
-            buf,
-            served,
-            ..
-        } = proc;
+        let (socket, buf, served, process) = proc.parts();
         let (mut rd, mut wr) = socket.split();
+        // The socket alone would not tell of a death: a process the handler
+        // started (a fork) may hold it open after the worker died. Its exit
+        // is watched after a moment, so that the quick exchanges of most
+        // batches cost no `waitpid` call.
+        let watch = async {
+            tokio::time::sleep(WATCH_EXIT_AFTER).await;
+            process.wait().await
+        };
+        let mut watch = std::pin::pin!(watch);
+        // Set when the process has exited: what it wrote before is read
+        // without waiting.
+        let mut exited = false;
         // Set when a write fails: the child is gone or stopped reading, but
         // replies it sent before may still be waiting to be read.
         let mut cannot_write = None;
@@ -274,7 +385,7 @@ where
                 .map(|t| tokio::time::Instant::from_std(front_started + t));
             tokio::select! {
                 biased;
-                read = rd.read(buf.spare()) => {
+                read = read_or_drain(&mut rd, buf.spare(), exited) => {
                     match read {
                         // Replies sent before the end were read first: the
                         // child held the first unanswered item, if it was
@@ -324,6 +435,7 @@ where
                         Err(e) => cannot_write = Some(e.to_string()),
                     }
                 }
+                _ = &mut watch, if !exited => exited = true,
                 () = sleep_until(deadline) => {
                     let timeout = ctx.timeout.unwrap_or_default();
                     return Err(Broken {
@@ -367,6 +479,22 @@ fn sendable<I>(pending: &VecDeque<Pending<I>>, index: usize, offset: usize) -> &
     match pending.get(index).map(|p| &p.frame) {
         Some(Ok(frame)) => frame.get(offset..).unwrap_or(&[]),
         _ => &[],
+    }
+}
+
+/// Reads the socket; once the process has exited, only what is there
+/// already, taking "nothing more" for its end.
+async fn read_or_drain(
+    rd: &mut tokio::net::unix::ReadHalf<'_>,
+    buf: &mut [u8],
+    exited: bool,
+) -> std::io::Result<usize> {
+    if !exited {
+        return rd.read(buf).await;
+    }
+    match rd.try_read(buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+        other => other,
     }
 }
 
@@ -429,6 +557,36 @@ fn settle<I, O>(
 }
 
 impl<I: DeserializeOwned + Send + 'static> Pending<I> {
+    /// The item as it was before this attempt began, its data decoded from
+    /// the frame it was to be sent in; else its attempt and why not.
+    fn unstarted(self) -> Result<WorkItem<I>, Box<(Attempt<I>, String)>> {
+        let mut attempt = self.attempt;
+        let data = match &self.frame {
+            Ok(frame) => match frame.get(4..).map(frame::decode::<Job<I>>) {
+                Some(Ok(job)) => Ok(job.data),
+                Some(Err(e)) => Err(format!("the item cannot be decoded again: {e}")),
+                None => Err("the item's frame is short".to_string()),
+            },
+            Err(e) => Err(format!("the item cannot be sent to a worker process: {e}")),
+        };
+        let data = match data.map_err(|e| (attempt.kept.take(), e)) {
+            Ok(data) => data,
+            Err((Some(kept), _)) => kept,
+            Err((None, message)) => return Err(Box::new((attempt, message))),
+        };
+        let mut metadata = WorkItemMetadata::default();
+        metadata.set_created(attempt.created);
+        metadata.names = attempt.names;
+        metadata.stages = attempt.stages;
+        metadata.attempts = attempt.attempts - 1;
+        metadata.custom = attempt.custom.unwrap_or_default();
+        Ok(WorkItem {
+            job_id: attempt.job_id,
+            data,
+            metadata,
+        })
+    }
+
     /// The attempt, holding its input again (decoded from the frame sent),
     /// for a retry or a dead letter: nothing is copied while attempts
     /// succeed, and the input type need not be `Clone`.
