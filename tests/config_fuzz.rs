@@ -506,3 +506,26 @@ async fn the_most_workers_accepted_start_and_run() {
         .unwrap();
     assert_eq!(results.len(), 1_000);
 }
+
+/// The largest queues accepted, in every stage, run items: nothing is
+/// allocated up front for them, and the pipeline's window (their sum)
+/// does not overflow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_queues_accepted_run() {
+    let stage =
+        |name: &str| StageConfig::new(name, ExecutionType::Async).queue_size(MAX_QUEUE_SIZE);
+    let config = PipelineConfig::new("big-queues", vec![stage("a"), stage("b"), stage("c")])
+        .stats_interval(Duration::ZERO);
+    let pipeline = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::iter(0..1_000u64))
+        .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+        .async_stage("b", |i: WorkItem<u64>| async move { Ok(i) })
+        .async_stage("c", |i: WorkItem<u64>| async move { Ok(i) })
+        .build()
+        .unwrap();
+    let results = within(Duration::from_secs(60), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 1_000);
+}

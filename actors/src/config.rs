@@ -44,7 +44,7 @@ pub const MAX_WORKERS: usize = 10_000;
 /// The largest `queue_size` of one stage. Buffers grow only with the items
 /// that wait, but the window of the whole pipeline is the sum of every
 /// stage's `queue_size + workers`, which must not overflow.
-pub const MAX_QUEUE_SIZE: usize = 1 << 32;
+pub const MAX_QUEUE_SIZE: usize = u32::MAX as usize;
 
 /// The longest duration any field may hold: 10 years (365-day years). A
 /// longer timeout, retry delay, window or interval cannot be told from
