@@ -1002,6 +1002,33 @@ async fn retries_run_the_item_again_in_a_new_process() {
     no_children_left().await;
 }
 
+/// `stage_duration` is the handler's time over the attempts, in Process
+/// stages too: the backoff before the second attempt is not counted.
+async fn stage_duration_leaves_out_the_retry_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("once").display().to_string();
+    let backoff = Duration::from_millis(500);
+    let stage = stage("handler-time", 1).retry(RetryPolicy::fixed(2, backoff));
+    let config = PipelineConfig::new("handler-time", vec![stage]).stats_interval(Duration::ZERO);
+    let results = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::iter([Act::AbortOnce(marker)]))
+        .process_stage("handler-time-stage", act)
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap();
+    let r = &results[0];
+    assert!(r.success, "{:?}", r.error);
+    let times = r.metadata.stage("handler-time-stage").unwrap();
+    assert_eq!(times.attempts(), 2);
+    let handler = r.metadata.stage_duration("handler-time-stage").unwrap();
+    assert!(handler < backoff, "the backoff was counted: {handler:?}");
+    assert!(times.duration().unwrap() >= backoff, "{times:?}");
+    assert!(times.retry_wait().unwrap() >= backoff, "{times:?}");
+}
+
 /// `init()` serves the stage by the handler's address, without running the
 /// rest of `main`: with `--init-must-serve`, `main` exits 99 after `init()`.
 async fn init_finds_the_handler_by_address() {
@@ -1188,6 +1215,7 @@ fn main() {
         workers_are_named_after_the_program_pipeline_and_stage,
         ctrl_c_stops_gracefully_and_spares_the_workers,
         retries_run_the_item_again_in_a_new_process,
+        stage_duration_leaves_out_the_retry_backoff,
         init_finds_the_handler_by_address,
         the_builder_serves_when_init_was_not_called,
         workers_die_with_a_killed_parent,

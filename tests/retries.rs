@@ -464,3 +464,71 @@ fn retry_and_timeout_load_from_files_and_bad_values_name_the_field() {
     let e = bad("timeout = -1");
     assert!(e.contains("stages[0].timeout"), "{e}");
 }
+
+/// `stage_duration` is the handler's time, summed over the attempts; the
+/// retry backoff and the wait in the queue again are `retry_wait`, and the
+/// whole stay from first start to last end is `StageTimes::duration`.
+async fn stage_duration_is_handler_time(model: ExecutionType) {
+    let backoff = Duration::from_millis(300);
+    let stage = stage("flaky", model).retry(RetryPolicy::fixed(2, backoff));
+    let builder = Pipeline::builder(config("handler-time", vec![stage]))
+        .unwrap()
+        .source(sources::iter(0..4u64));
+    let pipeline = if model == ExecutionType::Async {
+        builder
+            .retrying_async_stage("flaky", |item: WorkItem<u64>| async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                anyhow::ensure!(item.metadata().attempts() > 1, "first attempt fails");
+                Ok(item)
+            })
+            .build()
+    } else {
+        builder
+            .retrying_sync_stage("flaky", |item: WorkItem<u64>| {
+                std::thread::sleep(Duration::from_millis(5));
+                anyhow::ensure!(item.metadata().attempts() > 1, "first attempt fails");
+                Ok(item)
+            })
+            .build()
+    }
+    .unwrap();
+    let results = within(Duration::from_secs(20), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 4);
+    for r in &results {
+        assert!(r.success, "{:?}", r.error);
+        let handler = r.metadata.stage_duration("flaky").unwrap();
+        let times = r.metadata.stage("flaky").unwrap();
+        assert_eq!(times.attempts(), 2);
+        assert!(handler >= Duration::from_millis(10), "{model}: {handler:?}");
+        assert!(
+            handler < backoff / 2,
+            "{model}: the backoff was counted: {handler:?}"
+        );
+        assert_eq!(times.handler_duration(), Some(handler));
+        assert!(times.duration().unwrap() >= backoff, "{model}: {times:?}");
+        let wait = times.retry_wait().unwrap();
+        assert!(
+            wait >= backoff
+                && wait + handler <= times.duration().unwrap() + Duration::from_micros(1)
+        );
+    }
+    let stats = pipeline.stats().await.unwrap();
+    let flaky = &stats.stages[0];
+    assert!(
+        flaky.p99_duration.unwrap() < backoff / 2,
+        "{model}: stage stats count handler time: {:?}",
+        flaky.p99_duration
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_duration_is_the_async_handlers_time_without_the_retry_wait() {
+    stage_duration_is_handler_time(ExecutionType::Async).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_duration_is_the_thread_handlers_time_without_the_retry_wait() {
+    stage_duration_is_handler_time(ExecutionType::Thread).await;
+}

@@ -324,3 +324,252 @@ async fn an_injection_cut_short_says_which_items_got_in() {
     let first: Vec<_> = (0..admitted).map(|n| format!("job-{n}")).collect();
     assert_eq!(ids, first, "the first `admitted` items, in order");
 }
+
+/// Runs `source` through one pass-through stage.
+async fn run_all<S: Source>(source: S) -> Vec<WorkItemResult>
+where
+    S::Item: Send + 'static,
+{
+    let pipeline = Pipeline::builder(config(
+        "ready-made",
+        vec![
+            StageConfig::new("a", ExecutionType::Async)
+                .workers(2)
+                .queue_size(3),
+        ],
+    ))
+    .unwrap()
+    .source(source)
+    .async_stage("a", |i: WorkItem<S::Item>| async move { Ok(i) })
+    .build()
+    .unwrap();
+    within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap()
+}
+
+fn tree() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["2024/03", "2024/04", "empty", ".hidden"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+    for file in [
+        "top.json",
+        "notes.txt",
+        "2024/03/a.json",
+        "2024/03/b.json",
+        "2024/03/c.csv",
+        "2024/04/d.json",
+        ".hidden/e.json",
+    ] {
+        std::fs::write(dir.path().join(file), file).unwrap();
+    }
+    dir
+}
+
+fn ids(results: &[WorkItemResult]) -> Vec<String> {
+    let mut ids: Vec<String> = results.iter().map(|r| r.job_id.to_string()).collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_files_of_a_directory_that_match_a_glob_each_become_an_item() {
+    let dir = tree();
+    let all = sources::files(dir.path(), "**/*.json").unwrap();
+    // Counted first: the progress bar's total.
+    assert_eq!(all.size_hint(), Some(5));
+    let results = run_all(all).await;
+    assert_eq!(
+        ids(&results),
+        [
+            ".hidden/e.json",
+            "2024/03/a.json",
+            "2024/03/b.json",
+            "2024/04/d.json",
+            "top.json"
+        ]
+    );
+    assert!(results.iter().all(|r| r.success));
+
+    // `*` stays in one directory; a deeper pattern reaches only its depth.
+    let top = sources::files(dir.path(), "*.json").unwrap();
+    assert_eq!(top.size_hint(), Some(1));
+    assert_eq!(ids(&run_all(top).await), ["top.json"]);
+    let march = sources::files(dir.path(), "2024/03/*").unwrap();
+    assert_eq!(march.size_hint(), Some(3));
+    assert_eq!(
+        ids(&run_all(march).await),
+        ["2024/03/a.json", "2024/03/b.json", "2024/03/c.csv"]
+    );
+    let none = sources::files(dir.path().join("empty"), "**/*").unwrap();
+    assert_eq!(none.size_hint(), Some(0));
+    assert!(run_all(none).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_item_carries_the_path_to_read() {
+    let dir = tree();
+    let pipeline = Pipeline::builder(config(
+        "read",
+        vec![StageConfig::new("read", ExecutionType::Async).workers(2)],
+    ))
+    .unwrap()
+    .source(sources::files(dir.path(), "2024/**/*.json").unwrap())
+    .async_stage("read", |i: WorkItem<std::path::PathBuf>| async move {
+        let text = tokio::fs::read_to_string(&i.data).await?;
+        Ok(i.map(|_| text))
+    })
+    .build()
+    .unwrap();
+    let results = within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&results),
+        ["2024/03/a.json", "2024/03/b.json", "2024/04/d.json"]
+    );
+    assert!(results.iter().all(|r| r.success), "{:?}", results[0].error);
+}
+
+#[test]
+fn a_missing_directory_or_a_bad_glob_is_an_error_when_the_source_is_made() {
+    let dir = tree();
+    let missing = sources::files(dir.path().join("nope"), "*").unwrap_err();
+    assert!(format!("{missing:#}").contains("nope"), "{missing:#}");
+    let bad = sources::files(dir.path(), "a**").unwrap_err();
+    assert!(format!("{bad:#}").contains("a**"), "{bad:#}");
+    let file = sources::files(dir.path().join("top.json"), "*").unwrap_err();
+    assert!(format!("{file:#}").contains("top.json"), "{file:#}");
+    let missing = sources::lines(dir.path().join("nope.txt")).unwrap_err();
+    assert!(format!("{missing:#}").contains("nope.txt"), "{missing:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lines_of_a_file_each_become_an_item_numbered_from_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("input.txt");
+    // 10 lines, Windows endings on some, no newline after the last.
+    let text: String = (1..=10)
+        .map(|n| format!("line {n}{}", if n % 3 == 0 { "\r\n" } else { "\n" }))
+        .collect::<String>()
+        .trim_end()
+        .to_string();
+    std::fs::write(&path, text).unwrap();
+    let source = sources::lines(&path).unwrap();
+    assert_eq!(source.size_hint(), Some(10));
+    let results = run_all(source).await;
+    assert_eq!(results.len(), 10);
+    let name = path.display().to_string();
+    for r in &results {
+        assert!(r.success);
+        let n: u64 = r
+            .job_id
+            .to_string()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(r.job_id.to_string(), format!("{name}:{n}"));
+        assert!((1..=10).contains(&n));
+    }
+    assert_unique_ids(&results);
+
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let source = sources::lines(&empty).unwrap();
+    assert_eq!(source.size_hint(), Some(0));
+    assert!(run_all(source).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_that_is_not_text_is_reported_and_the_lines_after_it_follow() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mixed.txt");
+    std::fs::write(&path, b"one\ntwo\n\xff\xfe\nfour\n").unwrap();
+    let mut source = sources::lines(&path).unwrap();
+    assert_eq!(source.size_hint(), Some(4));
+    let first = source.refill(10).await.unwrap();
+    let data: Vec<_> = first.iter().map(|i| i.data.as_str()).collect();
+    assert_eq!(data, ["one", "two"]);
+    let err = source.refill(10).await.unwrap_err();
+    assert!(err.to_string().contains("line 3"), "{err}");
+    let rest = source.refill(10).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].data, "four");
+    assert_eq!(
+        rest[0].job_id().to_string(),
+        format!("{}:4", path.display())
+    );
+    assert!(source.refill(10).await.unwrap().is_empty());
+}
+
+/// Not a test on its own: run by the next test in a child process whose
+/// stdin it sets, it reads stdin through `sources::stdin_lines` and prints
+/// what it got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_reader_in_a_child() {
+    if std::env::var_os("BERGTALZUG_STDIN_CHILD").is_none() {
+        return;
+    }
+    let source = sources::stdin_lines();
+    let hint = source.size_hint();
+    let results = run_all(source).await;
+    let mut lines: Vec<String> = results.iter().map(|r| r.job_id.to_string()).collect();
+    lines.sort();
+    println!("HINT {hint:?}");
+    println!("IDS {}", lines.join(","));
+}
+
+#[test]
+fn the_lines_of_stdin_each_become_an_item() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    let child = |stdin: Stdio| {
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "stdin_reader_in_a_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("BERGTALZUG_STDIN_CHILD", "1")
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let report = |out: std::process::Output| {
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        // libtest prints the test's name before its output, on the same line.
+        let after = |tag: &str| {
+            let line = text.lines().find(|l| l.contains(tag)).expect(&text);
+            line[line.find(tag).unwrap() + tag.len()..].to_string()
+        };
+        let (hint, ids) = (after("HINT "), after("IDS "));
+        (hint, ids)
+    };
+
+    // From a file (`program < file`): counted, so a bar has a total.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("in.txt");
+    std::fs::write(&path, "a\nb\nc\n").unwrap();
+    let out = child(std::fs::File::open(&path).unwrap().into())
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(
+        report(out),
+        ("Some(3)".into(), "stdin:1,stdin:2,stdin:3".into())
+    );
+
+    // From a pipe: no count; read until the writer closes it.
+    let mut piped = child(Stdio::piped());
+    let mut stdin = piped.stdin.take().unwrap();
+    stdin.write_all(b"x\ny\n").unwrap();
+    drop(stdin);
+    let out = piped.wait_with_output().unwrap();
+    assert_eq!(report(out), ("None".into(), "stdin:1,stdin:2".into()));
+}

@@ -432,6 +432,8 @@ where
                     queued: now,
                     started: None,
                     completed: None,
+                    attempt_started: None,
+                    handler: Duration::ZERO,
                 });
             }
         }

@@ -354,7 +354,7 @@ impl Tally {
                 if i >= self.service.len() {
                     continue;
                 }
-                if let Some(d) = times.duration() {
+                if let Some(d) = times.handler_duration() {
                     self.service[i].record(d);
                     #[cfg(feature = "metrics")]
                     if let Some(m) = metrics {

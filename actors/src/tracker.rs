@@ -32,8 +32,9 @@ use crate::root::FinishReport;
 use crate::shared::Shared;
 use crate::source::Ack;
 
-/// A completion callback: called once per item, on the tracker's task.
-pub type Callback = Arc<dyn Fn(&WorkItemResult) + Send + Sync>;
+/// A completion callback: called once per item, on the tracker's task,
+/// which owns it (so it may keep state: `FnMut`, and needs no `Sync`).
+pub type Callback = Box<dyn FnMut(&WorkItemResult) + Send>;
 
 /// Tells the source that items finished: how many, their job ids (tracking
 /// on) and, when the source wants them, their acknowledgements.
@@ -190,7 +191,7 @@ impl TrackerState {
                     released.push(result.job_id.clone());
                 }
             }
-            for callback in &self.callbacks {
+            for callback in &mut self.callbacks {
                 if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| callback(result)))
                 {
                     tracing::error!(

@@ -181,6 +181,7 @@ impl<I: Send + 'static> Attempt<I> {
         if ctx.tracking {
             if let Some(times) = stages.last_mut() {
                 times.started.get_or_insert(now);
+                times.attempt_started = Some(now);
                 times.attempts = attempts;
             }
         }
@@ -264,6 +265,9 @@ impl<I: Send + 'static> Attempt<I> {
         if ctx.tracking {
             if let Some(times) = self.stages.last_mut() {
                 times.completed = Some(now);
+                if let Some(began) = times.attempt_started.take() {
+                    times.handler += now.saturating_duration_since(began);
+                }
             }
         }
     }

@@ -461,9 +461,12 @@ where
         pending.started = Some(now);
         // Stamped when the child starts on it, not when the batch came; a
         // retry keeps its first attempt's start (as `Attempt::begin` does).
-        if ctx.tracking && pending.attempt.attempts == 1 {
+        if ctx.tracking {
             if let Some(times) = pending.attempt.stages.last_mut() {
-                times.started = Some(now);
+                if pending.attempt.attempts == 1 {
+                    times.started = Some(now);
+                }
+                times.attempt_started = Some(now);
             }
         }
         reporter.started(&pending.attempt.job_id);
