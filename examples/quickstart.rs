@@ -19,7 +19,7 @@
 //! - `parse` decodes the JSON with serde, a blocking step. One record in 97
 //!   is served corrupt, and fails here.
 //! - `compute` does real CPU work (a numerical integration per record) on
-//!   the stage's rayon pool, one worker per core.
+//!   the stage's own threads, one worker per core.
 //! - `store` writes each result to a file in a temporary directory, removed
 //!   when the example ends unless it is given `--keep`.
 

@@ -231,6 +231,7 @@ async fn stats_json_has_exactly_the_documented_shape() {
         "items_per_second",
         "utilisation",
         "stalled",
+        "stuck_threads",
         "average_duration",
         "p50_duration",
         "p90_duration",

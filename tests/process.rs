@@ -68,6 +68,18 @@ enum Act {
     ForkAndAbort,
     /// 1 if our command line has `cmdline`, plus 2 if our name is `comm`.
     Named { cmdline: String, comm: String },
+    /// Its `Serialize` panics (in the parent): it never reaches a worker.
+    Unsendable(Unsendable),
+}
+
+/// Data whose `Serialize` panics.
+#[derive(Debug, Clone, Deserialize)]
+struct Unsendable;
+
+impl Serialize for Unsendable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        panic!("this data cannot be serialized");
+    }
 }
 
 fn act(item: WorkItem<Act>) -> anyhow::Result<WorkItem<u64>> {
@@ -142,6 +154,7 @@ fn act(item: WorkItem<Act>) -> anyhow::Result<WorkItem<u64>> {
                 nix::unistd::ForkResult::Parent { .. } => std::process::abort(),
             }
         }
+        Act::Unsendable(_) => unreachable!("it never reaches a worker"),
         Act::Named { cmdline, comm } => {
             let line = String::from_utf8_lossy(&std::fs::read("/proc/self/cmdline")?).to_string();
             let name = std::fs::read_to_string("/proc/self/comm")?;
@@ -456,6 +469,20 @@ async fn a_panic_fails_only_its_item_and_keeps_the_process() {
         returned[&0], returned[&last],
         "the worker process was replaced"
     );
+}
+
+/// The data's `Serialize` is user code the parent runs: a panic in it fails
+/// that item only, never the worker holding the batch.
+async fn a_panicking_serialize_fails_only_its_item() {
+    let acts = doubles_with(20, 7, Act::Unsendable(Unsendable));
+    let results = run(
+        "unsendable",
+        stage("unsendable", 2),
+        ProcessOptions::new(),
+        acts,
+    )
+    .await;
+    only_one_failed(&results, 7, ItemErrorKind::Failed, "cannot be serialized");
 }
 
 async fn errors_fail_their_item_with_the_message() {
@@ -1198,6 +1225,7 @@ fn main() {
         a_slow_item_within_the_timeout_completes,
         a_panic_fails_only_its_item_and_keeps_the_process,
         errors_fail_their_item_with_the_message,
+        a_panicking_serialize_fails_only_its_item,
         garbage_from_a_worker_fails_its_item_and_replaces_it,
         the_whole_item_crosses,
         job_ids_cross_unchanged,

@@ -532,3 +532,89 @@ async fn stage_duration_is_the_async_handlers_time_without_the_retry_wait() {
 async fn stage_duration_is_the_thread_handlers_time_without_the_retry_wait() {
     stage_duration_is_handler_time(ExecutionType::Thread).await;
 }
+
+/// A handler that never returns, for the items `hangs` picks.
+fn hanging(hangs: fn(u64) -> bool) -> impl Fn(WorkItem<u64>) -> anyhow::Result<WorkItem<u64>> {
+    move |item| {
+        if hangs(item.data) {
+            loop {
+                std::thread::park();
+            }
+        }
+        Ok(item)
+    }
+}
+
+/// Every worker of a Cpu stage gets stuck in turn (2 workers, 4 items that
+/// never return): each stuck attempt is given up at the timeout and the
+/// stage goes on with its other items on other threads, to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_stage_whose_workers_all_hang_still_finishes_every_item() {
+    let pipeline = Pipeline::builder(config(
+        "all-stuck",
+        vec![stage("crunch", ExecutionType::Cpu).timeout(Duration::from_millis(300))],
+    ))
+    .unwrap()
+    .source(sources::iter(0..200u64))
+    .sync_stage("crunch", hanging(|n| n % 50 == 7))
+    .build()
+    .unwrap();
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 200);
+    assert_unique_ids(&results);
+    let failed: Vec<_> = results.iter().filter(|r| !r.success).collect();
+    assert_eq!(failed.len(), 4);
+    assert!(
+        failed
+            .iter()
+            .all(|r| r.error.as_ref().unwrap().kind == ItemErrorKind::TimedOut)
+    );
+    let stats = pipeline.stats().await.unwrap();
+    assert_eq!(stats.stages[0].stuck_threads, 4, "each hang keeps a thread");
+}
+
+/// Stuck Thread attempts do not take threads of tokio's blocking pool: with
+/// a pool of 4 and 8 attempts that never return, the stage finishes and the
+/// program's own `spawn_blocking` still runs.
+#[test]
+fn stuck_thread_attempts_leave_the_blocking_pool_to_the_program() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(4)
+            .enable_all()
+            .build()
+            .unwrap();
+        let outcome = runtime.block_on(async {
+            let pipeline = Pipeline::builder(config(
+                "pool",
+                vec![stage("io", ExecutionType::Thread).timeout(Duration::from_millis(200))],
+            ))
+            .unwrap()
+            .source(sources::iter(0..100u64))
+            .sync_stage("io", hanging(|n| n % 12 == 5))
+            .build()
+            .unwrap();
+            let results = pipeline.run().await.unwrap();
+            let timed_out = results
+                .iter()
+                .filter(|r| {
+                    r.error
+                        .as_ref()
+                        .is_some_and(|e| e.kind == ItemErrorKind::TimedOut)
+                })
+                .count();
+            let own = tokio::task::spawn_blocking(|| 42).await.unwrap();
+            (results.len(), timed_out, own)
+        });
+        drop(runtime);
+        let _ = done.send(outcome);
+    });
+    let outcome = finished
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the stage or the program's spawn_blocking hung");
+    assert_eq!(outcome, (100, 8, 42));
+}

@@ -589,3 +589,60 @@ async fn a_stop_during_start_takes_effect_once_the_pipeline_is_up() {
         }
     }
 }
+
+/// A Thread handler that never returns: once the pipeline is aborted,
+/// `main` (here: a thread that owns its runtime) must be able to return and
+/// drop the runtime, which waits for tokio's blocking threads. The stuck
+/// thread is the stage's own and nothing waits for it.
+#[test]
+fn a_thread_handler_that_never_returns_does_not_keep_the_program_from_exiting() {
+    let (exited, exit) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let stuck = runtime.block_on(async {
+            let entered = Arc::new(tokio::sync::Notify::new());
+            let notify = entered.clone();
+            let pipeline = Pipeline::builder(config(
+                "never-returns",
+                vec![
+                    StageConfig::new("stuck", ExecutionType::Thread)
+                        .workers(1)
+                        .queue_size(4),
+                ],
+            ))
+            .unwrap()
+            .source(sources::iter(0..10u64))
+            .sync_stage("stuck", move |i: WorkItem<u64>| {
+                if i.data < 10 {
+                    notify.notify_one();
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                Ok(i)
+            })
+            .build()
+            .unwrap();
+            pipeline.start().await.unwrap();
+            within(Duration::from_secs(10), entered.notified()).await;
+            within(Duration::from_secs(10), pipeline.abort())
+                .await
+                .unwrap();
+            let results = within(Duration::from_secs(10), pipeline.run())
+                .await
+                .unwrap();
+            assert!(results.iter().all(|r| r.is_cancelled()));
+            pipeline.stats().await.unwrap().stages[0].stuck_threads
+        });
+        drop(runtime);
+        let _ = exited.send(stuck);
+    });
+    let stuck = exit
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the runtime waited for the stuck handler's thread: the program cannot exit");
+    assert_eq!(stuck, 1, "the stuck thread is accounted for");
+}

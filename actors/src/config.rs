@@ -63,8 +63,8 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
 /// | seed          | here      | runs on                                         |
 /// |---------------|-----------|-------------------------------------------------|
 /// | `ASYNC`       | `Async`   | the tokio runtime, awaited by each worker       |
-/// | `THREAD`      | `Thread`  | tokio's blocking threads, at most `workers` busy |
-/// | `INTERPRETER` | `Cpu`     | a rayon pool owned by the stage, `workers` threads |
+/// | `THREAD`      | `Thread`  | threads owned by the stage, at most `workers` busy |
+/// | `INTERPRETER` | `Cpu`     | the same, for CPU-bound work: `workers` = cores |
 /// | `PROCESS`     | `Process` | worker OS processes (crash isolation)           |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -72,9 +72,9 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
 pub enum ExecutionType {
     /// An `async fn` handler awaited on the tokio runtime: I/O-bound work.
     Async,
-    /// A blocking `fn` handler on a blocking thread: blocking I/O, FFI.
+    /// A blocking `fn` handler on a thread of the stage's: blocking I/O, FFI.
     Thread,
-    /// A blocking `fn` handler on the stage's rayon pool: CPU-bound work.
+    /// A blocking `fn` handler on a thread of the stage's: CPU-bound work.
     /// Config files may also say `"interpreter"`, the seed's name for it.
     #[serde(alias = "interpreter")]
     Cpu,

@@ -135,18 +135,19 @@ impl DeadLetterSink {
                 let job_id = letter.job_id.clone();
                 let call = std::panic::AssertUnwindSafe(|| callback(letter));
                 if let Err(panic) = std::panic::catch_unwind(call) {
-                    tracing::error!(
-                        %job_id,
-                        "dead-letter callback panicked: {}",
-                        crate::runner::panic_message(&*panic)
-                    );
+                    let message = crate::contain::take_message(panic);
+                    tracing::error!(%job_id, "dead-letter callback panicked: {message}");
                 }
                 true
             }
             DeadLetterSink::Channel(sender) => {
                 let letter = match sender.try_send(letter) {
                     Ok(()) => return true,
-                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                    Err(mpsc::error::TrySendError::Closed(letter)) => {
+                        // Its input's `Drop` is user code.
+                        crate::contain::drop_logged(letter, || "an undelivered dead letter".into());
+                        return false;
+                    }
                     Err(mpsc::error::TrySendError::Full(letter)) => letter,
                 };
                 let warning = crate::event::SUBSCRIBER_STALL_WARNING;

@@ -479,11 +479,19 @@ pub struct WorkItemResult {
 }
 
 impl WorkItemResult {
+    /// The result of an item that went through every stage; its data is
+    /// dropped here, and a panic in its `Drop` is contained (the item
+    /// completed all the same).
     pub(crate) fn completed<T>(item: WorkItem<T>, now: Option<Instant>) -> Self {
-        let mut metadata = item.metadata;
+        let WorkItem {
+            job_id,
+            data,
+            mut metadata,
+        } = item;
+        crate::contain::drop_logged(data, || format!("the output of item {job_id}"));
         metadata.finished = now;
         WorkItemResult {
-            job_id: item.job_id,
+            job_id,
             success: true,
             error: None,
             metadata,

@@ -26,6 +26,7 @@
 //! ```
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -140,6 +141,11 @@ pub struct StageStats {
     pub utilisation: f64,
     /// Items reported stalled in it so far.
     pub stalled: u64,
+    /// Threads of a Thread or Cpu stage still running attempts it gave up
+    /// (at the stage's timeout, or on abort), which cannot be stopped: each
+    /// holds its stack and what its handler holds until the handler
+    /// returns, then ends. Always 0 in other models.
+    pub stuck_threads: usize,
     /// Mean handler time (tracking on).
     #[serde(serialize_with = "secs_opt")]
     pub average_duration: Option<Duration>,
@@ -202,6 +208,9 @@ impl std::fmt::Display for PipelineStats {
                 s.failed,
                 s.utilisation * 100.0
             )?;
+            if s.stuck_threads > 0 {
+                write!(f, " stuck threads {}", s.stuck_threads)?;
+            }
         }
         if let Some(b) = &self.bottleneck {
             write!(f, " | bottleneck {b}")?;
@@ -241,6 +250,9 @@ pub(crate) struct StageGauges {
     pub(crate) busy_ns: AtomicU64,
     /// Items reported stalled.
     pub(crate) stalled: AtomicU64,
+    /// Threads given up and still running (Thread and Cpu stages); the
+    /// stage's runner keeps it.
+    pub(crate) stuck_threads: Arc<AtomicUsize>,
 }
 
 impl StageGauges {
@@ -413,6 +425,7 @@ impl Tally {
                     items_per_second,
                     utilisation,
                     stalled: g.stalled.load(Ordering::Relaxed),
+                    stuck_threads: g.stuck_threads.load(Ordering::Relaxed),
                     average_duration: self.service[i].mean(),
                     p50_duration: p50,
                     p90_duration: p90,

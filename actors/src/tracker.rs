@@ -194,11 +194,13 @@ impl TrackerState {
             for callback in &mut self.callbacks {
                 if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| callback(result)))
                 {
+                    // Its payload's `Drop` is user code too (and outside the
+                    // macro, which may not evaluate its arguments).
+                    let message = crate::contain::take_message(panic);
                     tracing::error!(
                         pipeline = %self.shared.name,
                         job_id = %result.job_id,
-                        "completion callback panicked: {}",
-                        crate::runner::panic_message(&*panic)
+                        "completion callback panicked: {message}"
                     );
                 }
             }
@@ -206,7 +208,10 @@ impl TrackerState {
         if self.dead_letters.is_some() {
             self.send_dead_letters(&results).await;
         } else if !self.inputs.is_empty() {
-            self.inputs.clear();
+            // The inputs' `Drop` is user code.
+            for (job_id, input) in self.inputs.drain() {
+                crate::contain::drop_logged(input, || format!("the kept input of item {job_id}"));
+            }
         }
         if self.shared.events.has_subscribers() {
             let events = results

@@ -3,8 +3,9 @@
 //! One file per model, each one [`StageRunner`]:
 //!
 //! - [`async_rt::AsyncRunner`]: awaited on the worker actor's own task;
-//! - [`thread::ThreadRunner`]: the batch goes to one of tokio's blocking threads;
-//! - [`cpu::CpuRunner`]: the batch goes to the stage's rayon pool;
+//! - [`thread::ThreadRunner`]: the batch goes to a thread of the stage's own
+//!   ([`lanes`]);
+//! - [`cpu::runner`]: the same, for CPU-bound work;
 //! - [`process::ProcessRunner`]: the batch goes to a worker process.
 //!
 //! Runners are generic over the handler, so a handler's future is never
@@ -17,7 +18,10 @@
 //! result; an error fails the item with its chain (`{:#}`); a panic fails the
 //! item as `Panicked`, hands the untouched rest of the batch back to the
 //! stage in the same report, and makes the worker fail so that it is
-//! replaced.
+//! replaced. The user code a runner calls around the handler (the `Clone`
+//! of a kept copy, the `Drop` of what it drops, the `Display` of an error)
+//! is contained the same way ([`crate::contain`]): an item whose data
+//! panics when copied fails `Panicked` by itself, and the worker goes on.
 //!
 //! Results stream back to the stage as they are ready: after each item the
 //! worker sends what it has if [`FLUSH_AFTER`] has passed since its last
@@ -38,10 +42,12 @@
 //! (cancelled at its next await). A blocking attempt cannot be stopped:
 //! [`watch`] fails it `TimedOut` at the deadline, hands back the rest of its
 //! batch and gives the worker up, so the stage replaces it while the late
-//! handler finishes on its thread; what it returns then is discarded.
+//! handler finishes on its thread, which the stage gives up ([`lanes`]);
+//! what it returns then is discarded.
 
 pub(crate) mod async_rt;
 pub(crate) mod cpu;
+pub(crate) mod lanes;
 pub(crate) mod process;
 pub(crate) mod thread;
 pub(crate) mod watch;
@@ -54,12 +60,15 @@ use std::time::{Duration, Instant};
 
 use ractor::ActorRef;
 
+use crate::contain;
 use crate::event::{EventHub, PipelineEvent, WorkerId};
 use crate::item::{
     ItemError, ItemErrorKind, JobId, Permanent, StageTimes, WorkItem, WorkItemMetadata,
     WorkItemResult,
 };
 use crate::stage::StageMsg;
+
+pub(crate) use crate::contain::panic_message;
 
 /// How long a worker may hold finished items before reporting them. Each
 /// report wakes the stage; at 100 µs a Cpu stage of 50 µs items lost a fifth
@@ -145,6 +154,9 @@ pub(crate) enum Ran<O> {
     Panicked(Box<dyn Any + Send>),
     /// The attempt ran past the stage's timeout.
     TimedOut(Duration),
+    /// The handler never got the item: copying its data for a retry
+    /// panicked, with this message.
+    Uncopied(String),
 }
 
 impl<O> Ran<O> {
@@ -168,6 +180,9 @@ pub(crate) struct Attempt<I> {
     custom: Option<BTreeMap<String, serde_json::Value>>,
     /// A copy of the input, when the stage keeps one.
     kept: Option<I>,
+    /// Copying the input panicked, with this message: the attempt does not
+    /// run ([`Attempt::checked`]).
+    uncopied: Option<String>,
 }
 
 impl<I: Send + 'static> Attempt<I> {
@@ -186,6 +201,14 @@ impl<I: Send + 'static> Attempt<I> {
             }
         }
         let custom = &item.metadata.custom;
+        let (kept, uncopied) = match ctx.keep {
+            None => (None, None),
+            // The user's `Clone`: a panic in it fails this item only.
+            Some(keep) => match contain::call(|| keep(&item.data)) {
+                Ok(kept) => (Some(kept), None),
+                Err(message) => (None, Some(message)),
+            },
+        };
         Attempt {
             job_id: item.job_id.clone(),
             created: item.metadata.created(),
@@ -193,12 +216,28 @@ impl<I: Send + 'static> Attempt<I> {
             names: item.metadata.names.take(),
             stages,
             custom: (!custom.is_empty()).then(|| custom.clone()),
-            kept: ctx.keep.map(|keep| keep(&item.data)),
+            kept,
+            uncopied,
         }
     }
 
     pub(crate) fn job_id(&self) -> &JobId {
         &self.job_id
+    }
+
+    /// The item for the handler, or, when its data panicked as it was
+    /// copied, how the attempt ended (the item is dropped).
+    #[inline]
+    pub(crate) fn checked<O>(&mut self, item: WorkItem<I>) -> Result<WorkItem<I>, Ran<O>> {
+        match self.uncopied.take() {
+            None => Ok(item),
+            Some(message) => {
+                contain::drop_logged(item, || {
+                    format!("item {} after its copy failed", self.job_id)
+                });
+                Err(Ran::Uncopied(message))
+            }
+        }
     }
 
     /// The handler returned `out`: it keeps the item's identity and times.
@@ -210,6 +249,14 @@ impl<I: Send + 'static> Attempt<I> {
         now: Instant,
     ) -> Outcome<I, O> {
         self.stamp_completed(ctx, now);
+        if let Some(kept) = self.kept.take() {
+            contain::drop_logged(kept, || {
+                format!(
+                    "the copy of item {} kept for a retry in stage `{}`",
+                    self.job_id, ctx.stage
+                )
+            });
+        }
         out.job_id = self.job_id;
         out.metadata.stages = self.stages;
         out.metadata.names = self.names;
@@ -337,14 +384,23 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
             Ran::Returned(Ok(out)) => attempt.succeed(ctx, out, now),
             Ran::Returned(Err(e)) => {
                 let retryable = !Permanent::is(&e);
-                attempt.fail(ctx, ItemErrorKind::Failed, format!("{e:#}"), retryable, now)
+                // The error's `Display` and `Drop` are user code.
+                let message = contain::call(|| format!("{e:#}")).unwrap_or_else(|panic| {
+                    format!("(the handler's error cannot be shown: its Display panicked: {panic})")
+                });
+                contain::drop_logged(e, || format!("the error of item {}", attempt.job_id()));
+                attempt.fail(ctx, ItemErrorKind::Failed, message, retryable, now)
+            }
+            Ran::Uncopied(panic) => {
+                let message = format!("copying the item's data for a retry panicked: {panic}");
+                attempt.fail(ctx, ItemErrorKind::Panicked, message, false, now)
             }
             Ran::TimedOut(limit) => {
                 let message = format!("the attempt ran past the stage's timeout of {limit:?}");
                 attempt.fail(ctx, ItemErrorKind::TimedOut, message, true, now)
             }
             Ran::Panicked(payload) => {
-                let message = panic_message(&*payload);
+                let message = contain::take_message(payload);
                 let outcome =
                     attempt.fail(ctx, ItemErrorKind::Panicked, message.clone(), true, now);
                 let reason = format!("handler panicked: {message}");
@@ -355,6 +411,25 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
         };
         self.push(outcome, started, now);
         Ok(())
+    }
+
+    /// Fails the attempt in hand at the stage's timeout (`limit`) and gives
+    /// the worker up for `reason`, with the unstarted rest of its batch
+    /// handed back, all in one report: a report without `failing` would
+    /// let the stage count the dying worker idle and give it more work.
+    pub(crate) fn time_out(
+        mut self,
+        attempt: Attempt<I>,
+        limit: Duration,
+        started: Instant,
+        now: Instant,
+        returned: Vec<WorkItem<I>>,
+        reason: String,
+    ) {
+        let message = format!("the attempt ran past the stage's timeout of {limit:?}");
+        let outcome = attempt.fail(&self.ctx, ItemErrorKind::TimedOut, message, true, now);
+        self.record(outcome, started, now);
+        self.flush(returned, Some(reason), now);
     }
 
     #[inline(always)]
@@ -412,8 +487,11 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
             failing,
         };
         self.last_flush = now;
-        // The stage is gone only when the pipeline is shutting down.
-        let _ = self.ctx.stage_ref.cast(StageMsg::Report(report));
+        // The stage is gone only when the pipeline is shutting down; the
+        // report's items are dropped here then.
+        if let Err(unsent) = self.ctx.stage_ref.cast(StageMsg::Report(report)) {
+            contain::drop_logged(unsent, || "a report its stage was gone for".to_string());
+        }
     }
 }
 
@@ -437,17 +515,6 @@ pub(crate) fn item_span<I, O>(ctx: &RunCtx<I, O>, job_id: &JobId) -> tracing::Sp
     )
 }
 
-/// The text of a panic payload.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic with a non-string payload".to_string()
-    }
-}
-
 /// Runs a batch through a blocking handler on the current thread; shared by
 /// the Thread and Cpu models when the stage has no timeout. One clock read
 /// per item: an item's end is the next one's start.
@@ -464,15 +531,22 @@ where
     let traced = item_spans_enabled();
     let mut items = items.into_iter();
     while let Some(mut item) = items.next() {
-        let attempt = Attempt::begin(ctx, &mut item, started);
+        let mut attempt = Attempt::begin(ctx, &mut item, started);
         reporter.started(attempt.job_id());
-        let span = traced.then(|| item_span(ctx, attempt.job_id()));
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let _entered = span.as_ref().map(tracing::Span::enter);
-            handler(item)
-        }));
+        let ran = match attempt.checked(item) {
+            Ok(item) => {
+                let span = traced.then(|| item_span(ctx, attempt.job_id()));
+                Ran::caught(std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                    || {
+                        let _entered = span.as_ref().map(tracing::Span::enter);
+                        handler(item)
+                    },
+                )))
+            }
+            Err(ran) => ran,
+        };
         let now = crate::clock::now();
-        reporter.settle(attempt, Ran::caught(result), started, now, &mut items)?;
+        reporter.settle(attempt, ran, started, now, &mut items)?;
         started = now;
     }
     reporter.finish(started);

@@ -153,8 +153,14 @@ where
                         custom: &custom,
                         data: &item.data,
                     };
-                    frame::encode(&job, limit)
+                    // The data's `Serialize` is user code: a panic in it
+                    // fails this item only.
+                    crate::contain::call(|| frame::encode(&job, limit)).unwrap_or_else(|panic| {
+                        Err(format!("serializing its data panicked: {panic}"))
+                    })
                 });
+                // Sent as bytes; its `Drop` is user code too.
+                crate::contain::drop_logged(item, || "an item sent to a worker process".into());
                 Pending {
                     attempt,
                     started: None,

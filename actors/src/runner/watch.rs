@@ -5,9 +5,12 @@
 //! and the reporter sit behind one lock shared by both sides: the thread
 //! takes items from it one by one, and the watcher, at the deadline, takes
 //! the attempt, fails it `TimedOut` (or sends it to be retried), hands the
-//! unstarted rest back and gives the worker up. Whatever the thread finishes
-//! after that finds the batch given up and is discarded, so every item is
-//! reported exactly once and in order.
+//! unstarted rest back and gives the worker up, all in one report (so the
+//! stage never counts the dying worker idle). Whatever the thread finishes
+//! after that finds the batch given up and is discarded (its `Drop`
+//! contained), so every item is reported exactly once and in order. The
+//! worker's thread is then given up too ([`super::lanes`]): the stage's next
+//! batches run on other threads.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -57,12 +60,21 @@ impl<I: Send + 'static, O: Send + 'static> Watched<I, O> {
                     break;
                 };
                 let started = Instant::now();
-                let attempt = Attempt::begin(ctx, &mut item, started);
+                let mut attempt = Attempt::begin(ctx, &mut item, started);
                 reporter.started(attempt.job_id());
-                let span =
-                    super::item_spans_enabled().then(|| super::item_span(ctx, attempt.job_id()));
-                *current = Some((started, attempt));
-                (item, span)
+                match attempt.checked(item) {
+                    Ok(item) => {
+                        let span = super::item_spans_enabled()
+                            .then(|| super::item_span(ctx, attempt.job_id()));
+                        *current = Some((started, attempt));
+                        (item, span)
+                    }
+                    Err(ran) => {
+                        let mut rest = std::iter::from_fn(|| pending.pop_front());
+                        reporter.settle(attempt, ran, started, Instant::now(), &mut rest)?;
+                        continue;
+                    }
+                }
             };
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
                 let _entered = span.as_ref().map(tracing::Span::enter);
@@ -76,7 +88,13 @@ impl<I: Send + 'static, O: Send + 'static> Watched<I, O> {
                 current,
             } = &mut *state;
             let Some(reporter) = reporter.as_mut() else {
-                return Ok(()); // timed out: the late result is discarded
+                // Timed out: the late result is discarded (its `Drop` is
+                // user code).
+                drop(state);
+                crate::contain::drop_logged(result, || {
+                    format!("a late result in stage `{}`", ctx.stage)
+                });
+                return Ok(());
             };
             let (started, attempt) = current.take().expect("the attempt is in hand");
             let mut rest = std::iter::from_fn(|| pending.pop_front());
@@ -103,22 +121,16 @@ impl<I: Send + 'static, O: Send + 'static> Watched<I, O> {
         }
         let (started, attempt) = state.current.take().expect("checked above");
         let rest: Vec<_> = state.pending.drain(..).collect();
-        let mut reporter = state
+        let reporter = state
             .reporter
             .take()
             .expect("running batches have reporters");
-        let job_id = attempt.job_id().clone();
-        let _ = reporter.settle(
-            attempt,
-            Ran::TimedOut(limit),
-            started,
-            now,
-            &mut None.into_iter(),
-        );
+        drop(state);
         let reason = format!(
-            "item {job_id} ran past the stage's timeout of {limit:?} in a blocking handler, which cannot be stopped; its thread is left to finish"
+            "item {} ran past the stage's timeout of {limit:?} in a blocking handler, which cannot be stopped; its thread is left to finish",
+            attempt.job_id()
         );
-        reporter.give_up(rest, reason.clone(), now);
+        reporter.time_out(attempt, limit, started, now, rest, reason.clone());
         Err(reason)
     }
 }
