@@ -10,12 +10,14 @@
 //! - `single thread`: the handler in a plain loop on one thread: the
 //!   reference every ratio is taken against.
 //! - `bergtalzug Cpu x2`: one `ExecutionType::Cpu` stage with 2 workers
-//!   (`sync_stage`, the stage's own 2-thread rayon pool), queue 100,
+//!   (`sync_stage`, on the stage's own threads, at most 2 busy), queue 100,
 //!   tracking on, `retain_results(false)`, source `sources::iter(0..N)`,
 //!   outcomes counted by `on_complete`; on a tokio multi-thread runtime with
 //!   2 worker threads.
-//! - `bergtalzug Thread x2`: the same with `ExecutionType::Thread` (tokio's
-//!   blocking threads, at most 2 busy).
+//! - `bergtalzug Thread x2`: the same with `ExecutionType::Thread` (which
+//!   now runs like Cpu, on the stage's own threads; both ran on tokio's
+//!   blocking threads and a rayon pool respectively when the figures in
+//!   docs/performance.md were taken).
 //! - `std::thread x2`: by hand, 2 scoped threads taking items from a
 //!   shared atomic counter: what 2 cores give without any framework.
 //!

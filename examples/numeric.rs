@@ -19,8 +19,8 @@
 //! - `save` (Async): writes each result as JSON to a temporary directory.
 //!
 //! In Python the middle stage forced a choice between threads, interpreters
-//! and processes because of the GIL; here a `Cpu` stage runs on a rayon pool
-//! of its own, and `Process` is there for code that must be isolated.
+//! and processes because of the GIL; here a `Cpu` stage runs on threads of
+//! its own, and `Process` is there for code that must be isolated.
 
 use std::time::{Duration, Instant};
 

@@ -71,6 +71,8 @@ async fn run() -> anyhow::Result<()> {
         )
         .build()?;
 
+    // First Ctrl-C: finish what is in the pipeline; second: abort.
+    pipeline.stop_on_ctrl_c();
     let started = Instant::now();
     let results = pipeline.run().await?;
     let elapsed = started.elapsed();

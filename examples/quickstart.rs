@@ -6,6 +6,7 @@
 //! cargo run --release --example quickstart            # 2,000 items
 //! cargo run --release --example quickstart -- 20000   # as many as you like
 //! cargo run --release --example quickstart | cat      # plain progress lines
+//! cargo run --release --example quickstart -- --keep  # keep the stored results
 //! ```
 //!
 //! In a terminal it shows a live progress bar (the `progress` feature, on by
@@ -18,8 +19,9 @@
 //! - `parse` decodes the JSON with serde, a blocking step. One record in 97
 //!   is served corrupt, and fails here.
 //! - `compute` does real CPU work (a numerical integration per record) on
-//!   the stage's rayon pool, one worker per core.
-//! - `store` writes each result to a file in a temporary directory.
+//!   the stage's own threads, one worker per core.
+//! - `store` writes each result to a file in a temporary directory, removed
+//!   when the example ends unless it is given `--keep`.
 
 use std::time::{Duration, Instant};
 
@@ -152,8 +154,10 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(progress.is_bar())
         .with_writer(move || logs.writer())
         .init();
-    let total: u64 = match std::env::args().nth(1) {
-        Some(n) => n.parse().context("usage: quickstart [ITEMS]")?,
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let keep = args.iter().any(|a| a == "--keep");
+    let total: u64 = match args.iter().find(|a| *a != "--keep") {
+        Some(n) => n.parse().context("usage: quickstart [ITEMS] [--keep]")?,
         None => 2_000,
     };
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -203,6 +207,8 @@ async fn main() -> anyhow::Result<()> {
         })
         .build()?;
 
+    // First Ctrl-C: finish what is in the pipeline; second: abort.
+    pipeline.stop_on_ctrl_c();
     let started = Instant::now();
     let shown = progress.watch(&pipeline);
     let results = pipeline.run().await?;
@@ -264,11 +270,19 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let stored = std::fs::read_dir(out.path())?.count();
-    println!();
-    println!("{stored} results stored in {}", out.path().display());
     anyhow::ensure!(
         stored == ok,
         "stored {stored} files for {ok} completed items"
     );
+    println!();
+    if keep {
+        let dir = out.keep();
+        println!("{stored} results stored in {}", dir.display());
+    } else {
+        println!(
+            "{stored} results stored in {}, removed now (run with --keep to keep them)",
+            out.path().display()
+        );
+    }
     Ok(())
 }

@@ -29,9 +29,10 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Binding a stage under the wrong name, out of order, with a handler kind
-//! its execution type cannot run, or leaving one unbound, is a
-//! [`BuildError`] naming the stage:
+//! Binding a stage under the wrong name, with a handler kind its execution
+//! type cannot run, twice, or leaving one unbound, is a [`BuildError`]
+//! naming the stage; so is binding it out of order when the types still
+//! fit (`OutOfOrder`):
 //!
 //! ```
 //! use bergtalzug::prelude::*;
@@ -45,6 +46,59 @@
 //! assert!(matches!(err, BuildError::WrongHandlerKind { ref stage, .. } if stage == "crunch"));
 //! ```
 //!
+//! # What the compiler catches
+//!
+//! Some mistakes never compile, so they never reach [`build`](PipelineBuilder::build):
+//!
+//! - **A stage bound before the input.** Until `.source(..)` or
+//!   `.injected::<T>()` is called there is no type for the first stage to
+//!   take; the compiler says "a stage is bound before the pipeline's
+//!   input":
+//!
+//!   ```compile_fail,E0277
+//!   use bergtalzug::prelude::*;
+//!
+//!   async fn fetch(item: WorkItem<u32>) -> anyhow::Result<WorkItem<u32>> { Ok(item) }
+//!
+//!   let config = PipelineConfig::new("demo", vec![StageConfig::new("fetch", ExecutionType::Async)]);
+//!   let pipeline = Pipeline::builder(config).unwrap()
+//!       .async_stage("fetch", fetch)           // before .source(..)
+//!       .source(sources::iter(0..10u32))
+//!       .build();
+//!   ```
+//!
+//! - **Handlers out of order whose types differ.** Each stage takes what the
+//!   one before it gives, so a handler bound at the wrong place usually takes
+//!   the wrong type: `error[E0631]: type mismatch in function arguments`,
+//!   with `expected function signature fn(WorkItem<A>)` (what the stage at
+//!   this place is given) and `found fn(WorkItem<B>)` (what the handler
+//!   takes). Compare the order of the calls with the config's; the
+//!   compiler's suggestion to wrap the function in a closure does not apply.
+//!
+//!   ```compile_fail,E0631
+//!   use bergtalzug::prelude::*;
+//!
+//!   async fn fetch(item: WorkItem<u32>) -> anyhow::Result<WorkItem<String>> {
+//!       Ok(item.map(|n| n.to_string()))
+//!   }
+//!   fn parse(item: WorkItem<String>) -> anyhow::Result<WorkItem<usize>> {
+//!       Ok(item.map(|s| s.len()))
+//!   }
+//!
+//!   let config = PipelineConfig::new("demo", vec![
+//!       StageConfig::new("fetch", ExecutionType::Async),
+//!       StageConfig::new("parse", ExecutionType::Thread),
+//!   ]);
+//!   let pipeline = Pipeline::builder(config).unwrap()
+//!       .source(sources::iter(0..10u32))
+//!       .sync_stage("parse", parse)            // parse takes String, the source gives u32
+//!       .async_stage("fetch", fetch)
+//!       .build();
+//!   ```
+//!
+//! - **A retrying stage whose input is not `Clone`**: the `retrying_*`
+//!   methods require it.
+//!
 //! # Retrying stages
 //!
 //! Another attempt needs the input again, so a stage whose config has a
@@ -53,7 +107,10 @@
 //! [`retrying_sync_stage`](PipelineBuilder::retrying_sync_stage), which
 //! require its input type to be `Clone` and keep a copy of each input while
 //! an attempt runs. Other stages need no `Clone`. Binding a retrying stage
-//! with the plain method is a [`BuildError::RetryNeedsCopy`]:
+//! with the plain method is a [`BuildError::RetryNeedsCopy`], and binding a
+//! stage whose config has no `retry` policy with a `retrying_*` method is a
+//! [`BuildError::RetryWithoutPolicy`] (it would copy every input for
+//! nothing; a policy of `max_attempts = 1`, "never retry", is accepted):
 //!
 //! ```
 //! use std::time::Duration;
@@ -80,11 +137,18 @@
 //!     .retrying_async_stage("store", store)
 //!     .build();
 //! assert!(pipeline.is_ok());
+//!
+//! let no_policy = PipelineConfig::new("demo", vec![StageConfig::new("store", ExecutionType::Async)]);
+//! let err = Pipeline::builder(no_policy).unwrap()
+//!     .source(source())
+//!     .retrying_async_stage("store", store)
+//!     .build()
+//!     .unwrap_err();
+//! assert!(matches!(err, BuildError::RetryWithoutPolicy { ref stage, .. } if stage == "store"));
 //! ```
 
 use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -157,6 +221,19 @@ pub enum BuildError {
         /// The builder method that fits it.
         method: &'static str,
     },
+    /// A stage was bound with a `retrying_*` method, but its config has
+    /// no `retry` policy, so the copy kept of each input would never be used.
+    #[error(
+        "stage `{stage}` is bound with .{method} but its config has no `retry` policy: add one, or bind it with .{plain}"
+    )]
+    RetryWithoutPolicy {
+        /// The stage.
+        stage: String,
+        /// The `retrying_*` method it was bound with.
+        method: &'static str,
+        /// The method that fits a stage that does not retry.
+        plain: &'static str,
+    },
     /// Neither `.source(..)` nor `.injected::<T>()` was called.
     #[error("pipeline `{pipeline}` has no input: call .source(..) or .injected::<T>()")]
     MissingSource {
@@ -165,30 +242,78 @@ pub enum BuildError {
     },
 }
 
-/// Marks a builder that has no input yet.
+/// The input type of a builder that has no input yet.
 #[derive(Debug)]
 pub enum NoInput {}
+
+/// The state of a builder that has no input yet: call `.source(..)` or
+/// `.injected::<T>()` before binding stages.
+#[derive(Debug)]
+pub enum NeedsInput {}
+
+/// The state of a builder that has its input: stages can be bound.
+#[derive(Debug)]
+pub enum HasInput {}
+
+/// What a builder must be to bind stages: one that has its input. Only
+/// `PipelineBuilder<_, _, HasInput>` is; the compiler names this trait
+/// when a stage is bound before `.source(..)`.
+#[diagnostic::on_unimplemented(
+    message = "a stage is bound before the pipeline's input",
+    label = "no `.source(..)` or `.injected::<T>()` before this stage",
+    note = "call `.source(..)` or `.injected::<T>()` first: the first stage takes the input's items, each further stage the previous stage's output"
+)]
+pub trait InputGiven: sealed::Sealed {}
+
+impl<T, C> InputGiven for PipelineBuilder<T, C, HasInput> {}
+
+mod sealed {
+    pub trait Sealed {}
+    impl<T, C, S> Sealed for super::PipelineBuilder<T, C, S> {}
+}
 
 /// Pairs a configuration with a source and one handler per stage.
 ///
 /// `T` is the pipeline's input type (the source's items), `C` the output
-/// type of the last stage bound so far.
+/// type of the last stage bound so far, and `S` whether the input was given
+/// yet ([`NeedsInput`] from [`Pipeline::builder`], [`HasInput`] after
+/// `.source(..)` or `.injected::<T>()`): stages are bound only after it.
 #[must_use = "a builder does nothing until .build()"]
-pub struct PipelineBuilder<T, C> {
+pub struct PipelineBuilder<T, C, S = HasInput> {
     config: PipelineConfig,
     source: Option<SourceBinding<T>>,
     handlers: Vec<StageBinding>,
     callbacks: Vec<Callback>,
     dead_letters: Option<DeadLetterSink>,
     error: Option<BuildError>,
-    _types: PhantomData<fn(T) -> C>,
+    _types: PhantomData<fn(T, S) -> C>,
+}
+
+impl<T, C, S> std::fmt::Debug for PipelineBuilder<T, C, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bound: Vec<&str> = self
+            .config
+            .stages
+            .iter()
+            .take(self.handlers.len())
+            .map(|s| s.name.as_str())
+            .collect();
+        f.debug_struct("PipelineBuilder")
+            .field("pipeline", &self.config.pipeline_name)
+            .field("input", &self.source)
+            .field("bound", &bound)
+            .field("callbacks", &self.callbacks.len())
+            .field("dead_letters", &self.dead_letters)
+            .field("error", &self.error)
+            .finish()
+    }
 }
 
 impl Pipeline<NoInput> {
     /// Starts building a pipeline; the config is validated here.
     pub fn builder(
         config: PipelineConfig,
-    ) -> Result<PipelineBuilder<NoInput, NoInput>, ConfigError> {
+    ) -> Result<PipelineBuilder<NoInput, NoInput, NeedsInput>, ConfigError> {
         config.validate()?;
         Ok(PipelineBuilder {
             config,
@@ -202,7 +327,7 @@ impl Pipeline<NoInput> {
     }
 }
 
-impl PipelineBuilder<NoInput, NoInput> {
+impl<C> PipelineBuilder<NoInput, C, NeedsInput> {
     /// Feeds the pipeline from `source`; its items are the first stage's input.
     pub fn source<S: Source>(self, source: S) -> PipelineBuilder<S::Item, S::Item> {
         self.input(SourceBinding::from_source(source))
@@ -223,6 +348,137 @@ impl PipelineBuilder<NoInput, NoInput> {
             error: self.error,
             _types: PhantomData,
         }
+    }
+
+    /// Always [`BuildError::MissingSource`]: a pipeline needs an input.
+    pub fn build(self) -> Result<Pipeline<NoInput>, BuildError> {
+        Err(BuildError::MissingSource {
+            pipeline: self.config.pipeline_name.clone(),
+        })
+    }
+}
+
+/// The stage methods of a builder with no input yet: they only make the
+/// compiler say so (see [`InputGiven`]), in one error, rather than a type
+/// mismatch against [`NoInput`] and a missing `.source` method after it.
+#[doc(hidden)]
+impl<C> PipelineBuilder<NoInput, C, NeedsInput> {
+    pub fn async_stage<I, F, Fut>(self, _name: &str, _handler: F) -> Self
+    where
+        Self: InputGiven,
+        F: Fn(WorkItem<I>) -> Fut,
+    {
+        unreachable!("no builder without input implements InputGiven")
+    }
+
+    pub fn retrying_async_stage<I, F, Fut>(self, _name: &str, _handler: F) -> Self
+    where
+        Self: InputGiven,
+        F: Fn(WorkItem<I>) -> Fut,
+    {
+        unreachable!("no builder without input implements InputGiven")
+    }
+
+    pub fn sync_stage<I, R, F>(self, _name: &str, _handler: F) -> Self
+    where
+        Self: InputGiven,
+        F: Fn(WorkItem<I>) -> R,
+    {
+        unreachable!("no builder without input implements InputGiven")
+    }
+
+    pub fn retrying_sync_stage<I, R, F>(self, _name: &str, _handler: F) -> Self
+    where
+        Self: InputGiven,
+        F: Fn(WorkItem<I>) -> R,
+    {
+        unreachable!("no builder without input implements InputGiven")
+    }
+
+    pub fn process_stage<I, O>(
+        self,
+        _name: &str,
+        _handler: fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>,
+    ) -> Self
+    where
+        Self: InputGiven,
+    {
+        unreachable!("no builder without input implements InputGiven")
+    }
+
+    pub fn process_stage_with<I, O>(
+        self,
+        _name: &str,
+        _handler: fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>,
+        _options: ProcessOptions,
+    ) -> Self
+    where
+        Self: InputGiven,
+    {
+        unreachable!("no builder without input implements InputGiven")
+    }
+}
+
+impl<T, C, S> PipelineBuilder<T, C, S> {
+    /// Adds a completion callback: called exactly once per item, with its
+    /// result, on the tracker's task (keep it quick). The tracker owns it,
+    /// so it may keep state (`FnMut`: push failed ids into a `Vec`, count).
+    /// A panic in it is logged and ignored.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use bergtalzug::prelude::*;
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = PipelineConfig::new("odd", vec![StageConfig::new("check", ExecutionType::Async)]);
+    /// let failed = Arc::new(Mutex::new(Vec::new()));
+    /// let mut seen = 0;
+    /// let pipeline = Pipeline::builder(config)?
+    ///     .on_complete({
+    ///         let failed = failed.clone();
+    ///         move |r: &WorkItemResult| {
+    ///             seen += 1;
+    ///             if !r.success {
+    ///                 failed.lock().unwrap().push(r.job_id.clone());
+    ///             }
+    ///         }
+    ///     })
+    ///     .source(sources::iter(0..10u32))
+    ///     .async_stage("check", |i: WorkItem<u32>| async move {
+    ///         anyhow::ensure!(i.data % 2 == 0, "odd");
+    ///         Ok(i)
+    ///     })
+    ///     .build()?;
+    /// pipeline.run().await?;
+    /// assert_eq!(failed.lock().unwrap().len(), 5);
+    /// # Ok(()) }
+    /// ```
+    pub fn on_complete(mut self, callback: impl FnMut(&WorkItemResult) + Send + 'static) -> Self {
+        self.callbacks.push(Box::new(callback));
+        self
+    }
+
+    /// Sends every item that ends without success (failed, timed out,
+    /// cancelled, refused) to `callback`, on the tracker's task, as a
+    /// [`DeadLetter`]: its id, error, attempts, lineage and, from stages
+    /// bound to retry, its last input. Like [`on_complete`](Self::on_complete),
+    /// it is owned by the tracker and may keep state (`FnMut`). A panic in it
+    /// is logged.
+    pub fn on_dead_letter(mut self, callback: impl FnMut(DeadLetter) + Send + 'static) -> Self {
+        self.dead_letters = Some(DeadLetterSink::Callback(Box::new(callback)));
+        self
+    }
+
+    /// Sends every item that ends without success into `sender` as a
+    /// [`DeadLetter`]. The channel is bounded: while it is full the
+    /// pipeline waits for its receiver (with a warning after a second, and
+    /// `PipelineStats::held_back_by`), so read it while the pipeline runs.
+    /// `abort` and `stop_within`'s deadline do not wait for it: the letters
+    /// left are then forwarded by a task as the receiver reads.
+    pub fn dead_letters(mut self, sender: tokio::sync::mpsc::Sender<DeadLetter>) -> Self {
+        self.dead_letters = Some(DeadLetterSink::Channel(sender));
+        self
     }
 }
 
@@ -338,7 +594,8 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
     }
 
     /// [`Self::process_stage`] with options: the worker command, extra
-    /// environment, recycling after N items, the frame limit.
+    /// environment (or a clean one), output read into `tracing`, recycling
+    /// after N items, the frame limit.
     pub fn process_stage_with<O>(
         mut self,
         name: &str,
@@ -357,40 +614,29 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         self.retype()
     }
 
-    /// Adds a completion callback: called exactly once per item, with its
-    /// result, on the tracker's task (keep it quick). A panic in it is
-    /// logged and ignored.
-    pub fn on_complete(
-        mut self,
-        callback: impl Fn(&WorkItemResult) + Send + Sync + 'static,
-    ) -> Self {
-        self.callbacks.push(Arc::new(callback));
-        self
-    }
-
-    /// Sends every item that ends without success (failed, timed out,
-    /// cancelled, refused) to `callback`, on the tracker's task, as a
-    /// [`DeadLetter`]: its id, error, attempts, lineage and, from stages
-    /// bound to retry, its last input. A panic in it is logged.
-    pub fn on_dead_letter(mut self, callback: impl FnMut(DeadLetter) + Send + 'static) -> Self {
-        self.dead_letters = Some(DeadLetterSink::Callback(Box::new(callback)));
-        self
-    }
-
-    /// Sends every item that ends without success into `sender` as a
-    /// [`DeadLetter`]. The channel is bounded: while it is full the
-    /// pipeline waits for its receiver.
-    pub fn dead_letters(mut self, sender: tokio::sync::mpsc::Sender<DeadLetter>) -> Self {
-        self.dead_letters = Some(DeadLetterSink::Channel(sender));
-        self
-    }
-
     /// Checks the bindings and makes the pipeline (nothing runs yet).
     pub fn build(self) -> Result<Pipeline<T>, BuildError> {
         if let Some(error) = self.error {
             return Err(error);
         }
         for (stage, binding) in self.config.stages.iter().zip(&self.handlers) {
+            let copies = binding.kind() != HandlerKind::Process && binding.retries();
+            if copies && stage.retry.is_none() {
+                let async_kind = binding.kind() == HandlerKind::Async;
+                return Err(BuildError::RetryWithoutPolicy {
+                    stage: stage.name.clone(),
+                    method: if async_kind {
+                        "retrying_async_stage"
+                    } else {
+                        "retrying_sync_stage"
+                    },
+                    plain: if async_kind {
+                        "async_stage"
+                    } else {
+                        "sync_stage"
+                    },
+                });
+            }
             if stage.max_attempts() > 1 && !binding.retries() {
                 return Err(BuildError::RetryNeedsCopy {
                     stage: stage.name.clone(),

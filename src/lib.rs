@@ -52,7 +52,8 @@
 //!   handler per stage; [`BuildError`] if they do not fit.
 //! - [`Pipeline`]: `run`, `start`, `stats`, `subscribe`, `inject`, `stop`,
 //!   `abort`, `spawn_linked`.
-//! - [`sources`]: sources from an iterator, a `Stream` or a channel.
+//! - [`sources`]: sources from an iterator, a `Stream` or a channel, the
+//!   files of a directory (by glob), and the lines of a file or of stdin.
 //! - `progress` (feature `progress`, on by default): a progress bar in a
 //!   terminal, plain progress lines elsewhere.
 //! - Observation: [`PipelineStats`] (percentiles, recent throughput,
@@ -80,6 +81,9 @@ pub use bergtalzug_actors::process;
 /// The engine crate, for embedding in a ractor system.
 pub use bergtalzug_actors as actors;
 
+/// Configuration: [`PipelineConfig`], [`StageConfig`], and the limits
+/// validation holds them to ([`config::MAX_WORKERS`], [`config::MAX_DURATION`], ...).
+pub use bergtalzug_actors::config;
 #[doc(inline)]
 pub use bergtalzug_actors::config::{
     ConfigError, ExecutionType, PipelineConfig, RestartBudget, RetryPolicy, StageConfig,
@@ -102,8 +106,8 @@ pub use bergtalzug_actors::source::{Ack, Source};
 #[doc(inline)]
 pub use bergtalzug_actors::stats::{PipelineStats, StageStats};
 #[doc(inline)]
-pub use bergtalzug_actors::{FINISHED, PipelineMsg};
-pub use builder::{BuildError, NoInput, PipelineBuilder};
+pub use bergtalzug_actors::{FINISHED, PipelineMsg, RunOutcome};
+pub use builder::{BuildError, HasInput, InputGiven, NeedsInput, NoInput, PipelineBuilder};
 pub use pipeline::Pipeline;
 
 /// Everything a pipeline program needs: `use bergtalzug::prelude::*;`
@@ -112,8 +116,8 @@ pub mod prelude {
     pub use crate::{
         BuildError, ConfigError, DeadLetter, EventFilter, ExecutionType, ItemError, ItemErrorKind,
         JobId, Permanent, Pipeline, PipelineConfig, PipelineError, PipelineEvent, PipelineStats,
-        RestartBudget, RetryPolicy, Source, StageConfig, StageStats, WorkItem, WorkItemMetadata,
-        WorkItemResult,
+        RestartBudget, RetryPolicy, RunOutcome, Source, StageConfig, StageStats, WorkItem,
+        WorkItemMetadata, WorkItemResult,
     };
 }
 

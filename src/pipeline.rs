@@ -8,7 +8,7 @@ use bergtalzug_actors::error::PipelineError;
 use bergtalzug_actors::event::{ActorEvent, EventFilter, EventStream, forward_to_actor};
 use bergtalzug_actors::item::{WorkItem, WorkItemResult};
 use bergtalzug_actors::stats::PipelineStats;
-use bergtalzug_actors::{PipelineMsg, PipelineRuntime};
+use bergtalzug_actors::{PipelineMsg, PipelineRuntime, RunOutcome};
 use ractor::{ActorCell, ActorRef};
 
 /// A built pipeline: a cheap, cloneable handle; every method takes `&self`.
@@ -81,9 +81,33 @@ impl<T: Send + 'static> Pipeline<T> {
     /// when `retain_results` is on; none when it is off). Only the first
     /// caller gets the results; later calls return
     /// [`PipelineError::ResultsTaken`].
+    ///
+    /// When the pipeline fails after it started (its source panicked or
+    /// gave up, a stage went over its restart budget), `run` returns the
+    /// error and keeps the results of the items that did complete: take
+    /// them with [`Pipeline::run_outcome`], then or instead.
     pub async fn run(&self) -> Result<Vec<WorkItemResult>, PipelineError> {
         self.start().await?;
         self.runtime.wait().await
+    }
+
+    /// Like [`Pipeline::run`], but a failure does not throw the results
+    /// away: returns every result kept together with the error, if any.
+    ///
+    /// ```
+    /// # use bergtalzug::prelude::*;
+    /// # async fn demo(pipeline: Pipeline<u64>) {
+    /// let outcome = pipeline.run_outcome().await;
+    /// if let Some(error) = &outcome.error {
+    ///     eprintln!("{error}; {} items finished before it", outcome.results.len());
+    /// }
+    /// # }
+    /// ```
+    pub async fn run_outcome(&self) -> RunOutcome {
+        if let Err(error) = self.start().await {
+            return RunOutcome::from_error(error);
+        }
+        self.runtime.wait_outcome().await
     }
 
     /// Starts the pipeline and returns once it is running. Calling it again
@@ -126,14 +150,35 @@ impl<T: Send + 'static> Pipeline<T> {
     }
 
     /// Subscribes to the pipeline's events, from now until it finishes.
-    /// Subscribe before `start` to see every event. See
+    /// Subscribe before `start` to see every event.
+    ///
+    /// Lossy: the pipeline never waits for this stream. When its buffer
+    /// (4,096 events) is full its oldest events are dropped, counted in
+    /// [`EventStream::dropped`], so a stream kept and never read cannot
+    /// hold the pipeline back. For every terminal event, at the cost of
+    /// waiting for the reader, see [`Pipeline::subscribe_lossless`]. See
     /// [`bergtalzug_actors::event`] for the delivery policy.
+    #[track_caller]
     pub fn subscribe(&self) -> EventStream {
         self.runtime.subscribe(EventFilter::all())
     }
 
+    /// Subscribes to every event, losslessly: the pipeline waits for this
+    /// stream when its buffer is full rather than drop a terminal or
+    /// control event (lifecycle events are still dropped), so a reader
+    /// that stops reading holds the pipeline back. That wait is logged as
+    /// a warning naming the line that subscribed, after a second, and is
+    /// sent to the other subscribers as `PipelineEvent::SubscriberStalled`;
+    /// `abort` and `stop_within`'s deadline never wait for it. Same as
+    /// `subscribe_filtered(EventFilter::all().lossless())`.
+    #[track_caller]
+    pub fn subscribe_lossless(&self) -> EventStream {
+        self.runtime.subscribe(EventFilter::all().lossless())
+    }
+
     /// Subscribes to the events `filter` matches; the others are never
-    /// queued for this subscriber.
+    /// queued for this subscriber. Lossy unless the filter is
+    /// [`EventFilter::lossless`] (see [`Pipeline::subscribe`]).
     ///
     /// ```
     /// # use bergtalzug::prelude::*;
@@ -141,14 +186,17 @@ impl<T: Send + 'static> Pipeline<T> {
     /// let failures = pipeline.subscribe_filtered(EventFilter::failures());
     /// # }
     /// ```
+    #[track_caller]
     pub fn subscribe_filtered(&self, filter: EventFilter) -> EventStream {
         self.runtime.subscribe(filter)
     }
 
     /// Delivers the events `filter` matches to `actor`, as its own messages
     /// (`M: From<ActorEvent>`), until the pipeline finishes or the actor
-    /// stops. Lossless for terminal events and bounded in memory: see
-    /// [`forward_to_actor`].
+    /// stops. Bounded in memory; lossy unless the filter is
+    /// [`EventFilter::lossless`] (an actor that falls behind then holds the
+    /// pipeline back): see [`forward_to_actor`].
+    #[track_caller]
     pub fn subscribe_actor<M>(
         &self,
         actor: ActorRef<M>,
@@ -162,8 +210,12 @@ impl<T: Send + 'static> Pipeline<T> {
 
     /// Adds items to a running pipeline. Waits until the pipeline has room
     /// for all of them (backpressure); fails with
-    /// [`PipelineError::InputClosed`] once its source is exhausted or it is
-    /// stopping.
+    /// [`PipelineError::InputClosed`] (none was admitted) once its source
+    /// is exhausted or it is stopping. If the input closes while the items
+    /// are being admitted, the first ones (in the order given) may already
+    /// be in: the error is then [`PipelineError::PartlyAdmitted`], saying
+    /// how many; those get their outcomes as usual and the rest were not
+    /// admitted.
     pub async fn inject(&self, items: Vec<WorkItem<T>>) -> Result<(), PipelineError> {
         self.runtime.inject(items).await
     }
@@ -171,6 +223,13 @@ impl<T: Send + 'static> Pipeline<T> {
     /// Graceful stop: takes no more input, lets every item in the pipeline
     /// reach its outcome, and returns when they have. `run` then returns the
     /// results.
+    ///
+    /// Called while [`Pipeline::start`] (or `run`) is still starting the
+    /// pipeline, in another task, it waits for the start and then stops the
+    /// pipeline once it is up (the source may have admitted a first batch
+    /// by then; those items finish). Called before any start, it returns
+    /// [`PipelineError::NotRunning`]. The same holds for `stop_within` and
+    /// `abort`.
     pub async fn stop(&self) -> Result<(), PipelineError> {
         self.runtime.stop().await
     }
@@ -188,5 +247,55 @@ impl<T: Send + 'static> Pipeline<T> {
     /// background; their results are discarded.
     pub async fn abort(&self) -> Result<(), PipelineError> {
         self.runtime.abort().await
+    }
+
+    /// The usual Ctrl-C behaviour of a command-line program, in one call:
+    /// the first Ctrl-C (SIGINT) stops the pipeline gracefully, as
+    /// [`Pipeline::stop`] does, and says so on stderr; the second aborts it
+    /// ([`Pipeline::abort`]: what is left ends `Cancelled`); a third, or one
+    /// before the pipeline started or after it finished, exits the program
+    /// with status 130, as Ctrl-C does without a handler. `run` returns the
+    /// results as after `stop` or `abort`.
+    ///
+    /// Call it in a tokio runtime (it spawns a task), before `run` or
+    /// `start`. It handles SIGINT for the whole program from then on (tokio
+    /// cannot give the default back). Process stages' worker processes do
+    /// not get the terminal's Ctrl-C at all (each runs in a process group of
+    /// its own): the parent decides.
+    ///
+    /// ```no_run
+    /// # use bergtalzug::prelude::*;
+    /// # async fn f(pipeline: Pipeline<u64>) -> Result<(), PipelineError> {
+    /// pipeline.stop_on_ctrl_c();
+    /// let results = pipeline.run().await?; // Ctrl-C: stops, then returns
+    /// # Ok(()) }
+    /// ```
+    pub fn stop_on_ctrl_c(&self) {
+        let pipeline = self.clone();
+        tokio::spawn(async move {
+            let mut presses = 0u32;
+            while tokio::signal::ctrl_c().await.is_ok() {
+                presses += 1;
+                let name = pipeline.name().to_string();
+                let running = pipeline.is_running() && !pipeline.is_finished();
+                if !running || presses > 2 {
+                    std::process::exit(130);
+                }
+                let handle = pipeline.clone();
+                if presses == 1 {
+                    eprintln!(
+                        "\n{name}: stopping: the items in the pipeline run to their end \
+                         (Ctrl-C again to abort)"
+                    );
+                    tokio::spawn(async move { handle.stop().await });
+                } else {
+                    eprintln!(
+                        "\n{name}: aborting: the items left end cancelled \
+                         (Ctrl-C again to exit at once)"
+                    );
+                    tokio::spawn(async move { handle.abort().await });
+                }
+            }
+        });
     }
 }

@@ -8,6 +8,8 @@
 //!   ([`Source::size_hint`](crate::Source::size_hint)) and a spinner with
 //!   the rate otherwise, and below it one detail line per pipeline: each
 //!   stage's queue, items in its workers, utilisation, and the bottleneck;
+//!   when the pipeline ends, both give way to a last plain line (ended by a
+//!   newline, so what the program prints next starts a line of its own);
 //! - **anything else** (piped, redirected, CI): a plain line on stderr every
 //!   few seconds and a last one at the end, the same numbers as text.
 //!
@@ -61,7 +63,11 @@ pub struct Progress {
 }
 
 enum Inner {
-    Bar(MultiProgress),
+    Bar {
+        multi: MultiProgress,
+        /// Where lines go: stderr, below the bars' last line.
+        out: Mutex<Box<dyn Write + Send>>,
+    },
     Lines {
         out: Mutex<Box<dyn Write + Send>>,
         every: Duration,
@@ -72,7 +78,7 @@ enum Inner {
 impl std::fmt::Debug for Progress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mode = match &*self.inner {
-            Inner::Bar(_) => "bar",
+            Inner::Bar { .. } => "bar",
             Inner::Lines { .. } => "lines",
             Inner::Hidden => "hidden",
         };
@@ -100,10 +106,15 @@ impl Progress {
     /// A bar on stderr, whatever stderr is (indicatif still hides it when
     /// stderr is not a terminal).
     pub fn bar() -> Self {
+        Progress::bar_to(ProgressDrawTarget::stderr(), Box::new(std::io::stderr()))
+    }
+
+    fn bar_to(target: ProgressDrawTarget, out: Box<dyn Write + Send>) -> Self {
         Progress {
-            inner: Arc::new(Inner::Bar(MultiProgress::with_draw_target(
-                ProgressDrawTarget::stderr(),
-            ))),
+            inner: Arc::new(Inner::Bar {
+                multi: MultiProgress::with_draw_target(target),
+                out: Mutex::new(out),
+            }),
         }
     }
 
@@ -132,7 +143,7 @@ impl Progress {
 
     /// True when it draws a bar.
     pub fn is_bar(&self) -> bool {
-        matches!(&*self.inner, Inner::Bar(_))
+        matches!(&*self.inner, Inner::Bar { .. })
     }
 
     /// Shows `pipeline`'s progress until it has finished, from a task on the
@@ -144,7 +155,16 @@ impl Progress {
         let (me, pipeline) = (self.clone(), pipeline.clone());
         tokio::spawn(async move {
             match &*me.inner {
-                Inner::Bar(multi) => watch_bar(multi, &pipeline).await,
+                Inner::Bar { multi, .. } => {
+                    watch_bar(multi, &pipeline).await;
+                    // The bars are cleared; the last line ends with a
+                    // newline, so what is printed next starts a line.
+                    let last = match pipeline.stats().await {
+                        Ok(stats) => format!("{} (finished)", summary_line(&stats)),
+                        Err(_) => format!("{} finished", pipeline.name()),
+                    };
+                    me.println(last);
+                }
                 Inner::Lines { every, .. } => me.watch_lines(&pipeline, *every).await,
                 Inner::Hidden => pipeline.wait_finished().await,
             }
@@ -170,14 +190,20 @@ impl Progress {
         }
     }
 
-    /// Prints a line: above the bar, or as a plain line.
+    /// Prints a line: above the bars, or as a plain line. It always ends
+    /// with a newline, so text printed after it (or after a pipeline's bar
+    /// finished) starts on a line of its own.
     pub fn println(&self, line: impl AsRef<str>) {
         let line = line.as_ref();
         match &*self.inner {
-            Inner::Bar(multi) => {
-                if multi.println(line).is_err() {
-                    eprintln!("{line}");
-                }
+            Inner::Bar { multi, out } => {
+                // The bars are taken off, the line written after the last
+                // one, and the bars drawn again below it.
+                multi.suspend(|| {
+                    let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                });
             }
             Inner::Lines { out, .. } => {
                 let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
@@ -205,7 +231,7 @@ pub struct ProgressWriter {
 impl Write for ProgressWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match &*self.progress.inner {
-            Inner::Bar(multi) => multi.suspend(|| std::io::stderr().write_all(buf))?,
+            Inner::Bar { multi, .. } => multi.suspend(|| std::io::stderr().write_all(buf))?,
             _ => std::io::stderr().write_all(buf)?,
         }
         Ok(buf.len())
@@ -248,8 +274,12 @@ async fn watch_bar<T: Send + 'static>(multi: &MultiProgress, pipeline: &Pipeline
             break;
         }
     }
-    bar.finish();
-    detail.finish();
+    // Taken off the screen: the last line is printed as a plain line, which
+    // ends with a newline whatever the terminal does at its right margin.
+    bar.finish_and_clear();
+    detail.finish_and_clear();
+    multi.remove(&bar);
+    multi.remove(&detail);
 }
 
 fn bar_style(total: bool) -> ProgressStyle {
@@ -324,4 +354,100 @@ pub fn summary_line(stats: &PipelineStats) -> String {
         rate_text(stats),
         stage_line(stats)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prelude::*;
+
+    /// A terminal that records what is written to it, sharing its record
+    /// with the line writer, as stderr and a bar drawn on it do.
+    #[derive(Clone, Default, Debug)]
+    struct Screen(Arc<Mutex<String>>);
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            80
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write_str(&format!("{s}\n"))
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.0.lock().unwrap().push_str(s);
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Write for Screen {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(buf));
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_finished_bar_ends_its_line() {
+        let screen = Screen::default();
+        let target = ProgressDrawTarget::term_like(Box::new(screen.clone()));
+        let progress = Progress::bar_to(target, Box::new(screen.clone()));
+        let config = PipelineConfig::new(
+            "barred",
+            vec![StageConfig::new("wait", ExecutionType::Async).workers(2)],
+        )
+        .stats_interval(Duration::ZERO);
+        let pipeline = Pipeline::builder(config)
+            .unwrap()
+            .source(crate::sources::iter(0..20u64))
+            .async_stage("wait", |i: WorkItem<u64>| async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(i)
+            })
+            .build()
+            .unwrap();
+        let shown = progress.watch(&pipeline);
+        tokio::time::timeout(Duration::from_secs(10), pipeline.run())
+            .await
+            .expect("the pipeline hung")
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), shown)
+            .await
+            .expect("the bar hung")
+            .unwrap();
+        let text = screen.0.lock().unwrap().clone();
+        assert!(text.contains("barred"), "the bar was drawn: {text:?}");
+        // What the program prints next starts on a line of its own.
+        assert!(text.ends_with('\n'), "{text:?}");
+        // The bars draw no newlines here (a real terminal wraps at the
+        // margin); the last line is the summary, ended.
+        let last = &text[text.rfind("barred: ").expect(&text)..];
+        assert!(
+            last.starts_with("barred: 20/20 (100.0%)") && last.ends_with(" (finished)\n"),
+            "{last:?}"
+        );
+    }
 }

@@ -81,15 +81,14 @@ fn binding_mistakes_name_the_stage() {
         }
     );
 
+    // Binding a stage before the input does not compile (see the
+    // `compile_fail` examples in src/builder.rs); building without one is
+    // an error.
     let no_input = Pipeline::builder(PipelineConfig::new(
         "p",
         vec![StageConfig::new("fetch", ExecutionType::Async)],
     ))
     .unwrap()
-    .async_stage(
-        "fetch",
-        |i: WorkItem<bergtalzug::NoInput>| async move { Ok(i) },
-    )
     .build()
     .unwrap_err();
     assert!(matches!(no_input, BuildError::MissingSource { .. }));
@@ -99,6 +98,114 @@ fn binding_mistakes_name_the_stage() {
             .async_stage("fetch", id)
             .sync_stage("parse", id_sync)
             .sync_stage("crunch", id_sync)
+            .build()
+            .is_ok()
+    );
+}
+
+#[test]
+fn a_builder_shows_itself_so_a_refused_config_can_be_unwrapped() {
+    // `unwrap_err` needs the builder to be Debug.
+    let bad = PipelineConfig::new("p", vec![]);
+    let err = Pipeline::builder(bad).unwrap_err();
+    assert!(matches!(err, ConfigError::Invalid { ref field, .. } if field == "stages"));
+    let shown = format!("{:?}", builder().async_stage("fetch", id));
+    assert!(
+        shown.contains("PipelineBuilder") && shown.contains("fetch"),
+        "{shown}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_and_dead_letter_callbacks_may_both_keep_state() {
+    // Both take FnMut: each is owned by the tracker and may mutate what it
+    // captured, here a plain Vec moved in and handed back through a channel.
+    let (ids_tx, ids_rx) = std::sync::mpsc::channel();
+    let (letters_tx, letters_rx) = std::sync::mpsc::channel();
+    let mut failed = Vec::new();
+    let mut letters = Vec::new();
+    let config = PipelineConfig::new(
+        "p",
+        vec![StageConfig::new("check", ExecutionType::Async).workers(2)],
+    )
+    .stats_interval(Duration::ZERO);
+    let pipeline = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::iter(0..20u32))
+        .async_stage("check", |i: WorkItem<u32>| async move {
+            anyhow::ensure!(i.data % 4 != 0, "a multiple of 4");
+            Ok(i)
+        })
+        .on_complete(move |r: &WorkItemResult| {
+            if !r.success {
+                failed.push(r.job_id.clone());
+                let _ = ids_tx.send(failed.len());
+            }
+        })
+        .on_dead_letter(move |letter| {
+            letters.push(letter.job_id);
+            let _ = letters_tx.send(letters.len());
+        })
+        .build()
+        .unwrap();
+    let results = tokio::time::timeout(Duration::from_secs(10), pipeline.run())
+        .await
+        .expect("the pipeline hung")
+        .unwrap();
+    assert_eq!(results.len(), 20);
+    assert_eq!(ids_rx.try_iter().last(), Some(5));
+    assert_eq!(letters_rx.try_iter().last(), Some(5));
+}
+
+#[test]
+fn a_retrying_method_on_a_stage_without_a_retry_policy_is_refused() {
+    let config = PipelineConfig::new(
+        "p",
+        vec![
+            StageConfig::new("fetch", ExecutionType::Async),
+            StageConfig::new("parse", ExecutionType::Thread),
+        ],
+    );
+    let err = Pipeline::builder(config.clone())
+        .unwrap()
+        .source(sources::iter(0..1u32))
+        .retrying_async_stage("fetch", id)
+        .sync_stage("parse", id_sync)
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        err,
+        BuildError::RetryWithoutPolicy {
+            stage: "fetch".into(),
+            method: "retrying_async_stage",
+            plain: "async_stage",
+        }
+    );
+    assert!(err.to_string().contains("no `retry` policy"), "{err}");
+    let err = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::iter(0..1u32))
+        .async_stage("fetch", id)
+        .retrying_sync_stage("parse", id_sync)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, BuildError::RetryWithoutPolicy { stage, method: "retrying_sync_stage", .. } if stage == "parse"),
+        "{err}"
+    );
+    // An explicit "never retry" policy is a choice, not a mistake.
+    let once = PipelineConfig::new(
+        "p",
+        vec![
+            StageConfig::new("fetch", ExecutionType::Async)
+                .retry(RetryPolicy::fixed(1, Duration::from_millis(1))),
+        ],
+    );
+    assert!(
+        Pipeline::builder(once)
+            .unwrap()
+            .source(sources::iter(0..1u32))
+            .retrying_async_stage("fetch", id)
             .build()
             .is_ok()
     );

@@ -449,7 +449,7 @@ async fn a_slow_subscriber_actor_slows_the_pipeline_and_loses_nothing() {
         .await
         .unwrap();
     let pipeline = numbers("slow-subscriber", items);
-    pipeline.subscribe_actor(slow.clone(), EventFilter::finished());
+    pipeline.subscribe_actor(slow.clone(), EventFilter::finished().lossless());
     pipeline.start().await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Held back: at most the actor's window, the subscription's buffer and
@@ -478,4 +478,142 @@ async fn a_slow_subscriber_actor_slows_the_pipeline_and_loses_nothing() {
         .count();
     assert_eq!(finished as u64, items, "every ItemFinished delivered");
     slow.stop(None);
+}
+
+/// What an embedding supervisor does to one of the pipeline's own actors.
+#[derive(Debug, Clone, Copy)]
+enum Blow {
+    /// `kill()` the child spawned `n`-th: tracker, last stage .. first
+    /// stage, source.
+    Kill(usize),
+    /// `stop(None)` the child spawned `n`-th.
+    Stop(usize),
+    /// `root.stop_children(None)`.
+    StopAll,
+}
+
+/// Every child's end ends the run: `run()` returns an error naming it, and
+/// (the tracker alive) every admitted item has exactly one outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_childs_end_ends_the_run() {
+    let names = ["tracker", "stage b", "stage a", "source"];
+    for blow in [
+        Blow::Kill(1),
+        Blow::Stop(2),
+        Blow::Kill(3),
+        Blow::Stop(3),
+        Blow::Kill(0),
+        Blow::StopAll,
+    ] {
+        let (sup, _seen) = supervisor().await;
+        let outcomes = Arc::new(Outcomes::default());
+        let pipeline = Pipeline::builder(config(
+            "blown",
+            vec![
+                StageConfig::new("a", ExecutionType::Async)
+                    .workers(2)
+                    .queue_size(8),
+                StageConfig::new("b", ExecutionType::Thread)
+                    .workers(2)
+                    .queue_size(8),
+            ],
+        ))
+        .unwrap()
+        .source(sources::iter(0u64..))
+        .async_stage("a", |i: WorkItem<u64>| async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            Ok(i)
+        })
+        .sync_stage("b", |i: WorkItem<u64>| {
+            std::thread::sleep(Duration::from_millis(1));
+            Ok(i)
+        })
+        .on_complete(outcomes.callback())
+        .build()
+        .unwrap();
+        let root = pipeline.spawn_linked(sup.get_cell()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut children = root.get_children();
+        children.sort_by_key(|c| c.get_id().pid());
+        assert_eq!(children.len(), 4);
+        match blow {
+            Blow::Kill(n) => children[n].kill(),
+            Blow::Stop(n) => children[n].stop(None),
+            Blow::StopAll => root.stop_children(None),
+        }
+        let outcome = within(Duration::from_secs(10), pipeline.run_outcome()).await;
+        let err = outcome.error.expect("the run fails");
+        let admitted = pipeline.stats().await.unwrap().admitted_items;
+        match blow {
+            Blow::Kill(n) | Blow::Stop(n) => {
+                assert!(err.to_string().contains(names[n]), "{blow:?}: {err}");
+                if n != 0 {
+                    // The tracker lives: every item accounted for, once.
+                    assert_eq!(outcomes.total(), admitted, "{blow:?}: {err}");
+                    assert_eq!(outcome.results.len() as u64, admitted, "{blow:?}");
+                    assert_unique_ids(&outcome.results);
+                }
+            }
+            Blow::StopAll => {}
+        }
+        assert!(!pipeline.is_running(), "{blow:?}");
+        sup.stop(None);
+    }
+}
+
+/// With tracking off the items a killed stage held have no job ids to end
+/// with: the error counts them instead, and the callbacks got every other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_stage_with_tracking_off_counts_what_it_lost() {
+    let (sup, _seen) = supervisor().await;
+    let outcomes = Arc::new(Outcomes::default());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let pipeline = Pipeline::builder(
+        config(
+            "untracked-blown",
+            vec![
+                StageConfig::new("a", ExecutionType::Async)
+                    .workers(2)
+                    .queue_size(8),
+                StageConfig::new("held", ExecutionType::Async)
+                    .workers(2)
+                    .queue_size(8),
+            ],
+        )
+        .enable_tracking(false),
+    )
+    .unwrap()
+    .source(sources::iter(0u64..))
+    .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+    .async_stage("held", move |i: WorkItem<u64>| {
+        let g = g.clone();
+        async move {
+            g.acquire().await?.forget();
+            Ok(i)
+        }
+    })
+    .on_complete(outcomes.callback())
+    .build()
+    .unwrap();
+    let root = pipeline.spawn_linked(sup.get_cell()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut children = root.get_children();
+    children.sort_by_key(|c| c.get_id().pid());
+    children[1].kill(); // the last stage, holding its items at the gate
+    let err = within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap_err();
+    let PipelineError::ActorStopped {
+        actor, unaccounted, ..
+    } = &err
+    else {
+        panic!("{err}");
+    };
+    assert_eq!(actor, "stage held");
+    let admitted = pipeline.stats().await.unwrap().admitted_items;
+    assert!(*unaccounted > 0, "{err}");
+    assert_eq!(outcomes.total() + unaccounted, admitted, "{err}");
+    assert!(err.to_string().contains("got no outcome"), "{err}");
+    sup.stop(None);
 }

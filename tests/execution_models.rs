@@ -1,6 +1,6 @@
 //! Each execution model runs where it should, at the concurrency the stage
-//! asks for: Async on the runtime, Thread on blocking threads, Cpu on the
-//! stage's own rayon pool; never more than `workers` items at once, and
+//! asks for: Async on the runtime, Thread and Cpu on the stage's own
+//! threads; never more than `workers` items at once, and
 //! all `workers` busy when there is work.
 
 use std::sync::Arc;
@@ -83,6 +83,42 @@ async fn cpu_stages_run_on_their_own_pool_sized_to_workers() {
     );
     let distinct: std::collections::HashSet<_> = threads.iter().collect();
     assert!(distinct.len() <= 3, "the pool has 3 threads: {distinct:?}");
+}
+
+/// A blocking handler may call into the runtime, as on tokio's blocking
+/// threads: `Handle::current().block_on(..)` for an async API.
+async fn blocking_handlers_can_use_the_runtime(model: ExecutionType) {
+    let pipeline = Pipeline::builder(config(
+        "block-on",
+        vec![StageConfig::new("bridge", model).workers(2).queue_size(8)],
+    ))
+    .unwrap()
+    .source(sources::iter(0..20u64))
+    .sync_stage("bridge", |i: WorkItem<u64>| {
+        let handle = tokio::runtime::Handle::current();
+        let doubled = handle.block_on(async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            i.data * 2
+        });
+        Ok(i.map(|_| doubled))
+    })
+    .build()
+    .unwrap();
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 20, "{model}");
+    assert!(results.iter().all(|r| r.success), "{model}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_handlers_can_use_the_runtime() {
+    blocking_handlers_can_use_the_runtime(ExecutionType::Thread).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_handlers_can_use_the_runtime() {
+    blocking_handlers_can_use_the_runtime(ExecutionType::Cpu).await;
 }
 
 #[tokio::test(start_paused = true)]

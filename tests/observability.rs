@@ -212,6 +212,7 @@ async fn stats_json_has_exactly_the_documented_shape() {
         "bottleneck",
         "stalled_items",
         "source_errors",
+        "held_back_by",
         "stages",
     ];
     pipeline_keys.sort_unstable();
@@ -230,6 +231,7 @@ async fn stats_json_has_exactly_the_documented_shape() {
         "items_per_second",
         "utilisation",
         "stalled",
+        "stuck_threads",
         "average_duration",
         "p50_duration",
         "p90_duration",
@@ -321,4 +323,95 @@ async fn a_stalled_item_is_reported_while_it_runs() {
     assert_eq!(stats.stalled_items, 1);
     assert_eq!(stats.stage("hang").unwrap().stalled, 1);
     assert_eq!(stats.stage("fetch").unwrap().stalled, 0);
+}
+
+fn two_async(name: &str, items: u64) -> Pipeline<u64> {
+    Pipeline::builder(config(
+        name,
+        vec![
+            StageConfig::new("a", ExecutionType::Async),
+            StageConfig::new("b", ExecutionType::Async),
+        ],
+    ))
+    .unwrap()
+    .source(sources::iter(0..items))
+    .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+    .async_stage("b", |i: WorkItem<u64>| async move { Ok(i) })
+    .build()
+    .unwrap()
+}
+
+/// A stream kept and never read (the default subscription is lossy) costs
+/// its buffer and nothing else: the pipeline finishes, and the stream still
+/// ends with `PipelineFinished`, counting what it lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_never_reads_never_stalls_the_pipeline() {
+    let pipeline = two_async("forgotten", 3_000);
+    let mut forgotten = pipeline.subscribe();
+    assert!(!forgotten.is_lossless());
+    let results = within(Duration::from_secs(20), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 3_000);
+    assert!(
+        forgotten.dropped() > 0,
+        "3,000 items make more events than fit"
+    );
+    let mut kept = 0u64;
+    let mut last = None;
+    while let Some(event) = forgotten.recv().await {
+        kept += 1;
+        last = Some(event);
+    }
+    assert!(kept <= bergtalzug::actors::event::EVENT_BUFFER as u64);
+    assert!(matches!(last, Some(PipelineEvent::PipelineFinished(_))));
+}
+
+/// A lossless subscriber is an explicit choice: one that does not read
+/// holds the pipeline back, and the pipeline says so (a warning naming
+/// where it subscribed, a `SubscriberStalled` event to the others); abort
+/// does not wait for it, and it still gets every terminal event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_held_back_by_a_lossless_subscriber_says_so() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_global_default(subscriber);
+    let pipeline = two_async("held-back", 1_000_000);
+    let mut stuck = pipeline.subscribe_lossless();
+    let mut watcher = pipeline.subscribe_filtered(EventFilter::none().with_control());
+    pipeline.start().await.unwrap();
+    let event = within(Duration::from_secs(10), watcher.recv())
+        .await
+        .unwrap();
+    let PipelineEvent::SubscriberStalled { subscriber, waited } = event else {
+        panic!("not a subscriber stall: {event:?}");
+    };
+    assert!(subscriber.contains("observability.rs"), "{subscriber}");
+    assert!(waited >= Duration::from_secs(1));
+    assert!(!pipeline.is_finished(), "held back");
+    let held_back_by = pipeline.stats().await.unwrap().held_back_by.unwrap();
+    assert!(held_back_by.contains("observability.rs"), "{held_back_by}");
+    let log = captured.text();
+    assert!(
+        log.contains("lossless event subscriber at") && log.contains("observability.rs"),
+        "{log}"
+    );
+    within(Duration::from_secs(5), pipeline.abort())
+        .await
+        .unwrap();
+    let results = pipeline.run().await.unwrap();
+    let mut finished = 0;
+    let mut last = None;
+    while let Some(event) = within(Duration::from_secs(5), stuck.recv()).await {
+        if matches!(event, PipelineEvent::ItemFinished(_)) {
+            finished += 1;
+        }
+        last = Some(event);
+    }
+    assert_eq!(finished, results.len(), "lossless: every ItemFinished");
+    assert!(matches!(last, Some(PipelineEvent::PipelineFinished(_))));
 }

@@ -60,6 +60,26 @@ enum Act {
     Print(String),
     /// Return the custom metadata `in` times 3, and set `out` = "seen".
     Custom,
+    /// Start `sleep 60`, write our pid and its pid to this file, then sleep
+    /// (to be killed).
+    AwaitKillWithChild(String),
+    /// `fork()`: the copy sleeps 40 s holding the socket; this process
+    /// aborts.
+    ForkAndAbort,
+    /// 1 if our command line has `cmdline`, plus 2 if our name is `comm`.
+    Named { cmdline: String, comm: String },
+    /// Its `Serialize` panics (in the parent): it never reaches a worker.
+    Unsendable(Unsendable),
+}
+
+/// Data whose `Serialize` panics.
+#[derive(Debug, Clone, Deserialize)]
+struct Unsendable;
+
+impl Serialize for Unsendable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        panic!("this data cannot be serialized");
+    }
 }
 
 fn act(item: WorkItem<Act>) -> anyhow::Result<WorkItem<u64>> {
@@ -116,6 +136,29 @@ fn act(item: WorkItem<Act>) -> anyhow::Result<WorkItem<u64>> {
             println!("{text} on stdout");
             eprintln!("{text} on stderr");
             0
+        }
+        Act::AwaitKillWithChild(marker) => {
+            let child = std::process::Command::new("sleep").arg("60").spawn()?;
+            let pids = format!("{} {}", std::process::id(), child.id());
+            std::fs::write(marker, pids)?;
+            std::thread::sleep(Duration::from_secs(60));
+            0
+        }
+        Act::ForkAndAbort => {
+            // SAFETY: the copy only sleeps and exits.
+            match unsafe { nix::unistd::fork() }? {
+                nix::unistd::ForkResult::Child => {
+                    std::thread::sleep(Duration::from_secs(40));
+                    std::process::exit(0)
+                }
+                nix::unistd::ForkResult::Parent { .. } => std::process::abort(),
+            }
+        }
+        Act::Unsendable(_) => unreachable!("it never reaches a worker"),
+        Act::Named { cmdline, comm } => {
+            let line = String::from_utf8_lossy(&std::fs::read("/proc/self/cmdline")?).to_string();
+            let name = std::fs::read_to_string("/proc/self/comm")?;
+            u64::from(line.contains(cmdline.as_str())) + 2 * u64::from(name.trim_end() == comm)
         }
         Act::Custom => {
             let custom = &item.metadata().custom;
@@ -239,7 +282,35 @@ fn only_one_failed(
 
 /// Pids of this process's children (zombies included).
 fn children() -> Vec<(u32, String)> {
-    let me = std::process::id();
+    children_of(std::process::id())
+}
+
+/// Whether process `pid` runs (is neither gone nor a zombie).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after = &stat[stat.rfind(')')? + 2..];
+            Some(!after.starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Waits up to 3 s for every process of `pids` to be dead.
+async fn all_dead(pids: &[i32], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let left: Vec<i32> = pids.iter().copied().filter(|p| alive(*p)).collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {left:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Pids of process `me`'s children (zombies included), and their states.
+fn children_of(me: u32) -> Vec<(u32, String)> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = entry
@@ -445,6 +516,20 @@ async fn a_panic_fails_only_its_item_and_keeps_the_process() {
     );
 }
 
+/// The data's `Serialize` is user code the parent runs: a panic in it fails
+/// that item only, never the worker holding the batch.
+async fn a_panicking_serialize_fails_only_its_item() {
+    let acts = doubles_with(20, 7, Act::Unsendable(Unsendable));
+    let results = run(
+        "unsendable",
+        stage("unsendable", 2),
+        ProcessOptions::new(),
+        acts,
+    )
+    .await;
+    only_one_failed(&results, 7, ItemErrorKind::Failed, "cannot be serialized");
+}
+
 async fn errors_fail_their_item_with_the_message() {
     let mut acts = doubles_with(10, 2, Act::Fail);
     acts.insert(6, Act::FailPermanent);
@@ -552,6 +637,23 @@ async fn workers_are_recycled_after_n_items() {
     assert_eq!(distinct.len(), 4, "{pids:?}");
 }
 
+/// By default workers inherit the parent's environment, as Python's
+/// process pools do.
+async fn the_environment_is_inherited_by_default() {
+    let acts = vec![
+        Act::Env("BERGTALZUG_TEST_SECRET".into()),
+        Act::Env("PASSED_ON".into()),
+        Act::Env("GIVEN".into()),
+    ];
+    let options = ProcessOptions::new().env("GIVEN", "1");
+    let (results, returned) = run("envall", stage("envall", 1), options, acts).await;
+    assert!(results.values().all(|r| r.success));
+    assert_eq!(
+        returned.values().copied().collect::<Vec<_>>(),
+        vec![1, 1, 1]
+    );
+}
+
 async fn the_environment_is_clean() {
     // BERGTALZUG_TEST_SECRET and PASSED_ON are set by `main`.
     let acts = vec![
@@ -561,6 +663,7 @@ async fn the_environment_is_clean() {
         Act::Env("PASSED_ON".into()),
     ];
     let options = ProcessOptions::new()
+        .clean_env()
         .env("GIVEN", "1")
         .inherit_env("PASSED_ON");
     let (results, returned) = run("env", stage("env", 1), options, acts).await;
@@ -571,9 +674,10 @@ async fn the_environment_is_clean() {
     );
 }
 
-async fn worker_output_reaches_tracing() {
+async fn captured_worker_output_reaches_tracing() {
     let acts = vec![Act::Print("hello from a worker".into())];
-    let (results, _) = run("logs", stage("logs", 1), ProcessOptions::new(), acts).await;
+    let options = ProcessOptions::new().capture_output();
+    let (results, _) = run("logs", stage("logs", 1), options, acts).await;
     assert!(results[&0].success);
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
@@ -602,29 +706,313 @@ async fn worker_output_reaches_tracing() {
     }
 }
 
-async fn a_worker_that_never_starts_fails_items_not_the_pipeline() {
-    let options = ProcessOptions::new().program("/bin/false");
-    let acts: Vec<Act> = (0..3).map(Act::Double).collect();
-    let (results, _) = run("nostart", stage("nostart", 1), options, acts).await;
-    for r in results.values() {
-        let e = r.error.as_ref().expect("failed");
-        assert_eq!(e.kind, ItemErrorKind::ProcessDied, "{e}");
-        assert!(e.message.contains("before it started serving"), "{e}");
-        assert!(e.message.contains("process::init"), "{e}");
+/// Runs `count` doubles through one Process stage started with `options`,
+/// for a pipeline expected to fail: its error.
+async fn run_to_error(
+    name: &str,
+    stage: StageConfig,
+    options: ProcessOptions,
+    acts: Vec<Act>,
+) -> PipelineError {
+    let config = PipelineConfig::new(name, vec![stage]).stats_interval(Duration::ZERO);
+    let pipeline = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::iter(acts))
+        .process_stage_with(&stage_name(name), act, options)
+        .build()
+        .unwrap();
+    let error = pipeline.run().await.expect_err("the pipeline should fail");
+    println!("    {error}");
+    no_children_left().await;
+    error
+}
+
+/// A worker that cannot start serving (here a program that exits at once,
+/// as `main` does that forgets `process::init()` and stops on arguments it
+/// does not know) fails the pipeline, quickly and once, with the hint: not
+/// every item in turn, each starting worker processes of its own.
+async fn workers_that_cannot_start_fail_the_pipeline_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("starts");
+    let script = format!("echo started >> '{}'; exit 2", log.display());
+    let options = ProcessOptions::new()
+        .program("/bin/sh")
+        .args(["-c", &script]);
+    let started = Instant::now();
+    let acts = (0..2000).map(Act::Double).collect();
+    let error = run_to_error("nostart", stage("nostart", 2), options, acts).await;
+    match &error {
+        PipelineError::WorkersCannotStart { stage, message, .. } => {
+            assert_eq!(stage, "nostart-stage");
+            assert!(message.contains("before it started serving"), "{error}");
+            assert!(message.contains("process::init"), "{error}");
+        }
+        other => panic!("not WorkersCannotStart: {other}"),
     }
+    let starts = std::fs::read_to_string(&log).unwrap().lines().count();
+    assert!(starts <= 6, "{starts} worker processes started");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+
     let options = ProcessOptions::new()
         .program("/bin/sleep")
         .args(["30"])
         .start_timeout(Duration::from_millis(200));
-    let (results, _) = run(
-        "slowstart",
-        stage("slowstart", 1),
-        options,
-        vec![Act::Double(1)],
-    )
-    .await;
-    let e = results[&0].error.as_ref().expect("failed");
-    assert!(e.message.contains("did not start serving within"), "{e}");
+    let acts = (0..100).map(Act::Double).collect();
+    let error = run_to_error("slowstart", stage("slowstart", 1), options, acts).await;
+    assert!(
+        matches!(&error, PipelineError::WorkersCannotStart { message, .. }
+            if message.contains("did not start serving within")),
+        "{error}"
+    );
+}
+
+/// A crash loop of worker processes trips the stage's restart budget, as
+/// a crash loop of worker actors does: the pipeline fails, naming the
+/// stage.
+async fn a_crash_loop_of_worker_processes_trips_the_restart_budget() {
+    let stage = stage("budget", 2).restart_budget(RestartBudget::new(3, Duration::from_secs(60)));
+    let acts = (0..1000).map(|_| Act::Abort).collect();
+    let error = run_to_error("budget", stage, ProcessOptions::new(), acts).await;
+    assert!(
+        matches!(&error, PipelineError::RestartBudgetExceeded { stage, .. } if stage == "budget-stage"),
+        "{error}"
+    );
+}
+
+/// A worker that dies while a process it forked holds its socket open
+/// fails its item at once: its exit is watched, not only its socket. (The
+/// fork, in the worker's process group, is killed with it.)
+async fn a_worker_that_forks_and_dies_fails_its_item_at_once() {
+    let started = Instant::now();
+    let acts = doubles_with(10, 3, Act::ForkAndAbort);
+    let results = run("fork", stage("fork", 1), ProcessOptions::new(), acts).await;
+    only_one_failed(&results, 3, ItemErrorKind::ProcessDied, "SIGABRT");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the item waited for the fork: {:?}",
+        started.elapsed()
+    );
+}
+
+/// A worker killed at the stage's timeout takes what its handler started
+/// with it: the worker's process group is ended, not only the worker.
+async fn a_killed_worker_takes_its_children_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("pids");
+    let acts = doubles_with(6, 2, Act::AwaitKillWithChild(marker.display().to_string()));
+    let stage = stage("grandchild", 1).timeout(Duration::from_secs(1));
+    let results = run("grandchild", stage, ProcessOptions::new(), acts).await;
+    only_one_failed(&results, 2, ItemErrorKind::TimedOut, "timeout");
+    let pids: Vec<i32> = std::fs::read_to_string(&marker)
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2);
+    all_dead(&pids, "a killed worker's child outlived run()").await;
+}
+
+/// When `run()` returns, every worker process has been reaped: none is
+/// left even for a moment.
+async fn run_returns_after_the_workers_are_reaped() {
+    for round in 0..5 {
+        let name = format!("reaped{round}");
+        let config =
+            PipelineConfig::new(&name, vec![stage(&name, 2)]).stats_interval(Duration::ZERO);
+        let pipeline = Pipeline::builder(config)
+            .unwrap()
+            .source(sources::iter((0..20).map(Act::Double)))
+            .process_stage(&stage_name(&name), act)
+            .build()
+            .unwrap();
+        let results = pipeline.run().await.unwrap();
+        let left = children();
+        assert!(
+            left.is_empty(),
+            "round {round}: left (pid, state): {left:?}"
+        );
+        assert!(results.iter().all(|r| r.success));
+    }
+}
+
+/// Worker processes live as long as their stage, whatever threads of the
+/// program's runtime end: with `block_in_place` and a short keep-alive,
+/// the threads that started them end (their parent-death signal, when it
+/// was the thread's, killed them then).
+async fn workers_outlive_the_threads_that_started_them() {
+    let run = || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_keep_alive(Duration::from_millis(10))
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let config = PipelineConfig::new("threads", vec![stage("threads", 2)])
+                .stats_interval(Duration::ZERO);
+            let pipeline = Pipeline::builder(config)
+                .unwrap()
+                .source(sources::iter((0..60).map(|_| Act::Sleep(25))))
+                .process_stage("threads-stage", act)
+                .build()
+                .unwrap();
+            let busy = tokio::spawn(async {
+                let until = Instant::now() + Duration::from_millis(1200);
+                while Instant::now() < until {
+                    let blockers: Vec<_> = (0..4)
+                        .map(|_| {
+                            tokio::spawn(async {
+                                tokio::task::block_in_place(|| {
+                                    std::thread::sleep(Duration::from_millis(2))
+                                })
+                            })
+                        })
+                        .collect();
+                    for b in blockers {
+                        let _ = b.await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                }
+            });
+            let results = pipeline.run().await.unwrap();
+            let _ = busy.await;
+            results
+        })
+    };
+    let results = tokio::task::spawn_blocking(run).await.unwrap();
+    assert_eq!(results.len(), 60);
+    let failed: Vec<_> = results.iter().filter_map(|r| r.error.as_ref()).collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+    no_children_left().await;
+}
+
+/// `ps` and `pgrep` show a worker process under the program's name, with
+/// its pipeline and stage.
+async fn workers_are_named_after_the_program_pipeline_and_stage() {
+    let exe = std::env::current_exe().unwrap();
+    let mut comm = exe.file_name().unwrap().to_str().unwrap().to_string();
+    comm.truncate(15);
+    let acts = vec![Act::Named {
+        cmdline: "(bergtalzug worker names/names-stage)".into(),
+        comm,
+    }];
+    let (results, returned) = run("names", stage("names", 1), ProcessOptions::new(), acts).await;
+    assert!(results[&0].success, "{:?}", results[&0].error);
+    assert_eq!(returned[&0], 3, "1: the command line, 2: the name");
+}
+
+/// Runs this binary with `args` as a parent of its own, in a process group
+/// of its own (as a shell starts a job); gives it with its stdout and
+/// stderr piped.
+fn parent(args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(args)
+        .process_group(0)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// By default a worker's output goes where the parent's goes, as in
+/// Python's process pools: here, to the pipes of a parent started with
+/// `--print`.
+async fn worker_output_reaches_the_parents_stdout_and_stderr() {
+    let child = parent(&["--print"]);
+    let output = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("the parent ended")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("hello from a worker on stdout"),
+        "stdout: {stdout}"
+    );
+    assert!(
+        stderr.contains("hello from a worker on stderr"),
+        "stderr: {stderr}"
+    );
+}
+
+/// `--print`: one item through a Process stage that prints.
+fn print_through() -> ! {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let ok = runtime.block_on(async {
+        let config =
+            PipelineConfig::new("print", vec![stage("print", 1)]).stats_interval(Duration::ZERO);
+        let pipeline = Pipeline::builder(config)
+            .unwrap()
+            .source(sources::iter([Act::Print("hello from a worker".into())]))
+            .process_stage("print-stage", act)
+            .build()
+            .unwrap();
+        let results = pipeline.run().await.unwrap();
+        results.iter().all(|r| r.success)
+    });
+    std::process::exit(if ok { 0 } else { 1 })
+}
+
+/// Ctrl-C in a terminal goes to the whole foreground process group. The
+/// worker processes must not take it (the parent decides), and
+/// `stop_on_ctrl_c` stops gracefully: every item in the pipeline completes.
+/// The parent is this binary with `--ctrl-c` (see `ctrl_c_parent`); SIGINT
+/// goes to its process group once its two workers run.
+async fn ctrl_c_stops_gracefully_and_spares_the_workers() {
+    let child = parent(&["--ctrl-c"]);
+    let pid = child.id().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while children_of(pid).iter().filter(|(_, s)| s != "Z").count() < 2 {
+        assert!(Instant::now() < deadline, "the workers did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let group = nix::unistd::Pid::from_raw(pid as i32);
+    nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGINT).unwrap();
+    let output = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("the parent stopped")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("    {}", stdout.trim());
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("stopping"), "{stderr}");
+    assert!(stdout.contains("all completed"), "{stdout}");
+}
+
+/// `--ctrl-c`: a pipeline of 400 items of 50 ms that stops on Ctrl-C;
+/// prints how its items ended and exits 0 if all completed and some were
+/// left unread (the stop came).
+fn ctrl_c_parent() -> ! {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let ok = runtime.block_on(async {
+        let config =
+            PipelineConfig::new("ctrlc", vec![stage("ctrlc", 2)]).stats_interval(Duration::ZERO);
+        let pipeline = Pipeline::builder(config)
+            .unwrap()
+            .source(sources::iter((0..400).map(|_| Act::Sleep(50))))
+            .process_stage("ctrlc-stage", act)
+            .build()
+            .unwrap();
+        pipeline.stop_on_ctrl_c();
+        let results = pipeline.run().await.unwrap();
+        let failed: Vec<_> = results.iter().filter_map(|r| r.error.as_ref()).collect();
+        if failed.is_empty() && results.len() < 400 {
+            println!("all completed: {} of 400 items read", results.len());
+            true
+        } else {
+            println!("{} results, failed: {failed:?}", results.len());
+            false
+        }
+    });
+    std::process::exit(if ok { 0 } else { 1 })
 }
 
 /// Retries work as in the other models, without `Clone`: the input of a
@@ -686,6 +1074,33 @@ async fn retries_run_the_item_again_in_a_new_process() {
     no_children_left().await;
 }
 
+/// `stage_duration` is the handler's time over the attempts, in Process
+/// stages too: the backoff before the second attempt is not counted.
+async fn stage_duration_leaves_out_the_retry_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("once").display().to_string();
+    let backoff = Duration::from_millis(500);
+    let stage = stage("handler-time", 1).retry(RetryPolicy::fixed(2, backoff));
+    let config = PipelineConfig::new("handler-time", vec![stage]).stats_interval(Duration::ZERO);
+    let results = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::iter([Act::AbortOnce(marker)]))
+        .process_stage("handler-time-stage", act)
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap();
+    let r = &results[0];
+    assert!(r.success, "{:?}", r.error);
+    let times = r.metadata.stage("handler-time-stage").unwrap();
+    assert_eq!(times.attempts(), 2);
+    let handler = r.metadata.stage_duration("handler-time-stage").unwrap();
+    assert!(handler < backoff, "the backoff was counted: {handler:?}");
+    assert!(times.duration().unwrap() >= backoff, "{times:?}");
+    assert!(times.retry_wait().unwrap() >= backoff, "{times:?}");
+}
+
 /// `init()` serves the stage by the handler's address, without running the
 /// rest of `main`: with `--init-must-serve`, `main` exits 99 after `init()`.
 async fn init_finds_the_handler_by_address() {
@@ -729,10 +1144,11 @@ async fn abort_leaves_no_worker_behind() {
     no_children_left().await;
 }
 
-/// A parent killed by SIGKILL cannot clean up: its busy workers die by the
-/// parent-death signal. The parent here is this binary started with
-/// `--hold-workers DIR` (see `main`), whose two workers write their pids
-/// into DIR and sleep.
+/// A parent killed by SIGKILL cannot clean up: its busy workers see that
+/// their parent is gone and end their process groups, with what their
+/// handlers started. The parent here is this binary started with
+/// `--hold-workers DIR` (see `main`), whose two workers each start a child,
+/// write both pids into DIR and sleep.
 async fn workers_die_with_a_killed_parent() {
     let dir = tempfile::tempdir().unwrap();
     let mut parent = tokio::process::Command::new(std::env::current_exe().unwrap())
@@ -744,16 +1160,16 @@ async fn workers_die_with_a_killed_parent() {
     let pid_file = |i: usize| dir.path().join(format!("pid-{i}"));
     let deadline = Instant::now() + Duration::from_secs(20);
     let pids: Vec<i32> = loop {
+        // Each file: the worker's pid and its child's.
         let pids: Vec<i32> = (0..2)
-            .filter_map(|i| {
-                std::fs::read_to_string(pid_file(i))
-                    .ok()?
-                    .trim()
-                    .parse()
-                    .ok()
+            .filter_map(|i| std::fs::read_to_string(pid_file(i)).ok())
+            .flat_map(|s| {
+                s.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<i32>>()
             })
             .collect();
-        if pids.len() == 2 {
+        if pids.len() == 4 {
             break pids;
         }
         assert!(Instant::now() < deadline, "the workers did not start");
@@ -761,22 +1177,7 @@ async fn workers_die_with_a_killed_parent() {
     };
     parent.start_kill().unwrap();
     parent.wait().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let alive: Vec<i32> = pids
-            .iter()
-            .copied()
-            .filter(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
-            .collect();
-        if alive.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "workers outlived their parent: {alive:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    all_dead(&pids, "workers or their children outlived their parent").await;
 }
 
 /// `--hold-workers DIR`: runs a pipeline whose two workers write their pids
@@ -787,7 +1188,7 @@ fn hold_workers(dir: &str) -> ! {
         let config =
             PipelineConfig::new("held", vec![stage("held", 2)]).stats_interval(Duration::ZERO);
         let acts: Vec<Act> = (0..2)
-            .map(|i| Act::AwaitKill(format!("{dir}/pid-{i}")))
+            .map(|i| Act::AwaitKillWithChild(format!("{dir}/pid-{i}")))
             .collect();
         let pipeline = Pipeline::builder(config)
             .unwrap()
@@ -843,6 +1244,12 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "--hold-workers") {
         hold_workers(&args[i + 1]);
     }
+    if args.iter().any(|a| a == "--print") {
+        print_through();
+    }
+    if args.iter().any(|a| a == "--ctrl-c") {
+        ctrl_c_parent();
+    }
     tracing_subscriber::fmt()
         .with_writer(|| Capture)
         .with_ansi(false)
@@ -864,14 +1271,25 @@ fn main() {
         a_slow_item_holds_back_only_itself,
         a_panic_fails_only_its_item_and_keeps_the_process,
         errors_fail_their_item_with_the_message,
+        a_panicking_serialize_fails_only_its_item,
         garbage_from_a_worker_fails_its_item_and_replaces_it,
         the_whole_item_crosses,
         job_ids_cross_unchanged,
         workers_are_recycled_after_n_items,
+        the_environment_is_inherited_by_default,
         the_environment_is_clean,
-        worker_output_reaches_tracing,
-        a_worker_that_never_starts_fails_items_not_the_pipeline,
+        captured_worker_output_reaches_tracing,
+        worker_output_reaches_the_parents_stdout_and_stderr,
+        workers_that_cannot_start_fail_the_pipeline_once,
+        a_crash_loop_of_worker_processes_trips_the_restart_budget,
+        a_worker_that_forks_and_dies_fails_its_item_at_once,
+        a_killed_worker_takes_its_children_with_it,
+        run_returns_after_the_workers_are_reaped,
+        workers_outlive_the_threads_that_started_them,
+        workers_are_named_after_the_program_pipeline_and_stage,
+        ctrl_c_stops_gracefully_and_spares_the_workers,
         retries_run_the_item_again_in_a_new_process,
+        stage_duration_leaves_out_the_retry_backoff,
         init_finds_the_handler_by_address,
         the_builder_serves_when_init_was_not_called,
         workers_die_with_a_killed_parent,

@@ -138,6 +138,7 @@ async fn prometheus_scrape_matches_a_known_run() {
             "bergtalzug_stage_in_flight",
             "bergtalzug_stage_waiting_downstream",
             "bergtalzug_stage_workers",
+            "bergtalzug_stage_stuck_threads",
         ] {
             assert_eq!(value(&body, gauge, &labels), 0.0, "{gauge} {stage}");
         }

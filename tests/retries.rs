@@ -512,3 +512,157 @@ fn retry_and_timeout_load_from_files_and_bad_values_name_the_field() {
     let e = bad("timeout = -1");
     assert!(e.contains("stages[0].timeout"), "{e}");
 }
+
+/// `stage_duration` is the handler's time, summed over the attempts; the
+/// retry backoff and the wait in the queue again are `retry_wait`, and the
+/// whole stay from first start to last end is `StageTimes::duration`.
+async fn stage_duration_is_handler_time(model: ExecutionType) {
+    let backoff = Duration::from_millis(300);
+    let stage = stage("flaky", model).retry(RetryPolicy::fixed(2, backoff));
+    let builder = Pipeline::builder(config("handler-time", vec![stage]))
+        .unwrap()
+        .source(sources::iter(0..4u64));
+    let pipeline = if model == ExecutionType::Async {
+        builder
+            .retrying_async_stage("flaky", |item: WorkItem<u64>| async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                anyhow::ensure!(item.metadata().attempts() > 1, "first attempt fails");
+                Ok(item)
+            })
+            .build()
+    } else {
+        builder
+            .retrying_sync_stage("flaky", |item: WorkItem<u64>| {
+                std::thread::sleep(Duration::from_millis(5));
+                anyhow::ensure!(item.metadata().attempts() > 1, "first attempt fails");
+                Ok(item)
+            })
+            .build()
+    }
+    .unwrap();
+    let results = within(Duration::from_secs(20), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 4);
+    for r in &results {
+        assert!(r.success, "{:?}", r.error);
+        let handler = r.metadata.stage_duration("flaky").unwrap();
+        let times = r.metadata.stage("flaky").unwrap();
+        assert_eq!(times.attempts(), 2);
+        assert!(handler >= Duration::from_millis(10), "{model}: {handler:?}");
+        assert!(
+            handler < backoff / 2,
+            "{model}: the backoff was counted: {handler:?}"
+        );
+        assert_eq!(times.handler_duration(), Some(handler));
+        assert!(times.duration().unwrap() >= backoff, "{model}: {times:?}");
+        let wait = times.retry_wait().unwrap();
+        assert!(
+            wait >= backoff
+                && wait + handler <= times.duration().unwrap() + Duration::from_micros(1)
+        );
+    }
+    let stats = pipeline.stats().await.unwrap();
+    let flaky = &stats.stages[0];
+    assert!(
+        flaky.p99_duration.unwrap() < backoff / 2,
+        "{model}: stage stats count handler time: {:?}",
+        flaky.p99_duration
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_duration_is_the_async_handlers_time_without_the_retry_wait() {
+    stage_duration_is_handler_time(ExecutionType::Async).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_duration_is_the_thread_handlers_time_without_the_retry_wait() {
+    stage_duration_is_handler_time(ExecutionType::Thread).await;
+}
+
+/// A handler that never returns, for the items `hangs` picks.
+fn hanging(hangs: fn(u64) -> bool) -> impl Fn(WorkItem<u64>) -> anyhow::Result<WorkItem<u64>> {
+    move |item| {
+        if hangs(item.data) {
+            loop {
+                std::thread::park();
+            }
+        }
+        Ok(item)
+    }
+}
+
+/// Every worker of a Cpu stage gets stuck in turn (2 workers, 4 items that
+/// never return): each stuck attempt is given up at the timeout and the
+/// stage goes on with its other items on other threads, to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_stage_whose_workers_all_hang_still_finishes_every_item() {
+    let pipeline = Pipeline::builder(config(
+        "all-stuck",
+        vec![stage("crunch", ExecutionType::Cpu).timeout(Duration::from_millis(300))],
+    ))
+    .unwrap()
+    .source(sources::iter(0..200u64))
+    .sync_stage("crunch", hanging(|n| n % 50 == 7))
+    .build()
+    .unwrap();
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 200);
+    assert_unique_ids(&results);
+    let failed: Vec<_> = results.iter().filter(|r| !r.success).collect();
+    assert_eq!(failed.len(), 4);
+    assert!(
+        failed
+            .iter()
+            .all(|r| r.error.as_ref().unwrap().kind == ItemErrorKind::TimedOut)
+    );
+    let stats = pipeline.stats().await.unwrap();
+    assert_eq!(stats.stages[0].stuck_threads, 4, "each hang keeps a thread");
+}
+
+/// Stuck Thread attempts do not take threads of tokio's blocking pool: with
+/// a pool of 4 and 8 attempts that never return, the stage finishes and the
+/// program's own `spawn_blocking` still runs.
+#[test]
+fn stuck_thread_attempts_leave_the_blocking_pool_to_the_program() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(4)
+            .enable_all()
+            .build()
+            .unwrap();
+        let outcome = runtime.block_on(async {
+            let pipeline = Pipeline::builder(config(
+                "pool",
+                vec![stage("io", ExecutionType::Thread).timeout(Duration::from_millis(200))],
+            ))
+            .unwrap()
+            .source(sources::iter(0..100u64))
+            .sync_stage("io", hanging(|n| n % 12 == 5))
+            .build()
+            .unwrap();
+            let results = pipeline.run().await.unwrap();
+            let timed_out = results
+                .iter()
+                .filter(|r| {
+                    r.error
+                        .as_ref()
+                        .is_some_and(|e| e.kind == ItemErrorKind::TimedOut)
+                })
+                .count();
+            let own = tokio::task::spawn_blocking(|| 42).await.unwrap();
+            (results.len(), timed_out, own)
+        });
+        drop(runtime);
+        let _ = done.send(outcome);
+    });
+    let outcome = finished
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the stage or the program's spawn_blocking hung");
+    assert_eq!(outcome, (100, 8, 42));
+}

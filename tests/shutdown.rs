@@ -254,6 +254,38 @@ async fn results_are_kept_only_when_asked() {
     assert_eq!(pipeline.stats().await.unwrap().completed_items, 1_000);
 }
 
+/// As in the seed, tracking off keeps nothing per item: `run()` returns no
+/// results, while callbacks, events and stats still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracking_off_keeps_no_results() {
+    let outcomes = Arc::new(Outcomes::default());
+    let pipeline = Pipeline::builder(
+        config(
+            "untracked",
+            vec![StageConfig::new("a", ExecutionType::Async)],
+        )
+        .enable_tracking(false),
+    )
+    .unwrap()
+    .source(sources::iter(0..1_000u64))
+    .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+    .on_complete(outcomes.callback())
+    .build()
+    .unwrap();
+    let mut events = pipeline.subscribe_filtered(EventFilter::finished());
+    let results = within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap();
+    assert!(results.is_empty(), "{} results kept", results.len());
+    assert_eq!(outcomes.ok.load(Ordering::SeqCst), 1_000);
+    assert_eq!(pipeline.stats().await.unwrap().completed_items, 1_000);
+    let mut finished = 0;
+    while let Some(event) = events.recv().await {
+        finished += usize::from(matches!(event, PipelineEvent::ItemFinished(_)));
+    }
+    assert_eq!(finished, 1_000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_root_stopped_from_outside_never_leaves_run_hanging() {
     let pipeline = Pipeline::builder(config(
@@ -473,4 +505,214 @@ async fn a_result_that_came_back_is_never_replaced() {
             }
         }
     }
+}
+
+/// Every item fails, slowly enough to be stopped mid-run, into a dead-letter
+/// channel of one letter that nobody reads until `run` has returned.
+fn unread_dead_letters(
+    name: &str,
+) -> (
+    Pipeline<u64>,
+    tokio::sync::mpsc::Receiver<bergtalzug::DeadLetter>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let pipeline = Pipeline::builder(config(
+        name,
+        vec![StageConfig::new("reject", ExecutionType::Async).workers(2)],
+    ))
+    .unwrap()
+    .source(sources::iter(endless()))
+    .async_stage("reject", |i: WorkItem<u64>| async move {
+        anyhow::bail!("rejected {}", i.data);
+        #[allow(unreachable_code)]
+        Ok(i)
+    })
+    .dead_letters(tx)
+    .build()
+    .unwrap();
+    (pipeline, rx)
+}
+
+/// `abort` and `stop_within`'s deadline return whatever observers do: a
+/// lossless event stream kept and never read, a dead-letter receiver read
+/// only after `run`. Nothing is lost: the stream and the receiver still get
+/// every item's event and letter afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_and_deadlines_return_whatever_observers_do() {
+    for deadline in [None, Some(Duration::from_millis(100))] {
+        let (pipeline, mut letters) = unread_dead_letters("observed");
+        let mut events = pipeline.subscribe_lossless();
+        let _forgotten = pipeline.subscribe();
+        pipeline.start().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!pipeline.is_finished(), "held back by the letters");
+        match deadline {
+            None => within(Duration::from_secs(5), pipeline.abort()).await,
+            Some(d) => within(Duration::from_secs(5), pipeline.stop_within(d)).await,
+        }
+        .unwrap();
+        let results = pipeline.run().await.unwrap();
+        assert!(!results.is_empty());
+        assert!(results.iter().all(|r| !r.success));
+        let mut got = 0;
+        while within(Duration::from_secs(5), letters.recv())
+            .await
+            .is_some()
+        {
+            got += 1;
+        }
+        assert_eq!(
+            got,
+            results.len(),
+            "every dead letter delivered ({deadline:?})"
+        );
+        let mut finished = 0;
+        while let Some(event) = events.recv().await {
+            finished += usize::from(matches!(event, PipelineEvent::ItemFinished(_)));
+        }
+        assert_eq!(finished, results.len(), "every ItemFinished ({deadline:?})");
+    }
+}
+
+/// An endless source that takes a while to say how much it holds (it
+/// counts a directory, say): `start` is in flight until the test lets it
+/// go on (`go`), and a little longer.
+struct SlowToStart {
+    next: u64,
+    entered: Arc<std::sync::atomic::AtomicBool>,
+    go: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Source for SlowToStart {
+    type Item = u64;
+    async fn refill(&mut self, count: usize) -> anyhow::Result<Vec<WorkItem<u64>>> {
+        let items = (self.next..self.next + count as u64)
+            .map(WorkItem::new)
+            .collect();
+        self.next += count as u64;
+        Ok(items)
+    }
+    fn size_hint(&self) -> Option<u64> {
+        self.entered.store(true, Ordering::SeqCst);
+        while !self.go.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        None
+    }
+}
+
+/// A stop or abort sent from another task while `start` is still starting
+/// is not lost: it waits for the start and then takes effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_start_takes_effect_once_the_pipeline_is_up() {
+    for round in 0..50u32 {
+        let entered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let go = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pipeline = Pipeline::builder(config(
+            "stopped-while-starting",
+            vec![
+                StageConfig::new("a", ExecutionType::Async).workers(2),
+                StageConfig::new("b", ExecutionType::Async).workers(2),
+            ],
+        ))
+        .unwrap()
+        .source(SlowToStart {
+            next: 0,
+            entered: entered.clone(),
+            go: go.clone(),
+        })
+        .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+        .async_stage("b", |i: WorkItem<u64>| async move { Ok(i) })
+        .build()
+        .unwrap();
+        let starting = tokio::spawn({
+            let pipeline = pipeline.clone();
+            async move { pipeline.start().await }
+        });
+        while !entered.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(
+            !starting.is_finished() && !pipeline.is_running(),
+            "round {round}"
+        );
+        go.store(true, Ordering::SeqCst);
+        let abort = round % 2 == 1;
+        let stopped = if abort {
+            within(Duration::from_secs(10), pipeline.abort()).await
+        } else {
+            within(Duration::from_secs(10), pipeline.stop()).await
+        };
+        assert_eq!(stopped, Ok(()), "round {round}");
+        starting.await.unwrap().unwrap();
+        assert!(pipeline.is_finished());
+        let results = within(Duration::from_secs(10), pipeline.run())
+            .await
+            .unwrap();
+        assert_eq!(
+            results.len() as u64,
+            pipeline.stats().await.unwrap().admitted_items
+        );
+        if !abort {
+            assert!(results.iter().all(|r| r.success));
+        }
+    }
+}
+
+/// A Thread handler that never returns: once the pipeline is aborted,
+/// `main` (here: a thread that owns its runtime) must be able to return and
+/// drop the runtime, which waits for tokio's blocking threads. The stuck
+/// thread is the stage's own and nothing waits for it.
+#[test]
+fn a_thread_handler_that_never_returns_does_not_keep_the_program_from_exiting() {
+    let (exited, exit) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let stuck = runtime.block_on(async {
+            let entered = Arc::new(tokio::sync::Notify::new());
+            let notify = entered.clone();
+            let pipeline = Pipeline::builder(config(
+                "never-returns",
+                vec![
+                    StageConfig::new("stuck", ExecutionType::Thread)
+                        .workers(1)
+                        .queue_size(4),
+                ],
+            ))
+            .unwrap()
+            .source(sources::iter(0..10u64))
+            .sync_stage("stuck", move |i: WorkItem<u64>| {
+                if i.data < 10 {
+                    notify.notify_one();
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                Ok(i)
+            })
+            .build()
+            .unwrap();
+            pipeline.start().await.unwrap();
+            within(Duration::from_secs(10), entered.notified()).await;
+            within(Duration::from_secs(10), pipeline.abort())
+                .await
+                .unwrap();
+            let results = within(Duration::from_secs(10), pipeline.run())
+                .await
+                .unwrap();
+            assert!(results.iter().all(|r| r.is_cancelled()));
+            pipeline.stats().await.unwrap().stages[0].stuck_threads
+        });
+        drop(runtime);
+        let _ = exited.send(stuck);
+    });
+    let stuck = exit
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the runtime waited for the stuck handler's thread: the program cannot exit");
+    assert_eq!(stuck, 1, "the stuck thread is accounted for");
 }

@@ -23,7 +23,7 @@ use crate::process::entry::Entry;
 use crate::process::spawn::ChildSpec;
 use crate::runner::StageRunner;
 use crate::runner::async_rt::AsyncRunner;
-use crate::runner::cpu::{self, CpuRunner};
+use crate::runner::cpu;
 use crate::runner::process::ProcessRunner;
 use crate::runner::thread::ThreadRunner;
 use crate::shared::Shared;
@@ -183,8 +183,8 @@ impl StageBinding {
     }
 
     /// Binds a blocking `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>`; it
-    /// runs on blocking threads or on a rayon pool, as the stage's execution
-    /// type says.
+    /// runs on the stage's own threads, `workers` at a time, for a Thread
+    /// or a Cpu stage.
     pub fn blocking<I, O, F>(handler: F) -> Self
     where
         I: Send + 'static,
@@ -219,13 +219,14 @@ impl StageBinding {
                 Box::pin(async move {
                     let handler = Arc::new(handler);
                     let config = &ctx.shared.config.stages[ctx.index];
+                    let stuck = ctx.shared.gauges[ctx.index].stuck_threads.clone();
                     match config.execution_type {
                         ExecutionType::Thread => {
-                            spawn_stage::<I, O, _>(ctx, ThreadRunner(handler), keep, outlet).await
+                            let runner = ThreadRunner::new(&config.name, handler, stuck);
+                            spawn_stage::<I, O, _>(ctx, runner, keep, outlet).await
                         }
                         ExecutionType::Cpu => {
-                            let pool = Arc::new(cpu::pool(&config.name, config.workers)?);
-                            let runner = CpuRunner { handler, pool };
+                            let runner = cpu::runner(&config.name, handler, stuck);
                             spawn_stage::<I, O, _>(ctx, runner, keep, outlet).await
                         }
                         other => Err(format!(
@@ -271,7 +272,7 @@ impl StageBinding {
                         &options,
                         Entry::of::<I, O>(handler),
                     );
-                    let runner = ProcessRunner::<I, O>::new(spec);
+                    let runner = ProcessRunner::<I, O>::new(spec, ctx.fail.clone());
                     spawn_stage::<I, O, _>(ctx, runner, None, outlet).await
                 })
             }),

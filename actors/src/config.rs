@@ -35,13 +35,36 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Stage names the Python library reserves for its metadata keys.
 pub const RESERVED_STAGE_NAMES: [&str; 3] = ["created", "completed", "error"];
 
+/// The most workers one stage may have. Each worker is an actor (about
+/// 10 KiB); a Thread, Cpu or Process worker is also an OS thread or process.
+/// 100,000 Async workers took 960 MiB before any item ran, and 10^9 aborted
+/// the program on allocation, so validation refuses more than this.
+pub const MAX_WORKERS: usize = 10_000;
+
+/// The largest `queue_size` of one stage. Buffers grow only with the items
+/// that wait, but the window of the whole pipeline is the sum of every
+/// stage's `queue_size + workers`, which must not overflow.
+pub const MAX_QUEUE_SIZE: usize = u32::MAX as usize;
+
+/// The longest duration any field may hold: 10 years (365-day years). A
+/// longer timeout, retry delay, window or interval cannot be told from
+/// "never" and overflows the clock's arithmetic (`timeout = 1e19` made every
+/// Thread attempt panic), so validation refuses it.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
+/// The shortest period of a repeating timer (`stats_interval_seconds`,
+/// `queue_refresh_rate`): 1 ms. A shorter one fires faster than the pipeline
+/// can answer it (`stats_interval_seconds = 1e-7` grew an idle pipeline's
+/// memory by 900 MiB in 6 s and hung `stop()`), so validation refuses it.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
+
 /// How a stage runs its handler.
 ///
 /// | seed          | here      | runs on                                         |
 /// |---------------|-----------|-------------------------------------------------|
 /// | `ASYNC`       | `Async`   | the tokio runtime, awaited by each worker       |
-/// | `THREAD`      | `Thread`  | tokio's blocking threads, at most `workers` busy |
-/// | `INTERPRETER` | `Cpu`     | a rayon pool owned by the stage, `workers` threads |
+/// | `THREAD`      | `Thread`  | threads owned by the stage, at most `workers` busy |
+/// | `INTERPRETER` | `Cpu`     | the same, for CPU-bound work: `workers` = cores |
 /// | `PROCESS`     | `Process` | worker OS processes (crash isolation)           |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -49,9 +72,9 @@ pub const RESERVED_STAGE_NAMES: [&str; 3] = ["created", "completed", "error"];
 pub enum ExecutionType {
     /// An `async fn` handler awaited on the tokio runtime: I/O-bound work.
     Async,
-    /// A blocking `fn` handler on a blocking thread: blocking I/O, FFI.
+    /// A blocking `fn` handler on a thread of the stage's: blocking I/O, FFI.
     Thread,
-    /// A blocking `fn` handler on the stage's rayon pool: CPU-bound work.
+    /// A blocking `fn` handler on a thread of the stage's: CPU-bound work.
     /// Config files may also say `"interpreter"`, the seed's name for it.
     #[serde(alias = "interpreter")]
     Cpu,
@@ -86,10 +109,12 @@ pub struct StageConfig {
     pub name: String,
     /// How the handler runs.
     pub execution_type: ExecutionType,
-    /// How many items this stage works on at once. Default 5.
+    /// How many items this stage works on at once. Default 5; at most
+    /// [`MAX_WORKERS`].
     #[serde(default = "default_workers")]
     pub workers: usize,
-    /// How many items may wait in front of this stage. Default 1000.
+    /// How many items may wait in front of this stage. Default 1000; at
+    /// most [`MAX_QUEUE_SIZE`].
     #[serde(default = "default_queue_size")]
     pub queue_size: usize,
     /// Fail the pipeline if this stage replaces more workers than this
@@ -99,7 +124,8 @@ pub struct StageConfig {
     /// How long one attempt may take; none by default. An Async attempt is
     /// cancelled at the deadline, a Process attempt's child is killed, and a
     /// Thread or Cpu attempt (which cannot be interrupted) is failed
-    /// `TimedOut` and its late result discarded. Seconds in files.
+    /// `TimedOut` and its late result discarded. Seconds in files; at most
+    /// [`MAX_DURATION`].
     #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_seconds")]
     pub timeout: Option<Duration>,
     /// Whether and how a failed attempt is tried again; none by default.
@@ -213,6 +239,8 @@ impl RetryPolicy {
         if self.max_attempts == 0 {
             return Err(("retry.max_attempts", "must be at least 1".into()));
         }
+        check_at_most_max("retry.initial_delay", self.initial_delay)?;
+        check_at_most_max("retry.max_delay", self.max_delay)?;
         if !(self.multiplier.is_finite() && self.multiplier >= 1.0) {
             return Err((
                 "retry.multiplier",
@@ -255,6 +283,44 @@ impl RestartBudget {
             window,
         }
     }
+}
+
+/// Refuses a duration longer than [`MAX_DURATION`], naming `field`.
+fn check_at_most_max(field: &'static str, d: Duration) -> Result<(), (&'static str, String)> {
+    if d > MAX_DURATION {
+        return Err((
+            field,
+            format!(
+                "must be at most {} s (10 years), not {} s",
+                MAX_DURATION.as_secs(),
+                d.as_secs_f64()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a timer period that is neither zero (when `zero_ok`) nor between
+/// [`MIN_INTERVAL`] and [`MAX_DURATION`], naming `field`.
+fn check_interval(
+    field: &'static str,
+    d: Duration,
+    zero_ok: bool,
+) -> Result<(), (&'static str, String)> {
+    if d.is_zero() && zero_ok {
+        return Ok(());
+    }
+    if d < MIN_INTERVAL {
+        let off = if zero_ok { "zero (off) or " } else { "" };
+        return Err((
+            field,
+            format!(
+                "must be {off}at least 0.001 s (1 ms), not {} s",
+                d.as_secs_f64()
+            ),
+        ));
+    }
+    check_at_most_max(field, d)
 }
 
 fn default_workers() -> usize {
@@ -333,25 +399,30 @@ pub struct PipelineConfig {
     /// The stages, in the order items flow through them.
     pub stages: Vec<StageConfig>,
     /// After a failing `refill`, how long to wait before asking the source
-    /// again. Default 1 s. (The seed also polls at this rate; here refill is
-    /// demand-driven and never waits for it.) Seconds in files.
+    /// again. Default 1 s; at least [`MIN_INTERVAL`]. (The seed also polls
+    /// at this rate; here refill is demand-driven and never waits for it.)
+    /// Seconds in files.
     #[serde(default = "default_refresh", with = "seconds")]
     pub queue_refresh_rate: Duration,
-    /// How often the stats line is logged; zero disables it. Default 10 s.
-    /// `stats_interval_seconds` in files.
+    /// How often the stats line is logged; zero disables it. Default 10 s;
+    /// otherwise at least [`MIN_INTERVAL`]. `stats_interval_seconds` in files.
     #[serde(
         default = "default_stats_interval",
         rename = "stats_interval_seconds",
         with = "seconds"
     )]
     pub stats_interval: Duration,
-    /// Stamp per-stage times on every item and keep timing statistics.
-    /// Default true.
+    /// Stamp per-stage times on every item, keep timing statistics, refuse
+    /// duplicate job ids, and keep results for `run()`. Default true. Off,
+    /// as in the seed, nothing is kept per item: `run()` returns no results
+    /// (whatever `retain_results` says); completion callbacks, events, dead
+    /// letters and the counts in stats still work.
     #[serde(default = "default_true")]
     pub enable_tracking: bool,
     /// Keep every item's `WorkItemResult` and return them from `run()`.
     /// Default true (the seed's behaviour); turn off for unbounded inputs and
-    /// use completion callbacks or events instead.
+    /// use completion callbacks or events instead. Results are kept only
+    /// when `enable_tracking` is on too.
     #[serde(default = "default_true")]
     pub retain_results: bool,
     /// Report an item a worker has held longer than this: a
@@ -365,6 +436,19 @@ pub struct PipelineConfig {
         with = "opt_seconds"
     )]
     pub stall_threshold: Option<Duration>,
+    /// After this many failed refills in a row the source is given up: the
+    /// input closes, the items already admitted finish, and `run()` returns
+    /// `PipelineError::SourceFailed` with the last error (and what
+    /// completed, through `run_outcome()`). Default 5: at the default
+    /// `queue_refresh_rate` the run ends about 15 s after the first failure
+    /// of a source that never recovers, whether or not a tracing subscriber
+    /// shows the warnings. 0 never gives up (the seed's behaviour).
+    #[serde(default = "default_refill_failures")]
+    pub max_refill_failures: u32,
+}
+
+fn default_refill_failures() -> u32 {
+    5
 }
 
 fn default_refresh() -> Duration {
@@ -390,6 +474,7 @@ impl PipelineConfig {
             enable_tracking: true,
             retain_results: true,
             stall_threshold: None,
+            max_refill_failures: default_refill_failures(),
         }
     }
 
@@ -405,7 +490,8 @@ impl PipelineConfig {
         self
     }
 
-    /// Turns per-item timing on or off.
+    /// Turns per-item tracking on or off (off: no results are kept; see
+    /// [`PipelineConfig::enable_tracking`]).
     pub fn enable_tracking(mut self, on: bool) -> Self {
         self.enable_tracking = on;
         self
@@ -424,6 +510,13 @@ impl PipelineConfig {
     /// ```
     pub fn stall_threshold(mut self, threshold: Duration) -> Self {
         self.stall_threshold = Some(threshold);
+        self
+    }
+
+    /// Gives up the source after `failures` failed refills in a row (0:
+    /// never); see [`PipelineConfig::max_refill_failures`].
+    pub fn max_refill_failures(mut self, failures: u32) -> Self {
+        self.max_refill_failures = failures;
         self
     }
 
@@ -475,7 +568,12 @@ impl PipelineConfig {
 
     /// Checks the rules the Python library checks, and a few more: at least
     /// one stage; unique, non-empty, non-reserved names; workers and
-    /// queue_size above zero.
+    /// queue_size above zero; and what would parse but could not run:
+    /// at most [`MAX_WORKERS`] workers and a `queue_size` of at most
+    /// [`MAX_QUEUE_SIZE`] per stage, no duration longer than
+    /// [`MAX_DURATION`], and timer periods (`stats_interval_seconds`,
+    /// `queue_refresh_rate`) of at least [`MIN_INTERVAL`] (or zero, for the
+    /// stats line, to turn it off).
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.pipeline_name.trim().is_empty() {
             return Err(ConfigError::Invalid {
@@ -486,13 +584,25 @@ impl PipelineConfig {
         if self.stages.is_empty() {
             return Err(ConfigError::Invalid {
                 field: "stages".into(),
-                message: "a pipeline needs at least one stage".into(),
+                message: "must list at least one stage".into(),
             });
         }
         if self.stall_threshold.is_some_and(|t| t.is_zero()) {
             return Err(ConfigError::Invalid {
                 field: "stall_threshold_seconds".into(),
                 message: "must be longer than zero".into(),
+            });
+        }
+        let pipeline_checks = [
+            check_interval("queue_refresh_rate", self.queue_refresh_rate, false),
+            check_interval("stats_interval_seconds", self.stats_interval, true),
+            self.stall_threshold
+                .map_or(Ok(()), |t| check_at_most_max("stall_threshold_seconds", t)),
+        ];
+        if let Some(Err((field, message))) = pipeline_checks.into_iter().find(Result::is_err) {
+            return Err(ConfigError::Invalid {
+                field: field.into(),
+                message,
             });
         }
         let mut seen = std::collections::HashSet::new();
@@ -508,10 +618,7 @@ impl PipelineConfig {
             if RESERVED_STAGE_NAMES.contains(&stage.name.as_str()) {
                 return Err(invalid(
                     "name",
-                    format!(
-                        "`{}` is reserved (created, completed and error are)",
-                        stage.name
-                    ),
+                    "must not be one of the reserved names created, completed and error".into(),
                 ));
             }
             if !seen.insert(stage.name.as_str()) {
@@ -520,8 +627,20 @@ impl PipelineConfig {
             if stage.workers == 0 {
                 return Err(invalid("workers", "must be at least 1".into()));
             }
+            if stage.workers > MAX_WORKERS {
+                return Err(invalid(
+                    "workers",
+                    format!("must be at most {MAX_WORKERS}, not {}", stage.workers),
+                ));
+            }
             if stage.queue_size == 0 {
                 return Err(invalid("queue_size", "must be at least 1".into()));
+            }
+            if stage.queue_size > MAX_QUEUE_SIZE {
+                return Err(invalid(
+                    "queue_size",
+                    format!("must be at most {MAX_QUEUE_SIZE}, not {}", stage.queue_size),
+                ));
             }
             if stage.restart_budget.is_some_and(|b| b.window.is_zero()) {
                 return Err(invalid(
@@ -532,7 +651,16 @@ impl PipelineConfig {
             if stage.timeout.is_some_and(|t| t.is_zero()) {
                 return Err(invalid("timeout", "must be longer than zero".into()));
             }
-            if let Some(Err((field, message))) = stage.retry.map(|r| r.check()) {
+            let durations = [
+                stage.timeout.map(|t| check_at_most_max("timeout", t)),
+                stage
+                    .restart_budget
+                    .map(|b| check_at_most_max("restart_budget.window", b.window)),
+                stage.retry.map(|r| r.check()),
+            ];
+            if let Some(Some(Err((field, message)))) =
+                durations.into_iter().find(|c| matches!(c, Some(Err(_))))
+            {
                 return Err(invalid(field, message));
             }
         }
@@ -722,6 +850,43 @@ mod tests {
                 .contains("more than one")
         );
         assert!(PipelineConfig::new("p", vec![]).validate().is_err());
+    }
+
+    #[test]
+    fn errors_read_as_sentences() {
+        let none = PipelineConfig::new("p", vec![]).validate().unwrap_err();
+        assert_eq!(
+            none.to_string(),
+            "invalid pipeline config: `stages` must list at least one stage"
+        );
+        let reserved =
+            PipelineConfig::new("p", vec![StageConfig::new("error", ExecutionType::Async)])
+                .validate()
+                .unwrap_err();
+        assert_eq!(
+            reserved.to_string(),
+            "invalid config for stage `error`: `name` must not be one of the reserved names created, completed and error"
+        );
+        let fast = PipelineConfig::new("p", vec![StageConfig::new("a", ExecutionType::Async)])
+            .stats_interval(Duration::from_nanos(100))
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            fast.to_string(),
+            "invalid pipeline config: `stats_interval_seconds` must be zero (off) or at least 0.001 s (1 ms), not 0.0000001 s"
+        );
+        let long = PipelineConfig::new(
+            "p",
+            vec![
+                StageConfig::new("a", ExecutionType::Thread).timeout(Duration::from_secs_f64(1e19)),
+            ],
+        )
+        .validate()
+        .unwrap_err();
+        assert_eq!(
+            long.to_string(),
+            "invalid config for stage `a`: `timeout` must be at most 315360000 s (10 years), not 10000000000000000000 s"
+        );
     }
 
     #[test]

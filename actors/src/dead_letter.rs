@@ -27,7 +27,9 @@
 use std::any::Any;
 use std::fmt;
 
-use tokio::sync::mpsc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
 
 use crate::item::{ItemError, JobId, WorkItem, WorkItemMetadata, WorkItemResult};
 
@@ -93,8 +95,12 @@ pub enum DeadLetterSink {
     /// in it is logged and the letter dropped.
     Callback(Box<dyn FnMut(DeadLetter) + Send>),
     /// Sent into a bounded channel; a full channel holds the tracker (and so
-    /// the pipeline) back until the receiver catches up. A dropped receiver
-    /// is logged once and its letters dropped.
+    /// the pipeline) back until the receiver catches up, with a warning
+    /// after a second, so read it while the pipeline runs. `abort` and a
+    /// stop's deadline do not wait for it: the letters left are then
+    /// buffered (at most the items still in the pipeline) and forwarded by
+    /// a task as the receiver reads, even after `run` returned. A dropped
+    /// receiver is logged once and its letters dropped.
     Channel(mpsc::Sender<DeadLetter>),
 }
 
@@ -109,21 +115,93 @@ impl fmt::Debug for DeadLetterSink {
 
 impl DeadLetterSink {
     /// Delivers one letter. Returns false once the sink is gone for good.
-    pub(crate) async fn deliver(&mut self, letter: DeadLetter) -> bool {
+    ///
+    /// A full channel is waited for (logged after
+    /// [`SUBSCRIBER_STALL_WARNING`](crate::event::SUBSCRIBER_STALL_WARNING),
+    /// then every 30 s) until `stop_waiting` turns true (abort, a stop's
+    /// deadline): from then on letters go through a buffer of `spill`
+    /// letters (the most the pipeline can still end) that a task forwards
+    /// to the receiver as it reads, so none is lost and the pipeline ends.
+    pub(crate) async fn deliver(
+        &mut self,
+        letter: DeadLetter,
+        pipeline: &str,
+        stop_waiting: &mut watch::Receiver<bool>,
+        spill: usize,
+        hub: &crate::event::EventHub,
+    ) -> bool {
         match self {
             DeadLetterSink::Callback(callback) => {
                 let job_id = letter.job_id.clone();
                 let call = std::panic::AssertUnwindSafe(|| callback(letter));
                 if let Err(panic) = std::panic::catch_unwind(call) {
-                    tracing::error!(
-                        %job_id,
-                        "dead-letter callback panicked: {}",
-                        crate::runner::panic_message(&*panic)
-                    );
+                    let message = crate::contain::take_message(panic);
+                    tracing::error!(%job_id, "dead-letter callback panicked: {message}");
                 }
                 true
             }
-            DeadLetterSink::Channel(sender) => sender.send(letter).await.is_ok(),
+            DeadLetterSink::Channel(sender) => {
+                let letter = match sender.try_send(letter) {
+                    Ok(()) => return true,
+                    Err(mpsc::error::TrySendError::Closed(letter)) => {
+                        // Its input's `Drop` is user code.
+                        crate::contain::drop_logged(letter, || "an undelivered dead letter".into());
+                        return false;
+                    }
+                    Err(mpsc::error::TrySendError::Full(letter)) => letter,
+                };
+                let warning = crate::event::SUBSCRIBER_STALL_WARNING;
+                let mut waited = Duration::ZERO;
+                if !*stop_waiting.borrow() {
+                    let target = sender.clone();
+                    let reserve = target.reserve();
+                    tokio::pin!(reserve);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            permit = &mut reserve => {
+                                if !waited.is_zero() {
+                                    hub.set_held_back_by(None);
+                                }
+                                return match permit {
+                                Ok(permit) => {
+                                    permit.send(letter);
+                                    true
+                                }
+                                Err(_) => false,
+                            }},
+                            _ = stop_waiting.wait_for(|stop| *stop) => break,
+                            _ = tokio::time::sleep(warning) => {
+                                waited += warning;
+                                if waited == warning {
+                                    hub.set_held_back_by(Some("dead-letter receiver".into()));
+                                }
+                                if waited == warning || waited.as_secs() % 30 == 0 {
+                                    tracing::warn!(
+                                        pipeline,
+                                        "the pipeline has waited {waited:.1?} for the dead-letter receiver: \
+                                         its channel is full (read it while the pipeline runs, or use on_dead_letter)"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+                if !waited.is_zero() {
+                    hub.set_held_back_by(None);
+                }
+                // No more waiting: a task takes the letters to the receiver.
+                let (spilled, mut rx) = mpsc::channel(spill.max(1));
+                let target = std::mem::replace(sender, spilled);
+                tokio::spawn(async move {
+                    while let Some(letter) = rx.recv().await {
+                        if target.send(letter).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                sender.try_send(letter).is_ok()
+            }
         }
     }
 }

@@ -11,6 +11,21 @@ pub enum PipelineError {
     /// stopping or finished.
     #[error("pipeline `{0}` takes no more input (source exhausted, stopping or finished)")]
     InputClosed(String),
+    /// The input closed (the source was exhausted, or the pipeline began to
+    /// stop) while an `inject` was being admitted: its first `admitted`
+    /// items, in the order given, were admitted and get their outcomes as
+    /// usual; the other `refused` were not admitted.
+    #[error(
+        "pipeline `{pipeline}` took no more input after {admitted} of the injected items; the last {refused} were not admitted"
+    )]
+    PartlyAdmitted {
+        /// The pipeline.
+        pipeline: String,
+        /// How many of the injected items, from the first, were admitted.
+        admitted: usize,
+        /// How many, from the last, were not.
+        refused: usize,
+    },
     /// The pipeline's actors could not be started.
     #[error("pipeline `{pipeline}` could not start: {message}")]
     Start {
@@ -19,8 +34,9 @@ pub enum PipelineError {
         /// Why.
         message: String,
     },
-    /// The source panicked. Every item it had handed over was finished
-    /// (see callbacks and events); the rest of its input was not read.
+    /// The source panicked (in `refill` or `ack`). Every item it had
+    /// handed over was finished and acknowledged; the rest of its input
+    /// was not read. What completed: `Pipeline::run_outcome`.
     #[error("the source of pipeline `{pipeline}` panicked: {message}")]
     SourcePanicked {
         /// The pipeline.
@@ -28,9 +44,24 @@ pub enum PipelineError {
         /// The panic message.
         message: String,
     },
+    /// The source's `refill` failed `failures` times in a row, the
+    /// pipeline's `max_refill_failures`: the input was closed and every
+    /// item admitted before finished. What completed: `Pipeline::run_outcome`.
+    #[error(
+        "the source of pipeline `{pipeline}` failed {failures} times in a row, giving up: {message}"
+    )]
+    SourceFailed {
+        /// The pipeline.
+        pipeline: String,
+        /// Failed refills in a row.
+        failures: u32,
+        /// The last error, with its chain.
+        message: String,
+    },
     /// A stage replaced more workers than its restart budget allows (its
     /// handler keeps panicking). The pipeline was aborted: every item it had
-    /// admitted has its outcome (see callbacks and events).
+    /// admitted has its outcome (see callbacks and events, and
+    /// `Pipeline::run_outcome` for the results).
     #[error(
         "pipeline `{pipeline}`: stage `{stage}` replaced {restarts} workers within {window:?}, over its restart budget; pipeline aborted"
     )]
@@ -44,6 +75,22 @@ pub enum PipelineError {
         /// The budget's window.
         window: std::time::Duration,
     },
+    /// A Process stage's worker processes failed to start several times in
+    /// a row (most often: `main` does not call `process::init()` first).
+    /// The pipeline was aborted: every item it had admitted has its outcome.
+    #[error(
+        "pipeline `{pipeline}`: stage `{stage}` cannot start its worker processes ({failures} failed in a row); pipeline aborted; the last: {message}"
+    )]
+    WorkersCannotStart {
+        /// The pipeline.
+        pipeline: String,
+        /// The stage.
+        stage: String,
+        /// Worker processes that failed to start in a row.
+        failures: u32,
+        /// How the last one failed, with a hint.
+        message: String,
+    },
     /// One of the pipeline's own actors failed: a bug in bergtalzug.
     #[error("pipeline `{pipeline}`: internal actor `{actor}` failed: {message}")]
     ActorFailed {
@@ -53,6 +100,26 @@ pub enum PipelineError {
         actor: String,
         /// Why.
         message: String,
+    },
+    /// One of the pipeline's own actors (a stage, the source or the
+    /// tracker) was stopped or killed from outside, e.g. by an embedding
+    /// supervisor, before the pipeline finished. The pipeline was aborted;
+    /// the items the stopped actor held end `Cancelled` (tracking on) and
+    /// `unaccounted` counts those that could get no outcome (tracking off,
+    /// or the tracker itself was stopped).
+    #[error(
+        "pipeline `{pipeline}`: its `{actor}` was stopped from outside ({reason}); pipeline aborted{}",
+        if *unaccounted > 0 { format!(", {unaccounted} items got no outcome") } else { String::new() }
+    )]
+    ActorStopped {
+        /// The pipeline.
+        pipeline: String,
+        /// Which actor (`tracker`, `source`, `stage fetch`).
+        actor: String,
+        /// Its stop reason (`killed`, or the reason given to `stop`).
+        reason: String,
+        /// Admitted items without an outcome.
+        unaccounted: u64,
     },
     /// The pipeline's root actor was stopped or killed from outside before
     /// every item had its outcome (its supervisor stopped it).

@@ -5,18 +5,31 @@
 //! # Delivery
 //!
 //! Each subscriber has its own bounded buffer ([`EVENT_BUFFER`] events).
+//! What happens when it is full is the subscriber's choice:
 //!
-//! - **Terminal and control events** (`ItemFinished`, `WorkerRestarted`,
-//!   `ItemStalled`, `SourceError`, `PipelineFinished`) are never dropped: when a
-//!   subscriber's buffer is full the tracker waits for it, and the pipeline
-//!   slows to the subscriber's pace (its memory stays bounded because the
-//!   source admits new items only as old ones are tracked).
-//! - **Lifecycle events** (`ItemQueued`, `ItemStarted`, `ItemCompleted`)
-//!   are sent only while someone subscribes, and dropped when the buffer is
-//!   full; [`EventStream::dropped`] counts them. They never slow the data path.
+//! - **Lossy** (the default: `subscribe()`, any filter): the pipeline never
+//!   waits for the subscriber. A full buffer drops its oldest event to make
+//!   room, so a subscriber that falls behind sees the latest events and
+//!   always the last one (`PipelineFinished`); [`EventStream::dropped`]
+//!   counts what it lost. A stream kept and never read costs its buffer
+//!   and nothing else.
+//! - **Lossless** ([`EventFilter::lossless`]): terminal and control events
+//!   (`ItemFinished`, `WorkerRestarted`, `ItemStalled`, `SourceError`,
+//!   `PipelineFinished`) are never dropped: when the buffer
+//!   is full the tracker waits for the subscriber, and the pipeline slows
+//!   to its pace (its memory stays bounded because the source admits new
+//!   items only as old ones are tracked). A wait of more than
+//!   [`SUBSCRIBER_STALL_WARNING`] is logged as a warning naming the place
+//!   the subscriber subscribed, and sent to the other subscribers as
+//!   [`PipelineEvent::SubscriberStalled`]. `abort` and the deadline of
+//!   `stop_within` do not wait for it: from then on what does not fit is
+//!   kept for it beyond its buffer (at most the items still in the
+//!   pipeline). Drop a lossless stream you stop reading.
 //!
-//! Drop an [`EventStream`] you no longer read: a subscriber that never reads
-//! holds the pipeline back once its buffer is full.
+//! **Lifecycle events** (`ItemQueued`, `ItemStarted`, `ItemCompleted`) are
+//! sent only while someone subscribes to them and never slow the data
+//! path: a full lossless buffer drops them, counted in
+//! [`EventStream::dropped`].
 //!
 //! # Filters
 //!
@@ -37,15 +50,19 @@
 //! [`forward_to_actor`] delivers a stream to an actor as its own messages,
 //! each an [`ActorEvent`] holding one of [`ACTOR_EVENT_WINDOW`] permits until
 //! the actor drops it: an actor that falls behind stops the forwarding, and
-//! the policy above takes over, so its mailbox stays bounded too.
+//! the stream's policy above takes over (lossy: its oldest events go;
+//! lossless: the pipeline waits), so its mailbox stays bounded too.
 
+use std::collections::VecDeque;
+use std::panic::Location;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use futures::task::AtomicWaker;
 use ractor::{ActorRef, Message};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::item::{JobId, WorkItemResult};
 use crate::stats::PipelineStats;
@@ -124,6 +141,16 @@ pub enum PipelineEvent {
         /// How long the worker had held it when it was noticed.
         age: std::time::Duration,
     },
+    /// The pipeline has waited [`SUBSCRIBER_STALL_WARNING`] (then every
+    /// 30 s) for a lossless subscriber whose buffer is full; sent to the
+    /// other subscribers, and logged as a warning. Control, but never
+    /// waited for: a full buffer drops it.
+    SubscriberStalled {
+        /// Where the stalled subscriber subscribed (`file:line:column`).
+        subscriber: String,
+        /// How long the pipeline has waited for it so far.
+        waited: std::time::Duration,
+    },
     /// The source's `refill` failed; it is asked again after
     /// `queue_refresh_rate`. Never dropped.
     SourceError {
@@ -145,7 +172,9 @@ impl PipelineEvent {
             | PipelineEvent::WorkerRestarted { stage, .. }
             | PipelineEvent::ItemStalled { stage, .. } => Some(stage),
             PipelineEvent::ItemFinished(result) => result.error.as_ref().map(|e| e.stage.as_str()),
-            PipelineEvent::SourceError { .. } | PipelineEvent::PipelineFinished(_) => None,
+            PipelineEvent::SourceError { .. }
+            | PipelineEvent::SubscriberStalled { .. }
+            | PipelineEvent::PipelineFinished(_) => None,
         }
     }
 
@@ -168,6 +197,7 @@ pub struct EventFilter {
     control: bool,
     failures_only: bool,
     stage: Option<Arc<str>>,
+    lossless: bool,
 }
 
 impl Default for EventFilter {
@@ -185,6 +215,7 @@ impl EventFilter {
             control: true,
             failures_only: false,
             stage: None,
+            lossless: false,
         }
     }
 
@@ -196,6 +227,7 @@ impl EventFilter {
             control: false,
             failures_only: false,
             stage: None,
+            lossless: false,
         }
     }
 
@@ -230,7 +262,7 @@ impl EventFilter {
         self
     }
 
-    /// Adds `WorkerRestarted`, `ItemStalled` and `SourceError`.
+    /// Adds `WorkerRestarted`, `ItemStalled`, `SubscriberStalled` and `SourceError`.
     pub fn with_control(mut self) -> Self {
         self.control = true;
         self
@@ -249,6 +281,26 @@ impl EventFilter {
         self
     }
 
+    /// Delivers terminal and control events losslessly: when this
+    /// subscriber's buffer is full, the pipeline waits for it (and slows to
+    /// its pace) instead of dropping its oldest events. An explicit choice,
+    /// because a lossless subscriber that stops reading holds the pipeline
+    /// back: the wait is logged as a warning naming where it subscribed,
+    /// and sent to the other subscribers as
+    /// [`PipelineEvent::SubscriberStalled`]. `abort` and a stop's deadline
+    /// stop waiting for it (what does not fit its buffer is then kept for
+    /// it beyond the buffer: at most the items still in the pipeline).
+    /// Lifecycle events are still dropped when its buffer is full.
+    pub fn lossless(mut self) -> Self {
+        self.lossless = true;
+        self
+    }
+
+    /// Whether [`EventFilter::lossless`] was asked for.
+    pub fn is_lossless(&self) -> bool {
+        self.lossless
+    }
+
     /// True if a subscriber with this filter gets `event`.
     pub fn matches(&self, event: &PipelineEvent) -> bool {
         let kind = match event {
@@ -264,6 +316,7 @@ impl EventFilter {
             }
             PipelineEvent::WorkerRestarted { .. }
             | PipelineEvent::ItemStalled { .. }
+            | PipelineEvent::SubscriberStalled { .. }
             | PipelineEvent::SourceError { .. } => self.control,
         };
         kind && match &self.stage {
@@ -273,9 +326,78 @@ impl EventFilter {
     }
 }
 
+/// How long a lossless publish waits for a full subscriber before it says so.
+pub const SUBSCRIBER_STALL_WARNING: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One subscriber's bounded buffer: a queue the publishers push to and the
+/// [`EventStream`] pops from.
+struct Ring {
+    inner: Mutex<RingInner>,
+    /// The stream's task, woken when an event arrives or the ring closes.
+    reader: AtomicWaker,
+    /// A lossless publisher waiting for room (only the tracker waits).
+    room: Notify,
+    dropped: AtomicU64,
+    lossless: bool,
+    /// Who subscribed, for warnings: where `subscribe` was called.
+    origin: String,
+}
+
+struct RingInner {
+    queue: VecDeque<PipelineEvent>,
+    /// No more events will come.
+    closed: bool,
+    /// The stream was dropped.
+    gone: bool,
+}
+
+impl Ring {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RingInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pushes without waiting. When the buffer is full, a lossy ring drops
+    /// its oldest event and a lossless ring drops `event` if it may be
+    /// dropped (`droppable`); a lossless ring past its capacity only takes
+    /// undroppable events once waiting has been given up (`overflow`).
+    /// Returns `Err(event)` when a lossless publisher must wait, `Ok(false)`
+    /// when the stream is gone.
+    fn try_push(
+        &self,
+        event: PipelineEvent,
+        droppable: bool,
+        overflow: bool,
+    ) -> Result<bool, PipelineEvent> {
+        let mut inner = self.lock();
+        if inner.gone || inner.closed {
+            return Ok(!inner.gone);
+        }
+        if inner.queue.len() >= EVENT_BUFFER {
+            if !self.lossless {
+                inner.queue.pop_front();
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            } else if droppable {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return Ok(true);
+            } else if !overflow {
+                return Err(event);
+            }
+        }
+        inner.queue.push_back(event);
+        drop(inner);
+        self.reader.wake();
+        Ok(true)
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.reader.wake();
+        self.room.notify_one();
+    }
+}
+
 struct Subscriber {
-    tx: mpsc::Sender<PipelineEvent>,
-    dropped: Arc<AtomicU64>,
+    ring: Arc<Ring>,
     filter: EventFilter,
 }
 
@@ -286,6 +408,13 @@ pub struct EventHub {
     any: AtomicBool,
     lifecycle: AtomicBool,
     closed: AtomicBool,
+    /// Set on abort (and when a deadline passes): lossless publishers stop
+    /// waiting, and a full lossless buffer grows past its size instead
+    /// (by at most the items still in the pipeline, as the input is closed).
+    overflow: AtomicBool,
+    /// The observer a publisher has waited for longer than
+    /// [`SUBSCRIBER_STALL_WARNING`], while it still waits.
+    held_back_by: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for EventHub {
@@ -297,20 +426,38 @@ impl std::fmt::Debug for EventHub {
 }
 
 impl EventHub {
-    /// A new subscriber; receives the events `filter` matches, from now on.
+    /// A new subscriber; receives the events `filter` matches, from now on,
+    /// as the filter's delivery says (lossy unless [`EventFilter::lossless`]).
+    #[track_caller]
     pub fn subscribe(&self, filter: EventFilter) -> EventStream {
-        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        let dropped = Arc::new(AtomicU64::new(0));
+        self.subscribe_as(filter, Location::caller().to_string())
+    }
+
+    /// A new subscriber called `origin` in warnings (where it subscribed).
+    pub(crate) fn subscribe_as(&self, filter: EventFilter, origin: String) -> EventStream {
+        let ring = Arc::new(Ring {
+            inner: Mutex::new(RingInner {
+                queue: VecDeque::new(),
+                closed: false,
+                gone: false,
+            }),
+            reader: AtomicWaker::new(),
+            room: Notify::new(),
+            dropped: AtomicU64::new(0),
+            lossless: filter.lossless,
+            origin,
+        });
         let mut subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.closed.load(Ordering::Acquire) {
+        if self.closed.load(Ordering::Acquire) {
+            ring.lock().closed = true;
+        } else {
             subs.push(Subscriber {
-                tx,
-                dropped: dropped.clone(),
+                ring: ring.clone(),
                 filter,
             });
             self.refresh(&subs);
         }
-        EventStream { rx, dropped }
+        EventStream { ring }
     }
 
     fn refresh(&self, subs: &[Subscriber]) {
@@ -332,36 +479,39 @@ impl EventHub {
     }
 
     /// Publishes lifecycle events without waiting: a full buffer drops them
-    /// (counted per subscriber).
+    /// (a lossy one its oldest events), counted per subscriber.
     pub(crate) fn lifecycle(&self, events: Vec<PipelineEvent>) {
         let mut subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        let before = subs.len();
         subs.retain(|s| {
-            for event in events.iter().filter(|e| s.filter.matches(e)) {
-                match s.tx.try_send(event.clone()) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        s.dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
-                }
-            }
-            true
+            events
+                .iter()
+                .filter(|e| s.filter.matches(e))
+                .all(|e| !matches!(s.ring.try_push(e.clone(), true, false), Ok(false)))
         });
-        self.refresh(&subs);
+        if subs.len() != before {
+            self.refresh(&subs);
+        }
     }
 
-    /// Publishes events every subscriber must get, waiting for room.
-    pub(crate) async fn publish(&self, events: Vec<PipelineEvent>) {
-        let senders: Vec<(mpsc::Sender<PipelineEvent>, EventFilter)> = {
+    /// Publishes terminal and control events: a lossy subscriber never
+    /// holds this up (its oldest events make room); a lossless one is
+    /// waited for until it has room, the hub is told to stop waiting
+    /// ([`EventHub::stop_waiting`]: abort, a deadline) or its stream is
+    /// dropped. A wait longer than [`SUBSCRIBER_STALL_WARNING`] is logged,
+    /// naming where the subscriber subscribed, and reported to the other
+    /// subscribers as [`PipelineEvent::SubscriberStalled`].
+    pub(crate) async fn publish(&self, pipeline: &str, events: Vec<PipelineEvent>) {
+        let rings: Vec<(Arc<Ring>, EventFilter)> = {
             let subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
             subs.iter()
-                .map(|s| (s.tx.clone(), s.filter.clone()))
+                .map(|s| (s.ring.clone(), s.filter.clone()))
                 .collect()
         };
         let mut gone = false;
-        for (tx, filter) in &senders {
+        for (ring, filter) in &rings {
             for event in events.iter().filter(|e| filter.matches(e)) {
-                if tx.send(event.clone()).await.is_err() {
+                if !self.push_waiting(pipeline, ring, event.clone()).await {
                     gone = true;
                     break;
                 }
@@ -369,8 +519,87 @@ impl EventHub {
         }
         if gone {
             let mut subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
-            subs.retain(|s| !s.tx.is_closed());
+            subs.retain(|s| !s.ring.lock().gone);
             self.refresh(&subs);
+        }
+    }
+
+    /// Pushes one event, waiting for a lossless ring's room; false when the
+    /// stream is gone.
+    async fn push_waiting(&self, pipeline: &str, ring: &Ring, event: PipelineEvent) -> bool {
+        let mut event = event;
+        let mut waited = std::time::Duration::ZERO;
+        loop {
+            let overflow = self.overflow.load(Ordering::Acquire);
+            match ring.try_push(event, false, overflow) {
+                Ok(open) => {
+                    if !waited.is_zero() {
+                        self.set_held_back_by(None);
+                        tracing::info!(
+                            pipeline,
+                            subscriber = %ring.origin,
+                            "the lossless event subscriber at {} read again after {waited:.1?}",
+                            ring.origin
+                        );
+                    }
+                    return open;
+                }
+                Err(back) => event = back,
+            }
+            let room = ring.room.notified();
+            if tokio::time::timeout(SUBSCRIBER_STALL_WARNING, room)
+                .await
+                .is_err()
+            {
+                waited += SUBSCRIBER_STALL_WARNING;
+                // Said at once, then every half minute while it lasts.
+                if waited == SUBSCRIBER_STALL_WARNING || waited.as_secs() % 30 == 0 {
+                    self.stalled(pipeline, ring, waited);
+                }
+            }
+        }
+    }
+
+    /// Says that the pipeline waits for `ring`'s subscriber.
+    fn stalled(&self, pipeline: &str, ring: &Ring, waited: std::time::Duration) {
+        let subscriber = ring.origin.clone();
+        self.set_held_back_by(Some(format!("subscriber at {subscriber}")));
+        tracing::warn!(
+            pipeline,
+            subscriber = %subscriber,
+            "the pipeline has waited {waited:.1?} for the lossless event subscriber at {subscriber}: \
+             its buffer of {EVENT_BUFFER} events is full and it does not read (read it, drop it, or subscribe lossy)"
+        );
+        let event = PipelineEvent::SubscriberStalled { subscriber, waited };
+        let subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        for s in subs.iter() {
+            if !std::ptr::eq(Arc::as_ptr(&s.ring), ring) && s.filter.matches(&event) {
+                let _ = s.ring.try_push(event.clone(), true, false);
+            }
+        }
+    }
+
+    /// The observer the pipeline waits for now, if it has waited for it
+    /// longer than [`SUBSCRIBER_STALL_WARNING`] (for `PipelineStats`).
+    pub(crate) fn held_back_by(&self) -> Option<String> {
+        self.held_back_by
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records (`Some`) or clears the observer the pipeline waits for.
+    pub(crate) fn set_held_back_by(&self, observer: Option<String>) {
+        *self.held_back_by.lock().unwrap_or_else(|e| e.into_inner()) = observer;
+    }
+
+    /// Lossless subscribers are no longer waited for (abort, a stop's
+    /// deadline): what does not fit their buffers is kept beyond them.
+    pub(crate) fn stop_waiting(&self) {
+        self.overflow.store(true, Ordering::Release);
+        let subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        for s in subs.iter() {
+            s.ring.room.notify_one();
         }
     }
 
@@ -378,7 +607,9 @@ impl EventHub {
     pub(crate) fn close(&self) {
         let mut subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
         self.closed.store(true, Ordering::Release);
-        subs.clear();
+        for s in subs.drain(..) {
+            s.ring.close();
+        }
         self.refresh(&subs);
     }
 }
@@ -386,34 +617,77 @@ impl EventHub {
 /// A subscription to a pipeline's events; ends after `PipelineFinished`.
 ///
 /// Read it with [`EventStream::recv`] or as a `futures::Stream`.
-#[derive(Debug)]
 pub struct EventStream {
-    rx: mpsc::Receiver<PipelineEvent>,
-    dropped: Arc<AtomicU64>,
+    ring: Arc<Ring>,
+}
+
+impl std::fmt::Debug for EventStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStream")
+            .field("lossless", &self.ring.lossless)
+            .field("subscribed_at", &self.ring.origin)
+            .field("dropped", &self.dropped())
+            .finish()
+    }
 }
 
 impl EventStream {
     /// The next event, or `None` once the pipeline has finished.
     pub async fn recv(&mut self) -> Option<PipelineEvent> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| self.poll_event(cx)).await
     }
 
     /// The next event if one is ready.
     pub fn try_recv(&mut self) -> Option<PipelineEvent> {
-        self.rx.try_recv().ok()
+        self.pop()
     }
 
-    /// How many lifecycle events were dropped because this stream's buffer was full.
+    fn pop(&self) -> Option<PipelineEvent> {
+        let event = self.ring.lock().queue.pop_front();
+        if event.is_some() && self.ring.lossless {
+            self.ring.room.notify_one();
+        }
+        event
+    }
+
+    fn poll_event(&self, cx: &mut Context<'_>) -> Poll<Option<PipelineEvent>> {
+        self.ring.reader.register(cx.waker());
+        if let Some(event) = self.pop() {
+            return Poll::Ready(Some(event));
+        }
+        if self.ring.lock().closed {
+            // An event may have come just before the close.
+            return Poll::Ready(self.pop());
+        }
+        Poll::Pending
+    }
+
+    /// How many events this stream lost because its buffer was full: for a
+    /// lossy subscription (the default), the oldest events it had not read;
+    /// for a lossless one, lifecycle events only.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.ring.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Whether the pipeline waits for this subscriber rather than drop its
+    /// terminal and control events ([`EventFilter::lossless`]).
+    pub fn is_lossless(&self) -> bool {
+        self.ring.lossless
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        self.ring.lock().gone = true;
+        self.ring.room.notify_one();
     }
 }
 
 impl futures::Stream for EventStream {
     type Item = PipelineEvent;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<PipelineEvent>> {
-        self.rx.poll_recv(cx)
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<PipelineEvent>> {
+        self.poll_event(cx)
     }
 }
 
@@ -472,4 +746,74 @@ where
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restart(n: u64) -> PipelineEvent {
+        PipelineEvent::WorkerRestarted {
+            stage: "s".into(),
+            worker: WorkerId(n),
+            replacement: WorkerId(n + 1),
+            reason: String::new(),
+        }
+    }
+
+    fn worker_of(event: &PipelineEvent) -> u64 {
+        match event {
+            PipelineEvent::WorkerRestarted { worker, .. } => worker.0,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_lossy_stream_drops_its_oldest_events_and_never_waits() {
+        let hub = EventHub::default();
+        let mut stream = hub.subscribe(EventFilter::all());
+        let n = EVENT_BUFFER as u64 + 100;
+        hub.publish("p", (0..n).map(restart).collect()).await;
+        assert_eq!(stream.dropped(), 100);
+        hub.close();
+        let mut got = Vec::new();
+        while let Some(event) = stream.recv().await {
+            got.push(worker_of(&event));
+        }
+        assert_eq!(got, (100..n).collect::<Vec<_>>(), "the newest, in order");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_lossless_stream_is_waited_for_until_read_or_told_to_stop() {
+        let hub = Arc::new(EventHub::default());
+        let mut stream = hub.subscribe(EventFilter::all().lossless());
+        let full = (0..EVENT_BUFFER as u64).map(restart).collect();
+        hub.publish("p", full).await;
+        // Lifecycle events never wait: dropped and counted.
+        hub.lifecycle(vec![PipelineEvent::ItemQueued {
+            job_id: "j".into(),
+            stage: "s".into(),
+        }]);
+        assert_eq!(stream.dropped(), 1);
+        let waiting = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.publish("p", vec![restart(9_000)]).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        assert!(!waiting.is_finished(), "waits for room");
+        assert!(hub.held_back_by().unwrap().contains("event.rs"));
+        assert_eq!(worker_of(&stream.recv().await.unwrap()), 0);
+        waiting.await.unwrap();
+        assert_eq!(hub.held_back_by(), None);
+        // Told to stop waiting: the buffer grows instead.
+        hub.stop_waiting();
+        hub.publish("p", vec![restart(9_001), restart(9_002)]).await;
+        hub.close();
+        let mut last = Vec::new();
+        while let Some(event) = stream.recv().await {
+            last.push(worker_of(&event));
+        }
+        assert_eq!(last.len(), EVENT_BUFFER + 2, "nothing lost");
+        assert_eq!(&last[last.len() - 3..], &[9_000, 9_001, 9_002]);
+    }
 }

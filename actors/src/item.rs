@@ -143,6 +143,10 @@ pub struct StageTimes {
     pub(crate) queued: Instant,
     pub(crate) started: Option<Instant>,
     pub(crate) completed: Option<Instant>,
+    /// When the attempt now running started.
+    pub(crate) attempt_started: Option<Instant>,
+    /// The handler's time, summed over the attempts that ended.
+    pub(crate) handler: Duration,
 }
 
 impl StageTimes {
@@ -178,9 +182,23 @@ impl StageTimes {
     }
 
     /// Time spent in the stage from the first attempt's start to the last
-    /// one's end (retry waits included).
+    /// one's end: the handler's time plus, after a failed attempt, the retry
+    /// backoff and the wait in the queue again ([`retry_wait`](Self::retry_wait)).
     pub fn duration(&self) -> Option<Duration> {
         Some(self.completed?.saturating_duration_since(self.started?))
+    }
+
+    /// How long the handler ran on the item, summed over its attempts
+    /// (waits between them excluded); `None` until an attempt ended. An
+    /// attempt given up at the stage's timeout counts as the timeout.
+    pub fn handler_duration(&self) -> Option<Duration> {
+        self.completed.map(|_| self.handler)
+    }
+
+    /// The time between attempts: retry backoff and the wait in the queue
+    /// again. Zero when the first attempt was the last.
+    pub fn retry_wait(&self) -> Option<Duration> {
+        Some(self.duration()?.saturating_sub(self.handler))
     }
 }
 
@@ -251,9 +269,12 @@ impl WorkItemMetadata {
         self.stages.iter().find(|t| t.stage as usize == index)
     }
 
-    /// How long the stage's handler took for this item: started to completed.
+    /// How long the stage's handler took for this item, summed over its
+    /// attempts: retry backoff and the wait in the queue between attempts
+    /// are not counted (see [`StageTimes::retry_wait`]; first start to last
+    /// end is [`StageTimes::duration`]). The seed's `get_stage_duration`.
     pub fn stage_duration(&self, stage: &str) -> Option<Duration> {
-        self.stage(stage)?.duration()
+        self.stage(stage)?.handler_duration()
     }
 
     /// How long the item waited in the stage's queue before a worker took it.
@@ -397,8 +418,11 @@ impl fmt::Display for ItemErrorKind {
 }
 
 /// How and where an item failed.
+///
+/// Shown as a sentence: `failed in stage `parse` after 3 attempts: <the
+/// error chain>`, or `refused by the source: job id 7 is already in the
+/// pipeline; not admitted` for a duplicate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error("stage `{stage}` {kind} after {attempts} attempt(s): {message}")]
 #[non_exhaustive]
 pub struct ItemError {
     /// The stage the item failed in (`source` when it was never admitted).
@@ -409,6 +433,25 @@ pub struct ItemError {
     pub message: String,
     /// How many times the stage ran its handler on the item.
     pub attempts: u32,
+}
+
+impl fmt::Display for ItemError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (stage, message) = (&self.stage, &self.message);
+        if self.kind == ItemErrorKind::DuplicateJobId {
+            return match stage.as_str() {
+                "source" => write!(f, "refused by the source: {message}"),
+                _ => write!(f, "refused by stage `{stage}`: {message}"),
+            };
+        }
+        write!(f, "{} in stage `{stage}`", self.kind)?;
+        match self.attempts {
+            0 => {}
+            1 => f.write_str(" after 1 attempt")?,
+            n => write!(f, " after {n} attempts")?,
+        }
+        write!(f, ": {message}")
+    }
 }
 
 impl ItemError {
@@ -437,11 +480,19 @@ pub struct WorkItemResult {
 }
 
 impl WorkItemResult {
+    /// The result of an item that went through every stage; its data is
+    /// dropped here, and a panic in its `Drop` is contained (the item
+    /// completed all the same).
     pub(crate) fn completed<T>(item: WorkItem<T>, now: Option<Instant>) -> Self {
-        let mut metadata = item.metadata;
+        let WorkItem {
+            job_id,
+            data,
+            mut metadata,
+        } = item;
+        crate::contain::drop_logged(data, || format!("the output of item {job_id}"));
         metadata.finished = now;
         WorkItemResult {
-            job_id: item.job_id,
+            job_id,
             success: true,
             error: None,
             metadata,
@@ -484,6 +535,33 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<JobId>(&json).unwrap(),
             JobId::from("a")
+        );
+    }
+
+    #[test]
+    fn item_errors_read_as_sentences() {
+        let mut e = ItemError::new("parse", ItemErrorKind::Failed, "bad json");
+        assert_eq!(
+            e.to_string(),
+            "failed in stage `parse` after 1 attempt: bad json"
+        );
+        e.attempts = 3;
+        e.kind = ItemErrorKind::TimedOut;
+        assert_eq!(
+            e.to_string(),
+            "timed out in stage `parse` after 3 attempts: bad json"
+        );
+        e.attempts = 0;
+        e.kind = ItemErrorKind::Cancelled;
+        assert_eq!(e.to_string(), "cancelled in stage `parse`: bad json");
+        let dup = ItemError::new(
+            "source",
+            ItemErrorKind::DuplicateJobId,
+            "job id 7 is already in the pipeline; not admitted",
+        );
+        assert_eq!(
+            dup.to_string(),
+            "refused by the source: job id 7 is already in the pipeline; not admitted"
         );
     }
 

@@ -20,7 +20,10 @@
 //! - The actors, one per file, each opening with its contract:
 //!   `root` (the pipeline root, [`PipelineActor`]), `source_actor`, `stage`
 //!   (stage supervisor), `worker`, `tracker`; the execution models in
-//!   `runner/` (`async_rt`, `thread`, `cpu`, `process`).
+//!   `runner/` (`async_rt`, `thread`, `cpu`, `process`; `lanes`: the
+//!   threads of Thread and Cpu stages).
+//! - `contain`: how panics of user code the engine calls besides the
+//!   handler (`Clone`, `Drop`, `Display`, panic payloads) are contained.
 //! - [`process`]: Process stages' worker processes: [`process::init`],
 //!   [`process::ProcessOptions`], the child's side and the wire.
 //!
@@ -42,6 +45,7 @@
 pub mod binding;
 pub(crate) mod clock;
 pub mod config;
+pub(crate) mod contain;
 pub mod dead_letter;
 pub mod error;
 pub mod event;
@@ -61,7 +65,7 @@ pub(crate) mod tracker;
 pub(crate) mod worker;
 
 pub use binding::{HandlerKind, SourceBinding, StageBinding};
-pub use root::{FINISHED, PipelineActor, PipelineMsg, PipelineParts, PipelineRuntime};
+pub use root::{FINISHED, PipelineActor, PipelineMsg, PipelineParts, PipelineRuntime, RunOutcome};
 pub use tracker::Callback;
 
 /// With ractor's `cluster` feature the blanket `Message` impl is gone: each

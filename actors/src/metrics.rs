@@ -34,6 +34,7 @@ pub(crate) struct StageMetrics {
     in_flight: Gauge,
     waiting_downstream: Gauge,
     workers: Gauge,
+    stuck_threads: Gauge,
     pub(crate) queue_wait: Histogram,
     pub(crate) service: Histogram,
 }
@@ -122,6 +123,10 @@ fn describe() {
         "Items done in the stage and waiting for the next stage's demand"
     );
     describe_gauge!("bergtalzug_stage_workers", "Live workers of the stage");
+    describe_gauge!(
+        "bergtalzug_stage_stuck_threads",
+        "Threads of a Thread or Cpu stage still running attempts it gave up"
+    );
     describe_histogram!(
         "bergtalzug_stage_queue_wait_seconds",
         Unit::Seconds,
@@ -157,6 +162,7 @@ impl Metrics {
                         &labels
                     ),
                     workers: metrics::gauge!("bergtalzug_stage_workers", &labels),
+                    stuck_threads: metrics::gauge!("bergtalzug_stage_stuck_threads", &labels),
                     queue_wait: metrics::histogram!("bergtalzug_stage_queue_wait_seconds", &labels),
                     service: metrics::histogram!("bergtalzug_stage_service_seconds", &labels),
                 }
@@ -208,6 +214,9 @@ impl Metrics {
             m.in_flight.set(gauge(&g.in_flight));
             m.waiting_downstream.set(gauge(&g.waiting_downstream));
             m.workers.set(gauge(&g.workers));
+            // Given-up threads outlive the pipeline: not zeroed at its end.
+            m.stuck_threads
+                .set(g.stuck_threads.load(Ordering::Relaxed) as f64);
         }
     }
 }

@@ -8,11 +8,16 @@
 //!   tracker.
 //! - **Sends**: injections and `Close` to the source, `Abort` to the stages.
 //!   Stats are read from `Shared`, never asked of an actor.
-//! - **Supervises**: its children. A source that panics closes the input:
-//!   the pipeline finishes the items it has and reports
-//!   [`PipelineError::SourcePanicked`]. A tracker or stage that fails is a
-//!   bug in bergtalzug: the pipeline stops at once with
-//!   [`PipelineError::ActorFailed`].
+//! - **Supervises**: its children, which end only when it stops them; any
+//!   other end (a panic, or a stop or kill from outside) ends the run with
+//!   an error naming the child. A source that ends closes the input: the
+//!   pipeline finishes the items it has and reports the error (a panic in
+//!   `refill` or `ack` is caught in the source actor, which does the same
+//!   and stays to acknowledge). A stage that ends aborts the pipeline: the
+//!   other stages are killed, and every item left without an outcome ends
+//!   `Cancelled` through the tracker. A tracker that ends leaves nothing to
+//!   record outcomes: the run ends at once. Errors: [`PipelineError::ActorFailed`]
+//!   (a panic: a bug in bergtalzug) or [`PipelineError::ActorStopped`].
 //! - **Ends**: when the tracker has filed its report, it stops its children,
 //!   records the outcome for the handles, and stops with the reason
 //!   [`FINISHED`]; if the pipeline failed (source panic, restart budget) it
@@ -26,10 +31,14 @@
 //! |---|---|---|---|
 //! | `Stop` | closed: no refill, injections refused | run to their outcome | run to their outcome |
 //! | `Abort`, a stage over budget, stopped from outside | closed | end `Cancelled` | workers are killed; their items end `Cancelled` |
+//! | a stage stopped or killed from outside | closed | the other stages are killed; every item without an outcome ends `Cancelled` | likewise |
 //!
 //! Either way every admitted item gets exactly one outcome before the
 //! pipeline reports that it finished. A refill in progress when the input
-//! closes is abandoned (its future dropped).
+//! closes is abandoned (its future dropped). Abort (and a stop's deadline)
+//! never waits for an observer: lossless subscribers and a full
+//! dead-letter channel are no longer waited for (`Shared::stop_waiting`).
+//! A stop or abort that comes while `start` is starting waits for it.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -62,7 +71,8 @@ const STOP_ACCOUNTING_TIMEOUT: Duration = Duration::from_secs(30);
 /// The pipeline root's mailbox; `T` is the pipeline's input type.
 pub enum PipelineMsg<T> {
     /// Admit these items; the reply comes once all are admitted (so the
-    /// caller waits for room), or with `InputClosed`.
+    /// caller waits for room), or with `InputClosed` (none was admitted) or
+    /// `PartlyAdmitted` (the first `admitted` were) once the input closes.
     Inject(Vec<WorkItem<T>>, RpcReplyPort<Result<(), PipelineError>>),
     /// Graceful stop: take no more input, finish every item in the pipeline.
     Stop,
@@ -142,6 +152,10 @@ pub struct PipelineState<T> {
     source: ActorRef<SourceMsg<T>>,
     stages: Vec<Box<dyn StageControl>>,
     tracker: ActorRef<TrackerMsg>,
+    /// The root is stopping its children itself.
+    concluding: bool,
+    /// A stage ended from outside: the others are being killed.
+    sweeping: bool,
 }
 
 impl<T: Send + 'static> Actor for PipelineActor<T> {
@@ -183,6 +197,7 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
             }
             PipelineMsg::Stop => state.close_input(),
             PipelineMsg::Abort => {
+                state.shared.stop_waiting();
                 state.close_input();
                 for stage in &state.stages {
                     stage.abort();
@@ -194,6 +209,7 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
             PipelineMsg::StageFailed(Failure(error)) => {
                 tracing::error!(pipeline = %state.shared.name, "{error}");
                 state.shared.fail(error);
+                state.shared.stop_waiting();
                 state.close_input();
                 for stage in &state.stages {
                     stage.abort();
@@ -205,7 +221,8 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
                 }
             }
             PipelineMsg::Subscribe(filter, reply) => {
-                let _ = reply.send(state.shared.events.subscribe(filter));
+                let by = "PipelineMsg::Subscribe (an actor's subscription)".to_string();
+                let _ = reply.send(state.shared.events.subscribe_as(filter, by));
             }
             PipelineMsg::Finished(Filed(())) => {
                 let report = state.shared.report.take(Duration::ZERO).await;
@@ -225,47 +242,40 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
         event: SupervisionEvent,
         state: &mut PipelineState<T>,
     ) -> Result<(), ActorProcessingErr> {
-        let SupervisionEvent::ActorFailed(cell, err) = event else {
-            return Ok(()); // children stop only when the root stops them
+        let (cell, reason, failed) = match event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string(), true),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, reason.unwrap_or_else(|| "stopped".into()), false)
+            }
+            _ => return Ok(()),
         };
-        if cell.get_id() == state.source.get_id() {
-            let message = err.to_string();
-            tracing::error!(pipeline = %state.shared.name, "source panicked; finishing the items it admitted: {message}");
-            let _ = state
-                .tracker
-                .cast(TrackerMsg::Event(PipelineEvent::SourceError {
-                    message: format!("source panicked: {message}"),
-                }));
-            state.shared.fail(PipelineError::SourcePanicked {
-                pipeline: state.shared.name.to_string(),
-                message,
-            });
-            let _ = state.shared.closing.send_replace(true);
-            let _ = state.tracker.cast(TrackerMsg::InputClosed);
+        // Children stop on their own only when the root stops them.
+        if state.concluding || state.shared.completion.is_done() {
             return Ok(());
         }
-        let actor = if cell.get_id() == state.tracker.get_id() {
-            "tracker".to_string()
-        } else {
-            match state
-                .stages
-                .iter()
-                .position(|s| s.cell().get_id() == cell.get_id())
-            {
-                Some(i) => format!("stage {}", state.shared.names[i]),
-                None => format!("actor {}", cell.get_id()),
+        let id = cell.get_id();
+        if id == state.source.get_id() {
+            state.source_ended(reason, failed);
+            return Ok(());
+        }
+        if id == state.tracker.get_id() {
+            return Err(state.tracker_ended(&myself, reason, failed).into());
+        }
+        let Some(index) = state.stages.iter().position(|s| s.cell().get_id() == id) else {
+            return Ok(());
+        };
+        if state.sweeping {
+            return Ok(()); // killed by the sweep below
+        }
+        match state.stage_ended(index, reason, failed).await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                state.shared.events.close();
+                state.shared.completion.fail(error.clone());
+                myself.stop_children(None);
+                Err(error.into())
             }
-        };
-        let error = PipelineError::ActorFailed {
-            pipeline: state.shared.name.to_string(),
-            actor,
-            message: err.to_string(),
-        };
-        tracing::error!(pipeline = %state.shared.name, "{error}");
-        state.shared.events.close();
-        state.shared.completion.finish(Err(error.clone()), None);
-        myself.stop_children(None);
-        Err(error.into())
+        }
     }
 
     /// Stopped from outside (e.g. by its supervisor's
@@ -280,6 +290,7 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
             return Ok(());
         }
         tracing::info!(pipeline = %state.shared.name, "stopped from outside: aborting and accounting for every item");
+        state.shared.stop_waiting();
         state.close_input();
         for stage in &state.stages {
             stage.abort();
@@ -401,6 +412,8 @@ async fn spawn_children<T: Send + 'static>(
         source,
         stages,
         tracker,
+        concluding: false,
+        sweeping: false,
     })
 }
 
@@ -410,13 +423,10 @@ impl<T> Drop for PipelineState<T> {
     fn drop(&mut self) {
         if !self.shared.completion.is_done() {
             self.shared.events.close();
-            self.shared.completion.finish(
-                Err(PipelineError::Interrupted {
-                    pipeline: self.shared.name.to_string(),
-                    reason: "its root actor stopped".into(),
-                }),
-                None,
-            );
+            self.shared.completion.fail(PipelineError::Interrupted {
+                pipeline: self.shared.name.to_string(),
+                reason: "its root actor stopped".into(),
+            });
         }
     }
 }
@@ -426,10 +436,11 @@ impl<T: Send + 'static> PipelineState<T> {
     /// in time): stops the children, then records the outcome for the
     /// handles, which it returns.
     async fn conclude(
-        &self,
+        &mut self,
         myself: &ActorRef<PipelineMsg<T>>,
         report: Option<FinishReport>,
     ) -> Result<(), PipelineError> {
+        self.concluding = true;
         // Every acknowledgement reaches the source before it stops.
         let _ = self
             .source
@@ -445,27 +456,219 @@ impl<T: Send + 'static> PipelineState<T> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        let (outcome, stats) = match (report, failure) {
+        let (results, error, stats) = match (report, failure) {
             (None, _) => {
                 let reason =
                     format!("not every item was accounted for within {STOP_ACCOUNTING_TIMEOUT:?}");
-                (Err(PipelineError::Interrupted { pipeline, reason }), None)
+                let error = PipelineError::Interrupted { pipeline, reason };
+                (Vec::new(), Some(error), None)
             }
-            (Some(report), Some(error)) => (Err(error), Some(report.stats)),
-            (Some(report), None) => (Ok(report.results), Some(report.stats)),
+            // A failed pipeline keeps what completed, for `run_outcome`.
+            (Some(report), error) => (report.results, error, Some(report.stats)),
         };
-        let result = outcome.as_ref().map(drop).map_err(Clone::clone);
+        let result = error.clone().map_or(Ok(()), Err);
         #[cfg(feature = "metrics")]
         if let Some(metrics) = self.shared.metrics.get() {
             metrics.sync(&self.shared, true);
         }
-        self.shared.completion.finish(outcome, stats);
+        self.shared.completion.finish(results, error, stats);
         result
     }
 
     fn close_input(&self) {
         let _ = self.shared.closing.send_replace(true);
         let _ = self.source.cast(SourceMsg::Close);
+    }
+
+    /// Admitted items without an outcome (yet).
+    fn unfinished(&self) -> u64 {
+        self.shared
+            .admitted()
+            .saturating_sub(self.shared.finished())
+    }
+
+    /// The source actor ended before the pipeline did: the input is
+    /// closed, the items admitted finish, and the pipeline fails (a panic
+    /// in `refill` or `ack` is caught in the source actor itself; this is
+    /// any other panic, or a stop from outside).
+    fn source_ended(&mut self, reason: String, failed: bool) {
+        let pipeline = self.shared.name.to_string();
+        let error = if failed {
+            PipelineError::SourcePanicked {
+                pipeline,
+                message: reason.clone(),
+            }
+        } else {
+            PipelineError::ActorStopped {
+                pipeline,
+                actor: "source".into(),
+                reason: reason.clone(),
+                unaccounted: 0,
+            }
+        };
+        tracing::error!(pipeline = %self.shared.name, "{error}; finishing the items it admitted");
+        let _ = self
+            .tracker
+            .cast(TrackerMsg::Event(PipelineEvent::SourceError {
+                message: error.to_string(),
+            }));
+        self.shared.fail(error);
+        let _ = self.shared.closing.send_replace(true);
+        let _ = self.tracker.cast(TrackerMsg::InputClosed);
+    }
+
+    /// The tracker ended before the pipeline did: nothing can record the
+    /// outcomes left, so the pipeline ends at once with the error, which
+    /// counts the items left without one.
+    fn tracker_ended(
+        &mut self,
+        myself: &ActorRef<PipelineMsg<T>>,
+        reason: String,
+        failed: bool,
+    ) -> PipelineError {
+        let pipeline = self.shared.name.to_string();
+        let error = if failed {
+            PipelineError::ActorFailed {
+                pipeline,
+                actor: "tracker".into(),
+                message: reason,
+            }
+        } else {
+            PipelineError::ActorStopped {
+                pipeline,
+                actor: "tracker".into(),
+                reason,
+                unaccounted: self.unfinished(),
+            }
+        };
+        tracing::error!(pipeline = %self.shared.name, "{error}");
+        self.shared.events.close();
+        self.shared.completion.fail(error.clone());
+        myself.stop_children(None);
+        error
+    }
+
+    /// Stage `index` ended before the pipeline did (it was stopped or
+    /// killed from outside, or failed): the pipeline is aborted at once.
+    /// The other stages are killed, the tracker records what they had sent,
+    /// and every admitted item still without an outcome (in the stages, or
+    /// on its way between them) ends `Cancelled`, by its job id from the
+    /// source's record (tracking on), or is counted in the error. The
+    /// pipeline then finishes as usual and fails with the error. `Err`:
+    /// the tracker or the source did not answer; the pipeline must end now.
+    async fn stage_ended(
+        &mut self,
+        index: usize,
+        reason: String,
+        failed: bool,
+    ) -> Result<(), PipelineError> {
+        let stage = self.shared.names[index].to_string();
+        let pipeline = self.shared.name.to_string();
+        let how = if failed {
+            "failed"
+        } else {
+            "was stopped from outside"
+        };
+        tracing::error!(pipeline = %pipeline, stage = %stage, "stage `{stage}` {how} ({reason}); aborting the pipeline");
+        self.sweeping = true;
+        self.shared.stop_waiting();
+        self.close_input();
+        let dead_cell = self.stages[index].cell();
+        // A stage stopped gracefully leaves its workers behind.
+        for worker in dead_cell.get_children() {
+            worker.kill();
+        }
+        let dead = dead_cell.get_id();
+        for other in self.stages.iter().map(|s| s.cell()) {
+            if other.get_id() != dead {
+                let _ = other.kill_and_wait(Some(CHILD_STOP_TIMEOUT)).await;
+            }
+        }
+        let actor = format!("stage {stage}");
+        let error = |unaccounted| {
+            if failed {
+                PipelineError::ActorFailed {
+                    pipeline: pipeline.clone(),
+                    actor: actor.clone(),
+                    message: reason.clone(),
+                }
+            } else {
+                PipelineError::ActorStopped {
+                    pipeline: pipeline.clone(),
+                    actor: actor.clone(),
+                    reason: reason.clone(),
+                    unaccounted,
+                }
+            }
+        };
+        let quiet = self
+            .tracker
+            .call(TrackerMsg::Quiesce, Some(CHILD_STOP_TIMEOUT))
+            .await;
+        let outstanding = self
+            .source
+            .call(SourceMsg::Outstanding, Some(CHILD_STOP_TIMEOUT))
+            .await;
+        let (Ok(ractor::rpc::CallResult::Success(())), Ok(ractor::rpc::CallResult::Success(ids))) =
+            (quiet, outstanding)
+        else {
+            return Err(error(self.unfinished()));
+        };
+        let unaccounted = if ids.is_some() { 0 } else { self.unfinished() };
+        self.shared.fail(error(unaccounted));
+        let message = format!(
+            "pipeline aborted: stage `{stage}` {how} ({reason}) while the item was in the pipeline"
+        );
+        self.tracker
+            .cast(TrackerMsg::Lost {
+                ids,
+                stage,
+                message,
+            })
+            .map_err(|_| error(self.unfinished()))
+    }
+}
+
+/// How a run ended: every result kept and, if the pipeline failed, why.
+///
+/// Returned by `Pipeline::run_outcome`: unlike `run`, a failure does not
+/// throw away the results of the items that did complete.
+///
+/// ```
+/// # use bergtalzug_actors::root::RunOutcome;
+/// # fn report(outcome: RunOutcome) {
+/// let ok = outcome.results.iter().filter(|r| r.success).count();
+/// match &outcome.error {
+///     None => println!("{ok} items done"),
+///     Some(e) => eprintln!("failed after {ok} items: {e}"),
+/// }
+/// # }
+/// ```
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct RunOutcome {
+    /// The results kept (`retain_results` and `enable_tracking` on), in
+    /// the order the items finished; empty for a later caller.
+    pub results: Vec<WorkItemResult>,
+    /// Why the pipeline failed; `None` if it ran to its end.
+    pub error: Option<PipelineError>,
+}
+
+impl RunOutcome {
+    /// No results, and `error`: a run that could not start.
+    pub fn from_error(error: PipelineError) -> Self {
+        RunOutcome {
+            results: Vec::new(),
+            error: Some(error),
+        }
+    }
+
+    /// The results, or the error if there is one (what `run` returns).
+    pub fn into_result(self) -> Result<Vec<WorkItemResult>, PipelineError> {
+        match self.error {
+            None => Ok(self.results),
+            Some(error) => Err(error),
+        }
     }
 }
 
@@ -476,6 +679,9 @@ pub struct PipelineRuntime<T> {
     parts: std::sync::Mutex<Option<PipelineParts<T>>>,
     /// Held while starting, so that only one caller starts the actors.
     starting: AsyncMutex<()>,
+    /// Set (under `starting`) once a start began: a stop or abort that
+    /// finds no root yet waits for that start instead of being lost.
+    start_begun: std::sync::atomic::AtomicBool,
     actor: std::sync::OnceLock<ActorRef<PipelineMsg<T>>>,
 }
 
@@ -486,6 +692,7 @@ impl<T: Send + 'static> PipelineRuntime<T> {
             shared: Arc::new(Shared::new(parts.config.clone())),
             parts: std::sync::Mutex::new(Some(parts)),
             starting: AsyncMutex::new(()),
+            start_begun: std::sync::atomic::AtomicBool::new(false),
             actor: std::sync::OnceLock::new(),
         }
     }
@@ -510,6 +717,8 @@ impl<T: Send + 'static> PipelineRuntime<T> {
         if let Some(actor) = self.actor.get() {
             return Ok(actor.clone());
         }
+        self.start_begun
+            .store(true, std::sync::atomic::Ordering::Release);
         let parts = self
             .parts
             .lock()
@@ -532,7 +741,7 @@ impl<T: Send + 'static> PipelineRuntime<T> {
                 message: e.to_string(),
             };
             self.shared.events.close();
-            self.shared.completion.finish(Err(error.clone()), None);
+            self.shared.completion.fail(error.clone());
             error
         })?;
         let _ = self.actor.set(root.clone());
@@ -544,6 +753,26 @@ impl<T: Send + 'static> PipelineRuntime<T> {
             .get()
             .cloned()
             .ok_or_else(|| PipelineError::NotRunning(self.name().to_string()))
+    }
+
+    /// The root; if a start is under way, once it is done (so that a stop
+    /// or abort sent while `start` is starting takes effect once the
+    /// pipeline is up).
+    async fn root_once_started(&self) -> Result<ActorRef<PipelineMsg<T>>, PipelineError> {
+        if self.actor.get().is_none() && self.start_begun.load(std::sync::atomic::Ordering::Acquire)
+        {
+            drop(self.starting.lock().await);
+            if self.actor.get().is_none() {
+                // That start failed: say why.
+                return Err(self
+                    .shared
+                    .completion
+                    .take_all(self.name())
+                    .1
+                    .unwrap_or_else(|| PipelineError::NotRunning(self.name().to_string())));
+            }
+        }
+        self.root()
     }
 
     /// True between a successful start and the end of the pipeline.
@@ -563,12 +792,24 @@ impl<T: Send + 'static> PipelineRuntime<T> {
         self.shared.completion.take(self.name())
     }
 
+    /// Waits for the end and returns the results kept together with the
+    /// error, if the pipeline failed: a failed pipeline (its source
+    /// panicked or failed, a stage went over its restart budget) still
+    /// hands over what completed. The results go to the first caller that
+    /// takes them, through this or [`Self::wait`].
+    pub async fn wait_outcome(&self) -> RunOutcome {
+        self.shared.completion.wait().await;
+        let (results, error) = self.shared.completion.take_all(self.name());
+        RunOutcome { results, error }
+    }
+
     /// Waits for the end without taking the results.
     pub async fn finished(&self) {
         self.shared.completion.wait().await;
     }
 
     /// Subscribes to the events `filter` matches (see [`crate::event`]).
+    #[track_caller]
     pub fn subscribe(&self, filter: EventFilter) -> EventStream {
         self.shared.events.subscribe(filter)
     }
@@ -598,9 +839,10 @@ impl<T: Send + 'static> PipelineRuntime<T> {
         Ok(self.shared.stats())
     }
 
-    /// Graceful stop; returns once every item has its outcome.
+    /// Graceful stop; returns once every item has its outcome. While
+    /// `start` is starting, waits for it, then stops.
     pub async fn stop(&self) -> Result<(), PipelineError> {
-        let root = self.root()?;
+        let root = self.root_once_started().await?;
         let _ = root.cast(PipelineMsg::Stop);
         self.finished().await;
         Ok(())
@@ -609,22 +851,25 @@ impl<T: Send + 'static> PipelineRuntime<T> {
     /// Graceful stop; what is left after `deadline` is aborted. Returns once
     /// every item has its outcome.
     pub async fn stop_within(&self, deadline: Duration) -> Result<(), PipelineError> {
-        let root = self.root()?;
+        let root = self.root_once_started().await?;
         let _ = root.cast(PipelineMsg::Stop);
         if tokio::time::timeout(deadline, self.finished())
             .await
             .is_err()
         {
             tracing::info!(pipeline = %self.name(), "not drained within {deadline:?}: aborting the rest");
+            self.shared.stop_waiting();
             let _ = root.cast(PipelineMsg::Abort);
             self.finished().await;
         }
         Ok(())
     }
 
-    /// Abort; returns once every item has its outcome.
+    /// Abort; returns once every item has its outcome. While `start` is
+    /// starting, waits for it, then aborts.
     pub async fn abort(&self) -> Result<(), PipelineError> {
-        let root = self.root()?;
+        let root = self.root_once_started().await?;
+        self.shared.stop_waiting();
         let _ = root.cast(PipelineMsg::Abort);
         self.finished().await;
         Ok(())

@@ -29,6 +29,9 @@ pub(crate) struct Shared {
     pub(crate) started: Mutex<Option<Instant>>,
     /// Set when the source should stop: a refill in progress is abandoned.
     pub(crate) closing: watch::Sender<bool>,
+    /// Set on abort (and at a stop's deadline): observers are no longer
+    /// waited for (lossless subscribers, a full dead-letter channel).
+    pub(crate) stop_waiting: watch::Sender<bool>,
     /// The tracker's report, once every admitted item has its outcome.
     pub(crate) report: Report,
     /// Why the pipeline failed, if it did (the first reason wins): its
@@ -65,6 +68,7 @@ impl Shared {
             events: Arc::new(EventHub::default()),
             started: Mutex::new(None),
             closing: watch::Sender::new(false),
+            stop_waiting: watch::Sender::new(false),
             report: Report::default(),
             failure: Mutex::new(None),
             completion: Completion::default(),
@@ -99,6 +103,13 @@ impl Shared {
     /// Items the source said it would hand out, if it knew.
     pub(crate) fn expected_items(&self) -> Option<u64> {
         self.expected.get().copied().flatten()
+    }
+
+    /// From now on nothing waits for an observer: abort and deadlines
+    /// return whatever subscribers and dead-letter receivers do.
+    pub(crate) fn stop_waiting(&self) {
+        self.stop_waiting.send_replace(true);
+        self.events.stop_waiting();
     }
 
     /// Records why the pipeline failed; the first reason is kept.
@@ -156,35 +167,52 @@ impl Report {
 /// How a pipeline ended, kept for its handles.
 pub(crate) struct Completion {
     done: watch::Sender<bool>,
-    outcome: Mutex<Option<Result<Vec<WorkItemResult>, PipelineError>>>,
+    ending: Mutex<Option<Ending>>,
     stats: Mutex<Option<PipelineStats>>,
+}
+
+/// The results kept (until a handle takes them) and why the pipeline
+/// failed, if it did.
+struct Ending {
+    results: Option<Vec<WorkItemResult>>,
+    error: Option<PipelineError>,
 }
 
 impl Default for Completion {
     fn default() -> Self {
         Completion {
             done: watch::Sender::new(false),
-            outcome: Mutex::new(None),
+            ending: Mutex::new(None),
             stats: Mutex::new(None),
         }
     }
 }
 
 impl Completion {
-    /// Records the outcome (first one wins) and wakes every waiter.
+    /// Records the outcome (first one wins) and wakes every waiter: the
+    /// results kept, and the error if the pipeline failed.
     pub(crate) fn finish(
         &self,
-        outcome: Result<Vec<WorkItemResult>, PipelineError>,
+        results: Vec<WorkItemResult>,
+        error: Option<PipelineError>,
         stats: Option<PipelineStats>,
     ) {
         if *self.done.borrow() {
             return;
         }
-        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        *self.ending.lock().unwrap_or_else(|e| e.into_inner()) = Some(Ending {
+            results: Some(results),
+            error,
+        });
         if stats.is_some() {
             *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
         }
         self.done.send_replace(true);
+    }
+
+    /// Records a failure that left no report.
+    pub(crate) fn fail(&self, error: PipelineError) {
+        self.finish(Vec::new(), Some(error), None);
     }
 
     pub(crate) fn is_done(&self) -> bool {
@@ -196,17 +224,38 @@ impl Completion {
         let _ = rx.wait_for(|done| *done).await;
     }
 
-    /// The outcome; the results go to the first caller only.
+    /// The outcome as `run` returns it: the results (to the first caller
+    /// only) or the error (the results then stay for [`Completion::take_all`]).
     pub(crate) fn take(&self, pipeline: &str) -> Result<Vec<WorkItemResult>, PipelineError> {
-        let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
-        match outcome.as_mut() {
-            Some(Ok(results)) => {
-                let results = std::mem::take(results);
-                *outcome = Some(Err(PipelineError::ResultsTaken(pipeline.to_string())));
-                Ok(results)
-            }
-            Some(Err(e)) => Err(e.clone()),
+        let mut ending = self.ending.lock().unwrap_or_else(|e| e.into_inner());
+        match ending.as_mut() {
             None => Err(PipelineError::NotRunning(pipeline.to_string())),
+            Some(Ending {
+                error: Some(error), ..
+            }) => Err(error.clone()),
+            Some(Ending { results, .. }) => results
+                .take()
+                .ok_or_else(|| PipelineError::ResultsTaken(pipeline.to_string())),
+        }
+    }
+
+    /// The results (to the first caller only; later ones get none and
+    /// `ResultsTaken` if there is no other error) together with the error.
+    pub(crate) fn take_all(&self, pipeline: &str) -> (Vec<WorkItemResult>, Option<PipelineError>) {
+        let mut ending = self.ending.lock().unwrap_or_else(|e| e.into_inner());
+        match ending.as_mut() {
+            None => (
+                Vec::new(),
+                Some(PipelineError::NotRunning(pipeline.to_string())),
+            ),
+            Some(Ending { results, error }) => match (results.take(), error) {
+                (Some(results), error) => (results, error.clone()),
+                (None, Some(error)) => (Vec::new(), Some(error.clone())),
+                (None, None) => (
+                    Vec::new(),
+                    Some(PipelineError::ResultsTaken(pipeline.to_string())),
+                ),
+            },
         }
     }
 

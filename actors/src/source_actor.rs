@@ -7,8 +7,11 @@
 //!   itself after a failed refill.
 //! - **Sends**: `Items` to the first stage; `InputClosed`, rejected
 //!   duplicates and `SourceError` events to the tracker.
-//! - **Supervised by**: the pipeline root. A panicking source fails this
-//!   actor; the root then closes the input and the pipeline drains.
+//! - **Supervised by**: the pipeline root. A panic in `refill` or `ack` is
+//!   caught here: the pipeline fails (`SourcePanicked`), the input closes
+//!   and the pipeline drains, and the source is kept so that every admitted
+//!   item is still acknowledged once. After `max_refill_failures` failed
+//!   refills in a row the input closes the same way (`SourceFailed`).
 //! - **Invariants**: it never sends the first stage more than it asked for,
 //!   and never has more than the pipeline's window (Σ `queue_size + workers`)
 //!   admitted and not yet finished, so the tracker's backlog is bounded too.
@@ -18,9 +21,11 @@
 //! all its items are admitted, so an injecting caller waits for room.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rustc_hash::FxHashSet;
 use tokio::sync::watch;
@@ -50,6 +55,9 @@ pub(crate) enum SourceMsg<T> {
     /// From the root, before it stops the pipeline: answered once every
     /// message before it (every acknowledgement) is handled.
     Flush(RpcReplyPort<()>),
+    /// From the root, when a stage ended from outside: the job ids of the
+    /// items admitted and not released yet (`None` with tracking off).
+    Outstanding(RpcReplyPort<Option<Vec<JobId>>>),
 }
 
 pub(crate) struct SourceActor<T>(std::marker::PhantomData<fn() -> T>);
@@ -69,6 +77,8 @@ pub(crate) struct SourceArgs<T> {
 
 struct Injection<T> {
     items: VecDeque<WorkItem<T>>,
+    /// How many of its items, from the first, were admitted so far.
+    admitted: usize,
     reply: RpcReplyPort<Result<(), PipelineError>>,
 }
 
@@ -144,12 +154,17 @@ impl<T: Send + 'static> Actor for SourceActor<T> {
                         active.remove(id);
                     }
                 }
-                if let (false, Some(source)) = (acks.is_empty(), state.source.as_mut()) {
-                    source.ack(acks).await;
+                if !acks.is_empty() {
+                    state.ack(acks).await;
                 }
             }
             SourceMsg::Flush(reply) => {
                 let _ = reply.send(());
+                return Ok(());
+            }
+            SourceMsg::Outstanding(reply) => {
+                let ids = state.active.as_ref().map(|a| a.iter().cloned().collect());
+                let _ = reply.send(ids);
                 return Ok(());
             }
             SourceMsg::Inject(items, reply) => {
@@ -160,6 +175,7 @@ impl<T: Send + 'static> Actor for SourceActor<T> {
                 } else {
                     state.injections.push_back(Injection {
                         items: items.into(),
+                        admitted: 0,
                         reply,
                     });
                 }
@@ -207,6 +223,7 @@ impl<T: Send + 'static> SourceState<T> {
             if let Some(injection) = self.injections.front_mut() {
                 let n = room.min(injection.items.len());
                 let batch: Vec<_> = injection.items.drain(..n).collect();
+                injection.admitted += n;
                 if injection.items.is_empty() {
                     let injection = self.injections.pop_front().expect("front exists");
                     let _ = injection.reply.send(Ok(()));
@@ -225,18 +242,28 @@ impl<T: Send + 'static> SourceState<T> {
                 return;
             }
             let count = room.min(self.max_refill);
+            // A panic is caught, so that the source is kept to acknowledge
+            // what it already handed over.
+            let refill = AssertUnwindSafe(source.refill(count)).catch_unwind();
             let refill = tokio::select! {
                 biased;
                 _ = self.closing.wait_for(|closing| *closing) => None,
-                result = source.refill(count) => Some(result),
+                result = refill => Some(result),
             };
-            match refill {
+            let refill = match refill {
                 None => {
                     self.close_input();
                     return;
                 }
-                Some(Ok(items)) if items.is_empty() => self.exhausted = true,
-                Some(Ok(mut items)) => {
+                Some(Err(panic)) => {
+                    self.source_panicked("refill", crate::runner::panic_message(&*panic));
+                    return;
+                }
+                Some(Ok(refill)) => refill,
+            };
+            match refill {
+                Ok(items) if items.is_empty() => self.exhausted = true,
+                Ok(mut items) => {
                     self.failures_in_a_row = 0;
                     if items.len() > count {
                         tracing::warn!(
@@ -248,9 +275,14 @@ impl<T: Send + 'static> SourceState<T> {
                     }
                     self.admit(items);
                 }
-                Some(Err(e)) => {
+                Err(e) => {
                     let message = format!("{e:#}");
                     self.failures_in_a_row += 1;
+                    let limit = self.shared.config.max_refill_failures;
+                    if limit > 0 && self.failures_in_a_row >= limit {
+                        self.give_up(message);
+                        return;
+                    }
                     let retry_in = refill_backoff(
                         self.shared.config.queue_refresh_rate,
                         self.failures_in_a_row,
@@ -316,15 +348,83 @@ impl<T: Send + 'static> SourceState<T> {
         }
     }
 
+    /// Hands `acks` to the source, once each; a panic in `ack` is
+    /// contained (the pipeline then fails as for a panicking source, but
+    /// every later item is still acknowledged).
+    async fn ack(&mut self, acks: Vec<Ack>) {
+        let Some(source) = self.source.as_mut() else {
+            return;
+        };
+        let n = acks.len();
+        if let Err(panic) = AssertUnwindSafe(source.ack(acks)).catch_unwind().await {
+            let message = crate::runner::panic_message(&*panic);
+            tracing::error!(
+                pipeline = %self.shared.name,
+                "the source's ack panicked while acknowledging {n} items: {message}"
+            );
+            self.source_panicked("ack", message);
+        }
+    }
+
+    /// The source panicked: the pipeline fails with `SourcePanicked`, the
+    /// input closes, and the items admitted finish (and are acknowledged).
+    fn source_panicked(&mut self, during: &str, message: String) {
+        tracing::error!(
+            pipeline = %self.shared.name,
+            "the source panicked in {during}; finishing the items it admitted: {message}"
+        );
+        let _ = self
+            .tracker
+            .cast(TrackerMsg::Event(PipelineEvent::SourceError {
+                message: format!("source panicked: {message}"),
+            }));
+        self.shared.fail(PipelineError::SourcePanicked {
+            pipeline: self.shared.name.to_string(),
+            message,
+        });
+        self.close_input();
+    }
+
+    /// `max_refill_failures` refills failed in a row: the pipeline fails
+    /// with `SourceFailed`, the input closes, the items admitted finish.
+    fn give_up(&mut self, message: String) {
+        let failures = self.failures_in_a_row;
+        self.shared
+            .source_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!(
+            pipeline = %self.shared.name,
+            failures_in_a_row = failures,
+            "refill failed {failures} times in a row (max_refill_failures), giving up the source: {message}"
+        );
+        let _ = self
+            .tracker
+            .cast(TrackerMsg::Event(PipelineEvent::SourceError {
+                message: message.clone(),
+            }));
+        self.shared.fail(PipelineError::SourceFailed {
+            pipeline: self.shared.name.to_string(),
+            failures,
+            message,
+        });
+        self.close_input();
+    }
+
     fn close_input(&mut self) {
         if self.closed {
             return;
         }
         self.closed = true;
         for injection in self.injections.drain(..) {
-            let _ = injection.reply.send(Err(PipelineError::InputClosed(
-                self.shared.name.to_string(),
-            )));
+            let pipeline = self.shared.name.to_string();
+            let _ = injection.reply.send(Err(match injection.admitted {
+                0 => PipelineError::InputClosed(pipeline),
+                admitted => PipelineError::PartlyAdmitted {
+                    pipeline,
+                    admitted,
+                    refused: injection.items.len(),
+                },
+            }));
         }
         // Carried-over items were never admitted: they are dropped with the source.
         if !self.carry.is_empty() {

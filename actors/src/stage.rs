@@ -2,7 +2,8 @@
 //!
 //! - **Owns**: the stage's queue (`queue_size`), the items done here that
 //!   wait for the next stage's demand, the record of what each worker holds,
-//!   its `workers` worker actors, and (for Cpu stages) the rayon pool.
+//!   its `workers` worker actors (a Thread or Cpu stage's threads are its
+//!   runner's).
 //! - **Receives**: [`StageMsg`]: `Connect` from the root; `Items` from
 //!   upstream (never more than it asked for); `Demand` from downstream;
 //!   `Report` from its workers; `Reap`, `Respawn` and `Wake` from itself;
@@ -267,6 +268,17 @@ where
         Ok(())
     }
 
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<StageMsg<I, O>>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // A Process stage's worker processes are reaped before the stage
+        // (and so the pipeline) ends.
+        state.runner.shutdown().await;
+        Ok(())
+    }
+
     async fn handle(
         &self,
         myself: ActorRef<StageMsg<I, O>>,
@@ -479,6 +491,8 @@ where
                     queued: now,
                     started: None,
                     completed: None,
+                    attempt_started: None,
+                    handler: Duration::ZERO,
                 });
             }
         }
@@ -497,7 +511,9 @@ where
 
     async fn on_report(&mut self, myself: &ActorRef<StageMsg<I, O>>, report: WorkerReport<I, O>) {
         let Some(slot) = self.slots.get_mut(&report.worker) else {
-            // Its worker was reaped already: every item it held is accounted for.
+            // Its worker was reaped already: every item it held is accounted
+            // for. (The items' `Drop` is user code.)
+            crate::contain::drop_logged(report, || "a late report".to_string());
             return;
         };
         let n = report.outcomes.len() + report.returned.len();
@@ -751,7 +767,18 @@ where
         let message = format!("pipeline aborted {when}");
         let mut error = ItemError::new(&*self.name, ItemErrorKind::Cancelled, message);
         error.attempts = item.metadata.attempts;
-        WorkItemResult::failed(item.job_id, item.metadata, error)
+        let WorkItem {
+            job_id,
+            data,
+            metadata,
+        } = item;
+        crate::contain::drop_logged(data, || {
+            format!(
+                "the data of item {job_id}, cancelled in stage `{}`",
+                self.name
+            )
+        });
+        WorkItemResult::failed(job_id, metadata, error)
     }
 
     /// Moves what can move: finished items downstream, queued items to idle

@@ -26,6 +26,7 @@
 //! ```
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -96,6 +97,12 @@ pub struct PipelineStats {
     pub stalled_items: u64,
     /// Failed `refill` calls so far (each is also a `SourceError` event).
     pub source_errors: u64,
+    /// The observer the pipeline has been waiting for, for more than a
+    /// second, right now: `subscriber at file:line:column` for a lossless
+    /// event subscriber (see `EventFilter::lossless`), `dead-letter
+    /// receiver` for a full dead-letter channel; `None` while it waits for
+    /// no observer.
+    pub held_back_by: Option<String>,
     /// One entry per stage, in order.
     pub stages: Vec<StageStats>,
 }
@@ -136,6 +143,11 @@ pub struct StageStats {
     pub utilisation: f64,
     /// Items reported stalled in it so far.
     pub stalled: u64,
+    /// Threads of a Thread or Cpu stage still running attempts it gave up
+    /// (at the stage's timeout, or on abort), which cannot be stopped: each
+    /// holds its stack and what its handler holds until the handler
+    /// returns, then ends. Always 0 in other models.
+    pub stuck_threads: usize,
     /// Mean handler time (tracking on).
     #[serde(serialize_with = "secs_opt")]
     pub average_duration: Option<Duration>,
@@ -198,9 +210,15 @@ impl std::fmt::Display for PipelineStats {
                 s.failed,
                 s.utilisation * 100.0
             )?;
+            if s.stuck_threads > 0 {
+                write!(f, " stuck threads {}", s.stuck_threads)?;
+            }
         }
         if let Some(b) = &self.bottleneck {
             write!(f, " | bottleneck {b}")?;
+        }
+        if let Some(o) = &self.held_back_by {
+            write!(f, " | held back by {o}")?;
         }
         Ok(())
     }
@@ -234,6 +252,9 @@ pub(crate) struct StageGauges {
     pub(crate) busy_ns: AtomicU64,
     /// Items reported stalled.
     pub(crate) stalled: AtomicU64,
+    /// Threads given up and still running (Thread and Cpu stages); the
+    /// stage's runner keeps it.
+    pub(crate) stuck_threads: Arc<AtomicUsize>,
 }
 
 impl StageGauges {
@@ -347,7 +368,7 @@ impl Tally {
                 if i >= self.service.len() {
                     continue;
                 }
-                if let Some(d) = times.duration() {
+                if let Some(d) = times.handler_duration() {
                     self.service[i].record(d);
                     #[cfg(feature = "metrics")]
                     if let Some(m) = metrics {
@@ -406,6 +427,7 @@ impl Tally {
                     items_per_second,
                     utilisation,
                     stalled: g.stalled.load(Ordering::Relaxed),
+                    stuck_threads: g.stuck_threads.load(Ordering::Relaxed),
                     average_duration: self.service[i].mean(),
                     p50_duration: p50,
                     p90_duration: p90,
@@ -460,6 +482,7 @@ impl Tally {
                 .iter()
                 .map(|g| g.stalled.load(Ordering::Relaxed))
                 .sum(),
+            held_back_by: shared.events.held_back_by(),
             source_errors: shared.source_errors.load(Ordering::Relaxed),
             stages,
         }

@@ -22,18 +22,19 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::event::PipelineEvent;
 use crate::item::JobId;
-use crate::item::{ItemErrorKind, WorkItemResult};
+use crate::item::{ItemError, ItemErrorKind, WorkItemMetadata, WorkItemResult};
 use crate::root::FinishReport;
 use crate::shared::Shared;
 use crate::source::Ack;
 
-/// A completion callback: called once per item, on the tracker's task.
-pub type Callback = Arc<dyn Fn(&WorkItemResult) + Send + Sync>;
+/// A completion callback: called once per item, on the tracker's task,
+/// which owns it (so it may keep state: `FnMut`, and needs no `Sync`).
+pub type Callback = Box<dyn FnMut(&WorkItemResult) + Send>;
 
 /// Tells the source that items finished: how many, their job ids (tracking
 /// on) and, when the source wants them, their acknowledgements.
@@ -55,6 +56,19 @@ pub(crate) enum TrackerMsg {
     InputClosed,
     /// From any actor: an event every subscriber must get.
     Event(PipelineEvent),
+    /// From the root, after a stage ended from outside and the others were
+    /// killed: answered once every message before it is handled (every
+    /// outcome the stages sent is recorded and released to the source).
+    Quiesce(RpcReplyPort<()>),
+    /// From the root, after `Quiesce`: the admitted items that will get no
+    /// outcome from a stage (their ids, tracking on; `None` when tracking
+    /// is off and only their count is known) end `Cancelled` in `stage`
+    /// with `message`; the pipeline may then finish with them missing.
+    Lost {
+        ids: Option<Vec<JobId>>,
+        stage: String,
+        message: String,
+    },
 }
 
 pub(crate) struct Tracker;
@@ -78,6 +92,8 @@ pub(crate) struct TrackerState {
     inputs: FxHashMap<JobId, Box<dyn Any + Send>>,
     results: Vec<WorkItemResult>,
     input_closed: bool,
+    /// Items the stages will never report were given up (`Lost`).
+    swept: bool,
     done: bool,
 }
 
@@ -100,6 +116,7 @@ impl Actor for Tracker {
             inputs: FxHashMap::default(),
             results: Vec::new(),
             input_closed: false,
+            swept: false,
             done: false,
             shared: args.shared,
         })
@@ -119,9 +136,34 @@ impl Actor for Tracker {
             TrackerMsg::Finished(results) => state.record(results).await,
             TrackerMsg::Inputs(inputs) => state.inputs.extend(inputs),
             TrackerMsg::InputClosed => state.input_closed = true,
+            TrackerMsg::Quiesce(reply) => {
+                let _ = reply.send(());
+            }
+            TrackerMsg::Lost {
+                ids,
+                stage,
+                message,
+            } => {
+                if let Some(ids) = ids {
+                    let lost = ids
+                        .into_iter()
+                        .map(|id| {
+                            let error =
+                                ItemError::new(&*stage, ItemErrorKind::Cancelled, &*message);
+                            WorkItemResult::failed(id, WorkItemMetadata::default(), error)
+                        })
+                        .collect();
+                    state.record(lost).await;
+                }
+                state.swept = true;
+            }
             TrackerMsg::Event(event) => {
                 if state.shared.events.has_subscribers() {
-                    state.shared.events.publish(vec![event]).await;
+                    state
+                        .shared
+                        .events
+                        .publish(&state.shared.name, vec![event])
+                        .await;
                 }
             }
         }
@@ -149,14 +191,16 @@ impl TrackerState {
                     released.push(result.job_id.clone());
                 }
             }
-            for callback in &self.callbacks {
+            for callback in &mut self.callbacks {
                 if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| callback(result)))
                 {
+                    // Its payload's `Drop` is user code too (and outside the
+                    // macro, which may not evaluate its arguments).
+                    let message = crate::contain::take_message(panic);
                     tracing::error!(
                         pipeline = %self.shared.name,
                         job_id = %result.job_id,
-                        "completion callback panicked: {}",
-                        crate::runner::panic_message(&*panic)
+                        "completion callback panicked: {message}"
                     );
                 }
             }
@@ -164,21 +208,25 @@ impl TrackerState {
         if self.dead_letters.is_some() {
             self.send_dead_letters(&results).await;
         } else if !self.inputs.is_empty() {
-            self.inputs.clear();
+            // The inputs' `Drop` is user code.
+            for (job_id, input) in self.inputs.drain() {
+                crate::contain::drop_logged(input, || format!("the kept input of item {job_id}"));
+            }
         }
         if self.shared.events.has_subscribers() {
             let events = results
                 .iter()
                 .map(|r| PipelineEvent::ItemFinished(Box::new(r.clone())))
                 .collect();
-            self.shared.events.publish(events).await;
+            self.shared.events.publish(&self.shared.name, events).await;
         }
         let acks = if self.acks {
             results.iter().map(Ack::of).collect()
         } else {
             Vec::new()
         };
-        if self.shared.config.retain_results {
+        // Tracking off keeps nothing, as in the seed.
+        if self.shared.config.retain_results && tracking {
             self.results.extend(results);
         }
         if let Some(release) = &self.release {
@@ -195,7 +243,18 @@ impl TrackerState {
             let Some(sink) = self.dead_letters.as_mut() else {
                 return;
             };
-            if !sink.deliver(letter).await {
+            let window = self.shared.config.stages.iter().map(|s| s.capacity()).sum();
+            let mut stop_waiting = self.shared.stop_waiting.subscribe();
+            if !sink
+                .deliver(
+                    letter,
+                    &self.shared.name,
+                    &mut stop_waiting,
+                    window,
+                    &self.shared.events,
+                )
+                .await
+            {
                 tracing::error!(
                     pipeline = %self.shared.name,
                     "the dead-letter receiver is gone; later dead letters are dropped"
@@ -206,7 +265,8 @@ impl TrackerState {
     }
 
     async fn finish_if_done(&mut self) {
-        if self.done || !self.input_closed || self.shared.finished() < self.shared.admitted() {
+        let all = self.swept || self.shared.finished() >= self.shared.admitted();
+        if self.done || !self.input_closed || !all {
             return;
         }
         self.done = true;
@@ -215,9 +275,10 @@ impl TrackerState {
         if self.shared.events.has_subscribers() {
             self.shared
                 .events
-                .publish(vec![PipelineEvent::PipelineFinished(Box::new(
-                    stats.clone(),
-                ))])
+                .publish(
+                    &self.shared.name,
+                    vec![PipelineEvent::PipelineFinished(Box::new(stats.clone()))],
+                )
                 .await;
         }
         self.shared.events.close();

@@ -5,13 +5,14 @@
 //! read, handed to the handler, and answered before the next is read, so
 //! the parent knows which item a dead child held: the first unanswered one.
 //! A panic in the handler is caught and answered as `Panicked` (the panic
-//! message also reaches the parent's log through stderr); the child goes
+//! message also reaches the parent's stderr, or its log); the child goes
 //! on. A process built with `panic = "abort"` dies instead, and the parent
 //! reports `ProcessDied`.
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -43,6 +44,7 @@ where
     O: Serialize + Send + 'static,
 {
     die_with_parent()?;
+    name_process();
     let limit: usize = std::env::var(ENV_MAX_FRAME)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -129,22 +131,62 @@ fn run_one<I, O>(handler: Handler<I, O>, job: Job<I>) -> Reply<O> {
     }
 }
 
-/// On Linux, asks for SIGKILL when the parent dies (even by SIGKILL, when
-/// it cannot close our socket), and exits if it is already gone.
+/// How often a worker checks that its parent is still there.
+const PARENT_CHECK: Duration = Duration::from_millis(100);
+
+/// Exits if the parent is gone, and starts a thread that ends this process
+/// and its process group (whatever the handler started) as soon as the
+/// parent goes: when it dies, even by SIGKILL, this process is handed to
+/// another parent. (Not the parent-death signal: on Linux it fires when the
+/// *thread* that started us ends, and tokio retires idle threads.)
 fn die_with_parent() -> Result<(), String> {
+    let parent = nix::unistd::getppid();
+    let expected = std::env::var(ENV_PARENT)
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok());
+    if expected.is_some_and(|expected| parent.as_raw() != expected) {
+        return Err("the parent is gone".to_string());
+    }
+    std::thread::Builder::new()
+        .name("bergtalzug-parent-watch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(PARENT_CHECK);
+                if nix::unistd::getppid() != parent {
+                    end_group();
+                }
+            }
+        })
+        .map_err(|e| format!("cannot watch the parent: {e}"))?;
+    Ok(())
+}
+
+/// Kills this process, with its process group if it leads one (the
+/// parent starts each worker as the leader of a group of its own).
+fn end_group() -> ! {
+    use nix::sys::signal::{Signal, kill, killpg};
+    let me = nix::unistd::getpid();
+    if nix::unistd::getpgrp() == me {
+        let _ = killpg(me, Signal::SIGKILL);
+    }
+    let _ = kill(me, Signal::SIGKILL);
+    std::process::abort()
+}
+
+/// Names this process after its program (`ps`, `pgrep`), not after
+/// `/proc/self/exe` it was started as.
+fn name_process() {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
-        use nix::sys::signal::Signal;
-        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
-            .map_err(|e| format!("cannot set the parent-death signal: {e}"))?;
-        let expected = std::env::var(ENV_PARENT)
+        use std::os::unix::ffi::OsStrExt;
+        let name = std::env::current_exe()
             .ok()
-            .and_then(|p| p.parse::<i32>().ok());
-        if let Some(expected) = expected {
-            if nix::unistd::getppid().as_raw() != expected {
-                return Err("the parent is gone".to_string());
+            .and_then(|p| p.file_name().map(|n| n.as_bytes().to_vec()));
+        if let Some(mut name) = name {
+            name.truncate(15); // the kernel keeps 15 bytes
+            if let Ok(name) = std::ffi::CString::new(name) {
+                let _ = nix::sys::prctl::set_name(&name);
             }
         }
     }
-    Ok(())
 }

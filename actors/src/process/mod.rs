@@ -37,43 +37,56 @@
 //! [postcard](https://docs.rs/postcard) bytes in length-prefixed frames over
 //! a Unix socket passed as the worker's standard input, which the worker
 //! then replaces with `/dev/null` (a handler reading stdin reads nothing).
-//! Stage times stay in the parent. The worker's stdout
-//! and stderr are read line by line into `tracing` (target
-//! `bergtalzug::process`, fields `pipeline`, `stage`, `worker`, `pid`,
-//! `stream`; stdout at INFO, stderr at WARN).
+//! Stage times stay in the parent. The worker's stdout and stderr are the
+//! parent's; with [`ProcessOptions::capture_output`] they are read line by
+//! line into `tracing` instead.
 //!
 //! # Failures
 //!
 //! | what happens in the worker | the item | the worker process |
 //! |---|---|---|
 //! | the handler returns an error | `Failed` (retried per policy) | goes on |
-//! | the handler panics | `Panicked`; the message is also logged | goes on (the panic is caught) |
+//! | the handler panics | `Panicked`; the message is also printed on stderr | goes on (the panic is caught) |
 //! | abort, segfault, `exit`, killed from outside | `ProcessDied`, with the exit status or signal | replaced |
 //! | runs past the stage's `timeout` | `TimedOut` | killed (SIGKILL), replaced |
 //! | sends a frame above the limit, or one that does not decode | `ProcessDied` ("corrupt reply") | killed, replaced |
-//! | never says hello (does not reach its handler) within [`ProcessOptions::start_timeout`] | `ProcessDied` | killed; the next item tries a new one |
+//! | exits, or never says hello (does not reach its handler) within [`ProcessOptions::start_timeout`] | none: it had none | killed; another is tried; three in a row fail the pipeline ([`PipelineError::WorkersCannotStart`](crate::error::PipelineError::WorkersCannotStart)) |
 //!
-//! Only the item the worker was running fails; items sent after it are
-//! sent again to the replacement. A stage keeps at most `workers` worker
-//! processes, started when first needed and kept between batches;
-//! [`ProcessOptions::recycle_after`] replaces each after that many items.
+//! Only the item the worker was running fails. A process that is replaced
+//! counts as a worker replaced after a panic does in the other models: the
+//! stage replaces the worker that held it (`WorkerRestarted`, counted
+//! against the stage's `restart_budget`) and the items sent after the
+//! failed one go back to the stage's queue. A stage keeps at most
+//! `workers` worker processes, started when first needed and kept between
+//! batches; [`ProcessOptions::recycle_after`] replaces each after that many
+//! items.
 //!
 //! # Lifetime
 //!
-//! Workers never outlive the pipeline: they are killed when the pipeline
-//! finishes or is aborted (the stage's runner owns them, with tokio's
-//! `kill_on_drop`), and a worker whose parent dies exits: on the closed
-//! socket when it is idle, and on Linux by `SIGKILL` at once (the
-//! parent-death signal, set by the worker for the thread that started it,
-//! which is one of the tokio runtime's worker threads).
+//! Each worker leads a process group of its own, and is ended with it (with
+//! whatever its handler started). Workers never outlive the pipeline: the
+//! stage ends them and waits until they are reaped before it stops (so
+//! before `run()` returns), and they are killed when the pipeline is
+//! aborted. A worker whose parent dies, even by SIGKILL, ends its group:
+//! on the closed socket when it is idle, and within 100 ms in any case,
+//! when it sees it has a new parent process.
+//!
+//! Being in a group of its own, a worker does not get the terminal's
+//! signals (Ctrl-C goes to the parent only, which decides; see
+//! `Pipeline::stop_on_ctrl_c` in `bergtalzug`). It shows in `ps` as the
+//! program's `argv[0]` with its pipeline and stage, e.g.
+//! `myapp (bergtalzug worker etl/compute)`, named (`comm`) after the
+//! program.
 //!
 //! # Environment
 //!
-//! Workers get a clean environment: only [`INHERITED_ENV`] from the
-//! parent's, the variables the stage set with [`ProcessOptions::env`] or
-//! [`ProcessOptions::inherit_env`], and bergtalzug's own `BERGTALZUG_*`
-//! variables. Nothing else (credentials, tokens) is passed on. The working
-//! directory is the parent's.
+//! Workers inherit the parent's environment, plus the variables the stage
+//! set with [`ProcessOptions::env`] and bergtalzug's own `BERGTALZUG_*`
+//! variables. With [`ProcessOptions::clean_env`] they get only
+//! [`INHERITED_ENV`] from the parent's, those named with
+//! [`ProcessOptions::inherit_env`] and those set: nothing else
+//! (credentials, tokens) is passed on. The working directory is the
+//! parent's.
 
 pub(crate) mod child;
 pub(crate) mod entry;
@@ -90,8 +103,9 @@ use serde::de::DeserializeOwned;
 use crate::item::WorkItem;
 use entry::{Entry, ExecutableId};
 
-/// Variables a worker process inherits from its parent's environment, when
-/// set: what a program needs to start and to format text, nothing secret.
+/// Variables a worker process started with [`ProcessOptions::clean_env`]
+/// inherits from its parent's environment, when set: what a program needs
+/// to start and to format text, nothing secret.
 pub const INHERITED_ENV: &[&str] = &[
     "PATH",
     "HOME",
@@ -211,7 +225,8 @@ impl WorkerEnv {
 /// let options = ProcessOptions::new()
 ///     .recycle_after(10_000)               // a fresh process every 10,000 items
 ///     .env("OMP_NUM_THREADS", "1")          // set in the workers
-///     .inherit_env("DATABASE_URL")          // passed on from the parent
+///     .clean_env()                          // not the parent's environment,
+///     .inherit_env("DATABASE_URL")          // but for this variable
 ///     .start_timeout(Duration::from_secs(5));
 /// # let _ = options;
 /// ```
@@ -225,6 +240,8 @@ pub struct ProcessOptions {
     pub(crate) recycle_after: Option<u64>,
     pub(crate) max_frame: usize,
     pub(crate) start_timeout: Duration,
+    pub(crate) clean_env: bool,
+    pub(crate) capture_output: bool,
 }
 
 impl Default for ProcessOptions {
@@ -237,12 +254,15 @@ impl Default for ProcessOptions {
             recycle_after: None,
             max_frame: DEFAULT_MAX_FRAME,
             start_timeout: Duration::from_secs(10),
+            clean_env: false,
+            capture_output: false,
         }
     }
 }
 
 impl ProcessOptions {
-    /// The defaults: this executable with no arguments, no recycling,
+    /// The defaults: this executable with no arguments, the parent's
+    /// environment, output to the parent's stdout and stderr, no recycling,
     /// frames up to [`DEFAULT_MAX_FRAME`], 10 s to start.
     pub fn new() -> Self {
         ProcessOptions::default()
@@ -272,7 +292,8 @@ impl ProcessOptions {
         self
     }
 
-    /// Passes a variable of the parent's environment on to the workers.
+    /// Passes a variable of the parent's environment on to the workers
+    /// (they inherit it anyway unless [`clean_env`](Self::clean_env) is set).
     pub fn inherit_env(mut self, key: impl AsRef<OsStr>) -> Self {
         self.inherit_env.push(key.as_ref().to_owned());
         self
@@ -295,6 +316,26 @@ impl ProcessOptions {
     /// How long a new worker may take to reach its handler (default 10 s).
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.start_timeout = timeout;
+        self
+    }
+
+    /// Starts the workers with a clean environment instead of the parent's:
+    /// only [`INHERITED_ENV`], the variables named with
+    /// [`inherit_env`](Self::inherit_env) and those set with
+    /// [`env`](Self::env) (plus bergtalzug's own `BERGTALZUG_*`). For
+    /// handlers that must not see the parent's credentials or tokens.
+    pub fn clean_env(mut self) -> Self {
+        self.clean_env = true;
+        self
+    }
+
+    /// Reads the workers' stdout and stderr line by line into `tracing`
+    /// (target `bergtalzug::process`, fields `pipeline`, `stage`, `worker`,
+    /// `pid`, `stream`; stdout at INFO, stderr at WARN) instead of letting
+    /// them write to the parent's stdout and stderr. Without a tracing
+    /// subscriber, that output is then lost.
+    pub fn capture_output(mut self) -> Self {
+        self.capture_output = true;
         self
     }
 }

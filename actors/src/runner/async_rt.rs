@@ -85,8 +85,19 @@ where
         // gets the empty span, which costs a branch per poll.
         let traced = item_spans_enabled();
         while let Some(mut item) = items.pop_front().or_else(|| hand.next()) {
-            let attempt = Attempt::begin(ctx, &mut item, started);
+            let mut attempt = Attempt::begin(ctx, &mut item, started);
             reporter.started(attempt.job_id());
+            let item = match attempt.checked(item) {
+                Ok(item) => item,
+                Err(ran) => {
+                    let now = crate::clock::now();
+                    let mut returned =
+                        std::iter::from_fn(|| items.pop_front().or_else(|| hand.next()));
+                    reporter.settle(attempt, ran, started, now, &mut returned)?;
+                    started = now;
+                    continue;
+                }
+            };
             let span = match traced {
                 true => item_span(ctx, attempt.job_id()),
                 false => tracing::Span::none(),
@@ -107,10 +118,27 @@ where
                             Ran::caught(ready_or_flush!(fut, reporter, items, hand))
                         }
                         Some(limit) => {
-                            let mut fut = std::pin::pin!(tokio::time::timeout(limit, fut));
-                            match ready_or_flush!(fut, reporter, items, hand) {
-                                Ok(result) => Ran::caught(result),
-                                Err(_) => Ran::TimedOut(limit),
+                            // At the deadline the handler's future is
+                            // dropped, and its `Drop` is user code: the
+                            // block that drops it is guarded too.
+                            let timed = AssertUnwindSafe(async {
+                                let mut fut = std::pin::pin!(tokio::time::timeout(limit, fut));
+                                match ready_or_flush!(fut, reporter, items, hand) {
+                                    Ok(result) => Ran::caught(result),
+                                    Err(_) => Ran::TimedOut(limit),
+                                }
+                            });
+                            match timed.catch_unwind().await {
+                                Ok(ran) => ran,
+                                Err(payload) => {
+                                    let message = crate::contain::take_message(payload);
+                                    tracing::error!(
+                                        stage = %ctx.stage,
+                                        job_id = %attempt.job_id(),
+                                        "dropping a timed-out handler's future panicked: {message}; the panic was contained"
+                                    );
+                                    Ran::TimedOut(limit)
+                                }
                             }
                         }
                     }

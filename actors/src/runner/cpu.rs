@@ -1,58 +1,25 @@
-//! `Cpu`: each batch runs on the stage's own rayon pool, sized to the stage's
-//! workers, so CPU-bound handlers never oversubscribe the cores the user gave
-//! them and never touch tokio's threads. Items move; nothing is copied. An
-//! attempt given up at the stage's timeout keeps its pool thread until it
-//! returns, so the pool runs one thread short meanwhile.
+//! `Cpu`: CPU-bound handlers, `workers` at a time on the stage's own
+//! threads, named `{stage}-cpu-{n}`. Items move; nothing is copied.
+//!
+//! A Cpu stage runs like a Thread stage ([`super::thread`]): at most
+//! `workers` batches out, each on a thread of the stage's own, so the stage
+//! never keeps more than `workers` threads busy and never touches tokio's
+//! threads. Set `workers` to the cores the stage may use. (It used to run
+//! on a rayon pool of `workers` threads; a pool that size cannot replace a
+//! thread stuck in an attempt given up at the timeout, so batches queued
+//! behind it never started and the stage hung: see [`super::lanes`].)
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 
-use super::{RunCtx, StageRunner, run_blocking, watch};
-use crate::item::WorkItem;
+use super::lanes::Lanes;
+use super::thread::ThreadRunner;
 
-/// Runs a blocking `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>` on the
-/// stage's rayon pool.
-pub(crate) struct CpuRunner<F> {
-    pub(crate) handler: Arc<F>,
-    pub(crate) pool: Arc<rayon::ThreadPool>,
-}
-
-impl<I, O, F> StageRunner<I, O> for CpuRunner<F>
-where
-    I: Send + 'static,
-    O: Send + 'static,
-    F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
-{
-    async fn run(&self, ctx: &Arc<RunCtx<I, O>>) -> Result<(), String> {
-        if !ctx.hand.begin_batch(ctx) {
-            return Ok(());
-        }
-        let handler = self.handler.clone();
-        let on_pool = |job: Box<dyn FnOnce() -> Result<(), String> + Send>| {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            self.pool.spawn(move || {
-                let _ = tx.send(job());
-            });
-            async move {
-                rx.await
-                    .unwrap_or_else(|_| Err("the rayon task ended without reporting".to_string()))
-            }
-        };
-        match ctx.timeout {
-            None => {
-                let ctx = ctx.clone();
-                on_pool(Box::new(move || run_blocking(&ctx, &*handler))).await
-            }
-            Some(limit) => watch::run_watched(ctx, handler, limit, on_pool).await,
-        }
+/// A Cpu stage's runner: `stuck` counts the threads given up and still
+/// running.
+pub(crate) fn runner<F>(stage: &str, handler: Arc<F>, stuck: Arc<AtomicUsize>) -> ThreadRunner<F> {
+    ThreadRunner {
+        handler,
+        lanes: Lanes::new(stage, format!("{stage}-cpu"), stuck),
     }
-}
-
-/// The pool of a Cpu stage: `workers` threads named after the stage.
-pub(crate) fn pool(stage: &str, workers: usize) -> Result<rayon::ThreadPool, String> {
-    let name = stage.to_string();
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(workers)
-        .thread_name(move |i| format!("{name}-cpu-{i}"))
-        .build()
-        .map_err(|e| format!("cannot build the rayon pool for stage `{stage}`: {e}"))
 }

@@ -3,8 +3,9 @@
 //! One file per model, each one [`StageRunner`]:
 //!
 //! - [`async_rt::AsyncRunner`]: awaited on the worker actor's own task;
-//! - [`thread::ThreadRunner`]: the batch goes to one of tokio's blocking threads;
-//! - [`cpu::CpuRunner`]: the batch goes to the stage's rayon pool;
+//! - [`thread::ThreadRunner`]: the batch goes to a thread of the stage's own
+//!   ([`lanes`]);
+//! - [`cpu::runner`]: the same, for CPU-bound work;
 //! - [`process::ProcessRunner`]: the batch goes to a worker process.
 //!
 //! Runners are generic over the handler, so a handler's future is never
@@ -17,7 +18,10 @@
 //! result; an error fails the item with its chain (`{:#}`); a panic fails the
 //! item as `Panicked`, hands the untouched rest of the batch back to the
 //! stage in the same report, and makes the worker fail so that it is
-//! replaced.
+//! replaced. The user code a runner calls around the handler (the `Clone`
+//! of a kept copy, the `Drop` of what it drops, the `Display` of an error)
+//! is contained the same way ([`crate::contain`]): an item whose data
+//! panics when copied fails `Panicked` by itself, and the worker goes on.
 //!
 //! The stage puts each batch in the worker's [`hand`], shared with it, and
 //! the worker takes the items from there as it starts them: the items a
@@ -43,11 +47,13 @@
 //! (cancelled at its next await). A blocking attempt cannot be stopped:
 //! [`watch`] fails it `TimedOut` at the deadline, hands back the rest of its
 //! batch and gives the worker up, so the stage replaces it while the late
-//! handler finishes on its thread; what it returns then is discarded.
+//! handler finishes on its thread, which the stage gives up ([`lanes`]);
+//! what it returns then is discarded.
 
 pub(crate) mod async_rt;
 pub(crate) mod cpu;
 pub(crate) mod hand;
+pub(crate) mod lanes;
 pub(crate) mod process;
 pub(crate) mod thread;
 pub(crate) mod watch;
@@ -60,6 +66,7 @@ use std::time::{Duration, Instant};
 
 use ractor::ActorRef;
 
+use crate::contain;
 use crate::event::{EventHub, PipelineEvent, WorkerId};
 use crate::item::{
     ItemError, ItemErrorKind, JobId, Permanent, StageTimes, WorkItem, WorkItemMetadata,
@@ -67,6 +74,8 @@ use crate::item::{
 };
 use crate::stage::StageMsg;
 use hand::{Hand, HandState};
+
+pub(crate) use crate::contain::panic_message;
 
 /// How long a worker may hold finished items before reporting them. Each
 /// report wakes the stage; at 100 µs a Cpu stage of 50 µs items lost a fifth
@@ -82,6 +91,13 @@ pub(crate) trait StageRunner<I, O>: Send + Sync + 'static {
     /// (a panic, or a blocking attempt given up at its deadline); the
     /// report saying so was sent.
     fn run(&self, ctx: &Arc<RunCtx<I, O>>) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// Ends what the runner keeps between batches, before the stage stops
+    /// (a Process stage's worker processes: the stage stops once they are
+    /// reaped). Nothing by default.
+    fn shutdown(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Everything a worker needs to run items, shared with the threads it uses.
@@ -156,6 +172,9 @@ pub(crate) enum Ran<O> {
     Panicked(Box<dyn Any + Send>),
     /// The attempt ran past the stage's timeout.
     TimedOut(Duration),
+    /// The handler never got the item: copying its data for a retry
+    /// panicked, with this message.
+    Uncopied(String),
 }
 
 impl<O> Ran<O> {
@@ -179,6 +198,9 @@ pub(crate) struct Attempt<I> {
     custom: Option<BTreeMap<String, serde_json::Value>>,
     /// A copy of the input, when the stage keeps one.
     kept: Option<I>,
+    /// Copying the input panicked, with this message: the attempt does not
+    /// run ([`Attempt::checked`]).
+    uncopied: Option<String>,
 }
 
 impl<I: Send + 'static> Attempt<I> {
@@ -192,10 +214,19 @@ impl<I: Send + 'static> Attempt<I> {
         if ctx.tracking {
             if let Some(times) = stages.last_mut() {
                 times.started.get_or_insert(now);
+                times.attempt_started = Some(now);
                 times.attempts = attempts;
             }
         }
         let custom = &item.metadata.custom;
+        let (kept, uncopied) = match ctx.keep {
+            None => (None, None),
+            // The user's `Clone`: a panic in it fails this item only.
+            Some(keep) => match contain::call(|| keep(&item.data)) {
+                Ok(kept) => (Some(kept), None),
+                Err(message) => (None, Some(message)),
+            },
+        };
         Attempt {
             job_id: item.job_id.clone(),
             created: item.metadata.created(),
@@ -203,12 +234,28 @@ impl<I: Send + 'static> Attempt<I> {
             names: item.metadata.names.take(),
             stages,
             custom: (!custom.is_empty()).then(|| custom.clone()),
-            kept: ctx.keep.map(|keep| keep(&item.data)),
+            kept,
+            uncopied,
         }
     }
 
     pub(crate) fn job_id(&self) -> &JobId {
         &self.job_id
+    }
+
+    /// The item for the handler, or, when its data panicked as it was
+    /// copied, how the attempt ended (the item is dropped).
+    #[inline]
+    pub(crate) fn checked<O>(&mut self, item: WorkItem<I>) -> Result<WorkItem<I>, Ran<O>> {
+        match self.uncopied.take() {
+            None => Ok(item),
+            Some(message) => {
+                contain::drop_logged(item, || {
+                    format!("item {} after its copy failed", self.job_id)
+                });
+                Err(Ran::Uncopied(message))
+            }
+        }
     }
 
     /// The handler returned `out`: it keeps the item's identity and times.
@@ -220,6 +267,14 @@ impl<I: Send + 'static> Attempt<I> {
         now: Instant,
     ) -> Outcome<I, O> {
         self.stamp_completed(ctx, now);
+        if let Some(kept) = self.kept.take() {
+            contain::drop_logged(kept, || {
+                format!(
+                    "the copy of item {} kept for a retry in stage `{}`",
+                    self.job_id, ctx.stage
+                )
+            });
+        }
         out.job_id = self.job_id;
         out.metadata.stages = self.stages;
         out.metadata.names = self.names;
@@ -275,6 +330,9 @@ impl<I: Send + 'static> Attempt<I> {
         if ctx.tracking {
             if let Some(times) = self.stages.last_mut() {
                 times.completed = Some(now);
+                if let Some(began) = times.attempt_started.take() {
+                    times.handler += now.saturating_duration_since(began);
+                }
             }
         }
     }
@@ -344,14 +402,23 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
             Ran::Returned(Ok(out)) => attempt.succeed(ctx, out, now),
             Ran::Returned(Err(e)) => {
                 let retryable = !Permanent::is(&e);
-                attempt.fail(ctx, ItemErrorKind::Failed, format!("{e:#}"), retryable, now)
+                // The error's `Display` and `Drop` are user code.
+                let message = contain::call(|| format!("{e:#}")).unwrap_or_else(|panic| {
+                    format!("(the handler's error cannot be shown: its Display panicked: {panic})")
+                });
+                contain::drop_logged(e, || format!("the error of item {}", attempt.job_id()));
+                attempt.fail(ctx, ItemErrorKind::Failed, message, retryable, now)
+            }
+            Ran::Uncopied(panic) => {
+                let message = format!("copying the item's data for a retry panicked: {panic}");
+                attempt.fail(ctx, ItemErrorKind::Panicked, message, false, now)
             }
             Ran::TimedOut(limit) => {
                 let message = format!("the attempt ran past the stage's timeout of {limit:?}");
                 attempt.fail(ctx, ItemErrorKind::TimedOut, message, true, now)
             }
             Ran::Panicked(payload) => {
-                let message = panic_message(&*payload);
+                let message = contain::take_message(payload);
                 let outcome =
                     attempt.fail(ctx, ItemErrorKind::Panicked, message.clone(), true, now);
                 let reason = format!("handler panicked: {message}");
@@ -362,6 +429,25 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
         };
         self.push(outcome, started, now);
         Ok(())
+    }
+
+    /// Fails the attempt in hand at the stage's timeout (`limit`) and gives
+    /// the worker up for `reason`, with the unstarted rest of its batch
+    /// handed back, all in one report: a report without `failing` would
+    /// let the stage count the dying worker idle and give it more work.
+    pub(crate) fn time_out(
+        mut self,
+        attempt: Attempt<I>,
+        limit: Duration,
+        started: Instant,
+        now: Instant,
+        returned: Vec<WorkItem<I>>,
+        reason: String,
+    ) {
+        let message = format!("the attempt ran past the stage's timeout of {limit:?}");
+        let outcome = attempt.fail(&self.ctx, ItemErrorKind::TimedOut, message, true, now);
+        self.record(outcome, started, now);
+        self.flush(returned, Some(reason), now);
     }
 
     #[inline(always)]
@@ -434,12 +520,6 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
         std::mem::take(&mut self.outcomes)
     }
 
-    /// Sends everything left with the unstarted items handed back, and
-    /// tells the stage the worker is giving up for `reason`.
-    pub(crate) fn give_up(mut self, returned: Vec<WorkItem<I>>, reason: String, now: Instant) {
-        self.flush(returned, Some(reason), now);
-    }
-
     fn flush(&mut self, returned: Vec<WorkItem<I>>, failing: Option<String>, now: Instant) {
         if !self.events.is_empty() {
             self.ctx.events.lifecycle(std::mem::take(&mut self.events));
@@ -457,8 +537,11 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
             failing,
         };
         self.last_flush = now;
-        // The stage is gone only when the pipeline is shutting down.
-        let _ = self.ctx.stage_ref.cast(StageMsg::Report(report));
+        // The stage is gone only when the pipeline is shutting down; the
+        // report's items are dropped here then.
+        if let Err(unsent) = self.ctx.stage_ref.cast(StageMsg::Report(report)) {
+            contain::drop_logged(unsent, || "a report its stage was gone for".to_string());
+        }
     }
 }
 
@@ -473,6 +556,12 @@ impl<I: Send + 'static, O: Send + 'static> Sending<I, O> {
     /// Sends everything left.
     pub(crate) fn finish(mut self, now: Instant) {
         self.0.flush(Vec::new(), None, now);
+    }
+
+    /// Sends everything left with the unstarted items handed back, and
+    /// tells the stage the worker is giving up for `reason`.
+    pub(crate) fn give_up(mut self, returned: Vec<WorkItem<I>>, reason: String, now: Instant) {
+        self.0.flush(returned, Some(reason), now);
     }
 }
 
@@ -515,17 +604,6 @@ pub(crate) fn item_span<I, O>(ctx: &RunCtx<I, O>, job_id: &JobId) -> tracing::Sp
     )
 }
 
-/// The text of a panic payload.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic with a non-string payload".to_string()
-    }
-}
-
 /// Runs the worker's hand through a blocking handler on the current
 /// thread; shared by the Thread and Cpu models, with or without a timeout
 /// (then [`watch`] watches the same hand). The batch's reporter was put in
@@ -544,7 +622,7 @@ where
     let traced = item_spans_enabled();
     let mut ran = None;
     loop {
-        let (item, span) = {
+        let next = {
             let mut guard = ctx.hand.lock();
             let state: &mut HandState<I, O> = &mut guard;
             // Under a timeout, the real clock: the watcher's deadlines are
@@ -555,7 +633,13 @@ where
             };
             let Some(reporter) = state.reporter.as_mut() else {
                 // Given up at the deadline, or taken by the stage: a late
-                // result is discarded.
+                // result is discarded (its `Drop` is user code).
+                drop(guard);
+                if let Some(late) = ran.take() {
+                    contain::drop_logged(late, || {
+                        format!("a late result in stage `{}`", ctx.stage)
+                    });
+                }
                 return Ok(());
             };
             if let Some(ran) = ran.take() {
@@ -573,11 +657,25 @@ where
                 }
                 return Ok(());
             };
-            let attempt = Attempt::begin(ctx, &mut item, now);
+            let mut attempt = Attempt::begin(ctx, &mut item, now);
             reporter.started(attempt.job_id());
-            let span = traced.then(|| item_span(ctx, attempt.job_id()));
-            state.current = Some((now, attempt));
-            (item, span)
+            match attempt.checked(item) {
+                Ok(item) => {
+                    let span = traced.then(|| item_span(ctx, attempt.job_id()));
+                    state.current = Some((now, attempt));
+                    Some((item, span))
+                }
+                Err(uncopied) => {
+                    // Its data panicked as it was copied: the attempt ends
+                    // without running, settled under the next lock.
+                    state.current = Some((now, attempt));
+                    ran = Some(uncopied);
+                    None
+                }
+            }
+        };
+        let Some((item, span)) = next else {
+            continue;
         };
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let _entered = span.as_ref().map(tracing::Span::enter);

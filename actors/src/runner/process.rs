@@ -21,8 +21,8 @@
 
 use std::collections::VecDeque;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -30,7 +30,9 @@ use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Attempt, FLUSH_AFTER, Ran, Reporter, RunCtx, Sending, StageRunner};
-use crate::item::{ItemErrorKind, Permanent, WorkItem};
+use crate::binding::FailPort;
+use crate::error::PipelineError;
+use crate::item::{ItemErrorKind, Permanent, WorkItem, WorkItemMetadata};
 use crate::process::frame::{self, Job, JobRef, Reply};
 use crate::process::spawn::{ChildProc, ChildSpec};
 
@@ -47,6 +49,20 @@ const ONE_AT_A_TIME: Duration = Duration::from_millis(1);
 /// trip of small items; the rest of the batch stays in the worker's hand,
 /// where an idle worker of the stage may take it.
 const MAX_WRITE_AHEAD: usize = 4;
+/// Worker processes of a stage that fail to start this many times in a row
+/// (none starting in between) fail the pipeline: one failure may be a
+/// passing shortage (of memory, of processes), three in a row are a program
+/// that cannot serve the stage (most often: `main` does not call
+/// `process::init()` first).
+const START_FAILURES: u32 = 3;
+/// The pause before starting another worker process after one failed to.
+const START_RETRY_DELAY: Duration = Duration::from_millis(50);
+/// How long an exchange with a worker process runs before the process's
+/// exit is watched as well as its socket (each look is a system call).
+const WATCH_EXIT_AFTER: Duration = Duration::from_millis(10);
+/// How long the stage waits, when it stops, for its worker processes to be
+/// reaped (an idle one exits as soon as its socket closes).
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 
 /// Runs a Process stage's batches in worker processes.
 pub(crate) struct ProcessRunner<I, O> {
@@ -56,15 +72,25 @@ pub(crate) struct ProcessRunner<I, O> {
     /// Recent time from one reply to the next, in nanoseconds (0 = not
     /// known yet): sets how many items are written ahead.
     pace_ns: AtomicU64,
+    /// Fails the pipeline (when worker processes cannot start).
+    fail: FailPort,
+    /// Worker processes that failed to start since one last started.
+    start_failures: AtomicU32,
+    /// Set once worker processes could not be started: why. Items then
+    /// fail at once, without another try.
+    cannot_start: OnceLock<String>,
     _types: PhantomData<fn(I) -> O>,
 }
 
 impl<I, O> ProcessRunner<I, O> {
-    pub(crate) fn new(spec: ChildSpec) -> Self {
+    pub(crate) fn new(spec: ChildSpec, fail: FailPort) -> Self {
         ProcessRunner {
             spec,
             idle: Mutex::new(Vec::new()),
             pace_ns: AtomicU64::new(0),
+            fail,
+            start_failures: AtomicU32::new(0),
+            cannot_start: OnceLock::new(),
             _types: PhantomData,
         }
     }
@@ -155,6 +181,18 @@ where
                 reporter.push(outcome, now, now);
                 continue;
             }
+            if let Some(why) = self.cannot_start.get() {
+                // The stage cannot start worker processes: no more tries.
+                let message = format!("the stage cannot start its worker processes: {why}");
+                let front = pending.pop_front().expect("a front");
+                let now = Instant::now();
+                let outcome =
+                    front
+                        .with_input()
+                        .fail(ctx, ItemErrorKind::ProcessDied, message, false, now);
+                reporter.push(outcome, now, now);
+                continue;
+            }
             let mut proc = match child.take() {
                 Some(proc) if !self.used_up(&proc) => proc,
                 other => {
@@ -162,14 +200,13 @@ where
                         old.retire();
                     }
                     match self.spec.spawn(ctx.worker).await {
-                        Ok(proc) => proc,
+                        Ok(proc) => {
+                            self.start_failures.store(0, Ordering::Relaxed);
+                            proc
+                        }
                         Err(message) => {
-                            tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
-                                worker = %ctx.worker, "{message}");
-                            let front = pending.pop_front().expect("a front");
-                            let now = Instant::now();
-                            let outcome = front.fail(ctx, ItemErrorKind::ProcessDied, message, now);
-                            reporter.push(outcome, now, now);
+                            // No item is to blame: it never reached a handler.
+                            self.start_failed(ctx, message).await;
                             continue;
                         }
                     }
@@ -213,7 +250,22 @@ where
                     let front = pending.pop_front().expect("a front");
                     let now = Instant::now();
                     let started = front.started.unwrap_or(now);
-                    reporter.push(front.fail(ctx, broken.kind, message, now), started, now);
+                    reporter.push(
+                        front.fail(ctx, broken.kind, message.clone(), now),
+                        started,
+                        now,
+                    );
+                    // The worker process was lost as a worker actor is when
+                    // its handler panics: the worker gives up, so that the
+                    // stage replaces it (counted against its restart
+                    // budget, announced as `WorkerRestarted`), and the rest
+                    // of the batch goes back to the stage's queue.
+                    // (The items written ahead first, then those still in
+                    // the worker's hand, in the order they were given.)
+                    let mut returned = self.hand_back(ctx, &mut pending, &mut reporter);
+                    returned.extend(ctx.hand.take_all());
+                    reporter.give_up(returned, message.clone(), Instant::now());
+                    return Err(message);
                 }
             }
         }
@@ -229,6 +281,14 @@ where
             }
         }
         Ok(())
+    }
+
+    async fn shutdown(&self) {
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        for proc in idle {
+            proc.retire();
+        }
+        self.spec.reap_all(SHUTDOWN_WAIT).await;
     }
 }
 
@@ -274,14 +334,64 @@ where
                     custom: &custom,
                     data: &item.data,
                 };
-                frame::encode(&job, limit)
+                // The data's `Serialize` is user code: a panic in it
+                // fails this item only.
+                crate::contain::call(|| frame::encode(&job, limit))
+                    .unwrap_or_else(|panic| Err(format!("serializing its data panicked: {panic}")))
             });
+            // Sent as bytes; its `Drop` is user code too.
+            crate::contain::drop_logged(item, || "an item sent to a worker process".into());
             pending.push_back(Pending {
                 attempt,
                 started: None,
                 frame,
             });
         }
+    }
+
+    /// A worker process failed to start (`message` says how): counts it,
+    /// and fails the pipeline once [`START_FAILURES`] in a row did.
+    async fn start_failed(&self, ctx: &RunCtx<I, O>, message: String) {
+        tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
+            worker = %ctx.worker, "{message}");
+        let failures = self.start_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < START_FAILURES {
+            tokio::time::sleep(START_RETRY_DELAY).await;
+            return;
+        }
+        if self.cannot_start.set(message.clone()).is_ok() {
+            (self.fail)(PipelineError::WorkersCannotStart {
+                pipeline: self.spec.pipeline.to_string(),
+                stage: self.spec.stage.to_string(),
+                failures,
+                message,
+            });
+        }
+    }
+
+    /// The items of `pending` as they were before this batch, for the
+    /// stage to give to another worker; an item that cannot be had again
+    /// (its data did not encode, or does not decode) fails here as it would
+    /// have in the batch.
+    fn hand_back(
+        &self,
+        ctx: &RunCtx<I, O>,
+        pending: &mut VecDeque<Pending<I>>,
+        reporter: &mut Reporter<I, O>,
+    ) -> Vec<WorkItem<I>> {
+        let mut returned = Vec::with_capacity(pending.len());
+        for p in pending.drain(..) {
+            match p.unstarted() {
+                Ok(item) => returned.push(item),
+                Err(lost) => {
+                    let (attempt, message) = *lost;
+                    let now = Instant::now();
+                    let outcome = attempt.fail(ctx, ItemErrorKind::Failed, message, false, now);
+                    reporter.push(outcome, now, now);
+                }
+            }
+        }
+        returned
     }
 
     /// Whether a child has served its `recycle_after` items.
@@ -309,14 +419,21 @@ where
         let (mut answered, mut written, mut offset) = (0, 0, 0);
         let mut front_started = Instant::now();
         self.start(ctx, &mut pending[0], reporter, front_started);
-        let ChildProc {
-            socket,
-            buf,
-            served,
-            ..
-        } = proc;
+        let (socket, buf, served, process) = proc.parts();
         let (mut rd, mut wr) = socket.split();
         let mut flush_at = std::pin::pin!(tokio::time::sleep(FLUSH_AFTER));
+        // The socket alone would not tell of a death: a process the handler
+        // started (a fork) may hold it open after the worker died. Its exit
+        // is watched after a moment, so that the quick exchanges of most
+        // batches cost no `waitpid` call.
+        let watch = async {
+            tokio::time::sleep(WATCH_EXIT_AFTER).await;
+            process.wait().await
+        };
+        let mut watch = std::pin::pin!(watch);
+        // Set when the process has exited: what it wrote before is read
+        // without waiting.
+        let mut exited = false;
         // Set when a write fails: the child is gone or stopped reading, but
         // replies it sent before may still be waiting to be read.
         let mut cannot_write = None;
@@ -342,7 +459,7 @@ where
             }
             tokio::select! {
                 biased;
-                read = rd.read(buf.spare()) => {
+                read = read_or_drain(&mut rd, buf.spare(), exited) => {
                     match read {
                         // Replies sent before the end were read first: the
                         // child held the first unanswered item, if it was
@@ -403,6 +520,7 @@ where
                     }
                 }
                 () = &mut flush_at, if unsent => reporter.flush_done(),
+                _ = &mut watch, if !exited => exited = true,
                 () = sleep_until(deadline) => {
                     let timeout = ctx.timeout.unwrap_or_default();
                     return Err(Broken {
@@ -428,9 +546,12 @@ where
         pending.started = Some(now);
         // Stamped when the child starts on it, not when the batch came; a
         // retry keeps its first attempt's start (as `Attempt::begin` does).
-        if ctx.tracking && pending.attempt.attempts == 1 {
+        if ctx.tracking {
             if let Some(times) = pending.attempt.stages.last_mut() {
-                times.started = Some(now);
+                if pending.attempt.attempts == 1 {
+                    times.started = Some(now);
+                }
+                times.attempt_started = Some(now);
             }
         }
         reporter.started(&pending.attempt.job_id);
@@ -443,6 +564,22 @@ fn sendable<I>(pending: &VecDeque<Pending<I>>, index: usize, offset: usize) -> &
     match pending.get(index).map(|p| &p.frame) {
         Some(Ok(frame)) => frame.get(offset..).unwrap_or(&[]),
         _ => &[],
+    }
+}
+
+/// Reads the socket; once the process has exited, only what is there
+/// already, taking "nothing more" for its end.
+async fn read_or_drain(
+    rd: &mut tokio::net::unix::ReadHalf<'_>,
+    buf: &mut [u8],
+    exited: bool,
+) -> std::io::Result<usize> {
+    if !exited {
+        return rd.read(buf).await;
+    }
+    match rd.try_read(buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+        other => other,
     }
 }
 
@@ -505,6 +642,36 @@ fn settle<I, O>(
 }
 
 impl<I: DeserializeOwned + Send + 'static> Pending<I> {
+    /// The item as it was before this attempt began, its data decoded from
+    /// the frame it was to be sent in; else its attempt and why not.
+    fn unstarted(self) -> Result<WorkItem<I>, Box<(Attempt<I>, String)>> {
+        let mut attempt = self.attempt;
+        let data = match &self.frame {
+            Ok(frame) => match frame.get(4..).map(frame::decode::<Job<I>>) {
+                Some(Ok(job)) => Ok(job.data),
+                Some(Err(e)) => Err(format!("the item cannot be decoded again: {e}")),
+                None => Err("the item's frame is short".to_string()),
+            },
+            Err(e) => Err(format!("the item cannot be sent to a worker process: {e}")),
+        };
+        let data = match data.map_err(|e| (attempt.kept.take(), e)) {
+            Ok(data) => data,
+            Err((Some(kept), _)) => kept,
+            Err((None, message)) => return Err(Box::new((attempt, message))),
+        };
+        let mut metadata = WorkItemMetadata::default();
+        metadata.set_created(attempt.created);
+        metadata.names = attempt.names;
+        metadata.stages = attempt.stages;
+        metadata.attempts = attempt.attempts - 1;
+        metadata.custom = attempt.custom.unwrap_or_default();
+        Ok(WorkItem {
+            job_id: attempt.job_id,
+            data,
+            metadata,
+        })
+    }
+
     /// The attempt, holding its input again (decoded from the frame sent),
     /// for a retry or a dead letter: nothing is copied while attempts
     /// succeed, and the input type need not be `Clone`.

@@ -1,16 +1,38 @@
-//! `Thread`: each batch runs on one of tokio's blocking threads, so a
-//! blocking handler never stalls the runtime. A stage has at most `workers`
-//! batches out at once, so at most `workers` threads are busy for it (plus,
-//! under a timeout, threads still finishing attempts given up on).
+//! `Thread`: each batch runs on a thread of the stage's own ([`lanes`]), so
+//! a blocking handler never stalls the runtime and never takes a thread of
+//! tokio's blocking pool. A stage has at most `workers` batches out at once,
+//! so at most `workers` of its threads are busy (plus, after a timeout or an
+//! abort, threads still finishing attempts given up on: see [`lanes`]).
+//!
+//! `Cpu` stages run the same way (see [`super::cpu`]).
 
 use std::sync::Arc;
 
+use super::lanes::{self, Lanes};
 use super::{RunCtx, StageRunner, run_blocking, watch};
 use crate::item::WorkItem;
 
-/// Runs a blocking `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>` on
-/// tokio's blocking threads.
-pub(crate) struct ThreadRunner<F>(pub(crate) Arc<F>);
+/// Runs a blocking `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>` on the
+/// stage's own threads.
+pub(crate) struct ThreadRunner<F> {
+    pub(crate) handler: Arc<F>,
+    pub(crate) lanes: Lanes,
+}
+
+impl<F> ThreadRunner<F> {
+    /// A Thread stage's runner: its threads are named `{stage}-thread-{n}`;
+    /// `stuck` counts those given up and still running.
+    pub(crate) fn new(
+        stage: &str,
+        handler: Arc<F>,
+        stuck: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Self {
+        ThreadRunner {
+            handler,
+            lanes: Lanes::new(stage, format!("{stage}-thread"), stuck),
+        }
+    }
+}
 
 impl<I, O, F> StageRunner<I, O> for ThreadRunner<F>
 where
@@ -22,22 +44,17 @@ where
         if !ctx.hand.begin_batch(ctx) {
             return Ok(());
         }
-        let handler = self.0.clone();
+        let handler = self.handler.clone();
         match ctx.timeout {
             None => {
                 let ctx = ctx.clone();
-                on_blocking_thread(Box::new(move || run_blocking(&ctx, &*handler))).await
+                let batch: lanes::Batch = Box::new(move || run_blocking(&ctx, &*handler));
+                self.lanes.run(batch).await
             }
-            Some(limit) => watch::run_watched(ctx, handler, limit, on_blocking_thread).await,
+            Some(limit) => {
+                let on_lane = |batch| self.lanes.run(batch);
+                watch::run_watched(ctx, handler, limit, on_lane).await
+            }
         }
-    }
-}
-
-async fn on_blocking_thread(
-    job: Box<dyn FnOnce() -> Result<(), String> + Send>,
-) -> Result<(), String> {
-    match tokio::task::spawn_blocking(job).await {
-        Ok(result) => result,
-        Err(e) => Err(format!("blocking task ended abnormally: {e}")),
     }
 }

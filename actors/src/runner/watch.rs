@@ -9,7 +9,9 @@
 //! in the same report hands the unstarted rest back and gives the worker
 //! up, so that the stage never gives a dying worker more work. Whatever
 //! the thread finishes after that finds the batch given up and is
-//! discarded, so every item is reported exactly once and in order.
+//! discarded (its `Drop` contained), so every item is reported exactly
+//! once and in order. The worker's thread is then given up too
+//! ([`super::lanes`]): the stage's next batches run on other threads.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,12 +19,11 @@ use std::time::{Duration, Instant};
 
 use super::RunCtx;
 use super::hand::Hand;
-use crate::item::{ItemErrorKind, WorkItem};
+use crate::item::WorkItem;
 
 /// At the deadline of the attempt in hand, if it is still running: fails
 /// it, hands the rest back and returns why the worker gives up.
 fn expire<I: Send + 'static, O: Send + 'static>(
-    ctx: &RunCtx<I, O>,
     hand: &Hand<I, O>,
     limit: Duration,
 ) -> Result<Option<Instant>, String> {
@@ -38,20 +39,17 @@ fn expire<I: Send + 'static, O: Send + 'static>(
     }
     let (started, attempt) = state.current.take().expect("checked above");
     let rest: Vec<_> = state.pending.drain(..).collect();
-    let mut reporter = state
+    let reporter = state
         .reporter
         .take()
         .expect("running batches have reporters");
-    let job_id = attempt.job_id().clone();
-    let message = format!("the attempt ran past the stage's timeout of {limit:?}");
-    let outcome = attempt.fail(ctx, ItemErrorKind::TimedOut, message, true, now);
-    // Recorded, not sent on its own: the one report that carries it also
-    // says the worker gives up, so the stage never counts it idle.
-    reporter.record(outcome, started, now);
     let reason = format!(
-        "item {job_id} ran past the stage's timeout of {limit:?} in a blocking handler, which cannot be stopped; its thread is left to finish"
+        "item {} ran past the stage's timeout of {limit:?} in a blocking handler, which cannot be stopped; its thread is left to finish",
+        attempt.job_id()
     );
-    reporter.give_up(rest, reason.clone(), now);
+    // One report, sent under the hand's lock: the outcome and the worker
+    // giving up, so the stage never counts it idle.
+    reporter.time_out(attempt, limit, started, now, rest, reason.clone());
     Err(reason)
 }
 
@@ -77,7 +75,7 @@ where
     };
     let mut done = std::pin::pin!(spawn(job));
     loop {
-        let Some(deadline) = expire(ctx, &ctx.hand, limit)? else {
+        let Some(deadline) = expire(&ctx.hand, limit)? else {
             return done.await;
         };
         // Relative to now: the deadline is on the real clock, which a
