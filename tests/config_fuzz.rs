@@ -36,6 +36,7 @@ fn valid() -> Value {
         "stats_interval_seconds": 0,
         "enable_tracking": true,
         "retain_results": false,
+        "max_refill_failures": 5,
         "stages": [
             {"name": "fetch", "execution_type": "async", "workers": 10, "queue_size": 100,
              "timeout": 30.0,
@@ -75,6 +76,7 @@ const FIELDS: &[&str] = &[
     "/stats_interval_seconds",
     "/enable_tracking",
     "/retain_results",
+    "/max_refill_failures",
     "/stages",
     "/stages/0",
     "/stages/0/name",

@@ -796,3 +796,41 @@ async fn abort_drops_data_whose_drop_panics_thread() {
 async fn abort_drops_data_whose_drop_panics_cpu() {
     abort_drops_data_whose_drop_panics(ExecutionType::Cpu).await;
 }
+
+/// A refused duplicate's data is dropped by the engine: its `Drop` is user
+/// code, and a panic in it neither kills the source nor costs another item
+/// its outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_duplicate_whose_drop_panics_is_still_refused_clearly() {
+    let items = vec![
+        WorkItem::with_job_id("same", Fragile::new(1)),
+        WorkItem::with_job_id("other", Fragile::new(2)),
+        WorkItem::with_job_id(
+            "same",
+            Fragile {
+                drop_panics: true,
+                ..Fragile::new(3)
+            },
+        ),
+    ];
+    let pipeline = Pipeline::builder(config(
+        "dup-drop",
+        vec![StageConfig::new("a", ExecutionType::Async)],
+    ))
+    .unwrap()
+    .source(sources::items(items))
+    .async_stage("a", |i: WorkItem<Fragile>| async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(i.map(|f| f.id))
+    })
+    .build()
+    .unwrap();
+    let results = within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 3);
+    let refused: Vec<_> = results.iter().filter(|r| !r.success).collect();
+    assert_eq!(refused.len(), 1, "{results:?}");
+    let e = refused[0].error.as_ref().unwrap();
+    assert_eq!(e.kind, ItemErrorKind::DuplicateJobId);
+}

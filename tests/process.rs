@@ -1074,6 +1074,56 @@ async fn retries_run_the_item_again_in_a_new_process() {
     no_children_left().await;
 }
 
+/// A handler's output whose `Deserialize` panics (in the parent) for 7.
+#[derive(Debug, Serialize)]
+struct Unreadable(u64);
+
+impl<'de> Deserialize<'de> for Unreadable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        if n == 7 {
+            panic!("this reply cannot be read");
+        }
+        Ok(Unreadable(n))
+    }
+}
+
+fn unreadable(item: WorkItem<u64>) -> anyhow::Result<WorkItem<Unreadable>> {
+    Ok(item.map(Unreadable))
+}
+
+/// The output's `Deserialize` is user code the parent runs: a panic in it
+/// fails that item only (its reply cannot be read), and the pipeline goes
+/// on with the others.
+async fn a_panicking_deserialize_of_a_reply_fails_only_its_item() {
+    let config = PipelineConfig::new("unreadable", vec![stage("unreadable", 2)])
+        .stats_interval(Duration::ZERO);
+    let results = tokio::time::timeout(
+        Duration::from_secs(60),
+        Pipeline::builder(config)
+            .unwrap()
+            .source(sources::iter(0..20u64))
+            .process_stage("unreadable-stage", unreadable)
+            .build()
+            .unwrap()
+            .run(),
+    )
+    .await
+    .expect("the run ended")
+    .unwrap();
+    assert_eq!(results.len(), 20, "every item has one outcome");
+    let failed: Vec<_> = results.iter().filter(|r| !r.success).collect();
+    assert_eq!(
+        failed.len(),
+        1,
+        "only the unreadable reply fails: {failed:?}"
+    );
+    let e = failed[0].error.as_ref().unwrap();
+    assert_eq!(e.kind, ItemErrorKind::ProcessDied, "{e}");
+    assert!(e.message.contains("cannot be read"), "{e}");
+    no_children_left().await;
+}
+
 /// `stage_duration` is the handler's time over the attempts, in Process
 /// stages too: the backoff before the second attempt is not counted.
 async fn stage_duration_leaves_out_the_retry_backoff() {
@@ -1290,6 +1340,7 @@ fn main() {
         ctrl_c_stops_gracefully_and_spares_the_workers,
         retries_run_the_item_again_in_a_new_process,
         stage_duration_leaves_out_the_retry_backoff,
+        a_panicking_deserialize_of_a_reply_fails_only_its_item,
         init_finds_the_handler_by_address,
         the_builder_serves_when_init_was_not_called,
         workers_die_with_a_killed_parent,

@@ -333,7 +333,11 @@ impl<T: Send + 'static> SourceState<T> {
                             ),
                         );
                         tracing::warn!(pipeline = %self.shared.name, job_id = %item.job_id, "duplicate job id refused");
-                        refused.push(WorkItemResult::failed(item.job_id, item.metadata, error));
+                        // Its data is dropped here, and its `Drop` is user code.
+                        let job_id = item.job_id.clone();
+                        let metadata = std::mem::take(&mut item.metadata);
+                        crate::contain::drop_logged(item, || format!("refused duplicate {job_id}"));
+                        refused.push(WorkItemResult::failed(job_id, metadata, error));
                     }
                 }
                 (accepted, refused)

@@ -592,7 +592,11 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 /// Decodes a reply to an item, refusing anything else.
 fn decode_answer<O: DeserializeOwned>(payload: &[u8]) -> Result<Answer<O>, Broken> {
-    match frame::decode::<Reply<O>>(payload).map_err(Broken::corrupt)? {
+    // The output's `Deserialize` is user code: a panic in it fails the item
+    // as a reply that cannot be read.
+    let reply = crate::contain::call(|| frame::decode::<Reply<O>>(payload))
+        .map_err(|panic| Broken::corrupt(format!("reading it panicked: {panic}")))?;
+    match reply.map_err(Broken::corrupt)? {
         Reply::Done { custom, data } => Ok(Answer::Done(WorkItemParts {
             data,
             custom: frame::custom_from_wire(&custom).map_err(Broken::corrupt)?,
