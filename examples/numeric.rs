@@ -6,6 +6,7 @@
 //! cargo run --release --example numeric              # 400 matrices, compute in a Cpu stage
 //! cargo run --release --example numeric -- 2000      # as many as you like
 //! cargo run --release --example numeric -- 400 --process   # compute in worker processes
+//! cargo run --release --example numeric -- 400 --keep      # keep the saved results
 //! ```
 //!
 //! - `download` (Async, many workers): fetches each matrix over HTTP from a
@@ -226,8 +227,9 @@ async fn run() -> anyhow::Result<()> {
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let isolate = args.iter().any(|a| a == "--process");
+    let keep = args.iter().any(|a| a == "--keep");
     let total: u64 = match args.iter().find(|a| !a.starts_with("--")) {
-        Some(n) => n.parse().context("usage: numeric [ITEMS] [--process]")?,
+        Some(n) => n.parse().context("usage: numeric [ITEMS] [--process] [--keep]")?,
         None => 400,
     };
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -336,10 +338,17 @@ async fn run() -> anyhow::Result<()> {
         );
     }
     println!();
-    println!("{stored} results saved in {}", out.path().display());
     anyhow::ensure!(
         stored == ok,
         "saved {stored} files for {ok} completed items"
     );
+    if keep {
+        println!("{stored} results saved in {}", out.keep().display());
+    } else {
+        println!(
+            "{stored} results saved in {}, removed now (run with --keep to keep them)",
+            out.path().display()
+        );
+    }
     Ok(())
 }
