@@ -229,7 +229,9 @@ async fn run() -> anyhow::Result<()> {
     let isolate = args.iter().any(|a| a == "--process");
     let keep = args.iter().any(|a| a == "--keep");
     let total: u64 = match args.iter().find(|a| !a.starts_with("--")) {
-        Some(n) => n.parse().context("usage: numeric [ITEMS] [--process] [--keep]")?,
+        Some(n) => n
+            .parse()
+            .context("usage: numeric [ITEMS] [--process] [--keep]")?,
         None => 400,
     };
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());

@@ -82,6 +82,13 @@ const STEAL_TRIES: usize = 4;
 /// items it has not started, the stage looks again this often (a worker
 /// blocked in its handler sends nothing that would make it look).
 const REBALANCE_AFTER: Duration = Duration::from_millis(5);
+/// A busy worker's unstarted items are taken for idle workers only once it
+/// has gone this long without finishing an item: its batch (about
+/// [`BATCH_WORK`] of work) has outlived its pace. Batches of fast items
+/// are not split after they were given: in a flowing pipeline a worker is
+/// idle for a moment between batches all the time, and taking from a busy
+/// one then would only cut batches into more messages.
+const STEAL_AFTER: Duration = Duration::from_millis(2);
 
 /// A stage supervisor's mailbox; `I` is the stage's input type, `O` its
 /// output type.
@@ -156,6 +163,9 @@ struct Slot<I, O> {
     harvest: Harvest<I, O>,
     /// Since when it has held the front of `held` (stall detection).
     since: Instant,
+    /// When it was last given items or last reported a finished one: its
+    /// unstarted items stay its own until [`STEAL_AFTER`] after that.
+    progress: Instant,
     /// The front of `held` was reported stalled.
     stalled: bool,
 }
@@ -390,6 +400,7 @@ where
                 dead: false,
                 harvest: Harvest::default(),
                 since: crate::clock::now(),
+                progress: crate::clock::now(),
                 stalled: false,
             },
         );
@@ -519,6 +530,9 @@ where
         let n = report.outcomes.len() + report.returned.len();
         for _ in 0..n {
             slot.held.pop_front();
+        }
+        if !report.outcomes.is_empty() {
+            slot.progress = crate::clock::now();
         }
         if n > 0 && !slot.held.is_empty() && self.shared.config.stall_threshold.is_some() {
             // The worker goes on with the rest of its batch.
@@ -812,6 +826,7 @@ where
                 slot.stalled = false;
             }
             self.in_flight += take;
+            slot.progress = crate::clock::now();
             slot.hand.give(items);
             if slot.actor.cast(WorkerMsg::Run).is_err() {
                 // The worker died after its last report; its Reap is on the way.
@@ -850,8 +865,8 @@ where
     }
 
     /// When workers are idle and nothing is queued, takes from the busy
-    /// worker holding the most what it has not started, for the idle
-    /// workers, and what its blocking handler returned and it has not
+    /// worker holding the most, of those that finished nothing for
+    /// [`STEAL_AFTER`], what it has not started, for the idle workers, and what its blocking handler returned and it has not
     /// reported yet: so an item that takes long holds back only itself,
     /// never the rest of its batch while a worker is idle. The busy worker
     /// keeps an even share.
@@ -860,12 +875,18 @@ where
             return;
         }
         let idle = self.idle.len();
-        // The busiest first; an async worker keeps its batch to itself
-        // while its handlers complete at once, so look at a few.
+        // The busiest first, of those whose batch outlived its pace; an
+        // async worker keeps its batch to itself while its handlers
+        // complete at once, so look at a few.
+        let mut now = None;
         let mut candidates: Vec<_> = self
             .slots
             .iter()
             .filter(|(_, s)| !s.failing && !s.dead && s.held.len() > 1)
+            .filter(|(_, s)| {
+                let now = *now.get_or_insert_with(crate::clock::now);
+                now.saturating_duration_since(s.progress) >= STEAL_AFTER
+            })
             .map(|(id, s)| (s.held.len(), *id))
             .collect();
         candidates.sort_unstable_by(|a, b| b.cmp(a));
