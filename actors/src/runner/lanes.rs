@@ -31,7 +31,7 @@
 //! exits; in a rayon pool of `workers` threads, batches queue behind the
 //! stuck ones and never start.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -75,14 +75,20 @@ impl Lanes {
     /// timeout, or was killed), the thread is given up.
     pub(crate) async fn run(&self, batch: Batch) -> Result<(), String> {
         let inhibit = Inhibit::if_paused();
+        let ended = Arc::new(AtomicBool::new(false));
         let mut held = Held {
             lanes: self,
             lane: Some(self.take()?),
+            ended: ended.clone(),
             _inhibit: inhibit.clone(),
         };
         let (done, result) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
-            let _ = done.send(batch());
+            let result = batch();
+            // Before the send: a worker stopped after the batch's last
+            // report and before this wakes it has no stuck thread.
+            ended.store(true, Ordering::Release);
+            let _ = done.send(result);
             // After the send, which wakes the worker.
             drop(inhibit);
         });
@@ -165,6 +171,8 @@ impl Lanes {
 struct Held<'a> {
     lanes: &'a Lanes,
     lane: Option<Lane>,
+    /// The batch has ended (the thread is about to take its next job).
+    ended: Arc<AtomicBool>,
     _inhibit: Option<Inhibit>,
 }
 
@@ -210,7 +218,12 @@ fn clock_paused() -> bool {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         if let Some(lane) = self.lane.take() {
-            self.lanes.give_up(lane);
+            if self.ended.load(Ordering::Acquire) {
+                // Its batch is over: the thread is idle, not stuck.
+                self.lanes.give_back(lane);
+            } else {
+                self.lanes.give_up(lane);
+            }
         }
     }
 }
@@ -252,5 +265,37 @@ mod tests {
         lanes.run(Box::new(|| Ok(()))).await.unwrap();
         assert_eq!(lanes.started.load(Ordering::SeqCst), 2, "never reused");
         assert_eq!(lanes.lock().len(), 1);
+    }
+
+    /// A worker stopped after its batch ended but before it heard so (the
+    /// batch's last report went, the pipeline finished, the worker was
+    /// stopped) leaves no stuck thread: the thread is idle and reused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_thread_whose_batch_ended_is_not_stuck_when_its_worker_stops_waiting() {
+        let stuck = Arc::new(AtomicUsize::new(0));
+        let lanes = Lanes::new("s", "s-thread".into(), stuck.clone());
+        let (ran, has_run) = mpsc::channel::<()>();
+        {
+            let mut waiting = std::pin::pin!(lanes.run(Box::new(move || {
+                let _ = ran.send(());
+                Ok(())
+            })));
+            // Sends the batch; it cannot have ended yet.
+            assert!(futures::poll!(waiting.as_mut()).is_pending());
+            has_run.recv_timeout(Duration::from_secs(5)).unwrap();
+            // Its end is marked right after the batch returns.
+            std::thread::sleep(Duration::from_millis(50));
+        } // dropped before it was told
+        assert_eq!(
+            stuck.load(Ordering::SeqCst),
+            0,
+            "an idle thread is not stuck"
+        );
+        lanes.run(Box::new(|| Ok(()))).await.unwrap();
+        assert_eq!(
+            lanes.started.load(Ordering::SeqCst),
+            1,
+            "the idle thread is reused"
+        );
     }
 }
