@@ -26,68 +26,11 @@ use crate::runner::async_rt::AsyncRunner;
 use crate::runner::cpu;
 use crate::runner::process::ProcessRunner;
 use crate::runner::thread::ThreadRunner;
+use crate::ports::{FailPipeline, Outlet, StageControl};
 use crate::shared::Shared;
 use crate::source::{DynSource, Source, erase_source};
-use crate::stage::{Downstream, Stage, StageArgs, StageMsg};
+use crate::stage::{Downstream, Stage, StageArgs};
 use crate::tracker::TrackerMsg;
-
-/// Where an actor sends demand: the stage or source before it.
-pub(crate) type DemandPort = Arc<dyn Fn(usize) + Send + Sync>;
-
-/// How a stage fails the whole pipeline (through the root).
-pub(crate) type FailPort = Arc<dyn Fn(crate::error::PipelineError) + Send + Sync>;
-
-/// Where a stage sends the items its handler finished: the next stage.
-pub(crate) trait Outlet<T>: Send + Sync + 'static {
-    /// Sends a batch; the receiver asked for at least this many.
-    fn send(&self, items: Vec<WorkItem<T>>);
-}
-
-impl<T: Send + 'static, O: Send + 'static> Outlet<T> for ActorRef<StageMsg<T, O>> {
-    fn send(&self, items: Vec<WorkItem<T>>) {
-        // A closed stage means the pipeline is shutting down.
-        let _ = self.cast(StageMsg::Items(items));
-    }
-}
-
-/// What the root needs of a stage, whatever its types.
-pub(crate) trait StageControl: Send + Sync + 'static {
-    fn connect(&self, upstream: DemandPort);
-    fn abort(&self);
-    fn cell(&self) -> ActorCell;
-    /// A port that sends demand to this stage.
-    fn demand_port(&self) -> DemandPort;
-    /// A port that asks this stage to report its stalled items.
-    fn stall_port(&self) -> crate::monitor::StallPort;
-}
-
-impl<I: Send + 'static, O: Send + 'static> StageControl for ActorRef<StageMsg<I, O>> {
-    fn connect(&self, upstream: DemandPort) {
-        let _ = self.cast(StageMsg::Connect(upstream));
-    }
-
-    fn abort(&self) {
-        let _ = self.cast(StageMsg::Abort);
-    }
-
-    fn cell(&self) -> ActorCell {
-        self.get_cell()
-    }
-
-    fn demand_port(&self) -> DemandPort {
-        let me = self.clone();
-        Arc::new(move |n| {
-            let _ = me.cast(StageMsg::Demand(n));
-        })
-    }
-
-    fn stall_port(&self) -> crate::monitor::StallPort {
-        let me = self.clone();
-        Arc::new(move |threshold| {
-            let _ = me.cast(StageMsg::CheckStalls(threshold));
-        })
-    }
-}
 
 /// What spawning a stage needs from the root.
 pub(crate) struct SpawnCtx {
@@ -95,7 +38,7 @@ pub(crate) struct SpawnCtx {
     pub(crate) index: usize,
     pub(crate) tracker: ActorRef<TrackerMsg>,
     pub(crate) supervisor: ActorCell,
-    pub(crate) fail: FailPort,
+    pub(crate) fail: Arc<dyn FailPipeline>,
 }
 
 /// A spawned stage: its inlet (an `Arc<dyn Outlet<I>>`, typed for the stage

@@ -49,10 +49,13 @@ pub(crate) mod contain;
 pub mod dead_letter;
 pub mod error;
 pub mod event;
+pub(crate) mod gauges;
 pub mod item;
 #[cfg(feature = "metrics")]
 pub(crate) mod metrics;
 pub(crate) mod monitor;
+pub(crate) mod outcome;
+pub(crate) mod ports;
 pub mod process;
 pub mod root;
 pub(crate) mod runner;
@@ -61,6 +64,7 @@ pub mod source;
 pub(crate) mod source_actor;
 pub(crate) mod stage;
 pub mod stats;
+pub(crate) mod tally;
 pub(crate) mod tracker;
 pub(crate) mod worker;
 

@@ -47,13 +47,14 @@ use std::time::Duration;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::sync::Mutex as AsyncMutex;
 
-use crate::binding::{Outlet, SourceBinding, SpawnCtx, StageBinding, StageControl};
+use crate::binding::{SourceBinding, SpawnCtx, StageBinding};
 use crate::config::PipelineConfig;
 use crate::dead_letter::DeadLetterSink;
 use crate::error::PipelineError;
 use crate::event::{EventFilter, EventStream, PipelineEvent};
 use crate::item::{WorkItem, WorkItemResult};
-use crate::shared::Shared;
+use crate::ports::{FailPipeline, Outlet, ReportFiled, StageControl, Upstream};
+use crate::shared::{FinishReport, Shared};
 use crate::source_actor::{SourceActor, SourceArgs, SourceMsg};
 use crate::stats::PipelineStats;
 use crate::tracker::{Callback, Tracker, TrackerArgs, TrackerMsg};
@@ -107,15 +108,21 @@ impl Failure {
     }
 }
 
+impl<T: Send + 'static> FailPipeline for ActorRef<PipelineMsg<T>> {
+    fn fail(&self, error: PipelineError) {
+        let _ = self.cast(PipelineMsg::StageFailed(Failure::new(error)));
+    }
+}
+
+impl<T: Send + 'static> ReportFiled for ActorRef<PipelineMsg<T>> {
+    fn filed(&self) {
+        let _ = self.cast(PipelineMsg::Finished(Filed(())));
+    }
+}
+
 /// A tick of the root's stats timer; see [`PipelineMsg::LogStats`].
 #[derive(Debug)]
 pub struct Tick(());
-
-/// What the tracker hands over at the end.
-pub(crate) struct FinishReport {
-    pub(crate) results: Vec<WorkItemResult>,
-    pub(crate) stats: PipelineStats,
-}
 
 /// Everything a pipeline is made of, as the builder assembled it.
 pub struct PipelineParts<T> {
@@ -331,9 +338,7 @@ async fn spawn_children<T: Send + 'static>(
     let root = myself.clone();
     let tracker_args = TrackerArgs {
         shared: shared.clone(),
-        finish: Box::new(move || {
-            let _ = root.cast(PipelineMsg::Finished(Filed(())));
-        }),
+        finish: Box::new(root),
         callbacks: parts.callbacks,
         dead_letters: parts.dead_letters,
     };
@@ -343,15 +348,12 @@ async fn spawn_children<T: Send + 'static>(
     let mut stages: Vec<Box<dyn StageControl>> = Vec::with_capacity(parts.stages.len());
     let mut outlet = None;
     for (index, binding) in parts.stages.into_iter().enumerate().rev() {
-        let root = myself.clone();
         let ctx = SpawnCtx {
             shared: shared.clone(),
             index,
             tracker: tracker.clone(),
             supervisor: cell.clone(),
-            fail: Arc::new(move |error| {
-                let _ = root.cast(PipelineMsg::StageFailed(Failure::new(error)));
-            }),
+            fail: Arc::new(myself.clone()),
         };
         let stage = binding.spawn(ctx, outlet.take()).await?;
         spawned.push(stage.control.cell());
@@ -379,25 +381,16 @@ async fn spawn_children<T: Send + 'static>(
     let (source, _) = Actor::spawn_linked(None, SourceActor::new(), source_args, cell).await?;
     spawned.push(source.get_cell());
 
-    let releases = source.clone();
-    let release = Box::new(move |n, ids, acks| {
-        let _ = releases.cast(SourceMsg::Released(n, ids, acks));
-    });
-    tracker.cast(TrackerMsg::Connect(release, wants_acks))?;
+    tracker.cast(TrackerMsg::Connect(Box::new(source.clone()), wants_acks))?;
     for (i, stage) in stages.iter().enumerate() {
-        let upstream = match i {
-            0 => {
-                let source = source.clone();
-                Arc::new(move |n| {
-                    let _ = source.cast(SourceMsg::Demand(n));
-                }) as crate::binding::DemandPort
-            }
+        let upstream: Arc<dyn Upstream> = match i {
+            0 => Arc::new(source.clone()),
             _ => stages[i - 1].demand_port(),
         };
         stage.connect(upstream);
     }
     #[cfg(feature = "metrics")]
-    crate::metrics::install(shared);
+    shared.install_metrics();
     *shared.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(crate::clock::now());
     crate::monitor::spawn(
         shared.clone(),
@@ -468,9 +461,7 @@ impl<T: Send + 'static> PipelineState<T> {
         };
         let result = error.clone().map_or(Ok(()), Err);
         #[cfg(feature = "metrics")]
-        if let Some(metrics) = self.shared.metrics.get() {
-            metrics.sync(&self.shared, true);
-        }
+        self.shared.sync_metrics(true);
         self.shared.completion.finish(results, error, stats);
         result
     }

@@ -30,10 +30,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rustc_hash::FxHashSet;
 use tokio::sync::watch;
 
-use crate::binding::Outlet;
 use crate::error::PipelineError;
 use crate::event::PipelineEvent;
 use crate::item::{ItemError, ItemErrorKind, JobId, WorkItem, WorkItemResult};
+use crate::ports::{Outlet, Releases, Upstream};
 use crate::shared::Shared;
 use crate::source::{Ack, DynSource};
 use crate::tracker::TrackerMsg;
@@ -58,6 +58,18 @@ pub(crate) enum SourceMsg<T> {
     /// From the root, when a stage ended from outside: the job ids of the
     /// items admitted and not released yet (`None` with tracking off).
     Outstanding(RpcReplyPort<Option<Vec<JobId>>>),
+}
+
+impl<T: Send + 'static> Upstream for ActorRef<SourceMsg<T>> {
+    fn demand(&self, n: usize) {
+        let _ = self.cast(SourceMsg::Demand(n));
+    }
+}
+
+impl<T: Send + 'static> Releases for ActorRef<SourceMsg<T>> {
+    fn released(&self, n: usize, ids: Vec<JobId>, acks: Vec<Ack>) {
+        let _ = self.cast(SourceMsg::Released(n, ids, acks));
+    }
 }
 
 pub(crate) struct SourceActor<T>(std::marker::PhantomData<fn() -> T>);
@@ -256,7 +268,7 @@ impl<T: Send + 'static> SourceState<T> {
                     return;
                 }
                 Some(Err(panic)) => {
-                    self.source_panicked("refill", crate::runner::panic_message(&*panic));
+                    self.source_panicked("refill", crate::contain::panic_message(&*panic));
                     return;
                 }
                 Some(Ok(refill)) => refill,
@@ -361,7 +373,7 @@ impl<T: Send + 'static> SourceState<T> {
         };
         let n = acks.len();
         if let Err(panic) = AssertUnwindSafe(source.ack(acks)).catch_unwind().await {
-            let message = crate::runner::panic_message(&*panic);
+            let message = crate::contain::panic_message(&*panic);
             tracing::error!(
                 pipeline = %self.shared.name,
                 "the source's ack panicked while acknowledging {n} items: {message}"

@@ -19,7 +19,9 @@ use futures::FutureExt;
 use tracing::Instrument;
 
 use super::hand::Hand;
-use super::{Attempt, Ran, Reporter, RunCtx, Sending, StageRunner, item_span, item_spans_enabled};
+use super::attempt::{Attempt, Ran};
+use super::report::{Reporter, Sending};
+use super::{RunCtx, StageRunner, item_span, item_spans_enabled};
 use crate::item::WorkItem;
 
 /// Awaits the pinned future `$fut`; if it cannot finish at once, first sends
@@ -143,7 +145,7 @@ where
                         }
                     }
                 }
-                Err(payload) => Ran::Panicked(payload),
+                Err(payload) => Ran::Panicked(crate::contain::take_message(payload)),
             };
             let now = crate::clock::now();
             // Taken only after a panic, to be handed back.

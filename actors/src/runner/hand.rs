@@ -23,7 +23,10 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{Attempt, Outcome, Reporter, RunCtx};
+use super::RunCtx;
+use super::attempt::Attempt;
+use super::report::Reporter;
+use crate::outcome::Outcome;
 use crate::item::WorkItem;
 
 /// What one worker holds, shared with its stage.

@@ -9,7 +9,8 @@
 use std::sync::Arc;
 
 use super::lanes::{self, Lanes};
-use super::{RunCtx, StageRunner, run_blocking, watch};
+use super::blocking::run_blocking;
+use super::{RunCtx, StageRunner, watch};
 use crate::item::WorkItem;
 
 /// Runs a blocking `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>` on the
