@@ -16,8 +16,9 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::config::ExecutionType;
+use crate::config::{ExecutionType, HandlerKind};
 use crate::item::WorkItem;
+use crate::ports::{FailPipeline, Outlet, StageControl};
 use crate::process::ProcessOptions;
 use crate::process::entry::Entry;
 use crate::process::spawn::ChildSpec;
@@ -26,7 +27,6 @@ use crate::runner::async_rt::AsyncRunner;
 use crate::runner::cpu;
 use crate::runner::process::ProcessRunner;
 use crate::runner::thread::ThreadRunner;
-use crate::ports::{FailPipeline, Outlet, StageControl};
 use crate::shared::Shared;
 use crate::source::{DynSource, Source, erase_source};
 use crate::stage::{Downstream, Stage, StageArgs};
@@ -51,20 +51,8 @@ pub(crate) struct Spawned {
 type SpawnFuture = Pin<Box<dyn Future<Output = Result<Spawned, ActorProcessingErr>> + Send>>;
 type SpawnFn = Box<dyn FnOnce(SpawnCtx, Option<Box<dyn Any + Send>>) -> SpawnFuture + Send>;
 
-/// Which builder method bound a handler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum HandlerKind {
-    /// An `async fn`, for `Async` stages.
-    Async,
-    /// A blocking `fn`, for `Thread` and `Cpu` stages.
-    Blocking,
-    /// A plain `fn` over serde data, for `Process` stages.
-    Process,
-}
-
 /// A stage's handler, ready to be spawned as a supervisor with its workers.
-pub struct StageBinding {
+pub(crate) struct StageBinding {
     kind: HandlerKind,
     retries: bool,
     spawn: SpawnFn,
@@ -81,7 +69,7 @@ impl std::fmt::Debug for StageBinding {
 
 impl StageBinding {
     /// Binds an `async fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>`.
-    pub fn asynchronous<I, O, F, Fut>(handler: F) -> Self
+    pub(crate) fn asynchronous<I, O, F, Fut>(handler: F) -> Self
     where
         I: Send + 'static,
         O: Send + 'static,
@@ -94,7 +82,7 @@ impl StageBinding {
     /// Like [`asynchronous`](Self::asynchronous), for a stage that retries:
     /// a copy of each input is kept for the next attempt (and for the dead
     /// letter when the last one fails).
-    pub fn asynchronous_retrying<I, O, F, Fut>(handler: F) -> Self
+    pub(crate) fn asynchronous_retrying<I, O, F, Fut>(handler: F) -> Self
     where
         I: Clone + Send + 'static,
         O: Send + 'static,
@@ -128,7 +116,7 @@ impl StageBinding {
     /// Binds a blocking `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>`; it
     /// runs on the stage's own threads, `workers` at a time, for a Thread
     /// or a Cpu stage.
-    pub fn blocking<I, O, F>(handler: F) -> Self
+    pub(crate) fn blocking<I, O, F>(handler: F) -> Self
     where
         I: Send + 'static,
         O: Send + 'static,
@@ -140,7 +128,7 @@ impl StageBinding {
     /// Like [`blocking`](Self::blocking), for a stage that retries: a copy
     /// of each input is kept for the next attempt (and for the dead letter
     /// when the last one fails).
-    pub fn blocking_retrying<I, O, F>(handler: F) -> Self
+    pub(crate) fn blocking_retrying<I, O, F>(handler: F) -> Self
     where
         I: Clone + Send + 'static,
         O: Send + 'static,
@@ -172,9 +160,9 @@ impl StageBinding {
                             let runner = cpu::runner(&config.name, handler, stuck);
                             spawn_stage::<I, O, _>(ctx, runner, keep, outlet).await
                         }
-                        other => Err(format!(
-                            "stage `{}`: a blocking handler cannot run as {other}",
-                            config.name
+                        ExecutionType::Async | ExecutionType::Process => Err(format!(
+                            "stage `{}`: a blocking handler cannot run as {}",
+                            config.name, config.execution_type
                         )
                         .into()),
                     }
@@ -186,7 +174,7 @@ impl StageBinding {
     /// Binds a plain `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>` for a
     /// `Process` stage: it runs in worker processes, which the stage starts
     /// as `options` say (see [`crate::process`]).
-    pub fn process<I, O>(
+    pub(crate) fn process<I, O>(
         handler: fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>,
         options: ProcessOptions,
     ) -> Self
@@ -223,12 +211,12 @@ impl StageBinding {
     }
 
     /// Which kind of handler this is.
-    pub fn kind(&self) -> HandlerKind {
+    pub(crate) fn kind(&self) -> HandlerKind {
         self.kind
     }
 
     /// Whether the handler was bound to retry (it keeps a copy of each input).
-    pub fn retries(&self) -> bool {
+    pub(crate) fn retries(&self) -> bool {
         self.retries
     }
 
@@ -276,7 +264,7 @@ where
 }
 
 /// Where a pipeline's items come from: a [`Source`], or only `inject`.
-pub struct SourceBinding<T> {
+pub(crate) struct SourceBinding<T> {
     pub(crate) source: Option<Box<dyn DynSource<T>>>,
 }
 
@@ -290,14 +278,14 @@ impl<T> std::fmt::Debug for SourceBinding<T> {
 
 impl<T: Send + 'static> SourceBinding<T> {
     /// Items from `source`, asked for on demand.
-    pub fn from_source<S: Source<Item = T>>(source: S) -> Self {
+    pub(crate) fn from_source<S: Source<Item = T>>(source: S) -> Self {
         SourceBinding {
             source: Some(erase_source(source)),
         }
     }
 
     /// Items only by injection; the input stays open until stopped.
-    pub fn injected() -> Self {
+    pub(crate) fn injected() -> Self {
         SourceBinding { source: None }
     }
 }

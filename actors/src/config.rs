@@ -92,6 +92,27 @@ impl ExecutionType {
             ExecutionType::Process => "process",
         }
     }
+
+    /// The kind of handler a stage of this model is bound with.
+    pub(crate) fn handler_kind(self) -> HandlerKind {
+        match self {
+            ExecutionType::Async => HandlerKind::Async,
+            ExecutionType::Thread | ExecutionType::Cpu => HandlerKind::Blocking,
+            ExecutionType::Process => HandlerKind::Process,
+        } // no `_ =>`: a new model does not compile until it has a place
+    }
+}
+
+/// Which builder method binds a stage's handler: the three shapes of
+/// handler, one per family of execution models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HandlerKind {
+    /// An `async fn`, for `Async` stages.
+    Async,
+    /// A blocking `fn`, for `Thread` and `Cpu` stages.
+    Blocking,
+    /// A plain `fn` over serde data, for `Process` stages.
+    Process,
 }
 
 impl std::fmt::Display for ExecutionType {

@@ -10,9 +10,9 @@ use tokio::sync::watch;
 use crate::config::PipelineConfig;
 use crate::error::PipelineError;
 use crate::event::EventHub;
+use crate::gauges::StageGauges;
 use crate::item::{StageNames, WorkItemResult};
 use crate::stats::PipelineStats;
-use crate::gauges::StageGauges;
 use crate::tally::{Live, Tally};
 
 pub(crate) struct Shared {

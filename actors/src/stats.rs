@@ -226,4 +226,3 @@ fn secs_opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S
         None => s.serialize_none(),
     }
 }
-

@@ -28,13 +28,13 @@ use crate::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::event::PipelineEvent;
 use crate::item::JobId;
 use crate::item::{ItemError, ItemErrorKind, WorkItemMetadata, WorkItemResult};
-use crate::ports::{ReportFiled, Releases};
+use crate::ports::{Releases, ReportFiled};
 use crate::shared::{FinishReport, Shared};
 use crate::source::Ack;
 
 /// A completion callback: called once per item, on the tracker's task,
 /// which owns it (so it may keep state: `FnMut`, and needs no `Sync`).
-pub type Callback = Box<dyn FnMut(&WorkItemResult) + Send>;
+pub(crate) type Callback = Box<dyn FnMut(&WorkItemResult) + Send>;
 
 /// The tracker's mailbox.
 pub(crate) enum TrackerMsg {

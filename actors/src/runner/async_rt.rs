@@ -18,8 +18,8 @@ use std::task::Poll;
 use futures::FutureExt;
 use tracing::Instrument;
 
-use super::hand::Hand;
 use super::attempt::{Attempt, Ran};
+use super::hand::Hand;
 use super::report::{Reporter, Sending};
 use super::{RunCtx, StageRunner, item_span, item_spans_enabled};
 use crate::item::WorkItem;

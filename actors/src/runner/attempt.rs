@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use super::RunCtx;
 use crate::contain;
 use crate::item::{
-    ItemError, ItemErrorKind, JobId, Permanent, StageNames, StageTimes, WorkItem,
-    WorkItemMetadata, WorkItemResult,
+    ItemError, ItemErrorKind, JobId, Permanent, StageNames, StageTimes, WorkItem, WorkItemMetadata,
+    WorkItemResult,
 };
 use crate::outcome::{Failed, Outcome};
 

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use super::RunCtx;
 use super::attempt::Attempt;
 use super::report::Reporter;
-use crate::outcome::Outcome;
 use crate::item::WorkItem;
+use crate::outcome::Outcome;
 
 /// What one worker holds, shared with its stage.
 pub(crate) struct Hand<I, O> {

@@ -32,10 +32,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::attempt::{Attempt, Ran};
 use super::report::{Reporter, Sending};
 use super::{FLUSH_AFTER, RunCtx, StageRunner};
-use crate::outcome::Outcome;
-use crate::ports::FailPipeline;
 use crate::error::PipelineError;
 use crate::item::{ItemErrorKind, Permanent, WorkItem, WorkItemMetadata};
+use crate::outcome::Outcome;
+use crate::ports::FailPipeline;
 use crate::process::frame::{self, Job, JobRef, Reply};
 use crate::process::spawn::{ChildProc, ChildSpec};
 

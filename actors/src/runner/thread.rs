@@ -8,8 +8,8 @@
 
 use std::sync::Arc;
 
-use super::lanes::{self, Lanes};
 use super::blocking::run_blocking;
+use super::lanes::{self, Lanes};
 use super::{RunCtx, StageRunner, watch};
 use crate::item::WorkItem;
 

@@ -94,10 +94,16 @@ mod tests {
     async fn one_timer_serves_every_waiting_item_earliest_first() {
         let mut backoff = Backoff::new();
         let item = |n: u32| WorkItem::new(n);
-        assert_eq!(backoff.hold(item(1), Duration::from_secs(2)), Some(Duration::from_secs(2)));
+        assert_eq!(
+            backoff.hold(item(1), Duration::from_secs(2)),
+            Some(Duration::from_secs(2))
+        );
         // A later item needs no timer of its own; an earlier one does.
         assert_eq!(backoff.hold(item(2), Duration::from_secs(3)), None);
-        assert_eq!(backoff.hold(item(3), Duration::from_secs(1)), Some(Duration::from_secs(1)));
+        assert_eq!(
+            backoff.hold(item(3), Duration::from_secs(1)),
+            Some(Duration::from_secs(1))
+        );
         tokio::time::advance(Duration::from_secs(1)).await;
         let (ready, timer) = backoff.due();
         assert_eq!(ready.iter().map(|i| i.data).collect::<Vec<_>>(), [3]);

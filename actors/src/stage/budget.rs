@@ -75,7 +75,10 @@ mod tests {
             Err(Some(over)) => assert_eq!(over.restarts, 3),
             _ => panic!("over budget"),
         }
-        assert!(matches!(budget.replace(t0 + Duration::from_secs(60)), Err(None)));
+        assert!(matches!(
+            budget.replace(t0 + Duration::from_secs(60)),
+            Err(None)
+        ));
         assert!(Budget::new(None).replace(t0).is_ok());
     }
 }

@@ -741,7 +741,9 @@ where
         self.steal(myself);
         let mut now = None;
         while !self.queue.is_empty() && self.pool.has_idle() {
-            let take = self.batching.batch(self.queue.len(), self.pool.idle_count() - 1);
+            let take = self
+                .batching
+                .batch(self.queue.len(), self.pool.idle_count() - 1);
             let items: Vec<_> = self.queue.drain(..take).collect();
             let now = *now.get_or_insert_with(crate::clock::now);
             if let Some(Err(items)) = self.pool.give(items, now) {

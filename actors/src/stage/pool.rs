@@ -200,10 +200,16 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         now: Instant,
     ) -> Option<Result<(), Vec<WorkItem<I>>>> {
         let worker = self.idle.pop()?;
-        let slot = self.slots.get_mut(&worker).expect("idle workers have slots");
+        let slot = self
+            .slots
+            .get_mut(&worker)
+            .expect("idle workers have slots");
         let n = items.len();
-        slot.held
-            .extend(items.iter().map(|i| (i.job_id.clone(), i.metadata.created())));
+        slot.held.extend(
+            items
+                .iter()
+                .map(|i| (i.job_id.clone(), i.metadata.created())),
+        );
         slot.since = now;
         slot.stalled = false;
         slot.progress = now;
@@ -248,9 +254,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             slot.failing = true;
             AfterReport::Failing
         } else if slot.held.is_empty() && !slot.dead && !aborting {
-            if !self.idle.contains(&worker) {
-                self.idle.push(worker);
-            }
+            self.idle.push(worker);
             AfterReport::Idle
         } else {
             AfterReport::Busy
@@ -329,7 +333,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             for _ in 0..outcomes.len() {
                 slot.held.pop_front();
             }
-            if slot.held.is_empty() && !self.idle.contains(&victim) {
+            if slot.held.is_empty() {
                 // It had not started on its batch: all of it went to others.
                 // The wake-up it has yet to read finds its hand empty.
                 self.idle.push(victim);
@@ -344,12 +348,14 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         None
     }
 
-    /// Checks the invariants (debug builds).
+    /// Checks the invariants, in debug builds (of pools small enough that
+    /// a pass over every worker per message costs little).
     pub(super) fn check(&self) {
-        if cfg!(debug_assertions) {
+        if cfg!(debug_assertions) && self.slots.len() <= 256 {
             let held: usize = self.slots.values().map(|s| s.held.len()).sum();
             debug_assert_eq!(held, self.in_flight, "in_flight is what the workers hold");
-            for (i, worker) in self.idle.iter().enumerate() {
+            let mut seen = std::collections::HashSet::with_capacity(self.idle.len());
+            for worker in &self.idle {
                 let slot = &self.slots[worker];
                 debug_assert!(
                     slot.held.is_empty() && !slot.failing && !slot.dead,
@@ -358,7 +364,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
                     slot.failing,
                     slot.dead
                 );
-                debug_assert!(!self.idle[..i].contains(worker), "{worker} listed idle twice");
+                debug_assert!(seen.insert(*worker), "{worker} listed idle twice");
             }
         }
     }
