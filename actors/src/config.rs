@@ -180,6 +180,7 @@ pub struct StageConfig {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RetryPolicy {
     /// All attempts, the first included; 1 means never retry.
     pub max_attempts: u32,
@@ -288,6 +289,7 @@ impl RetryPolicy {
 /// (seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RestartBudget {
     /// Replacements allowed within `window`; one more fails the pipeline.
     pub max_restarts: u32,

@@ -225,7 +225,7 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
                 let _ = reply.send(state.shared.stats());
             }
             PipelineMsg::StageFailed(Failure(error)) => {
-                tracing::error!(pipeline = %state.shared.name, "{error}");
+                tracing::error!(target: "bergtalzug::pipeline", pipeline = %state.shared.name, "{error}");
                 state.shared.fail(error);
                 state.shared.stop_waiting();
                 state.close_input();
@@ -307,7 +307,7 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
         if state.shared.completion.is_done() {
             return Ok(());
         }
-        tracing::info!(pipeline = %state.shared.name, "stopped from outside: aborting and accounting for every item");
+        tracing::info!(target: "bergtalzug::pipeline", pipeline = %state.shared.name, "stopped from outside: aborting and accounting for every item");
         state.shared.stop_waiting();
         state.close_input();
         for stage in &state.stages {
@@ -323,7 +323,7 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
 /// whole snapshot as the message.
 fn log_stats(stats: &PipelineStats) {
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
-    tracing::info!(
+    tracing::info!(target: "bergtalzug::pipeline",
         pipeline = %stats.pipeline_name,
         active_items = stats.active_items,
         active_by_stage = ?stats.active_by_stage,
@@ -508,7 +508,7 @@ impl<T: Send + 'static> PipelineState<T> {
                 unaccounted: 0,
             }
         };
-        tracing::error!(pipeline = %self.shared.name, "{error}; finishing the items it admitted");
+        tracing::error!(target: "bergtalzug::pipeline", pipeline = %self.shared.name, "{error}; finishing the items it admitted");
         let _ = self
             .tracker
             .cast(TrackerMsg::Event(PipelineEvent::SourceError {
@@ -543,7 +543,7 @@ impl<T: Send + 'static> PipelineState<T> {
                 unaccounted: self.unfinished(),
             }
         };
-        tracing::error!(pipeline = %self.shared.name, "{error}");
+        tracing::error!(target: "bergtalzug::pipeline", pipeline = %self.shared.name, "{error}");
         self.shared.events.close();
         self.shared.completion.fail(error.clone());
         myself.stop_children(None);
@@ -571,7 +571,7 @@ impl<T: Send + 'static> PipelineState<T> {
         } else {
             "was stopped from outside"
         };
-        tracing::error!(pipeline = %pipeline, stage = %stage, "stage `{stage}` {how} ({reason}); aborting the pipeline");
+        tracing::error!(target: "bergtalzug::pipeline", pipeline = %pipeline, stage = %stage, "stage `{stage}` {how} ({reason}); aborting the pipeline");
         self.sweeping = true;
         self.shared.stop_waiting();
         self.close_input();

@@ -216,6 +216,7 @@ impl<T: Send + 'static> SourceState<T> {
     /// Admits what the demand and the window allow: carried-over items first,
     /// then injections, then the source.
     async fn pump(&mut self, myself: &ActorRef<SourceMsg<T>>) {
+        self.withdraw_abandoned();
         loop {
             if self.closed {
                 return;
@@ -278,7 +279,7 @@ impl<T: Send + 'static> SourceState<T> {
                 Ok(mut items) => {
                     self.failures_in_a_row = 0;
                     if items.len() > count {
-                        tracing::warn!(
+                        tracing::warn!(target: "bergtalzug::source",
                             pipeline = %self.shared.name,
                             "refill({count}) returned {} items; the rest wait for room",
                             items.len()
@@ -302,7 +303,7 @@ impl<T: Send + 'static> SourceState<T> {
                     self.shared
                         .source_errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!(
+                    tracing::warn!(target: "bergtalzug::source",
                         pipeline = %self.shared.name,
                         failures_in_a_row = self.failures_in_a_row,
                         "refill failed, asking again in {retry_in:?}: {message}"
@@ -315,6 +316,33 @@ impl<T: Send + 'static> SourceState<T> {
                     return;
                 }
             }
+        }
+    }
+
+    /// Drops the injections whose caller is gone (its `inject` future was
+    /// dropped): what they had not admitted is never admitted. Items
+    /// already admitted from them stay in and get their outcomes.
+    fn withdraw_abandoned(&mut self) {
+        if !self.injections.iter().any(|i| i.reply.is_closed()) {
+            return;
+        }
+        let (gone, kept) = std::mem::take(&mut self.injections)
+            .into_iter()
+            .partition(|i| i.reply.is_closed());
+        self.injections = kept;
+        for injection in gone {
+            let Injection {
+                items, admitted, ..
+            } = injection;
+            tracing::debug!(
+                target: "bergtalzug::source",
+                pipeline = %self.shared.name,
+                "an inject call was dropped after {admitted} of its items were admitted; \
+                 the other {} are withdrawn",
+                items.len()
+            );
+            // Their `Drop` is user code.
+            crate::contain::drop_logged(items, || "withdrawn injected items".to_string());
         }
     }
 
@@ -344,7 +372,7 @@ impl<T: Send + 'static> SourceState<T> {
                                 item.job_id
                             ),
                         );
-                        tracing::warn!(pipeline = %self.shared.name, job_id = %item.job_id, "duplicate job id refused");
+                        tracing::warn!(target: "bergtalzug::source", pipeline = %self.shared.name, job_id = %item.job_id, "duplicate job id refused");
                         // Its data is dropped here, and its `Drop` is user code.
                         let job_id = item.job_id.clone();
                         let metadata = std::mem::take(&mut item.metadata);
@@ -374,7 +402,7 @@ impl<T: Send + 'static> SourceState<T> {
         let n = acks.len();
         if let Err(panic) = AssertUnwindSafe(source.ack(acks)).catch_unwind().await {
             let message = crate::contain::panic_message(&*panic);
-            tracing::error!(
+            tracing::error!(target: "bergtalzug::source",
                 pipeline = %self.shared.name,
                 "the source's ack panicked while acknowledging {n} items: {message}"
             );
@@ -385,7 +413,7 @@ impl<T: Send + 'static> SourceState<T> {
     /// The source panicked: the pipeline fails with `SourcePanicked`, the
     /// input closes, and the items admitted finish (and are acknowledged).
     fn source_panicked(&mut self, during: &str, message: String) {
-        tracing::error!(
+        tracing::error!(target: "bergtalzug::source",
             pipeline = %self.shared.name,
             "the source panicked in {during}; finishing the items it admitted: {message}"
         );
@@ -408,7 +436,7 @@ impl<T: Send + 'static> SourceState<T> {
         self.shared
             .source_errors
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::error!(
+        tracing::error!(target: "bergtalzug::source",
             pipeline = %self.shared.name,
             failures_in_a_row = failures,
             "refill failed {failures} times in a row (max_refill_failures), giving up the source: {message}"
@@ -444,7 +472,7 @@ impl<T: Send + 'static> SourceState<T> {
         }
         // Carried-over items were never admitted: they are dropped with the source.
         if !self.carry.is_empty() {
-            tracing::warn!(
+            tracing::warn!(target: "bergtalzug::source",
                 pipeline = %self.shared.name,
                 "input closed with {} items the source returned beyond its demand; they were not admitted",
                 self.carry.len()

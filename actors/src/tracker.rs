@@ -190,7 +190,7 @@ impl TrackerState {
                     // Its payload's `Drop` is user code too (and outside the
                     // macro, which may not evaluate its arguments).
                     let message = crate::contain::take_message(panic);
-                    tracing::error!(
+                    tracing::error!(target: "bergtalzug::tracker",
                         pipeline = %self.shared.name,
                         job_id = %result.job_id,
                         "completion callback panicked: {message}"
@@ -248,7 +248,7 @@ impl TrackerState {
                 )
                 .await
             {
-                tracing::error!(
+                tracing::error!(target: "bergtalzug::tracker",
                     pipeline = %self.shared.name,
                     "the dead-letter receiver is gone; later dead letters are dropped"
                 );
@@ -264,7 +264,7 @@ impl TrackerState {
         }
         self.done = true;
         let stats = self.shared.stats();
-        tracing::debug!(pipeline = %self.shared.name, "finished: {stats}");
+        tracing::debug!(target: "bergtalzug::tracker", pipeline = %self.shared.name, "finished: {stats}");
         if self.shared.events.has_subscribers() {
             self.shared
                 .events

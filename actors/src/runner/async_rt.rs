@@ -134,7 +134,7 @@ where
                                 Ok(ran) => ran,
                                 Err(payload) => {
                                     let message = crate::contain::take_message(payload);
-                                    tracing::error!(
+                                    tracing::error!(target: "bergtalzug::stage",
                                         stage = %ctx.stage,
                                         job_id = %attempt.job_id(),
                                         "dropping a timed-out handler's future panicked: {message}; the panic was contained"

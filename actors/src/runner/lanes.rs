@@ -154,7 +154,7 @@ impl Lanes {
         if let Err(mpsc::SendError(leave)) = lane.jobs.send(leave) {
             leave(); // the thread is gone already
         }
-        tracing::debug!(
+        tracing::debug!(target: "bergtalzug::stage",
             stage = %self.stage,
             "a thread was given up while it runs an attempt; {stuck} thread(s) of the stage are stuck so"
         );

@@ -119,7 +119,7 @@ pub(crate) struct RunCtx<I, O> {
 /// so that a batch nobody traces makes no span at all.
 #[inline]
 pub(crate) fn item_spans_enabled() -> bool {
-    tracing::span_enabled!(tracing::Level::DEBUG)
+    tracing::span_enabled!(target: "bergtalzug::item", tracing::Level::DEBUG)
 }
 
 /// The span of one item's pass through a stage's handler, with the fixed
@@ -127,6 +127,7 @@ pub(crate) fn item_spans_enabled() -> bool {
 #[inline]
 pub(crate) fn item_span<I, O>(ctx: &RunCtx<I, O>, job_id: &JobId) -> tracing::Span {
     tracing::debug_span!(
+        target: "bergtalzug::item",
         "item",
         pipeline = %ctx.pipeline,
         stage = %ctx.stage,

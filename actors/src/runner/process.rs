@@ -223,7 +223,7 @@ where
                 Ok(()) => {
                     let pid = proc.pid;
                     let how = proc.kill().await;
-                    tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
+                    tracing::warn!(target: "bergtalzug::process", pipeline = %self.spec.pipeline, stage = %ctx.stage,
                         worker = %ctx.worker, pid,
                         "worker process sent bytes nobody asked for and {how}");
                 }
@@ -232,7 +232,7 @@ where
                     innocent_breaks += 1;
                     let pid = proc.pid;
                     let how = proc.end().await;
-                    tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
+                    tracing::warn!(target: "bergtalzug::process", pipeline = %self.spec.pipeline, stage = %ctx.stage,
                         worker = %ctx.worker, pid,
                         "worker process {pid} {} between items; it {how}", broken.what);
                 }
@@ -244,7 +244,7 @@ where
                         proc.end().await
                     };
                     let message = format!("worker process {pid} {}; it {how}", broken.what);
-                    tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
+                    tracing::warn!(target: "bergtalzug::process", pipeline = %self.spec.pipeline, stage = %ctx.stage,
                         worker = %ctx.worker, pid, "{message}");
                     let front = pending.pop_front().expect("a front");
                     let now = Instant::now();
@@ -351,7 +351,7 @@ where
     /// A worker process failed to start (`message` says how): counts it,
     /// and fails the pipeline once [`START_FAILURES`] in a row did.
     async fn start_failed(&self, ctx: &RunCtx<I, O>, message: String) {
-        tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
+        tracing::warn!(target: "bergtalzug::process", pipeline = %self.spec.pipeline, stage = %ctx.stage,
             worker = %ctx.worker, "{message}");
         let failures = self.start_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures < START_FAILURES {
