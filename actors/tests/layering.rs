@@ -316,9 +316,9 @@ fn no_import_cycle_is_larger_than_two_files() {
         })
         .collect();
     let mut largest: Vec<String> = Vec::new();
-    for i in 0..n {
+    for (i, from) in reach.iter().enumerate() {
         let cycle: Vec<String> = (0..n)
-            .filter(|&j| j == i || (reach[i][j] && reach[j][i]))
+            .filter(|&j| j == i || (from[j] && reach[j][i]))
             .map(|j| name(nodes[j]))
             .collect();
         if cycle.len() > 1 && cycle.len() > largest.len() {
