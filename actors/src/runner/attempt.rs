@@ -168,7 +168,19 @@ impl<I: Send + 'static> Attempt<I> {
     /// The item's outcome in this stage, from how its attempt ended: the
     /// output, another attempt ([`Ran::retryable`], if the policy has one
     /// left and the input was kept), or its final failure.
+    #[inline(always)]
     pub(crate) fn end<O>(self, ctx: &RunCtx<I, O>, ran: Ran<O>, now: Instant) -> Outcome<I, O> {
+        match ran {
+            Ran::Returned(Ok(out)) => self.succeed(ctx, out, now),
+            failed => self.end_failed(ctx, failed, now),
+        }
+    }
+
+    /// [`Attempt::end`] of an attempt that did not return its output: out
+    /// of the line of the items that succeed.
+    #[cold]
+    #[inline(never)]
+    fn end_failed<O>(self, ctx: &RunCtx<I, O>, ran: Ran<O>, now: Instant) -> Outcome<I, O> {
         let retryable = ran.retryable();
         let (kind, message) = match ran {
             Ran::Returned(Ok(out)) => return self.succeed(ctx, out, now),
