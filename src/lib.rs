@@ -84,7 +84,7 @@ pub use bergtalzug_actors::config;
 #[doc(inline)]
 pub use bergtalzug_actors::embed;
 /// Events and subscriptions: [`PipelineEvent`], [`EventFilter`],
-/// [`EventStream`](event::EventStream) and their delivery policy.
+/// [`EventStream`] and their delivery policy.
 pub use bergtalzug_actors::event;
 
 #[doc(inline)]

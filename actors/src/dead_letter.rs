@@ -7,7 +7,7 @@
 //! and their times, and the user's custom metadata) and, when the stage it
 //! failed in keeps its inputs (stages bound to retry do), the input of its
 //! last attempt. [`DeadLetter::replay`] turns a letter back into a fresh
-//! item for [`inject`](crate::root::PipelineRuntime::inject) when that input
+//! item for [`inject`](crate::Pipeline::inject) when that input
 //! is of the pipeline's input type (the item failed in the first stage, or
 //! the stages before did not change its type); otherwise the job id is the
 //! handle to fetch the work again.
