@@ -29,7 +29,7 @@ use crate::runner::process::ProcessRunner;
 use crate::runner::thread::ThreadRunner;
 use crate::shared::Shared;
 use crate::source::{DynSource, Source, erase_source};
-use crate::stage::{Downstream, Stage, StageArgs};
+use crate::stage::{Downstream, Policies, Stage, StageArgs};
 use crate::tracker::TrackerMsg;
 
 /// What spawning a stage needs from the root.
@@ -69,30 +69,34 @@ impl std::fmt::Debug for StageBinding {
 
 impl StageBinding {
     /// Binds an `async fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>`.
-    pub(crate) fn asynchronous<I, O, F, Fut>(handler: F) -> Self
+    pub(crate) fn asynchronous<I, O, F, Fut>(handler: F, policies: Policies<I>) -> Self
     where
         I: Send + 'static,
         O: Send + 'static,
         F: Fn(WorkItem<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = anyhow::Result<WorkItem<O>>> + Send + 'static,
     {
-        Self::asynchronous_keeping(handler, None)
+        Self::asynchronous_keeping(handler, None, policies)
     }
 
     /// Like [`asynchronous`](Self::asynchronous), for a stage that retries:
     /// a copy of each input is kept for the next attempt (and for the dead
     /// letter when the last one fails).
-    pub(crate) fn asynchronous_retrying<I, O, F, Fut>(handler: F) -> Self
+    pub(crate) fn asynchronous_retrying<I, O, F, Fut>(handler: F, policies: Policies<I>) -> Self
     where
         I: Clone + Send + 'static,
         O: Send + 'static,
         F: Fn(WorkItem<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = anyhow::Result<WorkItem<O>>> + Send + 'static,
     {
-        Self::asynchronous_keeping(handler, Some(I::clone))
+        Self::asynchronous_keeping(handler, Some(I::clone), policies)
     }
 
-    fn asynchronous_keeping<I, O, F, Fut>(handler: F, keep: Option<fn(&I) -> I>) -> Self
+    fn asynchronous_keeping<I, O, F, Fut>(
+        handler: F,
+        keep: Option<fn(&I) -> I>,
+        policies: Policies<I>,
+    ) -> Self
     where
         I: Send + 'static,
         O: Send + 'static,
@@ -108,6 +112,7 @@ impl StageBinding {
                     AsyncRunner(handler),
                     keep,
                     outlet,
+                    policies,
                 ))
             }),
         }
@@ -116,28 +121,32 @@ impl StageBinding {
     /// Binds a blocking `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>`; it
     /// runs on the stage's own threads, `workers` at a time, for a Thread
     /// or a Cpu stage.
-    pub(crate) fn blocking<I, O, F>(handler: F) -> Self
+    pub(crate) fn blocking<I, O, F>(handler: F, policies: Policies<I>) -> Self
     where
         I: Send + 'static,
         O: Send + 'static,
         F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
     {
-        Self::blocking_keeping(handler, None)
+        Self::blocking_keeping(handler, None, policies)
     }
 
     /// Like [`blocking`](Self::blocking), for a stage that retries: a copy
     /// of each input is kept for the next attempt (and for the dead letter
     /// when the last one fails).
-    pub(crate) fn blocking_retrying<I, O, F>(handler: F) -> Self
+    pub(crate) fn blocking_retrying<I, O, F>(handler: F, policies: Policies<I>) -> Self
     where
         I: Clone + Send + 'static,
         O: Send + 'static,
         F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
     {
-        Self::blocking_keeping(handler, Some(I::clone))
+        Self::blocking_keeping(handler, Some(I::clone), policies)
     }
 
-    fn blocking_keeping<I, O, F>(handler: F, keep: Option<fn(&I) -> I>) -> Self
+    fn blocking_keeping<I, O, F>(
+        handler: F,
+        keep: Option<fn(&I) -> I>,
+        policies: Policies<I>,
+    ) -> Self
     where
         I: Send + 'static,
         O: Send + 'static,
@@ -154,11 +163,11 @@ impl StageBinding {
                     match config.execution_type {
                         ExecutionType::Thread => {
                             let runner = ThreadRunner::new(&config.name, handler, stuck);
-                            spawn_stage::<I, O, _>(ctx, runner, keep, outlet).await
+                            spawn_stage::<I, O, _>(ctx, runner, keep, outlet, policies).await
                         }
                         ExecutionType::Cpu => {
                             let runner = cpu::runner(&config.name, handler, stuck);
-                            spawn_stage::<I, O, _>(ctx, runner, keep, outlet).await
+                            spawn_stage::<I, O, _>(ctx, runner, keep, outlet, policies).await
                         }
                         ExecutionType::Async | ExecutionType::Process => Err(format!(
                             "stage `{}`: a blocking handler cannot run as {}",
@@ -177,6 +186,7 @@ impl StageBinding {
     pub(crate) fn process<I, O>(
         handler: fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>,
         options: ProcessOptions,
+        policies: Policies<I>,
     ) -> Self
     where
         I: Serialize + DeserializeOwned + Send + 'static,
@@ -204,7 +214,7 @@ impl StageBinding {
                         Entry::of::<I, O>(handler),
                     );
                     let runner = ProcessRunner::<I, O>::new(spec, ctx.fail.clone());
-                    spawn_stage::<I, O, _>(ctx, runner, None, outlet).await
+                    spawn_stage::<I, O, _>(ctx, runner, None, outlet, policies).await
                 })
             }),
         }
@@ -230,6 +240,7 @@ async fn spawn_stage<I, O, R>(
     runner: R,
     keep: Option<fn(&I) -> I>,
     outlet: Option<Box<dyn Any + Send>>,
+    policies: Policies<I>,
 ) -> Result<Spawned, ActorProcessingErr>
 where
     I: Send + 'static,
@@ -253,6 +264,7 @@ where
         downstream,
         tracker: ctx.tracker,
         fail: ctx.fail,
+        policies,
     };
     let (stage, _) =
         Actor::spawn_linked(None, Stage::<I, O, R>::new(), args, ctx.supervisor).await?;

@@ -161,6 +161,7 @@ use crate::pipeline::Pipeline;
 use crate::process::{self, ProcessOptions};
 use crate::root::PipelineParts;
 use crate::source::Source;
+use crate::stage::{Policies, key_fn};
 use crate::tracker::Callback;
 
 /// Why a builder could not make a pipeline. Every variant names the stage.
@@ -233,6 +234,19 @@ pub enum BuildError {
         /// The method that fits a stage that does not retry.
         plain: &'static str,
     },
+    /// `keyed_by` or `cost_by` named a stage other than the next one to
+    /// bind: they are called just before the stage's handler is bound.
+    #[error(
+        "`.{method}(\"{stage}\", ..)` must come just before stage `{stage}` is bound (the next stage to bind is {expected})"
+    )]
+    PolicyOutOfPlace {
+        /// The stage named.
+        stage: String,
+        /// `keyed_by` or `cost_by`.
+        method: &'static str,
+        /// The next stage to bind, or `none`.
+        expected: String,
+    },
     /// Neither `.source(..)` nor `.injected::<T>()` was called.
     #[error("pipeline `{pipeline}` has no input: call .source(..) or .injected::<T>()")]
     MissingSource {
@@ -285,6 +299,8 @@ pub struct PipelineBuilder<T, C, S = HasInput> {
     callbacks: Vec<Callback>,
     dead_letters: Option<DeadLetterSink>,
     error: Option<BuildError>,
+    /// The policies given for the next stage (`keyed_by`, `cost_by`).
+    next: Policies<C>,
     _types: PhantomData<fn(T, S) -> C>,
 }
 
@@ -321,6 +337,7 @@ impl Pipeline<NoInput> {
             callbacks: Vec::new(),
             dead_letters: None,
             error: None,
+            next: Policies::default(),
             _types: PhantomData,
         })
     }
@@ -345,6 +362,7 @@ impl<C> PipelineBuilder<NoInput, C, NeedsInput> {
             callbacks: self.callbacks,
             dead_letters: self.dead_letters,
             error: self.error,
+            next: Policies::default(),
             _types: PhantomData,
         }
     }
@@ -482,6 +500,80 @@ impl<T, C, S> PipelineBuilder<T, C, S> {
 }
 
 impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
+    /// Gives the next stage (`name`, bound right after this call) key
+    /// lanes: items with the same `key` never run at the same time and
+    /// leave the stage in their input order, while items of different keys
+    /// run in parallel (as Broadway's `partition_by`, Akka's
+    /// `mapAsyncPartitioned`). A retry keeps its key's lane: later items of
+    /// that key wait until it is done or has failed for good. Keys are
+    /// compared by a 64-bit hash (two that collide share a lane: less
+    /// parallelism, never two of one key at once). See
+    /// `docs/flow-policies.md`.
+    ///
+    /// ```
+    /// use bergtalzug::prelude::*;
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // (customer, amount): each customer's records are applied in order.
+    /// let config = PipelineConfig::new("ledger", vec![
+    ///     StageConfig::new("apply", ExecutionType::Async).workers(8),
+    /// ]);
+    /// let records = (0..100u32).map(|n| (n % 4, n));
+    /// let results = Pipeline::builder(config)?
+    ///     .source(sources::iter(records))
+    ///     .keyed_by("apply", |item: &WorkItem<(u32, u32)>| item.data.0)
+    ///     .async_stage("apply", |item: WorkItem<(u32, u32)>| async move { Ok(item) })
+    ///     .build()?
+    ///     .run()
+    ///     .await?;
+    /// assert_eq!(results.len(), 100);
+    /// # Ok(()) }
+    /// ```
+    pub fn keyed_by<K: std::hash::Hash>(
+        mut self,
+        name: &str,
+        key: impl Fn(&WorkItem<C>) -> K + Send + Sync + 'static,
+    ) -> Self {
+        if self.policy_in_place(name, "keyed_by") {
+            self.next.key = Some(key_fn(key));
+        }
+        self
+    }
+
+    /// Gives the items of the next stage (`name`, bound right after this
+    /// call) a cost in units of its rate limit (1 by default): an item
+    /// costing 5 uses 5 of the `allowed` units per interval (an item that
+    /// costs more than the burst is charged the burst; 0 is free). See
+    /// [`RateLimit`](crate::config::RateLimit).
+    pub fn cost_by(
+        mut self,
+        name: &str,
+        cost: impl Fn(&WorkItem<C>) -> u32 + Send + Sync + 'static,
+    ) -> Self {
+        if self.policy_in_place(name, "cost_by") {
+            self.next.cost = Some(std::sync::Arc::new(cost));
+        }
+        self
+    }
+
+    /// Whether `name` is the next stage to bind; records the error if not.
+    fn policy_in_place(&mut self, name: &str, method: &'static str) -> bool {
+        if self.error.is_some() {
+            return false;
+        }
+        let next = self.config.stages.get(self.handlers.len());
+        if next.is_some_and(|s| s.name == name) {
+            return true;
+        }
+        self.error = Some(BuildError::PolicyOutOfPlace {
+            stage: name.to_string(),
+            method,
+            expected: next.map_or("none".to_string(), |s| format!("`{}`", s.name)),
+        });
+        false
+    }
+
     /// Binds the handler of the next stage, an `Async` one.
     pub fn async_stage<O, F, Fut>(mut self, name: &str, handler: F) -> PipelineBuilder<T, O>
     where
@@ -490,7 +582,9 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         Fut: Future<Output = anyhow::Result<WorkItem<O>>> + Send + 'static,
     {
         self.check(name, HandlerKind::Async);
-        self.handlers.push(StageBinding::asynchronous(handler));
+        let policies = std::mem::take(&mut self.next);
+        self.handlers
+            .push(StageBinding::asynchronous(handler, policies));
         self.retype()
     }
 
@@ -510,8 +604,9 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         Fut: Future<Output = anyhow::Result<WorkItem<O>>> + Send + 'static,
     {
         self.check(name, HandlerKind::Async);
+        let policies = std::mem::take(&mut self.next);
         self.handlers
-            .push(StageBinding::asynchronous_retrying(handler));
+            .push(StageBinding::asynchronous_retrying(handler, policies));
         self.retype()
     }
 
@@ -522,7 +617,8 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         F: Fn(WorkItem<C>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
     {
         self.check(name, HandlerKind::Blocking);
-        self.handlers.push(StageBinding::blocking(handler));
+        let policies = std::mem::take(&mut self.next);
+        self.handlers.push(StageBinding::blocking(handler, policies));
         self.retype()
     }
 
@@ -537,7 +633,9 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         F: Fn(WorkItem<C>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
     {
         self.check(name, HandlerKind::Blocking);
-        self.handlers.push(StageBinding::blocking_retrying(handler));
+        let policies = std::mem::take(&mut self.next);
+        self.handlers
+            .push(StageBinding::blocking_retrying(handler, policies));
         self.retype()
     }
 
@@ -605,7 +703,9 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         // `process::init`), this serves the stage and never returns.
         process::serve_if_worker(&self.config.pipeline_name, name, handler);
         self.check(name, HandlerKind::Process);
-        self.handlers.push(StageBinding::process(handler, options));
+        let policies = std::mem::take(&mut self.next);
+        self.handlers
+            .push(StageBinding::process(handler, options, policies));
         self.retype()
     }
 
@@ -711,6 +811,7 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
             callbacks: self.callbacks,
             dead_letters: self.dead_letters,
             error: self.error,
+            next: Policies::default(),
             _types: PhantomData,
         }
     }

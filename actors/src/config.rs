@@ -152,6 +152,123 @@ pub struct StageConfig {
     /// Whether and how a failed attempt is tried again; none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
+    /// At most this many items (or units of an item's cost) start per
+    /// interval, with a burst; none by default. Changeable while running
+    /// (`Pipeline::set_rate_limit`). See [`RateLimit`] and
+    /// `docs/flow-policies.md`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Keep the input order at the stage's output, however many workers
+    /// run and however long each item takes: items done early wait in the
+    /// stage (counted against its room) for the ones before them. Failures
+    /// leave in their place too. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ordered: bool,
+}
+
+/// A stage's rate limit: at most `allowed` units per `interval`, spread
+/// evenly (one unit every `interval / allowed`), of which up to `burst` may
+/// be used at once after a quiet spell. A unit is one item, unless the
+/// stage was bound with a cost function
+/// ([`cost_by`](crate::builder::PipelineBuilder::cost_by)). Over any window
+/// of length `w`, at most `burst + allowed * w / interval` units start.
+///
+/// In files: `rate_limit = { allowed = 50, interval = 1.0, burst = 1 }`
+/// (seconds; `interval` defaults to 1 s and `burst` to 1).
+///
+/// ```
+/// use std::time::Duration;
+/// use bergtalzug_actors::config::RateLimit;
+///
+/// let limit = RateLimit::per_second(50).burst(10);
+/// assert_eq!(limit.period(), Duration::from_millis(20));
+/// assert_eq!(RateLimit::new(3, Duration::from_secs(60)).period(), Duration::from_secs(20));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RateLimit {
+    /// Units allowed per `interval`; at least 1.
+    pub allowed: u32,
+    /// The interval. Default 1 s; seconds in files.
+    #[serde(default = "default_rate_interval", with = "seconds")]
+    pub interval: Duration,
+    /// Units that may start at once after a quiet spell. Default 1 (the
+    /// smoothest: one every `interval / allowed`). An item that costs more
+    /// than the burst is charged the burst.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+}
+
+fn default_rate_interval() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_burst() -> u32 {
+    1
+}
+
+impl RateLimit {
+    /// At most `allowed` units per `interval`, with a burst of 1.
+    pub fn new(allowed: u32, interval: Duration) -> Self {
+        RateLimit {
+            allowed,
+            interval,
+            burst: default_burst(),
+        }
+    }
+
+    /// At most `allowed` units a second, with a burst of 1.
+    pub fn per_second(allowed: u32) -> Self {
+        Self::new(allowed, Duration::from_secs(1))
+    }
+
+    /// Lets up to `burst` units start at once after a quiet spell.
+    pub fn burst(mut self, burst: u32) -> Self {
+        self.burst = burst;
+        self
+    }
+
+    /// The time one unit takes to come back: `interval / allowed`.
+    pub fn period(&self) -> Duration {
+        self.interval / self.allowed.max(1)
+    }
+
+    /// Checks the fields, naming the one that is wrong (`rate_limit.allowed`).
+    pub(crate) fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.allowed == 0 {
+            return Err(("rate_limit.allowed", "must be at least 1".into()));
+        }
+        if self.burst == 0 {
+            return Err(("rate_limit.burst", "must be at least 1".into()));
+        }
+        check_at_most_max("rate_limit.interval", self.interval)?;
+        if self.period().is_zero() {
+            return Err((
+                "rate_limit.interval",
+                format!(
+                    "must leave at least 1 ns per unit: {} s for {} units is too short",
+                    self.interval.as_secs_f64(),
+                    self.allowed
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a rate limit for stage `stage`, as validation does.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::InvalidStage`] naming the stage and the field.
+    pub fn validate_for(&self, stage: &str) -> Result<(), ConfigError> {
+        self.check()
+            .map_err(|(field, message)| ConfigError::InvalidStage {
+                stage: stage.to_string(),
+                field: field.into(),
+                message,
+            })
+    }
 }
 
 /// How a stage tries a failed item again: up to `max_attempts` attempts in
@@ -346,6 +463,17 @@ fn check_interval(
     check_at_most_max(field, d)
 }
 
+/// Refuses a worker count outside `1..=MAX_WORKERS`.
+pub(crate) fn check_workers(workers: usize) -> Result<(), String> {
+    if workers == 0 {
+        return Err("must be at least 1".into());
+    }
+    if workers > MAX_WORKERS {
+        return Err(format!("must be at most {MAX_WORKERS}, not {workers}"));
+    }
+    Ok(())
+}
+
 fn default_workers() -> usize {
     5
 }
@@ -365,7 +493,23 @@ impl StageConfig {
             restart_budget: None,
             timeout: None,
             retry: None,
+            rate_limit: None,
+            ordered: false,
         }
+    }
+
+    /// Limits how many items (or units of cost) start per interval; see
+    /// [`RateLimit`].
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = Some(limit);
+        self
+    }
+
+    /// Keeps the input order at the stage's output (see
+    /// [`StageConfig::ordered`]).
+    pub fn ordered(mut self, on: bool) -> Self {
+        self.ordered = on;
+        self
     }
 
     /// Limits how long one attempt may take.
@@ -647,15 +791,7 @@ impl PipelineConfig {
             if !seen.insert(stage.name.as_str()) {
                 return Err(invalid("name", "is used by more than one stage".into()));
             }
-            if stage.workers == 0 {
-                return Err(invalid("workers", "must be at least 1".into()));
-            }
-            if stage.workers > MAX_WORKERS {
-                return Err(invalid(
-                    "workers",
-                    format!("must be at most {MAX_WORKERS}, not {}", stage.workers),
-                ));
-            }
+            check_workers(stage.workers).map_err(|message| invalid("workers", message))?;
             if stage.queue_size == 0 {
                 return Err(invalid("queue_size", "must be at least 1".into()));
             }
@@ -680,6 +816,7 @@ impl PipelineConfig {
                     .restart_budget
                     .map(|b| check_at_most_max("restart_budget.window", b.window)),
                 stage.retry.map(|r| r.check()),
+                stage.rate_limit.map(|r| r.check()),
             ];
             if let Some(Some(Err((field, message)))) =
                 durations.into_iter().find(|c| matches!(c, Some(Err(_))))

@@ -130,6 +130,15 @@ pub enum PipelineError {
         /// How it was stopped.
         reason: String,
     },
+    /// A change asked of a running pipeline (`set_rate_limit`,
+    /// `set_workers`) was refused: the error names the stage and field.
+    #[error("pipeline `{pipeline}`: {error}")]
+    InvalidChange {
+        /// The pipeline.
+        pipeline: String,
+        /// What is wrong, naming the stage and field.
+        error: crate::config::ConfigError,
+    },
     /// `run` already returned this pipeline's results to another caller.
     #[error("the results of pipeline `{0}` were already returned by an earlier run()")]
     ResultsTaken(String),

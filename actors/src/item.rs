@@ -216,6 +216,9 @@ pub struct WorkItemMetadata {
     pub(crate) finished: Option<Instant>,
     /// Attempts made in the stage the item is in (or ended in).
     pub(crate) attempts: u32,
+    /// The item's place in the input order of the stage it is in (set as
+    /// the stage receives it): what ordered output and key lanes go by.
+    pub(crate) seq: u64,
     /// Free-form metadata of the user's; travels with the item from stage to stage.
     pub custom: BTreeMap<String, serde_json::Value>,
 }
@@ -228,6 +231,7 @@ impl Default for WorkItemMetadata {
             stages: Vec::new(),
             finished: None,
             attempts: 0,
+            seq: 0,
             custom: BTreeMap::new(),
         }
     }

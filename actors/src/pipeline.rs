@@ -11,7 +11,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorCell, ActorRef};
 use tokio::sync::Mutex as AsyncMutex;
 
-use crate::config::PipelineConfig;
+use crate::config::{PipelineConfig, RateLimit};
 use crate::error::PipelineError;
 use crate::event::{ActorEvent, EventFilter, EventStream, forward_to_actor};
 use crate::item::{WorkItem, WorkItemResult};
@@ -365,6 +365,80 @@ impl<T: Send + 'static> Pipeline<T> {
         {
             Ok(ractor::rpc::CallResult::Success(result)) => result,
             _ => Err(closed()),
+        }
+    }
+
+    /// Changes a stage's rate limit while the pipeline runs (`None`
+    /// removes it), as Broadway's `update_rate_limiting`. In force at once
+    /// when this returns: the new limiter starts with nothing saved (its
+    /// first unit comes one period after the change), so a change lets no
+    /// burst through by itself. Items a worker already holds still run.
+    /// [`Pipeline::config`] keeps showing the limit it started with.
+    ///
+    /// ```
+    /// # use bergtalzug::prelude::*;
+    /// use bergtalzug::config::RateLimit;
+    /// # async fn demo(pipeline: Pipeline<u64>) -> Result<(), PipelineError> {
+    /// // The API said 429: slow down to 10 requests a second.
+    /// pipeline.set_rate_limit("fetch", Some(RateLimit::per_second(10))).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`PipelineError::InvalidChange`] naming the stage and field (no such
+    /// stage, a limit that validation refuses);
+    /// [`PipelineError::NotRunning`] before the start or after the end.
+    pub async fn set_rate_limit(
+        &self,
+        stage: &str,
+        limit: Option<RateLimit>,
+    ) -> Result<(), PipelineError> {
+        let stage = stage.to_string();
+        self.change(|reply| PipelineMsg::SetRateLimit {
+            stage,
+            limit,
+            reply,
+        })
+        .await
+    }
+
+    /// Changes how many workers a stage has while the pipeline runs. It
+    /// grows at once; when it shrinks, idle workers stop at once and busy
+    /// ones finish the items they hold first (nothing is lost or run
+    /// twice). [`StageStats::workers`](crate::stats::StageStats::workers)
+    /// follows; [`Pipeline::config`] keeps the count it started with. The
+    /// stage's room (`queue_size + workers`) follows the count; the
+    /// pipeline's window (what the source admits) stays as configured.
+    ///
+    /// # Errors
+    ///
+    /// [`PipelineError::InvalidChange`] naming the stage and field (no
+    /// such stage; 0 or more than [`MAX_WORKERS`](crate::config::MAX_WORKERS));
+    /// [`PipelineError::NotRunning`] before the start or after the end.
+    pub async fn set_workers(&self, stage: &str, workers: usize) -> Result<(), PipelineError> {
+        let stage = stage.to_string();
+        self.change(|reply| PipelineMsg::SetWorkers {
+            stage,
+            workers,
+            reply,
+        })
+        .await
+    }
+
+    /// Asks the root for a change and waits for its answer.
+    async fn change(
+        &self,
+        msg: impl FnOnce(ractor::RpcReplyPort<Result<(), PipelineError>>) -> PipelineMsg<T>,
+    ) -> Result<(), PipelineError> {
+        let root = self.root()?;
+        let not_running = || PipelineError::NotRunning(self.name().to_string());
+        if self.is_finished() {
+            return Err(not_running());
+        }
+        match root.call(msg, None).await {
+            Ok(ractor::rpc::CallResult::Success(result)) => result,
+            _ => Err(not_running()),
         }
     }
 

@@ -70,6 +70,14 @@ pub(crate) trait StageControl: Send + Sync + 'static {
     fn demand_port(&self) -> Arc<dyn Upstream>;
     /// A port that asks this stage for its stalled items.
     fn stall_port(&self) -> Arc<dyn StallCheck>;
+    /// A new rate limit (validated; `None`: none); `reply` once in force.
+    fn set_rate_limit(
+        &self,
+        limit: Option<crate::config::RateLimit>,
+        reply: ractor::RpcReplyPort<Result<(), PipelineError>>,
+    );
+    /// A new worker count (validated); `reply` once the stage took it.
+    fn resize(&self, workers: usize, reply: ractor::RpcReplyPort<Result<(), PipelineError>>);
 }
 
 /// Tells the source that admitted items finished: how many, their job ids

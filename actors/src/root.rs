@@ -2,8 +2,9 @@
 //!
 //! - **Owns**: the tracker, the stage supervisors and the source actor, all
 //!   spawned linked to it, in that order, and wired together.
-//! - **Receives**: [`PipelineMsg`]: `Inject`, `Stop`, `Abort`, `Stats` and
-//!   `Subscribe` from handles or other actors; `StageFailed` from a stage
+//! - **Receives**: [`PipelineMsg`]: `Inject`, `Stop`, `Abort`, `Stats`,
+//!   `Subscribe`, `SetRateLimit` and `SetWorkers` from handles or other
+//!   actors; `StageFailed` from a stage
 //!   over its restart budget; `LogStats` from its timer; `Finished` from the
 //!   tracker.
 //! - **Sends**: injections and `Close` to the source, `Abort` to the stages.
@@ -47,7 +48,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::binding::{SourceBinding, SpawnCtx, StageBinding};
-use crate::config::PipelineConfig;
+use crate::config::{ConfigError, PipelineConfig, RateLimit};
 use crate::dead_letter::DeadLetterSink;
 use crate::error::PipelineError;
 use crate::event::{EventFilter, EventStream, PipelineEvent};
@@ -89,6 +90,28 @@ pub enum PipelineMsg<T> {
     /// A subscription to the events `filter` matches, from now on; hand the
     /// stream to [`crate::event::forward_to_actor`] to get them as messages.
     Subscribe(EventFilter, RpcReplyPort<EventStream>),
+    /// A new rate limit for `stage` (`None`: none), in force at once (as
+    /// Broadway's `update_rate_limiting`). The reply comes once it is, or
+    /// with [`PipelineError::InvalidChange`] naming the stage and field.
+    SetRateLimit {
+        /// The stage's name.
+        stage: String,
+        /// The new limit.
+        limit: Option<RateLimit>,
+        /// Where the answer goes.
+        reply: RpcReplyPort<Result<(), PipelineError>>,
+    },
+    /// A new worker count for `stage`: it grows at once; when it shrinks,
+    /// busy workers finish the items they hold first. The reply comes once
+    /// the stage took it, or with [`PipelineError::InvalidChange`].
+    SetWorkers {
+        /// The stage's name.
+        stage: String,
+        /// The new count, 1 to [`MAX_WORKERS`](crate::config::MAX_WORKERS).
+        workers: usize,
+        /// Where the answer goes.
+        reply: RpcReplyPort<Result<(), PipelineError>>,
+    },
     /// From a stage over its restart budget: fail the pipeline (abort it,
     /// account for every item, end with the error).
     StageFailed(Failure),
@@ -236,6 +259,47 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
             PipelineMsg::LogStats(Tick(())) => {
                 if !state.shared.completion.is_done() {
                     log_stats(&state.shared.stats());
+                }
+            }
+            PipelineMsg::SetRateLimit {
+                stage,
+                limit,
+                reply,
+            } => {
+                let checked = state.stage_named(&stage).and_then(|index| {
+                    match limit.map(|l| l.validate_for(&stage)) {
+                        Some(Err(error)) => Err(state.invalid(error)),
+                        _ => Ok(index),
+                    }
+                });
+                match checked {
+                    Ok(index) => state.stages[index].set_rate_limit(limit, reply),
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                    }
+                }
+            }
+            PipelineMsg::SetWorkers {
+                stage,
+                workers,
+                reply,
+            } => {
+                let checked = state.stage_named(&stage).and_then(|index| {
+                    crate::config::check_workers(workers)
+                        .map(|()| index)
+                        .map_err(|message| {
+                            state.invalid(ConfigError::InvalidStage {
+                                stage: stage.clone(),
+                                field: "workers".into(),
+                                message,
+                            })
+                        })
+                });
+                match checked {
+                    Ok(index) => state.stages[index].resize(workers, reply),
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                    }
                 }
             }
             PipelineMsg::Subscribe(filter, reply) => {
@@ -436,6 +500,25 @@ impl<T> Drop for PipelineState<T> {
 }
 
 impl<T: Send + 'static> PipelineState<T> {
+    /// The index of the stage called `name`, or the error naming it.
+    fn stage_named(&self, name: &str) -> Result<usize, PipelineError> {
+        self.shared.config.stage_index(name).ok_or_else(|| {
+            let known: Vec<_> = self.shared.config.stages.iter().map(|s| s.name.as_str()).collect();
+            self.invalid(ConfigError::InvalidStage {
+                stage: name.to_string(),
+                field: "name".into(),
+                message: format!("is not a stage of this pipeline (stages: {})", known.join(", ")),
+            })
+        })
+    }
+
+    fn invalid(&self, error: ConfigError) -> PipelineError {
+        PipelineError::InvalidChange {
+            pipeline: self.shared.name.to_string(),
+            error,
+        }
+    }
+
     /// Ends the pipeline from the tracker's report (`None`: it did not come
     /// in time): stops the children, then records the outcome for the
     /// handles, which it returns.

@@ -345,10 +345,12 @@ impl Recent {
                 .stages
                 .iter()
                 .zip(&base.stages)
-                .zip(&live.config.stages)
-                .map(|((&(done, busy), &(done0, busy0)), config)| {
+                .zip(live.gauges)
+                .map(|((&(done, busy), &(done0, busy0)), gauges)| {
                     let rate = done.saturating_sub(done0) as f64 / span;
-                    let capacity = span * 1e9 * config.workers as f64;
+                    // The workers it has now (a stage may be resized).
+                    let workers = gauges.workers.load(Ordering::Relaxed).max(1);
+                    let capacity = span * 1e9 * workers as f64;
                     let utilisation = (busy.saturating_sub(busy0) as f64 / capacity).min(1.0);
                     (rate, utilisation)
                 })

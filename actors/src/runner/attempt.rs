@@ -75,6 +75,8 @@ pub(crate) struct Attempt<I> {
     pub(super) job_id: JobId,
     pub(super) created: Instant,
     pub(super) attempts: u32,
+    /// The item's place in the stage's input order.
+    pub(super) seq: u64,
     pub(super) names: Option<StageNames>,
     pub(super) stages: Vec<StageTimes>,
     pub(super) custom: Option<BTreeMap<String, serde_json::Value>>,
@@ -113,6 +115,7 @@ impl<I: Send + 'static> Attempt<I> {
             job_id: item.job_id.clone(),
             created: item.metadata.created(),
             attempts,
+            seq: item.metadata.seq,
             names: item.metadata.names.take(),
             stages,
             custom: (!custom.is_empty()).then(|| custom.clone()),
@@ -161,6 +164,7 @@ impl<I: Send + 'static> Attempt<I> {
         out.metadata.stages = self.stages;
         out.metadata.names = self.names;
         out.metadata.attempts = self.attempts;
+        out.metadata.seq = self.seq;
         out.metadata.set_created(self.created);
         Outcome::Done(out)
     }
@@ -225,6 +229,7 @@ impl<I: Send + 'static> Attempt<I> {
         metadata.names = self.names;
         metadata.stages = self.stages;
         metadata.attempts = self.attempts;
+        metadata.seq = self.seq;
         metadata.custom = self.custom.unwrap_or_default();
         if retryable && self.attempts < ctx.max_attempts {
             if let Some(data) = self.kept.take() {

@@ -5,12 +5,17 @@
 //! workers, waiting downstream) plus those asked of upstream and not
 //! received never exceed its capacity, `queue_size + workers`: the stage
 //! never asks for more than it has room for, so no mailbox holds more than
-//! its receiver asked for.
+//! its receiver asked for. After the stage shrinks (fewer workers) it may
+//! hold more than its new capacity for a while: it then asks for nothing
+//! until it holds less (the bound in force is the old capacity until then).
 
 /// Credit both ways, for a stage of `capacity`.
 #[derive(Debug)]
 pub(super) struct Credit {
     capacity: usize,
+    /// The capacity before a shrink, while the stage still holds more than
+    /// its new capacity.
+    shrunk_from: Option<usize>,
     /// Items downstream asked for and has not been sent yet.
     downstream: usize,
     /// Items asked of upstream and not yet received.
@@ -21,9 +26,19 @@ impl Credit {
     pub(super) fn new(capacity: usize) -> Self {
         Credit {
             capacity,
+            shrunk_from: None,
             downstream: 0,
             requested: 0,
         }
+    }
+
+    /// The stage's capacity changed (its worker count did).
+    pub(super) fn resize(&mut self, capacity: usize) {
+        if capacity < self.capacity {
+            let bound = self.shrunk_from.unwrap_or(self.capacity);
+            self.shrunk_from = Some(bound);
+        }
+        self.capacity = capacity;
     }
 
     /// Downstream has room for `n` more.
@@ -48,11 +63,14 @@ impl Credit {
     /// batches stay large (or whatever room there is when it holds nothing
     /// and asked for nothing); counted as requested.
     pub(super) fn request(&mut self, held: usize) -> Option<usize> {
+        if held + self.requested <= self.capacity {
+            self.shrunk_from = None;
+        }
+        let bound = self.shrunk_from.unwrap_or(self.capacity);
         debug_assert!(
-            held + self.requested <= self.capacity,
-            "a stage holds {held} and asked for {} more, over its capacity {}",
+            held + self.requested <= bound,
+            "a stage holds {held} and asked for {} more, over its capacity {bound}",
             self.requested,
-            self.capacity
         );
         let free = self.capacity.saturating_sub(held + self.requested);
         let asked = held + self.requested;
@@ -76,6 +94,19 @@ mod tests {
         assert_eq!(credit.request(6), None);
         assert_eq!(credit.request(5), Some(5));
         assert_eq!(credit.request(5), None, "already asked");
+    }
+
+    #[test]
+    fn a_shrunk_stage_asks_for_nothing_until_it_holds_less_than_its_new_capacity() {
+        let mut credit = Credit::new(10);
+        assert_eq!(credit.request(0), Some(10));
+        credit.received(10);
+        credit.resize(4);
+        assert_eq!(credit.request(10), None);
+        assert_eq!(credit.request(3), None, "1 free is less than half of 4");
+        assert_eq!(credit.request(2), Some(2));
+        credit.resize(8);
+        assert_eq!(credit.request(2), Some(4));
     }
 
     #[test]

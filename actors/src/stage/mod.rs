@@ -56,7 +56,22 @@
 //! - [`budget`]: the restart budget;
 //! - [`backoff`]: items waiting to be retried, under one timer;
 //! - [`batching`]: how many items a worker is given at once;
-//! - [`stalls`]: items held too long.
+//! - [`stalls`]: items held too long;
+//! - [`rate`]: the rate limit, and the items waiting for it under one timer;
+//! - [`lanes`]: key lanes, one item per key out at a time;
+//! - [`order`]: ordered output, outcomes leaving in input order.
+//!
+//! # Flow policies
+//!
+//! An item received goes through the policies the stage has, in this
+//! order, before it reaches the queue that idle workers are served from:
+//! its key lane (it waits while an item of its key is out), then the rate
+//! limit (it waits, holding no worker, until the limiter lets it start;
+//! only as many are let through as there are idle workers, one to each).
+//! Its outcome leaves through the reorder buffer when the stage is
+//! ordered. Items waiting in any of them count against the stage's room,
+//! so a limited or ordered stage holds back its upstream as any slow stage
+//! does. See `docs/flow-policies.md`.
 //!
 //! This file is the actor: its mailbox, its ports, and how a message moves
 //! items between the parts.
@@ -65,18 +80,24 @@ mod backoff;
 mod batching;
 mod budget;
 mod credit;
+mod lanes;
+mod order;
 mod pool;
+mod rate;
 mod stalls;
 
+use std::any::Any;
 use std::collections::{HashSet, VecDeque};
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, MessagingErr, SupervisionEvent};
+use ractor::{
+    Actor, ActorCell, ActorProcessingErr, ActorRef, MessagingErr, RpcReplyPort, SupervisionEvent,
+};
 
-use crate::config::RetryPolicy;
+use crate::config::{RateLimit, RetryPolicy};
 use crate::error::PipelineError;
 use crate::event::{PipelineEvent, WorkerId};
 use crate::item::{
@@ -93,7 +114,31 @@ use backoff::Backoff;
 use batching::Batching;
 use budget::{Budget, OverBudget};
 use credit::Credit;
+pub(crate) use lanes::{KeyFn, key_fn};
+use lanes::Lanes;
+use order::{Leaving, Reorder};
 use pool::{AfterReport, Pool, Stolen};
+pub(crate) use rate::CostFn;
+use rate::Rate;
+
+/// What a stage's policies need of its items, given when it was bound: the
+/// key of its key lanes, the cost of an item under its rate limit.
+pub(crate) struct Policies<I> {
+    pub(crate) key: Option<KeyFn<I>>,
+    pub(crate) cost: Option<CostFn<I>>,
+}
+
+impl<I> Default for Policies<I> {
+    fn default() -> Self {
+        Policies {
+            key: None,
+            cost: None,
+        }
+    }
+}
+
+/// The reply to a change made while running.
+type Changed = RpcReplyPort<Result<(), PipelineError>>;
 
 /// Wait before trying again when a replacement worker cannot be spawned.
 const RESPAWN_DELAY: Duration = Duration::from_millis(100);
@@ -128,6 +173,15 @@ pub(crate) enum StageMsg<I, O> {
     /// From the pipeline's monitor: report the items workers have held
     /// longer than this (`stall_threshold`).
     CheckStalls(Duration),
+    /// From itself: the rate limit may let the items waiting for it start.
+    Pace,
+    /// From the root: a new rate limit (`None`: none), in force at once;
+    /// the reply once it is.
+    SetRate(Option<RateLimit>, Changed),
+    /// From the root: a new worker count (validated); the reply once the
+    /// stage has grown, or once its extra workers retire (they finish the
+    /// items they hold first).
+    Resize(usize, Changed),
 }
 
 impl<I: Send + 'static, O: Send + 'static> Outlet<I> for ActorRef<StageMsg<I, O>> {
@@ -179,6 +233,14 @@ impl<I: Send + 'static, O: Send + 'static> StageControl for ActorRef<StageMsg<I,
     fn stall_port(&self) -> Arc<dyn StallCheck> {
         Arc::new(self.clone())
     }
+
+    fn set_rate_limit(&self, limit: Option<RateLimit>, reply: Changed) {
+        let _ = self.cast(StageMsg::SetRate(limit, reply));
+    }
+
+    fn resize(&self, workers: usize, reply: Changed) {
+        let _ = self.cast(StageMsg::Resize(workers, reply));
+    }
 }
 
 /// Where a stage sends the items its handler finished.
@@ -207,6 +269,7 @@ pub(crate) struct StageArgs<I, O, R> {
     pub(crate) downstream: Downstream<O>,
     pub(crate) tracker: ActorRef<TrackerMsg>,
     pub(crate) fail: Arc<dyn FailPipeline>,
+    pub(crate) policies: Policies<I>,
 }
 
 pub(crate) struct StageState<I, O, R> {
@@ -214,6 +277,8 @@ pub(crate) struct StageState<I, O, R> {
     shared: Arc<Shared>,
     index: usize,
     name: Arc<str>,
+    queue_size: usize,
+    /// How many workers the stage keeps (changes on `Resize`).
     workers: usize,
     runner: Arc<R>,
     tracker: ActorRef<TrackerMsg>,
@@ -230,6 +295,11 @@ pub(crate) struct StageState<I, O, R> {
     budget: Budget,
     backoff: Backoff<I>,
     batching: Batching,
+    /// The place (`seq`) the next item received gets.
+    next_seq: u64,
+    rate: Rate<I>,
+    lanes: Option<Lanes<I>>,
+    reorder: Option<Reorder<O>>,
     aborting: bool,
     /// A `Rebalance` is on its way.
     rebalance_armed: bool,
@@ -254,6 +324,7 @@ where
         let name = args.shared.names[args.index].clone();
         Ok(StageState {
             index: args.index,
+            queue_size: config.queue_size,
             workers: config.workers,
             runner: args.runner,
             tracker: args.tracker,
@@ -266,6 +337,10 @@ where
             budget: Budget::new(config.restart_budget),
             backoff: Backoff::new(),
             batching: Batching::default(),
+            next_seq: 0,
+            rate: Rate::new(config.rate_limit, args.policies.cost),
+            lanes: args.policies.key.map(Lanes::new),
+            reorder: config.ordered.then(Reorder::new),
             aborting: false,
             fail: args.fail,
             keep: args.keep.filter(|_| config.max_attempts() > 1),
@@ -316,6 +391,15 @@ where
             StageMsg::Rebalance => state.rebalance_armed = false,
             StageMsg::Abort => state.abort(),
             StageMsg::CheckStalls(threshold) => state.check_stalls(threshold),
+            StageMsg::Pace => state.rate.woke(),
+            StageMsg::SetRate(limit, reply) => {
+                state.set_rate(limit);
+                let _ = reply.send(Ok(()));
+            }
+            StageMsg::Resize(workers, reply) => {
+                state.resize(&myself, workers).await;
+                let _ = reply.send(Ok(()));
+            }
         }
         state.pump(&myself);
         state.publish_gauges();
@@ -356,10 +440,59 @@ where
         matches!(self.downstream, Downstream::Tracker)
     }
 
-    /// Items the stage holds: queued, waiting to be retried, in workers,
-    /// waiting for downstream's demand.
+    /// Items the stage holds: queued, waiting in a key lane, for the rate
+    /// limit or to be retried, in workers, waiting for the ones before them
+    /// (ordered), waiting for downstream's demand.
     fn held(&self) -> usize {
-        self.queue.len() + self.backoff.len() + self.pool.in_flight() + self.outbox.len()
+        self.queue.len()
+            + self.lanes.as_ref().map_or(0, Lanes::len)
+            + self.rate.len()
+            + self.backoff.len()
+            + self.pool.in_flight()
+            + self.reorder.as_ref().map_or(0, Reorder::len)
+            + self.outbox.len()
+    }
+
+    /// An item let through its key lane (if any): to the rate limit, if
+    /// there is one, else to the queue.
+    fn to_rate(&mut self, item: WorkItem<I>) {
+        if self.rate.limited() {
+            self.rate.push(item);
+        } else {
+            self.queue.push_back(item);
+        }
+    }
+
+    /// A new rate limit, in force at once: the items queued and not given
+    /// to a worker yet wait for it too (first).
+    fn set_rate(&mut self, limit: Option<RateLimit>) {
+        let was = self.rate.limited();
+        self.rate.set(limit);
+        if !was && self.rate.limited() {
+            let queued = std::mem::take(&mut self.queue);
+            let waiting: Vec<_> = self.rate.take_all().collect();
+            for item in queued.into_iter().chain(waiting) {
+                self.rate.push(item);
+            }
+        }
+    }
+
+    /// A new worker count: grows at once (busy workers retiring from an
+    /// earlier shrink take work again first), or retires the extra
+    /// workers, idle ones at once, busy ones once they hold nothing.
+    async fn resize(&mut self, myself: &ActorRef<StageMsg<I, O>>, workers: usize) {
+        self.workers = workers;
+        self.credit.resize(self.queue_size.saturating_add(workers));
+        if self.aborting {
+            return;
+        }
+        let live = self.pool.live();
+        if workers > live {
+            self.pool.unretire(workers - live);
+            self.respawn(myself).await;
+        } else if workers < live {
+            self.pool.retire(live - workers);
+        }
     }
 
     async fn spawn_worker(
@@ -394,6 +527,10 @@ where
             let Some((worker, reason)) = self.pool.to_replace.pop_front() else {
                 break;
             };
+            if self.pool.live() >= self.workers {
+                // The stage shrank meanwhile: it needs no replacement.
+                continue;
+            }
             if !self.within_budget() {
                 self.pool.to_replace.clear();
                 return;
@@ -418,6 +555,19 @@ where
                     myself.send_after(RESPAWN_DELAY, || StageMsg::Respawn);
                     return;
                 }
+            }
+        }
+        // Grown by a resize: new workers up to the count.
+        while !self.aborting && self.pool.to_replace.is_empty() && self.pool.live() < self.workers {
+            if let Err(e) = self.spawn_worker(myself).await {
+                tracing::error!(
+                    target: "bergtalzug::stage",
+                    pipeline = %self.shared.name,
+                    stage = %self.name,
+                    "cannot spawn a worker to grow the stage, trying again in {RESPAWN_DELAY:?}: {e}"
+                );
+                myself.send_after(RESPAWN_DELAY, || StageMsg::Respawn);
+                return;
             }
         }
     }
@@ -455,6 +605,8 @@ where
         }
         for item in &mut items {
             item.metadata.attempts = 0;
+            item.metadata.seq = self.next_seq;
+            self.next_seq += 1;
         }
         if self.shared.config.enable_tracking {
             let now = crate::clock::now();
@@ -484,7 +636,19 @@ where
                 .collect();
             self.shared.events.lifecycle(events);
         }
-        self.queue.extend(items);
+        if self.lanes.is_none() && !self.rate.limited() {
+            self.queue.extend(items);
+            return;
+        }
+        for item in items {
+            let out = match &mut self.lanes {
+                Some(lanes) => lanes.admit(item),
+                None => Some(item),
+            };
+            if let Some(item) = out {
+                self.to_rate(item);
+            }
+        }
     }
 
     async fn on_report(&mut self, myself: &ActorRef<StageMsg<I, O>>, report: WorkerReport<I, O>) {
@@ -536,46 +700,51 @@ where
         self.shared.gauges[self.index]
             .busy_ns
             .fetch_add(report.busy.as_nanos() as u64, Ordering::Relaxed);
-        self.settle(myself, report.outcomes, finished);
+        self.settle(myself, report.outcomes, finished, Vec::new());
     }
 
     /// Accounts for outcomes that came back from a worker: items done go
     /// downstream (the last stage's are results, even while aborting: a
     /// result that came back is never replaced), failures and `finished`
-    /// go to the tracker, retries wait out their backoff.
+    /// go to the tracker, retries wait out their backoff. `lost` are the
+    /// results of items a dead worker held, by place. Each outcome frees
+    /// its key lane and leaves through the reorder buffer, if the stage has
+    /// them.
     fn settle(
         &mut self,
         myself: &ActorRef<StageMsg<I, O>>,
         outcomes: Vec<Outcome<I, O>>,
-        mut finished: Vec<WorkItemResult>,
+        finished: Vec<WorkItemResult>,
+        lost: Vec<(u64, WorkItemResult)>,
     ) {
-        let finished_at =
-            (self.is_last() && self.shared.config.enable_tracking).then(crate::clock::now);
+        let mut out = Departures {
+            finished,
+            inputs: Vec::new(),
+            finished_at: (self.is_last() && self.shared.config.enable_tracking)
+                .then(crate::clock::now),
+        };
         let (mut processed, mut failed, mut retried) = (0, 0, 0);
-        let mut inputs = Vec::new();
         for outcome in outcomes {
             match outcome {
-                Outcome::Done(item) if self.is_last() => {
-                    processed += 1;
-                    finished.push(WorkItemResult::completed(item, finished_at));
-                }
-                Outcome::Done(item) if self.aborting => {
-                    finished.push(self.cancel(item, "after this stage finished it"));
+                Outcome::Done(item) if self.aborting && !self.is_last() => {
+                    out.finished
+                        .push(self.cancel(item, "after this stage finished it"));
                 }
                 Outcome::Done(item) => {
                     processed += 1;
-                    self.outbox.push_back(item);
+                    let seq = item.metadata.seq;
+                    self.leave(seq, Leaving::Next(item), &mut out);
                 }
                 Outcome::Failed(outcome) => {
                     failed += 1;
                     let Failed { result, input } = *outcome;
-                    if let Some(input) = input {
-                        inputs.push((result.job_id.clone(), input));
-                    }
-                    finished.push(result);
+                    let seq = result.metadata.seq;
+                    let input = input.map(|input| (result.job_id.clone(), input));
+                    self.leave(seq, Leaving::Ended(result, input), &mut out);
                 }
                 Outcome::Retry(item) if self.aborting => {
-                    finished.push(self.cancel(item, "while it waited to be retried"));
+                    out.finished
+                        .push(self.cancel(item, "while it waited to be retried"));
                 }
                 Outcome::Retry(item) => {
                     retried += 1;
@@ -583,14 +752,40 @@ where
                 }
             }
         }
+        for (seq, result) in lost {
+            self.leave(seq, Leaving::Ended(result, None), &mut out);
+        }
         let gauges = &self.shared.gauges[self.index];
         gauges.processed.fetch_add(processed, Ordering::Relaxed);
         gauges.failed.fetch_add(failed, Ordering::Relaxed);
         gauges.retried.fetch_add(retried, Ordering::Relaxed);
-        if !inputs.is_empty() {
-            let _ = self.tracker.cast(TrackerMsg::Inputs(inputs));
+        if !out.inputs.is_empty() {
+            let _ = self.tracker.cast(TrackerMsg::Inputs(out.inputs));
         }
-        self.to_tracker(finished);
+        self.to_tracker(out.finished);
+    }
+
+    /// The item at place `seq` has its outcome in this stage: its key lane
+    /// lets the next item of its key through, and the outcome leaves, in
+    /// its turn when the stage is ordered (at once while aborting).
+    fn leave(&mut self, seq: u64, leaving: Leaving<O>, out: &mut Departures) {
+        let next = self.lanes.as_mut().and_then(|lanes| lanes.finished(seq));
+        if let Some(next) = next {
+            if self.aborting {
+                let result = self.cancel(next, "before it started");
+                out.finished.push(result);
+            } else {
+                self.to_rate(next);
+            }
+        }
+        let last = self.is_last();
+        match &mut self.reorder {
+            Some(reorder) if !self.aborting => {
+                let outbox = &mut self.outbox;
+                reorder.put(seq, leaving, |l| out.depart(l, last, outbox));
+            }
+            _ => out.depart(leaving, last, &mut self.outbox),
+        }
     }
 
     /// Holds an item for its retry backoff.
@@ -606,7 +801,10 @@ where
     /// Queues the items whose backoff is over, and sets the timer for the next.
     fn wake(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
         let (ready, timer) = self.backoff.due();
-        self.queue.extend(ready);
+        for item in ready {
+            // A retry is another start: the rate limit applies.
+            self.to_rate(item);
+        }
         if let Some(timer) = timer {
             myself.send_after(timer, || StageMsg::Wake);
         }
@@ -627,7 +825,7 @@ where
         let kind = if self.aborting {
             ItemErrorKind::Cancelled
         } else {
-            if !slot.failing {
+            if !slot.failing && !slot.retiring {
                 // It died without reporting a panic: replace it now.
                 tracing::warn!(
                     target: "bergtalzug::stage",
@@ -650,26 +848,29 @@ where
             .map(Outcome::job_id)
             .chain(unstarted.iter().map(|i| &i.job_id))
             .collect();
-        let mut finished: Vec<_> = slot
+        let lost: Vec<_> = slot
             .held
             .iter()
-            .filter(|(job_id, _)| !accounted.contains(job_id))
-            .map(|(job_id, created)| {
+            .filter(|(job_id, _, _)| !accounted.contains(job_id))
+            .map(|(job_id, created, seq)| {
                 let mut metadata = WorkItemMetadata::default();
                 metadata.set_created(*created);
-                WorkItemResult::failed(
+                metadata.seq = *seq;
+                let result = WorkItemResult::failed(
                     job_id.clone(),
                     metadata,
                     ItemError::new(&*self.name, kind, message.clone()),
-                )
+                );
+                (*seq, result)
             })
             .collect();
         drop(accounted);
         if kind != ItemErrorKind::Cancelled {
             self.shared.gauges[self.index]
                 .failed
-                .fetch_add(finished.len() as u64, Ordering::Relaxed);
+                .fetch_add(lost.len() as u64, Ordering::Relaxed);
         }
+        let mut finished = Vec::new();
         if self.aborting {
             let cancelled = unstarted
                 .into_iter()
@@ -681,7 +882,7 @@ where
                 self.queue.push_front(item);
             }
         }
-        self.settle(myself, outcomes, finished);
+        self.settle(myself, outcomes, finished, lost);
     }
 
     fn abort(&mut self) {
@@ -699,12 +900,51 @@ where
                 .into_iter()
                 .map(|i| self.cancel(i, "while it waited to be retried")),
         );
+        let limited: Vec<_> = self.rate.take_all().collect();
+        cancelled.extend(
+            limited
+                .into_iter()
+                .map(|i| self.cancel(i, "while it waited for the rate limit")),
+        );
+        if let Some(lanes) = &mut self.lanes {
+            let behind = lanes.take_all();
+            cancelled.extend(
+                behind
+                    .into_iter()
+                    .map(|i| self.cancel(i, "while it waited behind an item of its key")),
+            );
+        }
         let waiting = std::mem::take(&mut self.outbox);
         cancelled.extend(
             waiting
                 .into_iter()
                 .map(|i| self.cancel(i, "after this stage finished it")),
         );
+        // Outcomes waiting for their turn: results stay results (a result
+        // that came back is never replaced), items not passed on are
+        // cancelled.
+        let mut inputs = Vec::new();
+        if let Some(reorder) = &mut self.reorder {
+            let left: Vec<_> = reorder.take_all().collect();
+            for leaving in left {
+                match leaving {
+                    Leaving::Next(item) if self.is_last() => {
+                        let at = self.shared.config.enable_tracking.then(crate::clock::now);
+                        cancelled.push(WorkItemResult::completed(item, at));
+                    }
+                    Leaving::Next(item) => {
+                        cancelled.push(self.cancel(item, "after this stage finished it"));
+                    }
+                    Leaving::Ended(result, input) => {
+                        inputs.extend(input);
+                        cancelled.push(result);
+                    }
+                }
+            }
+        }
+        if !inputs.is_empty() {
+            let _ = self.tracker.cast(TrackerMsg::Inputs(inputs));
+        }
         self.to_tracker(cancelled);
         // Each killed worker is reaped when its termination arrives: the
         // results it had are delivered, its other items cancelled.
@@ -739,11 +979,16 @@ where
             }
         }
         self.steal(myself);
+        self.release(myself);
         let mut now = None;
         while !self.queue.is_empty() && self.pool.has_idle() {
-            let take = self
-                .batching
-                .batch(self.queue.len(), self.pool.idle_count() - 1);
+            let take = if self.rate.limited() {
+                // One to each worker: an item let through starts at once.
+                1
+            } else {
+                self.batching
+                    .batch(self.queue.len(), self.pool.idle_count() - 1)
+            };
             let items: Vec<_> = self.queue.drain(..take).collect();
             let now = *now.get_or_insert_with(crate::clock::now);
             if let Some(Err(items)) = self.pool.give(items, now) {
@@ -755,6 +1000,21 @@ where
         }
         self.arm_rebalance(myself);
         self.request();
+    }
+
+    /// Lets through the rate limit as many items as there are idle workers
+    /// the queue does not cover already ([`Rate::release`]), and sets the
+    /// `Pace` timer when the limiter makes the next one wait.
+    fn release(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
+        if self.aborting || self.rate.len() == 0 {
+            return;
+        }
+        let room = self.pool.idle_count().saturating_sub(self.queue.len());
+        let (released, timer) = self.rate.release(room);
+        self.queue.extend(released);
+        if let Some(timer) = timer {
+            myself.send_after(timer, || StageMsg::Pace);
+        }
     }
 
     /// A worker blocked in its handler sends nothing for long: while a
@@ -796,7 +1056,7 @@ where
             self.shared.gauges[self.index]
                 .busy_ns
                 .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
-            self.settle(myself, outcomes, Vec::new());
+            self.settle(myself, outcomes, Vec::new(), Vec::new());
         }
     }
 
@@ -834,11 +1094,41 @@ where
 
     fn publish_gauges(&self) {
         let g = &self.shared.gauges[self.index];
-        g.queued
-            .store(self.queue.len() + self.backoff.len(), Ordering::Relaxed);
+        let queued = self.queue.len()
+            + self.backoff.len()
+            + self.rate.len()
+            + self.lanes.as_ref().map_or(0, Lanes::len);
+        g.queued.store(queued, Ordering::Relaxed);
         g.in_flight.store(self.pool.in_flight(), Ordering::Relaxed);
+        let reordering = self.reorder.as_ref().map_or(0, Reorder::len);
         g.waiting_downstream
-            .store(self.outbox.len(), Ordering::Relaxed);
+            .store(self.outbox.len() + reordering, Ordering::Relaxed);
         g.workers.store(self.pool.live(), Ordering::Relaxed);
+    }
+}
+
+/// What the outcomes settled in one message send on: results (and the last
+/// inputs of failures, for their dead letters) for the tracker.
+struct Departures {
+    finished: Vec<WorkItemResult>,
+    inputs: Vec<(JobId, Box<dyn Any + Send>)>,
+    /// When the last stage's items finished (tracking on).
+    finished_at: Option<std::time::Instant>,
+}
+
+impl Departures {
+    /// An outcome leaves the stage: a done item to the outbox (a result,
+    /// from the last stage), an ended one to the tracker.
+    fn depart<O>(&mut self, leaving: Leaving<O>, last: bool, outbox: &mut VecDeque<WorkItem<O>>) {
+        match leaving {
+            Leaving::Next(item) if last => self
+                .finished
+                .push(WorkItemResult::completed(item, self.finished_at)),
+            Leaving::Next(item) => outbox.push_back(item),
+            Leaving::Ended(result, input) => {
+                self.inputs.extend(input);
+                self.finished.push(result);
+            }
+        }
     }
 }

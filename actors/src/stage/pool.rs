@@ -4,8 +4,10 @@
 //! - every item a worker was given and has not reported is in its slot's
 //!   `held`, once, in the order given (those not started are the end), and
 //!   `in_flight` is their sum;
-//! - an idle worker holds nothing and is neither failing nor dead, and is
-//!   listed idle once.
+//! - an idle worker holds nothing and is neither failing, dead nor
+//!   retiring, and is listed idle once;
+//! - a retiring worker (the stage shrank) gets no new work, and is stopped
+//!   as soon as it holds nothing.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -36,16 +38,19 @@ pub(super) struct Slot<I, O> {
     actor: ActorRef<WorkerMsg>,
     /// The items given to the worker and not started yet (shared with it).
     hand: Arc<Hand<I, O>>,
-    /// Job ids and creation times of the items the worker holds and has
-    /// not reported, in the order given (those not started are the end):
-    /// enough to account for them if the worker dies.
-    pub(super) held: VecDeque<(JobId, Instant)>,
+    /// Job ids, creation times and places (`seq`) of the items the worker
+    /// holds and has not reported, in the order given (those not started
+    /// are the end): enough to account for them if the worker dies.
+    pub(super) held: VecDeque<(JobId, Instant, u64)>,
     /// It reported a panic or a timeout and is about to fail: no more work
     /// for it.
     pub(super) failing: bool,
     /// It died (or is being killed): no more work for it; its hand is
     /// closed and what was in it waits in `harvest` for its `Reap`.
     pub(super) dead: bool,
+    /// The stage shrank: it finishes what it holds, gets nothing more, and
+    /// is stopped (not replaced) once it holds nothing.
+    pub(super) retiring: bool,
     pub(super) harvest: Harvest<I, O>,
     /// Since when it has held the front of `held` (stall detection).
     pub(super) since: Instant,
@@ -67,6 +72,13 @@ impl<I: Send + 'static, O: Send + 'static> Slot<I, O> {
         } = self.hand.close();
         self.harvest.outcomes.extend(outcomes);
         self.harvest.unstarted.extend(unstarted);
+    }
+
+    /// Stops a retiring worker that holds nothing; its termination is
+    /// reaped as any other, and it is not replaced.
+    fn stop(&mut self) {
+        debug_assert!(self.retiring && self.held.is_empty());
+        self.actor.stop(Some("the stage shrank".into()));
     }
 
     /// Takes work from it for others, and runs nothing new.
@@ -144,6 +156,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
                 held: VecDeque::new(),
                 failing: false,
                 dead: false,
+                retiring: false,
                 harvest: Harvest::default(),
                 since: now,
                 progress: now,
@@ -170,7 +183,57 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
     /// worker seen dead that reported no panic is counted until its reap
     /// replaces it).
     pub(super) fn live(&self) -> usize {
-        self.slots.values().filter(|s| !s.failing).count()
+        self.slots
+            .values()
+            .filter(|s| !s.failing && !s.retiring)
+            .count()
+    }
+
+    /// The stage shrinks by `n` workers: idle ones are stopped now, then
+    /// busy ones (those holding least first) retire: they finish what they
+    /// hold, get nothing more, and are stopped once they hold nothing.
+    /// Returns how many were found to retire.
+    pub(super) fn retire(&mut self, n: usize) -> usize {
+        let mut retired = 0;
+        while retired < n {
+            let Some(worker) = self.idle.pop() else {
+                break;
+            };
+            let slot = self.slots.get_mut(&worker).expect("idle workers have slots");
+            slot.retiring = true;
+            slot.stop();
+            retired += 1;
+        }
+        if retired < n {
+            let mut busy: Vec<_> = self
+                .slots
+                .iter()
+                .filter(|(_, s)| !s.failing && !s.dead && !s.retiring)
+                .map(|(id, s)| (s.held.len(), *id))
+                .collect();
+            busy.sort_unstable();
+            for (_, worker) in busy.into_iter().take(n - retired) {
+                self.slots.get_mut(&worker).expect("listed above").retiring = true;
+                retired += 1;
+            }
+        }
+        retired
+    }
+
+    /// The stage grows by up to `n` workers: busy retiring workers (not
+    /// stopped yet) take work again first. Returns how many did.
+    pub(super) fn unretire(&mut self, n: usize) -> usize {
+        let mut back = 0;
+        for slot in self.slots.values_mut() {
+            if back == n {
+                break;
+            }
+            if slot.retiring && !slot.held.is_empty() && !slot.dead && !slot.failing {
+                slot.retiring = false;
+                back += 1;
+            }
+        }
+        back
     }
 
     /// Whether some worker holds more than the item it runs.
@@ -208,7 +271,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         slot.held.extend(
             items
                 .iter()
-                .map(|i| (i.job_id.clone(), i.metadata.created())),
+                .map(|i| (i.job_id.clone(), i.metadata.created(), i.metadata.seq)),
         );
         slot.since = now;
         slot.stalled = false;
@@ -253,6 +316,9 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         if failing {
             slot.failing = true;
             AfterReport::Failing
+        } else if slot.held.is_empty() && slot.retiring {
+            slot.stop();
+            AfterReport::Busy
         } else if slot.held.is_empty() && !slot.dead && !aborting {
             self.idle.push(worker);
             AfterReport::Idle
@@ -324,7 +390,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             for item in unstarted.iter().rev() {
                 let back = slot.held.pop_back();
                 debug_assert!(
-                    back.is_some_and(|(job_id, _)| job_id == item.job_id),
+                    back.is_some_and(|(job_id, _, _)| job_id == item.job_id),
                     "the unstarted items are the end of what a worker holds"
                 );
             }
@@ -333,7 +399,9 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             for _ in 0..outcomes.len() {
                 slot.held.pop_front();
             }
-            if slot.held.is_empty() {
+            if slot.held.is_empty() && slot.retiring {
+                slot.stop();
+            } else if slot.held.is_empty() {
                 // It had not started on its batch: all of it went to others.
                 // The wake-up it has yet to read finds its hand empty.
                 self.idle.push(victim);
@@ -358,7 +426,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             for worker in &self.idle {
                 let slot = &self.slots[worker];
                 debug_assert!(
-                    slot.held.is_empty() && !slot.failing && !slot.dead,
+                    slot.held.is_empty() && !slot.failing && !slot.dead && !slot.retiring,
                     "idle worker {worker} holds {} items (failing {}, dead {})",
                     slot.held.len(),
                     slot.failing,

@@ -28,7 +28,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
     pub(super) fn stalled(&mut self, threshold: Duration, now: Instant) -> Vec<Stalled> {
         let mut stalled = Vec::new();
         for (worker, slot) in &mut self.slots {
-            let Some((job_id, _)) = slot.held.front() else {
+            let Some((job_id, _, _)) = slot.held.front() else {
                 continue;
             };
             let age = now.saturating_duration_since(slot.since);
