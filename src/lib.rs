@@ -89,7 +89,7 @@ pub use bergtalzug_actors::event;
 
 #[doc(inline)]
 pub use bergtalzug_actors::config::{
-    ConfigError, ExecutionType, PipelineConfig, RestartBudget, RetryPolicy, StageConfig,
+    ConfigError, ExecutionType, PipelineConfig, RateLimit, RestartBudget, RetryPolicy, StageConfig,
 };
 #[doc(inline)]
 pub use bergtalzug_actors::dead_letter::{DeadLetter, DeadLetterSink};
@@ -121,8 +121,8 @@ pub mod prelude {
     pub use crate::{
         BuildError, ConfigError, DeadLetter, EventFilter, ExecutionType, ItemError, ItemErrorKind,
         JobId, Permanent, Pipeline, PipelineConfig, PipelineError, PipelineEvent, PipelineStats,
-        RestartBudget, RetryPolicy, RunOutcome, Source, StageConfig, StageStats, WorkItem,
-        WorkItemMetadata, WorkItemResult,
+        RateLimit, RestartBudget, RetryPolicy, RunOutcome, Source, StageConfig, StageStats,
+        WorkItem, WorkItemMetadata, WorkItemResult,
     };
 }
 

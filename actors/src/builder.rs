@@ -618,7 +618,8 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
     {
         self.check(name, HandlerKind::Blocking);
         let policies = std::mem::take(&mut self.next);
-        self.handlers.push(StageBinding::blocking(handler, policies));
+        self.handlers
+            .push(StageBinding::blocking(handler, policies));
         self.retype()
     }
 

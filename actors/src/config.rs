@@ -801,6 +801,15 @@ impl PipelineConfig {
                     format!("must be at most {MAX_QUEUE_SIZE}, not {}", stage.queue_size),
                 ));
             }
+            if stage.ordered && stage.capacity() > u32::MAX as usize {
+                return Err(invalid(
+                    "queue_size",
+                    format!(
+                        "of an ordered stage must leave queue_size + workers at most {}",
+                        u32::MAX
+                    ),
+                ));
+            }
             if stage.restart_budget.is_some_and(|b| b.window.is_zero()) {
                 return Err(invalid(
                     "restart_budget.window",

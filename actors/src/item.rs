@@ -217,8 +217,10 @@ pub struct WorkItemMetadata {
     /// Attempts made in the stage the item is in (or ended in).
     pub(crate) attempts: u32,
     /// The item's place in the input order of the stage it is in (set as
-    /// the stage receives it): what ordered output and key lanes go by.
-    pub(crate) seq: u64,
+    /// the stage receives it), modulo 2^32 (the stage holds fewer items
+    /// than that): what ordered output and key lanes go by. (32 bits keep
+    /// `WorkItem<u64>` within 128 bytes.)
+    pub(crate) seq: u32,
     /// Free-form metadata of the user's; travels with the item from stage to stage.
     pub custom: BTreeMap<String, serde_json::Value>,
 }

@@ -503,11 +503,20 @@ impl<T: Send + 'static> PipelineState<T> {
     /// The index of the stage called `name`, or the error naming it.
     fn stage_named(&self, name: &str) -> Result<usize, PipelineError> {
         self.shared.config.stage_index(name).ok_or_else(|| {
-            let known: Vec<_> = self.shared.config.stages.iter().map(|s| s.name.as_str()).collect();
+            let known: Vec<_> = self
+                .shared
+                .config
+                .stages
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect();
             self.invalid(ConfigError::InvalidStage {
                 stage: name.to_string(),
                 field: "name".into(),
-                message: format!("is not a stage of this pipeline (stages: {})", known.join(", ")),
+                message: format!(
+                    "is not a stage of this pipeline (stages: {})",
+                    known.join(", ")
+                ),
             })
         })
     }

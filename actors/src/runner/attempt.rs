@@ -76,7 +76,7 @@ pub(crate) struct Attempt<I> {
     pub(super) created: Instant,
     pub(super) attempts: u32,
     /// The item's place in the stage's input order.
-    pub(super) seq: u64,
+    pub(super) seq: u32,
     pub(super) names: Option<StageNames>,
     pub(super) stages: Vec<StageTimes>,
     pub(super) custom: Option<BTreeMap<String, serde_json::Value>>,

@@ -36,9 +36,9 @@ pub(crate) fn key_fn<I, K: Hash>(
 pub(super) struct Lanes<I> {
     key: KeyFn<I>,
     /// Per key out, the seq of the item out.
-    out: FxHashMap<u64, u64>,
+    out: FxHashMap<u64, u32>,
     /// Per seq out, its key.
-    keys: FxHashMap<u64, u64>,
+    keys: FxHashMap<u32, u64>,
     /// The items waiting behind the one out, per key.
     lanes: FxHashMap<u64, VecDeque<WorkItem<I>>>,
     waiting: usize,
@@ -74,7 +74,8 @@ impl<I> Lanes<I> {
         let admitted = if self.out.contains_key(&key) {
             let lane = self.lanes.entry(key).or_default();
             debug_assert!(
-                lane.back().is_none_or(|last| last.metadata.seq < seq),
+                lane.back()
+                    .is_none_or(|last| (seq.wrapping_sub(last.metadata.seq) as i32) > 0),
                 "a lane holds its items in input order"
             );
             lane.push_back(item);
@@ -91,7 +92,7 @@ impl<I> Lanes<I> {
 
     /// The item `seq` has its outcome here: its key is free, and the next
     /// item of that key, if one waits, is out now (returned).
-    pub(super) fn finished(&mut self, seq: u64) -> Option<WorkItem<I>> {
+    pub(super) fn finished(&mut self, seq: u32) -> Option<WorkItem<I>> {
         let key = self.keys.remove(&seq)?;
         let was = self.out.remove(&key);
         debug_assert_eq!(was, Some(seq), "the item out of its key's lane");
@@ -138,7 +139,7 @@ impl<I> Lanes<I> {
 mod tests {
     use super::*;
 
-    fn item(seq: u64, key: u32) -> WorkItem<u32> {
+    fn item(seq: u32, key: u32) -> WorkItem<u32> {
         let mut item = WorkItem::new(key);
         item.metadata.seq = seq;
         item
@@ -148,7 +149,10 @@ mod tests {
     fn one_item_per_key_is_out_and_the_next_follows_in_order() {
         let mut lanes = Lanes::new(key_fn(|i: &WorkItem<u32>| i.data));
         assert!(lanes.admit(item(0, 7)).is_some());
-        assert!(lanes.admit(item(1, 8)).is_some(), "another key runs beside it");
+        assert!(
+            lanes.admit(item(1, 8)).is_some(),
+            "another key runs beside it"
+        );
         assert!(lanes.admit(item(2, 7)).is_none());
         assert!(lanes.admit(item(3, 7)).is_none());
         assert_eq!((lanes.len(), lanes.out()), (2, 2));

@@ -114,8 +114,8 @@ use backoff::Backoff;
 use batching::Batching;
 use budget::{Budget, OverBudget};
 use credit::Credit;
-pub(crate) use lanes::{KeyFn, key_fn};
 use lanes::Lanes;
+pub(crate) use lanes::{KeyFn, key_fn};
 use order::{Leaving, Reorder};
 use pool::{AfterReport, Pool, Stolen};
 pub(crate) use rate::CostFn;
@@ -380,6 +380,8 @@ where
         message: StageMsg<I, O>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        // A change is answered once the stage has taken it, gauges included.
+        let mut changed = None;
         match message {
             StageMsg::Connect(upstream) => state.upstream = Some(upstream),
             StageMsg::Items(items) => state.receive(items),
@@ -394,16 +396,19 @@ where
             StageMsg::Pace => state.rate.woke(),
             StageMsg::SetRate(limit, reply) => {
                 state.set_rate(limit);
-                let _ = reply.send(Ok(()));
+                changed = Some(reply);
             }
             StageMsg::Resize(workers, reply) => {
                 state.resize(&myself, workers).await;
-                let _ = reply.send(Ok(()));
+                changed = Some(reply);
             }
         }
         state.pump(&myself);
         state.publish_gauges();
         state.pool.check();
+        if let Some(reply) = changed {
+            let _ = reply.send(Ok(()));
+        }
         Ok(())
     }
 
@@ -605,7 +610,8 @@ where
         }
         for item in &mut items {
             item.metadata.attempts = 0;
-            item.metadata.seq = self.next_seq;
+            // Modulo 2^32: the stage holds fewer items than that.
+            item.metadata.seq = self.next_seq as u32;
             self.next_seq += 1;
         }
         if self.shared.config.enable_tracking {
@@ -715,7 +721,7 @@ where
         myself: &ActorRef<StageMsg<I, O>>,
         outcomes: Vec<Outcome<I, O>>,
         finished: Vec<WorkItemResult>,
-        lost: Vec<(u64, WorkItemResult)>,
+        lost: Vec<(u32, WorkItemResult)>,
     ) {
         let mut out = Departures {
             finished,
@@ -768,7 +774,7 @@ where
     /// The item at place `seq` has its outcome in this stage: its key lane
     /// lets the next item of its key through, and the outcome leaves, in
     /// its turn when the stage is ordered (at once while aborting).
-    fn leave(&mut self, seq: u64, leaving: Leaving<O>, out: &mut Departures) {
+    fn leave(&mut self, seq: u32, leaving: Leaving<O>, out: &mut Departures) {
         let next = self.lanes.as_mut().and_then(|lanes| lanes.finished(seq));
         if let Some(next) = next {
             if self.aborting {

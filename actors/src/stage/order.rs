@@ -46,9 +46,12 @@ impl<O> Reorder<O> {
         self.waiting.len()
     }
 
-    /// The outcome of the item at place `seq`; `leave` gets, in order, every
-    /// outcome that may leave now.
-    pub(super) fn put(&mut self, seq: u64, leaving: Leaving<O>, mut leave: impl FnMut(Leaving<O>)) {
+    /// The outcome of the item at place `low` (its place modulo 2^32: every
+    /// place waiting is within 2^32 of the next, since the stage holds
+    /// fewer items than that); `leave` gets, in order, every outcome that
+    /// may leave now.
+    pub(super) fn put(&mut self, low: u32, leaving: Leaving<O>, mut leave: impl FnMut(Leaving<O>)) {
+        let seq = self.next + u64::from(low.wrapping_sub(self.next as u32));
         debug_assert!(
             seq >= self.next,
             "place {seq} has left already (next {})",
@@ -95,7 +98,7 @@ mod tests {
         order.put(2, Leaving::Next(WorkItem::new(2)), &mut leave);
         order.put(1, Leaving::Next(WorkItem::new(1)), &mut leave);
         let failed = WorkItemResult::failed(
-            JobId::new(),
+            JobId::random(),
             WorkItemMetadata::default(),
             ItemError::new("s", ItemErrorKind::Failed, "no"),
         );

@@ -41,7 +41,7 @@ pub(super) struct Slot<I, O> {
     /// Job ids, creation times and places (`seq`) of the items the worker
     /// holds and has not reported, in the order given (those not started
     /// are the end): enough to account for them if the worker dies.
-    pub(super) held: VecDeque<(JobId, Instant, u64)>,
+    pub(super) held: VecDeque<(JobId, Instant, u32)>,
     /// It reported a panic or a timeout and is about to fail: no more work
     /// for it.
     pub(super) failing: bool,
@@ -199,7 +199,10 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             let Some(worker) = self.idle.pop() else {
                 break;
             };
-            let slot = self.slots.get_mut(&worker).expect("idle workers have slots");
+            let slot = self
+                .slots
+                .get_mut(&worker)
+                .expect("idle workers have slots");
             slot.retiring = true;
             slot.stop();
             retired += 1;
