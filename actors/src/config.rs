@@ -164,6 +164,48 @@ pub struct StageConfig {
     /// leave in their place too. Default false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ordered: bool,
+    /// A worker range the stage tunes its count within, from the latency
+    /// and errors it measures; `workers` is where it starts (brought into
+    /// the range). None by default: `workers` stays as set. See
+    /// [`AdaptiveWorkers`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<AdaptiveWorkers>,
+}
+
+/// The range an adaptive stage keeps its worker count in. The stage grows
+/// while every worker is busy and latency stays near the lowest it has
+/// seen, and shrinks in proportion when latency grows past it (or by a
+/// quarter when attempts fail): see `docs/flow-policies.md` for the rule.
+/// The count it chose is `StageStats::workers`.
+///
+/// In files: `adaptive = { min = 1, max = 64 }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AdaptiveWorkers {
+    /// The fewest workers; at least 1.
+    pub min: usize,
+    /// The most workers; at most [`MAX_WORKERS`].
+    pub max: usize,
+}
+
+impl AdaptiveWorkers {
+    /// Between `min` and `max` workers.
+    pub fn new(min: usize, max: usize) -> Self {
+        AdaptiveWorkers { min, max }
+    }
+
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        check_workers(self.min).map_err(|m| ("adaptive.min", m))?;
+        check_workers(self.max).map_err(|m| ("adaptive.max", m))?;
+        if self.min > self.max {
+            return Err((
+                "adaptive.max",
+                format!("must be at least adaptive.min ({}), not {}", self.min, self.max),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A stage's rate limit: at most `allowed` units per `interval`, spread
@@ -495,6 +537,23 @@ impl StageConfig {
             retry: None,
             rate_limit: None,
             ordered: false,
+            adaptive: None,
+        }
+    }
+
+    /// Lets the stage tune its worker count within `min..=max` (see
+    /// [`AdaptiveWorkers`]); `workers` is where it starts.
+    pub fn adaptive(mut self, min: usize, max: usize) -> Self {
+        self.adaptive = Some(AdaptiveWorkers::new(min, max));
+        self
+    }
+
+    /// The worker count the stage starts with: `workers`, brought into the
+    /// adaptive range if there is one.
+    pub fn initial_workers(&self) -> usize {
+        match self.adaptive {
+            Some(range) if range.min <= range.max => self.workers.clamp(range.min, range.max),
+            _ => self.workers,
         }
     }
 
@@ -551,8 +610,13 @@ impl StageConfig {
 
     /// The most items this stage holds at once: waiting, being worked on, or
     /// done and waiting for the next stage to ask for them.
+    /// (With an adaptive range, the most workers it may have.)
     pub fn capacity(&self) -> usize {
-        self.queue_size.saturating_add(self.workers)
+        let workers = match self.adaptive {
+            Some(range) => range.max.max(self.workers),
+            None => self.workers,
+        };
+        self.queue_size.saturating_add(workers)
     }
 }
 
@@ -826,6 +890,7 @@ impl PipelineConfig {
                     .map(|b| check_at_most_max("restart_budget.window", b.window)),
                 stage.retry.map(|r| r.check()),
                 stage.rate_limit.map(|r| r.check()),
+                stage.adaptive.map(|a| a.check()),
             ];
             if let Some(Some(Err((field, message)))) =
                 durations.into_iter().find(|c| matches!(c, Some(Err(_))))

@@ -59,7 +59,8 @@
 //! - [`stalls`]: items held too long;
 //! - [`rate`]: the rate limit, and the items waiting for it under one timer;
 //! - [`lanes`]: key lanes, one item per key out at a time;
-//! - [`order`]: ordered output, outcomes leaving in input order.
+//! - [`order`]: ordered output, outcomes leaving in input order;
+//! - [`tune`]: adaptive concurrency, the worker count chosen within a range.
 //!
 //! # Flow policies
 //!
@@ -85,6 +86,7 @@ mod order;
 mod pool;
 mod rate;
 mod stalls;
+mod tune;
 
 use std::any::Any;
 use std::collections::{HashSet, VecDeque};
@@ -120,6 +122,7 @@ use order::{Leaving, Reorder};
 use pool::{AfterReport, Pool, Stolen};
 pub(crate) use rate::CostFn;
 use rate::Rate;
+use tune::Tune;
 
 /// What a stage's policies need of its items, given when it was bound: the
 /// key of its key lanes, the cost of an item under its rate limit.
@@ -300,6 +303,8 @@ pub(crate) struct StageState<I, O, R> {
     rate: Rate<I>,
     lanes: Option<Lanes<I>>,
     reorder: Option<Reorder<O>>,
+    /// With a worker range: the controller that picks the count in it.
+    tune: Option<Tune>,
     aborting: bool,
     /// A `Rebalance` is on its way.
     rebalance_armed: bool,
@@ -325,7 +330,7 @@ where
         Ok(StageState {
             index: args.index,
             queue_size: config.queue_size,
-            workers: config.workers,
+            workers: config.initial_workers(),
             runner: args.runner,
             tracker: args.tracker,
             upstream: None,
@@ -341,6 +346,7 @@ where
             rate: Rate::new(config.rate_limit, args.policies.cost),
             lanes: args.policies.key.map(Lanes::new),
             reorder: config.ordered.then(Reorder::new),
+            tune: config.adaptive.map(Tune::new),
             aborting: false,
             fail: args.fail,
             keep: args.keep.filter(|_| config.max_attempts() > 1),
@@ -405,6 +411,7 @@ where
         }
         state.pump(&myself);
         state.publish_gauges();
+        state.retune(&myself).await;
         state.pool.check();
         if let Some(reply) = changed {
             let _ = reply.send(Ok(()));
@@ -482,12 +489,44 @@ where
         }
     }
 
+    /// An adaptive stage: counts whether every worker is busy, and at the
+    /// end of a window resizes to the count its controller chose.
+    async fn retune(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
+        if self.aborting {
+            return;
+        }
+        let Some(tune) = &mut self.tune else {
+            return;
+        };
+        tune.sample(!self.pool.has_idle());
+        let Some(next) = tune.decide(self.workers) else {
+            return;
+        };
+        if next != self.workers {
+            tracing::debug!(
+                target: "bergtalzug::stage",
+                pipeline = %self.shared.name,
+                stage = %self.name,
+                "adaptive concurrency: {} -> {next} workers",
+                self.workers
+            );
+            self.resize(myself, next).await;
+            self.pump(myself);
+            self.publish_gauges();
+        }
+    }
+
     /// A new worker count: grows at once (busy workers retiring from an
     /// earlier shrink take work again first), or retires the extra
     /// workers, idle ones at once, busy ones once they hold nothing.
     async fn resize(&mut self, myself: &ActorRef<StageMsg<I, O>>, workers: usize) {
         self.workers = workers;
-        self.credit.resize(self.queue_size.saturating_add(workers));
+        // An adaptive stage keeps room for the most workers of its range.
+        let room = match self.shared.config.stages[self.index].adaptive {
+            Some(range) => workers.max(range.max),
+            None => workers,
+        };
+        self.credit.resize(self.queue_size.saturating_add(room));
         if self.aborting {
             return;
         }
@@ -691,6 +730,14 @@ where
             AfterReport::Failing | AfterReport::Idle | AfterReport::Busy => {}
         }
         self.batching.observe(report.busy, report.outcomes.len());
+        if let Some(tune) = &mut self.tune {
+            let errors = report
+                .outcomes
+                .iter()
+                .filter(|o| matches!(o, Outcome::Failed(_) | Outcome::Retry(_)))
+                .count();
+            tune.observe(report.outcomes.len(), errors, report.busy);
+        }
         let mut finished = Vec::new();
         if self.aborting {
             let cancelled = report
