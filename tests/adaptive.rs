@@ -126,6 +126,10 @@ async fn an_adaptive_stage_settles_near_a_hidden_limit_at_the_best_fixed_through
         best.0,
         best.1
     );
+    eprintln!(
+        "best fixed: {} workers, {:.0}/s; adaptive: {:.0}/s; workers over time: {:?}",
+        best.0, best.1, run.throughput, run.workers
+    );
     // Settled within 0.5 s: from then on, near the limit.
     let settled: Vec<usize> = run
         .workers

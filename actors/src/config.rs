@@ -201,7 +201,10 @@ impl AdaptiveWorkers {
         if self.min > self.max {
             return Err((
                 "adaptive.max",
-                format!("must be at least adaptive.min ({}), not {}", self.min, self.max),
+                format!(
+                    "must be at least adaptive.min ({}), not {}",
+                    self.min, self.max
+                ),
             ));
         }
         Ok(())

@@ -71,20 +71,23 @@ impl<I> Lanes<I> {
     pub(super) fn admit(&mut self, item: WorkItem<I>) -> Option<WorkItem<I>> {
         let key = (self.key)(&item);
         let seq = item.metadata.seq;
-        let admitted = if self.out.contains_key(&key) {
-            let lane = self.lanes.entry(key).or_default();
-            debug_assert!(
-                lane.back()
-                    .is_none_or(|last| (seq.wrapping_sub(last.metadata.seq) as i32) > 0),
-                "a lane holds its items in input order"
-            );
-            lane.push_back(item);
-            self.waiting += 1;
-            None
-        } else {
-            self.out.insert(key, seq);
-            self.keys.insert(seq, key);
-            Some(item)
+        let admitted = match self.out.entry(key) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                let lane = self.lanes.entry(key).or_default();
+                debug_assert!(
+                    lane.back()
+                        .is_none_or(|last| (seq.wrapping_sub(last.metadata.seq) as i32) > 0),
+                    "a lane holds its items in input order"
+                );
+                lane.push_back(item);
+                self.waiting += 1;
+                None
+            }
+            std::collections::hash_map::Entry::Vacant(free) => {
+                free.insert(seq);
+                self.keys.insert(seq, key);
+                Some(item)
+            }
         };
         self.check();
         admitted

@@ -467,7 +467,7 @@ where
 
     /// An item let through its key lane (if any): to the rate limit, if
     /// there is one, else to the queue.
-    fn to_rate(&mut self, item: WorkItem<I>) {
+    fn enter_rate(&mut self, item: WorkItem<I>) {
         if self.rate.limited() {
             self.rate.push(item);
         } else {
@@ -691,7 +691,7 @@ where
                 None => Some(item),
             };
             if let Some(item) = out {
-                self.to_rate(item);
+                self.enter_rate(item);
             }
         }
     }
@@ -828,7 +828,7 @@ where
                 let result = self.cancel(next, "before it started");
                 out.finished.push(result);
             } else {
-                self.to_rate(next);
+                self.enter_rate(next);
             }
         }
         let last = self.is_last();
@@ -856,7 +856,7 @@ where
         let (ready, timer) = self.backoff.due();
         for item in ready {
             // A retry is another start: the rate limit applies.
-            self.to_rate(item);
+            self.enter_rate(item);
         }
         if let Some(timer) = timer {
             myself.send_after(timer, || StageMsg::Wake);

@@ -8,7 +8,7 @@
 //! - the stage measures each window's mean handler latency (a window: at
 //!   least as many items as it has workers, and at least two of those
 //!   latencies of time), and keeps a *baseline*: the lowest window mean
-//!   seen, drifting up 2 % a window so that a service that really got
+//!   seen, drifting up 0.1 % a window so that a service that really got
 //!   slower moves it;
 //! - **errors** (a failed attempt, retried or not, a timeout) in a window:
 //!   multiply by 0.75;
@@ -39,7 +39,7 @@ const TOLERANCE: f64 = 1.1;
 /// The factor on errors.
 const ON_ERRORS: f64 = 0.75;
 /// How much the baseline drifts up per window.
-const DRIFT: f64 = 1.02;
+const DRIFT: f64 = 1.001;
 /// The shortest window.
 const MIN_WINDOW: Duration = Duration::from_millis(10);
 
@@ -95,8 +95,8 @@ impl Tune {
         }
         let mean = self.busy.as_secs_f64() / self.items as f64;
         let now = Instant::now();
-        let long_enough = now.duration_since(self.since)
-            >= MIN_WINDOW.max(Duration::from_secs_f64(2.0 * mean));
+        let long_enough =
+            now.duration_since(self.since) >= MIN_WINDOW.max(Duration::from_secs_f64(2.0 * mean));
         if self.items < current as u64 || !long_enough {
             return None;
         }
