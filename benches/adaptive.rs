@@ -3,8 +3,8 @@
 //! user would otherwise have to run.
 //!
 //! The service (in process, tokio timers, real time): up to 32 calls at
-//! once take 5 ms each; past 32 it queues (a call takes 5 ms x in flight /
-//! 32), so its throughput is at best 6,400 calls/s whatever the
+//! once take 10 ms each; past 32 it queues (a call takes 10 ms x in flight
+//! / 32), so its throughput is at best 3,200 calls/s whatever the
 //! concurrency beyond 32. A second service fails the calls over 32 at once
 //! (after 1 ms) instead.
 //!
@@ -43,7 +43,7 @@ impl Service {
         Arc::new(Service {
             in_flight: AtomicUsize::new(0),
             limit: 32,
-            base: Duration::from_millis(5),
+            base: Duration::from_millis(10),
             fails,
         })
     }
@@ -127,7 +127,7 @@ fn stage(workers: usize) -> StageConfig {
 fn svg(adaptive: &Run, failing: &Run, sweep: &[(usize, f64)], length: f64) -> String {
     let (w, h, pad) = (900.0, 420.0, 60.0);
     let max_workers = 128.0;
-    let max_rate = 8000.0;
+    let max_rate = 4000.0;
     let x = |t: f64| pad + (w - 2.0 * pad) * t / length;
     let yw = |c: f64| h - pad - (h - 2.0 * pad) * c / max_workers;
     let yr = |r: f64| h - pad - (h - 2.0 * pad) * r.min(max_rate) / max_rate;
@@ -149,7 +149,7 @@ fn svg(adaptive: &Run, failing: &Run, sweep: &[(usize, f64)], length: f64) -> St
     let _ = writeln!(s, "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
     let _ = writeln!(
         s,
-        "<text x=\"{pad}\" y=\"24\" font-size=\"15\">Adaptive concurrency against a service with a hidden limit of 32 (5 ms per call below it)</text>"
+        "<text x=\"{pad}\" y=\"24\" font-size=\"15\">Adaptive concurrency against a service with a hidden limit of 32 (10 ms per call below it)</text>"
     );
     // Axes and grid.
     for c in [0.0, 32.0, 64.0, 96.0, 128.0] {
@@ -268,7 +268,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        println!("sweep: fixed workers against the service (limit 32, 5 ms), {length:?} each");
+        println!("sweep: fixed workers against the service (limit 32, 10 ms), {length:?} each");
         println!("{:>8} {:>12}", "workers", "items/s");
         let mut sweep = Vec::new();
         for workers in [4, 8, 16, 24, 32, 48, 64, 128] {

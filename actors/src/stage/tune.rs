@@ -8,8 +8,8 @@
 //! - the stage measures each window's mean handler latency (a window: at
 //!   least as many items as it has workers, and at least two of those
 //!   latencies of time), and keeps a *baseline*: the lowest window mean
-//!   seen, drifting up 0.1 % a window so that a service that really got
-//!   slower moves it;
+//!   seen in a window without errors, drifting up 0.1 % a window so that
+//!   a service that really got slower moves it;
 //! - **errors** (a failed attempt, retried or not, a timeout) in a window:
 //!   multiply by 0.75;
 //! - **latency past the baseline** (mean above 1.1 x baseline): shrink in
@@ -100,11 +100,16 @@ impl Tune {
         if self.items < current as u64 || !long_enough {
             return None;
         }
+        // A window with errors says nothing of the latency of calls that
+        // work (failures are often quick): it leaves the baseline alone.
         let baseline = match self.baseline {
+            Some(b) if self.errors > 0 => b,
             Some(b) => (b * DRIFT).min(mean),
             None => mean,
         };
-        self.baseline = Some(baseline);
+        if self.errors == 0 {
+            self.baseline = Some(baseline);
+        }
         let saturated = self.saturated * 2 >= self.samples;
         let c = current as f64;
         let next = if self.errors > 0 {
