@@ -12,13 +12,15 @@
 //!   a service that really got slower moves it;
 //! - **errors** (a failed attempt, retried or not, a timeout) in a window:
 //!   multiply by 0.75;
-//! - **latency past the baseline** (mean above 1.1 x baseline): shrink in
-//!   proportion, to `count * 1.1 * baseline / mean`: a service that queues
+//! - **latency past the baseline** (mean above 1.2 x baseline): shrink in
+//!   proportion, to `count * 1.2 * baseline / mean` (and by one at least):
+//!   a service that queues
 //!   past its limit answers `count` requests in `count / limit` times the
 //!   latency, so this lands near the limit at once;
 //! - otherwise, when every worker was busy through the window
-//!   (saturated): grow, doubling until the first decrease (slow start),
-//!   then by one;
+//!   (saturated): grow, doubling until the first decrease or the first
+//!   window whose latency is 5 % past the baseline (slow start), then by
+//!   one;
 //! - always within `min..=max`.
 //!
 //! Why latency: more concurrency than a service can serve only queues in
@@ -35,7 +37,9 @@ use tokio::time::Instant;
 use crate::config::AdaptiveWorkers;
 
 /// Latency up to this many times the baseline is not "grown".
-const TOLERANCE: f64 = 1.1;
+const TOLERANCE: f64 = 1.2;
+/// Slow start (doubling) ends once latency is this many times the baseline.
+const SLOW_START_EXIT: f64 = 1.05;
 /// The factor on errors.
 const ON_ERRORS: f64 = 0.75;
 /// How much the baseline drifts up per window.
@@ -115,9 +119,18 @@ impl Tune {
         let next = if self.errors > 0 {
             self.slow_start = false;
             (c * ON_ERRORS).floor()
-        } else if mean > TOLERANCE * baseline {
+        } else if mean
+            > baseline
+                * if self.slow_start {
+                    SLOW_START_EXIT
+                } else {
+                    TOLERANCE
+                }
+        {
+            // (A window's mean lags behind a doubling: slow start ends at
+            // the first sign of growth.)
             self.slow_start = false;
-            (c * TOLERANCE * baseline / mean).floor()
+            (c * TOLERANCE * baseline / mean).floor().min(c - 1.0)
         } else if saturated && self.slow_start {
             c * 2.0
         } else if saturated {
