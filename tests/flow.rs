@@ -410,18 +410,17 @@ impl ractor::Actor for Parent {
     }
 }
 
-/// Runs `n` items through one stage `model` (async or thread) whose
+/// Runs items through one stage `model` (async or thread) whose
 /// handler records how many run at once, resizing it to each of `sizes`
 /// in turn while items flow; checks after each resize that stats follow
 /// and that, once the retiring workers are done, no more than the new
 /// count run at once.
 async fn resize_while_flowing(model: ExecutionType, sizes: &[usize]) {
-    let n = 3_000u64;
     let running = Arc::new(Running::default());
     let stage = StageConfig::new("work", model).workers(2).queue_size(64);
     let builder = Pipeline::builder(config("resized", vec![stage]))
         .unwrap()
-        .source(sources::iter(0..n));
+        .source(sources::iter(0u64..));
     let pipeline = match model {
         ExecutionType::Async => builder
             .async_stage("work", {
@@ -455,8 +454,9 @@ async fn resize_while_flowing(model: ExecutionType, sizes: &[usize]) {
     for &size in sizes {
         pipeline.set_workers("work", size).await.unwrap();
         assert_eq!(pipeline.stats().await.unwrap().stages[0].workers, size);
-        // Retiring workers finish their items (at most 2 ms each).
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        // Retiring workers finish their items (at most 2 ms each; more
+        // time for threads on a loaded machine).
+        tokio::time::sleep(Duration::from_millis(100)).await;
         running.reset_peak();
         tokio::time::sleep(Duration::from_millis(60)).await;
         let peak = running.peak();
@@ -468,18 +468,18 @@ async fn resize_while_flowing(model: ExecutionType, sizes: &[usize]) {
             );
         }
     }
-    let results = within(Duration::from_secs(60), pipeline.run())
+    // A graceful stop: every item admitted runs to its outcome.
+    within(Duration::from_secs(60), pipeline.stop())
         .await
         .unwrap();
-    assert_eq!(results.len(), n as usize);
+    let results = pipeline.run().await.unwrap();
+    let stats = pipeline.stats().await.unwrap();
+    assert!(results.len() > 1_000, "only {} items flowed", results.len());
+    assert_eq!(results.len() as u64, stats.admitted_items);
     assert!(results.iter().all(|r| r.success), "an item failed");
     common::assert_unique_ids(&results);
-    let stats = pipeline.stats().await.unwrap();
-    assert_eq!(stats.completed_items, n);
-    assert_eq!(
-        stats.admitted_items,
-        stats.completed_items + stats.active_items
-    );
+    assert_eq!(stats.completed_items, stats.admitted_items);
+    assert_eq!(stats.active_items, 0);
 }
 
 #[tokio::test(start_paused = true)]

@@ -215,7 +215,7 @@ impl AdaptiveWorkers {
 /// evenly (one unit every `interval / allowed`), of which up to `burst` may
 /// be used at once after a quiet spell. A unit is one item, unless the
 /// stage was bound with a cost function
-/// ([`cost_by`](crate::builder::PipelineBuilder::cost_by)). Over any window
+/// ([`cost_by`](crate::PipelineBuilder::cost_by)). Over any window
 /// of length `w`, at most `burst + allowed * w / interval` units start.
 ///
 /// In files: `rate_limit = { allowed = 50, interval = 1.0, burst = 1 }`
