@@ -102,6 +102,7 @@ pub struct DashboardBuilder {
     history: Duration,
     max_connections: usize,
     max_viewers: usize,
+    header_timeout: Duration,
 }
 
 impl Default for DashboardBuilder {
@@ -112,6 +113,7 @@ impl Default for DashboardBuilder {
             history: Duration::from_secs(300),
             max_connections: MAX_CONNECTIONS,
             max_viewers: MAX_VIEWERS,
+            header_timeout: HEADER_TIMEOUT,
         }
     }
 }
@@ -153,6 +155,14 @@ impl DashboardBuilder {
         self
     }
 
+    /// How long a client has to send a request's head (method, path and
+    /// headers): [`HEADER_TIMEOUT`] by default. A connection that takes
+    /// longer is closed.
+    pub fn header_timeout(mut self, timeout: Duration) -> Self {
+        self.header_timeout = timeout.max(Duration::from_millis(10));
+        self
+    }
+
     /// Binds `addr` (port 0: any free port) and serves, on the current
     /// tokio runtime, until [`Dashboard::shutdown`].
     pub async fn serve(self, addr: impl ToSocketAddrs) -> std::io::Result<Dashboard> {
@@ -171,7 +181,10 @@ impl DashboardBuilder {
         tokio::spawn(server::serve(
             listener,
             api::router(hub.clone()),
-            self.max_connections,
+            server::Limits {
+                connections: self.max_connections,
+                header_timeout: self.header_timeout,
+            },
             stopped.clone(),
         ));
         tokio::spawn(sample(hub.clone(), stopped));

@@ -26,23 +26,31 @@ use tower::ServiceExt;
 
 use super::api::Connection;
 
-/// How long a client has to send a request head.
+/// How long a client has to send a request head, by default.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The largest request head (request line and headers) read, in bytes.
 pub const MAX_HEAD: usize = 16 * 1024;
 
+/// What a client may take.
+pub(crate) struct Limits {
+    /// Connections served at once.
+    pub(crate) connections: usize,
+    /// Time to send a request head.
+    pub(crate) header_timeout: Duration,
+}
+
 /// Serves `router` on `listener` until `shutdown` turns true.
 pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
-    max_connections: usize,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let local = listener.local_addr().ok();
     let hosts = local.filter(|a| a.ip().is_loopback()).map(loopback_hosts);
     let hosts: Arc<Option<Vec<String>>> = Arc::new(hosts);
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let slots = Arc::new(Semaphore::new(limits.connections));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -63,6 +71,7 @@ pub(crate) async fn serve(
         };
         let router = router.clone();
         let hosts = hosts.clone();
+        let header_timeout = limits.header_timeout;
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _slot = slot;
@@ -88,7 +97,7 @@ pub(crate) async fn serve(
             let _ = stream.set_nodelay(true);
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+                .header_read_timeout(header_timeout)
                 .max_buf_size(MAX_HEAD)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
