@@ -139,7 +139,7 @@ function update(board, view) {
   set(root, "phase", view.phase);
   root.querySelector(".phase").setAttribute("data-value", view.phase);
   if (st) {
-    set(root, "elapsed", "running for " + dur(st.elapsed), st.elapsed);
+    set(root, "elapsed", (view.phase === "finished" ? "ran for " : "running for ") + dur(st.elapsed), st.elapsed);
     for (const key of ["admitted_items", "completed_items", "failed_items", "active_items", "stalled_items", "source_errors"]) {
       set(root, key, num(st[key]), st[key]);
     }
