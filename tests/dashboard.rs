@@ -685,3 +685,22 @@ async fn in_chromium_the_page_follows_the_run_to_its_end() {
     browser.close().await;
     dashboard.shutdown();
 }
+
+/// Not a check: takes the README's screenshot of a dashboard someone
+/// runs, e.g. the quickstart's (docs/dashboard.md says how):
+/// `BERGTALZUG_SCREENSHOT_URL=http://127.0.0.1:9000/ cargo test --features
+/// dashboard --test dashboard -- --ignored screenshot`, into
+/// `BERGTALZUG_SCREENSHOT_TO` (default `docs/dashboard.png`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a tool for the docs: needs a dashboard running at BERGTALZUG_SCREENSHOT_URL"]
+async fn screenshot() {
+    let url = std::env::var("BERGTALZUG_SCREENSHOT_URL").expect("BERGTALZUG_SCREENSHOT_URL");
+    let to = std::env::var("BERGTALZUG_SCREENSHOT_TO").unwrap_or_else(|_| "docs/dashboard.png".into());
+    let chromium = cdp::find_chromium().expect("chromium on PATH");
+    let browser = cdp::Browser::start(&chromium).await.unwrap();
+    browser.navigate(&url).await.unwrap();
+    page_until(&browser, "document.querySelectorAll('[data-stage]').length > 0", "a pipeline").await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    std::fs::write(&to, browser.screenshot().await.unwrap()).unwrap();
+    browser.close().await;
+}

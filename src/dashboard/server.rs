@@ -121,12 +121,17 @@ fn refuse(stream: TcpStream) {
 
 fn loopback_hosts(addr: SocketAddr) -> Vec<String> {
     let port = addr.port();
-    vec![
+    let mut hosts = vec![
         format!("127.0.0.1:{port}"),
         format!("localhost:{port}"),
         format!("[::1]:{port}"),
         addr.to_string(),
-    ]
+    ];
+    if port == 80 {
+        // Browsers leave the default port out.
+        hosts.extend(["127.0.0.1", "localhost", "[::1]"].map(String::from));
+    }
+    hosts
 }
 
 fn host_allowed<B>(request: &Request<B>, hosts: Option<&[String]>) -> bool {
