@@ -112,7 +112,9 @@ fn viewers(addr: SocketAddr, n: usize) -> std::thread::JoinHandle<u64> {
             for _ in 0..n {
                 let ready = ready_tx.clone();
                 readers.push(tokio::spawn(async move {
-                    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connects");
+                    let mut stream = tokio::net::TcpStream::connect(addr)
+                        .await
+                        .expect("connects");
                     let request = format!("GET /api/events HTTP/1.1\r\nHost: {addr}\r\n\r\n");
                     stream.write_all(request.as_bytes()).await.expect("asks");
                     let mut chunk = vec![0u8; 1 << 16];

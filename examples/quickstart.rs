@@ -21,12 +21,12 @@
 //!   is served corrupt, and fails here.
 //! - `compute` does real CPU work (a numerical integration per record) on
 //!   the stage's own threads, one worker per core.
+//! - `store` writes each result to a file in a temporary directory, removed
+//!   when the example ends unless it is given `--keep`.
+//!
 //! With `--dashboard ADDR` (built with the `dashboard` feature) it also
 //! serves the live dashboard on `ADDR` (open `http://ADDR/`), and keeps
 //! serving the final state after the run until Enter is pressed.
-//!
-//! - `store` writes each result to a file in a temporary directory, removed
-//!   when the example ends unless it is given `--keep`.
 
 use std::time::{Duration, Instant};
 
@@ -317,7 +317,10 @@ async fn main() -> anyhow::Result<()> {
     if let Some(board) = board {
         use std::io::IsTerminal;
         if std::io::stdin().is_terminal() {
-            println!("the dashboard shows the final state at {}: press Enter to exit", board.url());
+            println!(
+                "the dashboard shows the final state at {}: press Enter to exit",
+                board.url()
+            );
             let mut line = String::new();
             std::io::stdin().read_line(&mut line)?;
         }

@@ -164,14 +164,19 @@ async fn the_api_answers_what_stats_says_and_unknown_paths_get_404() {
 
     let (status, page) = http(addr, &get(addr, "/")).await;
     assert_eq!(status, Some(200));
-    assert!(page.contains("text/html") && page.contains("page.js"), "{page}");
+    assert!(
+        page.contains("text/html") && page.contains("page.js"),
+        "{page}"
+    );
     for path in ["/page.js", "/page.css"] {
         assert_eq!(http(addr, &get(addr, path)).await.0, Some(200), "{path}");
     }
     for path in ["/nope", "/api", "/api/pipelines/0", "/../../etc/passwd"] {
         assert_eq!(http(addr, &get(addr, path)).await.0, Some(404), "{path}");
     }
-    let post = format!("POST /api/pipelines/0/stop HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let post = format!(
+        "POST /api/pipelines/0/stop HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     assert_eq!(http(addr, &post).await.0, Some(403), "controls are off");
 
     // The final stats, once the dashboard's sampler saw the end.
@@ -407,7 +412,9 @@ async fn controls_need_the_token() {
     let addr = dashboard.local_addr();
     let post = |path: &str, token: Option<&str>| {
         let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-        format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
     };
     let json = get_json(addr, "/api/stats").await;
     assert_eq!(json["controls"], true);
@@ -437,11 +444,13 @@ async fn a_foreign_host_is_refused_on_loopback() {
     let addr = dashboard.local_addr();
     let port = addr.port();
     for host in ["evil.example", "evil.example:80", "127.0.0.1.evil.example"] {
-        let request = format!("GET /api/stats HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let request =
+            format!("GET /api/stats HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         assert_eq!(http(addr, &request).await.0, Some(403), "{host}");
     }
     for host in [format!("localhost:{port}"), format!("127.0.0.1:{port}")] {
-        let request = format!("GET /api/stats HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let request =
+            format!("GET /api/stats HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         assert_eq!(http(addr, &request).await.0, Some(200), "{host}");
     }
 }
@@ -472,7 +481,12 @@ async fn failures_are_subscribed_to_only_while_someone_watches() {
             if shown["watching_events"] == true && shown["failures_heard"].as_u64().unwrap() > 0 {
                 let failure = &shown["failures"][0];
                 assert_eq!(failure["stage"], "work");
-                assert!(failure["error"].as_str().unwrap().contains("failed: xxxxxxxxxx"));
+                assert!(
+                    failure["error"]
+                        .as_str()
+                        .unwrap()
+                        .contains("failed: xxxxxxxxxx")
+                );
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -516,7 +530,11 @@ fn gated(gate: Arc<Semaphore>) -> Pipeline<u64> {
             }
         })
         .sync_stage("parse", |item: WorkItem<u64>| {
-            anyhow::ensure!(item.data != FAILING, "injected failure of item {}", item.data);
+            anyhow::ensure!(
+                item.data != FAILING,
+                "injected failure of item {}",
+                item.data
+            );
             Ok(item)
         })
         .async_stage("store", |item: WorkItem<u64>| async move { Ok(item) })
@@ -531,7 +549,10 @@ async fn page_until(browser: &cdp::Browser, condition: &str, what: &str) {
         if browser.eval(condition).await.unwrap() == Value::Bool(true) {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the page never showed {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the page never showed {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -653,7 +674,10 @@ async fn in_chromium_the_page_follows_the_run_to_its_end() {
         before["points"],
         after["points"]
     );
-    assert!(after["max"].as_f64().unwrap() > 0.0, "a throughput above 0 drawn");
+    assert!(
+        after["max"].as_f64().unwrap() > 0.0,
+        "a throughput above 0 drawn"
+    );
     assert_ne!(after["pixels"], before["pixels"], "the chart was redrawn");
 
     // The rest, to the end: the final totals.
@@ -695,11 +719,17 @@ async fn in_chromium_the_page_follows_the_run_to_its_end() {
 #[ignore = "a tool for the docs: needs a dashboard running at BERGTALZUG_SCREENSHOT_URL"]
 async fn screenshot() {
     let url = std::env::var("BERGTALZUG_SCREENSHOT_URL").expect("BERGTALZUG_SCREENSHOT_URL");
-    let to = std::env::var("BERGTALZUG_SCREENSHOT_TO").unwrap_or_else(|_| "docs/dashboard.png".into());
+    let to =
+        std::env::var("BERGTALZUG_SCREENSHOT_TO").unwrap_or_else(|_| "docs/dashboard.png".into());
     let chromium = cdp::find_chromium().expect("chromium on PATH");
     let browser = cdp::Browser::start(&chromium).await.unwrap();
     browser.navigate(&url).await.unwrap();
-    page_until(&browser, "document.querySelectorAll('[data-stage]').length > 0", "a pipeline").await;
+    page_until(
+        &browser,
+        "document.querySelectorAll('[data-stage]').length > 0",
+        "a pipeline",
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     std::fs::write(&to, browser.screenshot().await.unwrap()).unwrap();
     browser.close().await;

@@ -99,7 +99,10 @@ impl Hub {
     }
 
     pub(crate) fn boards(&self) -> Vec<Arc<Board>> {
-        self.boards.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.boards
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn add(&self, pipeline: Arc<dyn super::board::Watched>) -> Arc<Board> {

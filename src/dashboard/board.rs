@@ -118,7 +118,11 @@ impl Counters {
             t: stats.elapsed.as_secs_f64(),
             completed: stats.completed_items,
             failed: stats.failed_items,
-            stage_done: stats.stages.iter().map(|s| s.processed + s.failed).collect(),
+            stage_done: stats
+                .stages
+                .iter()
+                .map(|s| s.processed + s.failed)
+                .collect(),
         }
     }
 }

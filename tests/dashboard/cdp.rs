@@ -98,7 +98,9 @@ impl Browser {
             let (pending, errors) = (pending.clone(), errors.clone());
             tokio::spawn(async move {
                 while let Some(Ok(message)) = source.next().await {
-                    let Message::Text(text) = message else { continue };
+                    let Message::Text(text) = message else {
+                        continue;
+                    };
                     let Ok(value) = serde_json::from_str::<Value>(&text) else {
                         continue;
                     };
@@ -143,7 +145,12 @@ impl Browser {
         Ok(browser)
     }
 
-    async fn call(&self, session: Option<&str>, method: &str, params: Value) -> anyhow::Result<Value> {
+    async fn call(
+        &self,
+        session: Option<&str>,
+        method: &str,
+        params: Value,
+    ) -> anyhow::Result<Value> {
         let id = {
             let mut next = self.next_id.lock().unwrap();
             *next += 1;
