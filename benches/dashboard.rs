@@ -9,11 +9,15 @@
 //! - `dashboard on, 5 viewers`: the same with five clients reading the
 //!   event stream from the start (so the failures subscription is held the
 //!   whole run) on a thread of their own in this process; their CPU counts
-//!   in CPU ns/item, as a browser's would not.
+//!   in CPU ns/item, as a browser's would not;
+//! - `failures subscription only`: no dashboard, but the subscription a
+//!   watched dashboard holds (`subscribe_filtered(EventFilter::failures())`,
+//!   read by a task): what of the cost of watching is the subscription's.
 //!
-//! Timed from before the pipeline is built until every item was counted
-//! (the dashboard is started before and shut down after the clock); 2
-//! tokio worker threads. Each variant runs 5 times after a warm-up; the
+//! Timed from the start of the run until every item was counted (the
+//! pipeline is built, the dashboard started and the viewers connected
+//! before the clock; the dashboard is shut down after it); 2 tokio worker
+//! threads. Each variant runs 5 times after a warm-up; the
 //! table shows the median and the best, the median's ratio to `off`, and
 //! the median CPU time per item. Quick mode (`BENCH_QUICK=1` or
 //! `--quick`): 20,000 items, one repetition, for CI.
@@ -48,16 +52,23 @@ enum Variant {
     Off,
     Idle,
     Watched,
+    Subscribed,
 }
 
 impl Variant {
-    const ALL: [Variant; 3] = [Variant::Off, Variant::Idle, Variant::Watched];
+    const ALL: [Variant; 4] = [
+        Variant::Off,
+        Variant::Idle,
+        Variant::Watched,
+        Variant::Subscribed,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Variant::Off => "dashboard off",
             Variant::Idle => "dashboard on, nobody watching",
             Variant::Watched => "dashboard on, 5 viewers",
+            Variant::Subscribed => "failures subscription only",
         }
     }
 }
@@ -148,7 +159,7 @@ fn viewers(addr: SocketAddr, n: usize) -> std::thread::JoinHandle<u64> {
 /// One run: the elapsed time and the bytes the viewers read.
 async fn run(variant: Variant, n: u64) -> (Duration, u64) {
     let dashboard = match variant {
-        Variant::Off => None,
+        Variant::Off | Variant::Subscribed => None,
         Variant::Idle | Variant::Watched => Some(
             Dashboard::serve("127.0.0.1:0")
                 .await
@@ -156,7 +167,6 @@ async fn run(variant: Variant, n: u64) -> (Duration, u64) {
         ),
     };
     let ok = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
     let pipeline = pipeline(n, ok.clone());
     let clients = match (&dashboard, variant) {
         (Some(dashboard), _) => {
@@ -165,10 +175,18 @@ async fn run(variant: Variant, n: u64) -> (Duration, u64) {
         }
         (None, _) => None,
     };
+    let start = Instant::now();
+    let subscription = (variant == Variant::Subscribed).then(|| {
+        let mut events = pipeline.subscribe_filtered(EventFilter::failures());
+        tokio::spawn(async move { while events.recv().await.is_some() {} })
+    });
     let results = pipeline.run().await.expect("pipeline runs");
     let elapsed = start.elapsed();
     assert!(results.is_empty(), "retain_results is off");
     assert_eq!(ok.load(Ordering::Relaxed), n, "every item completes");
+    if let Some(reader) = subscription {
+        let _ = reader.await;
+    }
     if let Some(dashboard) = dashboard {
         dashboard.shutdown();
     }

@@ -28,6 +28,22 @@ use crate::{
 /// How many entries each list (failures, stalls, restarts, source errors) keeps.
 pub(crate) const LIST_LEN: usize = 50;
 
+/// The longest text (an error chain, a job id) an entry keeps, in bytes.
+pub(crate) const MAX_TEXT: usize = 2048;
+
+/// At most [`MAX_TEXT`] bytes of `text`, cut at a character boundary.
+fn clip(mut text: String) -> String {
+    if text.len() > MAX_TEXT {
+        let mut end = MAX_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 /// What the dashboard needs of a pipeline, whatever its input type: the
 /// public methods of [`Pipeline`], behind one object-safe trait.
 pub(crate) trait Watched: Send + Sync + 'static {
@@ -360,7 +376,7 @@ impl Board {
         match event {
             PipelineEvent::ItemFinished(result) => {
                 let Some(error) = &result.error else { return };
-                let job_id = result.job_id.to_string();
+                let job_id = clip(result.job_id.to_string());
                 state.stalls.retain(|s| s.job_id != job_id);
                 state.failures_heard += 1;
                 push_bounded(
@@ -370,7 +386,7 @@ impl Board {
                         job_id,
                         stage: error.stage.clone(),
                         kind: error.kind.to_string(),
-                        error: error.message.clone(),
+                        error: clip(error.message.clone()),
                         attempts: error.attempts,
                     },
                 );
@@ -384,7 +400,7 @@ impl Board {
                 &mut state.stalls,
                 Stall {
                     at_ms,
-                    job_id: job_id.to_string(),
+                    job_id: clip(job_id.to_string()),
                     stage: stage.to_string(),
                     worker: worker.to_string(),
                     age_reported: age.as_secs_f64(),
@@ -404,12 +420,16 @@ impl Board {
                     stage: stage.to_string(),
                     worker: worker.to_string(),
                     replacement: replacement.to_string(),
-                    reason,
+                    reason: clip(reason),
                 },
             ),
-            PipelineEvent::SourceError { message } => {
-                push_bounded(&mut state.source_errors, SourceError { at_ms, message })
-            }
+            PipelineEvent::SourceError { message } => push_bounded(
+                &mut state.source_errors,
+                SourceError {
+                    at_ms,
+                    message: clip(message),
+                },
+            ),
             _ => {}
         }
     }
@@ -479,6 +499,20 @@ impl Board {
 
     pub(crate) async fn abort(&self) -> Result<(), PipelineError> {
         self.pipeline.abort().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_texts_are_clipped_at_a_character_boundary() {
+        assert_eq!(clip("short".into()), "short");
+        let long = "é".repeat(MAX_TEXT); // 2 bytes each
+        let clipped = clip(long);
+        assert!(clipped.len() <= MAX_TEXT + '…'.len_utf8());
+        assert!(clipped.ends_with('…'));
     }
 }
 
