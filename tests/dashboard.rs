@@ -496,6 +496,134 @@ async fn failures_are_subscribed_to_only_while_someone_watches() {
     within(LIMIT, pipeline.stop()).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_pipelines_of_any_input_type_share_one_dashboard() {
+    let numbers = endless(Duration::from_millis(1), 1_000_000, 0);
+    let words = Pipeline::builder(common::config(
+        "words",
+        vec![StageConfig::new("upper", ExecutionType::Cpu).workers(1)],
+    ))
+    .unwrap()
+    .source(sources::iter(["a", "b", "c"].map(String::from)))
+    .sync_stage("upper", |item: WorkItem<String>| {
+        Ok(item.map(|w| w.to_uppercase()))
+    })
+    .build()
+    .unwrap();
+    let dashboard = Dashboard::builder()
+        .sample_every(Duration::from_millis(20))
+        .serve("127.0.0.1:0")
+        .await
+        .unwrap();
+    dashboard.watch(&numbers);
+    dashboard.watch(&words);
+    numbers.start().await.unwrap();
+    within(LIMIT, words.run()).await.unwrap();
+    let addr = dashboard.local_addr();
+    within(Duration::from_secs(10), async {
+        loop {
+            let json = get_json(addr, "/api/stats").await;
+            let shown = json["pipelines"].as_array().unwrap();
+            assert_eq!(shown.len(), 2);
+            assert_eq!(
+                (shown[0]["id"].clone(), shown[0]["name"].clone()),
+                (0.into(), "endless".into())
+            );
+            assert_eq!(
+                (shown[1]["id"].clone(), shown[1]["name"].clone()),
+                (1.into(), "words".into())
+            );
+            if shown[0]["phase"] == "running" && shown[1]["phase"] == "finished" {
+                assert_eq!(shown[1]["stats"]["completed_items"], 3);
+                assert_eq!(shown[1]["stages"][0]["model"], "cpu");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    within(LIMIT, numbers.stop()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_and_stalls_are_listed_while_watched() {
+    // Item 3 panics (its worker is replaced); item 5 is held for 1.5 s,
+    // past the 200 ms stall threshold.
+    let config = common::config(
+        "trouble",
+        vec![StageConfig::new("work", ExecutionType::Async).workers(2)],
+    )
+    .stall_threshold(Duration::from_millis(200));
+    let pipeline = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::items(
+            (0..10u64).map(|n| WorkItem::with_job_id(format!("job-{n}"), n)),
+        ))
+        .async_stage("work", |item: WorkItem<u64>| async move {
+            if item.data == 0 {
+                // The first item waits for the viewer.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            if item.data == 3 {
+                panic!("item 3 breaks its worker");
+            }
+            if item.data == 5 {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+            Ok(item)
+        })
+        .build()
+        .unwrap();
+    let dashboard = Dashboard::builder()
+        .sample_every(Duration::from_millis(20))
+        .serve("127.0.0.1:0")
+        .await
+        .unwrap();
+    dashboard.watch(&pipeline);
+    let addr = dashboard.local_addr();
+    let (_viewer, _) = viewer(addr).await;
+    let run = tokio::spawn({
+        let pipeline = pipeline.clone();
+        async move { pipeline.run().await }
+    });
+    let seen = within(Duration::from_secs(10), async {
+        loop {
+            let json = get_json(addr, "/api/stats").await;
+            let shown = json["pipelines"][0].clone();
+            if !shown["restarts"].as_array().unwrap().is_empty()
+                && !shown["stalls"].as_array().unwrap().is_empty()
+            {
+                break shown;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let restart = &seen["restarts"][0];
+    assert_eq!(restart["stage"], "work");
+    assert!(
+        restart["reason"]
+            .as_str()
+            .unwrap()
+            .contains("item 3 breaks its worker"),
+        "{restart}"
+    );
+    assert_ne!(restart["worker"], restart["replacement"]);
+    let stall = &seen["stalls"][0];
+    assert_eq!(
+        (stall["job_id"].clone(), stall["stage"].clone()),
+        ("job-5".into(), "work".into())
+    );
+    assert!(stall["age_now"].as_f64().unwrap() >= stall["age_reported"].as_f64().unwrap());
+    assert!(stall["age_reported"].as_f64().unwrap() >= 0.2);
+    let failure = &seen["failures"][0];
+    assert_eq!(
+        (failure["job_id"].clone(), failure["kind"].clone()),
+        ("job-3".into(), "panicked".into())
+    );
+    within(LIMIT, run).await.unwrap().unwrap();
+}
+
 // The browser test.
 
 const ITEMS: u64 = 120;
