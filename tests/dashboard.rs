@@ -734,15 +734,75 @@ async fn page_matches(browser: &cdp::Browser, pipeline: &Pipeline<u64>, phase: &
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_chromium_the_page_follows_the_run_to_its_end() {
-    let Some(chromium) = cdp::find_chromium() else {
+/// Chromium, or `None` after saying why the test skips; a failure instead
+/// when `BERGTALZUG_REQUIRE_CHROMIUM=1`.
+fn chromium_or_skip() -> Option<std::path::PathBuf> {
+    let found = cdp::find_chromium();
+    if found.is_none() {
         let required = std::env::var("BERGTALZUG_REQUIRE_CHROMIUM").is_ok_and(|v| v == "1");
         assert!(
             !required,
             "BERGTALZUG_REQUIRE_CHROMIUM=1 but no chromium on PATH (apt-get install -y chromium)"
         );
         eprintln!("skipped: no chromium on PATH (apt-get install -y chromium to run this test)");
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_chromium_the_stop_button_stops_the_pipeline_with_the_token() {
+    let Some(chromium) = chromium_or_skip() else {
+        return;
+    };
+    let pipeline = endless(Duration::from_millis(1), 1_000_000, 0);
+    pipeline.start().await.unwrap();
+    let dashboard = Dashboard::builder()
+        .controls("tok3n")
+        .sample_every(Duration::from_millis(100))
+        .serve("127.0.0.1:0")
+        .await
+        .unwrap();
+    dashboard.watch(&pipeline);
+    let browser = within(LIMIT, cdp::Browser::start(&chromium)).await.unwrap();
+    browser
+        .navigate(&format!("{}#token=tok3n", dashboard.url()))
+        .await
+        .unwrap();
+    page_until(
+        &browser,
+        r#"!!document.querySelector('[data-pipeline="endless"] button[data-action="stop"]')"#,
+        "the stop button",
+    )
+    .await;
+    assert_flows(&pipeline).await;
+    browser
+        .eval(r#"document.querySelector('[data-action="stop"]').click(); true"#)
+        .await
+        .unwrap();
+    within(Duration::from_secs(10), async {
+        while !pipeline.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let stats = pipeline.stats().await.unwrap();
+    assert_eq!(stats.cancelled_items, 0, "a graceful stop");
+    assert_eq!(stats.active_items, 0);
+    page_until(
+        &browser,
+        r#"document.querySelector('[data-pipeline="endless"] [data-field="phase"]').getAttribute("data-value") === "finished"
+            && !document.querySelector('[data-action="stop"]')"#,
+        "the stopped run, without its buttons",
+    )
+    .await;
+    let errors = browser.errors.lock().unwrap().clone();
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_chromium_the_page_follows_the_run_to_its_end() {
+    let Some(chromium) = chromium_or_skip() else {
         return;
     };
     let gate = Arc::new(Semaphore::new(0));
