@@ -334,11 +334,9 @@ impl Board {
             Phase::Running
         };
         if finished {
+            // The reader, if any, reads on to `PipelineFinished`, which ends
+            // its stream: the last failures are not lost.
             state.finished_at = Some(Instant::now());
-            if let Some(reader) = state.reader.take() {
-                // `PipelineFinished` ends the stream; nothing after it matters.
-                reader.abort();
-            }
         }
         state.stats = Some(stats);
     }
@@ -360,7 +358,7 @@ impl Board {
                     }
                 }));
             }
-            (false, true) => {
+            (false, true) if state.phase != Phase::Finished => {
                 if let Some(reader) = state.reader.take() {
                     reader.abort();
                 }
@@ -478,7 +476,7 @@ impl Board {
             "eta_seconds": eta,
             "samples_taken": state.samples_taken,
             "history": history,
-            "watching_events": state.reader.is_some(),
+            "watching_events": state.reader.as_ref().is_some_and(|r| !r.is_finished()),
             "events_dropped": state.events_dropped,
             "failures_heard": state.failures_heard,
             "failures": state.failures,
