@@ -64,7 +64,7 @@ function build(view) {
   for (const [key, label] of [["admitted_items", "admitted"], ["completed_items", "completed"],
     ["failed_items", "failed"], ["active_items", "in the pipeline"], ["recent_items_per_second", "items/s (10 s)"],
     ["p50_duration", "end-to-end p50"], ["p99_duration", "end-to-end p99"], ["stalled_items", "stalled"],
-    ["source_errors", "source errors"], ["restarts", "worker restarts"]]) {
+    ["source_errors", "source errors"], ["restarts", "restarts seen"]]) {
     summary.append(el("div", {}, el("span", { class: "k" }, label), field(key)));
   }
   section.append(summary);
