@@ -30,9 +30,22 @@
 //! fastest per-item baseline and to the batched one. Quick mode
 //! (`BENCH_QUICK=1` or `--quick`): 20,000 items, one repetition, for CI.
 //!
+//! Two environment variables narrow a run, for instruction counts under
+//! callgrind (`benches/callgrind.sh`); unset, the bench runs as above:
+//!
+//! - `BENCH_ONLY=<text>`: only the variants whose name (as printed, e.g.
+//!   `bergtalzug tracking on`, `tokio batched`) contains `<text>`. They still
+//!   get their one warm-up run, and no other.
+//! - `BENCH_ITEMS=<n>`: `n` items per timed run instead of the mode's
+//!   1,000,000 or 20,000 (the warm-up stays at most 20,000).
+//!
+//! The last line, `items run per variant: ...`, counts the warm-up too.
+//!
 //! ```text
 //! cargo bench --bench throughput
 //! BENCH_QUICK=1 cargo bench --bench throughput
+//! BENCH_QUICK=1 BENCH_ONLY="tracking on" cargo bench --bench throughput
+//! benches/callgrind.sh    # instruction counts per variant, 3 runs each
 //! ```
 
 mod common;
@@ -308,6 +321,39 @@ async fn bergtalzug(n: u64, tracking: bool) -> Duration {
     elapsed
 }
 
+/// The variants `BENCH_ONLY` selects (those whose name contains it), or all
+/// of them when it is unset or empty. Panics when it matches none.
+fn selected() -> Vec<Variant> {
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let chosen: Vec<Variant> = Variant::ALL
+        .into_iter()
+        .filter(|v| v.name().contains(only.as_str()))
+        .collect();
+    assert!(
+        !chosen.is_empty(),
+        "BENCH_ONLY={only:?} matches no variant; they are: {:?}",
+        Variant::ALL.map(Variant::name)
+    );
+    chosen
+}
+
+/// `BENCH_ITEMS`, the items per timed run, if set. Panics unless it is a
+/// positive whole number.
+fn items_override() -> Option<u64> {
+    let text = std::env::var("BENCH_ITEMS")
+        .ok()
+        .filter(|t| !t.is_empty())?;
+    match text.parse() {
+        Ok(n) if n > 0 => Some(n),
+        _ => panic!("BENCH_ITEMS={text:?} is not a positive number of items"),
+    }
+}
+
+/// A ratio for the table, or `-` when its baseline was not run.
+fn ratio(of: f64, to: Option<f64>) -> String {
+    to.map_or("-".into(), |to| format!("{:.2}x", of / to))
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; other unknown arguments are ignored too.
     let quick = common::quick();
@@ -316,6 +362,9 @@ fn main() {
     } else {
         (FULL_ITEMS, FULL_REPS)
     };
+    let items = items_override().unwrap_or(items);
+    let variants = selected();
+    let warmup = WARMUP_ITEMS.min(items);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -329,14 +378,14 @@ fn main() {
         if quick { " (quick)" } else { "" }
     );
 
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); Variant::ALL.len()];
-    let mut cpu_ns: Vec<Vec<f64>> = vec![Vec::new(); Variant::ALL.len()];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut cpu_ns: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     runtime.block_on(async {
-        for variant in Variant::ALL {
-            variant.run(WARMUP_ITEMS.min(items)).await;
+        for &variant in &variants {
+            variant.run(warmup).await;
         }
         for rep in 0..reps {
-            for (i, variant) in Variant::ALL.into_iter().enumerate() {
+            for (i, &variant) in variants.iter().enumerate() {
                 let cpu_before = cpu_time();
                 let elapsed = variant.run(items).await;
                 let cpu = cpu_time()
@@ -360,13 +409,15 @@ fn main() {
     for r in rates.iter_mut().chain(&mut cpu_ns) {
         r.sort_by(f64::total_cmp);
     }
+    // Medians of the baselines that ran (`BENCH_ONLY` may leave some out).
     let median_of = |v: Variant| {
-        let i = Variant::ALL.iter().position(|&w| w == v).expect("listed");
-        median(&rates[i])
+        let i = variants.iter().position(|&w| w == v)?;
+        Some(median(&rates[i]))
     };
-    let per_item = median_of(Variant::Mpmc)
-        .max(median_of(Variant::SharedRx))
-        .max(median_of(Variant::RoundRobin));
+    let per_item = [Variant::Mpmc, Variant::SharedRx, Variant::RoundRobin]
+        .into_iter()
+        .filter_map(median_of)
+        .reduce(f64::max);
     let batched = median_of(Variant::Batched);
 
     println!();
@@ -374,15 +425,15 @@ fn main() {
         "{:<30} {:>14} {:>14} {:>9} {:>9} {:>12}",
         "variant", "median items/s", "best items/s", "/per-item", "/batched", "CPU ns/item"
     );
-    for ((variant, r), cpu) in Variant::ALL.into_iter().zip(&rates).zip(&cpu_ns) {
+    for ((variant, r), cpu) in variants.iter().zip(&rates).zip(&cpu_ns) {
         let med = median(r);
         println!(
-            "{:<30} {:>14.0} {:>14.0} {:>8.2}x {:>8.2}x {:>12}",
+            "{:<30} {:>14.0} {:>14.0} {:>9} {:>9} {:>12}",
             variant.name(),
             med,
             r[r.len() - 1],
-            med / per_item,
-            med / batched,
+            ratio(med, per_item),
+            ratio(med, batched),
             if cpu.is_empty() {
                 "?".into()
             } else {
@@ -392,11 +443,15 @@ fn main() {
     }
     println!(
         "(ratios of medians: /per-item = vs the fastest of mpmc, shared rx and rr channels; \
-         /batched = vs tokio batched; \
+         /batched = vs tokio batched; - = not run; \
          CPU ns/item = median process CPU time per item, both threads, 10 ms ticks)"
     );
     println!(
         "peak RSS (VmHWM): {}",
         common::status_kib("VmHWM").map_or_else(|| "unavailable".into(), |kib| format!("{kib} kB"))
+    );
+    println!(
+        "items run per variant: {} ({warmup} warm-up + {reps} x {items})",
+        warmup + reps as u64 * items
     );
 }

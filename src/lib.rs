@@ -64,17 +64,17 @@
 //!   `metrics` facade (feature `metrics`); see `docs/observability.md`.
 //! - [`process`]: Process stages' worker processes; a program with a
 //!   Process stage calls [`process::init`] first in `main`.
-//! - The engine, its actors and messages live in the `bergtalzug-actors`
-//!   crate, re-exported here as [`actors`] for those who embed a pipeline
-//!   in their own ractor system.
+//! - [`embed`]: what a ractor actor system needs to embed a pipeline
+//!   ([`PipelineMsg`], [`FINISHED`], [`forward_to_actor`]).
+//! - The engine (the data, the runners, the actors, the builder and the
+//!   handle) is the `bergtalzug-actors` crate; everything public there is
+//!   re-exported here.
 //!
 //! The docs in `docs/` cover the architecture, the guide for Python
 //! Bergtalzug users, events and performance.
 
-pub mod builder;
 #[cfg(feature = "dashboard")]
 pub mod dashboard;
-pub mod pipeline;
 #[cfg(feature = "progress")]
 pub mod progress;
 pub mod sources;
@@ -82,18 +82,23 @@ pub mod sources;
 #[doc(inline)]
 pub use bergtalzug_actors::process;
 
-/// The engine crate, for embedding in a ractor system.
-pub use bergtalzug_actors as actors;
-
 /// Configuration: [`PipelineConfig`], [`StageConfig`], and the limits
 /// validation holds them to ([`config::MAX_WORKERS`], [`config::MAX_DURATION`], ...).
 pub use bergtalzug_actors::config;
+#[doc(inline)]
+pub use bergtalzug_actors::embed;
+/// Events and subscriptions: [`PipelineEvent`], [`EventFilter`],
+/// [`EventStream`] and their delivery policy.
+pub use bergtalzug_actors::event;
+
 #[doc(inline)]
 pub use bergtalzug_actors::config::{
     ConfigError, ExecutionType, PipelineConfig, RestartBudget, RetryPolicy, StageConfig,
 };
 #[doc(inline)]
 pub use bergtalzug_actors::dead_letter::{DeadLetter, DeadLetterSink};
+#[doc(inline)]
+pub use bergtalzug_actors::embed::{FINISHED, PipelineMsg};
 #[doc(inline)]
 pub use bergtalzug_actors::error::PipelineError;
 #[doc(inline)]
@@ -110,9 +115,9 @@ pub use bergtalzug_actors::source::{Ack, Source};
 #[doc(inline)]
 pub use bergtalzug_actors::stats::{PipelineStats, StageStats};
 #[doc(inline)]
-pub use bergtalzug_actors::{FINISHED, PipelineMsg, RunOutcome};
-pub use builder::{BuildError, HasInput, InputGiven, NeedsInput, NoInput, PipelineBuilder};
-pub use pipeline::Pipeline;
+pub use bergtalzug_actors::{
+    BuildError, HasInput, InputGiven, NeedsInput, NoInput, Pipeline, PipelineBuilder, RunOutcome,
+};
 
 /// Everything a pipeline program needs: `use bergtalzug::prelude::*;`
 pub mod prelude {

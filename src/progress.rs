@@ -44,7 +44,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bergtalzug_actors::stats::PipelineStats;
+use crate::PipelineStats;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::Pipeline;
@@ -166,7 +166,7 @@ impl Progress {
                     me.println(last);
                 }
                 Inner::Lines { every, .. } => me.watch_lines(&pipeline, *every).await,
-                Inner::Hidden => pipeline.wait_finished().await,
+                Inner::Hidden => pipeline.finished().await,
             }
         })
     }
@@ -182,7 +182,7 @@ impl Progress {
                         self.println(summary_line(&stats));
                     }
                 }
-                _ = pipeline.wait_finished() => break,
+                _ = pipeline.finished() => break,
             }
         }
         if let Ok(stats) = pipeline.stats().await {
@@ -254,7 +254,7 @@ async fn watch_bar<T: Send + 'static>(multi: &MultiProgress, pipeline: &Pipeline
     loop {
         let finished = tokio::select! {
             _ = ticks.tick() => false,
-            _ = pipeline.wait_finished() => true,
+            _ = pipeline.finished() => true,
         };
         if let Ok(stats) = pipeline.stats().await {
             let total = stats.expected_items.map(|n| n.max(stats.admitted_items));

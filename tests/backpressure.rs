@@ -280,3 +280,66 @@ async fn inject_waits_for_room() {
     assert_eq!(results.len(), 10);
     assert!(results.iter().all(|r| r.success));
 }
+
+/// A caller that gives up on `inject` (its future dropped, e.g. by a
+/// timeout) withdraws the items not admitted yet: they never run, and the
+/// pipeline does not keep room for them. Those admitted before run once.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_inject_withdraws_what_it_had_not_admitted() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let config = config(
+        "withdrawn",
+        vec![
+            StageConfig::new("gate", ExecutionType::Async)
+                .workers(1)
+                .queue_size(4),
+        ],
+    );
+    let pipeline = {
+        let gate = gate.clone();
+        Pipeline::builder(config)
+            .unwrap()
+            .injected::<u64>()
+            .async_stage("gate", move |i: WorkItem<u64>| {
+                let gate = gate.clone();
+                async move {
+                    gate.acquire().await?.forget();
+                    Ok(i)
+                }
+            })
+            .build()
+            .unwrap()
+    };
+    pipeline.start().await.unwrap();
+    // Room for 5 (queue 4 + 1 worker): the first 5 of 20 go in, then the
+    // caller times out.
+    let gave_up = tokio::time::timeout(
+        Duration::from_secs(5),
+        pipeline.inject((0..20).map(WorkItem::new).collect()),
+    )
+    .await;
+    assert!(
+        gave_up.is_err(),
+        "inject returned although the stage was blocked"
+    );
+    assert_eq!(pipeline.stats().await.unwrap().admitted_items, 5);
+    gate.add_permits(100);
+    // A later injection is admitted at once, not behind the withdrawn 15.
+    within(
+        Duration::from_secs(5),
+        pipeline.inject((100..103).map(WorkItem::new).collect()),
+    )
+    .await
+    .unwrap();
+    pipeline.stop().await.unwrap();
+    let results = pipeline.run().await.unwrap();
+    let mut ids: Vec<String> = results.iter().map(|r| r.job_id.to_string()).collect();
+    ids.sort();
+    assert_eq!(
+        results.len(),
+        8,
+        "5 admitted before the timeout, 3 after: {ids:?}"
+    );
+    assert!(results.iter().all(|r| r.success));
+    assert_eq!(pipeline.stats().await.unwrap().admitted_items, 8);
+}

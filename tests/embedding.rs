@@ -454,10 +454,8 @@ async fn a_slow_subscriber_actor_slows_the_pipeline_and_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Held back: at most the actor's window, the subscription's buffer and
     // the pipeline's own capacity finished (2 stages x (8 + 2) = 20).
-    let bound = (bergtalzug::actors::event::ACTOR_EVENT_WINDOW
-        + bergtalzug::actors::event::EVENT_BUFFER
-        + 20
-        + 64) as u64;
+    let bound =
+        (bergtalzug::event::ACTOR_EVENT_WINDOW + bergtalzug::event::EVENT_BUFFER + 20 + 64) as u64;
     let stats = pipeline.stats().await.unwrap();
     assert!(!pipeline.is_finished());
     assert!(

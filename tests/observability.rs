@@ -363,7 +363,7 @@ async fn a_subscriber_that_never_reads_never_stalls_the_pipeline() {
         kept += 1;
         last = Some(event);
     }
-    assert!(kept <= bergtalzug::actors::event::EVENT_BUFFER as u64);
+    assert!(kept <= bergtalzug::event::EVENT_BUFFER as u64);
     assert!(matches!(last, Some(PipelineEvent::PipelineFinished(_))));
 }
 

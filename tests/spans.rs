@@ -18,7 +18,7 @@ async fn each_item_runs_in_a_span_per_stage_with_the_fixed_fields() {
     let captured = Captured::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("warn,spans=info,bergtalzug_actors::runner=debug")
+        .with_env_filter("warn,spans=info,bergtalzug::item=debug")
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();

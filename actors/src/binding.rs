@@ -16,8 +16,9 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::config::ExecutionType;
+use crate::config::{ExecutionType, HandlerKind};
 use crate::item::WorkItem;
+use crate::ports::{FailPipeline, Outlet, StageControl};
 use crate::process::ProcessOptions;
 use crate::process::entry::Entry;
 use crate::process::spawn::ChildSpec;
@@ -28,66 +29,8 @@ use crate::runner::process::ProcessRunner;
 use crate::runner::thread::ThreadRunner;
 use crate::shared::Shared;
 use crate::source::{DynSource, Source, erase_source};
-use crate::stage::{Downstream, Stage, StageArgs, StageMsg};
+use crate::stage::{Downstream, Stage, StageArgs};
 use crate::tracker::TrackerMsg;
-
-/// Where an actor sends demand: the stage or source before it.
-pub(crate) type DemandPort = Arc<dyn Fn(usize) + Send + Sync>;
-
-/// How a stage fails the whole pipeline (through the root).
-pub(crate) type FailPort = Arc<dyn Fn(crate::error::PipelineError) + Send + Sync>;
-
-/// Where a stage sends the items its handler finished: the next stage.
-pub(crate) trait Outlet<T>: Send + Sync + 'static {
-    /// Sends a batch; the receiver asked for at least this many.
-    fn send(&self, items: Vec<WorkItem<T>>);
-}
-
-impl<T: Send + 'static, O: Send + 'static> Outlet<T> for ActorRef<StageMsg<T, O>> {
-    fn send(&self, items: Vec<WorkItem<T>>) {
-        // A closed stage means the pipeline is shutting down.
-        let _ = self.cast(StageMsg::Items(items));
-    }
-}
-
-/// What the root needs of a stage, whatever its types.
-pub(crate) trait StageControl: Send + Sync + 'static {
-    fn connect(&self, upstream: DemandPort);
-    fn abort(&self);
-    fn cell(&self) -> ActorCell;
-    /// A port that sends demand to this stage.
-    fn demand_port(&self) -> DemandPort;
-    /// A port that asks this stage to report its stalled items.
-    fn stall_port(&self) -> crate::monitor::StallPort;
-}
-
-impl<I: Send + 'static, O: Send + 'static> StageControl for ActorRef<StageMsg<I, O>> {
-    fn connect(&self, upstream: DemandPort) {
-        let _ = self.cast(StageMsg::Connect(upstream));
-    }
-
-    fn abort(&self) {
-        let _ = self.cast(StageMsg::Abort);
-    }
-
-    fn cell(&self) -> ActorCell {
-        self.get_cell()
-    }
-
-    fn demand_port(&self) -> DemandPort {
-        let me = self.clone();
-        Arc::new(move |n| {
-            let _ = me.cast(StageMsg::Demand(n));
-        })
-    }
-
-    fn stall_port(&self) -> crate::monitor::StallPort {
-        let me = self.clone();
-        Arc::new(move |threshold| {
-            let _ = me.cast(StageMsg::CheckStalls(threshold));
-        })
-    }
-}
 
 /// What spawning a stage needs from the root.
 pub(crate) struct SpawnCtx {
@@ -95,7 +38,7 @@ pub(crate) struct SpawnCtx {
     pub(crate) index: usize,
     pub(crate) tracker: ActorRef<TrackerMsg>,
     pub(crate) supervisor: ActorCell,
-    pub(crate) fail: FailPort,
+    pub(crate) fail: Arc<dyn FailPipeline>,
 }
 
 /// A spawned stage: its inlet (an `Arc<dyn Outlet<I>>`, typed for the stage
@@ -108,20 +51,8 @@ pub(crate) struct Spawned {
 type SpawnFuture = Pin<Box<dyn Future<Output = Result<Spawned, ActorProcessingErr>> + Send>>;
 type SpawnFn = Box<dyn FnOnce(SpawnCtx, Option<Box<dyn Any + Send>>) -> SpawnFuture + Send>;
 
-/// Which builder method bound a handler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum HandlerKind {
-    /// An `async fn`, for `Async` stages.
-    Async,
-    /// A blocking `fn`, for `Thread` and `Cpu` stages.
-    Blocking,
-    /// A plain `fn` over serde data, for `Process` stages.
-    Process,
-}
-
 /// A stage's handler, ready to be spawned as a supervisor with its workers.
-pub struct StageBinding {
+pub(crate) struct StageBinding {
     kind: HandlerKind,
     retries: bool,
     spawn: SpawnFn,
@@ -138,7 +69,7 @@ impl std::fmt::Debug for StageBinding {
 
 impl StageBinding {
     /// Binds an `async fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>`.
-    pub fn asynchronous<I, O, F, Fut>(handler: F) -> Self
+    pub(crate) fn asynchronous<I, O, F, Fut>(handler: F) -> Self
     where
         I: Send + 'static,
         O: Send + 'static,
@@ -151,7 +82,7 @@ impl StageBinding {
     /// Like [`asynchronous`](Self::asynchronous), for a stage that retries:
     /// a copy of each input is kept for the next attempt (and for the dead
     /// letter when the last one fails).
-    pub fn asynchronous_retrying<I, O, F, Fut>(handler: F) -> Self
+    pub(crate) fn asynchronous_retrying<I, O, F, Fut>(handler: F) -> Self
     where
         I: Clone + Send + 'static,
         O: Send + 'static,
@@ -185,7 +116,7 @@ impl StageBinding {
     /// Binds a blocking `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>`; it
     /// runs on the stage's own threads, `workers` at a time, for a Thread
     /// or a Cpu stage.
-    pub fn blocking<I, O, F>(handler: F) -> Self
+    pub(crate) fn blocking<I, O, F>(handler: F) -> Self
     where
         I: Send + 'static,
         O: Send + 'static,
@@ -197,7 +128,7 @@ impl StageBinding {
     /// Like [`blocking`](Self::blocking), for a stage that retries: a copy
     /// of each input is kept for the next attempt (and for the dead letter
     /// when the last one fails).
-    pub fn blocking_retrying<I, O, F>(handler: F) -> Self
+    pub(crate) fn blocking_retrying<I, O, F>(handler: F) -> Self
     where
         I: Clone + Send + 'static,
         O: Send + 'static,
@@ -229,9 +160,9 @@ impl StageBinding {
                             let runner = cpu::runner(&config.name, handler, stuck);
                             spawn_stage::<I, O, _>(ctx, runner, keep, outlet).await
                         }
-                        other => Err(format!(
-                            "stage `{}`: a blocking handler cannot run as {other}",
-                            config.name
+                        ExecutionType::Async | ExecutionType::Process => Err(format!(
+                            "stage `{}`: a blocking handler cannot run as {}",
+                            config.name, config.execution_type
                         )
                         .into()),
                     }
@@ -243,7 +174,7 @@ impl StageBinding {
     /// Binds a plain `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>` for a
     /// `Process` stage: it runs in worker processes, which the stage starts
     /// as `options` say (see [`crate::process`]).
-    pub fn process<I, O>(
+    pub(crate) fn process<I, O>(
         handler: fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>,
         options: ProcessOptions,
     ) -> Self
@@ -280,12 +211,12 @@ impl StageBinding {
     }
 
     /// Which kind of handler this is.
-    pub fn kind(&self) -> HandlerKind {
+    pub(crate) fn kind(&self) -> HandlerKind {
         self.kind
     }
 
     /// Whether the handler was bound to retry (it keeps a copy of each input).
-    pub fn retries(&self) -> bool {
+    pub(crate) fn retries(&self) -> bool {
         self.retries
     }
 
@@ -333,7 +264,7 @@ where
 }
 
 /// Where a pipeline's items come from: a [`Source`], or only `inject`.
-pub struct SourceBinding<T> {
+pub(crate) struct SourceBinding<T> {
     pub(crate) source: Option<Box<dyn DynSource<T>>>,
 }
 
@@ -347,14 +278,14 @@ impl<T> std::fmt::Debug for SourceBinding<T> {
 
 impl<T: Send + 'static> SourceBinding<T> {
     /// Items from `source`, asked for on demand.
-    pub fn from_source<S: Source<Item = T>>(source: S) -> Self {
+    pub(crate) fn from_source<S: Source<Item = T>>(source: S) -> Self {
         SourceBinding {
             source: Some(erase_source(source)),
         }
     }
 
     /// Items only by injection; the input stays open until stopped.
-    pub fn injected() -> Self {
+    pub(crate) fn injected() -> Self {
         SourceBinding { source: None }
     }
 }

@@ -92,6 +92,27 @@ impl ExecutionType {
             ExecutionType::Process => "process",
         }
     }
+
+    /// The kind of handler a stage of this model is bound with.
+    pub(crate) fn handler_kind(self) -> HandlerKind {
+        match self {
+            ExecutionType::Async => HandlerKind::Async,
+            ExecutionType::Thread | ExecutionType::Cpu => HandlerKind::Blocking,
+            ExecutionType::Process => HandlerKind::Process,
+        } // no `_ =>`: a new model does not compile until it has a place
+    }
+}
+
+/// Which builder method binds a stage's handler: the three shapes of
+/// handler, one per family of execution models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HandlerKind {
+    /// An `async fn`, for `Async` stages.
+    Async,
+    /// A blocking `fn`, for `Thread` and `Cpu` stages.
+    Blocking,
+    /// A plain `fn` over serde data, for `Process` stages.
+    Process,
 }
 
 impl std::fmt::Display for ExecutionType {
@@ -159,6 +180,7 @@ pub struct StageConfig {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RetryPolicy {
     /// All attempts, the first included; 1 means never retry.
     pub max_attempts: u32,
@@ -267,6 +289,7 @@ impl RetryPolicy {
 /// (seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RestartBudget {
     /// Replacements allowed within `window`; one more fails the pipeline.
     pub max_restarts: u32,

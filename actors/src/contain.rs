@@ -65,7 +65,7 @@ pub(crate) fn drop_caught<T>(value: T) -> Result<(), String> {
 #[inline]
 pub(crate) fn drop_logged<T>(value: T, what: impl FnOnce() -> String) {
     if let Err(message) = drop_caught(value) {
-        tracing::error!(
+        tracing::error!(target: "bergtalzug::item",
             "dropping {} panicked: {message}; the panic was contained",
             what()
         );

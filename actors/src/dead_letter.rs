@@ -7,7 +7,7 @@
 //! and their times, and the user's custom metadata) and, when the stage it
 //! failed in keeps its inputs (stages bound to retry do), the input of its
 //! last attempt. [`DeadLetter::replay`] turns a letter back into a fresh
-//! item for [`inject`](crate::root::PipelineRuntime::inject) when that input
+//! item for [`inject`](crate::Pipeline::inject) when that input
 //! is of the pipeline's input type (the item failed in the first stage, or
 //! the stages before did not change its type); otherwise the job id is the
 //! handle to fetch the work again.
@@ -90,6 +90,7 @@ impl DeadLetter {
 }
 
 /// Where dead letters go.
+#[non_exhaustive]
 pub enum DeadLetterSink {
     /// Called on the tracker's task for each letter; keep it quick. A panic
     /// in it is logged and the letter dropped.
@@ -136,7 +137,7 @@ impl DeadLetterSink {
                 let call = std::panic::AssertUnwindSafe(|| callback(letter));
                 if let Err(panic) = std::panic::catch_unwind(call) {
                     let message = crate::contain::take_message(panic);
-                    tracing::error!(%job_id, "dead-letter callback panicked: {message}");
+                    tracing::error!(target: "bergtalzug::tracker", %job_id, "dead-letter callback panicked: {message}");
                 }
                 true
             }
@@ -177,7 +178,7 @@ impl DeadLetterSink {
                                     hub.set_held_back_by(Some("dead-letter receiver".into()));
                                 }
                                 if waited == warning || waited.as_secs() % 30 == 0 {
-                                    tracing::warn!(
+                                    tracing::warn!(target: "bergtalzug::tracker",
                                         pipeline,
                                         "the pipeline has waited {waited:.1?} for the dead-letter receiver: \
                                          its channel is full (read it while the pipeline runs, or use on_dead_letter)"

@@ -403,7 +403,7 @@ struct Subscriber {
 
 /// The subscriber list shared by the actors that publish events.
 #[derive(Default)]
-pub struct EventHub {
+pub(crate) struct EventHub {
     subscribers: Mutex<Vec<Subscriber>>,
     any: AtomicBool,
     lifecycle: AtomicBool,
@@ -429,7 +429,7 @@ impl EventHub {
     /// A new subscriber; receives the events `filter` matches, from now on,
     /// as the filter's delivery says (lossy unless [`EventFilter::lossless`]).
     #[track_caller]
-    pub fn subscribe(&self, filter: EventFilter) -> EventStream {
+    pub(crate) fn subscribe(&self, filter: EventFilter) -> EventStream {
         self.subscribe_as(filter, Location::caller().to_string())
     }
 
@@ -468,13 +468,13 @@ impl EventHub {
 
     /// True while anyone listens: publishers skip building events otherwise.
     #[inline]
-    pub fn has_subscribers(&self) -> bool {
+    pub(crate) fn has_subscribers(&self) -> bool {
         self.any.load(Ordering::Relaxed)
     }
 
     /// True while anyone listens to lifecycle events.
     #[inline]
-    pub fn wants_lifecycle(&self) -> bool {
+    pub(crate) fn wants_lifecycle(&self) -> bool {
         self.lifecycle.load(Ordering::Relaxed)
     }
 
@@ -535,7 +535,7 @@ impl EventHub {
                 Ok(open) => {
                     if !waited.is_zero() {
                         self.set_held_back_by(None);
-                        tracing::info!(
+                        tracing::info!(target: "bergtalzug::events",
                             pipeline,
                             subscriber = %ring.origin,
                             "the lossless event subscriber at {} read again after {waited:.1?}",
@@ -564,7 +564,7 @@ impl EventHub {
     fn stalled(&self, pipeline: &str, ring: &Ring, waited: std::time::Duration) {
         let subscriber = ring.origin.clone();
         self.set_held_back_by(Some(format!("subscriber at {subscriber}")));
-        tracing::warn!(
+        tracing::warn!(target: "bergtalzug::events",
             pipeline,
             subscriber = %subscriber,
             "the pipeline has waited {waited:.1?} for the lossless event subscriber at {subscriber}: \

@@ -468,6 +468,7 @@ impl ItemError {
 
 /// The outcome of one item: completed, failed or cancelled.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct WorkItemResult {
     /// The item's id.
     pub job_id: JobId,

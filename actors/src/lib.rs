@@ -1,31 +1,28 @@
 //! The engine of [bergtalzug](https://docs.rs/bergtalzug): the actors that run
-//! a pipeline, their messages, and the types they share with the front door.
+//! a pipeline, the contract's data, and the front door (builder and handle).
 //!
-//! Users depend on `bergtalzug`, which re-exports what they need from here.
+//! Users depend on `bergtalzug`, which re-exports everything public here and
+//! adds the batteries (ready-made sources, progress).
 //!
-//! # Tour
+//! # Layout
 //!
-//! - [`config`]: `PipelineConfig`, `StageConfig`, `ExecutionType`; serde data
-//!   with the Python library's names and defaults, plus validation.
-//! - [`item`]: `WorkItem`, `JobId`, metadata, `WorkItemResult`, `ItemError`.
-//! - [`source`]: the demand-driven `Source` trait.
-//! - [`binding`]: typed stage handlers and sources, ready to spawn.
-//! - [`event`]: `PipelineEvent`, subscriptions and their delivery policy.
-//! - [`stats`]: `PipelineStats`, `StageStats`: counts, percentiles, recent
-//!   throughput, utilisation and the bottleneck stage.
-//! - Observation beside the actors: `monitor` (samples for the recent
-//!   window, stall checks, metrics), `metrics` (the `metrics` facade, crate
-//!   feature `metrics`); `docs/observability.md` lists every metric, span
-//!   and event.
-//! - The actors, one per file, each opening with its contract:
-//!   `root` (the pipeline root, [`PipelineActor`]), `source_actor`, `stage`
-//!   (stage supervisor), `worker`, `tracker`; the execution models in
-//!   `runner/` (`async_rt`, `thread`, `cpu`, `process`; `lanes`: the
-//!   threads of Thread and Cpu stages).
-//! - `contain`: how panics of user code the engine calls besides the
-//!   handler (`Clone`, `Drop`, `Display`, panic payloads) are contained.
-//! - [`process`]: Process stages' worker processes: [`process::init`],
-//!   [`process::ProcessOptions`], the child's side and the wire.
+//! The files sit on five floors; a file imports only from its own floor
+//! or those below (`docs/architecture.md` has the module map, and
+//! `tests/layering.rs` checks the rule):
+//!
+//! 1. **The contract's data**: [`config`], [`item`], [`error`], [`source`]
+//!    (the `Source` trait), [`event`], [`stats`], [`dead_letter`], and the
+//!    small utilities `clock`, `contain` (panics of user code) and
+//!    `outcome` (what a worker reports of an item).
+//! 2. **Ports**: `ports`, the traits the actors hold of one another.
+//! 3. **Runners and worker processes**: `runner/` (one execution model per
+//!    file, one attempt's judgement in `runner/attempt.rs`) and [`process`].
+//! 4. **Actors**: `source_actor`, `stage/` (the stage supervisor, split by
+//!    concern), `worker`, `tracker`, `root`, `monitor`; `binding` (how a
+//!    typed stage is spawned); the blackboard `shared` and the accounting
+//!    (`gauges`, `tally`, `metrics`).
+//! 5. **The front door**: [`PipelineBuilder`], [`Pipeline`], and [`embed`]
+//!    for actor systems.
 //!
 //! # The flow
 //!
@@ -42,7 +39,7 @@
 //! Every hop carries batches; every data message answers a demand, so no
 //! mailbox holds more than its receiver asked for. See `docs/architecture.md`.
 
-pub mod binding;
+// The contract's data: import nothing of the engine above this floor.
 pub(crate) mod clock;
 pub mod config;
 pub(crate) mod contain;
@@ -50,23 +47,38 @@ pub mod dead_letter;
 pub mod error;
 pub mod event;
 pub mod item;
+pub(crate) mod outcome;
+pub mod source;
+pub mod stats;
+
+// Ports: traits over the data, with no actor behind them here.
+pub(crate) mod ports;
+
+// Runners and worker processes: how one attempt runs in each model.
+pub mod process;
+pub(crate) mod runner;
+
+// Actors, their blackboard and the accounting.
+pub(crate) mod binding;
+pub(crate) mod gauges;
 #[cfg(feature = "metrics")]
 pub(crate) mod metrics;
 pub(crate) mod monitor;
-pub mod process;
-pub mod root;
-pub(crate) mod runner;
+pub(crate) mod root;
 pub(crate) mod shared;
-pub mod source;
 pub(crate) mod source_actor;
 pub(crate) mod stage;
-pub mod stats;
+pub(crate) mod tally;
 pub(crate) mod tracker;
 pub(crate) mod worker;
 
-pub use binding::{HandlerKind, SourceBinding, StageBinding};
-pub use root::{FINISHED, PipelineActor, PipelineMsg, PipelineParts, PipelineRuntime, RunOutcome};
-pub use tracker::Callback;
+// The front door.
+pub(crate) mod builder;
+pub mod embed;
+pub(crate) mod pipeline;
+
+pub use builder::{BuildError, HasInput, InputGiven, NeedsInput, NoInput, PipelineBuilder};
+pub use pipeline::{Pipeline, RunOutcome};
 
 /// With ractor's `cluster` feature the blanket `Message` impl is gone: each
 /// message type declares itself a local (never serialised) message.

@@ -21,7 +21,17 @@
 use metrics::{Counter, Gauge, Histogram, Unit};
 use std::sync::atomic::Ordering;
 
-use crate::shared::Shared;
+use crate::gauges::StageGauges;
+
+/// The pipeline's item counts at one instant, as the metrics copy them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Totals {
+    pub(crate) admitted: u64,
+    pub(crate) finished: u64,
+    pub(crate) failed: u64,
+    pub(crate) cancelled: u64,
+    pub(crate) source_errors: u64,
+}
 
 /// The handles of one stage's metrics.
 pub(crate) struct StageMetrics {
@@ -141,11 +151,10 @@ fn describe() {
 
 impl Metrics {
     /// Registers the pipeline's metrics with the installed recorder.
-    pub(crate) fn register(shared: &Shared) -> Metrics {
+    pub(crate) fn register(pipeline: &str, stage_names: &[std::sync::Arc<str>]) -> Metrics {
         describe();
-        let pipeline = shared.name.to_string();
-        let stages = shared
-            .names
+        let pipeline = pipeline.to_string();
+        let stages = stage_names
             .iter()
             .map(|stage| {
                 let labels = [("pipeline", pipeline.clone()), ("stage", stage.to_string())];
@@ -184,20 +193,21 @@ impl Metrics {
     /// Copies the counters and gauges. `ended`: the pipeline has finished
     /// and its actors have stopped, so nothing is held and no worker lives
     /// (the stages' own gauges may not have caught up).
-    pub(crate) fn sync(&self, shared: &Shared, ended: bool) {
-        let (finished, failed, cancelled) = {
-            let tally = shared.tally.lock().unwrap_or_else(|e| e.into_inner());
-            (tally.finished, tally.failed, tally.cancelled)
-        };
-        let admitted = shared.admitted();
+    pub(crate) fn sync(&self, totals: Totals, gauges: &[StageGauges], ended: bool) {
+        let Totals {
+            admitted,
+            finished,
+            failed,
+            cancelled,
+            source_errors,
+        } = totals;
         self.admitted.absolute(admitted);
         self.finished.absolute(finished);
         self.failed.absolute(failed);
         self.cancelled.absolute(cancelled);
-        self.source_errors
-            .absolute(shared.source_errors.load(Ordering::Relaxed));
+        self.source_errors.absolute(source_errors);
         self.active.set(admitted.saturating_sub(finished) as f64);
-        for (m, g) in self.stages.iter().zip(&shared.gauges) {
+        for (m, g) in self.stages.iter().zip(gauges) {
             m.admitted.absolute(g.admitted.load(Ordering::Relaxed));
             m.completed.absolute(g.processed.load(Ordering::Relaxed));
             m.failed.absolute(g.failed.load(Ordering::Relaxed));
@@ -218,18 +228,5 @@ impl Metrics {
             m.stuck_threads
                 .set(g.stuck_threads.load(Ordering::Relaxed) as f64);
         }
-    }
-}
-
-/// Registers the pipeline's metrics (at its start) and hands them to the
-/// tracker's tally.
-pub(crate) fn install(shared: &Shared) {
-    let metrics = std::sync::Arc::new(Metrics::register(shared));
-    if shared.metrics.set(metrics.clone()).is_ok() {
-        shared
-            .tally
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .metrics = Some(metrics);
     }
 }

@@ -8,7 +8,7 @@
 //! - with the `metrics` feature, copies the stage gauges and counters to
 //!   the `metrics` facade, every [`SAMPLE_EVERY`];
 //! - with a `stall_threshold`, asks each stage to report the items its
-//!   workers have held that long ([`report_stall`]), every quarter of the
+//!   workers have held that long (`StageMsg::CheckStalls`), every quarter of the
 //!   threshold (between 10 ms and 1 s), so a stall is noticed at most a
 //!   quarter of the threshold late.
 //!
@@ -17,19 +17,11 @@
 //! stall check.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ractor::ActorRef;
-
-use crate::event::{PipelineEvent, WorkerId};
-use crate::item::JobId;
+use crate::ports::StallCheck;
 use crate::shared::Shared;
-use crate::stats::SAMPLE_EVERY;
-use crate::tracker::TrackerMsg;
-
-/// Asks a stage to report its stalled items (those held this long).
-pub(crate) type StallPort = Arc<dyn Fn(Duration) + Send + Sync>;
+use crate::tally::SAMPLE_EVERY;
 
 /// How often stalls are looked for, for a threshold.
 fn stall_period(threshold: Duration) -> Duration {
@@ -37,7 +29,10 @@ fn stall_period(threshold: Duration) -> Duration {
 }
 
 /// Starts the monitor of a pipeline whose actors are running.
-pub(crate) fn spawn(shared: Arc<Shared>, stages: Vec<StallPort>) -> tokio::task::JoinHandle<()> {
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    stages: Vec<Arc<dyn StallCheck>>,
+) -> tokio::task::JoinHandle<()> {
     let threshold = shared.config.stall_threshold;
     let period = threshold.map_or(SAMPLE_EVERY, |t| stall_period(t).min(SAMPLE_EVERY));
     tokio::spawn(async move {
@@ -55,48 +50,15 @@ pub(crate) fn spawn(shared: Arc<Shared>, stages: Vec<StallPort>) -> tokio::task:
                 last_sample = Some(now);
                 shared.sample();
                 #[cfg(feature = "metrics")]
-                if let Some(metrics) = shared.metrics.get() {
-                    metrics.sync(&shared, false);
-                }
+                shared.sync_metrics(false);
             }
             if let Some(threshold) = threshold {
                 for stage in &stages {
-                    stage(threshold);
+                    stage.check_stalls(threshold);
                 }
             }
         }
     })
-}
-
-/// Reports one stalled item: counted in the stage's stats, a warning with
-/// the fixed fields, and an `ItemStalled` event (through the tracker, so
-/// that it is never dropped).
-pub(crate) fn report_stall(
-    shared: &Shared,
-    stage: usize,
-    tracker: &ActorRef<TrackerMsg>,
-    job_id: &JobId,
-    worker: WorkerId,
-    age: Duration,
-) {
-    shared.gauges[stage].stalled.fetch_add(1, Ordering::Relaxed);
-    let name = &shared.names[stage];
-    tracing::warn!(
-        pipeline = %shared.name,
-        stage = %name,
-        worker = %worker,
-        job_id = %job_id,
-        age_ms = age.as_millis() as u64,
-        "item stalled: worker {worker} of stage `{name}` has held job {job_id} for {age:.1?}"
-    );
-    if shared.events.has_subscribers() {
-        let _ = tracker.cast(TrackerMsg::Event(PipelineEvent::ItemStalled {
-            job_id: job_id.clone(),
-            stage: name.clone(),
-            worker,
-            age,
-        }));
-    }
 }
 
 #[cfg(test)]

@@ -45,15 +45,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tokio::sync::Mutex as AsyncMutex;
 
-use crate::binding::{Outlet, SourceBinding, SpawnCtx, StageBinding, StageControl};
+use crate::binding::{SourceBinding, SpawnCtx, StageBinding};
 use crate::config::PipelineConfig;
 use crate::dead_letter::DeadLetterSink;
 use crate::error::PipelineError;
 use crate::event::{EventFilter, EventStream, PipelineEvent};
-use crate::item::{WorkItem, WorkItemResult};
-use crate::shared::Shared;
+use crate::item::WorkItem;
+use crate::ports::{FailPipeline, Outlet, ReportFiled, StageControl, Upstream};
+use crate::shared::{FinishReport, Shared};
 use crate::source_actor::{SourceActor, SourceArgs, SourceMsg};
 use crate::stats::PipelineStats;
 use crate::tracker::{Callback, Tracker, TrackerArgs, TrackerMsg};
@@ -69,6 +69,12 @@ const CHILD_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const STOP_ACCOUNTING_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The pipeline root's mailbox; `T` is the pipeline's input type.
+///
+/// What an actor system sends a pipeline it embeds (see the `embed`
+/// module): `Inject`, `Stop`, `Abort`, `Stats`, `Subscribe`. The other
+/// variants come from the pipeline's own actors; their payloads cannot be
+/// made outside it.
+#[non_exhaustive]
 pub enum PipelineMsg<T> {
     /// Admit these items; the reply comes once all are admitted (so the
     /// caller waits for room), or with `InputClosed` (none was admitted) or
@@ -107,47 +113,59 @@ impl Failure {
     }
 }
 
+impl<T: Send + 'static> FailPipeline for ActorRef<PipelineMsg<T>> {
+    fn fail(&self, error: PipelineError) {
+        let _ = self.cast(PipelineMsg::StageFailed(Failure::new(error)));
+    }
+}
+
+impl<T: Send + 'static> ReportFiled for ActorRef<PipelineMsg<T>> {
+    fn filed(&self) {
+        let _ = self.cast(PipelineMsg::Finished(Filed(())));
+    }
+}
+
 /// A tick of the root's stats timer; see [`PipelineMsg::LogStats`].
 #[derive(Debug)]
 pub struct Tick(());
 
-/// What the tracker hands over at the end.
-pub(crate) struct FinishReport {
-    pub(crate) results: Vec<WorkItemResult>,
-    pub(crate) stats: PipelineStats,
-}
-
 /// Everything a pipeline is made of, as the builder assembled it.
-pub struct PipelineParts<T> {
+pub(crate) struct PipelineParts<T> {
     /// The validated configuration.
-    pub config: PipelineConfig,
+    pub(crate) config: PipelineConfig,
     /// Where the items come from.
-    pub source: SourceBinding<T>,
+    pub(crate) source: SourceBinding<T>,
     /// One binding per stage, in config order.
-    pub stages: Vec<StageBinding>,
+    pub(crate) stages: Vec<StageBinding>,
     /// Completion callbacks, called once per item.
-    pub callbacks: Vec<Callback>,
+    pub(crate) callbacks: Vec<Callback>,
     /// Where items that end without success go.
-    pub dead_letters: Option<DeadLetterSink>,
+    pub(crate) dead_letters: Option<DeadLetterSink>,
 }
 
 /// The root actor of a pipeline whose input type is `T`.
-pub struct PipelineActor<T>(PhantomData<fn(T)>);
+pub(crate) struct PipelineActor<T>(PhantomData<fn(T)>);
 
 impl<T> PipelineActor<T> {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         PipelineActor(PhantomData)
     }
 }
 
-/// The root's start-up arguments; made by [`PipelineRuntime`].
-pub struct PipelineArgs<T> {
+/// The root's start-up arguments; made by the handle, `Pipeline`.
+pub(crate) struct PipelineArgs<T> {
     shared: Arc<Shared>,
     parts: PipelineParts<T>,
 }
 
+impl<T> PipelineArgs<T> {
+    pub(crate) fn new(shared: Arc<Shared>, parts: PipelineParts<T>) -> Self {
+        PipelineArgs { shared, parts }
+    }
+}
+
 /// The root's state.
-pub struct PipelineState<T> {
+pub(crate) struct PipelineState<T> {
     shared: Arc<Shared>,
     source: ActorRef<SourceMsg<T>>,
     stages: Vec<Box<dyn StageControl>>,
@@ -207,7 +225,7 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
                 let _ = reply.send(state.shared.stats());
             }
             PipelineMsg::StageFailed(Failure(error)) => {
-                tracing::error!(pipeline = %state.shared.name, "{error}");
+                tracing::error!(target: "bergtalzug::pipeline", pipeline = %state.shared.name, "{error}");
                 state.shared.fail(error);
                 state.shared.stop_waiting();
                 state.close_input();
@@ -289,7 +307,7 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
         if state.shared.completion.is_done() {
             return Ok(());
         }
-        tracing::info!(pipeline = %state.shared.name, "stopped from outside: aborting and accounting for every item");
+        tracing::info!(target: "bergtalzug::pipeline", pipeline = %state.shared.name, "stopped from outside: aborting and accounting for every item");
         state.shared.stop_waiting();
         state.close_input();
         for stage in &state.stages {
@@ -305,7 +323,7 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
 /// whole snapshot as the message.
 fn log_stats(stats: &PipelineStats) {
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
-    tracing::info!(
+    tracing::info!(target: "bergtalzug::pipeline",
         pipeline = %stats.pipeline_name,
         active_items = stats.active_items,
         active_by_stage = ?stats.active_by_stage,
@@ -331,9 +349,7 @@ async fn spawn_children<T: Send + 'static>(
     let root = myself.clone();
     let tracker_args = TrackerArgs {
         shared: shared.clone(),
-        finish: Box::new(move || {
-            let _ = root.cast(PipelineMsg::Finished(Filed(())));
-        }),
+        finish: Box::new(root),
         callbacks: parts.callbacks,
         dead_letters: parts.dead_letters,
     };
@@ -343,15 +359,12 @@ async fn spawn_children<T: Send + 'static>(
     let mut stages: Vec<Box<dyn StageControl>> = Vec::with_capacity(parts.stages.len());
     let mut outlet = None;
     for (index, binding) in parts.stages.into_iter().enumerate().rev() {
-        let root = myself.clone();
         let ctx = SpawnCtx {
             shared: shared.clone(),
             index,
             tracker: tracker.clone(),
             supervisor: cell.clone(),
-            fail: Arc::new(move |error| {
-                let _ = root.cast(PipelineMsg::StageFailed(Failure::new(error)));
-            }),
+            fail: Arc::new(myself.clone()),
         };
         let stage = binding.spawn(ctx, outlet.take()).await?;
         spawned.push(stage.control.cell());
@@ -379,25 +392,16 @@ async fn spawn_children<T: Send + 'static>(
     let (source, _) = Actor::spawn_linked(None, SourceActor::new(), source_args, cell).await?;
     spawned.push(source.get_cell());
 
-    let releases = source.clone();
-    let release = Box::new(move |n, ids, acks| {
-        let _ = releases.cast(SourceMsg::Released(n, ids, acks));
-    });
-    tracker.cast(TrackerMsg::Connect(release, wants_acks))?;
+    tracker.cast(TrackerMsg::Connect(Box::new(source.clone()), wants_acks))?;
     for (i, stage) in stages.iter().enumerate() {
-        let upstream = match i {
-            0 => {
-                let source = source.clone();
-                Arc::new(move |n| {
-                    let _ = source.cast(SourceMsg::Demand(n));
-                }) as crate::binding::DemandPort
-            }
+        let upstream: Arc<dyn Upstream> = match i {
+            0 => Arc::new(source.clone()),
             _ => stages[i - 1].demand_port(),
         };
         stage.connect(upstream);
     }
     #[cfg(feature = "metrics")]
-    crate::metrics::install(shared);
+    shared.install_metrics();
     *shared.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(crate::clock::now());
     crate::monitor::spawn(
         shared.clone(),
@@ -468,9 +472,7 @@ impl<T: Send + 'static> PipelineState<T> {
         };
         let result = error.clone().map_or(Ok(()), Err);
         #[cfg(feature = "metrics")]
-        if let Some(metrics) = self.shared.metrics.get() {
-            metrics.sync(&self.shared, true);
-        }
+        self.shared.sync_metrics(true);
         self.shared.completion.finish(results, error, stats);
         result
     }
@@ -506,7 +508,7 @@ impl<T: Send + 'static> PipelineState<T> {
                 unaccounted: 0,
             }
         };
-        tracing::error!(pipeline = %self.shared.name, "{error}; finishing the items it admitted");
+        tracing::error!(target: "bergtalzug::pipeline", pipeline = %self.shared.name, "{error}; finishing the items it admitted");
         let _ = self
             .tracker
             .cast(TrackerMsg::Event(PipelineEvent::SourceError {
@@ -541,7 +543,7 @@ impl<T: Send + 'static> PipelineState<T> {
                 unaccounted: self.unfinished(),
             }
         };
-        tracing::error!(pipeline = %self.shared.name, "{error}");
+        tracing::error!(target: "bergtalzug::pipeline", pipeline = %self.shared.name, "{error}");
         self.shared.events.close();
         self.shared.completion.fail(error.clone());
         myself.stop_children(None);
@@ -569,7 +571,7 @@ impl<T: Send + 'static> PipelineState<T> {
         } else {
             "was stopped from outside"
         };
-        tracing::error!(pipeline = %pipeline, stage = %stage, "stage `{stage}` {how} ({reason}); aborting the pipeline");
+        tracing::error!(target: "bergtalzug::pipeline", pipeline = %pipeline, stage = %stage, "stage `{stage}` {how} ({reason}); aborting the pipeline");
         self.sweeping = true;
         self.shared.stop_waiting();
         self.close_input();
@@ -626,252 +628,5 @@ impl<T: Send + 'static> PipelineState<T> {
                 message,
             })
             .map_err(|_| error(self.unfinished()))
-    }
-}
-
-/// How a run ended: every result kept and, if the pipeline failed, why.
-///
-/// Returned by `Pipeline::run_outcome`: unlike `run`, a failure does not
-/// throw away the results of the items that did complete.
-///
-/// ```
-/// # use bergtalzug_actors::root::RunOutcome;
-/// # fn report(outcome: RunOutcome) {
-/// let ok = outcome.results.iter().filter(|r| r.success).count();
-/// match &outcome.error {
-///     None => println!("{ok} items done"),
-///     Some(e) => eprintln!("failed after {ok} items: {e}"),
-/// }
-/// # }
-/// ```
-#[derive(Debug)]
-#[non_exhaustive]
-pub struct RunOutcome {
-    /// The results kept (`retain_results` and `enable_tracking` on), in
-    /// the order the items finished; empty for a later caller.
-    pub results: Vec<WorkItemResult>,
-    /// Why the pipeline failed; `None` if it ran to its end.
-    pub error: Option<PipelineError>,
-}
-
-impl RunOutcome {
-    /// No results, and `error`: a run that could not start.
-    pub fn from_error(error: PipelineError) -> Self {
-        RunOutcome {
-            results: Vec::new(),
-            error: Some(error),
-        }
-    }
-
-    /// The results, or the error if there is one (what `run` returns).
-    pub fn into_result(self) -> Result<Vec<WorkItemResult>, PipelineError> {
-        match self.error {
-            None => Ok(self.results),
-            Some(error) => Err(error),
-        }
-    }
-}
-
-/// Drives one pipeline: starts its actors, and talks to them on behalf of
-/// the typed handle in `bergtalzug`. A pipeline runs once.
-pub struct PipelineRuntime<T> {
-    shared: Arc<Shared>,
-    parts: std::sync::Mutex<Option<PipelineParts<T>>>,
-    /// Held while starting, so that only one caller starts the actors.
-    starting: AsyncMutex<()>,
-    /// Set (under `starting`) once a start began: a stop or abort that
-    /// finds no root yet waits for that start instead of being lost.
-    start_begun: std::sync::atomic::AtomicBool,
-    actor: std::sync::OnceLock<ActorRef<PipelineMsg<T>>>,
-}
-
-impl<T: Send + 'static> PipelineRuntime<T> {
-    /// A runtime for a built pipeline; nothing runs until [`Self::start`].
-    pub fn new(parts: PipelineParts<T>) -> Self {
-        PipelineRuntime {
-            shared: Arc::new(Shared::new(parts.config.clone())),
-            parts: std::sync::Mutex::new(Some(parts)),
-            starting: AsyncMutex::new(()),
-            start_begun: std::sync::atomic::AtomicBool::new(false),
-            actor: std::sync::OnceLock::new(),
-        }
-    }
-
-    /// The pipeline's name.
-    pub fn name(&self) -> &str {
-        &self.shared.name
-    }
-
-    /// The configuration it runs with.
-    pub fn config(&self) -> &PipelineConfig {
-        &self.shared.config
-    }
-
-    /// Starts the actors (under `supervisor` if given) and returns the root;
-    /// on later calls, returns the root already started.
-    pub async fn start(
-        &self,
-        supervisor: Option<ActorCell>,
-    ) -> Result<ActorRef<PipelineMsg<T>>, PipelineError> {
-        let _starting = self.starting.lock().await;
-        if let Some(actor) = self.actor.get() {
-            return Ok(actor.clone());
-        }
-        self.start_begun
-            .store(true, std::sync::atomic::Ordering::Release);
-        let parts = self
-            .parts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| PipelineError::NotRunning(self.name().to_string()))?;
-        let args = PipelineArgs {
-            shared: self.shared.clone(),
-            parts,
-        };
-        let spawned = match supervisor {
-            Some(supervisor) => {
-                Actor::spawn_linked(None, PipelineActor::new(), args, supervisor).await
-            }
-            None => Actor::spawn(None, PipelineActor::new(), args).await,
-        };
-        let (root, _) = spawned.map_err(|e| {
-            let error = PipelineError::Start {
-                pipeline: self.name().to_string(),
-                message: e.to_string(),
-            };
-            self.shared.events.close();
-            self.shared.completion.fail(error.clone());
-            error
-        })?;
-        let _ = self.actor.set(root.clone());
-        Ok(root)
-    }
-
-    fn root(&self) -> Result<ActorRef<PipelineMsg<T>>, PipelineError> {
-        self.actor
-            .get()
-            .cloned()
-            .ok_or_else(|| PipelineError::NotRunning(self.name().to_string()))
-    }
-
-    /// The root; if a start is under way, once it is done (so that a stop
-    /// or abort sent while `start` is starting takes effect once the
-    /// pipeline is up).
-    async fn root_once_started(&self) -> Result<ActorRef<PipelineMsg<T>>, PipelineError> {
-        if self.actor.get().is_none() && self.start_begun.load(std::sync::atomic::Ordering::Acquire)
-        {
-            drop(self.starting.lock().await);
-            if self.actor.get().is_none() {
-                // That start failed: say why.
-                return Err(self
-                    .shared
-                    .completion
-                    .take_all(self.name())
-                    .1
-                    .unwrap_or_else(|| PipelineError::NotRunning(self.name().to_string())));
-            }
-        }
-        self.root()
-    }
-
-    /// True between a successful start and the end of the pipeline.
-    pub fn is_running(&self) -> bool {
-        self.root().is_ok() && !self.shared.completion.is_done()
-    }
-
-    /// True once every item has its outcome (or the pipeline failed).
-    pub fn is_finished(&self) -> bool {
-        self.shared.completion.is_done()
-    }
-
-    /// Waits for the end and returns the results (to the first caller; later
-    /// callers get [`PipelineError::ResultsTaken`]).
-    pub async fn wait(&self) -> Result<Vec<WorkItemResult>, PipelineError> {
-        self.shared.completion.wait().await;
-        self.shared.completion.take(self.name())
-    }
-
-    /// Waits for the end and returns the results kept together with the
-    /// error, if the pipeline failed: a failed pipeline (its source
-    /// panicked or failed, a stage went over its restart budget) still
-    /// hands over what completed. The results go to the first caller that
-    /// takes them, through this or [`Self::wait`].
-    pub async fn wait_outcome(&self) -> RunOutcome {
-        self.shared.completion.wait().await;
-        let (results, error) = self.shared.completion.take_all(self.name());
-        RunOutcome { results, error }
-    }
-
-    /// Waits for the end without taking the results.
-    pub async fn finished(&self) {
-        self.shared.completion.wait().await;
-    }
-
-    /// Subscribes to the events `filter` matches (see [`crate::event`]).
-    #[track_caller]
-    pub fn subscribe(&self, filter: EventFilter) -> EventStream {
-        self.shared.events.subscribe(filter)
-    }
-
-    /// Admits items once there is room; fails if the input is closed.
-    pub async fn inject(&self, items: Vec<WorkItem<T>>) -> Result<(), PipelineError> {
-        let root = self.root()?;
-        let closed = || PipelineError::InputClosed(self.name().to_string());
-        if self.is_finished() {
-            return Err(closed());
-        }
-        match root
-            .call(|reply| PipelineMsg::Inject(items, reply), None)
-            .await
-        {
-            Ok(ractor::rpc::CallResult::Success(result)) => result,
-            _ => Err(closed()),
-        }
-    }
-
-    /// A statistics snapshot; after the end, the final one.
-    pub async fn stats(&self) -> Result<PipelineStats, PipelineError> {
-        if let Some(stats) = self.shared.completion.stats() {
-            return Ok(stats);
-        }
-        self.root()?;
-        Ok(self.shared.stats())
-    }
-
-    /// Graceful stop; returns once every item has its outcome. While
-    /// `start` is starting, waits for it, then stops.
-    pub async fn stop(&self) -> Result<(), PipelineError> {
-        let root = self.root_once_started().await?;
-        let _ = root.cast(PipelineMsg::Stop);
-        self.finished().await;
-        Ok(())
-    }
-
-    /// Graceful stop; what is left after `deadline` is aborted. Returns once
-    /// every item has its outcome.
-    pub async fn stop_within(&self, deadline: Duration) -> Result<(), PipelineError> {
-        let root = self.root_once_started().await?;
-        let _ = root.cast(PipelineMsg::Stop);
-        if tokio::time::timeout(deadline, self.finished())
-            .await
-            .is_err()
-        {
-            tracing::info!(pipeline = %self.name(), "not drained within {deadline:?}: aborting the rest");
-            self.shared.stop_waiting();
-            let _ = root.cast(PipelineMsg::Abort);
-            self.finished().await;
-        }
-        Ok(())
-    }
-
-    /// Abort; returns once every item has its outcome. While `start` is
-    /// starting, waits for it, then aborts.
-    pub async fn abort(&self) -> Result<(), PipelineError> {
-        let root = self.root_once_started().await?;
-        self.shared.stop_waiting();
-        let _ = root.cast(PipelineMsg::Abort);
-        self.finished().await;
-        Ok(())
     }
 }

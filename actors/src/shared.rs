@@ -10,9 +10,10 @@ use tokio::sync::watch;
 use crate::config::PipelineConfig;
 use crate::error::PipelineError;
 use crate::event::EventHub;
+use crate::gauges::StageGauges;
 use crate::item::{StageNames, WorkItemResult};
-use crate::root::FinishReport;
-use crate::stats::{PipelineStats, StageGauges, Tally};
+use crate::stats::PipelineStats;
+use crate::tally::{Live, Tally};
 
 pub(crate) struct Shared {
     pub(crate) config: PipelineConfig,
@@ -84,20 +85,64 @@ impl Shared {
         self.admitted.load(Ordering::Acquire)
     }
 
+    /// The live counters, as the tally reads them.
+    pub(crate) fn live(&self) -> Live<'_> {
+        Live {
+            config: &self.config,
+            gauges: &self.gauges,
+            started: self.started_at(),
+            admitted: self.admitted(),
+            expected: self.expected_items(),
+            source_errors: self.source_errors.load(Ordering::Relaxed),
+            held_back_by: self.events.held_back_by(),
+        }
+    }
+
     /// A stats snapshot, from the gauges and the tally; never waits for an actor.
     pub(crate) fn stats(&self) -> PipelineStats {
+        let live = self.live();
         self.tally
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .snapshot(self)
+            .snapshot(&live, crate::clock::now())
     }
 
     /// Samples the counters for the recent window, if a sample is due.
     pub(crate) fn sample(&self) {
+        let live = self.live();
         self.tally
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .sample(self, crate::clock::now());
+            .sample(&live, crate::clock::now());
+    }
+
+    /// Copies the counters and gauges to the `metrics` facade, if the
+    /// pipeline registered its metrics. `ended`: see [`crate::metrics::Metrics::sync`].
+    #[cfg(feature = "metrics")]
+    pub(crate) fn sync_metrics(&self, ended: bool) {
+        if let Some(metrics) = self.metrics.get() {
+            let totals = {
+                let tally = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+                crate::metrics::Totals {
+                    admitted: self.admitted(),
+                    finished: tally.finished,
+                    failed: tally.failed,
+                    cancelled: tally.cancelled,
+                    source_errors: self.source_errors.load(Ordering::Relaxed),
+                }
+            };
+            metrics.sync(totals, &self.gauges, ended);
+        }
+    }
+
+    /// Registers the pipeline's metrics (at its start) with the recorder
+    /// installed now, and hands them to the tally for its histograms.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn install_metrics(&self) {
+        let metrics = Arc::new(crate::metrics::Metrics::register(&self.name, &self.names));
+        if self.metrics.set(metrics.clone()).is_ok() {
+            self.tally.lock().unwrap_or_else(|e| e.into_inner()).metrics = Some(metrics);
+        }
     }
 
     /// Items the source said it would hand out, if it knew.
@@ -131,6 +176,13 @@ impl Shared {
     pub(crate) fn started_at(&self) -> Option<Instant> {
         *self.started.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// What the tracker hands over at the end: every result kept, and the
+/// final stats.
+pub(crate) struct FinishReport {
+    pub(crate) results: Vec<WorkItemResult>,
+    pub(crate) stats: PipelineStats,
 }
 
 /// What the tracker hands over when every admitted item has its outcome:

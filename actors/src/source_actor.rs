@@ -30,10 +30,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rustc_hash::FxHashSet;
 use tokio::sync::watch;
 
-use crate::binding::Outlet;
 use crate::error::PipelineError;
 use crate::event::PipelineEvent;
 use crate::item::{ItemError, ItemErrorKind, JobId, WorkItem, WorkItemResult};
+use crate::ports::{Outlet, Releases, Upstream};
 use crate::shared::Shared;
 use crate::source::{Ack, DynSource};
 use crate::tracker::TrackerMsg;
@@ -58,6 +58,18 @@ pub(crate) enum SourceMsg<T> {
     /// From the root, when a stage ended from outside: the job ids of the
     /// items admitted and not released yet (`None` with tracking off).
     Outstanding(RpcReplyPort<Option<Vec<JobId>>>),
+}
+
+impl<T: Send + 'static> Upstream for ActorRef<SourceMsg<T>> {
+    fn demand(&self, n: usize) {
+        let _ = self.cast(SourceMsg::Demand(n));
+    }
+}
+
+impl<T: Send + 'static> Releases for ActorRef<SourceMsg<T>> {
+    fn released(&self, n: usize, ids: Vec<JobId>, acks: Vec<Ack>) {
+        let _ = self.cast(SourceMsg::Released(n, ids, acks));
+    }
 }
 
 pub(crate) struct SourceActor<T>(std::marker::PhantomData<fn() -> T>);
@@ -204,6 +216,7 @@ impl<T: Send + 'static> SourceState<T> {
     /// Admits what the demand and the window allow: carried-over items first,
     /// then injections, then the source.
     async fn pump(&mut self, myself: &ActorRef<SourceMsg<T>>) {
+        self.withdraw_abandoned();
         loop {
             if self.closed {
                 return;
@@ -256,7 +269,7 @@ impl<T: Send + 'static> SourceState<T> {
                     return;
                 }
                 Some(Err(panic)) => {
-                    self.source_panicked("refill", crate::runner::panic_message(&*panic));
+                    self.source_panicked("refill", crate::contain::panic_message(&*panic));
                     return;
                 }
                 Some(Ok(refill)) => refill,
@@ -266,7 +279,7 @@ impl<T: Send + 'static> SourceState<T> {
                 Ok(mut items) => {
                     self.failures_in_a_row = 0;
                     if items.len() > count {
-                        tracing::warn!(
+                        tracing::warn!(target: "bergtalzug::source",
                             pipeline = %self.shared.name,
                             "refill({count}) returned {} items; the rest wait for room",
                             items.len()
@@ -290,7 +303,7 @@ impl<T: Send + 'static> SourceState<T> {
                     self.shared
                         .source_errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!(
+                    tracing::warn!(target: "bergtalzug::source",
                         pipeline = %self.shared.name,
                         failures_in_a_row = self.failures_in_a_row,
                         "refill failed, asking again in {retry_in:?}: {message}"
@@ -303,6 +316,33 @@ impl<T: Send + 'static> SourceState<T> {
                     return;
                 }
             }
+        }
+    }
+
+    /// Drops the injections whose caller is gone (its `inject` future was
+    /// dropped): what they had not admitted is never admitted. Items
+    /// already admitted from them stay in and get their outcomes.
+    fn withdraw_abandoned(&mut self) {
+        if !self.injections.iter().any(|i| i.reply.is_closed()) {
+            return;
+        }
+        let (gone, kept) = std::mem::take(&mut self.injections)
+            .into_iter()
+            .partition(|i| i.reply.is_closed());
+        self.injections = kept;
+        for injection in gone {
+            let Injection {
+                items, admitted, ..
+            } = injection;
+            tracing::debug!(
+                target: "bergtalzug::source",
+                pipeline = %self.shared.name,
+                "an inject call was dropped after {admitted} of its items were admitted; \
+                 the other {} are withdrawn",
+                items.len()
+            );
+            // Their `Drop` is user code.
+            crate::contain::drop_logged(items, || "withdrawn injected items".to_string());
         }
     }
 
@@ -332,7 +372,7 @@ impl<T: Send + 'static> SourceState<T> {
                                 item.job_id
                             ),
                         );
-                        tracing::warn!(pipeline = %self.shared.name, job_id = %item.job_id, "duplicate job id refused");
+                        tracing::warn!(target: "bergtalzug::source", pipeline = %self.shared.name, job_id = %item.job_id, "duplicate job id refused");
                         // Its data is dropped here, and its `Drop` is user code.
                         let job_id = item.job_id.clone();
                         let metadata = std::mem::take(&mut item.metadata);
@@ -361,8 +401,8 @@ impl<T: Send + 'static> SourceState<T> {
         };
         let n = acks.len();
         if let Err(panic) = AssertUnwindSafe(source.ack(acks)).catch_unwind().await {
-            let message = crate::runner::panic_message(&*panic);
-            tracing::error!(
+            let message = crate::contain::panic_message(&*panic);
+            tracing::error!(target: "bergtalzug::source",
                 pipeline = %self.shared.name,
                 "the source's ack panicked while acknowledging {n} items: {message}"
             );
@@ -373,7 +413,7 @@ impl<T: Send + 'static> SourceState<T> {
     /// The source panicked: the pipeline fails with `SourcePanicked`, the
     /// input closes, and the items admitted finish (and are acknowledged).
     fn source_panicked(&mut self, during: &str, message: String) {
-        tracing::error!(
+        tracing::error!(target: "bergtalzug::source",
             pipeline = %self.shared.name,
             "the source panicked in {during}; finishing the items it admitted: {message}"
         );
@@ -396,7 +436,7 @@ impl<T: Send + 'static> SourceState<T> {
         self.shared
             .source_errors
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::error!(
+        tracing::error!(target: "bergtalzug::source",
             pipeline = %self.shared.name,
             failures_in_a_row = failures,
             "refill failed {failures} times in a row (max_refill_failures), giving up the source: {message}"
@@ -432,7 +472,7 @@ impl<T: Send + 'static> SourceState<T> {
         }
         // Carried-over items were never admitted: they are dropped with the source.
         if !self.carry.is_empty() {
-            tracing::warn!(
+            tracing::warn!(target: "bergtalzug::source",
                 pipeline = %self.shared.name,
                 "input closed with {} items the source returned beyond its demand; they were not admitted",
                 self.carry.len()

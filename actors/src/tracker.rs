@@ -28,25 +28,18 @@ use crate::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::event::PipelineEvent;
 use crate::item::JobId;
 use crate::item::{ItemError, ItemErrorKind, WorkItemMetadata, WorkItemResult};
-use crate::root::FinishReport;
-use crate::shared::Shared;
+use crate::ports::{Releases, ReportFiled};
+use crate::shared::{FinishReport, Shared};
 use crate::source::Ack;
 
 /// A completion callback: called once per item, on the tracker's task,
 /// which owns it (so it may keep state: `FnMut`, and needs no `Sync`).
-pub type Callback = Box<dyn FnMut(&WorkItemResult) + Send>;
-
-/// Tells the source that items finished: how many, their job ids (tracking
-/// on) and, when the source wants them, their acknowledgements.
-pub(crate) type ReleasePort = Box<dyn Fn(usize, Vec<JobId>, Vec<Ack>) + Send + Sync>;
-
-/// Tells the root that the report is filed.
-pub(crate) type FinishPort = Box<dyn Fn() + Send + Sync>;
+pub(crate) type Callback = Box<dyn FnMut(&WorkItemResult) + Send>;
 
 /// The tracker's mailbox.
 pub(crate) enum TrackerMsg {
     /// From the root, first: where to send `Released`.
-    Connect(ReleasePort, bool),
+    Connect(Box<dyn Releases>, bool),
     /// From the stages (and the source, for refused duplicates): outcomes.
     Finished(Vec<WorkItemResult>),
     /// From a stage that keeps inputs, just before the failures they
@@ -75,15 +68,15 @@ pub(crate) struct Tracker;
 
 pub(crate) struct TrackerArgs {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) finish: FinishPort,
+    pub(crate) finish: Box<dyn ReportFiled>,
     pub(crate) callbacks: Vec<Callback>,
     pub(crate) dead_letters: Option<DeadLetterSink>,
 }
 
 pub(crate) struct TrackerState {
     shared: Arc<Shared>,
-    finish: FinishPort,
-    release: Option<ReleasePort>,
+    finish: Box<dyn ReportFiled>,
+    release: Option<Box<dyn Releases>>,
     /// The source wants an `Ack` per item.
     acks: bool,
     callbacks: Vec<Callback>,
@@ -197,7 +190,7 @@ impl TrackerState {
                     // Its payload's `Drop` is user code too (and outside the
                     // macro, which may not evaluate its arguments).
                     let message = crate::contain::take_message(panic);
-                    tracing::error!(
+                    tracing::error!(target: "bergtalzug::tracker",
                         pipeline = %self.shared.name,
                         job_id = %result.job_id,
                         "completion callback panicked: {message}"
@@ -230,7 +223,7 @@ impl TrackerState {
             self.results.extend(results);
         }
         if let Some(release) = &self.release {
-            release(n, released, acks);
+            release.released(n, released, acks);
         }
     }
 
@@ -255,7 +248,7 @@ impl TrackerState {
                 )
                 .await
             {
-                tracing::error!(
+                tracing::error!(target: "bergtalzug::tracker",
                     pipeline = %self.shared.name,
                     "the dead-letter receiver is gone; later dead letters are dropped"
                 );
@@ -271,7 +264,7 @@ impl TrackerState {
         }
         self.done = true;
         let stats = self.shared.stats();
-        tracing::debug!(pipeline = %self.shared.name, "finished: {stats}");
+        tracing::debug!(target: "bergtalzug::tracker", pipeline = %self.shared.name, "finished: {stats}");
         if self.shared.events.has_subscribers() {
             self.shared
                 .events
@@ -287,6 +280,6 @@ impl TrackerState {
             stats,
         };
         self.shared.report.file(report);
-        (self.finish)();
+        self.finish.filed();
     }
 }

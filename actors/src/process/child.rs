@@ -20,8 +20,8 @@ use serde::de::DeserializeOwned;
 use super::entry::Handler;
 use super::frame::{self, FrameBuf, Job, PROTOCOL_VERSION, Reply};
 use super::{ENV_MAX_FRAME, ENV_PARENT};
+use crate::contain::panic_message;
 use crate::item::{Permanent, WorkItem};
-use crate::runner::panic_message;
 
 /// Serves `handler` and exits the process when the parent goes away.
 pub(crate) fn serve<I, O>(handler: Handler<I, O>) -> !

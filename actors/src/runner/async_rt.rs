@@ -18,8 +18,10 @@ use std::task::Poll;
 use futures::FutureExt;
 use tracing::Instrument;
 
+use super::attempt::{Attempt, Ran};
 use super::hand::Hand;
-use super::{Attempt, Ran, Reporter, RunCtx, Sending, StageRunner, item_span, item_spans_enabled};
+use super::report::{Reporter, Sending};
+use super::{RunCtx, StageRunner, item_span, item_spans_enabled};
 use crate::item::WorkItem;
 
 /// Awaits the pinned future `$fut`; if it cannot finish at once, first sends
@@ -132,7 +134,7 @@ where
                                 Ok(ran) => ran,
                                 Err(payload) => {
                                     let message = crate::contain::take_message(payload);
-                                    tracing::error!(
+                                    tracing::error!(target: "bergtalzug::stage",
                                         stage = %ctx.stage,
                                         job_id = %attempt.job_id(),
                                         "dropping a timed-out handler's future panicked: {message}; the panic was contained"
@@ -143,7 +145,7 @@ where
                         }
                     }
                 }
-                Err(payload) => Ran::Panicked(payload),
+                Err(payload) => Ran::Panicked(crate::contain::take_message(payload)),
             };
             let now = crate::clock::now();
             // Taken only after a panic, to be handed back.

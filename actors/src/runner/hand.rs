@@ -23,8 +23,11 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{Attempt, Outcome, Reporter, RunCtx};
+use super::RunCtx;
+use super::attempt::Attempt;
+use super::report::Reporter;
 use crate::item::WorkItem;
+use crate::outcome::Outcome;
 
 /// What one worker holds, shared with its stage.
 pub(crate) struct Hand<I, O> {

@@ -29,10 +29,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Attempt, FLUSH_AFTER, Ran, Reporter, RunCtx, Sending, StageRunner};
-use crate::binding::FailPort;
+use super::attempt::{Attempt, Ran};
+use super::report::{Reporter, Sending};
+use super::{FLUSH_AFTER, RunCtx, StageRunner};
 use crate::error::PipelineError;
 use crate::item::{ItemErrorKind, Permanent, WorkItem, WorkItemMetadata};
+use crate::outcome::Outcome;
+use crate::ports::FailPipeline;
 use crate::process::frame::{self, Job, JobRef, Reply};
 use crate::process::spawn::{ChildProc, ChildSpec};
 
@@ -73,7 +76,7 @@ pub(crate) struct ProcessRunner<I, O> {
     /// known yet): sets how many items are written ahead.
     pace_ns: AtomicU64,
     /// Fails the pipeline (when worker processes cannot start).
-    fail: FailPort,
+    fail: Arc<dyn FailPipeline>,
     /// Worker processes that failed to start since one last started.
     start_failures: AtomicU32,
     /// Set once worker processes could not be started: why. Items then
@@ -83,7 +86,7 @@ pub(crate) struct ProcessRunner<I, O> {
 }
 
 impl<I, O> ProcessRunner<I, O> {
-    pub(crate) fn new(spec: ChildSpec, fail: FailPort) -> Self {
+    pub(crate) fn new(spec: ChildSpec, fail: Arc<dyn FailPipeline>) -> Self {
         ProcessRunner {
             spec,
             idle: Mutex::new(Vec::new()),
@@ -176,8 +179,7 @@ where
                 let message = format!("the item cannot be sent to a worker process: {e}");
                 let Pending { attempt, .. } = pending.pop_front().expect("a front");
                 let now = Instant::now();
-                // It would fail the same way again: not retried.
-                let outcome = attempt.fail(ctx, ItemErrorKind::Failed, message, false, now);
+                let outcome = attempt.end(ctx, Ran::Unsendable(message), now);
                 reporter.push(outcome, now, now);
                 continue;
             }
@@ -186,10 +188,7 @@ where
                 let message = format!("the stage cannot start its worker processes: {why}");
                 let front = pending.pop_front().expect("a front");
                 let now = Instant::now();
-                let outcome =
-                    front
-                        .with_input()
-                        .fail(ctx, ItemErrorKind::ProcessDied, message, false, now);
+                let outcome = front.with_input().end(ctx, Ran::NoWorkers(message), now);
                 reporter.push(outcome, now, now);
                 continue;
             }
@@ -224,7 +223,7 @@ where
                 Ok(()) => {
                     let pid = proc.pid;
                     let how = proc.kill().await;
-                    tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
+                    tracing::warn!(target: "bergtalzug::process", pipeline = %self.spec.pipeline, stage = %ctx.stage,
                         worker = %ctx.worker, pid,
                         "worker process sent bytes nobody asked for and {how}");
                 }
@@ -233,7 +232,7 @@ where
                     innocent_breaks += 1;
                     let pid = proc.pid;
                     let how = proc.end().await;
-                    tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
+                    tracing::warn!(target: "bergtalzug::process", pipeline = %self.spec.pipeline, stage = %ctx.stage,
                         worker = %ctx.worker, pid,
                         "worker process {pid} {} between items; it {how}", broken.what);
                 }
@@ -245,7 +244,7 @@ where
                         proc.end().await
                     };
                     let message = format!("worker process {pid} {}; it {how}", broken.what);
-                    tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
+                    tracing::warn!(target: "bergtalzug::process", pipeline = %self.spec.pipeline, stage = %ctx.stage,
                         worker = %ctx.worker, pid, "{message}");
                     let front = pending.pop_front().expect("a front");
                     let now = Instant::now();
@@ -352,7 +351,7 @@ where
     /// A worker process failed to start (`message` says how): counts it,
     /// and fails the pipeline once [`START_FAILURES`] in a row did.
     async fn start_failed(&self, ctx: &RunCtx<I, O>, message: String) {
-        tracing::warn!(pipeline = %self.spec.pipeline, stage = %ctx.stage,
+        tracing::warn!(target: "bergtalzug::process", pipeline = %self.spec.pipeline, stage = %ctx.stage,
             worker = %ctx.worker, "{message}");
         let failures = self.start_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures < START_FAILURES {
@@ -360,7 +359,7 @@ where
             return;
         }
         if self.cannot_start.set(message.clone()).is_ok() {
-            (self.fail)(PipelineError::WorkersCannotStart {
+            self.fail.fail(PipelineError::WorkersCannotStart {
                 pipeline: self.spec.pipeline.to_string(),
                 stage: self.spec.stage.to_string(),
                 failures,
@@ -386,7 +385,7 @@ where
                 Err(lost) => {
                     let (attempt, message) = *lost;
                     let now = Instant::now();
-                    let outcome = attempt.fail(ctx, ItemErrorKind::Failed, message, false, now);
+                    let outcome = attempt.end(ctx, Ran::Unsendable(message), now);
                     reporter.push(outcome, now, now);
                 }
             }
@@ -450,9 +449,9 @@ where
             // Finished items are reported within `FLUSH_AFTER` even while
             // the child is slow with the next one (the timer is reset only
             // when a report went, about once a `FLUSH_AFTER`).
-            let unsent = !reporter.outcomes.is_empty();
-            if unsent {
-                let due = tokio::time::Instant::from_std(reporter.last_flush + FLUSH_AFTER);
+            let unsent = reporter.flush_due();
+            if let Some(due) = unsent {
+                let due = tokio::time::Instant::from_std(due);
                 if flush_at.deadline() != due {
                     flush_at.as_mut().reset(due);
                 }
@@ -519,7 +518,7 @@ where
                         Err(e) => cannot_write = Some(e.to_string()),
                     }
                 }
-                () = &mut flush_at, if unsent => reporter.flush_done(),
+                () = &mut flush_at, if unsent.is_some() => reporter.flush_done(),
                 _ = &mut watch, if !exited => exited = true,
                 () = sleep_until(deadline) => {
                     let timeout = ctx.timeout.unwrap_or_default();
@@ -636,7 +635,7 @@ fn settle<I, O>(
         Answer::Panicked(message) => {
             // Caught in the child, which goes on: the item fails as a panic
             // (retried like one), but this worker is not replaced.
-            let outcome = front.fail(ctx, ItemErrorKind::Panicked, message, now);
+            let outcome = front.with_input().end(ctx, Ran::Panicked(message), now);
             reporter.push(outcome, started, now);
             return;
         }
@@ -698,7 +697,7 @@ impl<I: DeserializeOwned + Send + 'static> Pending<I> {
         kind: ItemErrorKind,
         message: String,
         now: Instant,
-    ) -> super::Outcome<I, O> {
-        self.with_input().fail(ctx, kind, message, true, now)
+    ) -> Outcome<I, O> {
+        self.with_input().end(ctx, Ran::Lost { kind, message }, now)
     }
 }

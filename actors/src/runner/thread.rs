@@ -8,8 +8,9 @@
 
 use std::sync::Arc;
 
+use super::blocking::run_blocking;
 use super::lanes::{self, Lanes};
-use super::{RunCtx, StageRunner, run_blocking, watch};
+use super::{RunCtx, StageRunner, watch};
 use crate::item::WorkItem;
 
 /// Runs a blocking `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>` on the

@@ -71,7 +71,7 @@ where
 {
     let job = {
         let ctx = ctx.clone();
-        Box::new(move || super::run_blocking(&ctx, &*handler))
+        Box::new(move || super::blocking::run_blocking(&ctx, &*handler))
     };
     let mut done = std::pin::pin!(spawn(job));
     loop {

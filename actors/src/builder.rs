@@ -102,7 +102,7 @@
 //! # Retrying stages
 //!
 //! Another attempt needs the input again, so a stage whose config has a
-//! [`RetryPolicy`](bergtalzug_actors::config::RetryPolicy) is bound with
+//! [`RetryPolicy`](crate::config::RetryPolicy) is bound with
 //! [`retrying_async_stage`](PipelineBuilder::retrying_async_stage) or
 //! [`retrying_sync_stage`](PipelineBuilder::retrying_sync_stage), which
 //! require its input type to be `Clone` and keep a copy of each input while
@@ -153,16 +153,15 @@ use std::marker::PhantomData;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use bergtalzug_actors::config::{ConfigError, ExecutionType, PipelineConfig};
-use bergtalzug_actors::dead_letter::{DeadLetter, DeadLetterSink};
-use bergtalzug_actors::item::{WorkItem, WorkItemResult};
-use bergtalzug_actors::process::{self, ProcessOptions};
-use bergtalzug_actors::source::Source;
-use bergtalzug_actors::{
-    Callback, HandlerKind, PipelineParts, PipelineRuntime, SourceBinding, StageBinding,
-};
-
+use crate::binding::{SourceBinding, StageBinding};
+use crate::config::{ConfigError, ExecutionType, HandlerKind, PipelineConfig};
+use crate::dead_letter::{DeadLetter, DeadLetterSink};
+use crate::item::{WorkItem, WorkItemResult};
 use crate::pipeline::Pipeline;
+use crate::process::{self, ProcessOptions};
+use crate::root::PipelineParts;
+use crate::source::Source;
+use crate::tracker::Callback;
 
 /// Why a builder could not make a pipeline. Every variant names the stage.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -490,7 +489,7 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         F: Fn(WorkItem<C>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = anyhow::Result<WorkItem<O>>> + Send + 'static,
     {
-        self.check(name, |t| matches!(t, ExecutionType::Async));
+        self.check(name, HandlerKind::Async);
         self.handlers.push(StageBinding::asynchronous(handler));
         self.retype()
     }
@@ -510,7 +509,7 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         F: Fn(WorkItem<C>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = anyhow::Result<WorkItem<O>>> + Send + 'static,
     {
-        self.check(name, |t| matches!(t, ExecutionType::Async));
+        self.check(name, HandlerKind::Async);
         self.handlers
             .push(StageBinding::asynchronous_retrying(handler));
         self.retype()
@@ -522,9 +521,7 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         O: Send + 'static,
         F: Fn(WorkItem<C>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
     {
-        self.check(name, |t| {
-            matches!(t, ExecutionType::Thread | ExecutionType::Cpu)
-        });
+        self.check(name, HandlerKind::Blocking);
         self.handlers.push(StageBinding::blocking(handler));
         self.retype()
     }
@@ -539,9 +536,7 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         O: Send + 'static,
         F: Fn(WorkItem<C>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
     {
-        self.check(name, |t| {
-            matches!(t, ExecutionType::Thread | ExecutionType::Cpu)
-        });
+        self.check(name, HandlerKind::Blocking);
         self.handlers.push(StageBinding::blocking_retrying(handler));
         self.retype()
     }
@@ -609,7 +604,7 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         // In a worker process of this stage (when `main` did not call
         // `process::init`), this serves the stage and never returns.
         process::serve_if_worker(&self.config.pipeline_name, name, handler);
-        self.check(name, |t| matches!(t, ExecutionType::Process));
+        self.check(name, HandlerKind::Process);
         self.handlers.push(StageBinding::process(handler, options));
         self.retype()
     }
@@ -643,7 +638,7 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
                     max_attempts: stage.max_attempts(),
                     method: match binding.kind() {
                         HandlerKind::Async => "retrying_async_stage",
-                        _ => "retrying_sync_stage",
+                        HandlerKind::Blocking | HandlerKind::Process => "retrying_sync_stage",
                     },
                 });
             }
@@ -658,19 +653,18 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
                 pipeline: self.config.pipeline_name.clone(),
             });
         };
-        let runtime = PipelineRuntime::new(PipelineParts {
+        Ok(Pipeline::new(PipelineParts {
             config: self.config,
             source,
             stages: self.handlers,
             callbacks: self.callbacks,
             dead_letters: self.dead_letters,
-        });
-        Ok(Pipeline::new(runtime))
+        }))
     }
 
     /// Records the first binding error: the stage at this position must be
-    /// called `name` and run the handler kind `fits` accepts.
-    fn check(&mut self, name: &str, fits: impl Fn(ExecutionType) -> bool) {
+    /// called `name` and take a handler of `kind`.
+    fn check(&mut self, name: &str, kind: HandlerKind) {
         if self.error.is_some() {
             return;
         }
@@ -692,21 +686,16 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
                 stage: name.to_string(),
                 expected: expected.name.clone(),
             }),
-            (Some(stage), Some(_)) if !fits(stage.execution_type) => {
+            (Some(stage), Some(_)) if stage.execution_type.handler_kind() != kind => {
                 Some(BuildError::WrongHandlerKind {
                     stage: name.to_string(),
                     execution_type: stage.execution_type,
-                    hint: match stage.execution_type {
-                        ExecutionType::Async => "bind an async fn with .async_stage".into(),
-                        ExecutionType::Thread | ExecutionType::Cpu => {
-                            "bind a blocking fn with .sync_stage".into()
-                        }
-                        ExecutionType::Process => {
+                    hint: match stage.execution_type.handler_kind() {
+                        HandlerKind::Async => "bind an async fn with .async_stage".into(),
+                        HandlerKind::Blocking => "bind a blocking fn with .sync_stage".into(),
+                        HandlerKind::Process => {
                             "bind a plain fn over serde data with .process_stage".into()
                         }
-                        other => format!(
-                            "{other} stages are not supported by this version of bergtalzug"
-                        ),
                     },
                 })
             }

@@ -1,0 +1,264 @@
+//! One item's attempt in a stage, in any execution model: what is held
+//! aside while the handler runs ([`Attempt`]), how the attempt ended
+//! ([`Ran`]), and the item's outcome from that ([`Attempt::end`]), where
+//! whether a failure is retried is decided, once for every model
+//! ([`Ran::retryable`]).
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use super::RunCtx;
+use crate::contain;
+use crate::item::{
+    ItemError, ItemErrorKind, JobId, Permanent, StageNames, StageTimes, WorkItem, WorkItemMetadata,
+    WorkItemResult,
+};
+use crate::outcome::{Failed, Outcome};
+
+/// How one attempt ended, in any execution model.
+pub(crate) enum Ran<O> {
+    /// The handler returned.
+    Returned(anyhow::Result<WorkItem<O>>),
+    /// The handler panicked, with this message (caught in this process, or
+    /// in a worker process that goes on).
+    Panicked(String),
+    /// The attempt ran past the stage's timeout.
+    TimedOut(Duration),
+    /// The handler never got the item: copying its data for a retry
+    /// panicked, with this message.
+    Uncopied(String),
+    /// The handler never got the item: it cannot be sent to a worker
+    /// process (or had again from what was sent), for this reason.
+    Unsendable(String),
+    /// The handler never got the item: the stage cannot start its worker
+    /// processes.
+    NoWorkers(String),
+    /// The worker process died or broke while it held the item.
+    Lost {
+        kind: ItemErrorKind,
+        message: String,
+    },
+}
+
+impl<O> Ran<O> {
+    /// A handler call under `catch_unwind`; a panic's payload is turned
+    /// into its message here (its `Drop` is user code, and contained).
+    #[inline]
+    pub(crate) fn caught(result: std::thread::Result<anyhow::Result<WorkItem<O>>>) -> Self {
+        match result {
+            Ok(returned) => Ran::Returned(returned),
+            Err(payload) => Ran::Panicked(contain::take_message(payload)),
+        }
+    }
+
+    /// Whether a failed attempt may be tried again (if the stage's policy
+    /// has attempts left and the input was kept). The one place this is
+    /// decided, for every execution model: an error the handler marked
+    /// [`Permanent`], and an item the handler never got because of what it
+    /// is (its copy or its encoding failed) or because the stage has no
+    /// workers, fail at once; a panic, a timeout and a lost worker process
+    /// may be the moment's, not the item's.
+    pub(crate) fn retryable(&self) -> bool {
+        match self {
+            Ran::Returned(Ok(_)) => false,
+            Ran::Returned(Err(e)) => !Permanent::is(e),
+            Ran::Panicked(_) | Ran::TimedOut(_) | Ran::Lost { .. } => true,
+            Ran::Uncopied(_) | Ran::Unsendable(_) | Ran::NoWorkers(_) => false,
+        }
+    }
+}
+
+/// One item's pass through the handler: what is held aside, and how the
+/// item's outcome is put together afterwards.
+pub(crate) struct Attempt<I> {
+    pub(super) job_id: JobId,
+    pub(super) created: Instant,
+    pub(super) attempts: u32,
+    pub(super) names: Option<StageNames>,
+    pub(super) stages: Vec<StageTimes>,
+    pub(super) custom: Option<BTreeMap<String, serde_json::Value>>,
+    /// A copy of the input, when the stage keeps one.
+    pub(super) kept: Option<I>,
+    /// Copying the input panicked, with this message: the attempt does not
+    /// run ([`Attempt::checked`]).
+    uncopied: Option<String>,
+}
+
+impl<I: Send + 'static> Attempt<I> {
+    /// Counts the attempt and takes the item's stage times aside (stamping
+    /// `started` on the first attempt) before the handler gets it.
+    #[inline]
+    pub(crate) fn begin<O>(ctx: &RunCtx<I, O>, item: &mut WorkItem<I>, now: Instant) -> Self {
+        item.metadata.attempts += 1;
+        let attempts = item.metadata.attempts;
+        let mut stages = std::mem::take(&mut item.metadata.stages);
+        if ctx.tracking {
+            if let Some(times) = stages.last_mut() {
+                times.started.get_or_insert(now);
+                times.attempt_started = Some(now);
+                times.attempts = attempts;
+            }
+        }
+        let custom = &item.metadata.custom;
+        let (kept, uncopied) = match ctx.keep {
+            None => (None, None),
+            // The user's `Clone`: a panic in it fails this item only.
+            Some(keep) => match contain::call(|| keep(&item.data)) {
+                Ok(kept) => (Some(kept), None),
+                Err(message) => (None, Some(message)),
+            },
+        };
+        Attempt {
+            job_id: item.job_id.clone(),
+            created: item.metadata.created(),
+            attempts,
+            names: item.metadata.names.take(),
+            stages,
+            custom: (!custom.is_empty()).then(|| custom.clone()),
+            kept,
+            uncopied,
+        }
+    }
+
+    pub(crate) fn job_id(&self) -> &JobId {
+        &self.job_id
+    }
+
+    /// The item for the handler, or, when its data panicked as it was
+    /// copied, how the attempt ended (the item is dropped).
+    #[inline]
+    pub(crate) fn checked<O>(&mut self, item: WorkItem<I>) -> Result<WorkItem<I>, Ran<O>> {
+        match self.uncopied.take() {
+            None => Ok(item),
+            Some(message) => {
+                contain::drop_logged(item, || {
+                    format!("item {} after its copy failed", self.job_id)
+                });
+                Err(Ran::Uncopied(message))
+            }
+        }
+    }
+
+    /// The handler returned `out`: it keeps the item's identity and times.
+    #[inline(always)]
+    fn succeed<O>(
+        mut self,
+        ctx: &RunCtx<I, O>,
+        mut out: WorkItem<O>,
+        now: Instant,
+    ) -> Outcome<I, O> {
+        self.stamp_completed(ctx, now);
+        if let Some(kept) = self.kept.take() {
+            contain::drop_logged(kept, || {
+                format!(
+                    "the copy of item {} kept for a retry in stage `{}`",
+                    self.job_id, ctx.stage
+                )
+            });
+        }
+        out.job_id = self.job_id;
+        out.metadata.stages = self.stages;
+        out.metadata.names = self.names;
+        out.metadata.attempts = self.attempts;
+        out.metadata.set_created(self.created);
+        Outcome::Done(out)
+    }
+
+    /// The item's outcome in this stage, from how its attempt ended: the
+    /// output, another attempt ([`Ran::retryable`], if the policy has one
+    /// left and the input was kept), or its final failure.
+    #[inline(always)]
+    pub(crate) fn end<O>(self, ctx: &RunCtx<I, O>, ran: Ran<O>, now: Instant) -> Outcome<I, O> {
+        match ran {
+            Ran::Returned(Ok(out)) => self.succeed(ctx, out, now),
+            failed => self.end_failed(ctx, failed, now),
+        }
+    }
+
+    /// [`Attempt::end`] of an attempt that did not return its output: out
+    /// of the line of the items that succeed.
+    #[cold]
+    #[inline(never)]
+    fn end_failed<O>(self, ctx: &RunCtx<I, O>, ran: Ran<O>, now: Instant) -> Outcome<I, O> {
+        let retryable = ran.retryable();
+        let (kind, message) = match ran {
+            Ran::Returned(Ok(out)) => return self.succeed(ctx, out, now),
+            Ran::Returned(Err(e)) => {
+                // The error's `Display` and `Drop` are user code.
+                let message = contain::call(|| format!("{e:#}")).unwrap_or_else(|panic| {
+                    format!("(the handler's error cannot be shown: its Display panicked: {panic})")
+                });
+                contain::drop_logged(e, || format!("the error of item {}", self.job_id));
+                (ItemErrorKind::Failed, message)
+            }
+            Ran::Panicked(message) => (ItemErrorKind::Panicked, message),
+            Ran::TimedOut(limit) => (
+                ItemErrorKind::TimedOut,
+                format!("the attempt ran past the stage's timeout of {limit:?}"),
+            ),
+            Ran::Uncopied(panic) => (
+                ItemErrorKind::Panicked,
+                format!("copying the item's data for a retry panicked: {panic}"),
+            ),
+            Ran::Unsendable(message) => (ItemErrorKind::Failed, message),
+            Ran::NoWorkers(message) => (ItemErrorKind::ProcessDied, message),
+            Ran::Lost { kind, message } => (kind, message),
+        };
+        self.fail(ctx, kind, message, retryable, now)
+    }
+
+    /// The attempt failed: another attempt if `retryable`, the policy
+    /// allows one and the input was kept, else the item's final result,
+    /// with the metadata it had when the handler got it.
+    fn fail<O>(
+        mut self,
+        ctx: &RunCtx<I, O>,
+        kind: ItemErrorKind,
+        message: String,
+        retryable: bool,
+        now: Instant,
+    ) -> Outcome<I, O> {
+        self.stamp_completed(ctx, now);
+        let mut metadata = WorkItemMetadata::default();
+        metadata.set_created(self.created);
+        metadata.names = self.names;
+        metadata.stages = self.stages;
+        metadata.attempts = self.attempts;
+        metadata.custom = self.custom.unwrap_or_default();
+        if retryable && self.attempts < ctx.max_attempts {
+            if let Some(data) = self.kept.take() {
+                return Outcome::Retry(WorkItem {
+                    job_id: self.job_id,
+                    data,
+                    metadata,
+                });
+            }
+        }
+        metadata.finished = Some(now);
+        let input = self.kept.map(|data| {
+            Box::new(WorkItem {
+                job_id: self.job_id.clone(),
+                data,
+                metadata: metadata.clone(),
+            }) as Box<dyn Any + Send>
+        });
+        let mut error = ItemError::new(&*ctx.stage, kind, message);
+        error.attempts = self.attempts;
+        Outcome::Failed(Box::new(Failed {
+            result: WorkItemResult::failed(self.job_id, metadata, error),
+            input,
+        }))
+    }
+
+    fn stamp_completed<O>(&mut self, ctx: &RunCtx<I, O>, now: Instant) {
+        if ctx.tracking {
+            if let Some(times) = self.stages.last_mut() {
+                times.completed = Some(now);
+                if let Some(began) = times.attempt_started.take() {
+                    times.handler += now.saturating_duration_since(began);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! A stage's workers and what each holds.
+//!
+//! **Invariants** (checked by [`Pool::check`] in debug builds):
+//! - every item a worker was given and has not reported is in its slot's
+//!   `held`, once, in the order given (those not started are the end), and
+//!   `in_flight` is their sum;
+//! - an idle worker holds nothing and is neither failing nor dead, and is
+//!   listed idle once.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{ActorId, ActorRef};
+
+use crate::event::WorkerId;
+use crate::item::{JobId, WorkItem};
+use crate::outcome::Outcome;
+use crate::runner::hand::{Hand, Harvest, Taken};
+use crate::worker::WorkerMsg;
+
+/// How many busy workers an idle one looks into, busiest first, for items
+/// they have not started.
+const STEAL_TRIES: usize = 4;
+/// A busy worker's unstarted items are taken for idle workers only once it
+/// has gone this long without finishing an item: its batch (about
+/// [`BATCH_WORK`](super::batching::BATCH_WORK) of work) has outlived its
+/// pace. Batches of fast items are not split after they were given: in a
+/// flowing pipeline a worker is idle for a moment between batches all the
+/// time, and taking from a busy one then would only cut batches into more
+/// messages.
+pub(super) const STEAL_AFTER: Duration = Duration::from_millis(2);
+
+/// One worker, as its stage sees it.
+pub(super) struct Slot<I, O> {
+    actor: ActorRef<WorkerMsg>,
+    /// The items given to the worker and not started yet (shared with it).
+    hand: Arc<Hand<I, O>>,
+    /// Job ids and creation times of the items the worker holds and has
+    /// not reported, in the order given (those not started are the end):
+    /// enough to account for them if the worker dies.
+    pub(super) held: VecDeque<(JobId, Instant)>,
+    /// It reported a panic or a timeout and is about to fail: no more work
+    /// for it.
+    pub(super) failing: bool,
+    /// It died (or is being killed): no more work for it; its hand is
+    /// closed and what was in it waits in `harvest` for its `Reap`.
+    pub(super) dead: bool,
+    pub(super) harvest: Harvest<I, O>,
+    /// Since when it has held the front of `held` (stall detection).
+    pub(super) since: Instant,
+    /// When it was last given items or last reported a finished one: its
+    /// unstarted items stay its own until [`STEAL_AFTER`] after that.
+    progress: Instant,
+    /// The front of `held` was reported stalled.
+    pub(super) stalled: bool,
+}
+
+impl<I: Send + 'static, O: Send + 'static> Slot<I, O> {
+    /// Closes the worker's hand (it died or is being killed), keeping what
+    /// was in it for the reap.
+    fn close(&mut self) {
+        self.dead = true;
+        let Harvest {
+            outcomes,
+            unstarted,
+        } = self.hand.close();
+        self.harvest.outcomes.extend(outcomes);
+        self.harvest.unstarted.extend(unstarted);
+    }
+
+    /// Takes work from it for others, and runs nothing new.
+    fn busy(&self) -> bool {
+        !self.failing && !self.dead && self.held.len() > 1
+    }
+}
+
+/// What a worker's report made of it.
+pub(super) enum AfterReport {
+    /// Its worker was reaped already.
+    Gone,
+    /// It goes on with the rest of its batch.
+    Busy,
+    /// It holds nothing: listed idle.
+    Idle,
+    /// It is failing: give it nothing more.
+    Failing,
+}
+
+/// Items taken from a busy worker for idle ones.
+pub(super) struct Stolen<I, O> {
+    /// Items it had not started.
+    pub(super) unstarted: Vec<WorkItem<I>>,
+    /// Outcomes its blocking handler returned and it had not reported, and
+    /// the handler time spent on them.
+    pub(super) outcomes: Vec<Outcome<I, O>>,
+    pub(super) busy: Duration,
+}
+
+/// A stage's workers.
+pub(super) struct Pool<I, O> {
+    pub(super) slots: HashMap<WorkerId, Slot<I, O>>,
+    by_actor: HashMap<ActorId, WorkerId>,
+    idle: Vec<WorkerId>,
+    in_flight: usize,
+    next_worker: u64,
+    /// Workers that died and are not replaced yet: who, and why.
+    pub(super) to_replace: VecDeque<(WorkerId, String)>,
+}
+
+impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
+    pub(super) fn new() -> Self {
+        Pool {
+            slots: HashMap::new(),
+            by_actor: HashMap::new(),
+            idle: Vec::new(),
+            in_flight: 0,
+            next_worker: 0,
+            to_replace: VecDeque::new(),
+        }
+    }
+
+    /// The id for the next worker spawned.
+    pub(super) fn next_id(&mut self) -> WorkerId {
+        let id = WorkerId(self.next_worker);
+        self.next_worker += 1;
+        id
+    }
+
+    /// A worker spawned with `hand`: idle.
+    pub(super) fn add(
+        &mut self,
+        id: WorkerId,
+        actor: ActorRef<WorkerMsg>,
+        hand: Arc<Hand<I, O>>,
+        now: Instant,
+    ) {
+        self.by_actor.insert(actor.get_id(), id);
+        self.slots.insert(
+            id,
+            Slot {
+                actor,
+                hand,
+                held: VecDeque::new(),
+                failing: false,
+                dead: false,
+                harvest: Harvest::default(),
+                since: now,
+                progress: now,
+                stalled: false,
+            },
+        );
+        self.idle.push(id);
+    }
+
+    /// Items in workers' hands and not reported.
+    pub(super) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    pub(super) fn has_idle(&self) -> bool {
+        !self.idle.is_empty()
+    }
+
+    pub(super) fn idle_count(&self) -> usize {
+        self.idle.len()
+    }
+
+    /// Workers counted in the stage's size: all but those failing (a
+    /// worker seen dead that reported no panic is counted until its reap
+    /// replaces it).
+    pub(super) fn live(&self) -> usize {
+        self.slots.values().filter(|s| !s.failing).count()
+    }
+
+    /// Whether some worker holds more than the item it runs.
+    pub(super) fn any_busy(&self) -> bool {
+        self.slots.values().any(Slot::busy)
+    }
+
+    /// The worker of this actor died: its hand is closed at once (a
+    /// blocking thread that outlives it reports under the hand's lock, so
+    /// whatever it sent is queued ahead of the reap, and it sends nothing
+    /// more), and it gets no more work.
+    pub(super) fn died(&mut self, actor: ActorId) -> Option<WorkerId> {
+        let worker = self.by_actor.remove(&actor)?;
+        if let Some(slot) = self.slots.get_mut(&worker) {
+            slot.close();
+        }
+        self.idle.retain(|w| *w != worker);
+        Some(worker)
+    }
+
+    /// Gives `items` to the next idle worker and wakes it; `Err` hands
+    /// them back if it died after its last report (its reap is on the
+    /// way). `None`: no worker is idle.
+    pub(super) fn give(
+        &mut self,
+        items: Vec<WorkItem<I>>,
+        now: Instant,
+    ) -> Option<Result<(), Vec<WorkItem<I>>>> {
+        let worker = self.idle.pop()?;
+        let slot = self
+            .slots
+            .get_mut(&worker)
+            .expect("idle workers have slots");
+        let n = items.len();
+        slot.held.extend(
+            items
+                .iter()
+                .map(|i| (i.job_id.clone(), i.metadata.created())),
+        );
+        slot.since = now;
+        slot.stalled = false;
+        slot.progress = now;
+        self.in_flight += n;
+        slot.hand.give(items);
+        if slot.actor.cast(WorkerMsg::Run).is_err() {
+            let items = slot.hand.take_back_all();
+            slot.held.clear();
+            self.in_flight -= n;
+            return Some(Err(items));
+        }
+        Some(Ok(()))
+    }
+
+    /// `worker` reported `n` items (outcomes and items handed back);
+    /// `finished`: some had outcomes; `failing`: it is about to fail.
+    pub(super) fn reported(
+        &mut self,
+        worker: WorkerId,
+        n: usize,
+        finished: bool,
+        failing: bool,
+        aborting: bool,
+        now: Instant,
+    ) -> AfterReport {
+        let Some(slot) = self.slots.get_mut(&worker) else {
+            return AfterReport::Gone;
+        };
+        for _ in 0..n {
+            slot.held.pop_front();
+        }
+        if finished {
+            slot.progress = now;
+        }
+        if n > 0 && !slot.held.is_empty() {
+            // The worker goes on with the rest of its batch.
+            slot.since = now;
+            slot.stalled = false;
+        }
+        self.in_flight -= n;
+        if failing {
+            slot.failing = true;
+            AfterReport::Failing
+        } else if slot.held.is_empty() && !slot.dead && !aborting {
+            self.idle.push(worker);
+            AfterReport::Idle
+        } else {
+            AfterReport::Busy
+        }
+    }
+
+    /// Takes a dead worker out, its hand closed: what it held is the
+    /// caller's to account for.
+    pub(super) fn remove(&mut self, worker: WorkerId) -> Option<Slot<I, O>> {
+        let mut slot = self.slots.remove(&worker)?;
+        self.idle.retain(|w| *w != worker);
+        slot.close();
+        self.in_flight -= slot.held.len();
+        Some(slot)
+    }
+
+    /// On abort: no worker is idle or replaced; every hand is closed (so
+    /// that a thread a worker leaves behind adds nothing) and every worker
+    /// killed. Each is reaped when its termination arrives.
+    pub(super) fn kill_all(&mut self) {
+        self.idle.clear();
+        self.to_replace.clear();
+        for slot in self.slots.values_mut() {
+            slot.close();
+            slot.actor.kill();
+        }
+    }
+
+    /// While workers are idle (and nothing is queued): takes from the
+    /// busiest worker of those that finished nothing for [`STEAL_AFTER`]
+    /// what it has not started, keeping it an even share, and what its
+    /// blocking handler returned and it has not reported yet; so an item
+    /// that takes long holds back only itself.
+    pub(super) fn steal(&mut self) -> Option<Stolen<I, O>> {
+        if self.idle.is_empty() {
+            return None;
+        }
+        let idle = self.idle.len();
+        // The busiest first, of those whose batch outlived its pace; an
+        // async worker keeps its batch to itself while its handlers
+        // complete at once, so look at a few. (The clock is read only if
+        // one may be taken from.)
+        let mut now = None;
+        let mut candidates: Vec<_> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.busy())
+            .filter(|(_, s)| {
+                let now = *now.get_or_insert_with(crate::clock::now);
+                now.saturating_duration_since(s.progress) >= STEAL_AFTER
+            })
+            .map(|(id, s)| (s.held.len(), *id))
+            .collect();
+        candidates.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, victim) in candidates.into_iter().take(STEAL_TRIES) {
+            let slot = self.slots.get_mut(&victim).expect("listed above");
+            let Taken {
+                unstarted,
+                outcomes,
+                busy,
+            } = slot
+                .hand
+                .take_for_others(|unstarted| unstarted - unstarted / (idle + 1));
+            if unstarted.is_empty() && outcomes.is_empty() {
+                continue;
+            }
+            for item in unstarted.iter().rev() {
+                let back = slot.held.pop_back();
+                debug_assert!(
+                    back.is_some_and(|(job_id, _)| job_id == item.job_id),
+                    "the unstarted items are the end of what a worker holds"
+                );
+            }
+            // They were held before the rest (reports on their way, if any,
+            // take the same number off the front).
+            for _ in 0..outcomes.len() {
+                slot.held.pop_front();
+            }
+            if slot.held.is_empty() {
+                // It had not started on its batch: all of it went to others.
+                // The wake-up it has yet to read finds its hand empty.
+                self.idle.push(victim);
+            }
+            self.in_flight -= unstarted.len() + outcomes.len();
+            return Some(Stolen {
+                unstarted,
+                outcomes,
+                busy,
+            });
+        }
+        None
+    }
+
+    /// Checks the invariants, in debug builds (of pools small enough that
+    /// a pass over every worker per message costs little).
+    pub(super) fn check(&self) {
+        if cfg!(debug_assertions) && self.slots.len() <= 256 {
+            let held: usize = self.slots.values().map(|s| s.held.len()).sum();
+            debug_assert_eq!(held, self.in_flight, "in_flight is what the workers hold");
+            let mut seen = std::collections::HashSet::with_capacity(self.idle.len());
+            for worker in &self.idle {
+                let slot = &self.slots[worker];
+                debug_assert!(
+                    slot.held.is_empty() && !slot.failing && !slot.dead,
+                    "idle worker {worker} holds {} items (failing {}, dead {})",
+                    slot.held.len(),
+                    slot.failing,
+                    slot.dead
+                );
+                debug_assert!(seen.insert(*worker), "{worker} listed idle twice");
+            }
+        }
+    }
+}
