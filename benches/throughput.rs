@@ -396,7 +396,9 @@ fn main() {
     // Each run is a task on the runtime's workers, as a pipeline's work is:
     // the thread in `block_on` only waits for it.
     let on_workers = |variant: Variant, n: u64| async move {
-        tokio::spawn(variant.run(n)).await.expect("a variant panicked")
+        tokio::spawn(variant.run(n))
+            .await
+            .expect("a variant panicked")
     };
     runtime.block_on(async {
         for &variant in &variants {

@@ -88,7 +88,10 @@ impl Tally {
     pub fn check(&self, n: u64, stages: usize, what: &str) {
         let expected = n * n.saturating_sub(1) / 2 + n * stages as u64;
         assert_eq!(
-            (self.count.load(Ordering::Relaxed), self.sum.load(Ordering::Relaxed)),
+            (
+                self.count.load(Ordering::Relaxed),
+                self.sum.load(Ordering::Relaxed)
+            ),
             (n, expected),
             "{what} lost items"
         );
