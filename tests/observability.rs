@@ -486,3 +486,30 @@ async fn each_subscriber_gets_the_finished_items_its_filter_takes() {
         .unwrap();
     assert_eq!(failures.await.unwrap(), (vec![], odd));
 }
+
+/// The final stats of a finished run show no stage holding an item: every
+/// admitted item has its outcome, even if a stage had not yet published its
+/// gauges after sending its last results (seen once as `in_flight` 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_run_shows_no_stage_holding_an_item() {
+    for run in 0..20 {
+        let pipeline = two_stage(&format!("settled-{run}"), 300);
+        within(Duration::from_secs(10), pipeline.run())
+            .await
+            .unwrap();
+        let stats = pipeline.stats().await.unwrap();
+        assert_eq!(stats.active_items, 0);
+        for stage in &stats.stages {
+            assert_eq!(
+                (stage.queued, stage.in_flight, stage.waiting_downstream),
+                (0, 0, 0),
+                "run {run}, stage {}: {stats}",
+                stage.name
+            );
+        }
+        assert!(
+            stats.active_by_stage.values().all(|held| *held == 0),
+            "{stats}"
+        );
+    }
+}

@@ -268,7 +268,7 @@ impl TrackerState {
             return;
         }
         self.done = true;
-        let stats = self.shared.stats();
+        let stats = self.shared.final_stats();
         tracing::debug!(target: "bergtalzug::tracker", pipeline = %self.shared.name, "finished: {stats}");
         if self.shared.events.has_subscribers() {
             self.shared
