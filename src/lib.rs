@@ -107,7 +107,7 @@ pub use bergtalzug_actors::item::{
     WorkItemResult,
 };
 #[doc(inline)]
-pub use bergtalzug_actors::source::{Ack, Source};
+pub use bergtalzug_actors::source::{Ack, AckFuture, Acknowledger, Refill, Source};
 #[doc(inline)]
 pub use bergtalzug_actors::stats::{PipelineStats, StageStats};
 #[doc(inline)]
@@ -121,7 +121,7 @@ pub mod prelude {
     pub use crate::{
         BuildError, ConfigError, DeadLetter, EventFilter, ExecutionType, ItemError, ItemErrorKind,
         JobId, Permanent, Pipeline, PipelineConfig, PipelineError, PipelineEvent, PipelineStats,
-        RestartBudget, RetryPolicy, RunOutcome, Source, StageConfig, StageStats, WorkItem,
+        Refill, RestartBudget, RetryPolicy, RunOutcome, Source, StageConfig, StageStats, WorkItem,
         WorkItemMetadata, WorkItemResult,
     };
 }
