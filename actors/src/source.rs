@@ -178,14 +178,17 @@ pub trait Source: Send + 'static {
     /// pipeline (the live one is acknowledged when it finishes; a refused
     /// duplicate is never acknowledged, so that a queue does not ack or
     /// dead-letter the entry that is still running). A durable source
-    /// releases their leases here at once. The default drops them.
-    /// Called on the source's task, never while a refill runs; a panic is
-    /// contained as in `ack`.
+    /// releases their leases here at once. The default drops them (a
+    /// panic in their `Drop` is logged and contained). Called on the
+    /// source's task, never while a refill runs; a panic in an override
+    /// fails the pipeline as one in `ack` does.
     fn release(
         &mut self,
         unadmitted: Vec<WorkItem<Self::Item>>,
     ) -> impl Future<Output = ()> + Send {
-        drop(unadmitted);
+        crate::contain::drop_logged(unadmitted, || {
+            "items the source handed out that were not admitted".to_string()
+        });
         async {}
     }
 
