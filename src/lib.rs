@@ -54,6 +54,8 @@
 //!   `abort`, `spawn_linked`.
 //! - [`sources`]: sources from an iterator, a `Stream` or a channel, the
 //!   files of a directory (by glob), and the lines of a file or of stdin.
+//! - `queue` (feature `sqlite`): durable work, a job in a local SQLite
+//!   file that a killed run resumes; see `docs/durable-work.md`.
 //! - `progress` (feature `progress`, on by default): a progress bar in a
 //!   terminal, plain progress lines elsewhere.
 //! - Observation: [`PipelineStats`] (percentiles, recent throughput,
@@ -73,6 +75,8 @@
 
 #[cfg(feature = "progress")]
 pub mod progress;
+#[cfg(feature = "sqlite")]
+pub mod queue;
 pub mod sources;
 
 #[doc(inline)]

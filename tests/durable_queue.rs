@@ -1,0 +1,1 @@
+//! The durable work queue (feature `sqlite`): what it records of a run.
