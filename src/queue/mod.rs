@@ -56,7 +56,7 @@ mod sqlite;
 
 use std::marker::PhantomData;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -229,8 +229,15 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// Registers a consumer run: releases the leases of dead runs (and
     /// dead-letters those leased `max_deliveries` times).
     fn register(&self, max_deliveries: u32) -> anyhow::Result<Run>;
-    /// Leases up to `count` pending items to `run`, as `pick` says.
-    fn lease(&self, run: &str, count: usize, pick: Pick) -> anyhow::Result<Leased>;
+    /// Records `settle` (as [`settle`](Store::settle) does), then leases
+    /// up to `count` pending items to `run` as `pick` says: one transaction.
+    fn lease(
+        &self,
+        run: &str,
+        settle: &[Settle],
+        count: usize,
+        pick: Pick,
+    ) -> anyhow::Result<Leased>;
     /// Records outcomes of items leased by `run`, in one transaction.
     fn settle(&self, run: &str, outcomes: &[Settle]) -> anyhow::Result<()>;
     /// How many items are in each state.
@@ -352,12 +359,15 @@ impl WorkQueue {
         let run = self.store.register(max)?;
         let pending = self.store.counts()?.pending;
         Ok(QueueSource {
-            store: self.store.clone(),
-            run: Arc::new(run),
+            consumer: Arc::new(Consumer {
+                store: self.store.clone(),
+                run,
+                in_flight: InFlight::default(),
+                unsaved: Mutex::new(Vec::new()),
+            }),
             follow: self.options.follow,
             // With one delivery allowed there is no second chance to isolate.
             suspect_from: if max >= 2 { max - 1 } else { u32::MAX },
-            in_flight: Arc::new(InFlight::default()),
             pending_at_start: pending,
             _item: PhantomData,
         })
@@ -396,26 +406,67 @@ impl WorkQueue {
 /// outcomes are acknowledged on their own path (they never wait behind a
 /// refill); items not admitted are released at once.
 ///
+/// Acknowledgements are written in the next lease's transaction (one commit
+/// for both: the fewer commits, the fewer fsyncs), or at once when nothing
+/// else is in flight (the run is ending or idle), or when 1024 are waiting.
+/// So what a crash can run again stays within the window: the items in
+/// the pipeline plus those finished since the last lease, which freed the
+/// room the next lease fills.
+///
 /// A run that dies takes every item it had in flight down with it, the
 /// innocent with the poison. So an item that runs have died with
 /// `max_deliveries - 1` times is a suspect: it is leased alone, once this
 /// run has nothing else in flight, so that its last delivery counts
 /// against it only if it is the one that kills the process.
 pub struct QueueSource<T> {
-    store: Arc<dyn Store>,
-    run: Arc<Run>,
+    consumer: Arc<Consumer>,
     follow: bool,
     /// Deliveries (by runs that died) from which an item runs alone.
     suspect_from: u32,
-    in_flight: Arc<InFlight>,
     pending_at_start: u64,
     _item: PhantomData<fn() -> T>,
+}
+
+/// What a run's source and acknowledger share.
+struct Consumer {
+    store: Arc<dyn Store>,
+    run: Run,
+    in_flight: InFlight,
+    /// Outcomes acknowledged and not yet written.
+    unsaved: Mutex<Vec<Settle>>,
+}
+
+/// Outcomes waiting beyond this many are written without waiting for a lease.
+const MAX_UNSAVED: usize = 1024;
+
+impl Consumer {
+    fn take_unsaved(&self) -> Vec<Settle> {
+        std::mem::take(&mut *self.unsaved.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Writes `settle` now, off the async threads; a failure is logged
+    /// (the items stay leased and the next run takes them again).
+    async fn save(self: &Arc<Self>, settle: Vec<Settle>) {
+        if settle.is_empty() {
+            return;
+        }
+        let n = settle.len();
+        let consumer = self.clone();
+        let outcome =
+            tokio::task::spawn_blocking(move || consumer.store.settle(&consumer.run.id, &settle))
+                .await;
+        if let Ok(Err(e)) | Err(e) = outcome.map_err(anyhow::Error::from) {
+            tracing::error!(target: "bergtalzug::queue",
+                "could not record the outcome of {n} items: {e:#}; they stay leased \
+                 and run again in the next run");
+        }
+    }
 }
 
 impl<T> std::fmt::Debug for QueueSource<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QueueSource")
-            .field("run", &self.run.id)
+            .field("run", &self.consumer.run.id)
             .field("follow", &self.follow)
             .finish()
     }
@@ -424,43 +475,98 @@ impl<T> std::fmt::Debug for QueueSource<T> {
 impl<T> QueueSource<T> {
     /// This run's id, as the `items.lease_owner` column shows it.
     pub fn run_id(&self) -> &str {
-        &self.run.id
+        &self.consumer.run.id
     }
 
+    /// Writes the outcomes waiting and leases, in one transaction.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: the transaction runs on a blocking thread, to its end;
+    /// if this future is gone by then, what it leased is released at once.
     async fn lease(&self, count: usize, pick: Pick) -> anyhow::Result<(Vec<WorkItem<T>>, bool)>
     where
         T: DeserializeOwned + Send + 'static,
     {
-        let store = self.store.clone();
-        let run = self.run.clone();
-        let in_flight = self.in_flight.clone();
-        tokio::task::spawn_blocking(move || {
-            let Leased {
-                items: rows,
-                suspects_waiting,
-            } = store.lease(&run.id, count, pick)?;
-            let mut items = Vec::with_capacity(rows.len());
-            let mut unfit = Vec::new();
-            for (id, payload) in rows {
-                match serde_json::from_str::<T>(&payload) {
-                    Ok(data) => items.push(WorkItem::with_job_id(id, data)),
-                    Err(e) => unfit.push(Settle::Dead {
-                        job_id: id,
-                        stage: "queue".into(),
-                        kind: "unreadable payload".into(),
-                        error: format!("the payload does not deserialise as the item type: {e}"),
-                        attempts: 0,
-                    }),
+        let consumer = self.consumer.clone();
+        let mut taken = tokio::task::spawn_blocking(move || {
+            let settle = consumer.take_unsaved();
+            match consumer.store.lease(&consumer.run.id, &settle, count, pick) {
+                Ok(leased) => Ok(Taken {
+                    consumer,
+                    leased: Some(leased),
+                }),
+                Err(e) => {
+                    // Not written: kept for the next try.
+                    consumer
+                        .unsaved
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend(settle);
+                    Err(e)
                 }
             }
-            if !unfit.is_empty() {
-                store.settle(&run.id, &unfit)?;
-            }
-            in_flight.add(items.len());
-            Ok((items, suspects_waiting))
         })
         .await
-        .context("leasing from the work queue panicked")?
+        .context("leasing from the work queue panicked")??;
+        // From here on nothing awaits: the items are this run's.
+        let Leased {
+            items: rows,
+            suspects_waiting,
+        } = taken.leased.take().unwrap_or_default();
+        let mut items = Vec::with_capacity(rows.len());
+        let mut unfit = Vec::new();
+        for (id, payload) in rows {
+            match serde_json::from_str::<T>(&payload) {
+                Ok(data) => items.push(WorkItem::with_job_id(id, data)),
+                Err(e) => unfit.push(Settle::Dead {
+                    job_id: id,
+                    stage: "queue".into(),
+                    kind: "unreadable payload".into(),
+                    error: format!("the payload does not deserialise as the item type: {e}"),
+                    attempts: 0,
+                }),
+            }
+        }
+        if !unfit.is_empty() {
+            self.consumer
+                .unsaved
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(unfit);
+        }
+        self.consumer.in_flight.add(items.len());
+        Ok((items, suspects_waiting))
+    }
+}
+
+/// A lease's items on their way to the source: released if they never get
+/// there (the refill was dropped while its transaction ran).
+struct Taken {
+    consumer: Arc<Consumer>,
+    leased: Option<Leased>,
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        let Some(leased) = self.leased.take() else {
+            return;
+        };
+        if leased.items.is_empty() {
+            return;
+        }
+        let release: Vec<_> = leased
+            .items
+            .into_iter()
+            .map(|(id, _)| Settle::Release(id))
+            .collect();
+        // On a blocking thread (where the task's output is dropped) or
+        // at worst briefly on an async one.
+        if let Err(e) = self.consumer.store.settle(&self.consumer.run.id, &release) {
+            tracing::error!(target: "bergtalzug::queue",
+                "could not release {} items of a dropped refill: {e:#}; the next run does",
+                release.len());
+        }
     }
 }
 
@@ -497,7 +603,7 @@ impl<T: DeserializeOwned + Send + 'static> Source for QueueSource<T> {
                     Refill::Exhausted
                 });
             }
-            self.in_flight.drained().await;
+            self.consumer.in_flight.drained().await;
             let (items, _) = self.lease(1, Pick::OneSuspect { suspect_from }).await?;
             if !items.is_empty() {
                 return Ok(Refill::Items(items));
@@ -511,40 +617,58 @@ impl<T: DeserializeOwned + Send + 'static> Source for QueueSource<T> {
 
     fn acknowledger(&mut self) -> Option<Box<dyn Acknowledger>> {
         Some(Box::new(QueueAcknowledger {
-            store: self.store.clone(),
-            run: self.run.clone(),
-            in_flight: self.in_flight.clone(),
+            consumer: self.consumer.clone(),
         }))
     }
 
     /// Releases the leases of items that were not admitted (refused
-    /// duplicates, or beyond the demand at close): pending again, their
-    /// delivery not counted.
+    /// duplicates, or beyond the demand at close) at once: pending again,
+    /// their delivery not counted.
     async fn release(&mut self, unadmitted: Vec<WorkItem<T>>) {
         let settle: Vec<_> = unadmitted
             .iter()
             .map(|i| Settle::Release(i.job_id().to_string()))
             .collect();
-        let store = self.store.clone();
-        let run = self.run.clone();
-        let outcome = tokio::task::spawn_blocking(move || store.settle(&run.id, &settle)).await;
-        if let Ok(Err(e)) | Err(e) = outcome.map_err(anyhow::Error::from) {
-            tracing::error!(target: "bergtalzug::queue",
-                "could not release {} items: {e:#}; the next run releases them", unadmitted.len());
+        self.consumer.save(settle).await;
+        if self.consumer.in_flight.remove(unadmitted.len()) == 0 {
+            self.consumer.in_flight.drained.notify_waiters();
         }
-        self.in_flight.remove(unadmitted.len());
     }
 }
 
-/// Writes outcomes to the queue, one transaction per batch.
+/// Takes a run's outcomes: written with the next lease, or at once when
+/// nothing else is in flight or many are waiting.
 struct QueueAcknowledger {
-    store: Arc<dyn Store>,
-    run: Arc<Run>,
-    in_flight: Arc<InFlight>,
+    consumer: Arc<Consumer>,
 }
 
-/// How many of its leased items a run has not settled yet; a wait for it
-/// to reach zero.
+impl Acknowledger for QueueAcknowledger {
+    fn ack(&mut self, outcomes: Vec<Ack>) -> AckFuture<'_> {
+        Box::pin(async move {
+            let n = outcomes.len();
+            let waiting = {
+                let mut unsaved = self
+                    .consumer
+                    .unsaved
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                unsaved.extend(outcomes.into_iter().map(Settle::of));
+                unsaved.len()
+            };
+            let idle = self.consumer.in_flight.remove(n) == 0;
+            if idle || waiting >= MAX_UNSAVED {
+                let settle = self.consumer.take_unsaved();
+                self.consumer.save(settle).await;
+            }
+            if idle {
+                self.consumer.in_flight.drained.notify_waiters();
+            }
+        })
+    }
+}
+
+/// How many of its leased items a run has not been told the outcome of;
+/// a wait for it to reach zero.
 #[derive(Default)]
 struct InFlight {
     count: std::sync::atomic::AtomicUsize,
@@ -556,17 +680,17 @@ impl InFlight {
         self.count.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
     }
 
-    /// `n` settled (saturating: injected items are acked too).
-    fn remove(&self, n: usize) {
+    /// `n` more told (saturating: injected items are acked too); returns
+    /// how many are left. Wakes `drained` at zero.
+    fn remove(&self, n: usize) -> usize {
         use std::sync::atomic::Ordering;
-        let _ = self
+        let before = self
             .count
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
                 Some(c.saturating_sub(n))
-            });
-        if self.count.load(Ordering::Acquire) == 0 {
-            self.drained.notify_waiters();
-        }
+            })
+            .unwrap_or(0);
+        before.saturating_sub(n)
     }
 
     async fn drained(&self) {
@@ -577,25 +701,5 @@ impl InFlight {
             }
             notified.await;
         }
-    }
-}
-
-impl Acknowledger for QueueAcknowledger {
-    fn ack(&mut self, outcomes: Vec<Ack>) -> AckFuture<'_> {
-        let store = self.store.clone();
-        let run = self.run.clone();
-        Box::pin(async move {
-            let n = outcomes.len();
-            let settle: Vec<_> = outcomes.into_iter().map(Settle::of).collect();
-            let outcome =
-                tokio::task::spawn_blocking(move || store.settle(&run.id, &settle)).await;
-            self.in_flight.remove(n);
-            if let Ok(Err(e)) | Err(e) = outcome.map_err(anyhow::Error::from) {
-                // Still leased: the next run takes them again (at least once).
-                tracing::error!(target: "bergtalzug::queue",
-                    "could not record the outcome of {n} items: {e:#}; they stay leased \
-                     and run again in the next run");
-            }
-        })
     }
 }

@@ -19,7 +19,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use rusqlite::{Connection, TransactionBehavior, params};
+use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 
 use super::{DeadItem, Durability, Leased, Pick, QueueCounts, QueueOptions, Run, Settle, Store};
 
@@ -228,9 +228,16 @@ impl Store for SqliteStore {
         })
     }
 
-    fn lease(&self, run: &str, count: usize, pick: Pick) -> anyhow::Result<Leased> {
+    fn lease(
+        &self,
+        run: &str,
+        settle: &[Settle],
+        count: usize,
+        pick: Pick,
+    ) -> anyhow::Result<Leased> {
         let mut connection = self.connection();
         let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        settle_in(&tx, run, settle)?;
         let mut leased = Leased::default();
         {
             let now = now_ms();
@@ -283,51 +290,7 @@ impl Store for SqliteStore {
     fn settle(&self, run: &str, outcomes: &[Settle]) -> anyhow::Result<()> {
         let mut connection = self.connection();
         let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        {
-            let now = now_ms();
-            let mut done = tx.prepare_cached(
-                "UPDATE items SET state = 'done', lease_owner = NULL, updated_at = ?3
-                 WHERE job_id = ?1 AND state = 'leased' AND lease_owner = ?2",
-            )?;
-            let mut release = tx.prepare_cached(
-                "UPDATE items SET state = 'pending', lease_owner = NULL,
-                        deliveries = MAX(deliveries - 1, 0), updated_at = ?3
-                 WHERE job_id = ?1 AND state = 'leased' AND lease_owner = ?2",
-            )?;
-            let mut dead = tx.prepare_cached(
-                "UPDATE items SET state = 'dead', lease_owner = NULL, updated_at = ?3
-                 WHERE job_id = ?1 AND state = 'leased' AND lease_owner = ?2",
-            )?;
-            let mut letter = tx.prepare_cached(
-                "INSERT OR REPLACE INTO dead_letters
-                     (job_id, stage, kind, error, attempts, deliveries, payload, died_at)
-                 SELECT job_id, ?2, ?3, ?4, ?5, deliveries, payload, ?6
-                 FROM items WHERE job_id = ?1",
-            )?;
-            for outcome in outcomes {
-                match outcome {
-                    Settle::Done(id) => {
-                        done.execute(params![id, run, now])?;
-                    }
-                    Settle::Release(id) => {
-                        release.execute(params![id, run, now])?;
-                    }
-                    Settle::Dead {
-                        job_id,
-                        stage,
-                        kind,
-                        error,
-                        attempts,
-                    } => {
-                        // Only an item this run holds: a stale run's
-                        // outcome does not bury a later run's item.
-                        if dead.execute(params![job_id, run, now])? == 1 {
-                            letter.execute(params![job_id, stage, kind, error, attempts, now])?;
-                        }
-                    }
-                }
-            }
-        }
+        settle_in(&tx, run, outcomes)?;
         tx.commit()
             .with_context(|| format!("work queue {}: record outcomes", self.path.display()))?;
         Ok(())
@@ -379,4 +342,57 @@ impl Store for SqliteStore {
             .collect::<Result<_, _>>()?;
         Ok(letters)
     }
+}
+
+/// Records `outcomes` of items leased by `run` inside `tx`.
+fn settle_in(tx: &Transaction<'_>, run: &str, outcomes: &[Settle]) -> anyhow::Result<()> {
+    if outcomes.is_empty() {
+        return Ok(());
+    }
+    {
+        let now = now_ms();
+        let mut done = tx.prepare_cached(
+            "UPDATE items SET state = 'done', lease_owner = NULL, updated_at = ?3
+             WHERE job_id = ?1 AND state = 'leased' AND lease_owner = ?2",
+        )?;
+        let mut release = tx.prepare_cached(
+            "UPDATE items SET state = 'pending', lease_owner = NULL,
+                    deliveries = MAX(deliveries - 1, 0), updated_at = ?3
+             WHERE job_id = ?1 AND state = 'leased' AND lease_owner = ?2",
+        )?;
+        let mut dead = tx.prepare_cached(
+            "UPDATE items SET state = 'dead', lease_owner = NULL, updated_at = ?3
+             WHERE job_id = ?1 AND state = 'leased' AND lease_owner = ?2",
+        )?;
+        let mut letter = tx.prepare_cached(
+            "INSERT OR REPLACE INTO dead_letters
+                 (job_id, stage, kind, error, attempts, deliveries, payload, died_at)
+             SELECT job_id, ?2, ?3, ?4, ?5, deliveries, payload, ?6
+             FROM items WHERE job_id = ?1",
+        )?;
+        for outcome in outcomes {
+            match outcome {
+                Settle::Done(id) => {
+                    done.execute(params![id, run, now])?;
+                }
+                Settle::Release(id) => {
+                    release.execute(params![id, run, now])?;
+                }
+                Settle::Dead {
+                    job_id,
+                    stage,
+                    kind,
+                    error,
+                    attempts,
+                } => {
+                    // Only an item this run holds: a stale run's
+                    // outcome does not bury a later run's item.
+                    if dead.execute(params![job_id, run, now])? == 1 {
+                        letter.execute(params![job_id, stage, kind, error, attempts, now])?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
