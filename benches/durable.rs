@@ -10,8 +10,8 @@
 //!
 //! Variants per pipeline: `in-memory`, `queue Full` (SQLite `synchronous =
 //! FULL`, an fsync per commit) and `queue Normal` (`synchronous = NORMAL`,
-//! WAL). The queue is filled before the clock starts (enqueue speed is
-//! shown apart); timed from building the pipeline until `run` returns and
+//! WAL). The queue is filled before the clock starts; timed from building
+//! the pipeline until `run` returns and
 //! every item is `done` in the file. Reported: items/s (median of the
 //! repetitions), process CPU per item (`/proc/self/stat`, 10 ms ticks),
 //! and bytes written per item: `wchar` (bytes the process handed to
@@ -180,7 +180,12 @@ fn main() {
             }
         }
         let rate = |runs: &[Measured]| {
-            median(&runs.iter().map(|m| n as f64 / m.seconds).collect::<Vec<_>>())
+            median(
+                &runs
+                    .iter()
+                    .map(|m| n as f64 / m.seconds)
+                    .collect::<Vec<_>>(),
+            )
         };
         let memory_rate = rate(&rows[0].1);
         for (feed, runs) in &rows {

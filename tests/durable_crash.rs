@@ -47,8 +47,10 @@ fn open_results(path: &Path) -> rusqlite::Connection {
     let db = rusqlite::Connection::open(path).unwrap();
     db.busy_timeout(Duration::from_secs(10)).unwrap();
     db.pragma_update(None, "journal_mode", "WAL").unwrap();
-    db.execute_batch("CREATE TABLE IF NOT EXISTS results (job_id TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-        .unwrap();
+    db.execute_batch(
+        "CREATE TABLE IF NOT EXISTS results (job_id TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    )
+    .unwrap();
     db
 }
 
@@ -232,7 +234,10 @@ fn a_killed_consumer_resumes_and_finishes_the_job() {
         assert!(!status.success());
         killed += 1;
     }
-    assert!(killed >= 2, "the job finished before the second kill: make it longer");
+    assert!(
+        killed >= 2,
+        "the job finished before the second kill: make it longer"
+    );
     let mut last = spawn_consumer(&job, None);
     let status = wait_for(&mut last, Duration::from_secs(60));
     assert!(status.success(), "the last run ended with {status}");
@@ -258,7 +263,10 @@ fn a_killed_consumer_resumes_and_finishes_the_job() {
         "{:?}",
         outcome.dead_letters.first()
     );
-    assert_eq!(outcome.results, meant_to_succeed, "the sink keyed by job id");
+    assert_eq!(
+        outcome.results, meant_to_succeed,
+        "the sink keyed by job id"
+    );
     let all: BTreeSet<String> = (0..job.n).map(|i| format!("item-{i}")).collect();
     let attempted: BTreeSet<String> = outcome.attempts.keys().cloned().collect();
     assert_eq!(attempted, all, "every item ran at least once");
@@ -323,7 +331,11 @@ fn main() {
         consume(&args[i + 1], Path::new(&args[i + 2]), poison);
         return;
     }
-    let filters: Vec<&String> = args.iter().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let filters: Vec<&String> = args
+        .iter()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let tests: [(&str, fn()); 2] = [
         (
             "a_killed_consumer_resumes_and_finishes_the_job",

@@ -29,8 +29,20 @@ fn one_stage(name: &str) -> PipelineConfig {
 async fn enqueuing_a_job_again_adds_only_the_new_job_ids() {
     let dir = tempfile::tempdir().unwrap();
     let queue = WorkQueue::open(&url(&dir), QueueOptions::default()).unwrap();
-    assert_eq!(queue.enqueue((0..10u64).map(|n| (format!("n{n}"), n))).await.unwrap(), 10);
-    assert_eq!(queue.enqueue((5..15u64).map(|n| (format!("n{n}"), n))).await.unwrap(), 5);
+    assert_eq!(
+        queue
+            .enqueue((0..10u64).map(|n| (format!("n{n}"), n)))
+            .await
+            .unwrap(),
+        10
+    );
+    assert_eq!(
+        queue
+            .enqueue((5..15u64).map(|n| (format!("n{n}"), n)))
+            .await
+            .unwrap(),
+        5
+    );
     let lines = dir.path().join("input.txt");
     std::fs::write(&lines, "alpha\nbeta\n").unwrap();
     assert_eq!(queue.enqueue_lines(&lines).await.unwrap(), 2);
@@ -53,7 +65,10 @@ async fn a_run_marks_successes_done_and_failures_dead_with_their_error() {
         let dir = tempfile::tempdir().unwrap();
         let queue =
             WorkQueue::open(&url(&dir), QueueOptions::default().durability(durability)).unwrap();
-        queue.enqueue((0..200u64).map(|n| (format!("n{n}"), n))).await.unwrap();
+        queue
+            .enqueue((0..200u64).map(|n| (format!("n{n}"), n)))
+            .await
+            .unwrap();
         let pipeline = Pipeline::builder(one_stage("done-and-dead").retain_results(false))
             .unwrap()
             .source(queue.source::<u64>().unwrap())
@@ -65,7 +80,9 @@ async fn a_run_marks_successes_done_and_failures_dead_with_their_error() {
             })
             .build()
             .unwrap();
-        within(Duration::from_secs(20), pipeline.run()).await.unwrap();
+        within(Duration::from_secs(20), pipeline.run())
+            .await
+            .unwrap();
         let counts = queue.counts().await.unwrap();
         assert_eq!(
             counts,
@@ -98,7 +115,10 @@ async fn a_run_marks_successes_done_and_failures_dead_with_their_error() {
 async fn a_stopped_run_releases_its_cancelled_items_for_the_next_run() {
     let dir = tempfile::tempdir().unwrap();
     let queue = WorkQueue::open(&url(&dir), QueueOptions::default()).unwrap();
-    queue.enqueue((0..100u64).map(|n| (format!("n{n}"), n))).await.unwrap();
+    queue
+        .enqueue((0..100u64).map(|n| (format!("n{n}"), n)))
+        .await
+        .unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let run = |seen: Arc<Mutex<Vec<u64>>>| {
         Pipeline::builder(one_stage("stopped").retain_results(false))
@@ -118,17 +138,25 @@ async fn a_stopped_run_releases_its_cancelled_items_for_the_next_run() {
     let first = run(seen.clone());
     first.start().await.unwrap();
     tokio::time::sleep(Duration::from_millis(40)).await;
-    within(Duration::from_secs(10), first.abort()).await.unwrap();
+    within(Duration::from_secs(10), first.abort())
+        .await
+        .unwrap();
     let _ = within(Duration::from_secs(10), first.run()).await;
     let after_stop = queue.counts().await.unwrap();
-    assert_eq!(after_stop.leased, 0, "cancelled items are released: {after_stop:?}");
+    assert_eq!(
+        after_stop.leased, 0,
+        "cancelled items are released: {after_stop:?}"
+    );
     assert!(after_stop.pending > 0, "{after_stop:?}");
     assert_eq!(after_stop.done + after_stop.pending, 100);
 
     let second = run(seen.clone());
     within(Duration::from_secs(20), second.run()).await.unwrap();
     let counts = queue.counts().await.unwrap();
-    assert_eq!((counts.done, counts.pending, counts.leased, counts.dead), (100, 0, 0, 0));
+    assert_eq!(
+        (counts.done, counts.pending, counts.leased, counts.dead),
+        (100, 0, 0, 0)
+    );
     let mut seen = seen.lock().unwrap().clone();
     seen.sort_unstable();
     seen.dedup();
@@ -140,7 +168,10 @@ async fn a_stopped_run_releases_its_cancelled_items_for_the_next_run() {
 async fn progress_is_readable_from_outside_while_the_job_runs() {
     let dir = tempfile::tempdir().unwrap();
     let queue = WorkQueue::open(&url(&dir), QueueOptions::default()).unwrap();
-    queue.enqueue((0..60u64).map(|n| (format!("n{n}"), n))).await.unwrap();
+    queue
+        .enqueue((0..60u64).map(|n| (format!("n{n}"), n)))
+        .await
+        .unwrap();
     let (gate_tx, gate_rx) = async_channel::bounded::<()>(1);
     let pipeline = Pipeline::builder(one_stage("watched").retain_results(false))
         .unwrap()
@@ -169,9 +200,14 @@ async fn progress_is_readable_from_outside_while_the_job_runs() {
     })
     .await;
     assert_eq!(counts.total(), 60);
-    assert!(counts.leased <= 12, "at most the window is leased: {counts:?}");
+    assert!(
+        counts.leased <= 12,
+        "at most the window is leased: {counts:?}"
+    );
     gate_tx.close();
-    within(Duration::from_secs(10), pipeline.run()).await.unwrap();
+    within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap();
     assert_eq!(outside.counts().await.unwrap().done, 60);
 }
 
@@ -193,15 +229,22 @@ async fn a_following_source_waits_for_new_items_until_stopped() {
     .unwrap();
     pipeline.start().await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    queue.enqueue((0..20u64).map(|n| (format!("n{n}"), n))).await.unwrap();
+    queue
+        .enqueue((0..20u64).map(|n| (format!("n{n}"), n)))
+        .await
+        .unwrap();
     within(Duration::from_secs(10), async {
         while queue.counts().await.unwrap().done < 20 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await;
-    within(Duration::from_secs(10), pipeline.stop()).await.unwrap();
-    within(Duration::from_secs(10), pipeline.run()).await.unwrap();
+    within(Duration::from_secs(10), pipeline.stop())
+        .await
+        .unwrap();
+    within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap();
 }
 
 #[test]
@@ -212,7 +255,11 @@ fn a_bad_url_or_option_is_refused_clearly() {
     let e = WorkQueue::open(&url(&dir), QueueOptions::default().max_deliveries(0)).unwrap_err();
     assert!(e.to_string().contains("max_deliveries"), "{e}");
     let not_a_db = dir.path().join("text.db");
-    std::fs::write(&not_a_db, "this is not a database, it is long enough to be read").unwrap();
+    std::fs::write(
+        &not_a_db,
+        "this is not a database, it is long enough to be read",
+    )
+    .unwrap();
     let e = WorkQueue::open(not_a_db.to_str().unwrap(), QueueOptions::default()).unwrap_err();
     assert!(format!("{e:#}").contains("text.db"), "{e:#}");
 }

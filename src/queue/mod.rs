@@ -591,8 +591,7 @@ impl<T: DeserializeOwned + Send + 'static> Source for QueueSource<T> {
     async fn fetch(&mut self, count: usize) -> anyhow::Result<Refill<T>> {
         let suspect_from = self.suspect_from;
         loop {
-            let (items, suspects_waiting) =
-                self.lease(count, Pick::Clean { suspect_from }).await?;
+            let (items, suspects_waiting) = self.lease(count, Pick::Clean { suspect_from }).await?;
             if !items.is_empty() {
                 return Ok(Refill::Items(items));
             }
