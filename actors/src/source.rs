@@ -29,7 +29,10 @@
 //! ```
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+
+use futures::FutureExt;
 
 use crate::item::{ItemError, JobId, WorkItem, WorkItemResult};
 
@@ -275,14 +278,32 @@ pub trait Source: Send + 'static {
     }
 }
 
-/// The future a boxed source returns.
-pub(crate) type RefillFuture<'a, T> =
-    Pin<Box<dyn Future<Output = anyhow::Result<Refill<T>>> + Send + 'a>>;
+/// How a refill ended, for the source actor.
+pub(crate) enum RefillEnd<T> {
+    /// `cancel` fired first; the refill was dropped.
+    Cancelled,
+    /// The refill panicked (its message).
+    Panicked(String),
+    /// The source's answer.
+    Answered(anyhow::Result<Refill<T>>),
+}
+
+/// A refill that owns its source and gives it back at the end, whatever
+/// the end: so it can be polled once where it was made and, if it has to
+/// wait, moved to a task of its own.
+pub(crate) type OwnedRefill<T> =
+    Pin<Box<dyn Future<Output = (Box<dyn DynSource<T>>, RefillEnd<T>)> + Send>>;
 
 /// A [`Source`] behind a pointer, as the source actor holds it (one boxed
 /// future per refill, not per item).
 pub(crate) trait DynSource<T>: Send + 'static {
-    fn refill(&mut self, count: usize) -> RefillFuture<'_, T>;
+    /// Asks for `count` items (`Source::fetch`), raced against `cancel`,
+    /// a panic caught; the source comes back with the answer.
+    fn refill(
+        self: Box<Self>,
+        count: usize,
+        cancel: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> OwnedRefill<T>;
     fn size_hint(&self) -> Option<u64>;
     fn wants_acks(&self) -> bool;
     fn ack(&mut self, outcomes: Vec<Ack>) -> AckFuture<'_>;
@@ -291,8 +312,26 @@ pub(crate) trait DynSource<T>: Send + 'static {
 }
 
 impl<S: Source> DynSource<S::Item> for S {
-    fn refill(&mut self, count: usize) -> RefillFuture<'_, S::Item> {
-        Box::pin(Source::fetch(self, count))
+    fn refill(
+        self: Box<Self>,
+        count: usize,
+        cancel: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> OwnedRefill<S::Item> {
+        Box::pin(async move {
+            let mut source = self;
+            let end = {
+                let fetch = AssertUnwindSafe(Source::fetch(&mut *source, count)).catch_unwind();
+                futures::pin_mut!(fetch);
+                match futures::future::select(cancel, fetch).await {
+                    futures::future::Either::Left(((), _)) => RefillEnd::Cancelled,
+                    futures::future::Either::Right((Err(panic), _)) => {
+                        RefillEnd::Panicked(crate::contain::panic_message(&*panic))
+                    }
+                    futures::future::Either::Right((Ok(answer), _)) => RefillEnd::Answered(answer),
+                }
+            };
+            (source as Box<dyn DynSource<S::Item>>, end)
+        })
     }
 
     fn size_hint(&self) -> Option<u64> {

@@ -41,7 +41,7 @@ use crate::event::PipelineEvent;
 use crate::item::{ItemError, ItemErrorKind, JobId, WorkItem, WorkItemResult};
 use crate::ports::{Outlet, Releases, Upstream};
 use crate::shared::Shared;
-use crate::source::{Ack, Acknowledger, DynSource, Refill};
+use crate::source::{Ack, Acknowledger, DynSource, OwnedRefill, Refill, RefillEnd};
 use crate::tracker::TrackerMsg;
 
 /// The source actor's mailbox.
@@ -60,23 +60,13 @@ pub(crate) enum SourceMsg<T> {
     RetryRefill,
     /// From its refill task: the source back, with what it was asked for
     /// and what it answered.
-    Refilled(Box<dyn DynSource<T>>, usize, Fetched<T>),
+    Refilled(Box<dyn DynSource<T>>, usize, RefillEnd<T>),
     /// From the root, before it stops the pipeline: answered once every
     /// message before it (every acknowledgement) is handled.
     Flush(RpcReplyPort<()>),
     /// From the root, when a stage ended from outside: the job ids of the
     /// items admitted and not released yet (`None` with tracking off).
     Outstanding(RpcReplyPort<Option<Vec<JobId>>>),
-}
-
-/// How a refill task ended.
-pub(crate) enum Fetched<T> {
-    /// The pipeline began closing; the refill was dropped.
-    Closed,
-    /// The refill panicked (its message).
-    Panicked(String),
-    /// The source's answer.
-    Answered(anyhow::Result<Refill<T>>),
 }
 
 impl<T: Send + 'static> Upstream for ActorRef<SourceMsg<T>> {
@@ -313,24 +303,39 @@ impl<T: Send + 'static> SourceState<T> {
                 return;
             }
             let count = room.min(self.max_refill);
-            self.refilling = true;
-            spawn_refill(source, count, self.closing.clone(), myself.clone());
-            return;
+            let mut closing = self.closing.clone();
+            let cancel = Box::pin(async move {
+                let _ = closing.wait_for(|closing| *closing).await;
+            });
+            let mut refill = source.refill(count, cancel);
+            // A source with items at hand answers at once: no task for it.
+            let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+            match refill.as_mut().poll(&mut cx) {
+                std::task::Poll::Ready((source, end)) => {
+                    self.source = Some(source);
+                    self.refilled(myself, count, end);
+                }
+                std::task::Poll::Pending => {
+                    self.refilling = true;
+                    spawn_refill(refill, count, myself.clone());
+                    return;
+                }
+            }
         }
     }
 
     /// The source answered a refill of `count` (or the refill ended).
-    fn refilled(&mut self, myself: &ActorRef<SourceMsg<T>>, count: usize, fetched: Fetched<T>) {
+    fn refilled(&mut self, myself: &ActorRef<SourceMsg<T>>, count: usize, fetched: RefillEnd<T>) {
         let refill = match fetched {
-            Fetched::Closed => {
+            RefillEnd::Cancelled => {
                 self.close_input();
                 return;
             }
-            Fetched::Panicked(message) => {
+            RefillEnd::Panicked(message) => {
                 self.source_panicked("refill", message);
                 return;
             }
-            Fetched::Answered(refill) => refill,
+            RefillEnd::Answered(refill) => refill,
         };
         match refill {
             Ok(Refill::Exhausted) => self.exhausted = true,
@@ -597,28 +602,16 @@ impl<T: Send + 'static> SourceState<T> {
     }
 }
 
-/// Runs one refill on a task of its own, holding the source, and sends the
-/// source back with the answer; the refill is dropped once the pipeline
-/// begins closing, and a panic in it is caught.
+/// Runs a refill that has to wait on a task of its own, and sends the
+/// source back with the answer (the refill watches `closing` itself).
 fn spawn_refill<T: Send + 'static>(
-    mut source: Box<dyn DynSource<T>>,
+    refill: OwnedRefill<T>,
     count: usize,
-    mut closing: watch::Receiver<bool>,
     myself: ActorRef<SourceMsg<T>>,
 ) {
     tokio::spawn(async move {
-        let fetched = {
-            let refill = AssertUnwindSafe(source.refill(count)).catch_unwind();
-            tokio::select! {
-                biased;
-                _ = closing.wait_for(|closing| *closing) => Fetched::Closed,
-                result = refill => match result {
-                    Err(panic) => Fetched::Panicked(crate::contain::panic_message(&*panic)),
-                    Ok(answer) => Fetched::Answered(answer),
-                },
-            }
-        };
+        let (source, end) = refill.await;
         // A source actor that is gone drops the source here.
-        let _ = myself.cast(SourceMsg::Refilled(source, count, fetched));
+        let _ = myself.cast(SourceMsg::Refilled(source, count, end));
     });
 }
