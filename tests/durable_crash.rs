@@ -98,7 +98,7 @@ fn consume(db: &str, dir: &Path, poison: Option<u64>) {
                 if Some(item.data) == poison {
                     std::process::abort();
                 }
-                tokio::time::sleep(Duration::from_millis(1 + item.data % 5)).await;
+                tokio::time::sleep(Duration::from_millis(2 + item.data % 5)).await;
                 if failing(item.data) {
                     anyhow::bail!("{} is meant to fail", item.data);
                 }
@@ -220,12 +220,12 @@ fn outcome(job: &Job) -> Outcome {
 /// at most the window per kill, the dead letters hold exactly the items
 /// meant to fail, and nothing stays leased.
 fn a_killed_consumer_resumes_and_finishes_the_job() {
-    let job = job(600);
+    let job = job(1_000);
     let kills = 4;
     let mut killed = 0;
     while killed < kills {
         let mut child = spawn_consumer(&job, None);
-        std::thread::sleep(Duration::from_millis(fastrand::u64(80..500)));
+        std::thread::sleep(Duration::from_millis(fastrand::u64(50..300)));
         if child.try_wait().unwrap().is_some() {
             break; // it finished before the kill: the job is done
         }
