@@ -314,3 +314,74 @@ async fn items_handed_out_but_not_admitted_are_given_back_on_close() {
     all.sort_unstable();
     assert_eq!(all, (0..100).collect::<Vec<_>>());
 }
+
+/// As [`WaitingQueue`], but acknowledging through `Source::ack`, which
+/// needs the source itself: the acks wait for the refill to come back.
+struct WaitingAckingQueue {
+    first: u64,
+    handed_out: bool,
+    acks: Arc<Mutex<Vec<Ack>>>,
+}
+
+impl Source for WaitingAckingQueue {
+    type Item = u64;
+
+    async fn refill(&mut self, _count: usize) -> anyhow::Result<Vec<WorkItem<u64>>> {
+        if self.handed_out {
+            std::future::pending::<()>().await;
+        }
+        self.handed_out = true;
+        Ok((0..self.first).map(WorkItem::new).collect())
+    }
+
+    fn wants_acks(&self) -> bool {
+        true
+    }
+
+    async fn ack(&mut self, outcomes: Vec<Ack>) {
+        self.acks.lock().unwrap().extend(outcomes);
+    }
+}
+
+/// Acks held back while `Source::ack`'s source is out on a refill are
+/// delivered once `stop()` brings it back, each once, before `run` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_held_back_by_a_waiting_refill_are_delivered_before_run_returns() {
+    let acks = Arc::new(Mutex::new(Vec::new()));
+    let pipeline = Pipeline::builder(config(
+        "held-back-acks",
+        vec![
+            StageConfig::new("a", ExecutionType::Async)
+                .workers(2)
+                .queue_size(16),
+        ],
+    ))
+    .unwrap()
+    .source(WaitingAckingQueue {
+        first: 10,
+        handed_out: false,
+        acks: acks.clone(),
+    })
+    .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+    .build()
+    .unwrap();
+    pipeline.start().await.unwrap();
+    within(Duration::from_secs(5), async {
+        while pipeline.stats().await.unwrap().completed_items < 10 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        acks.lock().unwrap().is_empty(),
+        "the refill still holds the source"
+    );
+    within(Duration::from_secs(5), pipeline.stop())
+        .await
+        .unwrap();
+    let results = within(Duration::from_secs(5), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 10);
+    assert_eq!(acks.lock().unwrap().len(), 10, "each acknowledged once");
+}

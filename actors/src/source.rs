@@ -246,7 +246,8 @@ pub trait Source: Send + 'static {
     /// item is acknowledged, injected ones included, before the pipeline
     /// reports that it finished; items the source handed out but the
     /// pipeline never admitted (returned beyond the demand when the input
-    /// closed) are not, so a queue's visibility timeout brings them back.
+    /// closed, or refused as duplicates) are not: they go to
+    /// [`release`](Source::release).
     /// Called on the source's task: while it runs, no refill does, and
     /// while a refill waits, acks wait for it (a source whose refill may
     /// wait gives an [`acknowledger`](Source::acknowledger) instead).
