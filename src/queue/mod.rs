@@ -436,6 +436,22 @@ struct Consumer {
     unsaved: Mutex<Vec<Settle>>,
 }
 
+impl Drop for Consumer {
+    /// Writes what is still waiting (normally nothing: the last outcome of
+    /// a run, with nothing else in flight, is written at once).
+    fn drop(&mut self) {
+        let settle = self.take_unsaved();
+        if settle.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.settle(&self.run.id, &settle) {
+            tracing::error!(target: "bergtalzug::queue",
+                "could not record the outcome of {} items at the end of the run: {e:#}; \
+                 they run again in the next run", settle.len());
+        }
+    }
+}
+
 /// Outcomes waiting beyond this many are written without waiting for a lease.
 const MAX_UNSAVED: usize = 1024;
 
