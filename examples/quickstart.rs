@@ -7,6 +7,7 @@
 //! cargo run --release --example quickstart -- 20000   # as many as you like
 //! cargo run --release --example quickstart | cat      # plain progress lines
 //! cargo run --release --example quickstart -- --keep  # keep the stored results
+//! cargo run --release --example quickstart --features dashboard -- 50000 --dashboard 127.0.0.1:9000
 //! ```
 //!
 //! In a terminal it shows a live progress bar (the `progress` feature, on by
@@ -22,6 +23,10 @@
 //!   the stage's own threads, one worker per core.
 //! - `store` writes each result to a file in a temporary directory, removed
 //!   when the example ends unless it is given `--keep`.
+//!
+//! With `--dashboard ADDR` (built with the `dashboard` feature) it also
+//! serves the live dashboard on `ADDR` (open `http://ADDR/`), and keeps
+//! serving the final state after the run until Enter is pressed.
 
 use std::time::{Duration, Instant};
 
@@ -154,12 +159,16 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(progress.is_bar())
         .with_writer(move || logs.writer())
         .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let keep = args.iter().any(|a| a == "--keep");
-    let total: u64 = match args.iter().find(|a| *a != "--keep") {
-        Some(n) => n.parse().context("usage: quickstart [ITEMS] [--keep]")?,
-        None => 2_000,
-    };
+    const USAGE: &str = "usage: quickstart [ITEMS] [--keep] [--dashboard ADDR]";
+    let mut args = std::env::args().skip(1);
+    let (mut keep, mut total, mut dashboard) = (false, 2_000u64, None::<String>);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--keep" => keep = true,
+            "--dashboard" => dashboard = Some(args.next().context(USAGE)?),
+            n => total = n.parse().context(USAGE)?,
+        }
+    }
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let out = tempfile::tempdir()?;
 
@@ -206,6 +215,26 @@ async fn main() -> anyhow::Result<()> {
             }
         })
         .build()?;
+
+    // The live dashboard, when asked for: loopback addresses keep it on
+    // this machine.
+    #[cfg(feature = "dashboard")]
+    let board = match &dashboard {
+        Some(addr) => {
+            let board = bergtalzug::dashboard::Dashboard::serve(addr.as_str())
+                .await
+                .with_context(|| format!("cannot serve the dashboard on {addr}"))?;
+            board.watch(&pipeline);
+            progress.println(format!("dashboard at {}", board.url()));
+            Some(board)
+        }
+        None => None,
+    };
+    #[cfg(not(feature = "dashboard"))]
+    anyhow::ensure!(
+        dashboard.is_none(),
+        "--dashboard needs the dashboard feature: cargo run --example quickstart --features dashboard"
+    );
 
     // First Ctrl-C: finish what is in the pipeline; second: abort.
     pipeline.stop_on_ctrl_c();
@@ -283,6 +312,18 @@ async fn main() -> anyhow::Result<()> {
             "{stored} results stored in {}, removed now (run with --keep to keep them)",
             out.path().display()
         );
+    }
+    #[cfg(feature = "dashboard")]
+    if let Some(board) = board {
+        use std::io::IsTerminal;
+        if std::io::stdin().is_terminal() {
+            println!(
+                "the dashboard shows the final state at {}: press Enter to exit",
+                board.url()
+            );
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+        }
     }
     Ok(())
 }

@@ -58,6 +58,8 @@
 //!   file that a killed run resumes; see `docs/durable-work.md`.
 //! - `progress` (feature `progress`, on by default): a progress bar in a
 //!   terminal, plain progress lines elsewhere.
+//! - `dashboard` (feature `dashboard`): a live page in the browser for
+//!   running pipelines, and a JSON API with server-sent events.
 //! - Observation: [`PipelineStats`] (percentiles, recent throughput,
 //!   utilisation, the bottleneck), [`PipelineEvent`] (including stalled
 //!   items), a tracing span per item per stage, and metrics through the
@@ -73,6 +75,8 @@
 //! The docs in `docs/` cover the architecture, the guide for Python
 //! Bergtalzug users, events and performance.
 
+#[cfg(feature = "dashboard")]
+pub mod dashboard;
 #[cfg(feature = "progress")]
 pub mod progress;
 #[cfg(feature = "sqlite")]

@@ -415,3 +415,101 @@ async fn a_pipeline_held_back_by_a_lossless_subscriber_says_so() {
     assert_eq!(finished, results.len(), "lossless: every ItemFinished");
     assert!(matches!(last, Some(PipelineEvent::PipelineFinished(_))));
 }
+
+/// Each subscriber gets the `ItemFinished` events its filter takes, and only
+/// those: a failures-only subscriber the failed items, alone or beside one
+/// that takes every finished item (the tracker builds only the events some
+/// filter takes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_subscriber_gets_the_finished_items_its_filter_takes() {
+    async fn finished_ids(mut events: bergtalzug::EventStream) -> (Vec<String>, Vec<String>) {
+        let (mut ok, mut failed) = (Vec::new(), Vec::new());
+        while let Some(event) = events.recv().await {
+            match event {
+                PipelineEvent::ItemFinished(result) if result.success => {
+                    ok.push(result.job_id.to_string())
+                }
+                PipelineEvent::ItemFinished(result) => failed.push(result.job_id.to_string()),
+                PipelineEvent::PipelineFinished(_) => break,
+                _ => {}
+            }
+        }
+        ok.sort();
+        failed.sort();
+        (ok, failed)
+    }
+    let build = |name: &str| {
+        Pipeline::builder(config(
+            name,
+            vec![StageConfig::new("odd", ExecutionType::Async).workers(2)],
+        ))
+        .unwrap()
+        .source(sources::items(
+            (0..10u64).map(|n| WorkItem::with_job_id(format!("job-{n}"), n)),
+        ))
+        .async_stage("odd", |i: WorkItem<u64>| async move {
+            if i.data % 2 == 1 {
+                anyhow::bail!("odd");
+            }
+            Ok(i)
+        })
+        .build()
+        .unwrap()
+    };
+    let odd: Vec<String> = (1..10).step_by(2).map(|n| format!("job-{n}")).collect();
+    let even: Vec<String> = (0..10).step_by(2).map(|n| format!("job-{n}")).collect();
+
+    // Beside a subscriber that takes every finished item.
+    let pipeline = build("finished-both");
+    let all = pipeline.subscribe_filtered(EventFilter::finished().lossless());
+    let failures = pipeline.subscribe_filtered(EventFilter::failures().lossless());
+    let control = pipeline.subscribe_filtered(EventFilter::none().with_control());
+    let (all, failures, control) = (
+        tokio::spawn(finished_ids(all)),
+        tokio::spawn(finished_ids(failures)),
+        tokio::spawn(finished_ids(control)),
+    );
+    within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(all.await.unwrap(), (even.clone(), odd.clone()));
+    assert_eq!(failures.await.unwrap(), (vec![], odd.clone()));
+    assert_eq!(control.await.unwrap(), (vec![], vec![]));
+
+    // Alone.
+    let pipeline = build("finished-alone");
+    let failures = tokio::spawn(finished_ids(
+        pipeline.subscribe_filtered(EventFilter::failures().lossless()),
+    ));
+    within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap();
+    assert_eq!(failures.await.unwrap(), (vec![], odd));
+}
+
+/// The final stats of a finished run show no stage holding an item: every
+/// admitted item has its outcome, even if a stage had not yet published its
+/// gauges after sending its last results (seen once as `in_flight` 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_run_shows_no_stage_holding_an_item() {
+    for run in 0..20 {
+        let pipeline = two_stage(&format!("settled-{run}"), 300);
+        within(Duration::from_secs(10), pipeline.run())
+            .await
+            .unwrap();
+        let stats = pipeline.stats().await.unwrap();
+        assert_eq!(stats.active_items, 0);
+        for stage in &stats.stages {
+            assert_eq!(
+                (stage.queued, stage.in_flight, stage.waiting_downstream),
+                (0, 0, 0),
+                "run {run}, stage {}: {stats}",
+                stage.name
+            );
+        }
+        assert!(
+            stats.active_by_stage.values().all(|held| *held == 0),
+            "{stats}"
+        );
+    }
+}

@@ -407,6 +407,10 @@ pub(crate) struct EventHub {
     subscribers: Mutex<Vec<Subscriber>>,
     any: AtomicBool,
     lifecycle: AtomicBool,
+    /// Someone's filter takes `ItemFinished` of items that succeeded.
+    finished_ok: AtomicBool,
+    /// Someone's filter takes `ItemFinished` of items that failed.
+    finished_failed: AtomicBool,
     closed: AtomicBool,
     /// Set on abort (and when a deadline passes): lossless publishers stop
     /// waiting, and a full lossless buffer grows past its size instead
@@ -464,6 +468,24 @@ impl EventHub {
         self.any.store(!subs.is_empty(), Ordering::Release);
         let lifecycle = subs.iter().any(|s| s.filter.lifecycle);
         self.lifecycle.store(lifecycle, Ordering::Release);
+        let finished_ok = subs
+            .iter()
+            .any(|s| s.filter.finished && !s.filter.failures_only);
+        self.finished_ok.store(finished_ok, Ordering::Release);
+        let finished_failed = subs.iter().any(|s| s.filter.finished);
+        self.finished_failed
+            .store(finished_failed, Ordering::Release);
+    }
+
+    /// True while some subscriber's filter takes the `ItemFinished` of an
+    /// item that succeeded (`success`) or failed: the tracker builds only
+    /// those (a failures-only subscriber costs nothing per success).
+    #[inline]
+    pub(crate) fn wants_finished(&self, success: bool) -> bool {
+        match success {
+            true => self.finished_ok.load(Ordering::Relaxed),
+            false => self.finished_failed.load(Ordering::Relaxed),
+        }
     }
 
     /// True while anyone listens: publishers skip building events otherwise.

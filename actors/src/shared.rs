@@ -107,6 +107,23 @@ impl Shared {
             .snapshot(&live, crate::clock::now())
     }
 
+    /// The stats at the end, when every admitted item has its outcome: no
+    /// stage holds an item then, whatever its gauges say (a stage publishes
+    /// them after it sent its last results, which can be after the
+    /// tracker's final snapshot).
+    pub(crate) fn final_stats(&self) -> PipelineStats {
+        let mut stats = self.stats();
+        for stage in &mut stats.stages {
+            stage.queued = 0;
+            stage.in_flight = 0;
+            stage.waiting_downstream = 0;
+        }
+        for held in stats.active_by_stage.values_mut() {
+            *held = 0;
+        }
+        stats
+    }
+
     /// Samples the counters for the recent window, if a sample is due.
     pub(crate) fn sample(&self) {
         let live = self.live();

@@ -217,12 +217,17 @@ impl TrackerState {
                 crate::contain::drop_logged(input, || format!("the kept input of item {job_id}"));
             }
         }
-        if self.shared.events.has_subscribers() {
-            let events = results
+        let hub = &self.shared.events;
+        if hub.has_subscribers() {
+            // Only the results some filter takes are copied into events.
+            let events: Vec<_> = results
                 .iter()
+                .filter(|r| hub.wants_finished(r.success))
                 .map(|r| PipelineEvent::ItemFinished(Box::new(r.clone())))
                 .collect();
-            self.shared.events.publish(&self.shared.name, events).await;
+            if !events.is_empty() {
+                hub.publish(&self.shared.name, events).await;
+            }
         }
         let acks = if self.acks && origin == Origin::Stage {
             results.iter().map(Ack::of).collect()
@@ -274,7 +279,7 @@ impl TrackerState {
             return;
         }
         self.done = true;
-        let stats = self.shared.stats();
+        let stats = self.shared.final_stats();
         tracing::debug!(target: "bergtalzug::tracker", pipeline = %self.shared.name, "finished: {stats}");
         if self.shared.events.has_subscribers() {
             self.shared

@@ -2,6 +2,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Quick mode (`BENCH_QUICK=1` or `--quick`): checks that a benchmark runs,
@@ -54,32 +56,98 @@ pub fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "NOT met" }
 }
 
+/// What the last stage of a hand-written pipeline counted: it ends there,
+/// as a bergtalzug pipeline ends in its last stage (whose results its
+/// tracker counts on the runtime), with no collector task awaited on the
+/// thread that called `block_on` (every item would cross to that thread).
+#[derive(Debug, Default)]
+pub struct Tally {
+    count: AtomicU64,
+    sum: AtomicU64,
+}
+
+impl Tally {
+    /// One item out of the last stage.
+    pub fn add(&self, x: u64) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(x, Ordering::Relaxed);
+    }
+
+    /// Items out of the last stage, and many at once.
+    pub fn add_many(&self, xs: impl Iterator<Item = u64>) {
+        let (mut n, mut s) = (0, 0);
+        for x in xs {
+            n += 1;
+            s += x;
+        }
+        self.count.fetch_add(n, Ordering::Relaxed);
+        self.sum.fetch_add(s, Ordering::Relaxed);
+    }
+
+    /// Panics unless `n` items came out of `stages` stages that each added 1.
+    pub fn check(&self, n: u64, stages: usize, what: &str) {
+        let expected = n * n.saturating_sub(1) / 2 + n * stages as u64;
+        assert_eq!(
+            (
+                self.count.load(Ordering::Relaxed),
+                self.sum.load(Ordering::Relaxed)
+            ),
+            (n, expected),
+            "{what} lost items"
+        );
+    }
+}
+
+/// Waits for every task (the workers of a hand-written pipeline end when
+/// their input closes).
+pub async fn join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for task in tasks {
+        task.await.expect("a worker task panicked");
+    }
+}
+
 /// The plainest hand-written pipeline, the baseline the issues describe:
 /// one bounded multi-consumer channel (`async-channel`, capacity `queue`)
 /// per stage, `workers` tokio tasks per stage, each running `f` on one item
-/// at a time. `f` must add 1 (the sum of the outputs is checked); returns
-/// the time from the first channel's creation to the last item out.
+/// at a time; the last stage's workers count what they finish ([`Tally`]).
+/// `f` must add 1 (the sum of the outputs is checked); returns the time
+/// from the first channel's creation until the last worker ended.
 pub async fn mpmc<F, Fut>(stages: usize, workers: usize, queue: usize, n: u64, f: F) -> Duration
 where
     F: Fn(u64) -> Fut + Copy + Send + 'static,
     Fut: Future<Output = u64> + Send,
 {
     let start = Instant::now();
+    let tally = Arc::new(Tally::default());
     let (feed, first) = async_channel::bounded::<u64>(queue);
     let mut input = first;
-    for _ in 0..stages {
-        let (tx, rx) = async_channel::bounded::<u64>(queue);
+    let mut last = Vec::new();
+    for stage in 0..stages {
+        let out = (stage + 1 < stages).then(|| async_channel::bounded::<u64>(queue));
         for _ in 0..workers {
-            let (input, tx) = (input.clone(), tx.clone());
-            tokio::spawn(async move {
+            let input = input.clone();
+            let tx = out.as_ref().map(|(tx, _)| tx.clone());
+            let tally = tally.clone();
+            let task = tokio::spawn(async move {
                 while let Ok(x) = input.recv().await {
-                    if tx.send(f(x).await).await.is_err() {
-                        break;
+                    let y = f(x).await;
+                    match &tx {
+                        Some(tx) => {
+                            if tx.send(y).await.is_err() {
+                                break;
+                            }
+                        }
+                        None => tally.add(y),
                     }
                 }
             });
+            if out.is_none() {
+                last.push(task);
+            }
         }
-        input = rx;
+        if let Some((_, rx)) = out {
+            input = rx;
+        }
     }
     tokio::spawn(async move {
         for i in 0..n {
@@ -88,13 +156,8 @@ where
             }
         }
     });
-    let (mut count, mut sum) = (0u64, 0u64);
-    while let Ok(x) = input.recv().await {
-        count += 1;
-        sum += x;
-    }
+    join_all(last).await;
     let elapsed = start.elapsed();
-    let expected = n * n.saturating_sub(1) / 2 + n * stages as u64;
-    assert_eq!((count, sum), (n, expected), "mpmc lost items");
+    tally.check(n, stages, "mpmc");
     elapsed
 }

@@ -275,13 +275,16 @@ mod tests {
         let stuck = Arc::new(AtomicUsize::new(0));
         let lanes = Lanes::new("s", "s-thread".into(), stuck.clone());
         let (ran, has_run) = mpsc::channel::<()>();
+        let (go, wait_for_go) = mpsc::channel::<()>();
         {
             let mut waiting = std::pin::pin!(lanes.run(Box::new(move || {
+                let _ = wait_for_go.recv_timeout(Duration::from_secs(5));
                 let _ = ran.send(());
                 Ok(())
             })));
-            // Sends the batch; it cannot have ended yet.
+            // Sends the batch, which waits for `go`: it has not ended yet.
             assert!(futures::poll!(waiting.as_mut()).is_pending());
+            go.send(()).unwrap();
             has_run.recv_timeout(Duration::from_secs(5)).unwrap();
             // Its end is marked right after the batch returns.
             std::thread::sleep(Duration::from_millis(50));
