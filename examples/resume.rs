@@ -30,11 +30,21 @@ async fn main() -> anyhow::Result<()> {
     let db = arg("--db").map_or_else(|| std::env::temp_dir().join("resume-job.db"), PathBuf::from);
     let items: u64 = arg("--items").map_or(Ok(5_000), |n| n.parse())?;
     if std::env::args().any(|a| a == "--reset") {
-        for suffix in ["", "-wal", "-shm"] {
+        for suffix in [
+            "",
+            "-wal",
+            "-shm",
+            ".results",
+            ".results-wal",
+            ".results-shm",
+        ] {
             let mut path = db.clone().into_os_string();
             path.push(suffix);
             let _ = std::fs::remove_file(path);
         }
+        let mut runs = db.clone().into_os_string();
+        runs.push(".runs");
+        let _ = std::fs::remove_dir_all(runs);
         println!("reset {}", db.display());
     }
 
@@ -64,14 +74,24 @@ async fn main() -> anyhow::Result<()> {
             StageConfig::new("fetch", ExecutionType::Async)
                 .workers(16)
                 .queue_size(32),
-            StageConfig::new("store", ExecutionType::Async)
-                .workers(4)
+            StageConfig::new("store", ExecutionType::Thread)
+                .workers(1)
                 .queue_size(8),
         ],
     )
     .stats_interval(Duration::ZERO)
     // The queue is the record of what finished: keep no results in memory.
     .retain_results(false);
+    // The results, beside the queue: `FILE.results`.
+    let mut results_path = db.clone().into_os_string();
+    results_path.push(".results");
+    let sink = rusqlite::Connection::open(&results_path)?;
+    sink.pragma_update(None, "journal_mode", "WAL")?;
+    sink.execute_batch(
+        "CREATE TABLE IF NOT EXISTS results (job_id TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    )?;
+    let sink = std::sync::Arc::new(std::sync::Mutex::new(sink));
+    let results = sink.clone();
     let pipeline = Pipeline::builder(config)?
         .source(queue.source::<u64>()?)
         .async_stage("fetch", |item: WorkItem<u64>| async move {
@@ -84,7 +104,14 @@ async fn main() -> anyhow::Result<()> {
         })
         // Idempotent: a sink keyed by job id (an upsert) holds each result
         // once, however often a crash makes an item run again.
-        .async_stage("store", |item: WorkItem<u64>| async move { Ok(item) })
+        .sync_stage("store", move |item: WorkItem<u64>| {
+            sink.lock().unwrap().execute(
+                "INSERT INTO results (job_id, value) VALUES (?1, ?2)
+                 ON CONFLICT (job_id) DO UPDATE SET value = excluded.value",
+                rusqlite::params![item.job_id().to_string(), item.data as i64],
+            )?;
+            Ok(item)
+        })
         .build()?;
     pipeline.stop_on_ctrl_c();
 
@@ -116,6 +143,12 @@ async fn main() -> anyhow::Result<()> {
         after.dead,
         after.pending
     );
+    let stored: i64 =
+        results
+            .lock()
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM results", [], |row| row.get(0))?;
+    println!("results stored, each once: {stored}");
     for letter in queue.dead_letters().await?.iter().take(5) {
         println!(
             "  dead: {} in stage `{}` ({}): {}",
