@@ -54,6 +54,8 @@
 //!   `abort`, `spawn_linked`.
 //! - [`sources`]: sources from an iterator, a `Stream` or a channel, the
 //!   files of a directory (by glob), and the lines of a file or of stdin.
+//! - `queue` (feature `sqlite`): durable work, a job in a local SQLite
+//!   file that a killed run resumes; see `docs/durable-work.md`.
 //! - `progress` (feature `progress`, on by default): a progress bar in a
 //!   terminal, plain progress lines elsewhere.
 //! - `dashboard` (feature `dashboard`): a live page in the browser for
@@ -77,6 +79,8 @@
 pub mod dashboard;
 #[cfg(feature = "progress")]
 pub mod progress;
+#[cfg(feature = "sqlite")]
+pub mod queue;
 pub mod sources;
 
 #[doc(inline)]
@@ -111,7 +115,7 @@ pub use bergtalzug_actors::item::{
     WorkItemResult,
 };
 #[doc(inline)]
-pub use bergtalzug_actors::source::{Ack, Source};
+pub use bergtalzug_actors::source::{Ack, AckFuture, Acknowledger, Refill, Source};
 #[doc(inline)]
 pub use bergtalzug_actors::stats::{PipelineStats, StageStats};
 #[doc(inline)]
@@ -125,8 +129,8 @@ pub mod prelude {
     pub use crate::{
         BuildError, ConfigError, DeadLetter, EventFilter, ExecutionType, ItemError, ItemErrorKind,
         JobId, Permanent, Pipeline, PipelineConfig, PipelineError, PipelineEvent, PipelineStats,
-        RateLimit, RestartBudget, RetryPolicy, RunOutcome, Source, StageConfig, StageStats,
-        WorkItem, WorkItemMetadata, WorkItemResult,
+        RateLimit, Refill, RestartBudget, RetryPolicy, RunOutcome, Source, StageConfig,
+        StageStats, WorkItem, WorkItemMetadata, WorkItemResult,
     };
 }
 

@@ -446,10 +446,13 @@ async fn spawn_children<T: Send + 'static>(
     let _ = shared
         .expected
         .set(parts.source.source.as_ref().and_then(|s| s.size_hint()));
-    let wants_acks = parts.source.source.as_ref().is_some_and(|s| s.wants_acks());
+    let mut input = parts.source.source;
+    let acknowledger = input.as_mut().and_then(|s| s.acknowledger());
+    let wants_acks = acknowledger.is_some() || input.as_ref().is_some_and(|s| s.wants_acks());
     let source_args = SourceArgs {
         shared: shared.clone(),
-        source: parts.source.source,
+        source: input,
+        acknowledger,
         first_stage,
         tracker: tracker.clone(),
     };

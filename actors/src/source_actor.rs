@@ -3,8 +3,9 @@
 //! - **Owns**: the user's [`Source`](crate::source::Source) (erased), the
 //!   injections waiting for room, and the count of items in the pipeline.
 //! - **Receives**: [`SourceMsg`]: `Demand` from the first stage; `Released`
-//!   from the tracker; `Inject` and `Close` from the root; `RetryRefill` from
-//!   itself after a failed refill.
+//!   from the tracker; `Inject` and `Close` from the root; `Refilled` from
+//!   its refill task; `RetryRefill` from itself after a failed refill or
+//!   "nothing yet".
 //! - **Sends**: `Items` to the first stage; `InputClosed`, rejected
 //!   duplicates and `SourceError` events to the tracker.
 //! - **Supervised by**: the pipeline root. A panic in `refill` or `ack` is
@@ -15,7 +16,12 @@
 //! - **Invariants**: it never sends the first stage more than it asked for,
 //!   and never has more than the pipeline's window (Σ `queue_size + workers`)
 //!   admitted and not yet finished, so the tracker's backlog is bounded too.
-//!   Every admitted item is counted in `admitted` before it is sent.
+//!   Every admitted item is counted in `admitted` before it is sent. A
+//!   refill runs on a task of its own, holding the source, so the mailbox
+//!   is served while it waits: acks go to the source's acknowledger at
+//!   once (to the source itself once it is back), and every item the
+//!   source handed out and the pipeline did not admit is given back to it
+//!   (`Source::release`).
 //!
 //! Injected items go before the source's own: an injection is answered once
 //! all its items are admitted, so an injecting caller waits for room.
@@ -35,7 +41,7 @@ use crate::event::PipelineEvent;
 use crate::item::{ItemError, ItemErrorKind, JobId, WorkItem, WorkItemResult};
 use crate::ports::{Outlet, Releases, Upstream};
 use crate::shared::Shared;
-use crate::source::{Ack, DynSource};
+use crate::source::{Ack, Acknowledger, DynSource, OwnedRefill, Refill, RefillEnd};
 use crate::tracker::TrackerMsg;
 
 /// The source actor's mailbox.
@@ -52,6 +58,9 @@ pub(crate) enum SourceMsg<T> {
     Close,
     /// From itself: ask the source again after a failed refill.
     RetryRefill,
+    /// From its refill task: the source back, with what it was asked for
+    /// and what it answered.
+    Refilled(Box<dyn DynSource<T>>, usize, RefillEnd<T>),
     /// From the root, before it stops the pipeline: answered once every
     /// message before it (every acknowledgement) is handled.
     Flush(RpcReplyPort<()>),
@@ -83,6 +92,8 @@ impl<T> SourceActor<T> {
 pub(crate) struct SourceArgs<T> {
     pub(crate) shared: Arc<Shared>,
     pub(crate) source: Option<Box<dyn DynSource<T>>>,
+    /// The source's own acknowledgement path, if it has one.
+    pub(crate) acknowledger: Option<Box<dyn Acknowledger>>,
     pub(crate) first_stage: Arc<dyn Outlet<T>>,
     pub(crate) tracker: ActorRef<TrackerMsg>,
 }
@@ -96,7 +107,17 @@ struct Injection<T> {
 
 pub(crate) struct SourceState<T> {
     shared: Arc<Shared>,
+    /// `None` while a refill task holds it, or with no source at all.
     source: Option<Box<dyn DynSource<T>>>,
+    acknowledger: Option<Box<dyn Acknowledger>>,
+    /// A refill task holds the source.
+    refilling: bool,
+    /// Acks that came while the source (without an acknowledger) was out.
+    deferred_acks: Vec<Ack>,
+    /// `Flush` calls waiting for the source to come back.
+    flushes: Vec<RpcReplyPort<()>>,
+    /// Items from the source that were not admitted, to give back to it.
+    unadmitted: Vec<WorkItem<T>>,
     first_stage: Arc<dyn Outlet<T>>,
     tracker: ActorRef<TrackerMsg>,
     closing: watch::Receiver<bool>,
@@ -138,6 +159,11 @@ impl<T: Send + 'static> Actor for SourceActor<T> {
             active: config.enable_tracking.then(FxHashSet::default),
             shared: args.shared,
             source: args.source,
+            acknowledger: args.acknowledger,
+            refilling: false,
+            deferred_acks: Vec::new(),
+            flushes: Vec::new(),
+            unadmitted: Vec::new(),
             first_stage: args.first_stage,
             tracker: args.tracker,
             demand: 0,
@@ -171,7 +197,11 @@ impl<T: Send + 'static> Actor for SourceActor<T> {
                 }
             }
             SourceMsg::Flush(reply) => {
-                let _ = reply.send(());
+                if state.refilling {
+                    state.flushes.push(reply);
+                } else {
+                    let _ = reply.send(());
+                }
                 return Ok(());
             }
             SourceMsg::Outstanding(reply) => {
@@ -194,8 +224,23 @@ impl<T: Send + 'static> Actor for SourceActor<T> {
             }
             SourceMsg::Close => state.close_input(),
             SourceMsg::RetryRefill => state.retry_pending = false,
+            SourceMsg::Refilled(source, count, fetched) => {
+                state.source = Some(source);
+                state.refilling = false;
+                let deferred = std::mem::take(&mut state.deferred_acks);
+                if !deferred.is_empty() {
+                    state.ack(deferred).await;
+                }
+                state.refilled(&myself, count, fetched);
+            }
         }
-        state.pump(&myself).await;
+        state.pump(&myself);
+        state.release_unadmitted().await;
+        if !state.refilling {
+            for reply in state.flushes.drain(..) {
+                let _ = reply.send(());
+            }
+        }
         Ok(())
     }
 }
@@ -215,7 +260,7 @@ fn refill_backoff(rate: Duration, failures: u32) -> Duration {
 impl<T: Send + 'static> SourceState<T> {
     /// Admits what the demand and the window allow: carried-over items first,
     /// then injections, then the source.
-    async fn pump(&mut self, myself: &ActorRef<SourceMsg<T>>) {
+    fn pump(&mut self, myself: &ActorRef<SourceMsg<T>>) {
         self.withdraw_abandoned();
         loop {
             if self.closed {
@@ -230,7 +275,7 @@ impl<T: Send + 'static> SourceState<T> {
             if !self.carry.is_empty() {
                 let n = room.min(self.carry.len());
                 let batch = self.carry.drain(..n).collect();
-                self.admit(batch);
+                self.admit(batch, true);
                 continue;
             }
             if let Some(injection) = self.injections.front_mut() {
@@ -241,81 +286,139 @@ impl<T: Send + 'static> SourceState<T> {
                     let injection = self.injections.pop_front().expect("front exists");
                     let _ = injection.reply.send(Ok(()));
                 }
-                self.admit(batch);
+                self.admit(batch, false);
                 continue;
             }
-            let Some(source) = self.source.as_mut() else {
+            if self.refilling {
+                return; // the source is out on a refill
+            }
+            let Some(source) = self.source.take() else {
                 return; // fed by injection only: open until stopped
             };
-            if self.exhausted {
-                self.close_input();
-                return;
-            }
-            if self.retry_pending {
+            if self.exhausted || self.retry_pending {
+                self.source = Some(source);
+                if self.exhausted {
+                    self.close_input();
+                }
                 return;
             }
             let count = room.min(self.max_refill);
-            // A panic is caught, so that the source is kept to acknowledge
-            // what it already handed over.
-            let refill = AssertUnwindSafe(source.refill(count)).catch_unwind();
-            let refill = tokio::select! {
-                biased;
-                _ = self.closing.wait_for(|closing| *closing) => None,
-                result = refill => Some(result),
-            };
-            let refill = match refill {
-                None => {
-                    self.close_input();
-                    return;
+            let mut closing = self.closing.clone();
+            let cancel = Box::pin(async move {
+                let _ = closing.wait_for(|closing| *closing).await;
+            });
+            let mut refill = source.refill(count, cancel);
+            // A source with items at hand answers at once: no task for it.
+            let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+            match refill.as_mut().poll(&mut cx) {
+                std::task::Poll::Ready((source, end)) => {
+                    self.source = Some(source);
+                    self.refilled(myself, count, end);
                 }
-                Some(Err(panic)) => {
-                    self.source_panicked("refill", crate::contain::panic_message(&*panic));
-                    return;
-                }
-                Some(Ok(refill)) => refill,
-            };
-            match refill {
-                Ok(items) if items.is_empty() => self.exhausted = true,
-                Ok(mut items) => {
-                    self.failures_in_a_row = 0;
-                    if items.len() > count {
-                        tracing::warn!(target: "bergtalzug::source",
-                            pipeline = %self.shared.name,
-                            "refill({count}) returned {} items; the rest wait for room",
-                            items.len()
-                        );
-                        self.carry.extend(items.split_off(count));
-                    }
-                    self.admit(items);
-                }
-                Err(e) => {
-                    let message = format!("{e:#}");
-                    self.failures_in_a_row += 1;
-                    let limit = self.shared.config.max_refill_failures;
-                    if limit > 0 && self.failures_in_a_row >= limit {
-                        self.give_up(message);
-                        return;
-                    }
-                    let retry_in = refill_backoff(
-                        self.shared.config.queue_refresh_rate,
-                        self.failures_in_a_row,
-                    );
-                    self.shared
-                        .source_errors
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!(target: "bergtalzug::source",
-                        pipeline = %self.shared.name,
-                        failures_in_a_row = self.failures_in_a_row,
-                        "refill failed, asking again in {retry_in:?}: {message}"
-                    );
-                    let _ = self
-                        .tracker
-                        .cast(TrackerMsg::Event(PipelineEvent::SourceError { message }));
-                    self.retry_pending = true;
-                    myself.send_after(retry_in, || SourceMsg::RetryRefill);
+                std::task::Poll::Pending => {
+                    self.refilling = true;
+                    spawn_refill(refill, count, myself.clone());
                     return;
                 }
             }
+        }
+    }
+
+    /// The source answered a refill of `count` (or the refill ended).
+    fn refilled(&mut self, myself: &ActorRef<SourceMsg<T>>, count: usize, fetched: RefillEnd<T>) {
+        let refill = match fetched {
+            RefillEnd::Cancelled => {
+                self.close_input();
+                return;
+            }
+            RefillEnd::Panicked(message) => {
+                self.source_panicked("refill", message);
+                return;
+            }
+            RefillEnd::Answered(refill) => refill,
+        };
+        match refill {
+            Ok(Refill::Exhausted) => self.exhausted = true,
+            Ok(Refill::NothingYet) => self.nothing_yet(myself),
+            Ok(Refill::Items(items)) if items.is_empty() => self.nothing_yet(myself),
+            Ok(Refill::Items(mut items)) => {
+                self.failures_in_a_row = 0;
+                if self.closed {
+                    self.unadmitted.extend(items);
+                    return;
+                }
+                if items.len() > count {
+                    tracing::warn!(target: "bergtalzug::source",
+                        pipeline = %self.shared.name,
+                        "refill({count}) returned {} items; the rest wait for room",
+                        items.len()
+                    );
+                }
+                // Injections may have taken some of the room meanwhile.
+                let room = self
+                    .demand
+                    .min(self.window.saturating_sub(self.outstanding));
+                if items.len() > room {
+                    self.carry.extend(items.split_off(room));
+                }
+                self.admit(items, true);
+            }
+            Err(e) => {
+                let message = format!("{e:#}");
+                self.failures_in_a_row += 1;
+                let limit = self.shared.config.max_refill_failures;
+                if limit > 0 && self.failures_in_a_row >= limit {
+                    self.give_up(message);
+                    return;
+                }
+                let retry_in = refill_backoff(
+                    self.shared.config.queue_refresh_rate,
+                    self.failures_in_a_row,
+                );
+                self.shared
+                    .source_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(target: "bergtalzug::source",
+                    pipeline = %self.shared.name,
+                    failures_in_a_row = self.failures_in_a_row,
+                    "refill failed, asking again in {retry_in:?}: {message}"
+                );
+                let _ = self
+                    .tracker
+                    .cast(TrackerMsg::Event(PipelineEvent::SourceError { message }));
+                self.retry_pending = true;
+                myself.send_after(retry_in, || SourceMsg::RetryRefill);
+            }
+        }
+    }
+
+    /// The source has nothing right now: ask again after the refresh rate.
+    fn nothing_yet(&mut self, myself: &ActorRef<SourceMsg<T>>) {
+        self.failures_in_a_row = 0;
+        self.retry_pending = true;
+        myself.send_after(self.shared.config.queue_refresh_rate, || {
+            SourceMsg::RetryRefill
+        });
+    }
+
+    /// Gives the source back what it handed out and was not admitted, once
+    /// it is in hand; a panic in `release` is contained.
+    async fn release_unadmitted(&mut self) {
+        if self.unadmitted.is_empty() {
+            return;
+        }
+        let Some(source) = self.source.as_mut() else {
+            return; // out on a refill: released when it is back
+        };
+        let items = std::mem::take(&mut self.unadmitted);
+        let n = items.len();
+        if let Err(panic) = AssertUnwindSafe(source.release(items)).catch_unwind().await {
+            let message = crate::contain::panic_message(&*panic);
+            tracing::error!(target: "bergtalzug::source",
+                pipeline = %self.shared.name,
+                "the source's release panicked while given back {n} items: {message}"
+            );
+            self.source_panicked("release", message);
         }
     }
 
@@ -347,8 +450,9 @@ impl<T: Send + 'static> SourceState<T> {
     }
 
     /// Counts the batch in, refuses ids already in the pipeline, and sends
-    /// the rest to the first stage.
-    fn admit(&mut self, batch: Vec<WorkItem<T>>) {
+    /// the rest to the first stage. Refused items `from_source` are given
+    /// back to it (`Source::release`), never acknowledged.
+    fn admit(&mut self, batch: Vec<WorkItem<T>>, from_source: bool) {
         let n = batch.len();
         self.shared
             .admitted
@@ -373,10 +477,16 @@ impl<T: Send + 'static> SourceState<T> {
                             ),
                         );
                         tracing::warn!(target: "bergtalzug::source", pipeline = %self.shared.name, job_id = %item.job_id, "duplicate job id refused");
-                        // Its data is dropped here, and its `Drop` is user code.
                         let job_id = item.job_id.clone();
                         let metadata = std::mem::take(&mut item.metadata);
-                        crate::contain::drop_logged(item, || format!("refused duplicate {job_id}"));
+                        if from_source {
+                            self.unadmitted.push(item);
+                        } else {
+                            // Its data is dropped here, and its `Drop` is user code.
+                            crate::contain::drop_logged(item, || {
+                                format!("refused duplicate {job_id}")
+                            });
+                        }
                         refused.push(WorkItemResult::failed(job_id, metadata, error));
                     }
                 }
@@ -385,22 +495,30 @@ impl<T: Send + 'static> SourceState<T> {
         };
         self.demand -= accepted.len();
         if !refused.is_empty() {
-            let _ = self.tracker.cast(TrackerMsg::Finished(refused));
+            let _ = self.tracker.cast(TrackerMsg::Refused(refused));
         }
         if !accepted.is_empty() {
             self.first_stage.send(accepted);
         }
     }
 
-    /// Hands `acks` to the source, once each; a panic in `ack` is
+    /// Hands `acks` to the source's acknowledger, or to the source (held
+    /// back while it is out on a refill), once each; a panic in `ack` is
     /// contained (the pipeline then fails as for a panicking source, but
     /// every later item is still acknowledged).
     async fn ack(&mut self, acks: Vec<Ack>) {
-        let Some(source) = self.source.as_mut() else {
-            return;
-        };
         let n = acks.len();
-        if let Err(panic) = AssertUnwindSafe(source.ack(acks)).catch_unwind().await {
+        let acking = match (self.acknowledger.as_mut(), self.source.as_mut()) {
+            (Some(acknowledger), _) => acknowledger.ack(acks),
+            (None, Some(source)) => source.ack(acks),
+            (None, None) => {
+                if self.refilling {
+                    self.deferred_acks.extend(acks);
+                }
+                return;
+            }
+        };
+        if let Err(panic) = AssertUnwindSafe(acking).catch_unwind().await {
             let message = crate::contain::panic_message(&*panic);
             tracing::error!(target: "bergtalzug::source",
                 pipeline = %self.shared.name,
@@ -470,15 +588,30 @@ impl<T: Send + 'static> SourceState<T> {
                 },
             }));
         }
-        // Carried-over items were never admitted: they are dropped with the source.
+        // Carried-over items were never admitted: given back to the source.
         if !self.carry.is_empty() {
             tracing::warn!(target: "bergtalzug::source",
                 pipeline = %self.shared.name,
-                "input closed with {} items the source returned beyond its demand; they were not admitted",
+                "input closed with {} items the source returned beyond its demand; \
+                 they were not admitted and go back to the source",
                 self.carry.len()
             );
-            self.carry.clear();
+            self.unadmitted.extend(self.carry.drain(..));
         }
         let _ = self.tracker.cast(TrackerMsg::InputClosed);
     }
+}
+
+/// Runs a refill that has to wait on a task of its own, and sends the
+/// source back with the answer (the refill watches `closing` itself).
+fn spawn_refill<T: Send + 'static>(
+    refill: OwnedRefill<T>,
+    count: usize,
+    myself: ActorRef<SourceMsg<T>>,
+) {
+    tokio::spawn(async move {
+        let (source, end) = refill.await;
+        // A source actor that is gone drops the source here.
+        let _ = myself.cast(SourceMsg::Refilled(source, count, end));
+    });
 }

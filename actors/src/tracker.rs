@@ -40,8 +40,13 @@ pub(crate) type Callback = Box<dyn FnMut(&WorkItemResult) + Send>;
 pub(crate) enum TrackerMsg {
     /// From the root, first: where to send `Released`.
     Connect(Box<dyn Releases>, bool),
-    /// From the stages (and the source, for refused duplicates): outcomes.
+    /// From the stages: outcomes.
     Finished(Vec<WorkItemResult>),
+    /// From the source: duplicates it refused (`DuplicateJobId`), counted
+    /// and reported like any outcome but never acknowledged to the source
+    /// nor released from its set of live ids: the live item with the same
+    /// job id is still running.
+    Refused(Vec<WorkItemResult>),
     /// From a stage that keeps inputs, just before the failures they
     /// belong to: each failed item's last input, for its dead letter.
     Inputs(Vec<(JobId, Box<dyn Any + Send>)>),
@@ -126,7 +131,8 @@ impl Actor for Tracker {
                 state.release = Some(release);
                 state.acks = acks;
             }
-            TrackerMsg::Finished(results) => state.record(results).await,
+            TrackerMsg::Finished(results) => state.record(results, Origin::Stage).await,
+            TrackerMsg::Refused(results) => state.record(results, Origin::Refused).await,
             TrackerMsg::Inputs(inputs) => state.inputs.extend(inputs),
             TrackerMsg::InputClosed => state.input_closed = true,
             TrackerMsg::Quiesce(reply) => {
@@ -146,7 +152,7 @@ impl Actor for Tracker {
                             WorkItemResult::failed(id, WorkItemMetadata::default(), error)
                         })
                         .collect();
-                    state.record(lost).await;
+                    state.record(lost, Origin::Stage).await;
                 }
                 state.swept = true;
             }
@@ -165,8 +171,17 @@ impl Actor for Tracker {
     }
 }
 
+/// Where a batch of results comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Items that went into the pipeline (or were given up in it).
+    Stage,
+    /// Duplicates the source refused at the door.
+    Refused,
+}
+
 impl TrackerState {
-    async fn record(&mut self, results: Vec<WorkItemResult>) {
+    async fn record(&mut self, results: Vec<WorkItemResult>, origin: Origin) {
         let n = results.len();
         let tracking = self.shared.config.enable_tracking;
         let mut released = Vec::with_capacity(if tracking { n } else { 0 });
@@ -177,12 +192,8 @@ impl TrackerState {
             }
         }
         for result in &results {
-            if tracking {
-                let refused =
-                    matches!(&result.error, Some(e) if e.kind == ItemErrorKind::DuplicateJobId);
-                if !refused {
-                    released.push(result.job_id.clone());
-                }
+            if tracking && origin == Origin::Stage {
+                released.push(result.job_id.clone());
             }
             for callback in &mut self.callbacks {
                 if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| callback(result)))
@@ -218,7 +229,7 @@ impl TrackerState {
                 hub.publish(&self.shared.name, events).await;
             }
         }
-        let acks = if self.acks {
+        let acks = if self.acks && origin == Origin::Stage {
             results.iter().map(Ack::of).collect()
         } else {
             Vec::new()
