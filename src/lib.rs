@@ -129,8 +129,8 @@ pub mod prelude {
     pub use crate::{
         BuildError, ConfigError, DeadLetter, EventFilter, ExecutionType, ItemError, ItemErrorKind,
         JobId, Permanent, Pipeline, PipelineConfig, PipelineError, PipelineEvent, PipelineStats,
-        RateLimit, Refill, RestartBudget, RetryPolicy, RunOutcome, Source, StageConfig,
-        StageStats, WorkItem, WorkItemMetadata, WorkItemResult,
+        RateLimit, Refill, RestartBudget, RetryPolicy, RunOutcome, Source, StageConfig, StageStats,
+        WorkItem, WorkItemMetadata, WorkItemResult,
     };
 }
 
