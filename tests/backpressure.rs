@@ -229,33 +229,37 @@ async fn queued_items_never_wait_for_an_idle_worker() {
     );
 }
 
-/// `inject` waits while the pipeline is full and returns once there is room.
-#[tokio::test(start_paused = true)]
-async fn inject_waits_for_room() {
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+/// An injected pipeline of one Async stage (1 worker, queue 4: room for 5)
+/// whose handler passes an item only for a permit of `gate`.
+fn gated(name: &str, gate: &Arc<tokio::sync::Semaphore>) -> Pipeline<u64> {
     let config = config(
-        "inject",
+        name,
         vec![
             StageConfig::new("gate", ExecutionType::Async)
                 .workers(1)
                 .queue_size(4),
         ],
     );
-    let pipeline = {
-        let gate = gate.clone();
-        Pipeline::builder(config)
-            .unwrap()
-            .injected::<u64>()
-            .async_stage("gate", move |i: WorkItem<u64>| {
-                let gate = gate.clone();
-                async move {
-                    gate.acquire().await?.forget();
-                    Ok(i)
-                }
-            })
-            .build()
-            .unwrap()
-    };
+    let gate = gate.clone();
+    Pipeline::builder(config)
+        .unwrap()
+        .injected::<u64>()
+        .async_stage("gate", move |i: WorkItem<u64>| {
+            let gate = gate.clone();
+            async move {
+                gate.acquire().await?.forget();
+                Ok(i)
+            }
+        })
+        .build()
+        .unwrap()
+}
+
+/// `inject` waits while the pipeline is full and returns once there is room.
+#[tokio::test(start_paused = true)]
+async fn inject_waits_for_room() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let pipeline = gated("inject", &gate);
     pipeline.start().await.unwrap();
     // Room for 5 (queue 4 + 1 worker): 5 items are accepted at once...
     within(
@@ -287,29 +291,7 @@ async fn inject_waits_for_room() {
 #[tokio::test(start_paused = true)]
 async fn a_dropped_inject_withdraws_what_it_had_not_admitted() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let config = config(
-        "withdrawn",
-        vec![
-            StageConfig::new("gate", ExecutionType::Async)
-                .workers(1)
-                .queue_size(4),
-        ],
-    );
-    let pipeline = {
-        let gate = gate.clone();
-        Pipeline::builder(config)
-            .unwrap()
-            .injected::<u64>()
-            .async_stage("gate", move |i: WorkItem<u64>| {
-                let gate = gate.clone();
-                async move {
-                    gate.acquire().await?.forget();
-                    Ok(i)
-                }
-            })
-            .build()
-            .unwrap()
-    };
+    let pipeline = gated("withdrawn", &gate);
     pipeline.start().await.unwrap();
     // Room for 5 (queue 4 + 1 worker): the first 5 of 20 go in, then the
     // caller times out.
