@@ -92,9 +92,9 @@ impl<I: Send + 'static> Attempt<I> {
     /// `started` on the first attempt) before the handler gets it.
     #[inline]
     pub(crate) fn begin<O>(ctx: &RunCtx<I, O>, item: &mut WorkItem<I>, now: Instant) -> Self {
-        item.metadata.attempts += 1;
-        let attempts = item.metadata.attempts;
-        let mut stages = std::mem::take(&mut item.metadata.stages);
+        item.head.metadata.attempts += 1;
+        let attempts = item.head.metadata.attempts;
+        let mut stages = std::mem::take(&mut item.head.metadata.stages);
         if ctx.tracking {
             if let Some(times) = stages.last_mut() {
                 times.started.get_or_insert(now);
@@ -102,7 +102,7 @@ impl<I: Send + 'static> Attempt<I> {
                 times.attempts = attempts;
             }
         }
-        let custom = &item.metadata.custom;
+        let custom = &item.head.metadata.custom;
         let (kept, uncopied) = match ctx.keep {
             None => (None, None),
             // The user's `Clone`: a panic in it fails this item only.
@@ -112,11 +112,11 @@ impl<I: Send + 'static> Attempt<I> {
             },
         };
         Attempt {
-            job_id: item.job_id.clone(),
-            created: item.metadata.created(),
+            job_id: item.head.job_id.clone(),
+            created: item.head.metadata.created(),
             attempts,
-            seq: item.metadata.seq,
-            names: item.metadata.names.take(),
+            seq: item.head.metadata.seq,
+            names: item.head.metadata.names.take(),
             stages,
             custom: (!custom.is_empty()).then(|| custom.clone()),
             kept,
@@ -160,12 +160,12 @@ impl<I: Send + 'static> Attempt<I> {
                 )
             });
         }
-        out.job_id = self.job_id;
-        out.metadata.stages = self.stages;
-        out.metadata.names = self.names;
-        out.metadata.attempts = self.attempts;
-        out.metadata.seq = self.seq;
-        out.metadata.set_created(self.created);
+        out.head.job_id = self.job_id;
+        out.head.metadata.stages = self.stages;
+        out.head.metadata.names = self.names;
+        out.head.metadata.attempts = self.attempts;
+        out.head.metadata.seq = self.seq;
+        out.head.metadata.set_created(self.created);
         Outcome::Done(out)
     }
 
@@ -233,20 +233,13 @@ impl<I: Send + 'static> Attempt<I> {
         metadata.custom = self.custom.unwrap_or_default();
         if retryable && self.attempts < ctx.max_attempts {
             if let Some(data) = self.kept.take() {
-                return Outcome::Retry(WorkItem {
-                    job_id: self.job_id,
-                    data,
-                    metadata,
-                });
+                return Outcome::Retry(WorkItem::from_parts(self.job_id, data, metadata));
             }
         }
         metadata.finished = Some(now);
         let input = self.kept.map(|data| {
-            Box::new(WorkItem {
-                job_id: self.job_id.clone(),
-                data,
-                metadata: metadata.clone(),
-            }) as Box<dyn Any + Send>
+            Box::new(WorkItem::from_parts(self.job_id.clone(), data, metadata.clone()))
+                as Box<dyn Any + Send>
         });
         let mut error = ItemError::new(&*ctx.stage, kind, message);
         error.attempts = self.attempts;

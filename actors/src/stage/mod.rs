@@ -648,15 +648,15 @@ where
             return;
         }
         for item in &mut items {
-            item.metadata.attempts = 0;
+            item.head.metadata.attempts = 0;
             // Modulo 2^32: the stage holds fewer items than that.
-            item.metadata.seq = self.next_seq as u32;
+            item.head.metadata.seq = self.next_seq as u32;
             self.next_seq += 1;
         }
         if self.shared.config.enable_tracking {
             let now = crate::clock::now();
             for item in &mut items {
-                let stages = &mut item.metadata.stages;
+                let stages = &mut item.head.metadata.stages;
                 if stages.capacity() == 0 {
                     stages.reserve_exact(self.shared.config.stages.len() - self.index);
                 }
@@ -675,7 +675,7 @@ where
             let events = items
                 .iter()
                 .map(|i| PipelineEvent::ItemQueued {
-                    job_id: i.job_id.clone(),
+                    job_id: i.head.job_id.clone(),
                     stage: self.name.clone(),
                 })
                 .collect();
@@ -785,7 +785,7 @@ where
                 }
                 Outcome::Done(item) => {
                     processed += 1;
-                    let seq = item.metadata.seq;
+                    let seq = item.head.metadata.seq;
                     self.leave(seq, Leaving::Next(item), &mut out);
                 }
                 Outcome::Failed(outcome) => {
@@ -844,7 +844,7 @@ where
     /// Holds an item for its retry backoff.
     fn delay(&mut self, myself: &ActorRef<StageMsg<I, O>>, item: WorkItem<I>) {
         let wait = self.retry.map_or(Duration::ZERO, |policy| {
-            policy.delay_before(item.metadata.attempts + 1, fastrand::f64())
+            policy.delay_before(item.head.metadata.attempts + 1, fastrand::f64())
         });
         if let Some(timer) = self.backoff.hold(item, wait) {
             myself.send_after(timer, || StageMsg::Wake);
@@ -899,7 +899,7 @@ where
         let accounted: HashSet<&JobId> = outcomes
             .iter()
             .map(Outcome::job_id)
-            .chain(unstarted.iter().map(|i| &i.job_id))
+            .chain(unstarted.iter().map(|i| &i.head.job_id))
             .collect();
         let lost: Vec<_> = slot
             .held
@@ -1007,12 +1007,8 @@ where
     fn cancel<T>(&self, item: WorkItem<T>, when: &str) -> WorkItemResult {
         let message = format!("pipeline aborted {when}");
         let mut error = ItemError::new(&*self.name, ItemErrorKind::Cancelled, message);
-        error.attempts = item.metadata.attempts;
-        let WorkItem {
-            job_id,
-            data,
-            metadata,
-        } = item;
+        error.attempts = item.head.metadata.attempts;
+        let (job_id, data, metadata) = item.into_parts();
         crate::contain::drop_logged(data, || {
             format!(
                 "the data of item {job_id}, cancelled in stage `{}`",

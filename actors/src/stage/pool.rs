@@ -274,7 +274,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         slot.held.extend(
             items
                 .iter()
-                .map(|i| (i.job_id.clone(), i.metadata.created(), i.metadata.seq)),
+                .map(|i| (i.head.job_id.clone(), i.head.metadata.created(), i.head.metadata.seq)),
         );
         slot.since = now;
         slot.stalled = false;
@@ -393,7 +393,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             for item in unstarted.iter().rev() {
                 let back = slot.held.pop_back();
                 debug_assert!(
-                    back.is_some_and(|(job_id, _, _)| job_id == item.job_id),
+                    back.is_some_and(|(job_id, _, _)| job_id == item.head.job_id),
                     "the unstarted items are the end of what a worker holds"
                 );
             }
