@@ -238,8 +238,11 @@ impl<I: Send + 'static> Attempt<I> {
         }
         metadata.finished = Some(now);
         let input = self.kept.map(|data| {
-            Box::new(WorkItem::from_parts(self.job_id.clone(), data, metadata.clone()))
-                as Box<dyn Any + Send>
+            Box::new(WorkItem::from_parts(
+                self.job_id.clone(),
+                data,
+                metadata.clone(),
+            )) as Box<dyn Any + Send>
         });
         let mut error = ItemError::new(&*ctx.stage, kind, message);
         error.attempts = self.attempts;

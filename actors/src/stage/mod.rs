@@ -793,7 +793,7 @@ where
                     let Failed { result, input } = *outcome;
                     let seq = result.metadata.seq;
                     let input = input.map(|input| (result.job_id.clone(), input));
-                    self.leave(seq, Leaving::Ended(result, input), &mut out);
+                    self.leave(seq, Leaving::Ended(Box::new((result, input))), &mut out);
                 }
                 Outcome::Retry(item) if self.aborting => {
                     out.finished
@@ -806,7 +806,7 @@ where
             }
         }
         for (seq, result) in lost {
-            self.leave(seq, Leaving::Ended(result, None), &mut out);
+            self.leave(seq, Leaving::Ended(Box::new((result, None))), &mut out);
         }
         let gauges = &self.shared.gauges[self.index];
         gauges.processed.fetch_add(processed, Ordering::Relaxed);
@@ -988,7 +988,8 @@ where
                     Leaving::Next(item) => {
                         cancelled.push(self.cancel(item, "after this stage finished it"));
                     }
-                    Leaving::Ended(result, input) => {
+                    Leaving::Ended(ended) => {
+                        let (result, input) = *ended;
                         inputs.extend(input);
                         cancelled.push(result);
                     }
@@ -1174,7 +1175,8 @@ impl Departures {
                 .finished
                 .push(WorkItemResult::completed(item, self.finished_at)),
             Leaving::Next(item) => outbox.push_back(item),
-            Leaving::Ended(result, input) => {
+            Leaving::Ended(ended) => {
+                let (result, input) = *ended;
                 self.inputs.extend(input);
                 self.finished.push(result);
             }

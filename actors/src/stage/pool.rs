@@ -271,11 +271,13 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             .get_mut(&worker)
             .expect("idle workers have slots");
         let n = items.len();
-        slot.held.extend(
-            items
-                .iter()
-                .map(|i| (i.head.job_id.clone(), i.head.metadata.created(), i.head.metadata.seq)),
-        );
+        slot.held.extend(items.iter().map(|i| {
+            (
+                i.head.job_id.clone(),
+                i.head.metadata.created(),
+                i.head.metadata.seq,
+            )
+        }));
         slot.since = now;
         slot.stalled = false;
         slot.progress = now;
