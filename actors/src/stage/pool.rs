@@ -369,14 +369,20 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         // complete at once, so look at a few. (The clock is read only if
         // one may be taken from.)
         let mut now = None;
+        let mut stale = |s: &Slot<I, O>| {
+            s.busy() && {
+                let now = *now.get_or_insert_with(crate::clock::now);
+                s.progress + STEAL_AFTER <= now
+            }
+        };
+        // Nothing to allocate for while every busy worker makes progress
+        // (the common case, looked at on every message).
+        let first = self.slots.iter().position(|(_, s)| stale(s))?;
         let mut candidates: Vec<_> = self
             .slots
             .iter()
-            .filter(|(_, s)| s.busy())
-            .filter(|(_, s)| {
-                let now = *now.get_or_insert_with(crate::clock::now);
-                now.saturating_duration_since(s.progress) >= STEAL_AFTER
-            })
+            .skip(first)
+            .filter(|(_, s)| stale(s))
             .map(|(id, s)| (s.held.len(), *id))
             .collect();
         candidates.sort_unstable_by(|a, b| b.cmp(a));
