@@ -360,9 +360,7 @@ impl Chain {
     /// until every item was counted. Panics if an item was lost or failed.
     pub async fn run<T: Item>(self, n: u64) -> Duration {
         match self {
-            Chain::Mpmc => {
-                mpmc_of(CHAIN_STAGES, CHAIN_WORKERS, CHAIN_QUEUE, n, step::<T>).await
-            }
+            Chain::Mpmc => mpmc_of(CHAIN_STAGES, CHAIN_WORKERS, CHAIN_QUEUE, n, step::<T>).await,
             Chain::SharedRx => shared_rx::<T>(n).await,
             Chain::RoundRobin => round_robin::<T>(n).await,
             Chain::Batched => shared_rx_batched::<T>(n).await,
@@ -713,9 +711,7 @@ impl<V: Copy + PartialEq> Rounds<V> {
 
     /// The fastest median of `of`, if any of them ran.
     pub fn reference(&self, of: &[V]) -> Option<f64> {
-        of.iter()
-            .filter_map(|&v| self.median(v))
-            .reduce(f64::max)
+        of.iter().filter_map(|&v| self.median(v)).reduce(f64::max)
     }
 
     /// The table: median and best items/s, the median's ratio to each
