@@ -297,14 +297,14 @@ fn main() {
     let load = common::load_average();
     // Calibrated before the runtime has anything to do.
     let rounds = common::calibrate(SPIN);
-    let per_call = common::time_crunch(rounds, 1000);
+    let per_call = common::time_crunch(rounds);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let ideal = cpus.min(2) as f64 / (STAGES as f64 * per_call.as_secs_f64());
     let runtime = common::runtime();
 
     println!(
         "mixed: Async -> Thread -> Cpu -> Async, {WORKERS} workers each, queue {QUEUE}, \
-         handlers of {rounds} rounds (~{:.1} us each on one thread), {items} u64 items, \
+         handlers of {rounds} rounds (~{:.1} us each on one thread, best of 10 x 100 calls), {items} u64 items, \
          {reps} rep(s), 2 tokio worker threads, {cpus} CPUs{}",
         per_call.as_secs_f64() * 1e6,
         if quick { " (quick)" } else { "" }

@@ -239,13 +239,20 @@ pub fn calibrate(work: Duration) -> u64 {
     }
 }
 
-/// The mean time of one call of [`crunch`] with `rounds`, over `calls`.
-pub fn time_crunch(rounds: u64, calls: u64) -> Duration {
-    let start = Instant::now();
-    for x in 0..calls {
-        crunch(x, rounds);
-    }
-    start.elapsed() / calls.max(1) as u32
+/// The time of one call of [`crunch`] with `rounds` on this thread: the
+/// best of 10 means over 100 calls each, so that other load on the machine
+/// (a preemption in one batch) does not inflate it.
+pub fn time_crunch(rounds: u64) -> Duration {
+    (0..10)
+        .map(|_| {
+            let start = Instant::now();
+            for x in 0..100 {
+                crunch(x, rounds);
+            }
+            start.elapsed() / 100
+        })
+        .min()
+        .expect("ten batches")
 }
 
 /// What the 4 x 4 pipelines carry: made from its index by the source, passed
