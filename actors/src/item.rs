@@ -132,22 +132,93 @@ impl FromIterator<Arc<str>> for NameList {
 }
 
 /// When an item entered, started and left one stage.
-#[derive(Debug, Clone)]
+///
+/// Kept for every stage of every retained result, so it is compact: the
+/// times after `queued` are nanoseconds since it (56 bytes in all, where
+/// four `Instant`s and a `Duration` would take 88).
+#[derive(Clone)]
 pub struct StageTimes {
-    /// The stage's position in the pipeline.
-    pub(crate) stage: u16,
+    queued: Instant,
+    started: Since,
+    completed: Since,
+    /// When the attempt now running started.
+    attempt_started: Since,
+    /// The handler's time in nanoseconds, summed over the attempts that ended.
+    handler_ns: u64,
     /// Handler runs on the item in this stage (more than 1 after retries).
     pub(crate) attempts: u32,
-    pub(crate) queued: Instant,
-    pub(crate) started: Option<Instant>,
-    pub(crate) completed: Option<Instant>,
-    /// When the attempt now running started.
-    pub(crate) attempt_started: Option<Instant>,
-    /// The handler's time, summed over the attempts that ended.
-    pub(crate) handler: Duration,
+    /// The stage's position in the pipeline.
+    pub(crate) stage: u16,
+}
+
+/// A time after a stage's `queued`: 0 for none, else 1 + nanoseconds since
+/// it (`u64` nanoseconds span 584 years).
+#[derive(Clone, Copy, Default)]
+struct Since(u64);
+
+impl Since {
+    fn at(base: Instant, t: Instant) -> Self {
+        let ns = t.saturating_duration_since(base).as_nanos();
+        Since(u64::try_from(ns).unwrap_or(u64::MAX - 1) + 1)
+    }
+
+    fn get(self, base: Instant) -> Option<Instant> {
+        (self.0 != 0).then(|| base + Duration::from_nanos(self.0 - 1))
+    }
+
+    fn is_none(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl fmt::Debug for StageTimes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StageTimes")
+            .field("stage", &self.stage)
+            .field("attempts", &self.attempts)
+            .field("queued", &self.queued)
+            .field("started", &self.started())
+            .field("completed", &self.completed())
+            .field("handler", &self.handler_ns)
+            .finish()
+    }
 }
 
 impl StageTimes {
+    /// The times of stage `stage` for an item queued there at `queued`.
+    pub(crate) fn queued_at(stage: u16, queued: Instant) -> Self {
+        StageTimes {
+            queued,
+            started: Since::default(),
+            completed: Since::default(),
+            attempt_started: Since::default(),
+            handler_ns: 0,
+            attempts: 0,
+            stage,
+        }
+    }
+
+    /// An attempt starts at `now`: the stage's start, if it is the first.
+    pub(crate) fn attempt_begins(&mut self, now: Instant, first: bool) {
+        let at = Since::at(self.queued, now);
+        if first || self.started.is_none() {
+            self.started = at;
+        }
+        self.attempt_started = at;
+    }
+
+    /// The attempt running ended at `now`: its time is added to the handler's.
+    pub(crate) fn attempt_ends(&mut self, now: Instant) {
+        self.completed = Since::at(self.queued, now);
+        if let Some(began) = self.attempt_started.get(self.queued) {
+            let ns = now.saturating_duration_since(began).as_nanos();
+            self.handler_ns = self
+                .handler_ns
+                .saturating_add(u64::try_from(ns).unwrap_or(u64::MAX));
+            self.attempt_started = Since::default();
+        }
+    }
+
     /// The stage's position in the pipeline, from 0.
     pub fn stage_index(&self) -> usize {
         self.stage as usize
@@ -166,37 +237,40 @@ impl StageTimes {
 
     /// When a worker first started the handler on it.
     pub fn started(&self) -> Option<Instant> {
-        self.started
+        self.started.get(self.queued)
     }
 
     /// When the handler returned (or failed).
     pub fn completed(&self) -> Option<Instant> {
-        self.completed
+        self.completed.get(self.queued)
     }
 
     /// Time spent waiting in the stage's queue.
     pub fn queue_wait(&self) -> Option<Duration> {
-        Some(self.started?.saturating_duration_since(self.queued))
+        Some(self.started()?.saturating_duration_since(self.queued))
     }
 
     /// Time spent in the stage from the first attempt's start to the last
     /// one's end: the handler's time plus, after a failed attempt, the retry
     /// backoff and the wait in the queue again ([`retry_wait`](Self::retry_wait)).
     pub fn duration(&self) -> Option<Duration> {
-        Some(self.completed?.saturating_duration_since(self.started?))
+        Some(self.completed()?.saturating_duration_since(self.started()?))
     }
 
     /// How long the handler ran on the item, summed over its attempts
     /// (waits between them excluded); `None` until an attempt ended. An
     /// attempt given up at the stage's timeout counts as the timeout.
     pub fn handler_duration(&self) -> Option<Duration> {
-        self.completed.map(|_| self.handler)
+        (!self.completed.is_none()).then(|| Duration::from_nanos(self.handler_ns))
     }
 
     /// The time between attempts: retry backoff and the wait in the queue
     /// again. Zero when the first attempt was the last.
     pub fn retry_wait(&self) -> Option<Duration> {
-        Some(self.duration()?.saturating_sub(self.handler))
+        Some(
+            self.duration()?
+                .saturating_sub(Duration::from_nanos(self.handler_ns)),
+        )
     }
 }
 
@@ -608,6 +682,33 @@ mod size_tests {
     /// An item moves from queue to worker to stage several times per
     /// stage: its id and metadata stay behind one pointer, so a move of a
     /// word-sized item is two words, not a `memcpy` of the metadata.
+    #[test]
+    fn stage_times_are_kept_in_56_bytes_and_read_back_exactly() {
+        assert_eq!(std::mem::size_of::<StageTimes>(), 56);
+        let queued = Instant::now();
+        let mut times = StageTimes::queued_at(2, queued);
+        assert_eq!((times.started(), times.completed()), (None, None));
+        assert_eq!(times.handler_duration(), None);
+        let start = queued + Duration::from_nanos(1_500);
+        times.attempt_begins(start, false);
+        times.attempt_ends(start + Duration::from_micros(7));
+        // A retry: the stage's start stays the first attempt's.
+        let again = start + Duration::from_millis(3);
+        times.attempt_begins(again, false);
+        times.attempt_ends(again + Duration::from_micros(5));
+        assert_eq!(times.started(), Some(start));
+        assert_eq!(times.completed(), Some(again + Duration::from_micros(5)));
+        assert_eq!(times.queue_wait(), Some(Duration::from_nanos(1_500)));
+        assert_eq!(times.handler_duration(), Some(Duration::from_micros(12)));
+        assert_eq!(
+            times.retry_wait(),
+            Some(Duration::from_millis(3) + Duration::from_micros(5) - Duration::from_micros(12))
+        );
+        // A time before `queued` (another clock) reads as `queued`, not as none.
+        times.attempt_begins(queued - Duration::from_millis(1), true);
+        assert_eq!(times.started(), Some(queued));
+    }
+
     #[test]
     fn a_word_sized_item_is_two_words_to_move() {
         assert_eq!(std::mem::size_of::<WorkItem<u64>>(), 16);

@@ -97,8 +97,7 @@ impl<I: Send + 'static> Attempt<I> {
         let mut stages = std::mem::take(&mut item.head.metadata.stages);
         if ctx.tracking {
             if let Some(times) = stages.last_mut() {
-                times.started.get_or_insert(now);
-                times.attempt_started = Some(now);
+                times.attempt_begins(now, false);
                 times.attempts = attempts;
             }
         }
@@ -255,10 +254,7 @@ impl<I: Send + 'static> Attempt<I> {
     fn stamp_completed<O>(&mut self, ctx: &RunCtx<I, O>, now: Instant) {
         if ctx.tracking {
             if let Some(times) = self.stages.last_mut() {
-                times.completed = Some(now);
-                if let Some(began) = times.attempt_started.take() {
-                    times.handler += now.saturating_duration_since(began);
-                }
+                times.attempt_ends(now);
             }
         }
     }

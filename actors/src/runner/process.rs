@@ -547,10 +547,7 @@ where
         // retry keeps its first attempt's start (as `Attempt::begin` does).
         if ctx.tracking {
             if let Some(times) = pending.attempt.stages.last_mut() {
-                if pending.attempt.attempts == 1 {
-                    times.started = Some(now);
-                }
-                times.attempt_started = Some(now);
+                times.attempt_begins(now, pending.attempt.attempts == 1);
             }
         }
         reporter.started(&pending.attempt.job_id);

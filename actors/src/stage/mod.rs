@@ -660,15 +660,7 @@ where
                 if stages.capacity() == 0 {
                     stages.reserve_exact(self.shared.config.stages.len() - self.index);
                 }
-                stages.push(StageTimes {
-                    stage: self.index as u16,
-                    attempts: 0,
-                    queued: now,
-                    started: None,
-                    completed: None,
-                    attempt_started: None,
-                    handler: Duration::ZERO,
-                });
+                stages.push(StageTimes::queued_at(self.index as u16, now));
             }
         }
         if self.shared.events.wants_lifecycle() {
