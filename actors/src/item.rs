@@ -134,15 +134,14 @@ impl FromIterator<Arc<str>> for NameList {
 /// When an item entered, started and left one stage.
 ///
 /// Kept for every stage of every retained result, so it is compact: the
-/// times after `queued` are nanoseconds since it (56 bytes in all, where
-/// four `Instant`s and a `Duration` would take 88).
+/// times after `queued` are nanoseconds since it (48 bytes in all, where
+/// four `Instant`s and a `Duration` took 88). When the attempt now running
+/// began is the attempt's, not the item's.
 #[derive(Clone)]
 pub struct StageTimes {
     queued: Instant,
     started: Since,
     completed: Since,
-    /// When the attempt now running started.
-    attempt_started: Since,
     /// The handler's time in nanoseconds, summed over the attempts that ended.
     handler_ns: u64,
     /// Handler runs on the item in this stage (more than 1 after retries).
@@ -191,31 +190,29 @@ impl StageTimes {
             queued,
             started: Since::default(),
             completed: Since::default(),
-            attempt_started: Since::default(),
             handler_ns: 0,
             attempts: 0,
             stage,
         }
     }
 
-    /// An attempt starts at `now`: the stage's start, if it is the first.
+    /// An attempt starts at `now`: the stage's start, if it is the first
+    /// (or none was stamped yet).
     pub(crate) fn attempt_begins(&mut self, now: Instant, first: bool) {
-        let at = Since::at(self.queued, now);
         if first || self.started.is_none() {
-            self.started = at;
+            self.started = Since::at(self.queued, now);
         }
-        self.attempt_started = at;
     }
 
-    /// The attempt running ended at `now`: its time is added to the handler's.
-    pub(crate) fn attempt_ends(&mut self, now: Instant) {
+    /// The attempt that `began` (if it was stamped) ended at `now`: its
+    /// time is added to the handler's.
+    pub(crate) fn attempt_ends(&mut self, began: Option<Instant>, now: Instant) {
         self.completed = Since::at(self.queued, now);
-        if let Some(began) = self.attempt_started.get(self.queued) {
+        if let Some(began) = began {
             let ns = now.saturating_duration_since(began).as_nanos();
             self.handler_ns = self
                 .handler_ns
                 .saturating_add(u64::try_from(ns).unwrap_or(u64::MAX));
-            self.attempt_started = Since::default();
         }
     }
 
@@ -683,19 +680,19 @@ mod size_tests {
     /// stage: its id and metadata stay behind one pointer, so a move of a
     /// word-sized item is two words, not a `memcpy` of the metadata.
     #[test]
-    fn stage_times_are_kept_in_56_bytes_and_read_back_exactly() {
-        assert_eq!(std::mem::size_of::<StageTimes>(), 56);
+    fn stage_times_are_kept_in_48_bytes_and_read_back_exactly() {
+        assert_eq!(std::mem::size_of::<StageTimes>(), 48);
         let queued = Instant::now();
         let mut times = StageTimes::queued_at(2, queued);
         assert_eq!((times.started(), times.completed()), (None, None));
         assert_eq!(times.handler_duration(), None);
         let start = queued + Duration::from_nanos(1_500);
         times.attempt_begins(start, false);
-        times.attempt_ends(start + Duration::from_micros(7));
+        times.attempt_ends(Some(start), start + Duration::from_micros(7));
         // A retry: the stage's start stays the first attempt's.
         let again = start + Duration::from_millis(3);
         times.attempt_begins(again, false);
-        times.attempt_ends(again + Duration::from_micros(5));
+        times.attempt_ends(Some(again), again + Duration::from_micros(5));
         assert_eq!(times.started(), Some(start));
         assert_eq!(times.completed(), Some(again + Duration::from_micros(5)));
         assert_eq!(times.queue_wait(), Some(Duration::from_nanos(1_500)));

@@ -79,6 +79,8 @@ pub(crate) struct Attempt<I> {
     pub(super) seq: u32,
     pub(super) names: Option<StageNames>,
     pub(super) stages: Vec<StageTimes>,
+    /// When this attempt began (stamped when tracking is on).
+    pub(super) began: Option<Instant>,
     pub(super) custom: Option<BTreeMap<String, serde_json::Value>>,
     /// A copy of the input, when the stage keeps one.
     pub(super) kept: Option<I>,
@@ -95,9 +97,11 @@ impl<I: Send + 'static> Attempt<I> {
         item.head.metadata.attempts += 1;
         let attempts = item.head.metadata.attempts;
         let mut stages = std::mem::take(&mut item.head.metadata.stages);
+        let mut began = None;
         if ctx.tracking {
             if let Some(times) = stages.last_mut() {
                 times.attempt_begins(now, false);
+                began = Some(now);
                 times.attempts = attempts;
             }
         }
@@ -117,6 +121,7 @@ impl<I: Send + 'static> Attempt<I> {
             seq: item.head.metadata.seq,
             names: item.head.metadata.names.take(),
             stages,
+            began,
             custom: (!custom.is_empty()).then(|| custom.clone()),
             kept,
             uncopied,
@@ -254,7 +259,7 @@ impl<I: Send + 'static> Attempt<I> {
     fn stamp_completed<O>(&mut self, ctx: &RunCtx<I, O>, now: Instant) {
         if ctx.tracking {
             if let Some(times) = self.stages.last_mut() {
-                times.attempt_ends(now);
+                times.attempt_ends(self.began.take(), now);
             }
         }
     }

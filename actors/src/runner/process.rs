@@ -548,6 +548,7 @@ where
         if ctx.tracking {
             if let Some(times) = pending.attempt.stages.last_mut() {
                 times.attempt_begins(now, pending.attempt.attempts == 1);
+                pending.attempt.began = Some(now);
             }
         }
         reporter.started(&pending.attempt.job_id);
