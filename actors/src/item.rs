@@ -150,24 +150,44 @@ pub struct StageTimes {
     pub(crate) stage: u16,
 }
 
+/// When an attempt began, as its stage's times count
+/// ([`StageTimes::attempt_begins`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AttemptStart(Since);
+
 /// A time after a stage's `queued`: 0 for none, else 1 + nanoseconds since
 /// it (`u64` nanoseconds span 584 years).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, Debug)]
 struct Since(u64);
 
 impl Since {
+    #[inline]
     fn at(base: Instant, t: Instant) -> Self {
-        let ns = t.saturating_duration_since(base).as_nanos();
-        Since(u64::try_from(ns).unwrap_or(u64::MAX - 1) + 1)
+        Since(nanos(t.saturating_duration_since(base)).saturating_add(1))
     }
 
     fn get(self, base: Instant) -> Option<Instant> {
         (self.0 != 0).then(|| base + Duration::from_nanos(self.0 - 1))
     }
 
+    /// How long after `queued` (no `Instant` arithmetic: stats read this
+    /// for every result).
+    #[inline]
+    fn since_queued(self) -> Option<Duration> {
+        (self.0 != 0).then(|| Duration::from_nanos(self.0 - 1))
+    }
+
     fn is_none(self) -> bool {
         self.0 == 0
     }
+}
+
+/// `d` in nanoseconds, saturating (in `u64`: cheaper than `as_nanos`'s `u128`).
+#[inline]
+fn nanos(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(d.subsec_nanos()))
 }
 
 impl fmt::Debug for StageTimes {
@@ -197,22 +217,25 @@ impl StageTimes {
     }
 
     /// An attempt starts at `now`: the stage's start, if it is the first
-    /// (or none was stamped yet).
-    pub(crate) fn attempt_begins(&mut self, now: Instant, first: bool) {
+    /// (or none was stamped yet). The attempt keeps what this returns for
+    /// [`attempt_ends`](Self::attempt_ends).
+    #[inline]
+    pub(crate) fn attempt_begins(&mut self, now: Instant, first: bool) -> AttemptStart {
+        let at = Since::at(self.queued, now);
         if first || self.started.is_none() {
-            self.started = Since::at(self.queued, now);
+            self.started = at;
         }
+        AttemptStart(at)
     }
 
     /// The attempt that `began` (if it was stamped) ended at `now`: its
-    /// time is added to the handler's.
-    pub(crate) fn attempt_ends(&mut self, began: Option<Instant>, now: Instant) {
+    /// time is added to the handler's (one clock subtraction per stamp).
+    #[inline]
+    pub(crate) fn attempt_ends(&mut self, began: Option<AttemptStart>, now: Instant) {
         self.completed = Since::at(self.queued, now);
-        if let Some(began) = began {
-            let ns = now.saturating_duration_since(began).as_nanos();
-            self.handler_ns = self
-                .handler_ns
-                .saturating_add(u64::try_from(ns).unwrap_or(u64::MAX));
+        if let Some(AttemptStart(began)) = began {
+            let ns = self.completed.0.saturating_sub(began.0);
+            self.handler_ns = self.handler_ns.saturating_add(ns);
         }
     }
 
@@ -244,14 +267,15 @@ impl StageTimes {
 
     /// Time spent waiting in the stage's queue.
     pub fn queue_wait(&self) -> Option<Duration> {
-        Some(self.started()?.saturating_duration_since(self.queued))
+        self.started.since_queued()
     }
 
     /// Time spent in the stage from the first attempt's start to the last
     /// one's end: the handler's time plus, after a failed attempt, the retry
     /// backoff and the wait in the queue again ([`retry_wait`](Self::retry_wait)).
     pub fn duration(&self) -> Option<Duration> {
-        Some(self.completed()?.saturating_duration_since(self.started()?))
+        let (started, completed) = (self.started.since_queued()?, self.completed.since_queued()?);
+        Some(completed.saturating_sub(started))
     }
 
     /// How long the handler ran on the item, summed over its attempts
@@ -687,12 +711,12 @@ mod size_tests {
         assert_eq!((times.started(), times.completed()), (None, None));
         assert_eq!(times.handler_duration(), None);
         let start = queued + Duration::from_nanos(1_500);
-        times.attempt_begins(start, false);
-        times.attempt_ends(Some(start), start + Duration::from_micros(7));
+        let began = times.attempt_begins(start, false);
+        times.attempt_ends(Some(began), start + Duration::from_micros(7));
         // A retry: the stage's start stays the first attempt's.
         let again = start + Duration::from_millis(3);
-        times.attempt_begins(again, false);
-        times.attempt_ends(Some(again), again + Duration::from_micros(5));
+        let began = times.attempt_begins(again, false);
+        times.attempt_ends(Some(began), again + Duration::from_micros(5));
         assert_eq!(times.started(), Some(start));
         assert_eq!(times.completed(), Some(again + Duration::from_micros(5)));
         assert_eq!(times.queue_wait(), Some(Duration::from_nanos(1_500)));

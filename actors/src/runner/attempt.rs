@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use super::RunCtx;
 use crate::contain;
 use crate::item::{
-    ItemError, ItemErrorKind, JobId, Permanent, StageNames, StageTimes, WorkItem, WorkItemMetadata,
-    WorkItemResult,
+    AttemptStart, ItemError, ItemErrorKind, JobId, Permanent, StageNames, StageTimes, WorkItem,
+    WorkItemMetadata, WorkItemResult,
 };
 use crate::outcome::{Failed, Outcome};
 
@@ -80,7 +80,7 @@ pub(crate) struct Attempt<I> {
     pub(super) names: Option<StageNames>,
     pub(super) stages: Vec<StageTimes>,
     /// When this attempt began (stamped when tracking is on).
-    pub(super) began: Option<Instant>,
+    pub(super) began: Option<AttemptStart>,
     pub(super) custom: Option<BTreeMap<String, serde_json::Value>>,
     /// A copy of the input, when the stage keeps one.
     pub(super) kept: Option<I>,
@@ -100,8 +100,7 @@ impl<I: Send + 'static> Attempt<I> {
         let mut began = None;
         if ctx.tracking {
             if let Some(times) = stages.last_mut() {
-                times.attempt_begins(now, false);
-                began = Some(now);
+                began = Some(times.attempt_begins(now, false));
                 times.attempts = attempts;
             }
         }

@@ -547,8 +547,8 @@ where
         // retry keeps its first attempt's start (as `Attempt::begin` does).
         if ctx.tracking {
             if let Some(times) = pending.attempt.stages.last_mut() {
-                times.attempt_begins(now, pending.attempt.attempts == 1);
-                pending.attempt.began = Some(now);
+                pending.attempt.began =
+                    Some(times.attempt_begins(now, pending.attempt.attempts == 1));
             }
         }
         reporter.started(&pending.attempt.job_id);
