@@ -27,7 +27,9 @@ use crate::runner::async_rt::AsyncRunner;
 use crate::runner::cpu;
 use crate::runner::process::ProcessRunner;
 use crate::runner::thread::ThreadRunner;
+use crate::shape::IntoChildren;
 use crate::shared::Shared;
+use crate::splitter::{Next, SplitControl, SplitMsg, Splitter, SplitterArgs};
 use crate::source::{DynSource, Source, erase_source};
 use crate::stage::{Downstream, Policies, Stage, StageArgs};
 use crate::tracker::TrackerMsg;
@@ -215,6 +217,63 @@ impl StageBinding {
                     );
                     let runner = ProcessRunner::<I, O>::new(spec, ctx.fail.clone());
                     spawn_stage::<I, O, _>(ctx, runner, None, outlet, policies).await
+                })
+            }),
+        }
+    }
+
+    /// This stage, with its output (a [`Children`](crate::shape::Children)
+    /// or a `Vec` per item) split into its items by a splitter between it
+    /// and the next stage.
+    pub(crate) fn split<P, O>(self) -> Self
+    where
+        P: IntoChildren<Child = O>,
+        O: Send + 'static,
+    {
+        let inner = self.spawn;
+        StageBinding {
+            kind: self.kind,
+            retries: self.retries,
+            spawn: Box::new(move |ctx, outlet| {
+                Box::pin(async move {
+                    let name = ctx.shared.config.stages[ctx.index].name.clone();
+                    let next = match outlet {
+                        None => Next::Tracker,
+                        Some(next) => Next::Stage(
+                            *next.downcast::<Arc<dyn Outlet<O>>>().map_err(|_| {
+                                format!("stage `{name}` splits into a type the next stage does not take (a bug in the builder)")
+                            })?,
+                        ),
+                    };
+                    let args = SplitterArgs {
+                        shared: ctx.shared.clone(),
+                        index: ctx.index,
+                        tracker: ctx.tracker.clone(),
+                        next,
+                    };
+                    let (splitter, _) = Actor::spawn_linked(
+                        None,
+                        Splitter::<P, O>::new(),
+                        args,
+                        ctx.supervisor.clone(),
+                    )
+                    .await?;
+                    let into: Arc<dyn Outlet<P>> = Arc::new(splitter.clone());
+                    let spawned = match inner(ctx, Some(Box::new(into))).await {
+                        Ok(spawned) => spawned,
+                        Err(e) => {
+                            splitter.stop(None);
+                            return Err(e);
+                        }
+                    };
+                    let _ = splitter.cast(SplitMsg::Connect(spawned.control.demand_port()));
+                    Ok(Spawned {
+                        inlet: spawned.inlet,
+                        control: Box::new(SplitControl {
+                            stage: spawned.control,
+                            splitter,
+                        }),
+                    })
                 })
             }),
         }

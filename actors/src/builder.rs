@@ -160,6 +160,7 @@ use crate::item::{WorkItem, WorkItemResult};
 use crate::pipeline::Pipeline;
 use crate::process::{self, ProcessOptions};
 use crate::root::PipelineParts;
+use crate::shape::IntoChildren;
 use crate::source::Source;
 use crate::stage::{Policies, key_fn};
 use crate::tracker::Callback;
@@ -246,6 +247,13 @@ pub enum BuildError {
         method: &'static str,
         /// The next stage to bind, or `none`.
         expected: String,
+    },
+    /// `.split()` was called before any stage was bound: it splits the
+    /// output of the stage bound just before it.
+    #[error("pipeline `{pipeline}`: .split() comes right after the stage whose output it splits (no stage is bound yet)")]
+    SplitWithoutStage {
+        /// The pipeline.
+        pipeline: String,
     },
     /// Neither `.source(..)` nor `.injected::<T>()` was called.
     #[error("pipeline `{pipeline}` has no input: call .source(..) or .injected::<T>()")]
@@ -707,6 +715,67 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         let policies = std::mem::take(&mut self.next);
         self.handlers
             .push(StageBinding::process(handler, options, policies));
+        self.retype()
+    }
+
+    /// Splits the output of the stage bound just before: that stage's
+    /// handler returns, for each item, its children, as a
+    /// [`Children<O>`](crate::shape::Children) (none: the item is filtered;
+    /// some in memory; an iterator or a stream drawn lazily) or a `Vec<O>`
+    /// (what a `Process` stage returns), and each child goes on to the next
+    /// stage as an item of its own. Works after every binding method
+    /// (`async_stage`, `sync_stage`, `retrying_*`, `process_stage`): the
+    /// stage's retries, timeout and dead letters apply to its handler.
+    ///
+    /// Children are drawn only as the next stage has room, and never more
+    /// than the room of the stages after it are unfinished at once, so one
+    /// item may split into millions. Each child's job id is
+    /// `<parent>/<index>` and its `custom` metadata is its parent's plus
+    /// [`PARENT_ID`](crate::shape::PARENT_ID); the admitted item is acked
+    /// once, when all its descendants are finished. See
+    /// [`crate::shape`] and `docs/shapes.md`.
+    ///
+    /// ```
+    /// use bergtalzug::prelude::*;
+    /// use bergtalzug::shape::Children;
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = PipelineConfig::new("lines", vec![
+    ///     StageConfig::new("split", ExecutionType::Thread).workers(2),
+    ///     StageConfig::new("store", ExecutionType::Async),
+    /// ]);
+    /// let files = ["a\nb\nc".to_string(), String::new()];
+    /// let results = Pipeline::builder(config)?
+    ///     .source(sources::iter(files))
+    ///     .sync_stage("split", |file: WorkItem<String>| {
+    ///         Ok(file.map(|text| {
+    ///             let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    ///             Children::iter(lines.into_iter())
+    ///         }))
+    ///     })
+    ///     .split()
+    ///     .async_stage("store", |line: WorkItem<String>| async move { Ok(line) })
+    ///     .build()?
+    ///     .run()
+    ///     .await?;
+    /// // Three lines, and the empty file: filtered, a success.
+    /// assert_eq!(results.len(), 4);
+    /// assert!(results.iter().all(|r| r.success));
+    /// # Ok(()) }
+    /// ```
+    pub fn split(mut self) -> PipelineBuilder<T, C::Child>
+    where
+        C: IntoChildren,
+    {
+        match self.handlers.pop() {
+            Some(last) => self.handlers.push(last.split::<C, C::Child>()),
+            None => {
+                self.error.get_or_insert(BuildError::SplitWithoutStage {
+                    pipeline: self.config.pipeline_name.clone(),
+                });
+            }
+        }
         self.retype()
     }
 

@@ -11,14 +11,17 @@
 //! `tests/layering.rs` checks the rule):
 //!
 //! 1. **The contract's data**: [`config`], [`item`], [`error`], [`source`]
-//!    (the `Source` trait), [`event`], [`stats`], [`dead_letter`], and the
+//!    (the `Source` trait), [`shape`] (split and filter), [`event`],
+//!    [`stats`], [`dead_letter`], `lineage` (whom a split item descends
+//!    from), and the
 //!    small utilities `clock`, `contain` (panics of user code) and
 //!    `outcome` (what a worker reports of an item).
 //! 2. **Ports**: `ports`, the traits the actors hold of one another.
 //! 3. **Runners and worker processes**: `runner/` (one execution model per
 //!    file, one attempt's judgement in `runner/attempt.rs`) and [`process`].
 //! 4. **Actors**: `source_actor`, `stage/` (the stage supervisor, split by
-//!    concern), `worker`, `tracker`, `root`, `monitor`; `binding` (how a
+//!    concern), `splitter` (draws a split stage's children), `worker`,
+//!    `tracker`, `root`, `monitor`; `binding` (how a
 //!    typed stage is spawned); the blackboard `shared` and the accounting
 //!    (`gauges`, `tally`, `metrics`).
 //! 5. **The front door**: [`PipelineBuilder`], [`Pipeline`], and [`embed`]
@@ -47,7 +50,9 @@ pub mod dead_letter;
 pub mod error;
 pub mod event;
 pub mod item;
+pub(crate) mod lineage;
 pub(crate) mod outcome;
+pub mod shape;
 pub mod source;
 pub mod stats;
 
@@ -67,6 +72,7 @@ pub(crate) mod monitor;
 pub(crate) mod root;
 pub(crate) mod shared;
 pub(crate) mod source_actor;
+pub(crate) mod splitter;
 pub(crate) mod stage;
 pub(crate) mod tally;
 pub(crate) mod tracker;
@@ -89,4 +95,5 @@ mod cluster {
     impl<I: Send + 'static, O: Send + 'static> ractor::Message for crate::stage::StageMsg<I, O> {}
     impl ractor::Message for crate::worker::WorkerMsg {}
     impl ractor::Message for crate::tracker::TrackerMsg {}
+    impl<P: Send + 'static, O: Send + 'static> ractor::Message for crate::splitter::SplitMsg<P, O> {}
 }
