@@ -27,7 +27,8 @@ use crate::runner::async_rt::AsyncRunner;
 use crate::runner::cpu;
 use crate::runner::process::ProcessRunner;
 use crate::runner::thread::ThreadRunner;
-use crate::shape::IntoChildren;
+use crate::batcher::{BatchControl, BatchKey, Batcher, BatcherArgs};
+use crate::shape::{Batch, IntoChildren};
 use crate::shared::Shared;
 use crate::splitter::{Next, SplitControl, SplitMsg, Splitter, SplitterArgs};
 use crate::source::{DynSource, Source, erase_source};
@@ -57,6 +58,8 @@ type SpawnFn = Box<dyn FnOnce(SpawnCtx, Option<Box<dyn Any + Send>>) -> SpawnFut
 pub(crate) struct StageBinding {
     kind: HandlerKind,
     retries: bool,
+    /// Bound with a batch method: a batcher in front of it.
+    batch: bool,
     spawn: SpawnFn,
 }
 
@@ -108,6 +111,7 @@ impl StageBinding {
         StageBinding {
             kind: HandlerKind::Async,
             retries: keep.is_some(),
+            batch: false,
             spawn: Box::new(move |ctx, outlet| {
                 Box::pin(spawn_stage::<I, O, _>(
                     ctx,
@@ -157,6 +161,7 @@ impl StageBinding {
         StageBinding {
             kind: HandlerKind::Blocking,
             retries: keep.is_some(),
+            batch: false,
             spawn: Box::new(move |ctx, outlet| {
                 Box::pin(async move {
                     let handler = Arc::new(handler);
@@ -199,6 +204,7 @@ impl StageBinding {
             // A failed attempt's input is decoded from the bytes sent to the
             // worker: retries need no copy and no `Clone`.
             retries: true,
+            batch: false,
             spawn: Box::new(move |ctx, outlet| {
                 Box::pin(async move {
                     let config = &ctx.shared.config.stages[ctx.index];
@@ -234,6 +240,7 @@ impl StageBinding {
         StageBinding {
             kind: self.kind,
             retries: self.retries,
+            batch: self.batch,
             spawn: Box::new(move |ctx, outlet| {
                 Box::pin(async move {
                     let name = ctx.shared.config.stages[ctx.index].name.clone();
@@ -277,6 +284,62 @@ impl StageBinding {
                 })
             }),
         }
+    }
+
+    /// This stage (whose input is batches) with a batcher in front of it,
+    /// which gathers the items the stage before sends into batches.
+    pub(crate) fn batch<I: Send + 'static>(self, key: Option<BatchKey<I>>) -> Self {
+        let inner = self.spawn;
+        StageBinding {
+            kind: self.kind,
+            retries: self.retries,
+            batch: true,
+            spawn: Box::new(move |ctx, outlet| {
+                Box::pin(async move {
+                    let name = ctx.shared.config.stages[ctx.index].name.clone();
+                    let (shared, index, tracker, supervisor) = (
+                        ctx.shared.clone(),
+                        ctx.index,
+                        ctx.tracker.clone(),
+                        ctx.supervisor.clone(),
+                    );
+                    let spawned = inner(ctx, outlet).await?;
+                    let stage = *spawned
+                        .inlet
+                        .downcast::<Arc<dyn Outlet<Batch<I>>>>()
+                        .map_err(|_| format!("stage `{name}` does not take batches (a bug in the builder)"))?;
+                    let args = BatcherArgs {
+                        shared,
+                        index,
+                        tracker,
+                        stage,
+                        key,
+                    };
+                    let (batcher, _) =
+                        match Actor::spawn_linked(None, Batcher::<I>::new(), args, supervisor).await {
+                            Ok(spawned) => spawned,
+                            Err(e) => {
+                                spawned.control.cell().stop(None);
+                                return Err(e.into());
+                            }
+                        };
+                    spawned.control.connect(Arc::new(batcher.clone()));
+                    let inlet: Arc<dyn Outlet<I>> = Arc::new(batcher.clone());
+                    Ok(Spawned {
+                        inlet: Box::new(inlet),
+                        control: Box::new(BatchControl {
+                            stage: spawned.control,
+                            batcher,
+                        }),
+                    })
+                })
+            }),
+        }
+    }
+
+    /// Whether it was bound with a batch method.
+    pub(crate) fn batches(&self) -> bool {
+        self.batch
     }
 
     /// Which kind of handler this is.

@@ -20,7 +20,8 @@
 //! 3. **Runners and worker processes**: `runner/` (one execution model per
 //!    file, one attempt's judgement in `runner/attempt.rs`) and [`process`].
 //! 4. **Actors**: `source_actor`, `stage/` (the stage supervisor, split by
-//!    concern), `splitter` (draws a split stage's children), `worker`,
+//!    concern), `splitter` (draws a split stage's children), `batcher`
+//!    (gathers a batch stage's items into batches), `worker`,
 //!    `tracker`, `root`, `monitor`; `binding` (how a
 //!    typed stage is spawned); the blackboard `shared` and the accounting
 //!    (`gauges`, `tally`, `metrics`).
@@ -64,6 +65,7 @@ pub mod process;
 pub(crate) mod runner;
 
 // Actors, their blackboard and the accounting.
+pub(crate) mod batcher;
 pub(crate) mod binding;
 pub(crate) mod gauges;
 #[cfg(feature = "metrics")]
@@ -96,4 +98,5 @@ mod cluster {
     impl ractor::Message for crate::worker::WorkerMsg {}
     impl ractor::Message for crate::tracker::TrackerMsg {}
     impl<P: Send + 'static, O: Send + 'static> ractor::Message for crate::splitter::SplitMsg<P, O> {}
+    impl<I: Send + 'static> ractor::Message for crate::batcher::BatchMsg<I> {}
 }

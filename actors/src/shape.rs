@@ -39,7 +39,7 @@ use std::pin::Pin;
 
 use futures::Stream;
 
-use crate::item::JobId;
+use crate::item::{JobId, WorkItem, WorkItemMetadata};
 
 /// The key in a child's `custom` metadata that holds its parent's job id.
 pub const PARENT_ID: &str = "parent_id";
@@ -80,7 +80,13 @@ pub(crate) enum Draw<O> {
     Iter(BoxIter<O>),
     /// A stream: polled on a task, a chunk at a time.
     Stream(BoxStream<O>),
+    /// A batch's outcomes: each item keeps its own id and metadata (they
+    /// are not derived, and not counted in the split's budget).
+    Members(std::vec::IntoIter<Member<O>>),
 }
+
+/// A batch member's id, metadata and outcome.
+pub(crate) type Member<O> = (JobId, WorkItemMetadata, anyhow::Result<O>);
 
 impl<O: Send + 'static> Children<O> {
     /// No children: the item is filtered (a success).
@@ -123,6 +129,7 @@ impl<O: Send + 'static> Children<O> {
     pub fn is_empty(&self) -> bool {
         match &self.0 {
             Draw::Ready(v) => v.len() == 0,
+            Draw::Members(v) => v.len() == 0,
             Draw::Iter(_) | Draw::Stream(_) => false,
         }
     }
@@ -142,6 +149,7 @@ impl<O> fmt::Debug for Children<O> {
             Draw::Ready(v) => write!(f, "Children({} in memory)", v.len()),
             Draw::Iter(_) => f.write_str("Children(iterator)"),
             Draw::Stream(_) => f.write_str("Children(stream)"),
+            Draw::Members(v) => write!(f, "Children({} batch outcomes)", v.len()),
         }
     }
 }
@@ -166,5 +174,62 @@ impl<O: Send + 'static> IntoChildren for Vec<O> {
     type Child = O;
     fn into_children(self) -> Children<O> {
         Children::from(self)
+    }
+}
+
+/// A batch of items, for a batch stage's handler (see
+/// [`PipelineBuilder::async_batch_stage`](crate::PipelineBuilder::async_batch_stage)):
+/// at most `batch_size` items, all of one key when the stage batches by
+/// key. The handler returns one outcome per item, in order.
+#[derive(Debug, Clone)]
+pub struct Batch<I> {
+    pub(crate) items: Vec<WorkItem<I>>,
+    pub(crate) key: Option<u64>,
+}
+
+impl<I> Batch<I> {
+    /// The items, in the order they arrived.
+    pub fn items(&self) -> &[WorkItem<I>] {
+        &self.items
+    }
+
+    /// The items, to take their data.
+    pub fn into_items(self) -> Vec<WorkItem<I>> {
+        self.items
+    }
+
+    /// How many items it holds.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Never true for a batch a handler is given.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The hash of its items' key, when the stage batches by key
+    /// ([`PipelineBuilder::batch_by`](crate::PipelineBuilder::batch_by)).
+    pub fn key(&self) -> Option<u64> {
+        self.key
+    }
+
+    /// Each item's id and metadata, kept while the handler runs.
+    pub(crate) fn members(&self) -> Vec<(JobId, WorkItemMetadata)> {
+        self.items
+            .iter()
+            .map(|i| (i.job_id().clone(), i.metadata().clone()))
+            .collect()
+    }
+}
+
+/// What a batch stage's handler returned, paired with its items: split
+/// back into the items by the splitter after the stage.
+pub(crate) struct Unbatched<O>(pub(crate) Vec<Member<O>>);
+
+impl<O: Send + 'static> IntoChildren for Unbatched<O> {
+    type Child = O;
+    fn into_children(self) -> Children<O> {
+        Children(Draw::Members(self.0.into_iter()))
     }
 }

@@ -235,8 +235,21 @@ impl<O: Send + 'static> SplitterState<O> {
     fn abort(&mut self) {
         self.aborting = true;
         let mut results: Vec<WorkItemResult> = Vec::new();
+        let mut unbatched = Vec::new();
         for parent in std::mem::take(&mut self.parents) {
-            results.push(self.cancelled(parent.id, parent.metadata));
+            match parent.draw {
+                // A batch some of whose items went on already: the rest
+                // are cancelled one by one (a cancelled batch would cancel
+                // them all).
+                Some(Draw::Members(rest)) => {
+                    for (id, metadata, outcome) in rest {
+                        crate::contain::drop_logged(outcome, || format!("cancelled item {id}"));
+                        results.push(self.cancelled(id, metadata));
+                    }
+                    unbatched.push(parent.id);
+                }
+                _ => results.push(self.cancelled(parent.id, parent.metadata)),
+            }
         }
         for child in std::mem::take(&mut self.outbox) {
             let (id, data, metadata) = child.into_parts();
@@ -245,6 +258,9 @@ impl<O: Send + 'static> SplitterState<O> {
         }
         if !results.is_empty() {
             let _ = self.tracker.cast(TrackerMsg::Finished(results));
+        }
+        for batch in unbatched {
+            let _ = self.tracker.cast(TrackerMsg::Unbatched(batch));
         }
     }
 
@@ -293,6 +309,18 @@ impl<O: Send + 'static> SplitterState<O> {
             Next::Stage(_) => self.credit.saturating_sub(self.outbox.len()),
             Next::Tracker => CHUNK,
         };
+        if let Some(Draw::Members(_)) = parent.draw {
+            let k = want.min(CHUNK);
+            if k == 0 {
+                return false;
+            }
+            let Some(Draw::Members(mut members)) = parent.draw.take() else {
+                unreachable!("matched above")
+            };
+            let chunk: Vec<_> = members.by_ref().take(k).collect();
+            self.members_drawn(chunk, members);
+            return true;
+        }
         let live = self.shared.gauges[self.index]
             .derived_live
             .load(Ordering::Acquire);
@@ -347,6 +375,7 @@ impl<O: Send + 'static> SplitterState<O> {
                 });
                 false
             }
+            Draw::Members(_) => unreachable!("drawn above"),
             Draw::Stream(mut children) => {
                 self.drawing = true;
                 let me = myself.clone();
@@ -379,6 +408,47 @@ impl<O: Send + 'static> SplitterState<O> {
                 });
                 false
             }
+        }
+    }
+
+    /// A chunk of a batch's outcomes: each item goes on (or fails) under
+    /// its own id; after the last, the batch is forgotten.
+    fn members_drawn(
+        &mut self,
+        chunk: Vec<crate::shape::Member<O>>,
+        rest: std::vec::IntoIter<crate::shape::Member<O>>,
+    ) {
+        let mut finished = Vec::new();
+        let finished_at = self.shared.config.enable_tracking.then(crate::clock::now);
+        for (id, metadata, outcome) in chunk {
+            match outcome {
+                Ok(data) => {
+                    let mut item = WorkItem::with_job_id(id, data);
+                    *item.metadata_mut() = metadata;
+                    match self.next {
+                        Next::Stage(_) => self.outbox.push_back(item),
+                        Next::Tracker => {
+                            finished.push(WorkItemResult::completed(item, finished_at))
+                        }
+                    }
+                }
+                Err(e) => {
+                    let mut error =
+                        ItemError::new(&*self.name, ItemErrorKind::Failed, format!("{e:#}"));
+                    error.attempts = metadata.attempts().max(1);
+                    crate::contain::drop_logged(e, || "an item's error".into());
+                    finished.push(WorkItemResult::failed(id, metadata, error));
+                }
+            }
+        }
+        if !finished.is_empty() {
+            let _ = self.tracker.cast(TrackerMsg::Finished(finished));
+        }
+        if rest.len() == 0 {
+            let batch = self.parents.pop_front().expect("a batch is being drawn");
+            let _ = self.tracker.cast(TrackerMsg::Unbatched(batch.id));
+        } else if let Some(parent) = self.parents.front_mut() {
+            parent.draw = Some(Draw::Members(rest));
         }
     }
 

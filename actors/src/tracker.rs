@@ -67,6 +67,16 @@ pub(crate) enum TrackerMsg {
     /// ended with at least one child, so `parent` is no item any more (a
     /// split with none sends the parent's own, filtered, result instead).
     Retired(JobId),
+    /// From a batcher, before the batch goes to its stage: the items in
+    /// it (their ids and metadata), for the batch's failure to become
+    /// theirs.
+    Batched {
+        batch: JobId,
+        members: Vec<(JobId, WorkItemMetadata)>,
+    },
+    /// From the splitter after a batch stage: the batch's items went on
+    /// with their own outcomes; forget it.
+    Unbatched(JobId),
     /// From the root, after a stage ended from outside and the others were
     /// killed: answered once every message before it is handled (every
     /// outcome the stages sent is recorded and released to the source).
@@ -104,6 +114,8 @@ pub(crate) struct TrackerState {
     results: Vec<WorkItemResult>,
     /// Which admitted item each split's child descends from.
     lineage: Lineage,
+    /// The items of each batch in a batch stage.
+    batches: FxHashMap<JobId, Vec<(JobId, WorkItemMetadata)>>,
     input_closed: bool,
     /// Items the stages will never report were given up (`Lost`).
     swept: bool,
@@ -129,6 +141,7 @@ impl Actor for Tracker {
             inputs: FxHashMap::default(),
             results: Vec::new(),
             lineage: Lineage::default(),
+            batches: FxHashMap::default(),
             input_closed: false,
             swept: false,
             done: false,
@@ -193,6 +206,12 @@ impl Actor for Tracker {
                 children,
                 stage,
             } => state.lineage.derived(&parent, children, stage),
+            TrackerMsg::Batched { batch, members } => {
+                state.batches.insert(batch, members);
+            }
+            TrackerMsg::Unbatched(batch) => {
+                state.batches.remove(&batch);
+            }
             TrackerMsg::Retired(parent) => {
                 let (made_by, settled) = state.lineage.retired(&parent);
                 state.made_by(made_by);
@@ -253,6 +272,11 @@ enum Origin {
 
 impl TrackerState {
     async fn record(&mut self, results: Vec<WorkItemResult>, origin: Origin) {
+        let results = if self.batches.is_empty() {
+            results
+        } else {
+            self.unbatch(results)
+        };
         let tracking = self.shared.config.enable_tracking;
         let mut roots = Roots::default();
         let shared = self.shared.clone();
@@ -329,6 +353,35 @@ impl TrackerState {
         self.settle(roots);
     }
 
+    /// A batch's result (a failure of the whole batch: an error, a panic,
+    /// a timeout, an abort) becomes each of its items' result.
+    fn unbatch(&mut self, results: Vec<WorkItemResult>) -> Vec<WorkItemResult> {
+        let mut out = Vec::with_capacity(results.len());
+        for result in results {
+            let Some(members) = self.batches.remove(&result.job_id) else {
+                out.push(result);
+                continue;
+            };
+            if let Some(input) = self.inputs.remove(&result.job_id) {
+                crate::contain::drop_logged(input, || format!("the kept input of batch {}", result.job_id));
+            }
+            let n = members.len();
+            for (id, metadata) in members {
+                let error = result.error.clone().map(|mut e| {
+                    e.message = format!("its batch of {n} failed: {}", e.message);
+                    e
+                });
+                out.push(WorkItemResult {
+                    job_id: id,
+                    success: error.is_none(),
+                    error,
+                    metadata,
+                });
+            }
+        }
+        out
+    }
+
     /// A derived item left the budget of the split that made it.
     fn made_by(&self, stage: Option<u16>) {
         if let Some(stage) = stage {
@@ -357,7 +410,7 @@ impl TrackerState {
             let Some(sink) = self.dead_letters.as_mut() else {
                 return;
             };
-            let window = self.shared.config.stages.iter().map(|s| s.capacity()).sum();
+            let window = self.shared.config.stages.iter().map(|s| s.item_room()).sum();
             let mut stop_waiting = self.shared.stop_waiting.subscribe();
             if !sink
                 .deliver(
