@@ -96,6 +96,8 @@ pub use bergtalzug_actors::embed;
 pub use bergtalzug_actors::event;
 /// Split and filter: [`shape::Children`], what a splitting stage returns, and the lineage keys.
 pub use bergtalzug_actors::shape;
+/// Per-worker resources: [`resource::Held`], what `async_stage_with` hands its handler.
+pub use bergtalzug_actors::resource;
 
 #[doc(inline)]
 pub use bergtalzug_actors::config::{

@@ -159,6 +159,7 @@ use crate::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::item::{WorkItem, WorkItemResult};
 use crate::pipeline::Pipeline;
 use crate::process::{self, ProcessOptions};
+use crate::resource::{Held, ResourcePool};
 use crate::root::PipelineParts;
 use crate::batcher::{BatchKey, batch_key};
 use crate::binding::StageBinding as Binding;
@@ -631,6 +632,110 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         self.handlers
             .push(StageBinding::asynchronous_retrying(handler, policies));
         self.retype()
+    }
+
+    /// Binds the handler of the next stage, an `Async` one, with a
+    /// resource per worker: `init` builds it (a connection, a client) the
+    /// first time a worker needs one, and the handler gets it, [`Held`],
+    /// with each item; it goes back to the stage when the handler's
+    /// future is done, for the next item. A failing `init` fails the item
+    /// `Panicked` with the stage and its error and replaces the worker,
+    /// counted against the stage's restart budget. See [`crate::resource`].
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use std::sync::Arc;
+    /// use bergtalzug::prelude::*;
+    /// use bergtalzug::resource::Held;
+    ///
+    /// struct Connection { queries: u64 }
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let opened = Arc::new(AtomicUsize::new(0));
+    /// let config = PipelineConfig::new("store", vec![
+    ///     StageConfig::new("insert", ExecutionType::Async).workers(3),
+    /// ]);
+    /// let o = opened.clone();
+    /// let results = Pipeline::builder(config)?
+    ///     .source(sources::iter(0..100u32))
+    ///     .async_stage_with(
+    ///         "insert",
+    ///         move || {
+    ///             o.fetch_add(1, Ordering::SeqCst);
+    ///             async { Ok(Connection { queries: 0 }) }
+    ///         },
+    ///         |item: WorkItem<u32>, mut db: Held<Connection>| async move {
+    ///             db.queries += 1;
+    ///             Ok(item)
+    ///         },
+    ///     )
+    ///     .build()?
+    ///     .run()
+    ///     .await?;
+    /// assert_eq!(results.len(), 100);
+    /// assert!(opened.load(Ordering::SeqCst) <= 3, "one connection per worker at most");
+    /// # Ok(()) }
+    /// ```
+    pub fn async_stage_with<R, O, Init, InitFut, F, Fut>(
+        self,
+        name: &str,
+        init: Init,
+        handler: F,
+    ) -> PipelineBuilder<T, O>
+    where
+        R: Send + 'static,
+        O: Send + 'static,
+        Init: Fn() -> InitFut + Send + Sync + 'static,
+        InitFut: Future<Output = anyhow::Result<R>> + Send + 'static,
+        F: Fn(WorkItem<C>, Held<R>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<WorkItem<O>>> + Send + 'static,
+    {
+        let pool = ResourcePool::new(name);
+        let init = std::sync::Arc::new(init);
+        let handler = std::sync::Arc::new(handler);
+        self.async_stage(name, move |item: WorkItem<C>| {
+            let (pool, init, handler) = (pool.clone(), init.clone(), handler.clone());
+            async move {
+                let held = match pool.take() {
+                    Some(held) => held,
+                    None => match init().await {
+                        Ok(value) => pool.hold(value),
+                        Err(e) => pool.failed(e),
+                    },
+                };
+                handler(item, held).await
+            }
+        })
+    }
+
+    /// Binds the handler of the next stage, a `Thread` or `Cpu` one, with
+    /// a resource per worker built by a blocking `init` (see
+    /// [`async_stage_with`](Self::async_stage_with)); the handler gets it
+    /// as `&mut R` with each item.
+    pub fn sync_stage_with<R, O, Init, F>(
+        self,
+        name: &str,
+        init: Init,
+        handler: F,
+    ) -> PipelineBuilder<T, O>
+    where
+        R: Send + 'static,
+        O: Send + 'static,
+        Init: Fn() -> anyhow::Result<R> + Send + Sync + 'static,
+        F: Fn(&mut R, WorkItem<C>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
+    {
+        let pool = ResourcePool::new(name);
+        self.sync_stage(name, move |item: WorkItem<C>| {
+            let mut held = match pool.take() {
+                Some(held) => held,
+                None => match init() {
+                    Ok(value) => pool.hold(value),
+                    Err(e) => pool.failed(e),
+                },
+            };
+            handler(&mut held, item)
+        })
     }
 
     /// Binds the handler of the next stage, a `Thread` or `Cpu` one.

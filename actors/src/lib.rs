@@ -13,7 +13,7 @@
 //! 1. **The contract's data**: [`config`], [`item`], [`error`], [`source`]
 //!    (the `Source` trait), [`shape`] (split and filter), [`event`],
 //!    [`stats`], [`dead_letter`], `lineage` (whom a split item descends
-//!    from), and the
+//!    from), [`resource`] (per-worker resources), and the
 //!    small utilities `clock`, `contain` (panics of user code) and
 //!    `outcome` (what a worker reports of an item).
 //! 2. **Ports**: `ports`, the traits the actors hold of one another.
@@ -53,6 +53,7 @@ pub mod event;
 pub mod item;
 pub(crate) mod lineage;
 pub(crate) mod outcome;
+pub mod resource;
 pub mod shape;
 pub mod source;
 pub mod stats;
