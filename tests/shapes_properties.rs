@@ -217,8 +217,8 @@ fn bound(config: &PipelineConfig, specs: &[Spec]) -> usize {
     for (i, spec) in specs.iter().enumerate() {
         match spec.shape {
             Shape::Split => {
-                let after: usize = stages[i + 1..].iter().map(|s| s.capacity()).sum();
-                extra += after.max(stages[i].capacity()) + spec.workers.max(2) * 4;
+                let after: usize = stages[i + 1..].iter().map(|s| s.item_room()).sum();
+                extra += after.max(stages[i].item_room()) + spec.workers.max(2) * 4;
             }
             Shape::Plain { retry: true } => extra += stages[i].capacity(),
             Shape::Plain { .. } | Shape::Batch { .. } => {}

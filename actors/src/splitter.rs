@@ -156,7 +156,7 @@ where
         let stages = &args.shared.config.stages;
         let config = &stages[args.index];
         // The room of the stages after it (its own, when it is the last).
-        let after: usize = stages[args.index + 1..].iter().map(|s| s.capacity()).sum();
+        let after: usize = stages[args.index + 1..].iter().map(|s| s.item_room()).sum();
         Ok(SplitterState {
             index: args.index,
             stage: args.index as u16,
@@ -170,7 +170,7 @@ where
             credit: 0,
             outbox: VecDeque::new(),
             drawing: false,
-            budget: after.max(config.capacity()).max(1),
+            budget: after.max(config.item_room()).max(1),
             wake_armed: false,
             aborting: false,
             shared: args.shared,
