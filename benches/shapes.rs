@@ -99,7 +99,10 @@ async fn bergtalzug(n: u64) -> u64 {
             let s = s.clone();
             async move {
                 let records = batch.into_items();
-                s.fetch_add(records.iter().map(|r| r.data).sum::<u64>(), Ordering::Relaxed);
+                s.fetch_add(
+                    records.iter().map(|r| r.data).sum::<u64>(),
+                    Ordering::Relaxed,
+                );
                 Ok(records.into_iter().map(|r| Ok(r.data)).collect())
             }
         })

@@ -127,7 +127,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(file.map(|_| Children::try_iter(lines.map(parse))))
         })
         .split()
-        .batch_by("write", |record: &WorkItem<Record>| record.data.kind.clone())
+        .batch_by("write", |record: &WorkItem<Record>| {
+            record.data.kind.clone()
+        })
         .async_batch_stage("write", move |batch: Batch<Record>| {
             let out_dir = out_dir.clone();
             async move {
@@ -155,7 +157,11 @@ async fn main() -> anyhow::Result<()> {
     assert_eq!(acks.len(), files, "one ack per file");
     let failed: Vec<&Ack> = acks.iter().filter(|a| !a.is_success()).collect();
     let expect_failed = usize::from(files > 2 && records >= 1000);
-    assert_eq!(failed.len(), expect_failed, "only the file with corrupt lines fails");
+    assert_eq!(
+        failed.len(),
+        expect_failed,
+        "only the file with corrupt lines fails"
+    );
     let mut written: HashMap<String, usize> = HashMap::new();
     for kind in kinds {
         let path = out.join(format!("{kind}.csv"));

@@ -108,12 +108,17 @@ async fn a_stopping_pipeline_flushes_partial_batches() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(seen.lock().unwrap().is_empty());
-    within(Duration::from_secs(60), pipeline.stop()).await.unwrap();
+    within(Duration::from_secs(60), pipeline.stop())
+        .await
+        .unwrap();
     let results = pipeline.run().await.unwrap();
     assert_eq!(results.len(), 7);
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 1);
-    assert!(seen[0].0 < Duration::from_secs(2), "flushed on stop, not at the timeout");
+    assert!(
+        seen[0].0 < Duration::from_secs(2),
+        "flushed on stop, not at the timeout"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -142,12 +147,18 @@ async fn per_key_batches_do_not_mix() {
     for (_, batch) in seen.iter() {
         assert!(batch.len() <= 4);
         let key = batch[0] % 3;
-        assert!(batch.iter().all(|n| n % 3 == key), "keys mixed in {batch:?}");
+        assert!(
+            batch.iter().all(|n| n % 3 == key),
+            "keys mixed in {batch:?}"
+        );
         all.extend(batch);
     }
     all.sort();
     assert_eq!(all, (0..40).collect::<Vec<_>>());
-    assert!(seen.iter().filter(|(_, b)| b.len() == 4).count() >= 8, "{seen:?}");
+    assert!(
+        seen.iter().filter(|(_, b)| b.len() == 4).count() >= 8,
+        "{seen:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,10 +178,15 @@ async fn a_bad_record_fails_alone_and_a_failed_batch_fails_each_item() {
     let pipeline = Pipeline::builder(config)
         .unwrap()
         .on_dead_letter(move |d| l.lock().unwrap().push(d.job_id.to_string()))
-        .source(sources::items((0..10u64).map(|n| WorkItem::with_job_id(format!("r{n}"), n))))
+        .source(sources::items(
+            (0..10u64).map(|n| WorkItem::with_job_id(format!("r{n}"), n)),
+        ))
         .sync_batch_stage("insert", |batch: Batch<u64>| {
             // The batch holding 7 is refused whole; 2 is refused alone.
-            anyhow::ensure!(batch.items().iter().all(|i| i.data != 7), "deadlock detected");
+            anyhow::ensure!(
+                batch.items().iter().all(|i| i.data != 7),
+                "deadlock detected"
+            );
             Ok(batch
                 .into_items()
                 .into_iter()
@@ -182,12 +198,20 @@ async fn a_bad_record_fails_alone_and_a_failed_batch_fails_each_item() {
         })
         .build()
         .unwrap();
-    let results = within(Duration::from_secs(30), pipeline.run()).await.unwrap();
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
     assert_unique_ids(&results);
     assert_eq!(results.len(), 10, "one result per item, none per batch");
     let failed: Vec<&WorkItemResult> = results.iter().filter(|r| !r.success).collect();
     let r2 = results.iter().find(|r| r.job_id == "r2".into()).unwrap();
-    assert!(r2.error.as_ref().unwrap().message.contains("constraint violated by 2"));
+    assert!(
+        r2.error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("constraint violated by 2")
+    );
     let r7 = results.iter().find(|r| r.job_id == "r7".into()).unwrap();
     let e7 = r7.error.as_ref().unwrap();
     assert!(e7.message.contains("deadlock detected"), "{}", e7.message);
@@ -269,7 +293,9 @@ async fn a_batch_timing_out_fails_each_of_its_items_timed_out() {
         })
         .build()
         .unwrap();
-    let results = within(Duration::from_secs(30), results.run()).await.unwrap();
+    let results = within(Duration::from_secs(30), results.run())
+        .await
+        .unwrap();
     assert_eq!(results.len(), 4);
     for r in &results {
         assert_eq!(r.error.as_ref().unwrap().kind, ItemErrorKind::TimedOut);
@@ -281,7 +307,9 @@ async fn a_split_then_batch_accounts_for_every_child() {
     let config = PipelineConfig::new(
         "files",
         vec![
-            StageConfig::new("read", ExecutionType::Thread).workers(1).queue_size(2),
+            StageConfig::new("read", ExecutionType::Thread)
+                .workers(1)
+                .queue_size(2),
             StageConfig::new("write", ExecutionType::Async)
                 .workers(1)
                 .queue_size(2)
@@ -293,14 +321,18 @@ async fn a_split_then_batch_accounts_for_every_child() {
     let pipeline = Pipeline::builder(config)
         .unwrap()
         .source(sources::iter([1000u64, 0, 7]))
-        .sync_stage("read", |file: WorkItem<u64>| Ok(file.map(|n| Children::iter(0..n))))
+        .sync_stage("read", |file: WorkItem<u64>| {
+            Ok(file.map(|n| Children::iter(0..n)))
+        })
         .split()
         .async_batch_stage("write", |batch: Batch<u64>| async move {
             Ok(batch.into_items().into_iter().map(|r| Ok(r.data)).collect())
         })
         .build()
         .unwrap();
-    within(Duration::from_secs(30), pipeline.run()).await.unwrap();
+    within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
     let stats = pipeline.stats().await.unwrap();
     assert_eq!(stats.admitted_items, 3);
     assert_eq!(stats.completed_items, 3);

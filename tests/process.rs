@@ -630,7 +630,8 @@ fn count_to(item: WorkItem<u64>) -> anyhow::Result<WorkItem<Vec<u64>>> {
 }
 
 async fn a_process_stage_splits_with_lineage() {
-    let config = PipelineConfig::new("split", vec![stage("split", 2)]).stats_interval(Duration::ZERO);
+    let config =
+        PipelineConfig::new("split", vec![stage("split", 2)]).stats_interval(Duration::ZERO);
     let items = [("a", 3u64), ("b", 0)].map(|(id, n)| WorkItem::with_job_id(id, n));
     let results = Pipeline::builder(config)
         .unwrap()

@@ -65,7 +65,9 @@ async fn each_worker_builds_its_resource_once_and_the_stage_drops_them() {
         )
         .build()
         .unwrap();
-    let results = within(Duration::from_secs(30), pipeline.run()).await.unwrap();
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
     assert_eq!(results.len(), 300);
     let built = built.load(Ordering::SeqCst);
     assert!((1..=3).contains(&built), "{built} resources for 3 workers");
@@ -125,7 +127,11 @@ async fn a_handler_that_panics_drops_its_resource_and_the_next_is_fresh() {
         .await
         .unwrap();
     assert_eq!(results.iter().filter(|r| !r.success).count(), 1);
-    assert_eq!(built.load(Ordering::SeqCst), 2, "a fresh resource after the panic");
+    assert_eq!(
+        built.load(Ordering::SeqCst),
+        2,
+        "a fresh resource after the panic"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

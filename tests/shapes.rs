@@ -77,7 +77,10 @@ fn blocking_split(item: WorkItem<u64>) -> anyhow::Result<WorkItem<Children<u64>>
     Ok(item.map(|n| Children::iter(0..n)))
 }
 
-async fn run_split(split: ExecutionType, items: &[(&str, u64)]) -> (Vec<WorkItemResult>, Vec<Ack>, PipelineStats) {
+async fn run_split(
+    split: ExecutionType,
+    items: &[(&str, u64)],
+) -> (Vec<WorkItemResult>, Vec<Ack>, PipelineStats) {
     let (source, acks) = source(items);
     let builder = Pipeline::builder(two_stages(split)).unwrap().source(source);
     let builder = match split {
@@ -101,7 +104,11 @@ async fn run_split(split: ExecutionType, items: &[(&str, u64)]) -> (Vec<WorkItem
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn children_carry_lineage_in_every_model() {
-    for model in [ExecutionType::Async, ExecutionType::Thread, ExecutionType::Cpu] {
+    for model in [
+        ExecutionType::Async,
+        ExecutionType::Thread,
+        ExecutionType::Cpu,
+    ] {
         let (results, acks, _) = run_split(model, &[("f1", 3), ("f2", 2)]).await;
         assert_unique_ids(&results);
         let mut ids: Vec<String> = results.iter().map(|r| r.job_id.to_string()).collect();
@@ -122,8 +129,12 @@ async fn children_carry_lineage_in_every_model() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_item_with_no_children_is_a_filtered_success() {
-    let (results, acks, stats) = run_split(ExecutionType::Thread, &[("empty", 0), ("one", 1)]).await;
-    let filtered: Vec<_> = results.iter().filter(|r| r.job_id == "empty".into()).collect();
+    let (results, acks, stats) =
+        run_split(ExecutionType::Thread, &[("empty", 0), ("one", 1)]).await;
+    let filtered: Vec<_> = results
+        .iter()
+        .filter(|r| r.job_id == "empty".into())
+        .collect();
     assert_eq!(filtered.len(), 1);
     assert!(filtered[0].success);
     assert_eq!(filtered[0].metadata.custom[FILTERED], true);
@@ -165,8 +176,15 @@ async fn a_split_item_is_acked_once_with_the_combined_outcome() {
     assert_eq!(acks.len(), 2, "one ack per admitted item: {acks:?}");
     assert!(by_id["good"].is_success());
     let bad = by_id["bad"];
-    let error = bad.error.as_ref().expect("a failed descendant fails the item");
-    assert!(error.message.starts_with("2 of 4 items"), "{}", error.message);
+    let error = bad
+        .error
+        .as_ref()
+        .expect("a failed descendant fails the item");
+    assert!(
+        error.message.starts_with("2 of 4 items"),
+        "{}",
+        error.message
+    );
     let mut failed: Vec<String> = bad.failed.iter().map(ToString::to_string).collect();
     failed.sort();
     assert_eq!(failed, ["bad/2", "bad/3"]);
@@ -189,7 +207,10 @@ async fn a_split_item_is_acked_once_with_the_combined_outcome() {
     assert_eq!(stats.derived_items_failed, 2);
     assert_eq!(stats.stages[0].derived, 8);
     assert_eq!(stats.stages[0].derived_live, 0);
-    assert_eq!(stats.stages[1].admitted, 7, "the failed child never reached store");
+    assert_eq!(
+        stats.stages[1].admitted, 7,
+        "the failed child never reached store"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,9 +221,8 @@ async fn a_panic_while_drawing_fails_the_rest_of_the_split_only() {
         .source(source)
         .sync_stage("split", |item: WorkItem<u64>| {
             Ok(item.map(|n| {
-                Children::iter((0..n).map(|i| {
-                    assert!(i < 3, "child {i} is too much");
-                    i
+                Children::iter((0..n).inspect(|i| {
+                    assert!(*i < 3, "child {i} is too much");
                 }))
             }))
         })
@@ -216,7 +236,10 @@ async fn a_panic_while_drawing_fails_the_rest_of_the_split_only() {
     assert_eq!(ok, 3, "the children drawn before the panic go on");
     let parent: Vec<_> = results.iter().filter(|r| r.job_id == "p".into()).collect();
     assert_eq!(parent.len(), 1);
-    assert_eq!(parent[0].error.as_ref().unwrap().kind, ItemErrorKind::Panicked);
+    assert_eq!(
+        parent[0].error.as_ref().unwrap().kind,
+        ItemErrorKind::Panicked
+    );
     let acks = acks.lock().unwrap();
     assert_eq!(acks.len(), 1);
     assert!(!acks[0].is_success());
@@ -246,8 +269,12 @@ async fn a_split_never_holds_more_children_than_the_room_after_it() {
     let config = PipelineConfig::new(
         "fanout",
         vec![
-            StageConfig::new("split", ExecutionType::Thread).workers(1).queue_size(1),
-            StageConfig::new("slow", ExecutionType::Async).workers(2).queue_size(8),
+            StageConfig::new("split", ExecutionType::Thread)
+                .workers(1)
+                .queue_size(1),
+            StageConfig::new("slow", ExecutionType::Async)
+                .workers(2)
+                .queue_size(8),
         ],
     )
     .stats_interval(Duration::ZERO)

@@ -147,7 +147,10 @@ fn plain(item: WorkItem<D>) -> anyhow::Result<WorkItem<D>> {
         return Err(Permanent(anyhow::anyhow!("bad value {v}")).into());
     }
     assert!(v % 13 != 5, "panic on {v}");
-    anyhow::ensure!(!(v % 5 == 1 && item.metadata().attempts() == 1), "transient {v}");
+    anyhow::ensure!(
+        !(v % 5 == 1 && item.metadata().attempts() == 1),
+        "transient {v}"
+    );
     Ok(item)
 }
 
@@ -159,7 +162,10 @@ async fn plain_async(item: WorkItem<D>) -> anyhow::Result<WorkItem<D>> {
     if v % 19 == 7 {
         tokio::time::sleep(TIMEOUT * 20).await;
     }
-    anyhow::ensure!(!(v % 5 == 1 && item.metadata().attempts() == 1), "transient {v}");
+    anyhow::ensure!(
+        !(v % 5 == 1 && item.metadata().attempts() == 1),
+        "transient {v}"
+    );
     Ok(item)
 }
 

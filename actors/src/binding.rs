@@ -16,6 +16,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::batcher::{BatchControl, BatchKey, Batcher, BatcherArgs};
 use crate::config::{ExecutionType, HandlerKind};
 use crate::item::WorkItem;
 use crate::ports::{FailPipeline, Outlet, StageControl};
@@ -27,11 +28,10 @@ use crate::runner::async_rt::AsyncRunner;
 use crate::runner::cpu;
 use crate::runner::process::ProcessRunner;
 use crate::runner::thread::ThreadRunner;
-use crate::batcher::{BatchControl, BatchKey, Batcher, BatcherArgs};
 use crate::shape::{Batch, IntoChildren};
 use crate::shared::Shared;
-use crate::splitter::{Next, SplitControl, SplitMsg, Splitter, SplitterArgs};
 use crate::source::{DynSource, Source, erase_source};
+use crate::splitter::{Next, SplitControl, SplitMsg, Splitter, SplitterArgs};
 use crate::stage::{Downstream, Policies, Stage, StageArgs};
 use crate::tracker::TrackerMsg;
 
@@ -307,7 +307,9 @@ impl StageBinding {
                     let stage = *spawned
                         .inlet
                         .downcast::<Arc<dyn Outlet<Batch<I>>>>()
-                        .map_err(|_| format!("stage `{name}` does not take batches (a bug in the builder)"))?;
+                        .map_err(|_| {
+                            format!("stage `{name}` does not take batches (a bug in the builder)")
+                        })?;
                     let args = BatcherArgs {
                         shared,
                         index,
@@ -315,14 +317,20 @@ impl StageBinding {
                         stage,
                         key,
                     };
-                    let (batcher, _) =
-                        match Actor::spawn_linked(None, Batcher::<I>::new(), args, supervisor).await {
-                            Ok(spawned) => spawned,
-                            Err(e) => {
-                                spawned.control.cell().stop(None);
-                                return Err(e.into());
-                            }
-                        };
+                    let (batcher, _) = match Actor::spawn_linked(
+                        None,
+                        Batcher::<I>::new(),
+                        args,
+                        supervisor,
+                    )
+                    .await
+                    {
+                        Ok(spawned) => spawned,
+                        Err(e) => {
+                            spawned.control.cell().stop(None);
+                            return Err(e.into());
+                        }
+                    };
                     spawned.control.connect(Arc::new(batcher.clone()));
                     let inlet: Arc<dyn Outlet<I>> = Arc::new(batcher.clone());
                     Ok(Spawned {

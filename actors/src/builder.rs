@@ -153,6 +153,8 @@ use std::marker::PhantomData;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::batcher::{BatchKey, batch_key};
+use crate::binding::StageBinding as Binding;
 use crate::binding::{SourceBinding, StageBinding};
 use crate::config::{ConfigError, ExecutionType, HandlerKind, PipelineConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterSink};
@@ -161,8 +163,6 @@ use crate::pipeline::Pipeline;
 use crate::process::{self, ProcessOptions};
 use crate::resource::{Held, ResourcePool};
 use crate::root::PipelineParts;
-use crate::batcher::{BatchKey, batch_key};
-use crate::binding::StageBinding as Binding;
 use crate::shape::{Batch, IntoChildren, Unbatched};
 use crate::source::Source;
 use crate::stage::{Policies, key_fn};
@@ -253,7 +253,9 @@ pub enum BuildError {
     },
     /// `.split()` was called before any stage was bound: it splits the
     /// output of the stage bound just before it.
-    #[error("pipeline `{pipeline}`: .split() comes right after the stage whose output it splits (no stage is bound yet)")]
+    #[error(
+        "pipeline `{pipeline}`: .split() comes right after the stage whose output it splits (no stage is bound yet)"
+    )]
     SplitWithoutStage {
         /// The pipeline.
         pipeline: String,
@@ -1169,15 +1171,16 @@ fn pair<O>(
     ))
 }
 
+/// What a batch stage's wrapped async handler returns.
+type BatchFuture<O> =
+    std::pin::Pin<Box<dyn Future<Output = anyhow::Result<WorkItem<Unbatched<O>>>> + Send>>;
+
 /// A batch handler as a stage's handler over one batch item: each item's
 /// id and metadata are kept aside while it runs, and paired with its
 /// outcome after.
 fn async_batches<I, O, F, Fut>(
     handler: F,
-) -> impl Fn(WorkItem<Batch<I>>) -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<WorkItem<Unbatched<O>>>> + Send>>
-+ Send
-+ Sync
-+ 'static
+) -> impl Fn(WorkItem<Batch<I>>) -> BatchFuture<O> + Send + Sync + 'static
 where
     I: Send + 'static,
     O: Send + 'static,

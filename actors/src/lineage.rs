@@ -198,7 +198,10 @@ mod tests {
     #[test]
     fn an_item_that_never_split_is_its_own_outcome() {
         let mut l = Lineage::default();
-        assert!(matches!(l.finished(&ok(&"a".into())), (None, Settled::Plain)));
+        assert!(matches!(
+            l.finished(&ok(&"a".into())),
+            (None, Settled::Plain)
+        ));
     }
 
     #[test]
@@ -208,10 +211,16 @@ mod tests {
         let kids: Vec<JobId> = (0..3).map(|i| crate::shape::derived_id(&root, i)).collect();
         l.derived(&root, kids[..2].to_vec(), 0);
         // A child finishes before its parent's split has ended.
-        assert!(matches!(l.finished(&ok(&kids[0])), (Some(0), Settled::Open)));
+        assert!(matches!(
+            l.finished(&ok(&kids[0])),
+            (Some(0), Settled::Open)
+        ));
         l.derived(&root, kids[2..].to_vec(), 0);
         assert!(matches!(l.retired(&root), (None, Settled::Open)));
-        assert!(matches!(l.finished(&failed(&kids[2])), (Some(0), Settled::Open)));
+        assert!(matches!(
+            l.finished(&failed(&kids[2])),
+            (Some(0), Settled::Open)
+        ));
         let (_, settled) = l.finished(&ok(&kids[1]));
         let Settled::Family(c) = settled else {
             panic!("the last node finishes the family")
@@ -234,7 +243,10 @@ mod tests {
         assert!(matches!(l.retired(&child), (Some(0), Settled::Open)));
         let (made_by, settled) = l.finished(&ok(&grandchild));
         assert_eq!(made_by, Some(1));
-        assert!(matches!(settled, Settled::Family(Combined { error: None, .. })));
+        assert!(matches!(
+            settled,
+            Settled::Family(Combined { error: None, .. })
+        ));
         assert_eq!(l.live(), 0);
     }
 }

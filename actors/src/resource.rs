@@ -83,7 +83,10 @@ impl<R> Drop for Held<R> {
         if std::thread::panicking() {
             // Its handler panicked: the resource may be broken.
             crate::contain::drop_logged(value, || {
-                format!("a resource of stage `{}` dropped after a panic", self.pool.stage)
+                format!(
+                    "a resource of stage `{}` dropped after a panic",
+                    self.pool.stage
+                )
             });
             return;
         }

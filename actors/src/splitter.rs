@@ -333,7 +333,10 @@ impl<O: Send + 'static> SplitterState<O> {
             }
             return false;
         }
-        let draw = parent.draw.take().expect("a parent not being drawn has its draw");
+        let draw = parent
+            .draw
+            .take()
+            .expect("a parent not being drawn has its draw");
         match draw {
             Draw::Ready(mut children) => {
                 let chunk: Vec<_> = children.by_ref().take(k).collect();
@@ -496,7 +499,8 @@ impl<O: Send + 'static> SplitterState<O> {
                         }
                     }
                     Err(e) => {
-                        let error = ItemError::new(&*self.name, ItemErrorKind::Failed, format!("{e:#}"));
+                        let error =
+                            ItemError::new(&*self.name, ItemErrorKind::Failed, format!("{e:#}"));
                         crate::contain::drop_logged(e, || "a child's error".into());
                         finished.push(WorkItemResult::failed(id, metadata, error));
                     }

@@ -111,13 +111,6 @@ impl Tally {
         }
     }
 
-    /// Counts (and, with tracking on, times) one finished item.
-    #[cfg(test)]
-    pub(crate) fn record(&mut self, result: &WorkItemResult, tracking: bool) {
-        self.count(result.error.as_ref());
-        self.time(result, tracking);
-    }
-
     /// Counts one admitted item finished, with its (combined) outcome.
     pub(crate) fn count(&mut self, error: Option<&crate::item::ItemError>) {
         self.finished += 1;

@@ -363,7 +363,9 @@ impl TrackerState {
                 continue;
             };
             if let Some(input) = self.inputs.remove(&result.job_id) {
-                crate::contain::drop_logged(input, || format!("the kept input of batch {}", result.job_id));
+                crate::contain::drop_logged(input, || {
+                    format!("the kept input of batch {}", result.job_id)
+                });
             }
             let n = members.len();
             for (id, metadata) in members {
@@ -410,7 +412,13 @@ impl TrackerState {
             let Some(sink) = self.dead_letters.as_mut() else {
                 return;
             };
-            let window = self.shared.config.stages.iter().map(|s| s.item_room()).sum();
+            let window = self
+                .shared
+                .config
+                .stages
+                .iter()
+                .map(|s| s.item_room())
+                .sum();
             let mut stop_waiting = self.shared.stop_waiting.subscribe();
             if !sink
                 .deliver(
