@@ -340,3 +340,49 @@ async fn a_split_then_batch_accounts_for_every_child() {
     assert_eq!(stats.derived_items_finished, 1007);
     assert_eq!(stats.stages[0].derived, 1007);
 }
+
+/// Before the fix the split's budget of live children was the batch
+/// stage's capacity counted in batches (here 2), so its batches could
+/// never fill: they left only at the timeout, two records at a time.
+#[tokio::test(start_paused = true)]
+async fn a_split_feeds_a_batch_stage_full_batches() {
+    let seen: Seen = Arc::default();
+    let start = Instant::now();
+    let config = PipelineConfig::new(
+        "files",
+        vec![
+            StageConfig::new("read", ExecutionType::Async)
+                .workers(1)
+                .queue_size(1),
+            StageConfig::new("insert", ExecutionType::Async)
+                .workers(1)
+                .queue_size(1)
+                .batch(500, Duration::from_secs(60)),
+        ],
+    )
+    .stats_interval(Duration::ZERO);
+    let pipeline = Pipeline::builder(config)
+        .unwrap()
+        .injected::<u64>()
+        .async_stage("read", |file: WorkItem<u64>| async move {
+            Ok(file.map(|n| Children::from((0..n).collect::<Vec<u64>>())))
+        })
+        .split()
+        .async_batch_stage("insert", recording(&seen, start))
+        .build()
+        .unwrap();
+    pipeline.start().await.unwrap();
+    pipeline.inject(vec![WorkItem::new(2000)]).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    {
+        let seen = seen.lock().unwrap();
+        let sizes: Vec<usize> = seen.iter().map(|(_, b)| b.len()).collect();
+        assert_eq!(
+            sizes,
+            [500, 500, 500, 500],
+            "full batches, long before the timeout"
+        );
+    }
+    pipeline.stop().await.unwrap();
+    assert_eq!(pipeline.run().await.unwrap().len(), 2000);
+}
