@@ -386,3 +386,57 @@ async fn a_split_feeds_a_batch_stage_full_batches() {
     pipeline.stop().await.unwrap();
     assert_eq!(pipeline.run().await.unwrap().len(), 2000);
 }
+
+#[test]
+fn batch_fields_read_from_files_and_are_checked() {
+    let text = r#"
+        pipeline_name = "load"
+        [[stages]]
+        name = "insert"
+        execution_type = "async"
+        batch_size = 500
+        batch_timeout = 2.5
+    "#;
+    let config = PipelineConfig::from_toml_str(text).unwrap();
+    assert_eq!(config.stages[0].batch_size, Some(500));
+    assert_eq!(
+        config.stages[0].batch_timeout,
+        Some(Duration::from_millis(2500))
+    );
+    let bad = text.replace("batch_size = 500", "batch_size = 0");
+    let error = PipelineConfig::from_toml_str(&bad).unwrap_err().to_string();
+    assert!(
+        error.contains("insert") && error.contains("batch_size"),
+        "{error}"
+    );
+    let orphan = text.replace("batch_size = 500", "");
+    let error = PipelineConfig::from_toml_str(&orphan)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("batch_timeout"), "{error}");
+}
+
+#[test]
+fn a_batch_stage_bound_one_item_at_a_time_is_a_build_error_naming_it() {
+    let config = batch_config(10, Duration::from_secs(1));
+    let error = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::iter(0..3u64))
+        .async_stage("insert", |i: WorkItem<u64>| async move { Ok(i) })
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(error, BuildError::BatchMismatch { ref stage, .. } if stage == "insert"),
+        "{error}"
+    );
+    let plain = PipelineConfig::new("p", vec![StageConfig::new("insert", ExecutionType::Async)]);
+    let error = Pipeline::builder(plain)
+        .unwrap()
+        .source(sources::iter(0..3u64))
+        .async_batch_stage("insert", |b: Batch<u64>| async move {
+            Ok(b.into_items().into_iter().map(|i| Ok(i.data)).collect())
+        })
+        .build()
+        .unwrap_err();
+    assert!(error.to_string().contains("no batch_size"), "{error}");
+}
