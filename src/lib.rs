@@ -94,6 +94,10 @@ pub use bergtalzug_actors::embed;
 /// Events and subscriptions: [`PipelineEvent`], [`EventFilter`],
 /// [`EventStream`] and their delivery policy.
 pub use bergtalzug_actors::event;
+/// Per-worker resources: [`resource::Held`], what `async_stage_with` hands its handler.
+pub use bergtalzug_actors::resource;
+/// Split and filter: [`shape::Children`], what a splitting stage returns, and the lineage keys.
+pub use bergtalzug_actors::shape;
 
 #[doc(inline)]
 pub use bergtalzug_actors::config::{

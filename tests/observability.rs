@@ -213,6 +213,8 @@ async fn stats_json_has_exactly_the_documented_shape() {
         "stalled_items",
         "source_errors",
         "held_back_by",
+        "derived_items_finished",
+        "derived_items_failed",
         "stages",
     ];
     pipeline_keys.sort_unstable();
@@ -232,6 +234,8 @@ async fn stats_json_has_exactly_the_documented_shape() {
         "utilisation",
         "stalled",
         "stuck_threads",
+        "derived",
+        "derived_live",
         "average_duration",
         "p50_duration",
         "p90_duration",

@@ -624,6 +624,38 @@ async fn job_ids_cross_unchanged() {
     assert!(returned.iter().all(|(i, n)| *n == 2 * *i as u64));
 }
 
+/// A Process stage's handler splits: `n` becomes `0..n` (0: filtered).
+fn count_to(item: WorkItem<u64>) -> anyhow::Result<WorkItem<Vec<u64>>> {
+    Ok(item.map(|n| (0..n).collect()))
+}
+
+async fn a_process_stage_splits_with_lineage() {
+    let config =
+        PipelineConfig::new("split", vec![stage("split", 2)]).stats_interval(Duration::ZERO);
+    let items = [("a", 3u64), ("b", 0)].map(|(id, n)| WorkItem::with_job_id(id, n));
+    let results = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::items(items))
+        .process_stage(&stage_name("split"), count_to)
+        .split()
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = results.iter().map(|r| r.job_id.to_string()).collect();
+    ids.sort();
+    assert_eq!(ids, ["a/0", "a/1", "a/2", "b"]);
+    assert!(results.iter().all(|r| r.success));
+    for r in &results {
+        match r.job_id.to_string().as_str() {
+            "b" => assert_eq!(r.metadata.custom[bergtalzug::shape::FILTERED], true),
+            _ => assert_eq!(r.metadata.custom[bergtalzug::shape::PARENT_ID], "a"),
+        }
+    }
+    no_children_left().await;
+}
+
 async fn workers_are_recycled_after_n_items() {
     let acts: Vec<Act> = (0..20).map(|_| Act::Pid).collect();
     let options = ProcessOptions::new().recycle_after(5);
@@ -1325,6 +1357,7 @@ fn main() {
         garbage_from_a_worker_fails_its_item_and_replaces_it,
         the_whole_item_crosses,
         job_ids_cross_unchanged,
+        a_process_stage_splits_with_lineage,
         workers_are_recycled_after_n_items,
         the_environment_is_inherited_by_default,
         the_environment_is_clean,

@@ -16,6 +16,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::batcher::{BatchControl, BatchKey, Batcher, BatcherArgs};
 use crate::config::{ExecutionType, HandlerKind};
 use crate::item::WorkItem;
 use crate::ports::{FailPipeline, Outlet, StageControl};
@@ -27,8 +28,10 @@ use crate::runner::async_rt::AsyncRunner;
 use crate::runner::cpu;
 use crate::runner::process::ProcessRunner;
 use crate::runner::thread::ThreadRunner;
+use crate::shape::{Batch, IntoChildren};
 use crate::shared::Shared;
 use crate::source::{DynSource, Source, erase_source};
+use crate::splitter::{Next, SplitControl, SplitMsg, Splitter, SplitterArgs};
 use crate::stage::{Downstream, Policies, Stage, StageArgs};
 use crate::tracker::TrackerMsg;
 
@@ -55,6 +58,8 @@ type SpawnFn = Box<dyn FnOnce(SpawnCtx, Option<Box<dyn Any + Send>>) -> SpawnFut
 pub(crate) struct StageBinding {
     kind: HandlerKind,
     retries: bool,
+    /// Bound with a batch method: a batcher in front of it.
+    batch: bool,
     spawn: SpawnFn,
 }
 
@@ -106,6 +111,7 @@ impl StageBinding {
         StageBinding {
             kind: HandlerKind::Async,
             retries: keep.is_some(),
+            batch: false,
             spawn: Box::new(move |ctx, outlet| {
                 Box::pin(spawn_stage::<I, O, _>(
                     ctx,
@@ -155,6 +161,7 @@ impl StageBinding {
         StageBinding {
             kind: HandlerKind::Blocking,
             retries: keep.is_some(),
+            batch: false,
             spawn: Box::new(move |ctx, outlet| {
                 Box::pin(async move {
                     let handler = Arc::new(handler);
@@ -197,6 +204,7 @@ impl StageBinding {
             // A failed attempt's input is decoded from the bytes sent to the
             // worker: retries need no copy and no `Clone`.
             retries: true,
+            batch: false,
             spawn: Box::new(move |ctx, outlet| {
                 Box::pin(async move {
                     let config = &ctx.shared.config.stages[ctx.index];
@@ -218,6 +226,128 @@ impl StageBinding {
                 })
             }),
         }
+    }
+
+    /// This stage, with its output (a [`Children`](crate::shape::Children)
+    /// or a `Vec` per item) split into its items by a splitter between it
+    /// and the next stage.
+    pub(crate) fn split<P, O>(self) -> Self
+    where
+        P: IntoChildren<Child = O>,
+        O: Send + 'static,
+    {
+        let inner = self.spawn;
+        StageBinding {
+            kind: self.kind,
+            retries: self.retries,
+            batch: self.batch,
+            spawn: Box::new(move |ctx, outlet| {
+                Box::pin(async move {
+                    let name = ctx.shared.config.stages[ctx.index].name.clone();
+                    let next = match outlet {
+                        None => Next::Tracker,
+                        Some(next) => Next::Stage(
+                            *next.downcast::<Arc<dyn Outlet<O>>>().map_err(|_| {
+                                format!("stage `{name}` splits into a type the next stage does not take (a bug in the builder)")
+                            })?,
+                        ),
+                    };
+                    let args = SplitterArgs {
+                        shared: ctx.shared.clone(),
+                        index: ctx.index,
+                        tracker: ctx.tracker.clone(),
+                        next,
+                    };
+                    let (splitter, _) = Actor::spawn_linked(
+                        None,
+                        Splitter::<P, O>::new(),
+                        args,
+                        ctx.supervisor.clone(),
+                    )
+                    .await?;
+                    let into: Arc<dyn Outlet<P>> = Arc::new(splitter.clone());
+                    let spawned = match inner(ctx, Some(Box::new(into))).await {
+                        Ok(spawned) => spawned,
+                        Err(e) => {
+                            splitter.stop(None);
+                            return Err(e);
+                        }
+                    };
+                    let _ = splitter.cast(SplitMsg::Connect(spawned.control.demand_port()));
+                    Ok(Spawned {
+                        inlet: spawned.inlet,
+                        control: Box::new(SplitControl {
+                            stage: spawned.control,
+                            splitter,
+                        }),
+                    })
+                })
+            }),
+        }
+    }
+
+    /// This stage (whose input is batches) with a batcher in front of it,
+    /// which gathers the items the stage before sends into batches.
+    pub(crate) fn batch<I: Send + 'static>(self, key: Option<BatchKey<I>>) -> Self {
+        let inner = self.spawn;
+        StageBinding {
+            kind: self.kind,
+            retries: self.retries,
+            batch: true,
+            spawn: Box::new(move |ctx, outlet| {
+                Box::pin(async move {
+                    let name = ctx.shared.config.stages[ctx.index].name.clone();
+                    let (shared, index, tracker, supervisor) = (
+                        ctx.shared.clone(),
+                        ctx.index,
+                        ctx.tracker.clone(),
+                        ctx.supervisor.clone(),
+                    );
+                    let spawned = inner(ctx, outlet).await?;
+                    let stage = *spawned
+                        .inlet
+                        .downcast::<Arc<dyn Outlet<Batch<I>>>>()
+                        .map_err(|_| {
+                            format!("stage `{name}` does not take batches (a bug in the builder)")
+                        })?;
+                    let args = BatcherArgs {
+                        shared,
+                        index,
+                        tracker,
+                        stage,
+                        key,
+                    };
+                    let (batcher, _) = match Actor::spawn_linked(
+                        None,
+                        Batcher::<I>::new(),
+                        args,
+                        supervisor,
+                    )
+                    .await
+                    {
+                        Ok(spawned) => spawned,
+                        Err(e) => {
+                            spawned.control.cell().stop(None);
+                            return Err(e.into());
+                        }
+                    };
+                    spawned.control.connect(Arc::new(batcher.clone()));
+                    let inlet: Arc<dyn Outlet<I>> = Arc::new(batcher.clone());
+                    Ok(Spawned {
+                        inlet: Box::new(inlet),
+                        control: Box::new(BatchControl {
+                            stage: spawned.control,
+                            batcher,
+                        }),
+                    })
+                })
+            }),
+        }
+    }
+
+    /// Whether it was bound with a batch method.
+    pub(crate) fn batches(&self) -> bool {
+        self.batch
     }
 
     /// Which kind of handler this is.

@@ -153,13 +153,17 @@ use std::marker::PhantomData;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::batcher::{BatchKey, batch_key};
+use crate::binding::StageBinding as Binding;
 use crate::binding::{SourceBinding, StageBinding};
 use crate::config::{ConfigError, ExecutionType, HandlerKind, PipelineConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::item::{WorkItem, WorkItemResult};
 use crate::pipeline::Pipeline;
 use crate::process::{self, ProcessOptions};
+use crate::resource::{Held, ResourcePool};
 use crate::root::PipelineParts;
+use crate::shape::{Batch, IntoChildren, Unbatched};
 use crate::source::Source;
 use crate::stage::{Policies, key_fn};
 use crate::tracker::Callback;
@@ -247,6 +251,24 @@ pub enum BuildError {
         /// The next stage to bind, or `none`.
         expected: String,
     },
+    /// `.split()` was called before any stage was bound: it splits the
+    /// output of the stage bound just before it.
+    #[error(
+        "pipeline `{pipeline}`: .split() comes right after the stage whose output it splits (no stage is bound yet)"
+    )]
+    SplitWithoutStage {
+        /// The pipeline.
+        pipeline: String,
+    },
+    /// A stage whose config has a `batch_size` was bound with a method that
+    /// takes one item at a time, or a stage without one with a batch method.
+    #[error("stage `{stage}`: {hint}")]
+    BatchMismatch {
+        /// The stage.
+        stage: String,
+        /// What fits it.
+        hint: String,
+    },
     /// Neither `.source(..)` nor `.injected::<T>()` was called.
     #[error("pipeline `{pipeline}` has no input: call .source(..) or .injected::<T>()")]
     MissingSource {
@@ -301,6 +323,8 @@ pub struct PipelineBuilder<T, C, S = HasInput> {
     error: Option<BuildError>,
     /// The policies given for the next stage (`keyed_by`, `cost_by`).
     next: Policies<C>,
+    /// The batch key given for the next stage (`batch_by`).
+    batch_key: Option<BatchKey<C>>,
     _types: PhantomData<fn(T, S) -> C>,
 }
 
@@ -338,6 +362,7 @@ impl Pipeline<NoInput> {
             dead_letters: None,
             error: None,
             next: Policies::default(),
+            batch_key: None,
             _types: PhantomData,
         })
     }
@@ -363,6 +388,7 @@ impl<C> PipelineBuilder<NoInput, C, NeedsInput> {
             dead_letters: self.dead_letters,
             error: self.error,
             next: Policies::default(),
+            batch_key: None,
             _types: PhantomData,
         }
     }
@@ -610,6 +636,110 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         self.retype()
     }
 
+    /// Binds the handler of the next stage, an `Async` one, with a
+    /// resource per worker: `init` builds it (a connection, a client) the
+    /// first time a worker needs one, and the handler gets it, [`Held`],
+    /// with each item; it goes back to the stage when the handler's
+    /// future is done, for the next item. A failing `init` fails the item
+    /// `Panicked` with the stage and its error and replaces the worker,
+    /// counted against the stage's restart budget. See [`crate::resource`].
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use std::sync::Arc;
+    /// use bergtalzug::prelude::*;
+    /// use bergtalzug::resource::Held;
+    ///
+    /// struct Connection { queries: u64 }
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let opened = Arc::new(AtomicUsize::new(0));
+    /// let config = PipelineConfig::new("store", vec![
+    ///     StageConfig::new("insert", ExecutionType::Async).workers(3),
+    /// ]);
+    /// let o = opened.clone();
+    /// let results = Pipeline::builder(config)?
+    ///     .source(sources::iter(0..100u32))
+    ///     .async_stage_with(
+    ///         "insert",
+    ///         move || {
+    ///             o.fetch_add(1, Ordering::SeqCst);
+    ///             async { Ok(Connection { queries: 0 }) }
+    ///         },
+    ///         |item: WorkItem<u32>, mut db: Held<Connection>| async move {
+    ///             db.queries += 1;
+    ///             Ok(item)
+    ///         },
+    ///     )
+    ///     .build()?
+    ///     .run()
+    ///     .await?;
+    /// assert_eq!(results.len(), 100);
+    /// assert!(opened.load(Ordering::SeqCst) <= 3, "one connection per worker at most");
+    /// # Ok(()) }
+    /// ```
+    pub fn async_stage_with<R, O, Init, InitFut, F, Fut>(
+        self,
+        name: &str,
+        init: Init,
+        handler: F,
+    ) -> PipelineBuilder<T, O>
+    where
+        R: Send + 'static,
+        O: Send + 'static,
+        Init: Fn() -> InitFut + Send + Sync + 'static,
+        InitFut: Future<Output = anyhow::Result<R>> + Send + 'static,
+        F: Fn(WorkItem<C>, Held<R>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<WorkItem<O>>> + Send + 'static,
+    {
+        let pool = ResourcePool::new(name);
+        let init = std::sync::Arc::new(init);
+        let handler = std::sync::Arc::new(handler);
+        self.async_stage(name, move |item: WorkItem<C>| {
+            let (pool, init, handler) = (pool.clone(), init.clone(), handler.clone());
+            async move {
+                let held = match pool.take() {
+                    Some(held) => held,
+                    None => match init().await {
+                        Ok(value) => pool.hold(value),
+                        Err(e) => pool.failed(e),
+                    },
+                };
+                handler(item, held).await
+            }
+        })
+    }
+
+    /// Binds the handler of the next stage, a `Thread` or `Cpu` one, with
+    /// a resource per worker built by a blocking `init` (see
+    /// [`async_stage_with`](Self::async_stage_with)); the handler gets it
+    /// as `&mut R` with each item.
+    pub fn sync_stage_with<R, O, Init, F>(
+        self,
+        name: &str,
+        init: Init,
+        handler: F,
+    ) -> PipelineBuilder<T, O>
+    where
+        R: Send + 'static,
+        O: Send + 'static,
+        Init: Fn() -> anyhow::Result<R> + Send + Sync + 'static,
+        F: Fn(&mut R, WorkItem<C>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
+    {
+        let pool = ResourcePool::new(name);
+        self.sync_stage(name, move |item: WorkItem<C>| {
+            let mut held = match pool.take() {
+                Some(held) => held,
+                None => match init() {
+                    Ok(value) => pool.hold(value),
+                    Err(e) => pool.failed(e),
+                },
+            };
+            handler(&mut held, item)
+        })
+    }
+
     /// Binds the handler of the next stage, a `Thread` or `Cpu` one.
     pub fn sync_stage<O, F>(mut self, name: &str, handler: F) -> PipelineBuilder<T, O>
     where
@@ -710,12 +840,214 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         self.retype()
     }
 
+    /// Gives the next stage (`name`, a batch stage bound right after this
+    /// call) batches by key: items whose `key` is the same are batched
+    /// together (by target table, by partition), each key's batch cut on
+    /// its own size and timeout. Keys are compared by a 64-bit hash.
+    pub fn batch_by<K: std::hash::Hash>(
+        mut self,
+        name: &str,
+        key: impl Fn(&WorkItem<C>) -> K + Send + Sync + 'static,
+    ) -> Self {
+        if self.policy_in_place(name, "batch_by") {
+            self.batch_key = Some(batch_key(key));
+        }
+        self
+    }
+
+    /// Binds the handler of the next stage, an `Async` batch stage (its
+    /// config has a [`batch_size`](crate::config::StageConfig::batch_size)):
+    /// it gets a [`Batch`] of items and returns one outcome per item, in
+    /// order. An `Err` outcome fails its item alone; an `Err` from the
+    /// handler (or a panic, or the stage's timeout) fails the whole batch,
+    /// each item with the batch's error. Retries (with
+    /// [`retrying_async_batch_stage`](Self::retrying_async_batch_stage)),
+    /// the timeout and dead letters apply per batch attempt; results,
+    /// events, acks and dead letters are per item. Items leave the stage
+    /// under their own ids and metadata. See `docs/shapes.md`.
+    ///
+    /// # Errors
+    ///
+    /// [`build`](Self::build) fails with [`BuildError::BatchMismatch`] when
+    /// the stage has no `batch_size`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bergtalzug::prelude::*;
+    /// use bergtalzug::shape::Batch;
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = PipelineConfig::new("load", vec![
+    ///     StageConfig::new("insert", ExecutionType::Async).batch(100, Duration::from_millis(50)),
+    /// ]);
+    /// let results = Pipeline::builder(config)?
+    ///     .source(sources::iter(0..1000u32))
+    ///     .async_batch_stage("insert", |batch: Batch<u32>| async move {
+    ///         // One round trip for up to 100 rows; row 13 is refused alone.
+    ///         Ok(batch.into_items().into_iter().map(|row| {
+    ///             anyhow::ensure!(row.data != 13, "row 13 violates a constraint");
+    ///             Ok(row.data)
+    ///         }).collect())
+    ///     })
+    ///     .build()?
+    ///     .run()
+    ///     .await?;
+    /// assert_eq!(results.len(), 1000);
+    /// assert_eq!(results.iter().filter(|r| !r.success).count(), 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn async_batch_stage<O, F, Fut>(mut self, name: &str, handler: F) -> PipelineBuilder<T, O>
+    where
+        O: Send + 'static,
+        F: Fn(Batch<C>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<Vec<anyhow::Result<O>>>> + Send + 'static,
+    {
+        self.check(name, HandlerKind::Async);
+        let handler = async_batches(handler);
+        let binding = Binding::asynchronous(handler, Policies::default());
+        self.push_batch(binding)
+    }
+
+    /// [`async_batch_stage`](Self::async_batch_stage) for a stage with a
+    /// `retry` policy: a failed batch is tried again whole (a copy of it is
+    /// kept while an attempt runs).
+    pub fn retrying_async_batch_stage<O, F, Fut>(
+        mut self,
+        name: &str,
+        handler: F,
+    ) -> PipelineBuilder<T, O>
+    where
+        C: Clone,
+        O: Send + 'static,
+        F: Fn(Batch<C>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<Vec<anyhow::Result<O>>>> + Send + 'static,
+    {
+        self.check(name, HandlerKind::Async);
+        let handler = async_batches(handler);
+        let binding = Binding::asynchronous_retrying(handler, Policies::default());
+        self.push_batch(binding)
+    }
+
+    /// [`async_batch_stage`](Self::async_batch_stage) for a `Thread` or
+    /// `Cpu` batch stage: a blocking handler.
+    pub fn sync_batch_stage<O, F>(mut self, name: &str, handler: F) -> PipelineBuilder<T, O>
+    where
+        O: Send + 'static,
+        F: Fn(Batch<C>) -> anyhow::Result<Vec<anyhow::Result<O>>> + Send + Sync + 'static,
+    {
+        self.check(name, HandlerKind::Blocking);
+        let binding = Binding::blocking(sync_batches(handler), Policies::default());
+        self.push_batch(binding)
+    }
+
+    /// [`sync_batch_stage`](Self::sync_batch_stage) for a stage with a
+    /// `retry` policy: a failed batch is tried again whole.
+    pub fn retrying_sync_batch_stage<O, F>(
+        mut self,
+        name: &str,
+        handler: F,
+    ) -> PipelineBuilder<T, O>
+    where
+        C: Clone,
+        O: Send + 'static,
+        F: Fn(Batch<C>) -> anyhow::Result<Vec<anyhow::Result<O>>> + Send + Sync + 'static,
+    {
+        self.check(name, HandlerKind::Blocking);
+        let binding = Binding::blocking_retrying(sync_batches(handler), Policies::default());
+        self.push_batch(binding)
+    }
+
+    /// A batch stage's binding: its batcher in front, its splitter behind.
+    fn push_batch<O: Send + 'static>(mut self, binding: Binding) -> PipelineBuilder<T, O> {
+        let key = self.batch_key.take();
+        let binding = binding.split::<Unbatched<O>, O>().batch::<C>(key);
+        self.handlers.push(binding);
+        self.retype()
+    }
+
+    /// Splits the output of the stage bound just before: that stage's
+    /// handler returns, for each item, its children, as a
+    /// [`Children<O>`](crate::shape::Children) (none: the item is filtered;
+    /// some in memory; an iterator or a stream drawn lazily) or a `Vec<O>`
+    /// (what a `Process` stage returns), and each child goes on to the next
+    /// stage as an item of its own. Works after every binding method
+    /// (`async_stage`, `sync_stage`, `retrying_*`, `process_stage`): the
+    /// stage's retries, timeout and dead letters apply to its handler.
+    ///
+    /// Children are drawn only as the next stage has room, and never more
+    /// than the room of the stages after it are unfinished at once, so one
+    /// item may split into millions. Each child's job id is
+    /// `<parent>/<index>` and its `custom` metadata is its parent's plus
+    /// [`PARENT_ID`](crate::shape::PARENT_ID); the admitted item is acked
+    /// once, when all its descendants are finished. See
+    /// [`crate::shape`] and `docs/shapes.md`.
+    ///
+    /// ```
+    /// use bergtalzug::prelude::*;
+    /// use bergtalzug::shape::Children;
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = PipelineConfig::new("lines", vec![
+    ///     StageConfig::new("split", ExecutionType::Thread).workers(2),
+    ///     StageConfig::new("store", ExecutionType::Async),
+    /// ]);
+    /// let files = ["a\nb\nc".to_string(), String::new()];
+    /// let results = Pipeline::builder(config)?
+    ///     .source(sources::iter(files))
+    ///     .sync_stage("split", |file: WorkItem<String>| {
+    ///         Ok(file.map(|text| {
+    ///             let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    ///             Children::iter(lines.into_iter())
+    ///         }))
+    ///     })
+    ///     .split()
+    ///     .async_stage("store", |line: WorkItem<String>| async move { Ok(line) })
+    ///     .build()?
+    ///     .run()
+    ///     .await?;
+    /// // Three lines, and the empty file: filtered, a success.
+    /// assert_eq!(results.len(), 4);
+    /// assert!(results.iter().all(|r| r.success));
+    /// # Ok(()) }
+    /// ```
+    pub fn split(mut self) -> PipelineBuilder<T, C::Child>
+    where
+        C: IntoChildren,
+    {
+        match self.handlers.pop() {
+            Some(last) => self.handlers.push(last.split::<C, C::Child>()),
+            None => {
+                self.error.get_or_insert(BuildError::SplitWithoutStage {
+                    pipeline: self.config.pipeline_name.clone(),
+                });
+            }
+        }
+        self.retype()
+    }
+
     /// Checks the bindings and makes the pipeline (nothing runs yet).
     pub fn build(self) -> Result<Pipeline<T>, BuildError> {
         if let Some(error) = self.error {
             return Err(error);
         }
         for (stage, binding) in self.config.stages.iter().zip(&self.handlers) {
+            match (stage.batch_size.is_some(), binding.batches()) {
+                (true, false) => {
+                    return Err(BuildError::BatchMismatch {
+                        stage: stage.name.clone(),
+                        hint: "its config has a batch_size: bind it with .async_batch_stage or .sync_batch_stage (their retrying_ forms with a retry policy)".into(),
+                    });
+                }
+                (false, true) => {
+                    return Err(BuildError::BatchMismatch {
+                        stage: stage.name.clone(),
+                        hint: "it is bound with a batch method but its config has no batch_size: set one (StageConfig::batch)".into(),
+                    });
+                }
+                _ => {}
+            }
             let copies = binding.kind() != HandlerKind::Process && binding.retries();
             if copies && stage.retry.is_none() {
                 let async_kind = binding.kind() == HandlerKind::Async;
@@ -813,7 +1145,72 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
             dead_letters: self.dead_letters,
             error: self.error,
             next: Policies::default(),
+            batch_key: None,
             _types: PhantomData,
         }
+    }
+}
+
+/// Checks a batch handler's outcomes against its batch: one per item.
+fn pair<O>(
+    members: Vec<(crate::item::JobId, crate::item::WorkItemMetadata)>,
+    outcomes: Vec<anyhow::Result<O>>,
+) -> anyhow::Result<Unbatched<O>> {
+    anyhow::ensure!(
+        outcomes.len() == members.len(),
+        "the batch handler returned {} outcomes for {} items",
+        outcomes.len(),
+        members.len()
+    );
+    Ok(Unbatched(
+        members
+            .into_iter()
+            .zip(outcomes)
+            .map(|((id, metadata), outcome)| (id, metadata, outcome))
+            .collect(),
+    ))
+}
+
+/// What a batch stage's wrapped async handler returns.
+type BatchFuture<O> =
+    std::pin::Pin<Box<dyn Future<Output = anyhow::Result<WorkItem<Unbatched<O>>>> + Send>>;
+
+/// A batch handler as a stage's handler over one batch item: each item's
+/// id and metadata are kept aside while it runs, and paired with its
+/// outcome after.
+fn async_batches<I, O, F, Fut>(
+    handler: F,
+) -> impl Fn(WorkItem<Batch<I>>) -> BatchFuture<O> + Send + Sync + 'static
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    F: Fn(Batch<I>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<Vec<anyhow::Result<O>>>> + Send + 'static,
+{
+    move |item: WorkItem<Batch<I>>| {
+        let members = item.data.members();
+        let (id, batch, _) = item.into_parts();
+        let outcomes = handler(batch);
+        Box::pin(async move {
+            let unbatched = pair(members, outcomes.await?)?;
+            Ok(WorkItem::with_job_id(id, unbatched))
+        })
+    }
+}
+
+/// [`async_batches`] for a blocking handler.
+fn sync_batches<I, O, F>(
+    handler: F,
+) -> impl Fn(WorkItem<Batch<I>>) -> anyhow::Result<WorkItem<Unbatched<O>>> + Send + Sync + 'static
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    F: Fn(Batch<I>) -> anyhow::Result<Vec<anyhow::Result<O>>> + Send + Sync + 'static,
+{
+    move |item: WorkItem<Batch<I>>| {
+        let members = item.data.members();
+        let (id, batch, _) = item.into_parts();
+        let unbatched = pair(members, handler(batch)?)?;
+        Ok(WorkItem::with_job_id(id, unbatched))
     }
 }

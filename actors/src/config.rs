@@ -58,6 +58,11 @@ pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 /// memory by 900 MiB in 6 s and hung `stop()`), so validation refuses it.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
 
+/// A batch stage's batcher holds at most this many batches' worth of
+/// items (`BATCHER_ROOM * batch_size`): with more keys filling at once, the
+/// oldest batch is cut before it is full.
+pub const BATCHER_ROOM: usize = 4;
+
 /// How a stage runs its handler.
 ///
 /// | seed          | here      | runs on                                         |
@@ -170,6 +175,18 @@ pub struct StageConfig {
     /// [`AdaptiveWorkers`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adaptive: Option<AdaptiveWorkers>,
+    /// A batch stage's batches hold at most this many items (bound with a
+    /// `*_batch_stage` method of the builder); none by default. A batch is
+    /// cut when it is full, [`batch_timeout`](Self::batch_timeout) after its
+    /// first item, when its stage's batcher holds `4 * batch_size` items
+    /// (its oldest batch goes then), or as soon as the input is closed.
+    /// At most [`MAX_QUEUE_SIZE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// How long a batch waits for more items after its first; 1 s when
+    /// `batch_size` is set and this is not. Seconds in files.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_seconds")]
+    pub batch_timeout: Option<Duration>,
 }
 
 /// The range an adaptive stage keeps its worker count in. The stage grows
@@ -541,6 +558,36 @@ impl StageConfig {
             rate_limit: None,
             ordered: false,
             adaptive: None,
+            batch_size: None,
+            batch_timeout: None,
+        }
+    }
+
+    /// Makes this a batch stage: its handler gets batches of at most
+    /// `size` items, cut at the latest `timeout` after their first item
+    /// (see [`StageConfig::batch_size`]).
+    pub fn batch(mut self, size: usize, timeout: Duration) -> Self {
+        self.batch_size = Some(size);
+        self.batch_timeout = Some(timeout);
+        self
+    }
+
+    /// The batch timeout in force: `batch_timeout`, or 1 s.
+    pub fn batch_wait(&self) -> Duration {
+        self.batch_timeout.unwrap_or(Duration::from_secs(1))
+    }
+
+    /// Items (not batches) this stage may hold: [`capacity`](Self::capacity)
+    /// for a plain stage; for a batch stage, its capacity in batches of
+    /// `batch_size` plus its batcher's `4 * batch_size` ([`BATCHER_ROOM`]). Their sum over the
+    /// stages is the pipeline's window of admitted items.
+    pub fn item_room(&self) -> usize {
+        match self.batch_size {
+            None => self.capacity(),
+            Some(size) => self
+                .capacity()
+                .saturating_mul(size)
+                .saturating_add(size.saturating_mul(BATCHER_ROOM)),
         }
     }
 
@@ -883,6 +930,25 @@ impl PipelineConfig {
                     "must be longer than zero".into(),
                 ));
             }
+            match (stage.batch_size, stage.batch_timeout) {
+                (Some(0), _) => return Err(invalid("batch_size", "must be at least 1".into())),
+                (Some(n), _) if n > MAX_QUEUE_SIZE => {
+                    return Err(invalid(
+                        "batch_size",
+                        format!("must be at most {MAX_QUEUE_SIZE}, not {n}"),
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(invalid(
+                        "batch_timeout",
+                        "is set but batch_size is not: a batch stage needs both".into(),
+                    ));
+                }
+                (_, Some(t)) if t.is_zero() => {
+                    return Err(invalid("batch_timeout", "must be longer than zero".into()));
+                }
+                _ => {}
+            }
             if stage.timeout.is_some_and(|t| t.is_zero()) {
                 return Err(invalid("timeout", "must be longer than zero".into()));
             }
@@ -894,6 +960,9 @@ impl PipelineConfig {
                 stage.retry.map(|r| r.check()),
                 stage.rate_limit.map(|r| r.check()),
                 stage.adaptive.map(|a| a.check()),
+                stage
+                    .batch_timeout
+                    .map(|t| check_at_most_max("batch_timeout", t)),
             ];
             if let Some(Some(Err((field, message)))) =
                 durations.into_iter().find(|c| matches!(c, Some(Err(_))))

@@ -21,6 +21,12 @@ pub(crate) struct StageGauges {
     pub(crate) busy_ns: AtomicU64,
     /// Items reported stalled.
     pub(crate) stalled: AtomicU64,
+    /// Items its split made (children), so far; its splitter bumps it.
+    pub(crate) derived: AtomicU64,
+    /// Children its split made that are not finished (nor split again):
+    /// its splitter adds, the tracker takes away; bounded by the
+    /// splitter's budget.
+    pub(crate) derived_live: AtomicUsize,
     /// Threads given up and still running (Thread and Cpu stages); the
     /// stage's runner keeps it.
     pub(crate) stuck_threads: Arc<AtomicUsize>,

@@ -11,14 +11,18 @@
 //! `tests/layering.rs` checks the rule):
 //!
 //! 1. **The contract's data**: [`config`], [`item`], [`error`], [`source`]
-//!    (the `Source` trait), [`event`], [`stats`], [`dead_letter`], and the
+//!    (the `Source` trait), [`shape`] (split and filter), [`event`],
+//!    [`stats`], [`dead_letter`], `lineage` (whom a split item descends
+//!    from), [`resource`] (per-worker resources), and the
 //!    small utilities `clock`, `contain` (panics of user code) and
 //!    `outcome` (what a worker reports of an item).
 //! 2. **Ports**: `ports`, the traits the actors hold of one another.
 //! 3. **Runners and worker processes**: `runner/` (one execution model per
 //!    file, one attempt's judgement in `runner/attempt.rs`) and [`process`].
 //! 4. **Actors**: `source_actor`, `stage/` (the stage supervisor, split by
-//!    concern), `worker`, `tracker`, `root`, `monitor`; `binding` (how a
+//!    concern), `splitter` (draws a split stage's children), `batcher`
+//!    (gathers a batch stage's items into batches), `worker`,
+//!    `tracker`, `root`, `monitor`; `binding` (how a
 //!    typed stage is spawned); the blackboard `shared` and the accounting
 //!    (`gauges`, `tally`, `metrics`).
 //! 5. **The front door**: [`PipelineBuilder`], [`Pipeline`], and [`embed`]
@@ -47,7 +51,10 @@ pub mod dead_letter;
 pub mod error;
 pub mod event;
 pub mod item;
+pub(crate) mod lineage;
 pub(crate) mod outcome;
+pub mod resource;
+pub mod shape;
 pub mod source;
 pub mod stats;
 
@@ -59,6 +66,7 @@ pub mod process;
 pub(crate) mod runner;
 
 // Actors, their blackboard and the accounting.
+pub(crate) mod batcher;
 pub(crate) mod binding;
 pub(crate) mod gauges;
 #[cfg(feature = "metrics")]
@@ -67,6 +75,7 @@ pub(crate) mod monitor;
 pub(crate) mod root;
 pub(crate) mod shared;
 pub(crate) mod source_actor;
+pub(crate) mod splitter;
 pub(crate) mod stage;
 pub(crate) mod tally;
 pub(crate) mod tracker;
@@ -89,4 +98,6 @@ mod cluster {
     impl<I: Send + 'static, O: Send + 'static> ractor::Message for crate::stage::StageMsg<I, O> {}
     impl ractor::Message for crate::worker::WorkerMsg {}
     impl ractor::Message for crate::tracker::TrackerMsg {}
+    impl<P: Send + 'static, O: Send + 'static> ractor::Message for crate::splitter::SplitMsg<P, O> {}
+    impl<I: Send + 'static> ractor::Message for crate::batcher::BatchMsg<I> {}
 }

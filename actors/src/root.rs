@@ -611,6 +611,7 @@ impl<T: Send + 'static> PipelineState<T> {
             }));
         self.shared.fail(error);
         let _ = self.shared.closing.send_replace(true);
+        let _ = self.shared.input_closed.send_replace(true);
         let _ = self.tracker.cast(TrackerMsg::InputClosed);
     }
 

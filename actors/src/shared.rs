@@ -30,6 +30,9 @@ pub(crate) struct Shared {
     pub(crate) started: Mutex<Option<Instant>>,
     /// Set when the source should stop: a refill in progress is abandoned.
     pub(crate) closing: watch::Sender<bool>,
+    /// Set once no more items will be admitted (the source closed its
+    /// input, exhausted or stopped): batch stages then cut partial batches.
+    pub(crate) input_closed: watch::Sender<bool>,
     /// Set on abort (and at a stop's deadline): observers are no longer
     /// waited for (lossless subscribers, a full dead-letter channel).
     pub(crate) stop_waiting: watch::Sender<bool>,
@@ -69,6 +72,7 @@ impl Shared {
             events: Arc::new(EventHub::default()),
             started: Mutex::new(None),
             closing: watch::Sender::new(false),
+            input_closed: watch::Sender::new(false),
             stop_waiting: watch::Sender::new(false),
             report: Report::default(),
             failure: Mutex::new(None),

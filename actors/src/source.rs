@@ -97,8 +97,14 @@ pub type AckFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 pub struct Ack {
     /// The item's id.
     pub job_id: JobId,
-    /// Why it did not succeed; `None` when it did.
+    /// Why it did not succeed; `None` when it did. For an item that was
+    /// split (see [`crate::shape`]): the first failure among the items it
+    /// split into, its message counting them.
     pub error: Option<ItemError>,
+    /// For an item that was split: the ids of the items it split into that
+    /// failed (at most 1000 are named; `error` counts them all). Empty
+    /// otherwise.
+    pub failed: Vec<JobId>,
 }
 
 impl Ack {
@@ -111,6 +117,15 @@ impl Ack {
         Ack {
             job_id: result.job_id.clone(),
             error: result.error.clone(),
+            failed: Vec::new(),
+        }
+    }
+
+    pub(crate) fn combined(outcome: crate::lineage::Combined) -> Self {
+        Ack {
+            job_id: outcome.root,
+            error: outcome.error,
+            failed: outcome.failed,
         }
     }
 }

@@ -153,7 +153,7 @@ impl<T: Send + 'static> Actor for SourceActor<T> {
     ) -> Result<SourceState<T>, ActorProcessingErr> {
         let config = &args.shared.config;
         Ok(SourceState {
-            window: config.stages.iter().map(|s| s.capacity()).sum(),
+            window: config.stages.iter().map(|s| s.item_room()).sum(),
             max_refill: config.stages[0].queue_size,
             closing: args.shared.closing.subscribe(),
             active: config.enable_tracking.then(FxHashSet::default),
@@ -599,6 +599,8 @@ impl<T: Send + 'static> SourceState<T> {
             self.unadmitted.extend(self.carry.drain(..));
         }
         let _ = self.tracker.cast(TrackerMsg::InputClosed);
+        // Batch stages cut their partial batches from now on.
+        let _ = self.shared.input_closed.send_replace(true);
     }
 }
 

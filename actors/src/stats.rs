@@ -95,6 +95,13 @@ pub struct PipelineStats {
     /// receiver` for a full dead-letter channel; `None` while it waits for
     /// no observer.
     pub held_back_by: Option<String>,
+    /// Items split stages made (children, see [`crate::shape`]) that
+    /// reached a result, either way. They are not admitted items: an
+    /// admitted item that split counts once in `completed_items`, when all
+    /// its descendants are finished.
+    pub derived_items_finished: u64,
+    /// Those of `derived_items_finished` that failed.
+    pub derived_items_failed: u64,
     /// One entry per stage, in order.
     pub stages: Vec<StageStats>,
 }
@@ -140,6 +147,12 @@ pub struct StageStats {
     /// holds its stack and what its handler holds until the handler
     /// returns, then ends. Always 0 in other models.
     pub stuck_threads: usize,
+    /// Items this stage's split made (children), so far; 0 for a stage
+    /// that does not split.
+    pub derived: u64,
+    /// Items this stage's split made that are not finished yet (nor split
+    /// again): at most its budget, the room of the stages after it.
+    pub derived_live: usize,
     /// Mean handler time (tracking on).
     #[serde(serialize_with = "secs_opt")]
     pub average_duration: Option<Duration>,

@@ -81,6 +81,10 @@ pub(crate) struct Tally {
     pub(crate) finished: u64,
     pub(crate) failed: u64,
     pub(crate) cancelled: u64,
+    /// Derived items (split children) that reached a result, and how many
+    /// of them failed.
+    pub(crate) derived_finished: u64,
+    pub(crate) derived_failed: u64,
     total: Timings,
     service: Vec<Timings>,
     queue_wait: Vec<Timings>,
@@ -96,6 +100,8 @@ impl Tally {
             finished: 0,
             failed: 0,
             cancelled: 0,
+            derived_finished: 0,
+            derived_failed: 0,
             total: Timings::default(),
             service: (0..stages).map(|_| Timings::default()).collect(),
             queue_wait: (0..stages).map(|_| Timings::default()).collect(),
@@ -105,15 +111,25 @@ impl Tally {
         }
     }
 
-    /// Counts (and, with tracking on, times) one finished item.
-    pub(crate) fn record(&mut self, result: &WorkItemResult, tracking: bool) {
+    /// Counts one admitted item finished, with its (combined) outcome.
+    pub(crate) fn count(&mut self, error: Option<&crate::item::ItemError>) {
         self.finished += 1;
-        if let Some(error) = &result.error {
+        if let Some(error) = error {
             self.failed += 1;
             if error.kind == ItemErrorKind::Cancelled {
                 self.cancelled += 1;
             }
         }
+    }
+
+    /// Counts a derived item (a split's child) that reached its result.
+    pub(crate) fn count_derived(&mut self, failed: bool) {
+        self.derived_finished += 1;
+        self.derived_failed += u64::from(failed);
+    }
+
+    /// With tracking on, times one final item (admitted or derived).
+    pub(crate) fn time(&mut self, result: &WorkItemResult, tracking: bool) {
         if tracking {
             #[cfg(feature = "metrics")]
             let metrics = self.metrics.as_deref();
@@ -187,6 +203,8 @@ impl Tally {
                     utilisation,
                     stalled: g.stalled.load(Ordering::Relaxed),
                     stuck_threads: g.stuck_threads.load(Ordering::Relaxed),
+                    derived: g.derived.load(Ordering::Relaxed),
+                    derived_live: g.derived_live.load(Ordering::Relaxed),
                     average_duration: self.service[i].mean(),
                     p50_duration: p50,
                     p90_duration: p90,
@@ -243,6 +261,8 @@ impl Tally {
                 .sum(),
             held_back_by: live.held_back_by.clone(),
             source_errors: live.source_errors,
+            derived_items_finished: self.derived_finished,
+            derived_items_failed: self.derived_failed,
             stages,
         }
     }

@@ -28,9 +28,11 @@ use crate::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::event::PipelineEvent;
 use crate::item::JobId;
 use crate::item::{ItemError, ItemErrorKind, WorkItemMetadata, WorkItemResult};
+use crate::lineage::{Combined, Lineage, Settled};
 use crate::ports::{Releases, ReportFiled};
 use crate::shared::{FinishReport, Shared};
 use crate::source::Ack;
+use crate::tally::Tally;
 
 /// A completion callback: called once per item, on the tracker's task,
 /// which owns it (so it may keep state: `FnMut`, and needs no `Sync`).
@@ -54,6 +56,27 @@ pub(crate) enum TrackerMsg {
     InputClosed,
     /// From any actor: an event every subscriber must get.
     Event(PipelineEvent),
+    /// From a splitter (the split of stage `stage`), before it sends them
+    /// on: `parent` made these children (more may follow).
+    Derived {
+        parent: JobId,
+        children: Vec<JobId>,
+        stage: u16,
+    },
+    /// From a splitter, after its last `Derived` for `parent`: the split
+    /// ended with at least one child, so `parent` is no item any more (a
+    /// split with none sends the parent's own, filtered, result instead).
+    Retired(JobId),
+    /// From a batcher, before the batch goes to its stage: the items in
+    /// it (their ids and metadata), for the batch's failure to become
+    /// theirs.
+    Batched {
+        batch: JobId,
+        members: Vec<(JobId, WorkItemMetadata)>,
+    },
+    /// From the splitter after a batch stage: the batch's items went on
+    /// with their own outcomes; forget it.
+    Unbatched(JobId),
     /// From the root, after a stage ended from outside and the others were
     /// killed: answered once every message before it is handled (every
     /// outcome the stages sent is recorded and released to the source).
@@ -89,6 +112,10 @@ pub(crate) struct TrackerState {
     /// Kept inputs of failures not recorded yet.
     inputs: FxHashMap<JobId, Box<dyn Any + Send>>,
     results: Vec<WorkItemResult>,
+    /// Which admitted item each split's child descends from.
+    lineage: Lineage,
+    /// The items of each batch in a batch stage.
+    batches: FxHashMap<JobId, Vec<(JobId, WorkItemMetadata)>>,
     input_closed: bool,
     /// Items the stages will never report were given up (`Lost`).
     swept: bool,
@@ -113,6 +140,8 @@ impl Actor for Tracker {
             dead_letters: args.dead_letters,
             inputs: FxHashMap::default(),
             results: Vec::new(),
+            lineage: Lineage::default(),
+            batches: FxHashMap::default(),
             input_closed: false,
             swept: false,
             done: false,
@@ -144,8 +173,16 @@ impl Actor for Tracker {
                 message,
             } => {
                 if let Some(ids) = ids {
+                    let mut families = Vec::new();
                     let lost = ids
                         .into_iter()
+                        .filter(|id| match state.lineage.lost(id, &message, &stage) {
+                            Some(family) => {
+                                families.push(family);
+                                false
+                            }
+                            None => true,
+                        })
                         .map(|id| {
                             let error =
                                 ItemError::new(&*stage, ItemErrorKind::Cancelled, &*message);
@@ -153,8 +190,38 @@ impl Actor for Tracker {
                         })
                         .collect();
                     state.record(lost, Origin::Stage).await;
+                    let mut roots = Roots::default();
+                    let tracking = state.shared.config.enable_tracking;
+                    let mut tally = state.shared.tally.lock().unwrap_or_else(|e| e.into_inner());
+                    for family in families {
+                        roots.family(&mut tally, tracking, state.acks, family);
+                    }
+                    drop(tally);
+                    state.settle(roots);
                 }
                 state.swept = true;
+            }
+            TrackerMsg::Derived {
+                parent,
+                children,
+                stage,
+            } => state.lineage.derived(&parent, children, stage),
+            TrackerMsg::Batched { batch, members } => {
+                state.batches.insert(batch, members);
+            }
+            TrackerMsg::Unbatched(batch) => {
+                state.batches.remove(&batch);
+            }
+            TrackerMsg::Retired(parent) => {
+                let (made_by, settled) = state.lineage.retired(&parent);
+                state.made_by(made_by);
+                let mut roots = Roots::default();
+                if let Settled::Family(family) = settled {
+                    let tracking = state.shared.config.enable_tracking;
+                    let mut tally = state.shared.tally.lock().unwrap_or_else(|e| e.into_inner());
+                    roots.family(&mut tally, tracking, state.acks, family);
+                }
+                state.settle(roots);
             }
             TrackerMsg::Event(event) => {
                 if state.shared.events.has_subscribers() {
@@ -171,6 +238,29 @@ impl Actor for Tracker {
     }
 }
 
+/// The admitted items one message finished: how many, their ids (tracking
+/// on) and their acks (when the source wants them).
+#[derive(Default)]
+struct Roots {
+    n: usize,
+    ids: Vec<JobId>,
+    acks: Vec<Ack>,
+}
+
+impl Roots {
+    /// An admitted item whose descendants are all finished.
+    fn family(&mut self, tally: &mut Tally, tracking: bool, acks: bool, family: Combined) {
+        self.n += 1;
+        tally.count(family.error.as_ref());
+        if tracking {
+            self.ids.push(family.root.clone());
+        }
+        if acks {
+            self.acks.push(Ack::combined(family));
+        }
+    }
+}
+
 /// Where a batch of results comes from.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Origin {
@@ -182,19 +272,46 @@ enum Origin {
 
 impl TrackerState {
     async fn record(&mut self, results: Vec<WorkItemResult>, origin: Origin) {
-        let n = results.len();
+        let results = if self.batches.is_empty() {
+            results
+        } else {
+            self.unbatch(results)
+        };
         let tracking = self.shared.config.enable_tracking;
-        let mut released = Vec::with_capacity(if tracking { n } else { 0 });
+        let mut roots = Roots::default();
+        let shared = self.shared.clone();
         {
-            let mut tally = self.shared.tally.lock().unwrap_or_else(|e| e.into_inner());
+            let mut tally = shared.tally.lock().unwrap_or_else(|e| e.into_inner());
             for result in &results {
-                tally.record(result, tracking);
+                let (made_by, settled) = match origin {
+                    Origin::Stage => self.lineage.finished(result),
+                    // A refused duplicate was never an item of the pipeline.
+                    Origin::Refused => (None, Settled::Plain),
+                };
+                if made_by.is_some() {
+                    tally.count_derived(!result.success);
+                }
+                self.made_by(made_by);
+                match settled {
+                    Settled::Plain => {
+                        roots.n += 1;
+                        tally.count(result.error.as_ref());
+                        if tracking && origin == Origin::Stage {
+                            roots.ids.push(result.job_id.clone());
+                        }
+                        if self.acks && origin == Origin::Stage {
+                            roots.acks.push(Ack::of(result));
+                        }
+                    }
+                    Settled::Open => {}
+                    Settled::Family(family) => {
+                        roots.family(&mut tally, tracking, self.acks, family)
+                    }
+                }
+                tally.time(result, tracking);
             }
         }
         for result in &results {
-            if tracking && origin == Origin::Stage {
-                released.push(result.job_id.clone());
-            }
             for callback in &mut self.callbacks {
                 if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| callback(result)))
                 {
@@ -229,17 +346,60 @@ impl TrackerState {
                 hub.publish(&self.shared.name, events).await;
             }
         }
-        let acks = if self.acks && origin == Origin::Stage {
-            results.iter().map(Ack::of).collect()
-        } else {
-            Vec::new()
-        };
         // Tracking off keeps nothing, as in the seed.
         if self.shared.config.retain_results && tracking {
             self.results.extend(results);
         }
+        self.settle(roots);
+    }
+
+    /// A batch's result (a failure of the whole batch: an error, a panic,
+    /// a timeout, an abort) becomes each of its items' result.
+    fn unbatch(&mut self, results: Vec<WorkItemResult>) -> Vec<WorkItemResult> {
+        let mut out = Vec::with_capacity(results.len());
+        for result in results {
+            let Some(members) = self.batches.remove(&result.job_id) else {
+                out.push(result);
+                continue;
+            };
+            if let Some(input) = self.inputs.remove(&result.job_id) {
+                crate::contain::drop_logged(input, || {
+                    format!("the kept input of batch {}", result.job_id)
+                });
+            }
+            let n = members.len();
+            for (id, metadata) in members {
+                let error = result.error.clone().map(|mut e| {
+                    e.message = format!("its batch of {n} failed: {}", e.message);
+                    e
+                });
+                out.push(WorkItemResult {
+                    job_id: id,
+                    success: error.is_none(),
+                    error,
+                    metadata,
+                });
+            }
+        }
+        out
+    }
+
+    /// A derived item left the budget of the split that made it.
+    fn made_by(&self, stage: Option<u16>) {
+        if let Some(stage) = stage {
+            self.shared.gauges[stage as usize]
+                .derived_live
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+
+    /// Tells the source which admitted items finished.
+    fn settle(&self, roots: Roots) {
+        if roots.n == 0 {
+            return;
+        }
         if let Some(release) = &self.release {
-            release.released(n, released, acks);
+            release.released(roots.n, roots.ids, roots.acks);
         }
     }
 
@@ -252,7 +412,13 @@ impl TrackerState {
             let Some(sink) = self.dead_letters.as_mut() else {
                 return;
             };
-            let window = self.shared.config.stages.iter().map(|s| s.capacity()).sum();
+            let window = self
+                .shared
+                .config
+                .stages
+                .iter()
+                .map(|s| s.item_room())
+                .sum();
             let mut stop_waiting = self.shared.stop_waiting.subscribe();
             if !sink
                 .deliver(

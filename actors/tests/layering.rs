@@ -21,7 +21,10 @@ const FLOORS: &[(&str, u8)] = &[
     ("error", 1),
     ("event", 1),
     ("item", 1),
+    ("lineage", 1),
     ("outcome", 1),
+    ("resource", 1),
+    ("shape", 1),
     ("source", 1),
     ("stats", 1),
     // 2. Ports: traits over the data.
@@ -32,6 +35,7 @@ const FLOORS: &[(&str, u8)] = &[
     ("process", 3),
     ("process::*", 3),
     // 4. Actors, the blackboard and the accounting.
+    ("batcher", 4),
     ("binding", 4),
     ("gauges", 4),
     ("metrics", 4),
@@ -39,6 +43,7 @@ const FLOORS: &[(&str, u8)] = &[
     ("root", 4),
     ("shared", 4),
     ("source_actor", 4),
+    ("splitter", 4),
     ("stage", 4),
     ("stage::*", 4),
     ("tally", 4),
