@@ -615,3 +615,70 @@ async fn a_killed_stage_with_tracking_off_counts_what_it_lost() {
     assert!(err.to_string().contains("got no outcome"), "{err}");
     sup.stop(None);
 }
+
+/// A stage's splitter and batcher hold items too: when one of them dies,
+/// the pipeline fails naming it, and every admitted item still ends once
+/// (no hang waiting for what the dead actor held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_splitter_or_batcher_fails_the_run_and_every_item_ends() {
+    use bergtalzug::shape::{Batch, Children};
+    for victim in ["splitter", "batcher"] {
+        let (sup, _seen) = supervisor().await;
+        let pipeline = Pipeline::builder(config(
+            "companions",
+            vec![
+                StageConfig::new("split", ExecutionType::Async)
+                    .workers(2)
+                    .queue_size(4),
+                StageConfig::new("store", ExecutionType::Async)
+                    .workers(1)
+                    .queue_size(2)
+                    .batch(8, Duration::from_millis(5)),
+            ],
+        ))
+        .unwrap()
+        .source(sources::iter(0u64..))
+        .async_stage("split", |item: WorkItem<u64>| async move {
+            Ok(item.map(|n| Children::iter(n * 10..n * 10 + 10)))
+        })
+        .split()
+        .async_batch_stage("store", |batch: Batch<u64>| async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            Ok(batch.items().iter().map(|i| Ok(i.data)).collect())
+        })
+        .build()
+        .unwrap();
+        let root = pipeline.spawn_linked(sup.get_cell()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The root's children in spawn order: the stages come last first,
+        // `store`'s supervisor (the one with 1 worker) then the batcher in
+        // front of it, `split`'s splitter then its supervisor (2 workers).
+        let mut children = root.get_children();
+        children.sort_by_key(|c| c.get_id().pid());
+        let with_workers = |n: usize| {
+            children
+                .iter()
+                .position(|c| c.get_children().len() == n)
+                .expect("a stage supervisor")
+        };
+        let (store, split) = (with_workers(1), with_workers(2));
+        assert!(store + 2 < split, "a batcher and a splitter between them");
+        match victim {
+            "batcher" => children[store + 1].kill(),
+            _ => children[split - 1].kill(),
+        }
+        let outcome = within(Duration::from_secs(10), pipeline.run_outcome()).await;
+        let err = outcome.error.expect("the run fails");
+        assert!(
+            err.to_string().contains("splitter or batcher of stage"),
+            "{victim}: {err}"
+        );
+        let stats = pipeline.stats().await.unwrap();
+        assert_eq!(stats.active_items, 0, "{victim}: {err}");
+        assert_eq!(
+            stats.completed_items, stats.admitted_items,
+            "{victim}: {err}"
+        );
+        sup.stop(None);
+    }
+}

@@ -344,6 +344,12 @@ impl<I: Send + 'static> crate::ports::StageControl for BatchControl<I> {
         self.stage.cell()
     }
 
+    fn companions(&self) -> Vec<ractor::ActorCell> {
+        let mut cells = self.stage.companions();
+        cells.push(self.batcher.get_cell());
+        cells
+    }
+
     fn demand_port(&self) -> Arc<dyn Upstream> {
         self.stage.demand_port()
     }

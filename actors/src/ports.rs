@@ -66,6 +66,11 @@ pub(crate) trait StageControl: Send + Sync + 'static {
     /// Cancel everything held and everything that arrives.
     fn abort(&self);
     fn cell(&self) -> ActorCell;
+    /// The stage's actors besides its supervisor, which the root
+    /// supervises too: a splitter after it, a batcher in front of it.
+    fn companions(&self) -> Vec<ActorCell> {
+        Vec::new()
+    }
     /// A port that sends demand to this stage (for the stage before it).
     fn demand_port(&self) -> Arc<dyn Upstream>;
     /// A port that asks this stage for its stalled items.

@@ -343,13 +343,27 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
         if id == state.tracker.get_id() {
             return Err(state.tracker_ended(&myself, reason, failed).into());
         }
-        let Some(index) = state.stages.iter().position(|s| s.cell().get_id() == id) else {
+        // A stage's supervisor, or a splitter or batcher of the stage: the
+        // items it held are lost either way.
+        let Some((index, companion)) = state.stages.iter().enumerate().find_map(|(i, s)| {
+            if s.cell().get_id() == id {
+                Some((i, false))
+            } else {
+                s.companions()
+                    .iter()
+                    .any(|c| c.get_id() == id)
+                    .then_some((i, true))
+            }
+        }) else {
             return Ok(());
         };
         if state.sweeping {
             return Ok(()); // killed by the sweep below
         }
-        match state.stage_ended(index, reason, failed).await {
+        match state
+            .stage_ended(index, id, companion, reason, failed)
+            .await
+        {
             Ok(()) => Ok(()),
             Err(error) => {
                 state.shared.events.close();
@@ -657,32 +671,47 @@ impl<T: Send + 'static> PipelineState<T> {
     async fn stage_ended(
         &mut self,
         index: usize,
+        dead: ractor::ActorId,
+        companion: bool,
         reason: String,
         failed: bool,
     ) -> Result<(), PipelineError> {
         let stage = self.shared.names[index].to_string();
+        // What the messages call the actor that ended.
+        let what = match companion {
+            false => format!("stage `{stage}`"),
+            true => format!("the splitter or batcher of stage `{stage}`"),
+        };
         let pipeline = self.shared.name.to_string();
         let how = if failed {
             "failed"
         } else {
             "was stopped from outside"
         };
-        tracing::error!(target: "bergtalzug::pipeline", pipeline = %pipeline, stage = %stage, "stage `{stage}` {how} ({reason}); aborting the pipeline");
+        tracing::error!(target: "bergtalzug::pipeline", pipeline = %pipeline, stage = %stage, "{what} {how} ({reason}); aborting the pipeline");
         self.sweeping = true;
         self.shared.stop_waiting();
         self.close_input();
-        let dead_cell = self.stages[index].cell();
-        // A stage stopped gracefully leaves its workers behind.
-        for worker in dead_cell.get_children() {
-            worker.kill();
-        }
-        let dead = dead_cell.get_id();
-        for other in self.stages.iter().map(|s| s.cell()) {
-            if other.get_id() != dead {
-                let _ = other.kill_and_wait(Some(CHILD_STOP_TIMEOUT)).await;
+        if !companion {
+            // A stage stopped gracefully leaves its workers behind.
+            for worker in self.stages[index].cell().get_children() {
+                worker.kill();
             }
         }
-        let actor = format!("stage {stage}");
+        // Every other actor that may hold items: stages, splitters, batchers.
+        let living: Vec<_> = self
+            .stages
+            .iter()
+            .flat_map(|s| std::iter::once(s.cell()).chain(s.companions()))
+            .filter(|cell| cell.get_id() != dead)
+            .collect();
+        for cell in living {
+            let _ = cell.kill_and_wait(Some(CHILD_STOP_TIMEOUT)).await;
+        }
+        let actor = match companion {
+            false => format!("stage {stage}"),
+            true => format!("the splitter or batcher of stage {stage}"),
+        };
         let error = |unaccounted| {
             if failed {
                 PipelineError::ActorFailed {
@@ -714,9 +743,8 @@ impl<T: Send + 'static> PipelineState<T> {
         };
         let unaccounted = if ids.is_some() { 0 } else { self.unfinished() };
         self.shared.fail(error(unaccounted));
-        let message = format!(
-            "pipeline aborted: stage `{stage}` {how} ({reason}) while the item was in the pipeline"
-        );
+        let message =
+            format!("pipeline aborted: {what} {how} ({reason}) while the item was in the pipeline");
         self.tracker
             .cast(TrackerMsg::Lost {
                 ids,

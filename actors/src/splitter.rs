@@ -567,6 +567,12 @@ impl<P: Send + 'static, O: Send + 'static> crate::ports::StageControl for SplitC
         self.stage.cell()
     }
 
+    fn companions(&self) -> Vec<ractor::ActorCell> {
+        let mut cells = self.stage.companions();
+        cells.push(self.splitter.get_cell());
+        cells
+    }
+
     fn demand_port(&self) -> Arc<dyn Upstream> {
         Arc::new(self.splitter.clone())
     }
