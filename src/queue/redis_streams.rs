@@ -162,6 +162,18 @@ if done > 0 then redis.call('INCRBY', KEYS[3], done) end
 return {done, dead, released}
 ";
 
+/// Sets the delivery count of entries this consumer still holds. KEYS:
+/// stream. ARGV: group, consumer, then entry id, count pairs.
+const SET_COUNT: &str = r"
+for i = 3, #ARGV, 2 do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if p[1] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'RETRYCOUNT', ARGV[i + 1], 'JUSTID')
+  end
+end
+return 0
+";
+
 /// Releases everything this consumer still holds (it is going away).
 /// KEYS: stream. ARGV: group, consumer, released idle.
 const RELEASE_ALL: &str = r"
@@ -273,6 +285,7 @@ struct Scripts {
     settle: Script,
     release_all: Script,
     put_once: Script,
+    set_count: Script,
 }
 
 /// One entry as delivered: its id, delivery count and fields (`None`: the
@@ -338,6 +351,7 @@ impl Broker {
                     settle: Script::new(SETTLE),
                     release_all: Script::new(RELEASE_ALL),
                     put_once: Script::new(PUT_ONCE),
+                    set_count: Script::new(SET_COUNT),
                 },
             }),
         })
@@ -706,6 +720,25 @@ impl Broker {
             renewed += n;
         }
         Ok(renewed)
+    }
+
+    /// Sets the delivery counts of (entry, count) pairs `name` still holds.
+    async fn set_counts(&self, name: &str, counts: &[(String, u32)]) -> anyhow::Result<()> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn().await?;
+        let mut call = self.inner.scripts.set_count.key(&self.keys().stream);
+        call.arg(&self.keys().group).arg(name);
+        for (entry, n) in counts {
+            call.arg(entry).arg(*n);
+        }
+        let _: i64 = call
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.noted(e))
+            .with_context(|| format!("setting delivery counts on {}", self.keys().stream))?;
+        Ok(())
     }
 
     /// Releases all that `name` holds, synchronously (from a `Drop`), on a
@@ -1121,13 +1154,14 @@ impl<T: DeserializeOwned + Send + 'static> RedisSource<T> {
         answer
     }
 
+    /// One step at a time, returning as soon as a step found items: an
+    /// error in a later step then cannot strand what an earlier one took.
     async fn try_fetch(&mut self, count: usize) -> anyhow::Result<Refill<T>> {
         self.start();
         let broker = self.shared.broker.clone();
         let stats = &broker.inner.stats;
         let name = self.shared.name.clone();
         let mut out = Vec::new();
-        let mut dead = Vec::new();
         if let Some(cursor) = self.history.clone() {
             let (_, got) = broker
                 .deliver(
@@ -1137,15 +1171,15 @@ impl<T: DeserializeOwned + Send + 'static> RedisSource<T> {
                 )
                 .await?;
             self.history = got.last().map(|d| d.entry.clone());
-            self.take(got, &mut out, &mut dead);
+            self.absorb(got, &mut out).await;
         }
-        if out.len() < count && self.suspects.len() < count && Instant::now() >= self.next_claim {
+        if out.is_empty() && self.suspects.len() < count && Instant::now() >= self.next_claim {
             let idle = self.options().claim_idle.as_millis().to_string();
             let (next, got) = broker
                 .deliver(
                     &broker.inner.scripts.claim,
                     &name,
-                    &[idle, self.claim_cursor.clone(), (count - out.len()).to_string()],
+                    &[idle, self.claim_cursor.clone(), count.to_string()],
                 )
                 .await?;
             bump(&stats.claimed, got.len() as u64);
@@ -1153,18 +1187,19 @@ impl<T: DeserializeOwned + Send + 'static> RedisSource<T> {
                 self.next_claim = Instant::now() + self.options().claim_every;
             }
             self.claim_cursor = next;
-            self.take(got, &mut out, &mut dead);
+            self.absorb(got, &mut out).await;
         }
         let mut sealed = false;
-        if out.len() < count {
+        if out.is_empty() {
             let follow = self.options().follow;
             if !follow {
                 // Before the read: an entry enqueued before the seal is then
                 // seen by the read.
                 sealed = broker.sealed().await?;
             }
-            let block = (out.is_empty() && self.suspects.is_empty() && (follow || !sealed))
+            let block = (self.suspects.is_empty() && (follow || !sealed))
                 .then_some(self.options().read_block);
+            broker.conn().await?; // the group exists
             let read = match &mut self.read {
                 Some(conn) => conn,
                 None => {
@@ -1172,13 +1207,9 @@ impl<T: DeserializeOwned + Send + 'static> RedisSource<T> {
                     self.read.insert(broker.connect(timeout).await?)
                 }
             };
-            broker.conn().await?; // the group exists
-            let got = broker
-                .read_new(read, &name, count - out.len(), block)
-                .await?;
-            self.take(got, &mut out, &mut dead);
+            let got = broker.read_new(read, &name, count, block).await?;
+            self.absorb(got, &mut out).await;
         }
-        self.shared.write(dead, false).await;
         if !out.is_empty() {
             self.shared.in_flight.add(out.len());
             return Ok(Refill::Items(out));
@@ -1186,6 +1217,17 @@ impl<T: DeserializeOwned + Send + 'static> RedisSource<T> {
         if !self.suspects.is_empty() {
             self.shared.in_flight.drained().await;
             if let Some(suspect) = self.suspects.pop_front() {
+                // Its delivery counts again now that it runs.
+                let counted = lock(&self.shared.ledger)
+                    .by_job
+                    .get(&suspect.job_id().to_string())
+                    .map(|h| (h.entry.clone(), h.deliveries));
+                if let Some(counted) = counted {
+                    if let Err(e) = broker.set_counts(&name, &[counted]).await {
+                        tracing::warn!(target: "bergtalzug::queue",
+                            "consumer {name}: counting a suspect's delivery failed: {e:#}");
+                    }
+                }
                 self.shared.in_flight.add(1);
                 return Ok(Refill::Items(vec![suspect]));
             }
@@ -1196,9 +1238,38 @@ impl<T: DeserializeOwned + Send + 'static> RedisSource<T> {
         Ok(Refill::NothingYet)
     }
 
+    /// Sorts what a step delivered into `out` (and suspects, and dead
+    /// letters sent to be written); nothing here fails.
+    async fn absorb(&mut self, got: Vec<Delivered>, out: &mut Vec<WorkItem<T>>) {
+        let mut dead = Vec::new();
+        let mut uncounted = Vec::new();
+        self.take(got, out, &mut dead, &mut uncounted);
+        self.shared.write(dead, false).await;
+        if let Err(e) = self
+            .shared
+            .broker
+            .set_counts(&self.shared.name, &uncounted)
+            .await
+        {
+            tracing::warn!(target: "bergtalzug::queue",
+                "consumer {}: not counting waiting suspects failed: {e:#}", self.shared.name);
+        }
+    }
+
     /// Sorts delivered entries: items to hand out, suspects to run alone,
     /// and dead letters (past `max_deliveries`, or unreadable).
-    fn take(&mut self, got: Vec<Delivered>, out: &mut Vec<WorkItem<T>>, dead: &mut Vec<Op>) {
+    ///
+    /// A suspect's delivery is not counted while it waits here (its count
+    /// is set back by one, in `uncounted`): other suspects read with it
+    /// must not lose their last chance to the one that kills the process.
+    /// It is counted again when it is handed out.
+    fn take(
+        &mut self,
+        got: Vec<Delivered>,
+        out: &mut Vec<WorkItem<T>>,
+        dead: &mut Vec<Op>,
+        uncounted: &mut Vec<(String, u32)>,
+    ) {
         let max = self.options().max_deliveries;
         let stats = &self.shared.broker.inner.stats;
         let mut ledger = lock(&self.shared.ledger);
@@ -1253,6 +1324,7 @@ impl<T: DeserializeOwned + Send + 'static> RedisSource<T> {
             ledger.hold(&job_id, &d.entry, d.deliveries);
             let item = WorkItem::with_job_id(job_id, data);
             if max >= 2 && d.deliveries == max {
+                uncounted.push((d.entry.clone(), max - 1));
                 self.suspects.push_back(item);
             } else {
                 out.push(item);
