@@ -81,8 +81,11 @@ async fn enqueuing_a_job_again_adds_only_the_new_job_ids() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sealed_job_ends_with_successes_done_and_failures_dead_lettered() {
     let Some(server) = server() else { return };
-    let queue =
-        WorkQueue::open(&stream_url(&server, "done-dead"), quick(QueueOptions::default())).unwrap();
+    let queue = WorkQueue::open(
+        &stream_url(&server, "done-dead"),
+        quick(QueueOptions::default()),
+    )
+    .unwrap();
     queue
         .enqueue((0..200u64).map(|n| (format!("n{n}"), n)))
         .await
@@ -99,7 +102,9 @@ async fn a_sealed_job_ends_with_successes_done_and_failures_dead_lettered() {
         })
         .build()
         .unwrap();
-    within(Duration::from_secs(30), pipeline.run()).await.unwrap();
+    within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
     let counts = queue.counts().await.unwrap();
     assert_eq!(
         (counts.done, counts.dead, counts.leased, counts.pending),
@@ -150,7 +155,9 @@ async fn a_batch_consumer_waits_for_the_seal() {
     assert_eq!(seen.lock().unwrap().len(), 2, "new entries are read");
     queue.enqueue([("c", 3u64)]).await.unwrap();
     queue.seal().await.unwrap();
-    within(Duration::from_secs(10), pipeline.run()).await.unwrap();
+    within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap();
     let mut seen = seen.lock().unwrap().clone();
     seen.sort_unstable();
     assert_eq!(seen, vec![1, 2, 3]);
@@ -192,7 +199,9 @@ async fn a_consumer_never_holds_more_than_the_pipeline_has_room_for() {
         counts.leased
     );
     gate_tx.close();
-    within(Duration::from_secs(30), pipeline.run()).await.unwrap();
+    within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
     assert_eq!(queue.counts().await.unwrap().done, 300);
 }
 
@@ -273,7 +282,10 @@ async fn an_aborted_consumer_releases_its_entries_to_a_peer_at_once() {
     let _ = within(Duration::from_secs(10), first.run()).await;
     drop(first);
     let after = queue.counts().await.unwrap();
-    assert!(after.done < 100, "the first run finished the job: make it slower");
+    assert!(
+        after.done < 100,
+        "the first run finished the job: make it slower"
+    );
 
     let peer = WorkQueue::open(&url, options.consumer("second")).unwrap();
     let second = run(&peer, 1);
@@ -341,7 +353,9 @@ async fn a_restarted_consumer_takes_back_its_own_entries_first() {
         })
         .build()
         .unwrap();
-    within(Duration::from_secs(10), pipeline.run()).await.unwrap();
+    within(Duration::from_secs(10), pipeline.run())
+        .await
+        .unwrap();
     let mut seen = seen.lock().unwrap().clone();
     seen.sort_unstable();
     assert_eq!(seen, vec![0, 1, 2, 3, 4]);
@@ -390,7 +404,10 @@ fn a_bad_url_or_option_is_refused_clearly() {
     );
     assert!(e.contains("claim_every"), "{e}");
     let e = err("kafka://x", QueueOptions::default());
-    assert!(e.contains("unknown scheme") && e.contains("redis://"), "{e}");
+    assert!(
+        e.contains("unknown scheme") && e.contains("redis://"),
+        "{e}"
+    );
 }
 
 /// A Redis that cannot be reached makes refills fail (counted, retried by

@@ -419,7 +419,11 @@ impl Outcome {
     /// nothing is left pending or held.
     fn assert_complete(&self, job: &Job, done: u64) {
         let attempted: BTreeSet<String> = self.attempts.keys().cloned().collect();
-        assert_eq!(attempted, job.all_ids(), "every item processed at least once");
+        assert_eq!(
+            attempted,
+            job.all_ids(),
+            "every item processed at least once"
+        );
         assert_eq!(self.results, done, "the sink holds one result per success");
         assert_eq!(self.double_writes(), 0, "a result was written twice");
         assert_eq!(
@@ -558,7 +562,8 @@ fn poison_items_reach_the_dead_letters_exactly_once() {
         ..Spec::default()
     };
     let names = ["c0", "c1"];
-    let mut consumers: Vec<Option<Child>> = names.iter().map(|n| Some(job.spawn(n, &spec))).collect();
+    let mut consumers: Vec<Option<Child>> =
+        names.iter().map(|n| Some(job.spawn(n, &spec))).collect();
     let mut crashes = 0;
     let started = Instant::now();
     while consumers.iter().any(Option::is_some) {
@@ -588,16 +593,26 @@ fn poison_items_reach_the_dead_letters_exactly_once() {
         outcome.attempts[poison],
         outcome.dead.len()
     );
-    assert_eq!(crashes, 3, "each of max_deliveries deliveries killed a consumer");
+    assert_eq!(
+        crashes, 3,
+        "each of max_deliveries deliveries killed a consumer"
+    );
     assert_eq!(outcome.attempts[poison], 3, "not run a fourth time");
     let mut dead_ids: Vec<&str> = outcome.dead.iter().map(|d| d.job_id.as_str()).collect();
     dead_ids.sort_unstable();
     let mut expected: Vec<&str> = failing.iter().map(String::as_str).chain([poison]).collect();
     expected.sort_unstable();
-    assert_eq!(dead_ids, expected, "each poison item dead-lettered exactly once");
+    assert_eq!(
+        dead_ids, expected,
+        "each poison item dead-lettered exactly once"
+    );
     let poisoned = outcome.dead.iter().find(|d| d.job_id == poison).unwrap();
     assert_eq!(
-        (poisoned.kind.as_str(), poisoned.stage.as_str(), poisoned.deliveries),
+        (
+            poisoned.kind.as_str(),
+            poisoned.stage.as_str(),
+            poisoned.deliveries
+        ),
         ("max deliveries", "queue", 3)
     );
     assert_eq!(poisoned.payload, "123");
@@ -614,7 +629,12 @@ fn poison_items_reach_the_dead_letters_exactly_once() {
     assert_eq!(outcome.results, done);
     assert_eq!(outcome.double_writes(), 0);
     assert_eq!(
-        (outcome.counts.done, outcome.counts.dead, outcome.counts.leased, outcome.counts.pending),
+        (
+            outcome.counts.done,
+            outcome.counts.dead,
+            outcome.counts.leased,
+            outcome.counts.pending
+        ),
         (done, expected.len() as u64, 0, 0)
     );
 }
@@ -722,7 +742,14 @@ impl OwnServer {
     fn spawn(port: u16, dir: &Path) -> Option<Child> {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
             .arg("--dir")
             .arg(dir)
             .stdout(Stdio::null())
@@ -737,7 +764,10 @@ impl OwnServer {
             if up.is_ok() {
                 return Some(child);
             }
-            assert!(started.elapsed() < Duration::from_secs(10), "redis-server did not start");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -793,7 +823,10 @@ fn a_redis_server_killed_and_restarted_from_its_aof_loses_nothing() {
         after_restart.done,
         outcome.extra_attempts()
     );
-    assert!(after_restart.done >= job.n / 3, "the AOF kept what was done");
+    assert!(
+        after_restart.done >= job.n / 3,
+        "the AOF kept what was done"
+    );
 }
 
 fn main() {

@@ -310,7 +310,9 @@ impl WorkQueue {
             Some(("rediss", _)) => anyhow::bail!(
                 "work queue URL {url:?}: TLS (rediss://) is not supported; use redis:// on a trusted network"
             ),
-            Some(("sqlite", rest)) => Self::open_sqlite(url, rest.strip_prefix("//").unwrap_or(rest), &options)?,
+            Some(("sqlite", rest)) => {
+                Self::open_sqlite(url, rest.strip_prefix("//").unwrap_or(rest), &options)?
+            }
             Some((scheme, _)) if scheme.len() > 1 && !url.starts_with('/') => {
                 anyhow::bail!(
                     "work queue URL {url:?}: unknown scheme {scheme:?} (this build knows {SCHEMES})"
@@ -335,7 +337,9 @@ impl WorkQueue {
 
     #[cfg(not(feature = "sqlite"))]
     fn open_sqlite(url: &str, _path: &str, _options: &QueueOptions) -> anyhow::Result<Backend> {
-        anyhow::bail!("work queue URL {url:?}: a SQLite queue needs the feature sqlite (this build knows {SCHEMES})")
+        anyhow::bail!(
+            "work queue URL {url:?}: a SQLite queue needs the feature sqlite (this build knows {SCHEMES})"
+        )
     }
 
     /// Adds items with their job ids; an id already in the queue (in any

@@ -315,10 +315,7 @@ impl Broker {
             format!("work queue URL {url:?}: no stream: add ?stream=NAME (the job's stream)")
         })?;
         let group = group.unwrap_or_else(|| "bergtalzug".to_string());
-        anyhow::ensure!(
-            !group.is_empty(),
-            "work queue URL {url:?}: group= is empty"
-        );
+        anyhow::ensure!(!group.is_empty(), "work queue URL {url:?}: group= is empty");
         check_options(options)?;
         let client_url = if rest.is_empty() {
             base.to_string()
@@ -370,7 +367,12 @@ impl Broker {
             .set_max_delay(Duration::from_secs(2));
         ConnectionManager::new_with_config(self.inner.client.clone(), config)
             .await
-            .with_context(|| format!("cannot connect to Redis for the stream {}", self.keys().stream))
+            .with_context(|| {
+                format!(
+                    "cannot connect to Redis for the stream {}",
+                    self.keys().stream
+                )
+            })
     }
 
     /// The shared connection (made at the first call; it reconnects by
@@ -542,7 +544,11 @@ impl Broker {
                 .map(|h| h.trim().to_string())
                 .filter(|h| !h.is_empty())
                 .unwrap_or_else(|| "host".to_string());
-            format!("{host}-{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8])
+            format!(
+                "{host}-{}-{}",
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            )
         });
         let (tx, rx) = mpsc::unbounded_channel();
         RedisSource {
@@ -850,7 +856,9 @@ pub struct ResultSink {
 
 impl std::fmt::Debug for ResultSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResultSink").field("key", &self.key).finish()
+        f.debug_struct("ResultSink")
+            .field("key", &self.key)
+            .finish()
     }
 }
 
