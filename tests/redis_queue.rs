@@ -242,6 +242,46 @@ async fn a_following_consumer_waits_for_new_entries_until_stopped() {
     assert_eq!((counts.done, counts.leased, counts.pending), (60, 0, 0));
 }
 
+/// Acknowledgements never wait behind a blocked read: with a read blocking
+/// for 10 s on an empty stream, finished items are acknowledged at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_are_written_while_a_read_blocks() {
+    let Some(server) = server() else { return };
+    let queue = WorkQueue::open(
+        &stream_url(&server, "ack-behind-read"),
+        QueueOptions::default()
+            .follow(true)
+            .read_block(Duration::from_secs(10)),
+    )
+    .unwrap();
+    queue
+        .enqueue((0..5u64).map(|n| (format!("n{n}"), n)))
+        .await
+        .unwrap();
+    let pipeline = Pipeline::builder(one_stage("ack-behind-read"))
+        .unwrap()
+        .source(queue.source::<u64>().unwrap())
+        .async_stage("work", |i: WorkItem<u64>| async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok(i)
+        })
+        .build()
+        .unwrap();
+    pipeline.start().await.unwrap();
+    let started = std::time::Instant::now();
+    within(Duration::from_secs(3), async {
+        while queue.counts().await.unwrap().done < 5 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    within(Duration::from_secs(15), pipeline.abort())
+        .await
+        .unwrap();
+    let _ = within(Duration::from_secs(15), pipeline.run()).await;
+}
+
 /// An aborted consumer releases what it was holding: a second consumer
 /// takes it over at its next claim scan (well before `claim_idle`), the
 /// job completes, every item done once in the queue's count.
