@@ -462,3 +462,45 @@ async fn an_unreachable_server_fails_refills_with_a_clear_error() {
     let e = format!("{:#}", queue.counts().await.unwrap_err());
     assert!(e.contains("cannot connect to Redis"), "{e}");
 }
+
+/// With the feature `metrics` the broker's counters reach the `metrics`
+/// facade, labelled by stream (run with `--features redis,prometheus`).
+#[cfg(feature = "prometheus")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_counters_are_exported_as_metrics() {
+    let Some(server) = server() else { return };
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .unwrap();
+    let url = stream_url(&server, "metrics");
+    let queue = WorkQueue::open(&url, quick(QueueOptions::default())).unwrap();
+    queue
+        .enqueue((0..30u64).map(|n| (format!("n{n}"), n)))
+        .await
+        .unwrap();
+    queue.seal().await.unwrap();
+    let pipeline = Pipeline::builder(one_stage("metrics"))
+        .unwrap()
+        .source(queue.source::<u64>().unwrap())
+        .async_stage("work", |i: WorkItem<u64>| async move {
+            if i.data < 3 {
+                anyhow::bail!("no");
+            }
+            Ok(i)
+        })
+        .build()
+        .unwrap();
+    within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    let stream = url.split("stream=").nth(1).unwrap();
+    let text = handle.render();
+    let line = format!("bergtalzug_queue_dead_lettered_total{{stream=\"{stream}\"}} 3");
+    assert!(text.contains(&line), "{line} not in\n{text}");
+    assert!(
+        text.contains(&format!(
+            "bergtalzug_queue_ack_batches_total{{stream=\"{stream}\"}}"
+        )),
+        "{text}"
+    );
+}

@@ -232,6 +232,9 @@ pub struct BrokerStats {
 
 #[derive(Default)]
 struct Stats {
+    /// The stream, the metrics' label.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    stream: String,
     claimed: AtomicU64,
     redelivered: AtomicU64,
     dead_lettered: AtomicU64,
@@ -243,8 +246,20 @@ struct Stats {
     released: AtomicU64,
 }
 
-fn bump(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
+/// Adds `n` to a counter of `stats`, and (feature `metrics`) to the
+/// counter `bergtalzug_queue_NAME_total{stream}` of the `metrics` facade.
+macro_rules! bump {
+    ($stats:expr, $field:ident, $n:expr) => {{
+        let stats: &Stats = $stats;
+        let n: u64 = $n;
+        stats.$field.fetch_add(n, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(
+            concat!("bergtalzug_queue_", stringify!($field), "_total"),
+            "stream" => stats.stream.clone()
+        )
+        .increment(n);
+    }};
 }
 
 /// The keys of one job.
@@ -332,6 +347,7 @@ impl Broker {
             stream,
             group,
         };
+        let stream = keys.stream.clone();
         Ok(Broker {
             inner: Arc::new(BrokerInner {
                 client,
@@ -339,7 +355,10 @@ impl Broker {
                 options: options.clone(),
                 conn: OnceCell::new(),
                 group_ready: AtomicBool::new(false),
-                stats: Stats::default(),
+                stats: Stats {
+                    stream,
+                    ..Stats::default()
+                },
                 scripts: Scripts {
                     enqueue: Script::new(ENQUEUE),
                     own: Script::new(OWN),
@@ -1088,7 +1107,7 @@ impl Drop for Shared {
             return;
         }
         match self.broker.release_all_blocking(&self.name) {
-            Ok(n) => bump(&self.broker.inner.stats.released, n),
+            Ok(n) => bump!(&self.broker.inner.stats, released, n),
             Err(e) => tracing::warn!(target: "bergtalzug::queue",
                 "consumer {} could not release what it holds on leaving: {e:#}; \
                  peers take it after claim_idle", self.name),
@@ -1157,7 +1176,7 @@ impl<T: DeserializeOwned + Send + 'static> RedisSource<T> {
     pub(crate) async fn fetch(&mut self, count: usize) -> anyhow::Result<Refill<T>> {
         let answer = self.try_fetch(count.max(1)).await;
         if answer.is_err() {
-            bump(&self.shared.broker.inner.stats.read_errors, 1);
+            bump!(&self.shared.broker.inner.stats, read_errors, 1);
         }
         answer
     }
@@ -1190,7 +1209,7 @@ impl<T: DeserializeOwned + Send + 'static> RedisSource<T> {
                     &[idle, self.claim_cursor.clone(), count.to_string()],
                 )
                 .await?;
-            bump(&stats.claimed, got.len() as u64);
+            bump!(stats, claimed, got.len() as u64);
             if next == "0-0" {
                 self.next_claim = Instant::now() + self.options().claim_every;
             }
@@ -1283,7 +1302,7 @@ impl<T: DeserializeOwned + Send + 'static> RedisSource<T> {
         let mut ledger = lock(&self.shared.ledger);
         for d in got {
             if d.deliveries > 1 {
-                bump(&stats.redelivered, 1);
+                bump!(stats, redelivered, 1);
             }
             let Some(fields) = d.fields else {
                 ledger.unwritten.insert(d.entry.clone());
@@ -1385,13 +1404,13 @@ async fn write_acks(
             loop {
                 match broker.settle(&name, &ops).await {
                     Ok((_, dead, released)) => {
-                        bump(&stats.dead_lettered, dead);
-                        bump(&stats.released, released);
-                        bump(&stats.ack_batches, 1);
+                        bump!(stats, dead_lettered, dead);
+                        bump!(stats, released, released);
+                        bump!(stats, ack_batches, 1);
                         break;
                     }
                     Err(e) => {
-                        bump(&stats.ack_errors, 1);
+                        bump!(stats, ack_errors, 1);
                         tracing::warn!(target: "bergtalzug::queue",
                             "consumer {name}: writing {} outcomes failed: {e:#}; retrying in {backoff:?}",
                             ops.len());
@@ -1429,9 +1448,9 @@ async fn renew_leases(shared: Weak<Shared>, every: Duration) {
         }
         let stats = &shared.broker.inner.stats;
         match shared.broker.renew(&shared.name, &entries).await {
-            Ok(n) => bump(&stats.lease_renewals, n),
+            Ok(n) => bump!(stats, lease_renewals, n),
             Err(e) => {
-                bump(&stats.renew_errors, 1);
+                bump!(stats, renew_errors, 1);
                 tracing::warn!(target: "bergtalzug::queue",
                     "consumer {}: renewing {} leases failed: {e:#}", shared.name, entries.len());
             }
