@@ -83,8 +83,8 @@ impl DeadLetter {
     /// to inject again; `None` when there is no kept input of type `I`.
     pub fn replay<I: 'static>(self) -> Option<WorkItem<I>> {
         let old = *self.input?.downcast::<WorkItem<I>>().ok()?;
-        let mut item = WorkItem::with_job_id(old.job_id, old.data);
-        item.metadata.custom = old.metadata.custom;
+        let mut item = WorkItem::with_job_id(old.head.job_id, old.data);
+        item.head.metadata.custom = old.head.metadata.custom;
         Some(item)
     }
 }

@@ -22,9 +22,9 @@ pub(crate) enum Outcome<I, O> {
 impl<I, O> Outcome<I, O> {
     pub(crate) fn job_id(&self) -> &JobId {
         match self {
-            Outcome::Done(item) => &item.job_id,
+            Outcome::Done(item) => &item.head.job_id,
             Outcome::Failed(failed) => &failed.result.job_id,
-            Outcome::Retry(item) => &item.job_id,
+            Outcome::Retry(item) => &item.head.job_id,
         }
     }
 }

@@ -464,8 +464,8 @@ impl<T: Send + 'static> SourceState<T> {
                 let mut accepted = Vec::with_capacity(n);
                 let mut refused = Vec::new();
                 for mut item in batch {
-                    item.metadata.names = Some(self.shared.names.clone());
-                    if active.insert(item.job_id.clone()) {
+                    item.head.metadata.names = Some(self.shared.names.clone());
+                    if active.insert(item.head.job_id.clone()) {
                         accepted.push(item);
                     } else {
                         let error = ItemError::new(
@@ -473,12 +473,12 @@ impl<T: Send + 'static> SourceState<T> {
                             ItemErrorKind::DuplicateJobId,
                             format!(
                                 "job id {} is already in the pipeline; not admitted",
-                                item.job_id
+                                item.head.job_id
                             ),
                         );
-                        tracing::warn!(target: "bergtalzug::source", pipeline = %self.shared.name, job_id = %item.job_id, "duplicate job id refused");
-                        let job_id = item.job_id.clone();
-                        let metadata = std::mem::take(&mut item.metadata);
+                        tracing::warn!(target: "bergtalzug::source", pipeline = %self.shared.name, job_id = %item.head.job_id, "duplicate job id refused");
+                        let job_id = item.head.job_id.clone();
+                        let metadata = std::mem::take(&mut item.head.metadata);
                         if from_source {
                             self.unadmitted.push(item);
                         } else {

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use super::RunCtx;
 use crate::contain;
 use crate::item::{
-    ItemError, ItemErrorKind, JobId, Permanent, StageNames, StageTimes, WorkItem, WorkItemMetadata,
-    WorkItemResult,
+    AttemptStart, ItemError, ItemErrorKind, JobId, Permanent, StageNames, StageTimes, WorkItem,
+    WorkItemMetadata, WorkItemResult,
 };
 use crate::outcome::{Failed, Outcome};
 
@@ -79,6 +79,8 @@ pub(crate) struct Attempt<I> {
     pub(super) seq: u32,
     pub(super) names: Option<StageNames>,
     pub(super) stages: Vec<StageTimes>,
+    /// When this attempt began (stamped when tracking is on).
+    pub(super) began: Option<AttemptStart>,
     pub(super) custom: Option<BTreeMap<String, serde_json::Value>>,
     /// A copy of the input, when the stage keeps one.
     pub(super) kept: Option<I>,
@@ -92,17 +94,17 @@ impl<I: Send + 'static> Attempt<I> {
     /// `started` on the first attempt) before the handler gets it.
     #[inline]
     pub(crate) fn begin<O>(ctx: &RunCtx<I, O>, item: &mut WorkItem<I>, now: Instant) -> Self {
-        item.metadata.attempts += 1;
-        let attempts = item.metadata.attempts;
-        let mut stages = std::mem::take(&mut item.metadata.stages);
+        item.head.metadata.attempts += 1;
+        let attempts = item.head.metadata.attempts;
+        let mut stages = std::mem::take(&mut item.head.metadata.stages);
+        let mut began = None;
         if ctx.tracking {
             if let Some(times) = stages.last_mut() {
-                times.started.get_or_insert(now);
-                times.attempt_started = Some(now);
+                began = Some(times.attempt_begins(now, false));
                 times.attempts = attempts;
             }
         }
-        let custom = &item.metadata.custom;
+        let custom = &item.head.metadata.custom;
         let (kept, uncopied) = match ctx.keep {
             None => (None, None),
             // The user's `Clone`: a panic in it fails this item only.
@@ -112,12 +114,13 @@ impl<I: Send + 'static> Attempt<I> {
             },
         };
         Attempt {
-            job_id: item.job_id.clone(),
-            created: item.metadata.created(),
+            job_id: item.head.job_id.clone(),
+            created: item.head.metadata.created(),
             attempts,
-            seq: item.metadata.seq,
-            names: item.metadata.names.take(),
+            seq: item.head.metadata.seq,
+            names: item.head.metadata.names.take(),
             stages,
+            began,
             custom: (!custom.is_empty()).then(|| custom.clone()),
             kept,
             uncopied,
@@ -160,12 +163,12 @@ impl<I: Send + 'static> Attempt<I> {
                 )
             });
         }
-        out.job_id = self.job_id;
-        out.metadata.stages = self.stages;
-        out.metadata.names = self.names;
-        out.metadata.attempts = self.attempts;
-        out.metadata.seq = self.seq;
-        out.metadata.set_created(self.created);
+        out.head.job_id = self.job_id;
+        out.head.metadata.stages = self.stages;
+        out.head.metadata.names = self.names;
+        out.head.metadata.attempts = self.attempts;
+        out.head.metadata.seq = self.seq;
+        out.head.metadata.set_created(self.created);
         Outcome::Done(out)
     }
 
@@ -233,20 +236,16 @@ impl<I: Send + 'static> Attempt<I> {
         metadata.custom = self.custom.unwrap_or_default();
         if retryable && self.attempts < ctx.max_attempts {
             if let Some(data) = self.kept.take() {
-                return Outcome::Retry(WorkItem {
-                    job_id: self.job_id,
-                    data,
-                    metadata,
-                });
+                return Outcome::Retry(WorkItem::from_parts(self.job_id, data, metadata));
             }
         }
         metadata.finished = Some(now);
         let input = self.kept.map(|data| {
-            Box::new(WorkItem {
-                job_id: self.job_id.clone(),
+            Box::new(WorkItem::from_parts(
+                self.job_id.clone(),
                 data,
-                metadata: metadata.clone(),
-            }) as Box<dyn Any + Send>
+                metadata.clone(),
+            )) as Box<dyn Any + Send>
         });
         let mut error = ItemError::new(&*ctx.stage, kind, message);
         error.attempts = self.attempts;
@@ -259,10 +258,7 @@ impl<I: Send + 'static> Attempt<I> {
     fn stamp_completed<O>(&mut self, ctx: &RunCtx<I, O>, now: Instant) {
         if ctx.tracking {
             if let Some(times) = self.stages.last_mut() {
-                times.completed = Some(now);
-                if let Some(began) = times.attempt_started.take() {
-                    times.handler += now.saturating_duration_since(began);
-                }
+                times.attempt_ends(self.began.take(), now);
             }
         }
     }

@@ -92,7 +92,13 @@ impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
 
     /// From the stage: more items for the worker, after the ones it has.
     pub(crate) fn give(&self, items: Vec<WorkItem<I>>) {
-        self.lock().pending.extend(items);
+        let mut state = self.lock();
+        if state.pending.is_empty() {
+            // An idle worker's hand is empty: the batch becomes it, uncopied.
+            state.pending = VecDeque::from(items);
+        } else {
+            state.pending.extend(items);
+        }
     }
 
     /// From the stage, for idle workers: some of the items the worker has

@@ -327,9 +327,9 @@ where
                 return;
             };
             let attempt = Attempt::begin(ctx, &mut item, Instant::now());
-            let frame = frame::custom_to_wire(&item.metadata.custom).and_then(|custom| {
+            let frame = frame::custom_to_wire(&item.head.metadata.custom).and_then(|custom| {
                 let job = JobRef {
-                    job_id: &item.job_id.to_string(),
+                    job_id: &item.head.job_id.to_string(),
                     custom: &custom,
                     data: &item.data,
                 };
@@ -547,10 +547,8 @@ where
         // retry keeps its first attempt's start (as `Attempt::begin` does).
         if ctx.tracking {
             if let Some(times) = pending.attempt.stages.last_mut() {
-                if pending.attempt.attempts == 1 {
-                    times.started = Some(now);
-                }
-                times.attempt_started = Some(now);
+                pending.attempt.began =
+                    Some(times.attempt_begins(now, pending.attempt.attempts == 1));
             }
         }
         reporter.started(&pending.attempt.job_id);
@@ -621,7 +619,7 @@ fn settle<I, O>(
     let (attempt, ran) = match answer {
         Answer::Done(parts) => {
             let mut item = WorkItem::with_job_id(front.attempt.job_id.clone(), parts.data);
-            item.metadata.custom = parts.custom;
+            item.head.metadata.custom = parts.custom;
             (front.attempt, Ran::Returned(Ok(item)))
         }
         Answer::Failed { message, permanent } => {
@@ -668,11 +666,7 @@ impl<I: DeserializeOwned + Send + 'static> Pending<I> {
         metadata.stages = attempt.stages;
         metadata.attempts = attempt.attempts - 1;
         metadata.custom = attempt.custom.unwrap_or_default();
-        Ok(WorkItem {
-            job_id: attempt.job_id,
-            data,
-            metadata,
-        })
+        Ok(WorkItem::from_parts(attempt.job_id, data, metadata))
     }
 
     /// The attempt, holding its input again (decoded from the frame sent),

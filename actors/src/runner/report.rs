@@ -22,7 +22,9 @@ pub(crate) struct Reporter<I, O> {
     /// item).
     first_started: Option<Instant>,
     last_done: Instant,
-    last_flush: Instant,
+    /// When the outcomes held are due to be reported: [`FLUSH_AFTER`] after
+    /// the last report (compared, not subtracted, per item).
+    flush_at: Instant,
     events: Vec<PipelineEvent>,
 }
 
@@ -33,7 +35,7 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
             outcomes: Vec::with_capacity(batch),
             first_started: None,
             last_done: now,
-            last_flush: now,
+            flush_at: now + FLUSH_AFTER,
             events: Vec::new(),
         }
     }
@@ -54,7 +56,7 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
     #[inline(always)]
     pub(crate) fn push(&mut self, outcome: Outcome<I, O>, started: Instant, now: Instant) {
         self.record(outcome, started, now);
-        if now.saturating_duration_since(self.last_flush) >= FLUSH_AFTER {
+        if now >= self.flush_at {
             self.flush(Vec::new(), None, now);
         }
     }
@@ -127,7 +129,7 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
     /// When the outcomes recorded and not sent are due to be sent, if
     /// there are any: [`FLUSH_AFTER`] after the last report.
     pub(crate) fn flush_due(&self) -> Option<Instant> {
-        (!self.outcomes.is_empty()).then(|| self.last_flush + FLUSH_AFTER)
+        (!self.outcomes.is_empty()).then_some(self.flush_at)
     }
 
     /// Sends the outcomes recorded so far, if any.
@@ -200,7 +202,7 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
             }),
             failing,
         };
-        self.last_flush = now;
+        self.flush_at = now + FLUSH_AFTER;
         // The stage is gone only when the pipeline is shutting down; the
         // report's items are dropped here then.
         if let Err(unsent) = self.ctx.reports.report(report) {

@@ -70,13 +70,13 @@ impl<I> Lanes<I> {
     /// waits in its key's lane.
     pub(super) fn admit(&mut self, item: WorkItem<I>) -> Option<WorkItem<I>> {
         let key = (self.key)(&item);
-        let seq = item.metadata.seq;
+        let seq = item.head.metadata.seq;
         let admitted = match self.out.entry(key) {
             std::collections::hash_map::Entry::Occupied(_) => {
                 let lane = self.lanes.entry(key).or_default();
                 debug_assert!(
                     lane.back()
-                        .is_none_or(|last| (seq.wrapping_sub(last.metadata.seq) as i32) > 0),
+                        .is_none_or(|last| (seq.wrapping_sub(last.head.metadata.seq) as i32) > 0),
                     "a lane holds its items in input order"
                 );
                 lane.push_back(item);
@@ -111,8 +111,8 @@ impl<I> Lanes<I> {
         };
         if let Some(next) = &next {
             self.waiting -= 1;
-            self.out.insert(key, next.metadata.seq);
-            self.keys.insert(next.metadata.seq, key);
+            self.out.insert(key, next.head.metadata.seq);
+            self.keys.insert(next.head.metadata.seq, key);
         }
         self.check();
         next
@@ -144,7 +144,7 @@ mod tests {
 
     fn item(seq: u32, key: u32) -> WorkItem<u32> {
         let mut item = WorkItem::new(key);
-        item.metadata.seq = seq;
+        item.head.metadata.seq = seq;
         item
     }
 
@@ -160,9 +160,9 @@ mod tests {
         assert!(lanes.admit(item(3, 7)).is_none());
         assert_eq!((lanes.len(), lanes.out()), (2, 2));
         let next = lanes.finished(0).expect("the next of key 7");
-        assert_eq!(next.metadata.seq, 2);
+        assert_eq!(next.head.metadata.seq, 2);
         assert!(lanes.finished(1).is_none());
-        assert_eq!(lanes.finished(2).map(|i| i.metadata.seq), Some(3));
+        assert_eq!(lanes.finished(2).map(|i| i.head.metadata.seq), Some(3));
         assert!(lanes.finished(3).is_none());
         assert_eq!((lanes.len(), lanes.out()), (0, 0));
         assert!(lanes.finished(99).is_none(), "an item never out");

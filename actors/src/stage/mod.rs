@@ -648,34 +648,26 @@ where
             return;
         }
         for item in &mut items {
-            item.metadata.attempts = 0;
+            item.head.metadata.attempts = 0;
             // Modulo 2^32: the stage holds fewer items than that.
-            item.metadata.seq = self.next_seq as u32;
+            item.head.metadata.seq = self.next_seq as u32;
             self.next_seq += 1;
         }
         if self.shared.config.enable_tracking {
             let now = crate::clock::now();
             for item in &mut items {
-                let stages = &mut item.metadata.stages;
+                let stages = &mut item.head.metadata.stages;
                 if stages.capacity() == 0 {
                     stages.reserve_exact(self.shared.config.stages.len() - self.index);
                 }
-                stages.push(StageTimes {
-                    stage: self.index as u16,
-                    attempts: 0,
-                    queued: now,
-                    started: None,
-                    completed: None,
-                    attempt_started: None,
-                    handler: Duration::ZERO,
-                });
+                stages.push(StageTimes::queued_at(self.index as u16, now));
             }
         }
         if self.shared.events.wants_lifecycle() {
             let events = items
                 .iter()
                 .map(|i| PipelineEvent::ItemQueued {
-                    job_id: i.job_id.clone(),
+                    job_id: i.head.job_id.clone(),
                     stage: self.name.clone(),
                 })
                 .collect();
@@ -785,7 +777,7 @@ where
                 }
                 Outcome::Done(item) => {
                     processed += 1;
-                    let seq = item.metadata.seq;
+                    let seq = item.head.metadata.seq;
                     self.leave(seq, Leaving::Next(item), &mut out);
                 }
                 Outcome::Failed(outcome) => {
@@ -793,7 +785,7 @@ where
                     let Failed { result, input } = *outcome;
                     let seq = result.metadata.seq;
                     let input = input.map(|input| (result.job_id.clone(), input));
-                    self.leave(seq, Leaving::Ended(result, input), &mut out);
+                    self.leave(seq, Leaving::Ended(Box::new((result, input))), &mut out);
                 }
                 Outcome::Retry(item) if self.aborting => {
                     out.finished
@@ -806,7 +798,7 @@ where
             }
         }
         for (seq, result) in lost {
-            self.leave(seq, Leaving::Ended(result, None), &mut out);
+            self.leave(seq, Leaving::Ended(Box::new((result, None))), &mut out);
         }
         let gauges = &self.shared.gauges[self.index];
         gauges.processed.fetch_add(processed, Ordering::Relaxed);
@@ -844,7 +836,7 @@ where
     /// Holds an item for its retry backoff.
     fn delay(&mut self, myself: &ActorRef<StageMsg<I, O>>, item: WorkItem<I>) {
         let wait = self.retry.map_or(Duration::ZERO, |policy| {
-            policy.delay_before(item.metadata.attempts + 1, fastrand::f64())
+            policy.delay_before(item.head.metadata.attempts + 1, fastrand::f64())
         });
         if let Some(timer) = self.backoff.hold(item, wait) {
             myself.send_after(timer, || StageMsg::Wake);
@@ -899,7 +891,7 @@ where
         let accounted: HashSet<&JobId> = outcomes
             .iter()
             .map(Outcome::job_id)
-            .chain(unstarted.iter().map(|i| &i.job_id))
+            .chain(unstarted.iter().map(|i| &i.head.job_id))
             .collect();
         let lost: Vec<_> = slot
             .held
@@ -988,7 +980,8 @@ where
                     Leaving::Next(item) => {
                         cancelled.push(self.cancel(item, "after this stage finished it"));
                     }
-                    Leaving::Ended(result, input) => {
+                    Leaving::Ended(ended) => {
+                        let (result, input) = *ended;
                         inputs.extend(input);
                         cancelled.push(result);
                     }
@@ -1007,12 +1000,8 @@ where
     fn cancel<T>(&self, item: WorkItem<T>, when: &str) -> WorkItemResult {
         let message = format!("pipeline aborted {when}");
         let mut error = ItemError::new(&*self.name, ItemErrorKind::Cancelled, message);
-        error.attempts = item.metadata.attempts;
-        let WorkItem {
-            job_id,
-            data,
-            metadata,
-        } = item;
+        error.attempts = item.head.metadata.attempts;
+        let (job_id, data, metadata) = item.into_parts();
         crate::contain::drop_logged(data, || {
             format!(
                 "the data of item {job_id}, cancelled in stage `{}`",
@@ -1178,7 +1167,8 @@ impl Departures {
                 .finished
                 .push(WorkItemResult::completed(item, self.finished_at)),
             Leaving::Next(item) => outbox.push_back(item),
-            Leaving::Ended(result, input) => {
+            Leaving::Ended(ended) => {
+                let (result, input) = *ended;
                 self.inputs.extend(input);
                 self.finished.push(result);
             }

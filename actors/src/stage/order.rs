@@ -22,9 +22,13 @@ pub(super) enum Leaving<O> {
     /// Done: on to the next stage (a result, from the last stage).
     Next(WorkItem<O>),
     /// Ended here: its result for the tracker, and its last input for the
-    /// dead letter (a stage bound to retry).
-    Ended(WorkItemResult, Option<(JobId, Box<dyn Any + Send>)>),
+    /// dead letter (a stage bound to retry). Boxed: failures are rare, and
+    /// every done item moves as a `Leaving` on its way out.
+    Ended(Box<(WorkItemResult, Option<DeadInput>)>),
 }
+
+/// A failed item's last input, for its dead letter.
+pub(super) type DeadInput = (JobId, Box<dyn Any + Send>);
 
 /// The outcomes that wait for the ones before them.
 pub(super) struct Reorder<O> {
@@ -102,7 +106,7 @@ mod tests {
             WorkItemMetadata::default(),
             ItemError::new("s", ItemErrorKind::Failed, "no"),
         );
-        order.put(3, Leaving::Ended(failed, None), &mut leave);
+        order.put(3, Leaving::Ended(Box::new((failed, None))), &mut leave);
         assert_eq!(order.len(), 3, "all wait for place 0");
         order.put(0, Leaving::Next(WorkItem::new(0)), &mut leave);
         assert_eq!(order.len(), 0);

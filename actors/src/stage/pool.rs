@@ -271,11 +271,13 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             .get_mut(&worker)
             .expect("idle workers have slots");
         let n = items.len();
-        slot.held.extend(
-            items
-                .iter()
-                .map(|i| (i.job_id.clone(), i.metadata.created(), i.metadata.seq)),
-        );
+        slot.held.extend(items.iter().map(|i| {
+            (
+                i.head.job_id.clone(),
+                i.head.metadata.created(),
+                i.head.metadata.seq,
+            )
+        }));
         slot.since = now;
         slot.stalled = false;
         slot.progress = now;
@@ -367,14 +369,20 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         // complete at once, so look at a few. (The clock is read only if
         // one may be taken from.)
         let mut now = None;
+        let mut stale = |s: &Slot<I, O>| {
+            s.busy() && {
+                let now = *now.get_or_insert_with(crate::clock::now);
+                s.progress + STEAL_AFTER <= now
+            }
+        };
+        // Nothing to allocate for while every busy worker makes progress
+        // (the common case, looked at on every message).
+        let first = self.slots.iter().position(|(_, s)| stale(s))?;
         let mut candidates: Vec<_> = self
             .slots
             .iter()
-            .filter(|(_, s)| s.busy())
-            .filter(|(_, s)| {
-                let now = *now.get_or_insert_with(crate::clock::now);
-                now.saturating_duration_since(s.progress) >= STEAL_AFTER
-            })
+            .skip(first)
+            .filter(|(_, s)| stale(s))
             .map(|(id, s)| (s.held.len(), *id))
             .collect();
         candidates.sort_unstable_by(|a, b| b.cmp(a));
@@ -393,7 +401,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             for item in unstarted.iter().rev() {
                 let back = slot.held.pop_back();
                 debug_assert!(
-                    back.is_some_and(|(job_id, _, _)| job_id == item.job_id),
+                    back.is_some_and(|(job_id, _, _)| job_id == item.head.job_id),
                     "the unstarted items are the end of what a worker holds"
                 );
             }
