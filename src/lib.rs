@@ -54,8 +54,9 @@
 //!   `abort`, `spawn_linked`.
 //! - [`sources`]: sources from an iterator, a `Stream` or a channel, the
 //!   files of a directory (by glob), and the lines of a file or of stdin.
-//! - `queue` (feature `sqlite`): durable work, a job in a local SQLite
-//!   file that a killed run resumes; see `docs/durable-work.md`.
+//! - `queue` (feature `sqlite` or `redis`): durable work, a job in a local
+//!   SQLite file that a killed run resumes (`docs/durable-work.md`), or in a
+//!   Redis stream that many hosts share (`docs/scale-out.md`).
 //! - `progress` (feature `progress`, on by default): a progress bar in a
 //!   terminal, plain progress lines elsewhere.
 //! - `dashboard` (feature `dashboard`): a live page in the browser for
@@ -79,7 +80,7 @@
 pub mod dashboard;
 #[cfg(feature = "progress")]
 pub mod progress;
-#[cfg(feature = "sqlite")]
+#[cfg(any(feature = "sqlite", feature = "redis"))]
 pub mod queue;
 pub mod sources;
 

@@ -249,8 +249,14 @@ async fn a_following_source_waits_for_new_items_until_stopped() {
 
 #[test]
 fn a_bad_url_or_option_is_refused_clearly() {
-    let e = WorkQueue::open("redis://localhost/jobs", QueueOptions::default()).unwrap_err();
-    assert!(e.to_string().contains("unknown scheme \"redis\""), "{e}");
+    let e = WorkQueue::open("kafka://localhost/jobs", QueueOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("unknown scheme \"kafka\""), "{e}");
+    // Without the feature, a Redis URL says which feature it needs.
+    #[cfg(not(feature = "redis"))]
+    {
+        let e = WorkQueue::open("redis://localhost/jobs", QueueOptions::default()).unwrap_err();
+        assert!(e.to_string().contains("needs the feature redis"), "{e}");
+    }
     let dir = tempfile::tempdir().unwrap();
     let e = WorkQueue::open(&url(&dir), QueueOptions::default().max_deliveries(0)).unwrap_err();
     assert!(e.to_string().contains("max_deliveries"), "{e}");

@@ -1,8 +1,12 @@
 //! Durable work: a job's items in a queue that outlives the process, so a
 //! run that was killed is resumed by running the same program again.
 //!
-//! A [`WorkQueue`] is opened from a URL; today `sqlite:PATH` (or a plain
-//! path), a file on local disk through SQLite (feature `sqlite`). The
+//! A [`WorkQueue`] is opened from a URL: `sqlite:PATH` (or a plain path),
+//! a file on local disk through SQLite (feature `sqlite`), or
+//! `redis://HOST:PORT/DB?stream=NAME`, a Redis stream consumed by a
+//! consumer group, so that many processes on many hosts share one job
+//! (feature `redis`; docs/scale-out.md). The same program moves from one
+//! machine to many by changing the URL. The
 //! producer side enqueues items with their job ids
 //! ([`enqueue`](WorkQueue::enqueue), [`enqueue_lines`](WorkQueue::enqueue_lines));
 //! the consumer side is a [`Source`]: [`WorkQueue::source`].
@@ -13,6 +17,9 @@
 //!   `dead_letters` table with its error, stage and attempts in the same
 //!   transaction; a cancelled item (a `stop()`) is released, `pending`
 //!   again. Each batch of acknowledgements is one transaction.
+//!
+//! With SQLite:
+//!
 //! - A run holds a lock file while it consumes. When a consumer opens, the
 //!   leases of runs whose lock is free (the process died) are released, so
 //!   the new run resumes where the dead one stopped; an item that was
@@ -25,6 +32,11 @@
 //! - [`WorkQueue::counts`] reads pending, leased, done and dead from
 //!   anywhere while a job runs; `sqlite3 FILE` shows the same tables.
 //!
+//! With Redis, the same at-least-once contract across machines: a lease is
+//! a consumer group's pending entry, renewed while its consumer lives and
+//! reclaimed by a peer when it goes idle (see the `redis_streams` notes in
+//! docs/scale-out.md).
+//!
 //! See `docs/durable-work.md` for the tables, the durability setting and
 //! its measured cost. Long runs should use `retain_results(false)`: the
 //! queue, not the pipeline's memory, is the record of what finished.
@@ -35,6 +47,7 @@
 //!
 //! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 //! # async fn main() -> anyhow::Result<()> {
+//! # if cfg!(not(feature = "sqlite")) { return Ok(()); }
 //! let dir = tempfile::tempdir()?;
 //! let url = format!("sqlite:{}", dir.path().join("job.db").display());
 //! let queue = WorkQueue::open(&url, QueueOptions::default())?;
@@ -52,19 +65,27 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "sqlite")]
+mod leased;
+#[cfg(feature = "redis")]
+mod redis_streams;
+#[cfg(feature = "sqlite")]
 mod sqlite;
 
-use std::marker::PhantomData;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+#[cfg(feature = "sqlite")]
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use bergtalzug_actors::item::{ItemErrorKind, WorkItem};
-use bergtalzug_actors::source::{Ack, AckFuture, Acknowledger, Refill, Source};
+use bergtalzug_actors::item::WorkItem;
+use bergtalzug_actors::source::{Acknowledger, Refill, Source};
+
+#[cfg(feature = "redis")]
+pub use redis_streams::{BrokerStats, ResultSink};
 
 /// How hard a commit holds on to what it wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -97,8 +118,32 @@ pub struct QueueOptions {
     /// the run (`false`, the default: a job that is enqueued first).
     pub follow: bool,
     /// How long a writer waits for another's lock on the file before it
-    /// fails. Default 5 s.
+    /// fails. Default 5 s. SQLite only.
     pub busy_timeout: Duration,
+    /// This consumer's name in the Redis consumer group. Give each host (or
+    /// each process slot on a host) a stable name: a consumer started again
+    /// under its old name takes back its own pending entries first. Default
+    /// (`None`): `HOSTNAME-PID-RANDOM`, new each run, so a restarted process's
+    /// old entries wait for `claim_idle` like a dead peer's. Redis only.
+    pub consumer: Option<String>,
+    /// How long an entry must sit idle (not renewed) in another consumer's
+    /// hands before a peer reclaims it (`XAUTOCLAIM`). Default 30 s. Redis
+    /// only.
+    pub claim_idle: Duration,
+    /// How often a consumer looks for idle entries to reclaim. Default 5 s.
+    /// A dead consumer's work is taken over within `claim_idle +
+    /// claim_every` of its last renewal. Redis only.
+    pub claim_every: Duration,
+    /// How often a consumer renews the lease of every entry it holds
+    /// (including items waiting in stage buffers). Must be shorter than
+    /// `claim_idle` (the rule: at most a third of it, so that two renewals
+    /// can be late before a peer steals live work). Default 10 s.
+    /// `Duration::ZERO` turns renewal off: only for showing what it
+    /// prevents. Redis only.
+    pub renew_every: Duration,
+    /// How long one read waits for new entries on the server (`XREADGROUP
+    /// BLOCK`) when there are none. Default 1 s. Redis only.
+    pub read_block: Duration,
 }
 
 impl Default for QueueOptions {
@@ -108,6 +153,11 @@ impl Default for QueueOptions {
             durability: Durability::Full,
             follow: false,
             busy_timeout: Duration::from_secs(5),
+            consumer: None,
+            claim_idle: Duration::from_secs(30),
+            claim_every: Duration::from_secs(5),
+            renew_every: Duration::from_secs(10),
+            read_block: Duration::from_secs(1),
         }
     }
 }
@@ -128,6 +178,36 @@ impl QueueOptions {
     /// Sets [`follow`](QueueOptions::follow).
     pub fn follow(mut self, follow: bool) -> Self {
         self.follow = follow;
+        self
+    }
+
+    /// Sets [`consumer`](QueueOptions::consumer).
+    pub fn consumer(mut self, name: impl Into<String>) -> Self {
+        self.consumer = Some(name.into());
+        self
+    }
+
+    /// Sets [`claim_idle`](QueueOptions::claim_idle).
+    pub fn claim_idle(mut self, idle: Duration) -> Self {
+        self.claim_idle = idle;
+        self
+    }
+
+    /// Sets [`claim_every`](QueueOptions::claim_every).
+    pub fn claim_every(mut self, every: Duration) -> Self {
+        self.claim_every = every;
+        self
+    }
+
+    /// Sets [`renew_every`](QueueOptions::renew_every).
+    pub fn renew_every(mut self, every: Duration) -> Self {
+        self.renew_every = every;
+        self
+    }
+
+    /// Sets [`read_block`](QueueOptions::read_block).
+    pub fn read_block(mut self, block: Duration) -> Self {
+        self.read_block = block;
         self
     }
 }
@@ -166,99 +246,27 @@ pub struct DeadItem {
     pub error: String,
     /// How many times its last stage ran its handler on it.
     pub attempts: u32,
-    /// How many runs took it.
+    /// How many runs took it (with Redis: how many times the entry was
+    /// delivered to a consumer that ran it).
     pub deliveries: u32,
     /// Its payload as enqueued (JSON).
     pub payload: String,
 }
-
-/// What an acknowledgement does to an item's row.
-#[derive(Debug, Clone)]
-pub(crate) enum Settle {
-    Done(String),
-    Release(String),
-    Dead {
-        job_id: String,
-        stage: String,
-        kind: String,
-        error: String,
-        attempts: u32,
-    },
-}
-
-impl Settle {
-    fn of(ack: Ack) -> Self {
-        let job_id = ack.job_id.to_string();
-        match ack.error {
-            None => Settle::Done(job_id),
-            Some(e) if e.kind == ItemErrorKind::Cancelled => Settle::Release(job_id),
-            Some(e) => Settle::Dead {
-                job_id,
-                stage: e.stage,
-                kind: e.kind.to_string(),
-                error: e.message,
-                attempts: e.attempts,
-            },
-        }
-    }
-}
-
-/// Which pending items a lease takes.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Pick {
-    /// Those taken by fewer than `suspect_from` runs that died with them.
-    Clean { suspect_from: u32 },
-    /// One suspect: taken by at least `suspect_from` runs that died.
-    OneSuspect { suspect_from: u32 },
-}
-
-/// What a lease took: (job id, payload) each; when it took nothing,
-/// whether suspects are waiting to run alone.
-#[derive(Debug, Default)]
-pub(crate) struct Leased {
-    pub(crate) items: Vec<(String, String)>,
-    pub(crate) suspects_waiting: bool,
-}
-
-/// A backend: the blocking operations on the queue's store, called off the
-/// async threads. One invariant: a row leaves `leased` only by its run's
-/// settle or release, or when its run is found dead.
-pub(crate) trait Store: Send + Sync + 'static {
-    /// Adds the items whose job id is new; returns how many were.
-    fn enqueue(&self, items: Vec<(String, String)>) -> anyhow::Result<u64>;
-    /// Registers a consumer run: releases the leases of dead runs (and
-    /// dead-letters those leased `max_deliveries` times).
-    fn register(&self, max_deliveries: u32) -> anyhow::Result<Run>;
-    /// Records `settle` (as [`settle`](Store::settle) does), then leases
-    /// up to `count` pending items to `run` as `pick` says: one transaction.
-    fn lease(
-        &self,
-        run: &str,
-        settle: &[Settle],
-        count: usize,
-        pick: Pick,
-    ) -> anyhow::Result<Leased>;
-    /// Records outcomes of items leased by `run`, in one transaction.
-    fn settle(&self, run: &str, outcomes: &[Settle]) -> anyhow::Result<()>;
-    /// How many items are in each state.
-    fn counts(&self) -> anyhow::Result<QueueCounts>;
-    /// The dead letters, oldest first.
-    fn dead_letters(&self) -> anyhow::Result<Vec<DeadItem>>;
-}
-
-/// A consumer run: its id, and what keeps it alive to other runs (its lock
-/// file, held while this lives).
-pub(crate) struct Run {
-    pub(crate) id: String,
-    pub(crate) _lock: Box<dyn Send + Sync>,
-}
-
 /// A durable queue of work items, opened by URL (see the [module](self)).
 #[derive(Clone)]
 pub struct WorkQueue {
-    store: Arc<dyn Store>,
+    backend: Backend,
     options: QueueOptions,
     url: String,
+}
+
+/// Where the queue lives.
+#[derive(Clone)]
+enum Backend {
+    #[cfg(feature = "sqlite")]
+    Sqlite(Arc<dyn leased::Store>),
+    #[cfg(feature = "redis")]
+    Redis(redis_streams::Broker),
 }
 
 impl std::fmt::Debug for WorkQueue {
@@ -270,39 +278,74 @@ impl std::fmt::Debug for WorkQueue {
     }
 }
 
+/// The schemes this build knows, for errors.
+const SCHEMES: &str = match (cfg!(feature = "sqlite"), cfg!(feature = "redis")) {
+    (true, true) => "sqlite:PATH and redis://HOST:PORT/DB?stream=NAME",
+    (true, false) => "sqlite:PATH (redis:// needs the feature redis)",
+    _ => "redis://HOST:PORT/DB?stream=NAME (sqlite: needs the feature sqlite)",
+};
+
 impl WorkQueue {
     /// Opens (creating if need be) the queue at `url`: `sqlite:PATH`,
-    /// `sqlite://PATH` or a plain file path.
+    /// `sqlite://PATH` or a plain file path (feature `sqlite`), or
+    /// `redis://[USER:PASSWORD@]HOST:PORT[/DB]?stream=NAME[&group=GROUP]`
+    /// (feature `redis`: the stream `NAME` and its keys `NAME:*`, consumed
+    /// by the group `GROUP`, default `bergtalzug`). A Redis queue connects
+    /// at its first operation, not here.
     ///
     /// # Errors
     ///
-    /// An unknown scheme, `max_deliveries` of 0, or a file that cannot be
-    /// opened or is not a queue (the error names the file).
+    /// An unknown scheme, `max_deliveries` of 0, a Redis URL without a
+    /// stream or with options that contradict each other (the error names
+    /// the option), or a file that cannot be opened or is not a queue (the
+    /// error names the file).
     pub fn open(url: &str, options: QueueOptions) -> anyhow::Result<Self> {
         anyhow::ensure!(
             options.max_deliveries >= 1,
             "queue option max_deliveries must be at least 1 (got 0)"
         );
-        let path = match url.split_once(':') {
-            Some(("sqlite", rest)) => rest.strip_prefix("//").unwrap_or(rest),
+        let backend = match url.split_once(':') {
+            #[cfg(feature = "redis")]
+            Some(("redis", _)) => Backend::Redis(redis_streams::Broker::open(url, &options)?),
+            Some(("rediss", _)) => anyhow::bail!(
+                "work queue URL {url:?}: TLS (rediss://) is not supported; use redis:// on a trusted network"
+            ),
+            Some(("sqlite", rest)) => {
+                Self::open_sqlite(url, rest.strip_prefix("//").unwrap_or(rest), &options)?
+            }
             Some((scheme, _)) if scheme.len() > 1 && !url.starts_with('/') => {
                 anyhow::bail!(
-                    "work queue URL {url:?}: unknown scheme {scheme:?} (this build knows sqlite:PATH)"
+                    "work queue URL {url:?}: unknown scheme {scheme:?} (this build knows {SCHEMES})"
                 )
             }
-            _ => url,
+            _ => Self::open_sqlite(url, url, &options)?,
         };
-        let store = sqlite::SqliteStore::open(Path::new(path), &options)?;
         Ok(WorkQueue {
-            store: Arc::new(store),
+            backend,
             options,
             url: url.to_string(),
         })
     }
 
+    #[cfg(feature = "sqlite")]
+    fn open_sqlite(_url: &str, path: &str, options: &QueueOptions) -> anyhow::Result<Backend> {
+        Ok(Backend::Sqlite(Arc::new(sqlite::SqliteStore::open(
+            Path::new(path),
+            options,
+        )?)))
+    }
+
+    #[cfg(not(feature = "sqlite"))]
+    fn open_sqlite(url: &str, _path: &str, _options: &QueueOptions) -> anyhow::Result<Backend> {
+        anyhow::bail!(
+            "work queue URL {url:?}: a SQLite queue needs the feature sqlite (this build knows {SCHEMES})"
+        )
+    }
+
     /// Adds items with their job ids; an id already in the queue (in any
     /// state) is skipped, so enqueuing a job again is harmless. Returns how
-    /// many were new. One transaction.
+    /// many were new. One transaction with SQLite; with Redis, atomic per
+    /// batch of 1000 (a producer that dies midway enqueues again).
     ///
     /// # Errors
     ///
@@ -322,7 +365,12 @@ impl WorkQueue {
                 Ok((id, payload))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        self.blocking(move |store| store.enqueue(rows)).await
+        match &self.backend {
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite(store) => blocking(store, move |store| store.enqueue(rows)).await,
+            #[cfg(feature = "redis")]
+            Backend::Redis(broker) => broker.enqueue(rows).await,
+        }
     }
 
     /// Adds each line of a text file as a `String` item, with the job id
@@ -346,40 +394,70 @@ impl WorkQueue {
         self.enqueue(items).await
     }
 
+    /// Seals a batch job: nothing more will be enqueued, so consumers
+    /// without [`follow`](QueueOptions::follow) end once nothing is left
+    /// undelivered and no consumer holds entries. With Redis a batch
+    /// consumer waits for the seal (the producer may still be enqueuing);
+    /// with SQLite a run without `follow` ends when nothing is pending, and
+    /// sealing changes nothing.
+    ///
+    /// # Errors
+    ///
+    /// The store failing.
+    pub async fn seal(&self) -> anyhow::Result<()> {
+        match &self.backend {
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite(_) => Ok(()),
+            #[cfg(feature = "redis")]
+            Backend::Redis(broker) => broker.seal().await,
+        }
+    }
+
     /// The consumer side: a [`Source`] of the queue's pending items, as
     /// `T` (each payload deserialised; one that does not fit goes to the
-    /// dead letters). Registers a run: the leases of runs that died are
-    /// released first.
+    /// dead letters). With SQLite it registers a run: the leases of runs
+    /// that died are released first. With Redis it joins the consumer
+    /// group under [`consumer`](QueueOptions::consumer) (at its first
+    /// refill): its own pending entries first, then entries idle in dead
+    /// peers' hands, then new ones.
     ///
     /// # Errors
     ///
     /// The store failing.
     pub fn source<T: DeserializeOwned + Send + 'static>(&self) -> anyhow::Result<QueueSource<T>> {
-        let max = self.options.max_deliveries;
-        let run = self.store.register(max)?;
-        let pending = self.store.counts()?.pending;
-        Ok(QueueSource {
-            consumer: Arc::new(Consumer {
-                store: self.store.clone(),
-                run,
-                in_flight: InFlight::default(),
-                unsaved: Mutex::new(Vec::new()),
-            }),
-            follow: self.options.follow,
-            // With one delivery allowed there is no second chance to isolate.
-            suspect_from: if max >= 2 { max - 1 } else { u32::MAX },
-            pending_at_start: pending,
-            _item: PhantomData,
-        })
+        let inner = match &self.backend {
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite(store) => {
+                let run = store.register(self.options.max_deliveries)?;
+                let pending = store.counts()?.pending;
+                Inner::Sqlite(leased::LeaseSource::new(
+                    store.clone(),
+                    run,
+                    self.options.follow,
+                    self.options.max_deliveries,
+                    pending,
+                ))
+            }
+            #[cfg(feature = "redis")]
+            Backend::Redis(broker) => Inner::Redis(broker.source()),
+        };
+        Ok(QueueSource { inner })
     }
 
-    /// How many items are pending, leased, done and dead, now.
+    /// How many items are pending, leased, done and dead, now. With Redis,
+    /// `pending` is what no consumer has been given yet, and `leased` the
+    /// consumer group's pending entries (delivered, not acknowledged).
     ///
     /// # Errors
     ///
     /// The store failing.
     pub async fn counts(&self) -> anyhow::Result<QueueCounts> {
-        self.blocking(|store| store.counts()).await
+        match &self.backend {
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite(store) => blocking(store, |store| store.counts()).await,
+            #[cfg(feature = "redis")]
+            Backend::Redis(broker) => broker.counts().await,
+        }
     }
 
     /// The dead letters, in the order they died.
@@ -388,200 +466,98 @@ impl WorkQueue {
     ///
     /// The store failing.
     pub async fn dead_letters(&self) -> anyhow::Result<Vec<DeadItem>> {
-        self.blocking(|store| store.dead_letters()).await
+        match &self.backend {
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite(store) => blocking(store, |store| store.dead_letters()).await,
+            #[cfg(feature = "redis")]
+            Backend::Redis(broker) => broker.dead_letters().await,
+        }
     }
 
-    async fn blocking<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn Store) -> anyhow::Result<R> + Send + 'static,
-    ) -> anyhow::Result<R> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&*store))
-            .await
-            .context("a work queue operation panicked")?
+    /// This process's broker counters (claimed, redelivered,
+    /// dead-lettered, lease renewals, ack batches, errors), summed over the
+    /// sources this queue made. `None` for SQLite, which has no broker.
+    #[cfg(feature = "redis")]
+    pub fn broker_stats(&self) -> Option<BrokerStats> {
+        match &self.backend {
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite(_) => None,
+            Backend::Redis(broker) => Some(broker.stats()),
+        }
+    }
+
+    /// A sink that keeps one result per job id, written once: the first
+    /// write of a job id wins and later ones (a redelivered item run
+    /// again) are told they were duplicates. Redis: a hash `STREAM:results:NAME`.
+    ///
+    /// # Errors
+    ///
+    /// The queue is not on Redis (a SQLite job writes its results keyed by
+    /// job id in a table of its own: see examples/resume.rs).
+    #[cfg(feature = "redis")]
+    pub fn result_sink(&self, name: &str) -> anyhow::Result<ResultSink> {
+        match &self.backend {
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite(_) => anyhow::bail!(
+                "result_sink({name:?}): the queue {} is SQLite; its results belong in a table keyed by job id (see examples/resume.rs)",
+                self.url
+            ),
+            Backend::Redis(broker) => Ok(broker.result_sink(name)),
+        }
     }
 }
 
-/// The consumer side of a [`WorkQueue`]: each refill leases pending items;
-/// outcomes are acknowledged on their own path (they never wait behind a
-/// refill); items not admitted are released at once.
+#[cfg(feature = "sqlite")]
+async fn blocking<R: Send + 'static>(
+    store: &Arc<dyn leased::Store>,
+    f: impl FnOnce(&dyn leased::Store) -> anyhow::Result<R> + Send + 'static,
+) -> anyhow::Result<R> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&*store))
+        .await
+        .context("a work queue operation panicked")?
+}
+
+/// The consumer side of a [`WorkQueue`]: a [`Source`] whose outcomes are
+/// acknowledged on their own path (they never wait behind a refill) and
+/// whose items not admitted are released at once.
 ///
-/// Acknowledgements are written in the next lease's transaction (one commit
-/// for both: the fewer commits, the fewer fsyncs), or at once when nothing
-/// else is in flight (the run is ending or idle), or when 1024 are waiting.
-/// So what a crash can run again stays within the window: the items in
-/// the pipeline plus those finished since the last lease, which freed the
-/// room the next lease fills.
-///
-/// A run that dies takes every item it had in flight down with it, the
-/// innocent with the poison. So an item that runs have died with
-/// `max_deliveries - 1` times is a suspect: it is leased alone, once this
-/// run has nothing else in flight, so that its last delivery counts
-/// against it only if it is the one that kills the process.
+/// With SQLite, acknowledgements are written in the next lease's
+/// transaction (one commit for both), or at once when nothing else is in
+/// flight or 1024 are waiting; an item that runs died with
+/// `max_deliveries - 1` times is a suspect, leased alone once nothing else
+/// is in flight, so that its last delivery counts against it only if it is
+/// the one that kills the process. With Redis, the same isolation of
+/// suspects; acknowledgements are batched on a connection of their own;
+/// see docs/scale-out.md.
 pub struct QueueSource<T> {
-    consumer: Arc<Consumer>,
-    follow: bool,
-    /// Deliveries (by runs that died) from which an item runs alone.
-    suspect_from: u32,
-    pending_at_start: u64,
-    _item: PhantomData<fn() -> T>,
+    inner: Inner<T>,
 }
 
-/// What a run's source and acknowledger share.
-struct Consumer {
-    store: Arc<dyn Store>,
-    run: Run,
-    in_flight: InFlight,
-    /// Outcomes acknowledged and not yet written.
-    unsaved: Mutex<Vec<Settle>>,
-}
-
-impl Drop for Consumer {
-    /// Writes what is still waiting (normally nothing: the last outcome of
-    /// a run, with nothing else in flight, is written at once).
-    fn drop(&mut self) {
-        let settle = self.take_unsaved();
-        if settle.is_empty() {
-            return;
-        }
-        if let Err(e) = self.store.settle(&self.run.id, &settle) {
-            tracing::error!(target: "bergtalzug::queue",
-                "could not record the outcome of {} items at the end of the run: {e:#}; \
-                 they run again in the next run", settle.len());
-        }
-    }
-}
-
-/// Outcomes waiting beyond this many are written without waiting for a lease.
-const MAX_UNSAVED: usize = 1024;
-
-impl Consumer {
-    fn take_unsaved(&self) -> Vec<Settle> {
-        std::mem::take(&mut *self.unsaved.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Writes `settle` now, off the async threads; a failure is logged
-    /// (the items stay leased and the next run takes them again).
-    async fn save(self: &Arc<Self>, settle: Vec<Settle>) {
-        if settle.is_empty() {
-            return;
-        }
-        let n = settle.len();
-        let consumer = self.clone();
-        let outcome =
-            tokio::task::spawn_blocking(move || consumer.store.settle(&consumer.run.id, &settle))
-                .await;
-        if let Ok(Err(e)) | Err(e) = outcome.map_err(anyhow::Error::from) {
-            tracing::error!(target: "bergtalzug::queue",
-                "could not record the outcome of {n} items: {e:#}; they stay leased \
-                 and run again in the next run");
-        }
-    }
+enum Inner<T> {
+    #[cfg(feature = "sqlite")]
+    Sqlite(leased::LeaseSource<T>),
+    #[cfg(feature = "redis")]
+    Redis(redis_streams::RedisSource<T>),
 }
 
 impl<T> std::fmt::Debug for QueueSource<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QueueSource")
-            .field("run", &self.consumer.run.id)
-            .field("follow", &self.follow)
+            .field("run", &self.run_id())
             .finish()
     }
 }
 
 impl<T> QueueSource<T> {
-    /// This run's id, as the `items.lease_owner` column shows it.
+    /// This run's id: with SQLite as the `items.lease_owner` column shows
+    /// it; with Redis the consumer's name in the group.
     pub fn run_id(&self) -> &str {
-        &self.consumer.run.id
-    }
-
-    /// Writes the outcomes waiting and leases, in one transaction.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel-safe: the transaction runs on a blocking thread, to its end;
-    /// if this future is gone by then, what it leased is released at once.
-    async fn lease(&self, count: usize, pick: Pick) -> anyhow::Result<(Vec<WorkItem<T>>, bool)>
-    where
-        T: DeserializeOwned + Send + 'static,
-    {
-        let consumer = self.consumer.clone();
-        let mut taken = tokio::task::spawn_blocking(move || {
-            let settle = consumer.take_unsaved();
-            match consumer.store.lease(&consumer.run.id, &settle, count, pick) {
-                Ok(leased) => Ok(Taken {
-                    consumer,
-                    leased: Some(leased),
-                }),
-                Err(e) => {
-                    // Not written: kept for the next try.
-                    consumer
-                        .unsaved
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .extend(settle);
-                    Err(e)
-                }
-            }
-        })
-        .await
-        .context("leasing from the work queue panicked")??;
-        // From here on nothing awaits: the items are this run's.
-        let Leased {
-            items: rows,
-            suspects_waiting,
-        } = taken.leased.take().unwrap_or_default();
-        let mut items = Vec::with_capacity(rows.len());
-        let mut unfit = Vec::new();
-        for (id, payload) in rows {
-            match serde_json::from_str::<T>(&payload) {
-                Ok(data) => items.push(WorkItem::with_job_id(id, data)),
-                Err(e) => unfit.push(Settle::Dead {
-                    job_id: id,
-                    stage: "queue".into(),
-                    kind: "unreadable payload".into(),
-                    error: format!("the payload does not deserialise as the item type: {e}"),
-                    attempts: 0,
-                }),
-            }
-        }
-        if !unfit.is_empty() {
-            self.consumer
-                .unsaved
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(unfit);
-        }
-        self.consumer.in_flight.add(items.len());
-        Ok((items, suspects_waiting))
-    }
-}
-
-/// A lease's items on their way to the source: released if they never get
-/// there (the refill was dropped while its transaction ran).
-struct Taken {
-    consumer: Arc<Consumer>,
-    leased: Option<Leased>,
-}
-
-impl Drop for Taken {
-    fn drop(&mut self) {
-        let Some(leased) = self.leased.take() else {
-            return;
-        };
-        if leased.items.is_empty() {
-            return;
-        }
-        let release: Vec<_> = leased
-            .items
-            .into_iter()
-            .map(|(id, _)| Settle::Release(id))
-            .collect();
-        // On a blocking thread (where the task's output is dropped) or
-        // at worst briefly on an async one.
-        if let Err(e) = self.consumer.store.settle(&self.consumer.run.id, &release) {
-            tracing::error!(target: "bergtalzug::queue",
-                "could not release {} items of a dropped refill: {e:#}; the next run does",
-                release.len());
+        match &self.inner {
+            #[cfg(feature = "sqlite")]
+            Inner::Sqlite(s) => s.run_id(),
+            #[cfg(feature = "redis")]
+            Inner::Redis(s) => s.consumer_name(),
         }
     }
 }
@@ -589,7 +565,7 @@ impl Drop for Taken {
 impl<T: DeserializeOwned + Send + 'static> Source for QueueSource<T> {
     type Item = T;
 
-    /// Leases up to `count` pending items; none left: exhausted.
+    /// Takes up to `count` pending items; none left: exhausted.
     async fn refill(&mut self, count: usize) -> anyhow::Result<Vec<WorkItem<T>>> {
         match self.fetch(count).await? {
             Refill::Items(items) => Ok(items),
@@ -597,107 +573,72 @@ impl<T: DeserializeOwned + Send + 'static> Source for QueueSource<T> {
         }
     }
 
-    /// Leases up to `count` pending items, suspects one at a time when
-    /// nothing else is in flight (waiting here for that: acks do not wait
-    /// behind it). None left: exhausted, or "nothing yet" with `follow`.
+    /// Takes up to `count` items (never more), suspects one at a time when
+    /// nothing else is in flight. None left: exhausted, or "nothing yet"
+    /// with `follow` (with Redis, also while a batch job is not sealed or
+    /// other consumers still hold entries).
     ///
     /// # Cancel safety
     ///
-    /// Cancel-safe: a lease is one transaction, and the wait holds nothing.
+    /// Cancel-safe: with SQLite a lease is one transaction; with Redis
+    /// entries a dropped read had been given stay in this consumer's
+    /// pending list, are not renewed, and are released when the source is
+    /// dropped (or reclaimed after `claim_idle`).
     async fn fetch(&mut self, count: usize) -> anyhow::Result<Refill<T>> {
-        let suspect_from = self.suspect_from;
-        loop {
-            let (items, suspects_waiting) = self.lease(count, Pick::Clean { suspect_from }).await?;
-            if !items.is_empty() {
-                return Ok(Refill::Items(items));
-            }
-            if !suspects_waiting {
-                return Ok(if self.follow {
-                    Refill::NothingYet
-                } else {
-                    Refill::Exhausted
-                });
-            }
-            self.consumer.in_flight.drained().await;
-            let (items, _) = self.lease(1, Pick::OneSuspect { suspect_from }).await?;
-            if !items.is_empty() {
-                return Ok(Refill::Items(items));
-            }
+        match &mut self.inner {
+            #[cfg(feature = "sqlite")]
+            Inner::Sqlite(s) => s.fetch(count).await,
+            #[cfg(feature = "redis")]
+            Inner::Redis(s) => s.fetch(count).await,
         }
     }
 
     fn size_hint(&self) -> Option<u64> {
-        (!self.follow).then_some(self.pending_at_start)
+        match &self.inner {
+            #[cfg(feature = "sqlite")]
+            Inner::Sqlite(s) => s.size_hint(),
+            #[cfg(feature = "redis")]
+            Inner::Redis(_) => None,
+        }
     }
 
     fn acknowledger(&mut self) -> Option<Box<dyn Acknowledger>> {
-        Some(Box::new(QueueAcknowledger {
-            consumer: self.consumer.clone(),
-        }))
-    }
-
-    /// Releases the leases of items that were not admitted (refused
-    /// duplicates, or beyond the demand at close) at once: pending again,
-    /// their delivery not counted.
-    async fn release(&mut self, unadmitted: Vec<WorkItem<T>>) {
-        let settle: Vec<_> = unadmitted
-            .iter()
-            .map(|i| Settle::Release(i.job_id().to_string()))
-            .collect();
-        self.consumer.save(settle).await;
-        if self.consumer.in_flight.remove(unadmitted.len()) == 0 {
-            self.consumer.in_flight.drained.notify_waiters();
+        match &mut self.inner {
+            #[cfg(feature = "sqlite")]
+            Inner::Sqlite(s) => s.acknowledger(),
+            #[cfg(feature = "redis")]
+            Inner::Redis(s) => Some(s.acknowledger()),
         }
     }
-}
 
-/// Takes a run's outcomes: written with the next lease, or at once when
-/// nothing else is in flight or many are waiting.
-struct QueueAcknowledger {
-    consumer: Arc<Consumer>,
-}
-
-impl Acknowledger for QueueAcknowledger {
-    fn ack(&mut self, outcomes: Vec<Ack>) -> AckFuture<'_> {
-        Box::pin(async move {
-            let n = outcomes.len();
-            let waiting = {
-                let mut unsaved = self
-                    .consumer
-                    .unsaved
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                unsaved.extend(outcomes.into_iter().map(Settle::of));
-                unsaved.len()
-            };
-            let idle = self.consumer.in_flight.remove(n) == 0;
-            if idle || waiting >= MAX_UNSAVED {
-                let settle = self.consumer.take_unsaved();
-                self.consumer.save(settle).await;
-            }
-            if idle {
-                self.consumer.in_flight.drained.notify_waiters();
-            }
-        })
+    /// Gives back the items that were not admitted (refused duplicates, or
+    /// beyond the demand at close) at once, their delivery not counted.
+    async fn release(&mut self, unadmitted: Vec<WorkItem<T>>) {
+        match &mut self.inner {
+            #[cfg(feature = "sqlite")]
+            Inner::Sqlite(s) => s.release(unadmitted).await,
+            #[cfg(feature = "redis")]
+            Inner::Redis(s) => s.release(unadmitted).await,
+        }
     }
 }
 
 /// How many of its leased items a run has not been told the outcome of;
 /// a wait for it to reach zero.
 #[derive(Default)]
-struct InFlight {
+pub(crate) struct InFlight {
     count: std::sync::atomic::AtomicUsize,
-    drained: tokio::sync::Notify,
+    pub(crate) drained: tokio::sync::Notify,
 }
 
 impl InFlight {
-    fn add(&self, n: usize) {
+    pub(crate) fn add(&self, n: usize) {
         self.count.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// `n` more told (saturating: injected items are acked too); returns
     /// how many are left. Wakes `drained` at zero.
-    fn remove(&self, n: usize) -> usize {
+    pub(crate) fn remove(&self, n: usize) -> usize {
         use std::sync::atomic::Ordering;
         let before = self
             .count
@@ -708,7 +649,7 @@ impl InFlight {
         before.saturating_sub(n)
     }
 
-    async fn drained(&self) {
+    pub(crate) async fn drained(&self) {
         loop {
             let notified = self.drained.notified();
             if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {

@@ -21,7 +21,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 
-use super::{DeadItem, Durability, Leased, Pick, QueueCounts, QueueOptions, Run, Settle, Store};
+use super::leased::{Leased, Pick, Run, Settle, Store};
+use super::{DeadItem, Durability, QueueCounts, QueueOptions};
 
 /// The schema's version, in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 1;
