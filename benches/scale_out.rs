@@ -16,8 +16,13 @@
 //! measures the CPU cost per item more than scaling; independent hosts
 //! (each with its own cores, talking to Redis over a network with real
 //! latency) are what the issue's E(4) >= 0.90 and E(8) >= 0.80 are about.
-//! The CPU-bound variant with a per-process cgroup CPU quota is not run:
-//! it needs a writable cgroup v2 hierarchy, and is skipped with a message.
+//! So a second part makes each consumer CPU-bound and caps it: one `Cpu`
+//! stage of 2 workers whose items take ~2 ms of CPU each (`common::crunch`,
+//! calibrated once by the parent), every consumer process in a cgroup of
+//! its own with a CPU quota of 0.4 core (cgroup v1's `cpu` controller or
+//! v2's `cpu.max`), so that 4 of them (1.6 cores) fit on the 2 cores beside
+//! redis-server; target E(4) >= 0.85. It is skipped with a message where no
+//! cgroup can be made (not root, or no writable hierarchy).
 //!
 //! ```text
 //! cargo bench --bench scale_out --features redis
@@ -25,8 +30,9 @@
 //! ```
 
 mod common;
-use common::{cpu_time, quick};
+use common::{calibrate, cpu_time, crunch, quick};
 
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -58,13 +64,110 @@ fn config() -> PipelineConfig {
     .retain_results(false)
 }
 
+fn cpu_config() -> PipelineConfig {
+    PipelineConfig::new(
+        "scale-out-cpu",
+        vec![
+            StageConfig::new("crunch", ExecutionType::Cpu)
+                .workers(2)
+                .queue_size(8),
+        ],
+    )
+    .stats_interval(Duration::ZERO)
+    .queue_refresh_rate(Duration::from_millis(20))
+    .max_refill_failures(0)
+    .retain_results(false)
+}
+
+/// A CPU quota per consumer process, where this machine lets the bench
+/// make cgroups: v1's `cpu` controller or v2's unified hierarchy.
+enum Quota {
+    V1(PathBuf),
+    V2(PathBuf),
+}
+
+/// One consumer's cgroup, removed when dropped (after its process ended).
+struct Group(PathBuf);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+impl Quota {
+    /// A hierarchy in which a group can be made, or why none can.
+    fn find() -> Result<Quota, String> {
+        let v1 = PathBuf::from("/sys/fs/cgroup/cpu");
+        let v2 = PathBuf::from("/sys/fs/cgroup");
+        let quota = if v1.join("cpu.cfs_quota_us").exists() {
+            Quota::V1(v1)
+        } else if std::fs::read_to_string(v2.join("cgroup.controllers"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu"))
+        {
+            // Children of the root get the cpu controller only if it is
+            // on in the root's subtree.
+            let _ = std::fs::write(v2.join("cgroup.subtree_control"), "+cpu");
+            Quota::V2(v2)
+        } else {
+            return Err("no cgroup cpu controller mounted".into());
+        };
+        // Try one group: the hierarchy may be read-only or not ours.
+        let probe = format!("bergtalzug-bench-probe-{}", std::process::id());
+        quota.group(&probe).map(drop)?;
+        Ok(quota)
+    }
+
+    fn group(&self, name: &str) -> Result<Group, String> {
+        let (Quota::V1(root) | Quota::V2(root)) = self;
+        let dir = root.join(name);
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+        let group = Group(dir);
+        let period = 100_000u64;
+        let quota = (QUOTA_CORES * period as f64) as u64;
+        let set = |file: &str, value: String| {
+            std::fs::write(group.0.join(file), value)
+                .map_err(|e| format!("cannot write {}/{file}: {e}", group.0.display()))
+        };
+        match self {
+            Quota::V1(_) => {
+                set("cpu.cfs_period_us", period.to_string())?;
+                set("cpu.cfs_quota_us", quota.to_string())?;
+            }
+            Quota::V2(_) => set("cpu.max", format!("{quota} {period}"))?,
+        }
+        Ok(group)
+    }
+
+    /// Moves process `pid` (all its threads) into a new group with the quota.
+    fn confine(&self, name: &str, pid: u32) -> Result<Group, String> {
+        let group = self.group(name)?;
+        std::fs::write(group.0.join("cgroup.procs"), pid.to_string())
+            .map_err(|e| format!("cannot move process {pid}: {e}"))?;
+        Ok(group)
+    }
+}
+
 async fn fetch(item: WorkItem<u64>) -> anyhow::Result<WorkItem<u64>> {
     tokio::time::sleep(WAIT).await;
     Ok(item)
 }
 
+/// The CPU-bound part's work per item, and each consumer's quota.
+const CPU_WORK: Duration = Duration::from_millis(2);
+const QUOTA_CORES: f64 = 0.4;
+
+/// What a consumer's handler does.
+#[derive(Clone, Copy)]
+enum Work {
+    /// Waits [`WAIT`] (an HTTP call), 20 workers.
+    Io,
+    /// Spins `rounds` of [`crunch`] (about [`CPU_WORK`]) on a `Cpu` stage of 2.
+    Cpu { rounds: u64 },
+}
+
 /// The child: consumes the job, then prints `start_ms end_ms cpu_ms`.
-fn consume(url: &str, name: &str) {
+fn consume(url: &str, name: &str, work: Work) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -73,12 +176,22 @@ fn consume(url: &str, name: &str) {
     runtime.block_on(async {
         let queue = WorkQueue::open(url, QueueOptions::default().consumer(name)).unwrap();
         let start = now_ms();
-        let pipeline = Pipeline::builder(config())
-            .unwrap()
-            .source(queue.source::<u64>().unwrap())
-            .async_stage("fetch", fetch)
-            .build()
-            .unwrap();
+        let source = queue.source::<u64>().unwrap();
+        let pipeline = match work {
+            Work::Io => Pipeline::builder(config())
+                .unwrap()
+                .source(source)
+                .async_stage("fetch", fetch)
+                .build(),
+            Work::Cpu { rounds } => Pipeline::builder(cpu_config())
+                .unwrap()
+                .source(source)
+                .sync_stage("crunch", move |item: WorkItem<u64>| {
+                    Ok(item.map(|x| crunch(x, rounds)))
+                })
+                .build(),
+        }
+        .unwrap();
         pipeline.run().await.unwrap();
         let end = now_ms();
         let cpu = cpu_time().unwrap_or_default().as_millis();
@@ -167,9 +280,16 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// One run of `n` consumers on `items`: (items/s, consumers' CPU per
-/// item, redis-server's CPU per item).
-fn run(server: &Server, n: usize, items: u64) -> (f64, Duration, Duration) {
+/// One run of `n` consumers on `items`, each confined to the quota when
+/// one is given: (items/s, consumers' CPU per item, redis-server's CPU per
+/// item).
+fn run(
+    server: &Server,
+    n: usize,
+    items: u64,
+    work: Work,
+    quota: Option<&Quota>,
+) -> (f64, Duration, Duration) {
     let stream = format!("bench-{n}-{}", uuid::Uuid::new_v4().simple());
     let url = format!("{}?stream={stream}", server.url());
     runtime().block_on(async {
@@ -182,15 +302,24 @@ fn run(server: &Server, n: usize, items: u64) -> (f64, Duration, Duration) {
     });
     let redis_before = cpu_of(server.child.id());
     let exe = std::env::current_exe().unwrap();
+    let mut groups = Vec::new();
     let children: Vec<Child> = (0..n)
         .map(|i| {
-            Command::new(&exe)
-                .arg("--consume")
-                .arg(&url)
-                .arg(format!("c{i}"))
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap()
+            let mut command = Command::new(&exe);
+            command.arg("--consume").arg(&url).arg(format!("c{i}"));
+            if let Work::Cpu { rounds } = work {
+                command.arg(rounds.to_string());
+            }
+            let child = command.stdout(Stdio::piped()).spawn().unwrap();
+            if let Some(quota) = quota {
+                let name = format!("bergtalzug-bench-{}-{n}-{i}", std::process::id());
+                groups.push(
+                    quota
+                        .confine(&name, child.id())
+                        .expect("confine a consumer"),
+                );
+            }
+            child
         })
         .collect();
     let mut start = u128::MAX;
@@ -209,6 +338,7 @@ fn run(server: &Server, n: usize, items: u64) -> (f64, Duration, Duration) {
         cpu += f[2];
     }
     let redis_cpu = cpu_of(server.child.id()) - redis_before;
+    drop(groups);
     let done = runtime().block_on(async {
         WorkQueue::open(&url, QueueOptions::default())
             .unwrap()
@@ -242,10 +372,56 @@ fn in_memory(items: u64) -> f64 {
     })
 }
 
+/// The CPU-bound part: N = 1, 2, 4 consumers, each capped at
+/// [`QUOTA_CORES`] by a cgroup of its own.
+fn cpu_bound(server: &Server) {
+    let quota = match Quota::find() {
+        Ok(quota) => quota,
+        Err(why) => {
+            println!(
+                "CPU-bound with a {QUOTA_CORES}-core cgroup quota per process: skipped ({why})"
+            );
+            return;
+        }
+    };
+    let rounds = calibrate(CPU_WORK);
+    // At the quota a consumer does about QUOTA_CORES / CPU_WORK = 200 items/s.
+    let per_consumer: u64 = if quick() { 20 } else { 600 };
+    println!(
+        "CPU-bound: one Cpu stage of 2 workers, ~{CPU_WORK:?} of CPU per item ({rounds} rounds), \
+         each consumer in its own cgroup capped at {QUOTA_CORES} core; {per_consumer} items per consumer"
+    );
+    let mut rate1 = 0.0;
+    for n in [1usize, 2, 4] {
+        let work = Work::Cpu { rounds };
+        let (rate, cpu, redis_cpu) = run(server, n, per_consumer * n as u64, work, Some(&quota));
+        if n == 1 {
+            rate1 = rate;
+        }
+        let e = rate / (n as f64 * rate1);
+        let verdict = match n {
+            4 if e >= 0.85 => " (target E(4) >= 0.85: met)",
+            4 => " (target E(4) >= 0.85: NOT met)",
+            _ => "",
+        };
+        println!(
+            "{n:>3} {rate:>10.0} {e:>7.2} {:>13.1} µs {:>13.1} µs{verdict}",
+            cpu.as_secs_f64() * 1e6,
+            redis_cpu.as_secs_f64() * 1e6
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--consume") {
-        consume(&args[i + 1], &args[i + 2]);
+        let work = match args.get(i + 3) {
+            Some(rounds) => Work::Cpu {
+                rounds: rounds.parse().expect("rounds"),
+            },
+            None => Work::Io,
+        };
+        consume(&args[i + 1], &args[i + 2], work);
         return;
     }
     let Some(server) = Server::start() else {
@@ -264,7 +440,7 @@ fn main() {
     );
     let mut rate1 = 0.0;
     for n in [1usize, 2, 4, 8] {
-        let (rate, cpu, redis_cpu) = run(&server, n, per_consumer * n as u64);
+        let (rate, cpu, redis_cpu) = run(&server, n, per_consumer * n as u64, Work::Io, None);
         if n == 1 {
             rate1 = rate;
         }
@@ -280,10 +456,7 @@ fn main() {
         "one process: Redis {rate1:.0} items/s, in-memory {memory:.0} items/s: {:.2} of in-memory",
         rate1 / memory
     );
-    println!(
-        "CPU-bound with a 0.4-core cgroup quota per process: skipped (needs a writable \
-         cgroup v2 hierarchy per consumer; not set up by this bench)"
-    );
+    cpu_bound(&server);
     println!(
         "note: consumers and redis-server share this machine's {} cores: E(N) above N = cores \
          measures CPU per item, not what independent hosts would scale to",
