@@ -198,7 +198,7 @@ impl fmt::Debug for StageTimes {
             .field("queued", &self.queued)
             .field("started", &self.started())
             .field("completed", &self.completed())
-            .field("handler", &self.handler_ns)
+            .field("handler_ns", &self.handler_ns)
             .finish()
     }
 }

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use super::attempt::{Attempt, Ran};
 use super::hand::HandState;
+use super::lanes::Ending;
 use super::{RunCtx, item_span, item_spans_enabled};
 use crate::contain;
 use crate::item::WorkItem;
@@ -20,6 +21,7 @@ use crate::item::WorkItem;
 pub(crate) fn run_blocking<I: Send + 'static, O: Send + 'static, F>(
     ctx: &Arc<RunCtx<I, O>>,
     handler: &F,
+    ending: &Ending,
 ) -> Result<(), String>
 where
     F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>,
@@ -45,6 +47,7 @@ where
                         format!("a late result in stage `{}`", ctx.stage)
                     });
                 }
+                ending.now();
                 return Ok(());
             };
             if let Some(ran) = ran.take() {
@@ -57,6 +60,9 @@ where
                 }
             }
             let Some(mut item) = state.pending.pop_front() else {
+                // Before the last report: the pipeline may end on it, and
+                // this thread is not stuck in a handler.
+                ending.now();
                 if let Some(reporter) = state.reporter.take() {
                     reporter.finish(now);
                 }

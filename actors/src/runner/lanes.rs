@@ -35,8 +35,21 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-/// A batch, run on a stage thread; it reports its items itself.
-pub(crate) type Batch = Box<dyn FnOnce() -> Result<(), String> + Send>;
+/// A batch, run on a stage thread; it reports its items itself, and says
+/// through [`Ending`] when its handler calls are over.
+pub(crate) type Batch = Box<dyn FnOnce(&Ending) -> Result<(), String> + Send>;
+
+/// Told by a batch when it has run its last handler call and only reports
+/// are left: a worker that stops waiting after that (the pipeline ends on
+/// the last report) leaves a thread that is finishing, not stuck.
+pub(crate) struct Ending(Arc<AtomicBool>);
+
+impl Ending {
+    /// No more user code runs in this batch.
+    pub(crate) fn now(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -84,7 +97,7 @@ impl Lanes {
         };
         let (done, result) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
-            let result = batch();
+            let result = batch(&Ending(ended.clone()));
             // Before the send: a worker stopped after the batch's last
             // report and before this wakes it has no stuck thread.
             ended.store(true, Ordering::Release);
@@ -238,7 +251,7 @@ mod tests {
         let stuck = Arc::new(AtomicUsize::new(0));
         let lanes = Lanes::new("s", "s-thread".into(), stuck.clone());
         let (release, hold) = mpsc::channel::<()>();
-        let blocked = lanes.run(Box::new(move || {
+        let blocked = lanes.run(Box::new(move |_| {
             let _ = hold.recv();
             Ok(())
         }));
@@ -250,8 +263,8 @@ mod tests {
         );
         assert_eq!(stuck.load(Ordering::SeqCst), 1);
         // The next batch runs on a new thread, which is then reused.
-        lanes.run(Box::new(|| Ok(()))).await.unwrap();
-        lanes.run(Box::new(|| Ok(()))).await.unwrap();
+        lanes.run(Box::new(|_| Ok(()))).await.unwrap();
+        lanes.run(Box::new(|_| Ok(()))).await.unwrap();
         assert_eq!(lanes.started.load(Ordering::SeqCst), 2);
         // Once its batch ends, the stuck thread leaves.
         release.send(()).unwrap();
@@ -262,7 +275,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(stuck.load(Ordering::SeqCst), 0);
-        lanes.run(Box::new(|| Ok(()))).await.unwrap();
+        lanes.run(Box::new(|_| Ok(()))).await.unwrap();
         assert_eq!(lanes.started.load(Ordering::SeqCst), 2, "never reused");
         assert_eq!(lanes.lock().len(), 1);
     }
@@ -277,7 +290,7 @@ mod tests {
         let (ran, has_run) = mpsc::channel::<()>();
         let (go, wait_for_go) = mpsc::channel::<()>();
         {
-            let mut waiting = std::pin::pin!(lanes.run(Box::new(move || {
+            let mut waiting = std::pin::pin!(lanes.run(Box::new(move |_| {
                 let _ = wait_for_go.recv_timeout(Duration::from_secs(5));
                 let _ = ran.send(());
                 Ok(())
@@ -294,7 +307,7 @@ mod tests {
             0,
             "an idle thread is not stuck"
         );
-        lanes.run(Box::new(|| Ok(()))).await.unwrap();
+        lanes.run(Box::new(|_| Ok(()))).await.unwrap();
         assert_eq!(
             lanes.started.load(Ordering::SeqCst),
             1,

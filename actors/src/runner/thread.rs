@@ -49,7 +49,8 @@ where
         match ctx.timeout {
             None => {
                 let ctx = ctx.clone();
-                let batch: lanes::Batch = Box::new(move || run_blocking(&ctx, &*handler));
+                let batch: lanes::Batch =
+                    Box::new(move |ending| run_blocking(&ctx, &*handler, ending));
                 self.lanes.run(batch).await
             }
             Some(limit) => {

@@ -66,12 +66,14 @@ where
     I: Send + 'static,
     O: Send + 'static,
     F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
-    S: FnOnce(Box<dyn FnOnce() -> Result<(), String> + Send>) -> Fut,
+    S: FnOnce(super::lanes::Batch) -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
     let job = {
         let ctx = ctx.clone();
-        Box::new(move || super::blocking::run_blocking(&ctx, &*handler))
+        Box::new(move |ending: &super::lanes::Ending| {
+            super::blocking::run_blocking(&ctx, &*handler, ending)
+        })
     };
     let mut done = std::pin::pin!(spawn(job));
     loop {
