@@ -4,6 +4,8 @@
 //!
 //! `harness = false`: `main` is the child's entry as well as the runner.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -331,11 +333,6 @@ fn main() {
         consume(&args[i + 1], Path::new(&args[i + 2]), poison);
         return;
     }
-    let filters: Vec<&String> = args
-        .iter()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
     let tests: [(&str, fn()); 2] = [
         (
             "a_killed_consumer_resumes_and_finishes_the_job",
@@ -346,29 +343,5 @@ fn main() {
             a_poison_item_ends_in_the_dead_letters_and_the_rest_completes,
         ),
     ];
-    let mut failed = Vec::new();
-    let mut ran = 0;
-    for (name, test) in tests {
-        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        ran += 1;
-        let started = Instant::now();
-        match std::panic::catch_unwind(test) {
-            Ok(()) => println!("test {name} ... ok ({:.2?})", started.elapsed()),
-            Err(_) => {
-                println!("test {name} ... FAILED ({:.2?})", started.elapsed());
-                failed.push(name);
-            }
-        }
-    }
-    println!(
-        "\ntest result: {}. {} passed; {} failed",
-        if failed.is_empty() { "ok" } else { "FAILED" },
-        ran - failed.len(),
-        failed.len()
-    );
-    if !failed.is_empty() {
-        std::process::exit(1);
-    }
+    common::run_tests(&tests);
 }

@@ -12,6 +12,8 @@
 //! has the 30,000 items and four consumers; the others fewer items
 //! (stated in each); `claim_idle` is 2 s rather than the default 30 s.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -836,11 +838,6 @@ fn main() {
         consume(&args[i + 1], &args[i + 2], Path::new(&args[i + 3]), spec);
         return;
     }
-    let filters: Vec<&String> = args
-        .iter()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
     let tests: [(&str, fn()); 6] = [
         (
             "a_killed_consumer_s_entries_are_taken_over_and_the_job_completes",
@@ -867,29 +864,5 @@ fn main() {
             a_redis_server_killed_and_restarted_from_its_aof_loses_nothing,
         ),
     ];
-    let mut failed = Vec::new();
-    let mut ran = 0;
-    for (name, test) in tests {
-        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        ran += 1;
-        let started = Instant::now();
-        match std::panic::catch_unwind(test) {
-            Ok(()) => println!("test {name} ... ok ({:.2?})", started.elapsed()),
-            Err(_) => {
-                println!("test {name} ... FAILED ({:.2?})", started.elapsed());
-                failed.push(name);
-            }
-        }
-    }
-    println!(
-        "\ntest result: {}. {} passed; {} failed",
-        if failed.is_empty() { "ok" } else { "FAILED" },
-        ran - failed.len(),
-        failed.len()
-    );
-    if !failed.is_empty() {
-        std::process::exit(1);
-    }
+    common::run_tests(&tests);
 }

@@ -177,3 +177,39 @@ impl std::io::Write for Captured {
         Ok(())
     }
 }
+
+/// The runner of a `harness = false` test file: runs each test whose name
+/// contains one of the command line's filters (every test without one),
+/// its panic contained, prints a line per test and libtest's summary line,
+/// and exits 1 if any failed.
+pub fn run_tests(tests: &[(&str, fn())]) {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let mut failed = Vec::new();
+    let mut ran = 0;
+    for &(name, test) in tests {
+        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        ran += 1;
+        let started = std::time::Instant::now();
+        match std::panic::catch_unwind(test) {
+            Ok(()) => println!("test {name} ... ok ({:.2?})", started.elapsed()),
+            Err(_) => {
+                println!("test {name} ... FAILED ({:.2?})", started.elapsed());
+                failed.push(name);
+            }
+        }
+    }
+    println!(
+        "\ntest result: {}. {} passed; {} failed",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        ran - failed.len(),
+        failed.len()
+    );
+    if !failed.is_empty() {
+        std::process::exit(1);
+    }
+}
