@@ -13,16 +13,15 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-
 use crate::batcher::{BatchControl, BatchKey, Batcher, BatcherArgs};
 use crate::config::{ExecutionType, HandlerKind};
 use crate::item::WorkItem;
 use crate::ports::{FailPipeline, Outlet, StageControl};
 use crate::process::ProcessOptions;
+use crate::process::child::{Call, Init};
 use crate::process::entry::Entry;
 use crate::process::spawn::ChildSpec;
+use crate::process::wire::Wire;
 use crate::runner::StageRunner;
 use crate::runner::async_rt::AsyncRunner;
 use crate::runner::cpu;
@@ -187,17 +186,22 @@ impl StageBinding {
         }
     }
 
-    /// Binds a plain `fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>` for a
-    /// `Process` stage: it runs in worker processes, which the stage starts
-    /// as `options` say (see [`crate::process`]).
-    pub(crate) fn process<I, O>(
-        handler: fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>,
+    /// Binds a plain `fn` for a `Process` stage from `I` to `O` (a
+    /// [`Call`] with the resource `init` builds, crossing as `W` says): it
+    /// runs in worker processes, which the stage starts as `options` say
+    /// (see [`crate::process`]).
+    pub(crate) fn process<I, O, W, R, F>(
+        init: Init<R>,
+        handler: F,
         options: ProcessOptions,
         policies: Policies<I>,
     ) -> Self
     where
-        I: Serialize + DeserializeOwned + Send + 'static,
-        O: Serialize + DeserializeOwned + Send + 'static,
+        I: Send + 'static,
+        O: Send + 'static,
+        W: Wire<I, O>,
+        R: 'static,
+        F: Call<R>,
     {
         StageBinding {
             kind: HandlerKind::Process,
@@ -219,9 +223,9 @@ impl StageBinding {
                         ctx.shared.name.clone(),
                         config.name.as_str().into(),
                         &options,
-                        Entry::of::<I, O>(handler),
+                        Entry::of(init, handler),
                     );
-                    let runner = ProcessRunner::<I, O>::new(spec, ctx.fail.clone());
+                    let runner = ProcessRunner::<I, O, W>::new(spec, ctx.fail.clone());
                     spawn_stage::<I, O, _>(ctx, runner, None, outlet, policies).await
                 })
             }),

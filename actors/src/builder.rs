@@ -160,6 +160,8 @@ use crate::config::{ConfigError, ExecutionType, HandlerKind, PipelineConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::item::{WorkItem, WorkItemResult};
 use crate::pipeline::Pipeline;
+use crate::process::child::{Call, no_resource};
+use crate::process::wire::{Batches, Items, Wire};
 use crate::process::{self, ProcessOptions};
 use crate::resource::{Held, ResourcePool};
 use crate::root::PipelineParts;
@@ -830,14 +832,262 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         C: Serialize + DeserializeOwned,
         O: Serialize + DeserializeOwned + Send + 'static,
     {
-        // In a worker process of this stage (when `main` did not call
-        // `process::init`), this serves the stage and never returns.
-        process::serve_if_worker(&self.config.pipeline_name, name, handler);
-        self.check(name, HandlerKind::Process);
         let policies = std::mem::take(&mut self.next);
-        self.handlers
-            .push(StageBinding::process(handler, options, policies));
+        let binding =
+            self.process_binding::<C, O, Items, (), _>(name, no_resource, handler, options, policies);
+        self.handlers.push(binding);
         self.retype()
+    }
+
+    /// Binds the handler of the next stage, a `Process` one, with a
+    /// resource per worker process: `init` builds it (a connection, a
+    /// model, a DuckDB instance) once, when the worker process starts, in
+    /// that process, and the handler gets it as `&mut R` with each item, as
+    /// with [`sync_stage_with`](Self::sync_stage_with). The resource never
+    /// leaves the worker process, so `R` need not be `Send` or
+    /// `Serialize`. It is dropped when the worker process ends normally:
+    /// when the stage is done with it, at the end of the run, or when it is
+    /// recycled ([`ProcessOptions::recycle_after`]: the next process builds
+    /// a fresh one). A process killed (a crash, the stage's timeout, an
+    /// abort) does not drop it.
+    ///
+    /// `init` runs before the worker process says it is ready, so it counts
+    /// in [`ProcessOptions::start_timeout`] (10 s by default). A failing
+    /// (or panicking) `init` is told to the parent, and the process exits:
+    /// the item the worker was about to run fails `Panicked` with the stage
+    /// and the constructor's error (`stage `db`: its per-worker resource
+    /// could not be built: ...`), the rest go back to the stage's queue,
+    /// and the worker is replaced, counted against the stage's
+    /// [`restart_budget`](crate::config::StageConfig::restart_budget): a
+    /// resource that can never be built fails the run with
+    /// [`PipelineError::RestartBudgetExceeded`](crate::error::PipelineError::RestartBudgetExceeded).
+    ///
+    /// ```no_run
+    /// use bergtalzug::prelude::*;
+    /// use bergtalzug::process::ProcessOptions;
+    ///
+    /// /// Not `Send`, not `Serialize`: it lives in its worker process.
+    /// struct Model { weights: std::rc::Rc<Vec<f64>> }
+    ///
+    /// fn load() -> anyhow::Result<Model> {
+    ///     Ok(Model { weights: std::rc::Rc::new(vec![0.5; 1024]) })
+    /// }
+    ///
+    /// fn score(model: &mut Model, item: WorkItem<Vec<f64>>) -> anyhow::Result<WorkItem<f64>> {
+    ///     let w = model.weights.clone();
+    ///     Ok(item.map(|x| x.iter().zip(w.iter()).map(|(a, b)| a * b).sum()))
+    /// }
+    ///
+    /// # #[allow(clippy::needless_doctest_main)]
+    /// #[tokio::main]
+    /// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    ///     bergtalzug::process::init(); // first: a worker process never returns from it
+    ///     let config = PipelineConfig::new("score", vec![
+    ///         StageConfig::new("score", ExecutionType::Process).workers(2),
+    ///     ]);
+    ///     let rows = (0..100).map(|i| vec![i as f64; 1024]);
+    ///     let results = Pipeline::builder(config)?
+    ///         .source(sources::iter(rows))
+    ///         // One model per worker process, loaded once.
+    ///         .process_stage_using("score", load, score, ProcessOptions::new())
+    ///         .build()?
+    ///         .run()
+    ///         .await?;
+    ///     assert_eq!(results.len(), 100);
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn process_stage_using<R, O>(
+        mut self,
+        name: &str,
+        init: fn() -> anyhow::Result<R>,
+        handler: fn(&mut R, WorkItem<C>) -> anyhow::Result<WorkItem<O>>,
+        options: ProcessOptions,
+    ) -> PipelineBuilder<T, O>
+    where
+        R: 'static,
+        C: Serialize + DeserializeOwned,
+        O: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let policies = std::mem::take(&mut self.next);
+        let binding = self.process_binding::<C, O, Items, R, _>(name, init, handler, options, policies);
+        self.handlers.push(binding);
+        self.retype()
+    }
+
+    /// Binds the handler of the next stage, a `Process` batch stage (its
+    /// config has a [`batch_size`](crate::config::StageConfig::batch_size)):
+    /// as [`sync_batch_stage`](Self::sync_batch_stage), run in a worker
+    /// process. A batch crosses to the worker process as one frame and its
+    /// outcomes come back as one (a batch of 500 records is one round
+    /// trip); the items' ids and custom metadata cross with their data.
+    /// The handler returns one outcome per item, in order: an `Err`
+    /// outcome fails its item alone; an `Err` from the handler, a panic,
+    /// the stage's timeout or the worker process dying (abort, segfault,
+    /// killed) fails the whole batch attempt, each item with its own
+    /// result (`its batch of N failed: ...`), and the stage goes on (a
+    /// dead process is replaced). A stage with a `retry` policy tries a
+    /// failed batch again whole, with no other method and no `Clone` (the
+    /// batch is had again from the bytes sent). With
+    /// [`batch_by`](Self::batch_by) before it, batches are per key.
+    ///
+    /// # Errors
+    ///
+    /// [`build`](Self::build) fails with [`BuildError::BatchMismatch`] when
+    /// the stage has no `batch_size`.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use bergtalzug::prelude::*;
+    /// use bergtalzug::shape::Batch;
+    ///
+    /// fn insert(batch: Batch<u32>) -> anyhow::Result<Vec<anyhow::Result<u32>>> {
+    ///     // One statement for up to 100 rows; row 13 is refused alone.
+    ///     Ok(batch.into_items().into_iter().map(|row| {
+    ///         anyhow::ensure!(row.data != 13, "row 13 violates a constraint");
+    ///         Ok(row.data)
+    ///     }).collect())
+    /// }
+    ///
+    /// # #[allow(clippy::needless_doctest_main)]
+    /// #[tokio::main]
+    /// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    ///     bergtalzug::process::init(); // first: a worker process never returns from it
+    ///     let config = PipelineConfig::new("load", vec![
+    ///         StageConfig::new("insert", ExecutionType::Process)
+    ///             .workers(2)
+    ///             .batch(100, Duration::from_millis(50)),
+    ///     ]);
+    ///     let results = Pipeline::builder(config)?
+    ///         .source(sources::iter(0..1000u32))
+    ///         .process_batch_stage("insert", insert)
+    ///         .build()?
+    ///         .run()
+    ///         .await?;
+    ///     assert_eq!(results.len(), 1000);
+    ///     assert_eq!(results.iter().filter(|r| !r.success).count(), 1);
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn process_batch_stage<O>(
+        self,
+        name: &str,
+        handler: fn(Batch<C>) -> anyhow::Result<Vec<anyhow::Result<O>>>,
+    ) -> PipelineBuilder<T, O>
+    where
+        C: Serialize + DeserializeOwned,
+        O: Serialize + DeserializeOwned + Send + 'static,
+    {
+        self.process_batch_stage_with(name, handler, ProcessOptions::default())
+    }
+
+    /// [`process_batch_stage`](Self::process_batch_stage) with options (see
+    /// [`process_stage_with`](Self::process_stage_with)).
+    pub fn process_batch_stage_with<O>(
+        mut self,
+        name: &str,
+        handler: fn(Batch<C>) -> anyhow::Result<Vec<anyhow::Result<O>>>,
+        options: ProcessOptions,
+    ) -> PipelineBuilder<T, O>
+    where
+        C: Serialize + DeserializeOwned,
+        O: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let binding = self.process_binding::<Batch<C>, Unbatched<O>, Batches, (), _>(
+            name,
+            no_resource,
+            handler,
+            options,
+            Policies::default(),
+        );
+        self.push_batch(binding)
+    }
+
+    /// [`process_batch_stage`](Self::process_batch_stage) with a resource
+    /// per worker process, built once in that process by `init` and given
+    /// to the handler with each batch (see
+    /// [`process_stage_using`](Self::process_stage_using)): a connection
+    /// per worker process, one transaction per batch.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use bergtalzug::prelude::*;
+    /// use bergtalzug::process::ProcessOptions;
+    /// use bergtalzug::shape::Batch;
+    ///
+    /// struct Table { rows: Vec<u32> }
+    ///
+    /// fn open() -> anyhow::Result<Table> {
+    ///     Ok(Table { rows: Vec::new() })
+    /// }
+    ///
+    /// fn insert(table: &mut Table, batch: Batch<u32>) -> anyhow::Result<Vec<anyhow::Result<u64>>> {
+    ///     let rows: Vec<u32> = batch.into_items().into_iter().map(|i| i.data).collect();
+    ///     table.rows.extend(&rows);
+    ///     let total = table.rows.len() as u64;
+    ///     Ok(rows.iter().map(|_| Ok(total)).collect())
+    /// }
+    ///
+    /// # #[allow(clippy::needless_doctest_main)]
+    /// #[tokio::main]
+    /// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    ///     bergtalzug::process::init();
+    ///     let config = PipelineConfig::new("load", vec![
+    ///         StageConfig::new("insert", ExecutionType::Process).batch(500, Duration::from_secs(2)),
+    ///     ]);
+    ///     let results = Pipeline::builder(config)?
+    ///         .source(sources::iter(0..10_000u32))
+    ///         .process_batch_stage_using("insert", open, insert, ProcessOptions::new())
+    ///         .build()?
+    ///         .run()
+    ///         .await?;
+    ///     assert!(results.iter().all(|r| r.success));
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn process_batch_stage_using<R, O>(
+        mut self,
+        name: &str,
+        init: fn() -> anyhow::Result<R>,
+        handler: fn(&mut R, Batch<C>) -> anyhow::Result<Vec<anyhow::Result<O>>>,
+        options: ProcessOptions,
+    ) -> PipelineBuilder<T, O>
+    where
+        R: 'static,
+        C: Serialize + DeserializeOwned,
+        O: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let binding = self.process_binding::<Batch<C>, Unbatched<O>, Batches, R, _>(
+            name,
+            init,
+            handler,
+            options,
+            Policies::default(),
+        );
+        self.push_batch(binding)
+    }
+
+    /// A Process stage's binding, from `I` to `O`: in a worker process of
+    /// this stage (when `main` did not call `process::init`), this serves
+    /// the stage and never returns.
+    fn process_binding<I, O, W, R, F>(
+        &mut self,
+        name: &str,
+        init: fn() -> anyhow::Result<R>,
+        handler: F,
+        options: ProcessOptions,
+        policies: Policies<I>,
+    ) -> Binding
+    where
+        I: Send + 'static,
+        O: Send + 'static,
+        W: Wire<I, O>,
+        R: 'static,
+        F: Call<R>,
+    {
+        process::serve_if_worker(&self.config.pipeline_name, name, init, handler);
+        self.check(name, HandlerKind::Process);
+        Binding::process::<I, O, W, R, F>(init, handler, options, policies)
     }
 
     /// Gives the next stage (`name`, a batch stage bound right after this
@@ -1037,7 +1287,7 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
                 (true, false) => {
                     return Err(BuildError::BatchMismatch {
                         stage: stage.name.clone(),
-                        hint: "its config has a batch_size: bind it with .async_batch_stage or .sync_batch_stage (their retrying_ forms with a retry policy)".into(),
+                        hint: "its config has a batch_size: bind it with .async_batch_stage, .sync_batch_stage (their retrying_ forms with a retry policy) or .process_batch_stage".into(),
                     });
                 }
                 (false, true) => {

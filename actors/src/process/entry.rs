@@ -3,15 +3,17 @@
 //!
 //! The parent starts its own executable again, so every function sits at
 //! the same distance from any other one in the child as in the parent (the
-//! image is loaded whole at one random base). The parent sends two
+//! image is loaded whole at one random base). The parent sends three
 //! distances from [`anchor`]: that of [`trampoline`], instantiated for the
-//! stage's input and output types, and that of the handler. The child adds
-//! them to its own `anchor` and calls the trampoline with the handler.
+//! stage's handler type (a [`Call`]) and resource type, that of the
+//! resource's constructor ([`no_resource`](super::child::no_resource) for
+//! a stage without one) and that of the handler. The child adds them to
+//! its own `anchor` and calls the trampoline with the other two.
 //!
 //! This is sound only if the child runs the very same executable image and
-//! both functions lie in it, which is checked on both sides:
+//! all three functions lie in it, which is checked on both sides:
 //!
-//! - the parent sends the distances only when both addresses lie in a
+//! - the parent sends the distances only when all three addresses lie in a
 //!   mapping of its executable file (not, say, in a dynamic library loaded
 //!   at another base), read from `/proc/self/maps`;
 //! - the child uses them only when its executable is the parent's: the same
@@ -29,13 +31,7 @@
 
 use std::os::unix::fs::MetadataExt;
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-
-use crate::item::WorkItem;
-
-/// A Process stage's handler.
-pub(crate) type Handler<I, O> = fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>;
+use super::child::{Call, Init};
 
 /// The fixed point distances are taken from.
 #[inline(never)]
@@ -43,103 +39,114 @@ fn anchor() -> usize {
     std::hint::black_box(0x6265_7267)
 }
 
-/// The child's entry for a stage from `I` to `O`: serves `handler` (an
-/// address of a [`Handler<I, O>`]) and never returns.
-fn trampoline<I, O>(handler: usize) -> !
-where
-    I: DeserializeOwned + Send + 'static,
-    O: Serialize + Send + 'static,
-{
-    // SAFETY: `handler` is the address of a `Handler<I, O>` in this very
-    // executable image: it was computed by `Entry::of::<I, O>` in a parent
-    // running the same file (checked by `same_executable`), and this
-    // trampoline was instantiated for the same `I` and `O` there. `fn`
-    // pointers and `usize` have the same size on every supported target.
-    let handler: Handler<I, O> = unsafe { std::mem::transmute::<usize, Handler<I, O>>(handler) };
-    super::child::serve(handler)
+/// The child's entry for a stage whose handler is an `F` with a resource
+/// `R`: serves the handler at address `handler` with the constructor at
+/// address `init` and never returns.
+fn trampoline<R, F: Call<R>>(init: usize, handler: usize) -> ! {
+    assert_eq!(
+        std::mem::size_of::<F>(),
+        std::mem::size_of::<usize>(),
+        "a handler is a `fn` pointer"
+    );
+    // SAFETY: `init` and `handler` are the addresses of an `Init<R>` and of
+    // an `F` in this very executable image: they were computed by
+    // `Entry::of::<R, F>` in a parent running the same file (checked by
+    // `same_executable`), and this trampoline was instantiated for the
+    // same `R` and `F` there. `F` is a `fn` pointer type (`Call` is
+    // implemented for nothing else, and its size was checked above), and
+    // `fn` pointers and `usize` have the same size on every supported
+    // target.
+    let (init, handler) = unsafe {
+        (
+            std::mem::transmute::<usize, Init<R>>(init),
+            std::mem::transmute_copy::<usize, F>(&handler),
+        )
+    };
+    super::child::serve(init, handler)
 }
 
-/// Where a stage's handler is, as distances from [`anchor`].
+/// Where a stage's constructor and handler are, as distances from
+/// [`anchor`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Entry {
     trampoline: isize,
+    init: isize,
     handler: isize,
 }
 
 impl Entry {
-    /// The entry of `handler`, a stage from `I` to `O`; `None` when either
-    /// address is outside this executable's own mappings.
-    pub(crate) fn of<I, O>(handler: Handler<I, O>) -> Option<Entry>
-    where
-        I: DeserializeOwned + Send + 'static,
-        O: Serialize + Send + 'static,
-    {
-        let trampoline = trampoline::<I, O> as fn(usize) -> ! as usize;
-        let handler = handler as usize;
+    /// The entry of `handler` with its resource's constructor `init`;
+    /// `None` when an address is outside this executable's own mappings.
+    pub(crate) fn of<R, F: Call<R>>(init: Init<R>, handler: F) -> Option<Entry> {
+        let entry = Entry::unchecked(init, handler);
         let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
         let exe = executable_id()?;
-        if !in_executable(&maps, exe.ino, trampoline) || !in_executable(&maps, exe.ino, handler) {
-            return None;
-        }
-        let base = anchor as fn() -> usize as usize;
-        Some(Entry {
-            trampoline: trampoline.wrapping_sub(base) as isize,
-            handler: handler.wrapping_sub(base) as isize,
-        })
+        entry
+            .addresses()
+            .iter()
+            .all(|a| in_executable(&maps, exe.ino, *a))
+            .then_some(entry)
     }
 
     /// The same distances, computed without checking the mappings: for a
     /// child to compare a handler it holds with the one it was sent.
-    pub(crate) fn unchecked<I, O>(handler: Handler<I, O>) -> Entry
-    where
-        I: DeserializeOwned + Send + 'static,
-        O: Serialize + Send + 'static,
-    {
+    pub(crate) fn unchecked<R, F: Call<R>>(init: Init<R>, handler: F) -> Entry {
         let base = anchor as fn() -> usize as usize;
+        let distance = |address: usize| address.wrapping_sub(base) as isize;
         Entry {
-            trampoline: (trampoline::<I, O> as fn(usize) -> ! as usize).wrapping_sub(base) as isize,
-            handler: (handler as usize).wrapping_sub(base) as isize,
+            trampoline: distance(trampoline::<R, F> as fn(usize, usize) -> ! as usize),
+            init: distance(init as usize),
+            handler: distance(handler.address()),
         }
     }
 
-    /// As sent in the environment: `trampoline:handler`.
+    /// The addresses here: trampoline, constructor, handler.
+    fn addresses(self) -> [usize; 3] {
+        let base = anchor as fn() -> usize as usize;
+        [self.trampoline, self.init, self.handler].map(|d| base.wrapping_add(d as usize))
+    }
+
+    /// As sent in the environment: `trampoline:init:handler`.
     pub(crate) fn to_env(self) -> String {
-        format!("{}:{}", self.trampoline, self.handler)
+        format!("{}:{}:{}", self.trampoline, self.init, self.handler)
     }
 
     pub(crate) fn from_env(text: &str) -> Option<Entry> {
-        let (t, h) = text.split_once(':')?;
-        Some(Entry {
-            trampoline: t.parse().ok()?,
-            handler: h.parse().ok()?,
-        })
+        let mut parts = text.split(':').map(|p| p.parse::<isize>().ok());
+        let entry = Entry {
+            trampoline: parts.next()??,
+            init: parts.next()??,
+            handler: parts.next()??,
+        };
+        parts.next().is_none().then_some(entry)
     }
 
-    /// Serves the stage and never returns, if both addresses lie in this
+    /// Serves the stage and never returns, if every address lies in this
     /// executable's mappings here too; returns otherwise.
     ///
     /// Call only in a child whose executable [`executable_id`] found equal
     /// to that of the parent that made this entry.
     pub(crate) fn serve(self) {
-        let base = anchor as fn() -> usize as usize;
-        let trampoline = base.wrapping_add(self.trampoline as usize);
-        let handler = base.wrapping_add(self.handler as usize);
+        let addresses = self.addresses();
         let Some(exe) = executable_id() else { return };
         let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
             return;
         };
-        if !in_executable(&maps, exe.ino, trampoline) || !in_executable(&maps, exe.ino, handler) {
+        if !addresses.iter().all(|a| in_executable(&maps, exe.ino, *a)) {
             return;
         }
+        let [trampoline, init, handler] = addresses;
         // SAFETY: the parent made this entry with `Entry::of`, which checked
-        // that both addresses lie in its executable's mappings, and the
+        // that every address lies in its executable's mappings, and the
         // caller checked that this process runs the same executable file;
         // the image is loaded whole at one base, so the same distances from
         // `anchor` give the same functions here (and they lie in this
-        // executable's mappings, checked above): `trampoline::<I, O>` for
-        // the stage's types, which takes a `Handler<I, O>` address.
-        let trampoline = unsafe { std::mem::transmute::<usize, fn(usize) -> !>(trampoline) };
-        trampoline(handler)
+        // executable's mappings, checked above): `trampoline::<R, F>` for
+        // the stage's resource and handler types, which takes the
+        // addresses of an `Init<R>` and of an `F`.
+        let trampoline =
+            unsafe { std::mem::transmute::<usize, fn(usize, usize) -> !>(trampoline) };
+        trampoline(init, handler)
     }
 }
 
@@ -208,22 +215,51 @@ fn in_executable(maps: &str, ino: u64, addr: usize) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::child::no_resource;
     use super::*;
+    use crate::item::WorkItem;
+    use crate::shape::Batch;
+
+    type ItemFn<I, O> = fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>;
 
     fn double(item: WorkItem<u32>) -> anyhow::Result<WorkItem<u64>> {
         Ok(item.map(|n| n as u64 * 2))
     }
 
+    fn open() -> anyhow::Result<u8> {
+        Ok(0)
+    }
+
+    fn count(seen: &mut u8, item: WorkItem<u32>) -> anyhow::Result<WorkItem<u64>> {
+        *seen += 1;
+        Ok(item.map(u64::from))
+    }
+
+    fn sum(batch: Batch<u32>) -> anyhow::Result<Vec<anyhow::Result<u64>>> {
+        Ok(batch.items().iter().map(|i| Ok(u64::from(i.data))).collect())
+    }
+
     #[test]
     fn entries_of_functions_in_the_executable_round_trip() {
-        let entry = Entry::of::<u32, u64>(double).expect("double is in the test executable");
+        let double: ItemFn<u32, u64> = double;
+        let entry = Entry::of(no_resource, double).expect("double is in the test executable");
         assert_eq!(Entry::from_env(&entry.to_env()), Some(entry));
-        assert_eq!(Entry::unchecked::<u32, u64>(double), entry);
+        assert_eq!(Entry::unchecked(no_resource, double), entry);
+        assert_eq!(Entry::from_env("1:2"), None);
         // Another instantiation is another entry.
         fn same(item: WorkItem<u32>) -> anyhow::Result<WorkItem<u32>> {
             Ok(item)
         }
-        assert_ne!(Entry::unchecked::<u32, u32>(same), entry);
+        let same: ItemFn<u32, u32> = same;
+        assert_ne!(Entry::unchecked(no_resource, same), entry);
+        // So are a handler with a resource, and a batch handler.
+        type CountFn = fn(&mut u8, WorkItem<u32>) -> anyhow::Result<WorkItem<u64>>;
+        let with = Entry::of(open, count as CountFn).expect("in the test executable");
+        assert_ne!(with, entry);
+        assert_eq!(Entry::from_env(&with.to_env()), Some(with));
+        type SumFn = fn(Batch<u32>) -> anyhow::Result<Vec<anyhow::Result<u64>>>;
+        let batches = Entry::of(no_resource, sum as SumFn).expect("in the test executable");
+        assert_ne!(batches, entry);
     }
 
     #[test]

@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped when the frames change; a child of another version is refused.
-pub(crate) const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
 
 /// Bytes of the length prefix.
 const HEADER: usize = 4;
@@ -39,10 +39,37 @@ pub(crate) struct Job<T> {
     pub(crate) data: T,
 }
 
+/// A batch on its way to a child, as the data of a [`JobRef`]: its items
+/// in order (each as a [`JobRef`] of its own) and its key.
+#[derive(Serialize)]
+pub(crate) struct BatchRef<'a, T> {
+    pub(crate) key: Option<u64>,
+    pub(crate) items: Vec<JobRef<'a, T>>,
+}
+
+/// A batch as the child reads it (the same layout as [`BatchRef`]).
+#[derive(Deserialize)]
+pub(crate) struct BatchJob<T> {
+    pub(crate) key: Option<u64>,
+    pub(crate) items: Vec<Job<T>>,
+}
+
+/// One item's outcome in a batch the handler returned (the data of a
+/// [`Reply::Done`] to a batch is one of these per item, in order).
+#[derive(Serialize, Deserialize)]
+pub(crate) enum ItemReply<T> {
+    /// Its output.
+    Done(T),
+    /// Its error's chain, and whether it was marked
+    /// [`Permanent`](crate::item::Permanent).
+    Failed { message: String, permanent: bool },
+}
+
 /// What a child sends.
 #[derive(Serialize, Deserialize)]
 pub(crate) enum Reply<T> {
-    /// First, once the child is ready to serve its stage.
+    /// First, once the child is ready to serve its stage (its per-worker
+    /// resource, if the stage has one, is built).
     Hello { version: u32, pid: u32 },
     /// The handler returned this item (custom metadata as JSON or empty).
     Done { custom: String, data: T },
@@ -51,6 +78,10 @@ pub(crate) enum Reply<T> {
     Failed { message: String, permanent: bool },
     /// The handler panicked; the child caught it and goes on serving.
     Panicked { message: String },
+    /// First, instead of [`Reply::Hello`]: the stage's per-worker resource
+    /// could not be built (the constructor's error chain, or its panic);
+    /// the child exits.
+    NoResource { message: String },
 }
 
 /// Appends one frame holding `value` to `out`.

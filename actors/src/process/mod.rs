@@ -92,15 +92,13 @@ pub(crate) mod child;
 pub(crate) mod entry;
 pub(crate) mod frame;
 pub(crate) mod spawn;
+pub(crate) mod wire;
 
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-
-use crate::item::WorkItem;
+use child::{Call, Init};
 use entry::{Entry, ExecutableId};
 
 /// Variables a worker process started with [`ProcessOptions::clean_env`]
@@ -161,18 +159,15 @@ pub fn is_worker() -> bool {
     std::env::var_os(ENV_STAGE).is_some()
 }
 
-/// Serves `handler` if this process is a worker of stage `stage` of
-/// pipeline `pipeline` bound to this very handler; returns otherwise.
-/// Called by the builder's `process_stage`.
-#[doc(hidden)]
-pub fn serve_if_worker<I, O>(
+/// Serves `handler` (with the resource `init` builds) if this process is
+/// a worker of stage `stage` of pipeline `pipeline` bound to this very
+/// handler; returns otherwise. Called by the builder's Process methods.
+pub(crate) fn serve_if_worker<R, F: Call<R>>(
     pipeline: &str,
     stage: &str,
-    handler: fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>>,
-) where
-    I: DeserializeOwned + Send + 'static,
-    O: Serialize + Send + 'static,
-{
+    init: Init<R>,
+    handler: F,
+) {
     let Some(env) = WorkerEnv::read() else {
         return;
     };
@@ -182,11 +177,11 @@ pub fn serve_if_worker<I, O>(
     // In the parent's own executable, the handler must be the one sent too
     // (two pipelines of the same name may bind other handlers).
     if let Some(sent) = env.entry_here() {
-        if sent != Entry::unchecked::<I, O>(handler) {
+        if sent != Entry::unchecked(init, handler) {
             return;
         }
     }
-    child::serve(handler)
+    child::serve(init, handler)
 }
 
 /// What a worker process was told in its environment.

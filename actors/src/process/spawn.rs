@@ -33,6 +33,18 @@ const MAX_LOG_LINE: usize = 16 * 1024;
 /// waiting for its exit status.
 const REAP_WAIT: Duration = Duration::from_secs(2);
 
+/// Why a worker process is not there to serve.
+#[derive(Debug)]
+pub(crate) enum Unstarted {
+    /// It could not be started, or did not reach its handler (or say
+    /// hello) in time: no item is to blame.
+    Failed(String),
+    /// It reached its handler, but the stage's per-worker resource could
+    /// not be built there: the message names the stage and gives the
+    /// constructor's error.
+    NoResource(String),
+}
+
 /// How a stage starts its workers; built once per stage.
 #[derive(Debug)]
 pub(crate) struct ChildSpec {
@@ -111,8 +123,14 @@ impl ChildSpec {
         self.reaper.wait_all(within).await;
     }
 
-    /// Starts a worker process for `worker` and waits for its hello.
-    pub(crate) async fn spawn(&self, worker: WorkerId) -> Result<ChildProc, String> {
+    /// Starts a worker process for `worker` and waits for its hello (its
+    /// resource, if the stage has one, is built before it).
+    pub(crate) async fn spawn(&self, worker: WorkerId) -> Result<ChildProc, Unstarted> {
+        self.start(worker).await.map_err(Unstarted::Failed)?.greeted(self).await
+    }
+
+    /// Starts a worker process for `worker`.
+    async fn start(&self, worker: WorkerId) -> Result<ChildProc, String> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| format!("cannot make a socket for a worker process: {e}"))?;
         let mut command = Command::new(&self.program);
@@ -192,25 +210,7 @@ impl ChildSpec {
             .map_err(|e| format!("worker socket: {e}"))?;
         let socket = UnixStream::from_std(ours).map_err(|e| format!("worker socket: {e}"))?;
         proc.socket = Some(socket);
-        match tokio::time::timeout(self.start_timeout, proc.hello()).await {
-            Ok(Ok(())) => Ok(proc),
-            Ok(Err(e)) => {
-                let status = proc.end().await;
-                Err(format!(
-                    "worker process {pid} {status} before it started serving: {e}; \
-                     does `main` call bergtalzug::process::init() first \
-                     (see bergtalzug::process)?"
-                ))
-            }
-            Err(_) => {
-                let status = proc.end().await;
-                Err(format!(
-                    "worker process {pid} did not start serving within {:?} and was \
-                     killed ({status}); does `main` call bergtalzug::process::init() first?",
-                    self.start_timeout
-                ))
-            }
-        }
+        Ok(proc)
     }
 }
 
@@ -322,30 +322,68 @@ impl ChildProc {
         )
     }
 
-    /// Reads the child's first frame: it must be a hello of our version.
-    async fn hello(&mut self) -> Result<(), String> {
+    /// Waits (up to the stage's `start_timeout`) for the hello of a child
+    /// just started: the child, ready to serve.
+    async fn greeted(mut self, spec: &ChildSpec) -> Result<ChildProc, Unstarted> {
+        let pid = self.pid;
+        match tokio::time::timeout(spec.start_timeout, self.hello()).await {
+            Ok(Ok(())) => Ok(self),
+            Ok(Err(Unstarted::NoResource(message))) => {
+                let status = self.end().await;
+                Err(Unstarted::NoResource(format!(
+                    "stage `{}`: its per-worker resource could not be built: {message} \
+                     (in worker process {pid}, which then {status})",
+                    spec.stage
+                )))
+            }
+            Ok(Err(Unstarted::Failed(e))) => {
+                let status = self.end().await;
+                Err(Unstarted::Failed(format!(
+                    "worker process {pid} {status} before it started serving: {e}; \
+                     does `main` call bergtalzug::process::init() first \
+                     (see bergtalzug::process)?"
+                )))
+            }
+            Err(_) => {
+                let status = self.end().await;
+                Err(Unstarted::Failed(format!(
+                    "worker process {pid} did not start serving within {:?} and was \
+                     killed ({status}); does `main` call bergtalzug::process::init() first? \
+                     (The time includes building the stage's per-worker resource, if it \
+                     has one.)",
+                    spec.start_timeout
+                )))
+            }
+        }
+    }
+
+    /// Reads the child's first frame: it must be a hello of our version,
+    /// or say that its resource could not be built.
+    async fn hello(&mut self) -> Result<(), Unstarted> {
         let (socket, buf, _, child) = self.parts();
+        let failed = |e: String| Err(Unstarted::Failed(e));
         loop {
             match buf.next_frame() {
                 Ok(Some(range)) => {
                     return match frame::decode::<Reply<()>>(buf.get(range)) {
                         Ok(Reply::Hello { version, .. }) if version == PROTOCOL_VERSION => Ok(()),
-                        Ok(Reply::Hello { version, .. }) => Err(format!(
+                        Ok(Reply::Hello { version, .. }) => failed(format!(
                             "it speaks protocol version {version}, not {PROTOCOL_VERSION}"
                         )),
-                        Ok(_) => Err("its first frame was not a hello".to_string()),
-                        Err(e) => Err(format!("its first frame was corrupt: {e}")),
+                        Ok(Reply::NoResource { message }) => Err(Unstarted::NoResource(message)),
+                        Ok(_) => failed("its first frame was not a hello".to_string()),
+                        Err(e) => failed(format!("its first frame was corrupt: {e}")),
                     };
                 }
                 Ok(None) => {}
-                Err(e) => return Err(format!("its first frame was corrupt: {e}")),
+                Err(e) => return failed(format!("its first frame was corrupt: {e}")),
             }
             tokio::select! {
                 biased;
                 read = socket.read(buf.spare()) => match read {
-                    Ok(0) => return Err("it closed its socket".to_string()),
+                    Ok(0) => return failed("it closed its socket".to_string()),
                     Ok(n) => buf.filled(n),
-                    Err(e) => return Err(format!("reading its socket: {e}")),
+                    Err(e) => return failed(format!("reading its socket: {e}")),
                 },
                 // Exited, while something it started may hold its socket.
                 _ = child.wait() => {
@@ -355,7 +393,7 @@ impl ChildProc {
                             continue;
                         }
                     }
-                    return Err("it exited".to_string());
+                    return failed("it exited".to_string());
                 }
             }
         }

@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -33,11 +32,12 @@ use super::attempt::{Attempt, Ran};
 use super::report::{Reporter, Sending};
 use super::{FLUSH_AFTER, RunCtx, StageRunner};
 use crate::error::PipelineError;
-use crate::item::{ItemErrorKind, Permanent, WorkItem, WorkItemMetadata};
+use crate::item::{ItemErrorKind, WorkItem, WorkItemMetadata};
 use crate::outcome::Outcome;
 use crate::ports::FailPipeline;
-use crate::process::frame::{self, Job, JobRef, Reply};
-use crate::process::spawn::{ChildProc, ChildSpec};
+use crate::process::frame::{self, Reply};
+use crate::process::spawn::{ChildProc, ChildSpec, Unstarted};
+use crate::process::wire::{self, Wire};
 
 /// How many times in a batch a child may break holding no item before the
 /// next item is blamed anyway (so that children that die at once cannot
@@ -67,8 +67,9 @@ const WATCH_EXIT_AFTER: Duration = Duration::from_millis(10);
 /// reaped (an idle one exits as soon as its socket closes).
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 
-/// Runs a Process stage's batches in worker processes.
-pub(crate) struct ProcessRunner<I, O> {
+/// Runs a Process stage's batches in worker processes; `W` says how its
+/// items cross ([`crate::process::wire`]).
+pub(crate) struct ProcessRunner<I, O, W> {
     spec: ChildSpec,
     /// Worker processes between batches.
     idle: Mutex<Vec<ChildProc>>,
@@ -82,10 +83,10 @@ pub(crate) struct ProcessRunner<I, O> {
     /// Set once worker processes could not be started: why. Items then
     /// fail at once, without another try.
     cannot_start: OnceLock<String>,
-    _types: PhantomData<fn(I) -> O>,
+    _types: PhantomData<fn(I, W) -> O>,
 }
 
-impl<I, O> ProcessRunner<I, O> {
+impl<I, O, W> ProcessRunner<I, O, W> {
     pub(crate) fn new(spec: ChildSpec, fail: Arc<dyn FailPipeline>) -> Self {
         ProcessRunner {
             spec,
@@ -100,12 +101,14 @@ impl<I, O> ProcessRunner<I, O> {
 }
 
 /// An item of the batch on its way through a child.
-struct Pending<I> {
+struct Pending<I, A> {
     attempt: Attempt<I>,
     /// When the child started on it (when it became the first unanswered).
     started: Option<Instant>,
     /// Its frame, or why it cannot be sent.
     frame: Result<Vec<u8>, String>,
+    /// What is kept of it meanwhile ([`Wire::Aside`]).
+    aside: A,
 }
 
 /// Why a child cannot go on: the item it holds fails with this.
@@ -141,27 +144,28 @@ impl Broken {
 }
 
 /// A reply, decoded and checked, before its item is taken off the batch.
-enum Answer<O> {
-    Done(WorkItemParts<O>),
+enum Answer<D> {
+    Done(WorkItemParts<D>),
     Failed { message: String, permanent: bool },
     Panicked(String),
 }
 
-struct WorkItemParts<O> {
-    data: O,
+struct WorkItemParts<D> {
+    data: D,
     custom: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
-impl<I, O> StageRunner<I, O> for ProcessRunner<I, O>
+impl<I, O, W> StageRunner<I, O> for ProcessRunner<I, O, W>
 where
-    I: Serialize + DeserializeOwned + Send + 'static,
-    O: DeserializeOwned + Send + 'static,
+    I: Send + 'static,
+    O: Send + 'static,
+    W: Wire<I, O>,
 {
     async fn run(&self, ctx: &Arc<RunCtx<I, O>>) -> Result<(), String> {
         // Items are taken from the hand as they are written, at most
         // `MAX_WRITE_AHEAD` at once, so the rest stay within the stage's
         // reach.
-        let mut pending: VecDeque<Pending<I>> = VecDeque::new();
+        let mut pending: VecDeque<Pending<I, W::Aside>> = VecDeque::new();
         self.top_up(ctx, &mut pending);
         if pending.is_empty() {
             return Ok(());
@@ -188,7 +192,7 @@ where
                 let message = format!("the stage cannot start its worker processes: {why}");
                 let front = pending.pop_front().expect("a front");
                 let now = Instant::now();
-                let outcome = front.with_input().end(ctx, Ran::NoWorkers(message), now);
+                let outcome = front.with_input::<O, W>().end(ctx, Ran::NoWorkers(message), now);
                 reporter.push(outcome, now, now);
                 continue;
             }
@@ -203,10 +207,20 @@ where
                             self.start_failures.store(0, Ordering::Relaxed);
                             proc
                         }
-                        Err(message) => {
+                        Err(Unstarted::Failed(message)) => {
                             // No item is to blame: it never reached a handler.
                             self.start_failed(ctx, message).await;
                             continue;
+                        }
+                        Err(Unstarted::NoResource(message)) => {
+                            // It reached its handler, whose resource could
+                            // not be built: the worker fails as after a
+                            // panic, with the item it was about to run.
+                            self.start_failures.store(0, Ordering::Relaxed);
+                            tracing::warn!(target: "bergtalzug::process", pipeline = %self.spec.pipeline, stage = %ctx.stage,
+                                worker = %ctx.worker, "{message}");
+                            let now = Instant::now();
+                            return self.lose_worker(ctx, pending, reporter, ItemErrorKind::Panicked, message, now);
                         }
                     }
                 }
@@ -246,25 +260,8 @@ where
                     let message = format!("worker process {pid} {}; it {how}", broken.what);
                     tracing::warn!(target: "bergtalzug::process", pipeline = %self.spec.pipeline, stage = %ctx.stage,
                         worker = %ctx.worker, pid, "{message}");
-                    let front = pending.pop_front().expect("a front");
                     let now = Instant::now();
-                    let started = front.started.unwrap_or(now);
-                    reporter.push(
-                        front.fail(ctx, broken.kind, message.clone(), now),
-                        started,
-                        now,
-                    );
-                    // The worker process was lost as a worker actor is when
-                    // its handler panics: the worker gives up, so that the
-                    // stage replaces it (counted against its restart
-                    // budget, announced as `WorkerRestarted`), and the rest
-                    // of the batch goes back to the stage's queue.
-                    // (The items written ahead first, then those still in
-                    // the worker's hand, in the order they were given.)
-                    let mut returned = self.hand_back(ctx, &mut pending, &mut reporter);
-                    returned.extend(ctx.hand.take_all());
-                    reporter.give_up(returned, message.clone(), Instant::now());
-                    return Err(message);
+                    return self.lose_worker(ctx, pending, reporter, broken.kind, message, now);
                 }
             }
         }
@@ -291,11 +288,37 @@ where
     }
 }
 
-impl<I, O> ProcessRunner<I, O>
+impl<I, O, W> ProcessRunner<I, O, W>
 where
-    I: Serialize + DeserializeOwned + Send + 'static,
-    O: DeserializeOwned + Send + 'static,
+    I: Send + 'static,
+    O: Send + 'static,
+    W: Wire<I, O>,
 {
+    /// The worker lost its worker process (`message` says how) with the
+    /// front item of `pending`: that item fails with `kind`, and the worker
+    /// gives up as a worker actor does when its handler panics, so that
+    /// the stage replaces it (counted against its restart budget,
+    /// announced as `WorkerRestarted`) and the rest of the batch goes back
+    /// to the stage's queue (the items written ahead first, then those
+    /// still in the worker's hand, in the order they were given).
+    fn lose_worker(
+        &self,
+        ctx: &RunCtx<I, O>,
+        mut pending: VecDeque<Pending<I, W::Aside>>,
+        mut reporter: Sending<I, O>,
+        kind: ItemErrorKind,
+        message: String,
+        now: Instant,
+    ) -> Result<(), String> {
+        let front = pending.pop_front().expect("a front");
+        let started = front.started.unwrap_or(now);
+        reporter.push(front.fail::<O, W>(ctx, kind, message.clone(), now), started, now);
+        let mut returned = self.hand_back(ctx, &mut pending, &mut reporter);
+        returned.extend(ctx.hand.take_all());
+        reporter.give_up(returned, message.clone(), Instant::now());
+        Err(message)
+    }
+
     /// How many items to have sent at once: one at a time until the pace
     /// is known and while items take [`ONE_AT_A_TIME`] or longer, else
     /// [`MAX_WRITE_AHEAD`].
@@ -319,7 +342,7 @@ where
 
     /// Takes items from the worker's hand until the window is full,
     /// beginning their attempts and encoding their frames.
-    fn top_up(&self, ctx: &RunCtx<I, O>, pending: &mut VecDeque<Pending<I>>) {
+    fn top_up(&self, ctx: &RunCtx<I, O>, pending: &mut VecDeque<Pending<I, W::Aside>>) {
         let window = self.window();
         let limit = self.spec.max_frame;
         while pending.len() < window {
@@ -327,15 +350,11 @@ where
                 return;
             };
             let attempt = Attempt::begin(ctx, &mut item, Instant::now());
+            let aside = W::aside(&item);
             let frame = frame::custom_to_wire(&item.head.metadata.custom).and_then(|custom| {
-                let job = JobRef {
-                    job_id: &item.head.job_id.to_string(),
-                    custom: &custom,
-                    data: &item.data,
-                };
                 // The data's `Serialize` is user code: a panic in it
                 // fails this item only.
-                crate::contain::call(|| frame::encode(&job, limit))
+                crate::contain::call(|| W::encode(&item, &custom, limit))
                     .unwrap_or_else(|panic| Err(format!("serializing its data panicked: {panic}")))
             });
             // Sent as bytes; its `Drop` is user code too.
@@ -344,6 +363,7 @@ where
                 attempt,
                 started: None,
                 frame,
+                aside,
             });
         }
     }
@@ -375,12 +395,12 @@ where
     fn hand_back(
         &self,
         ctx: &RunCtx<I, O>,
-        pending: &mut VecDeque<Pending<I>>,
+        pending: &mut VecDeque<Pending<I, W::Aside>>,
         reporter: &mut Reporter<I, O>,
     ) -> Vec<WorkItem<I>> {
         let mut returned = Vec::with_capacity(pending.len());
         for p in pending.drain(..) {
-            match p.unstarted() {
+            match p.unstarted::<O, W>() {
                 Ok(item) => returned.push(item),
                 Err(lost) => {
                     let (attempt, message) = *lost;
@@ -405,7 +425,7 @@ where
         &self,
         ctx: &RunCtx<I, O>,
         proc: &mut ChildProc,
-        pending: &mut VecDeque<Pending<I>>,
+        pending: &mut VecDeque<Pending<I, W::Aside>>,
         quota: usize,
         reporter: &mut Reporter<I, O>,
     ) -> Result<(), Broken> {
@@ -482,13 +502,13 @@ where
                         if answered == written {
                             return Err(Broken::corrupt("a reply before its item was sent"));
                         }
-                        let answer = decode_answer::<O>(buf.get(range))?;
+                        let answer = decode_answer::<W::Done>(buf.get(range))?;
                         let front = pending.pop_front().expect("a sent item");
                         answered += 1;
                         *served += 1;
                         let now = Instant::now();
                         self.note_pace(now.saturating_duration_since(front_started));
-                        settle(ctx, reporter, front, answer, front_started, now);
+                        settle::<I, O, W>(ctx, reporter, front, answer, front_started, now);
                         front_started = now;
                         // Keep the window full: items taken now join this
                         // exchange while they can be sent.
@@ -538,7 +558,7 @@ where
     fn start(
         &self,
         ctx: &RunCtx<I, O>,
-        pending: &mut Pending<I>,
+        pending: &mut Pending<I, W::Aside>,
         reporter: &mut Reporter<I, O>,
         now: Instant,
     ) {
@@ -557,7 +577,7 @@ where
 
 /// The unsent rest of the frame of `pending[index]` (empty when there is
 /// none: `select!` builds this even when the branch is disabled).
-fn sendable<I>(pending: &VecDeque<Pending<I>>, index: usize, offset: usize) -> &[u8] {
+fn sendable<I, A>(pending: &VecDeque<Pending<I, A>>, index: usize, offset: usize) -> &[u8] {
     match pending.get(index).map(|p| &p.frame) {
         Some(Ok(frame)) => frame.get(offset..).unwrap_or(&[]),
         _ => &[],
@@ -588,10 +608,10 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 /// Decodes a reply to an item, refusing anything else.
-fn decode_answer<O: DeserializeOwned>(payload: &[u8]) -> Result<Answer<O>, Broken> {
+fn decode_answer<D: DeserializeOwned>(payload: &[u8]) -> Result<Answer<D>, Broken> {
     // The output's `Deserialize` is user code: a panic in it fails the item
     // as a reply that cannot be read.
-    let reply = crate::contain::call(|| frame::decode::<Reply<O>>(payload))
+    let reply = crate::contain::call(|| frame::decode::<Reply<D>>(payload))
         .map_err(|panic| Broken::corrupt(format!("reading it panicked: {panic}")))?;
     match reply.map_err(Broken::corrupt)? {
         Reply::Done { custom, data } => Ok(Answer::Done(WorkItemParts {
@@ -601,39 +621,61 @@ fn decode_answer<O: DeserializeOwned>(payload: &[u8]) -> Result<Answer<O>, Broke
         Reply::Failed { message, permanent } => Ok(Answer::Failed { message, permanent }),
         Reply::Panicked { message } => Ok(Answer::Panicked(message)),
         Reply::Hello { .. } => Err(Broken::corrupt("a second hello")),
+        Reply::NoResource { .. } => Err(Broken::corrupt("a start-up failure while serving")),
     }
 }
 
 /// Records what the child's handler did with an item, as the other models do.
-fn settle<I, O>(
+fn settle<I, O, W>(
     ctx: &RunCtx<I, O>,
     reporter: &mut Reporter<I, O>,
-    front: Pending<I>,
-    answer: Answer<O>,
+    front: Pending<I, W::Aside>,
+    answer: Answer<W::Done>,
     started: Instant,
     now: Instant,
 ) where
-    I: DeserializeOwned + Send + 'static,
+    I: Send + 'static,
     O: Send + 'static,
+    W: Wire<I, O>,
 {
     let (attempt, ran) = match answer {
         Answer::Done(parts) => {
-            let mut item = WorkItem::with_job_id(front.attempt.job_id.clone(), parts.data);
-            item.head.metadata.custom = parts.custom;
-            (front.attempt, Ran::Returned(Ok(item)))
+            let Pending {
+                attempt,
+                started: began,
+                frame,
+                aside,
+            } = front;
+            match W::output(parts.data, aside) {
+                Ok(data) => {
+                    let mut item = WorkItem::with_job_id(attempt.job_id.clone(), data);
+                    item.head.metadata.custom = parts.custom;
+                    (attempt, Ran::Returned(Ok(item)))
+                }
+                Err((message, aside)) => {
+                    // A reply that does not fit its item (a batch's count
+                    // of outcomes): the attempt failed.
+                    let front = Pending {
+                        attempt,
+                        started: began,
+                        frame,
+                        aside,
+                    };
+                    let error = anyhow::Error::msg(message);
+                    (front.with_input::<O, W>(), Ran::Returned(Err(error)))
+                }
+            }
         }
         Answer::Failed { message, permanent } => {
-            let error = if permanent {
-                anyhow::Error::new(Permanent(anyhow::Error::msg(message)))
-            } else {
-                anyhow::Error::msg(message)
-            };
-            (front.with_input(), Ran::Returned(Err(error)))
+            let error = wire::error(message, permanent);
+            (front.with_input::<O, W>(), Ran::Returned(Err(error)))
         }
         Answer::Panicked(message) => {
             // Caught in the child, which goes on: the item fails as a panic
             // (retried like one), but this worker is not replaced.
-            let outcome = front.with_input().end(ctx, Ran::Panicked(message), now);
+            let outcome = front
+                .with_input::<O, W>()
+                .end(ctx, Ran::Panicked(message), now);
             reporter.push(outcome, started, now);
             return;
         }
@@ -642,19 +684,24 @@ fn settle<I, O>(
     let _ = reporter.settle(attempt, ran, started, now, &mut std::iter::empty());
 }
 
-impl<I: DeserializeOwned + Send + 'static> Pending<I> {
-    /// The item as it was before this attempt began, its data decoded from
-    /// the frame it was to be sent in; else its attempt and why not.
-    fn unstarted(self) -> Result<WorkItem<I>, Box<(Attempt<I>, String)>> {
-        let mut attempt = self.attempt;
-        let data = match &self.frame {
-            Ok(frame) => match frame.get(4..).map(frame::decode::<Job<I>>) {
-                Some(Ok(job)) => Ok(job.data),
+impl<I: Send + 'static, A> Pending<I, A> {
+    /// The item's data again, decoded from the frame it was to be sent in.
+    fn input<O, W: Wire<I, O, Aside = A>>(&self) -> Result<I, String> {
+        match &self.frame {
+            Ok(frame) => match frame.get(4..).map(|payload| W::input(payload, &self.aside)) {
+                Some(Ok(data)) => Ok(data),
                 Some(Err(e)) => Err(format!("the item cannot be decoded again: {e}")),
                 None => Err("the item's frame is short".to_string()),
             },
             Err(e) => Err(format!("the item cannot be sent to a worker process: {e}")),
-        };
+        }
+    }
+
+    /// The item as it was before this attempt began, its data decoded from
+    /// the frame it was to be sent in; else its attempt and why not.
+    fn unstarted<O, W: Wire<I, O, Aside = A>>(self) -> Result<WorkItem<I>, Box<(Attempt<I>, String)>> {
+        let data = self.input::<O, W>();
+        let mut attempt = self.attempt;
         let data = match data.map_err(|e| (attempt.kept.take(), e)) {
             Ok(data) => data,
             Err((Some(kept), _)) => kept,
@@ -672,26 +719,24 @@ impl<I: DeserializeOwned + Send + 'static> Pending<I> {
     /// The attempt, holding its input again (decoded from the frame sent),
     /// for a retry or a dead letter: nothing is copied while attempts
     /// succeed, and the input type need not be `Clone`.
-    fn with_input(self) -> Attempt<I> {
+    fn with_input<O, W: Wire<I, O, Aside = A>>(self) -> Attempt<I> {
+        let input = self.input::<O, W>().ok();
         let mut attempt = self.attempt;
-        if let Ok(frame) = &self.frame {
-            if let Some(payload) = frame.get(4..) {
-                if let Ok(job) = frame::decode::<Job<I>>(payload) {
-                    attempt.kept = Some(job.data);
-                }
-            }
+        if input.is_some() {
+            attempt.kept = input;
         }
         attempt
     }
 
     /// The item failed here with `kind` (retried if the policy allows).
-    fn fail<O>(
+    fn fail<O, W: Wire<I, O, Aside = A>>(
         self,
         ctx: &RunCtx<I, O>,
         kind: ItemErrorKind,
         message: String,
         now: Instant,
     ) -> Outcome<I, O> {
-        self.with_input().end(ctx, Ran::Lost { kind, message }, now)
+        self.with_input::<O, W>()
+            .end(ctx, Ran::Lost { kind, message }, now)
     }
 }
