@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use bergtalzug::prelude::*;
 use bergtalzug::process::ProcessOptions;
+use bergtalzug::shape::Batch;
 use serde::{Deserialize, Serialize};
 
 /// What a worker should do with an item.
@@ -1283,6 +1284,366 @@ fn hold_workers(dir: &str) -> ! {
     std::process::exit(0)
 }
 
+// ---- per-worker resources and batch stages ----
+
+/// Set in the workers of the resource and batch tests: where a resource's
+/// `Drop` leaves its mark, and the abort-once marker.
+const DIR_VAR: &str = "BERGTALZUG_TEST_DIR";
+
+/// How many resources this process built (a worker builds one, once).
+static BUILT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A per-worker resource: counts what it served; leaves
+/// `$BERGTALZUG_TEST_DIR/dropped-<pid>` when dropped.
+struct Counter {
+    served: u64,
+    /// Not `Send`: it never leaves its worker process.
+    _here: std::rc::Rc<()>,
+}
+
+impl Drop for Counter {
+    fn drop(&mut self) {
+        if let Some(dir) = std::env::var_os(DIR_VAR) {
+            let mark = std::path::Path::new(&dir).join(format!("dropped-{}", std::process::id()));
+            let _ = std::fs::write(mark, self.served.to_string());
+        }
+    }
+}
+
+fn open_counter() -> anyhow::Result<Counter> {
+    BUILT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    Ok(Counter {
+        served: 0,
+        _here: std::rc::Rc::new(()),
+    })
+}
+
+/// What a worker says of itself and its resource: pid, resources built in
+/// that process, and the count of what the resource served with this one.
+fn whoami(served: u64) -> u64 {
+    let built = BUILT.load(std::sync::atomic::Ordering::SeqCst);
+    (u64::from(std::process::id()) << 32) | (built << 16) | served
+}
+
+/// (pid, resources built, served) from [`whoami`].
+fn parts(n: u64) -> (u64, u64, u64) {
+    (n >> 32, (n >> 16) & 0xffff, n & 0xffff)
+}
+
+fn count_item(counter: &mut Counter, item: WorkItem<u64>) -> anyhow::Result<WorkItem<u64>> {
+    counter.served += 1;
+    Ok(item.map(|_| whoami(counter.served)))
+}
+
+fn count_batch(counter: &mut Counter, batch: Batch<u64>) -> anyhow::Result<Vec<anyhow::Result<u64>>> {
+    counter.served += 1;
+    Ok(batch.items().iter().map(|_| Ok(whoami(counter.served))).collect())
+}
+
+fn refuse_to_connect() -> anyhow::Result<Counter> {
+    Err(anyhow::anyhow!("no database at db://nowhere")).map_err(|e| e.context("connecting"))
+}
+
+/// A batch handler: doubles each number and checks that its job id
+/// crossed; 13 fails alone; a batch holding 1042 fails whole; a batch
+/// holding 2023 aborts its worker process; a batch holding 3077 aborts it
+/// the first time (leaving `$BERGTALZUG_TEST_DIR/aborted`).
+fn double_batch(batch: Batch<u64>) -> anyhow::Result<Vec<anyhow::Result<u64>>> {
+    let has = |n: u64| batch.items().iter().any(|i| i.data == n);
+    if has(2023) {
+        std::process::abort();
+    }
+    anyhow::ensure!(!has(1042), "the batch holding 1042 cannot be written");
+    if has(3077) {
+        let marker = std::path::Path::new(&std::env::var_os(DIR_VAR).unwrap()).join("aborted");
+        if !marker.exists() {
+            std::fs::write(marker, b"")?;
+            std::process::abort();
+        }
+    }
+    Ok(batch
+        .into_items()
+        .into_iter()
+        .map(|item| {
+            anyhow::ensure!(item.data != 13, "record 13 is bad");
+            anyhow::ensure!(item.job_id().to_string() == item.data.to_string(), "wrong id");
+            Ok(item.data * 2)
+        })
+        .collect())
+}
+
+/// Runs `numbers` (job ids `"<n>"`) through the Process stage `bind`
+/// binds and a Thread stage that records what it got; gives the results
+/// and the outputs by number, having checked that every item finished
+/// exactly once and that no worker process is left.
+async fn run_bound(
+    name: &str,
+    stage: StageConfig,
+    numbers: std::ops::Range<u64>,
+    bind: impl FnOnce(bergtalzug::PipelineBuilder<u64, u64>, &str) -> bergtalzug::PipelineBuilder<u64, u64>,
+) -> (BTreeMap<u64, WorkItemResult>, BTreeMap<u64, u64>) {
+    let count = numbers.clone().count();
+    let items = numbers.map(|n| WorkItem::with_job_id(n.to_string(), n));
+    let config = PipelineConfig::new(
+        name,
+        vec![
+            stage,
+            StageConfig::new("collect", ExecutionType::Thread).workers(1),
+        ],
+    )
+    .stats_interval(Duration::ZERO);
+    let returned = Arc::new(Mutex::new(BTreeMap::new()));
+    let record = returned.clone();
+    let builder = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::items(items));
+    let pipeline = bind(builder, &stage_name(name))
+        .sync_stage("collect", move |item: WorkItem<u64>| {
+            let n: u64 = item.job_id().to_string().parse()?;
+            record.lock().unwrap().insert(n, item.data);
+            Ok(item)
+        })
+        .build()
+        .unwrap();
+    let results = pipeline.run().await.unwrap();
+    assert_eq!(results.len(), count, "every item has one outcome");
+    let by_id: BTreeMap<u64, WorkItemResult> = results
+        .into_iter()
+        .map(|r| (r.job_id.to_string().parse().unwrap(), r))
+        .collect();
+    assert_eq!(by_id.len(), count, "no item finished twice");
+    no_children_left().await;
+    let returned = returned.lock().unwrap().clone();
+    (by_id, returned)
+}
+
+/// What became of each output's worker processes: for each pid, the
+/// counts its resource had served, sorted; every one was built once.
+fn served_by_pid(returned: &BTreeMap<u64, u64>) -> BTreeMap<u64, Vec<u64>> {
+    let mut by_pid: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for n in returned.values() {
+        let (pid, built, served) = parts(*n);
+        assert_eq!(built, 1, "worker process {pid} built {built} resources");
+        by_pid.entry(pid).or_default().push(served);
+    }
+    for served in by_pid.values_mut() {
+        served.sort();
+    }
+    by_pid
+}
+
+/// Each worker process builds its resource once, in that process, and
+/// keeps it for every item it runs; a recycled process builds a fresh
+/// one; a process that ends drops it.
+async fn a_resource_is_built_once_per_worker_process_and_again_after_recycling() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = ProcessOptions::new()
+        .recycle_after(10)
+        .env(DIR_VAR, dir.path());
+    let (results, returned) = run_bound("res", stage("res", 2), 0..60, |b, name| {
+        b.process_stage_using(name, open_counter, count_item, options)
+    })
+    .await;
+    assert!(results.values().all(|r| r.success), "{results:?}");
+    let by_pid = served_by_pid(&returned);
+    for (pid, served) in &by_pid {
+        // One resource served each of the process's items, in turn.
+        let expected: Vec<u64> = (1..=served.len() as u64).collect();
+        assert_eq!(served, &expected, "worker process {pid}");
+        assert!(served.len() <= 10, "worker process {pid} was not recycled");
+    }
+    assert!(by_pid.len() >= 6, "{} worker processes", by_pid.len());
+    // Every process ended normally (recycled, or at the end of the run)
+    // and dropped its resource there.
+    for (pid, served) in &by_pid {
+        let mark = dir.path().join(format!("dropped-{pid}"));
+        let dropped = std::fs::read_to_string(&mark)
+            .unwrap_or_else(|e| panic!("worker process {pid} did not drop its resource: {e}"));
+        assert_eq!(dropped, served.len().to_string(), "worker process {pid}");
+    }
+}
+
+/// A resource that cannot be built: each worker process that tries tells
+/// the parent and exits, the item its worker was about to run fails with
+/// the stage and the constructor's error, and the replacements count
+/// against the restart budget, which fails the run; every item ends once.
+async fn a_resource_that_cannot_be_built_fails_the_run_naming_the_stage() {
+    let budget = RestartBudget::new(3, Duration::from_secs(60));
+    let config = PipelineConfig::new("nores", vec![stage("nores", 2).restart_budget(budget)]).stats_interval(Duration::ZERO);
+    let pipeline = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::iter(0..200u64))
+        .process_stage_using(
+            "nores-stage",
+            refuse_to_connect,
+            count_item,
+            ProcessOptions::new(),
+        )
+        .build()
+        .unwrap();
+    let outcome = pipeline.run_outcome().await;
+    let error = outcome.error.expect("the run fails");
+    println!("    {error}");
+    assert!(
+        matches!(&error, PipelineError::RestartBudgetExceeded { stage, .. } if stage == "nores-stage"),
+        "{error}"
+    );
+    let admitted = pipeline.stats().await.unwrap().admitted_items;
+    assert!(admitted > 0);
+    assert_eq!(outcome.results.len() as u64, admitted, "every admitted item has one outcome");
+    let ids: std::collections::BTreeSet<_> = outcome.results.iter().map(|r| &r.job_id).collect();
+    assert_eq!(ids.len(), outcome.results.len(), "no item finished twice");
+    let failed: Vec<&ItemError> = outcome
+        .results
+        .iter()
+        .filter_map(|r| r.error.as_ref())
+        .filter(|e| e.kind != ItemErrorKind::Cancelled)
+        .collect();
+    assert!(!failed.is_empty() && failed.len() <= 8, "{failed:?}");
+    for e in failed {
+        assert_eq!(e.kind, ItemErrorKind::Panicked, "{e}");
+        assert_eq!(e.stage, "nores-stage");
+        assert!(
+            e.message.contains(
+                "stage `nores-stage`: its per-worker resource could not be built: \
+                 connecting: no database at db://nowhere"
+            ),
+            "{e}"
+        );
+    }
+    assert!(outcome.results.iter().all(|r| !r.success));
+    no_children_left().await;
+
+    // Without a budget the run goes on, each item failing in turn: it
+    // ends, and nothing waits for a resource that never comes.
+    let config = PipelineConfig::new("nores2", vec![stage("nores2", 2)]).stats_interval(Duration::ZERO);
+    let results = Pipeline::builder(config)
+        .unwrap()
+        .source(sources::iter(0..6u64))
+        .process_stage_using(
+            "nores2-stage",
+            refuse_to_connect,
+            count_item,
+            ProcessOptions::new(),
+        )
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 6);
+    for r in &results {
+        let e = r.error.as_ref().expect("failed");
+        assert!(e.message.contains("could not be built: connecting"), "{e}");
+    }
+    no_children_left().await;
+}
+
+/// A batch stage's batch crosses whole, with its items' ids; a bad record
+/// fails alone, and the rest of its batch completes.
+async fn a_process_batch_with_one_bad_record_fails_only_that_record() {
+    let stage = stage("bad", 2).batch(10, Duration::from_secs(10));
+    let (results, returned) = run_bound("bad", stage, 0..30, |b, name| {
+        b.process_batch_stage(name, double_batch)
+    })
+    .await;
+    for (n, r) in &results {
+        if *n == 13 {
+            let e = r.error.as_ref().expect("13 failed");
+            assert_eq!(e.kind, ItemErrorKind::Failed, "{e}");
+            assert!(e.message.contains("record 13 is bad"), "{e}");
+            assert!(!e.message.contains("its batch"), "{e}");
+        } else {
+            assert!(r.success, "{n}: {:?}", r.error);
+            assert_eq!(returned[n], 2 * n);
+        }
+    }
+}
+
+/// A batch handler's error fails its whole batch, each item with a result
+/// of its own; the other batches complete.
+async fn a_process_batch_handler_error_fails_the_whole_batch() {
+    let stage = stage("whole", 2).batch(10, Duration::from_secs(10));
+    let (results, returned) = run_bound("whole", stage, 1030..1060, |b, name| {
+        b.process_batch_stage(name, double_batch)
+    })
+    .await;
+    for (n, r) in &results {
+        if (1040..1050).contains(n) {
+            let e = r.error.as_ref().expect("its batch failed");
+            assert_eq!(e.kind, ItemErrorKind::Failed, "{e}");
+            assert!(e.message.contains("its batch of 10 failed"), "{e}");
+            assert!(e.message.contains("the batch holding 1042"), "{e}");
+        } else {
+            assert!(r.success, "{n}: {:?}", r.error);
+            assert_eq!(returned[n], 2 * n);
+        }
+    }
+}
+
+/// A worker process that aborts in a batch fails that batch's items, each
+/// with its own result; the process is replaced and the batches after it
+/// complete.
+async fn a_worker_process_aborting_mid_batch_fails_that_batch_and_the_stage_goes_on() {
+    let stage = stage("midbatch", 1).batch(10, Duration::from_secs(10));
+    let (results, returned) = run_bound("midbatch", stage, 2000..2040, |b, name| {
+        b.process_batch_stage(name, double_batch)
+    })
+    .await;
+    for (n, r) in &results {
+        if (2020..2030).contains(n) {
+            let e = r.error.as_ref().expect("its batch failed");
+            assert_eq!(e.kind, ItemErrorKind::ProcessDied, "{e}");
+            assert!(e.message.contains("its batch of 10 failed"), "{e}");
+            assert!(e.message.contains("SIGABRT"), "{e}");
+        } else {
+            assert!(r.success, "{n}: {:?}", r.error);
+            assert_eq!(returned[n], 2 * n);
+        }
+    }
+}
+
+/// A batch whose worker process died is tried again whole under the
+/// stage's retry policy (the batch is had again from the bytes sent), in a
+/// new process, with its items' ids and data.
+async fn a_process_batch_is_retried_whole_in_a_new_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let stage = stage("batchretry", 1)
+        .batch(10, Duration::from_secs(10))
+        .retry(RetryPolicy::fixed(2, Duration::from_millis(10)));
+    let options = ProcessOptions::new().env(DIR_VAR, dir.path());
+    let (results, returned) = run_bound("batchretry", stage, 3070..3090, |b, name| {
+        b.process_batch_stage_with(name, double_batch, options)
+    })
+    .await;
+    assert!(dir.path().join("aborted").exists(), "the first attempt did not abort");
+    for (n, r) in &results {
+        assert!(r.success, "{n}: {:?}", r.error);
+        assert_eq!(returned[n], 2 * n);
+    }
+}
+
+/// A batch stage with a resource per worker process: built once per
+/// process, given to the handler with each batch.
+async fn a_process_batch_stage_uses_one_resource_per_worker_process() {
+    let stage = stage("batchres", 2).batch(5, Duration::from_secs(10));
+    let (results, returned) = run_bound("batchres", stage, 0..50, |b, name| {
+        b.process_batch_stage_using(name, open_counter, count_batch, ProcessOptions::new())
+    })
+    .await;
+    assert!(results.values().all(|r| r.success), "{results:?}");
+    let by_pid = served_by_pid(&returned);
+    assert!(by_pid.len() <= 2, "{by_pid:?}");
+    for (pid, served) in &by_pid {
+        // Each batch of 5 got the resource once: 5 items per count.
+        let mut expected: Vec<u64> = (1..=(served.len() / 5) as u64)
+            .flat_map(|b| [b; 5])
+            .collect();
+        expected.sort();
+        assert_eq!(served, &expected, "worker process {pid}");
+    }
+}
+
 // ---- the runner ----
 
 static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
@@ -1378,6 +1739,13 @@ fn main() {
         the_builder_serves_when_init_was_not_called,
         workers_die_with_a_killed_parent,
         abort_leaves_no_worker_behind,
+        a_resource_is_built_once_per_worker_process_and_again_after_recycling,
+        a_resource_that_cannot_be_built_fails_the_run_naming_the_stage,
+        a_process_batch_with_one_bad_record_fails_only_that_record,
+        a_process_batch_handler_error_fails_the_whole_batch,
+        a_worker_process_aborting_mid_batch_fails_that_batch_and_the_stage_goes_on,
+        a_process_batch_is_retried_whole_in_a_new_process,
+        a_process_batch_stage_uses_one_resource_per_worker_process,
     ];
     let mut failed = Vec::new();
     let mut ran = 0;
