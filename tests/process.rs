@@ -1644,6 +1644,21 @@ async fn a_process_batch_stage_uses_one_resource_per_worker_process() {
     }
 }
 
+/// `main` skips `process::init()` when given `--no-init`: a worker of a
+/// batch stage with a resource then runs this test again up to the
+/// builder's `process_batch_stage_using`, which serves the stage (it
+/// recognises its constructor and handler).
+async fn the_builder_serves_a_batch_stage_with_a_resource_without_init() {
+    let stage = stage("noinitbatch", 2).batch(5, Duration::from_secs(10));
+    let options = ProcessOptions::new().args(["--no-init", "the_builder_serves_a_batch_stage"]);
+    let (results, returned) = run_bound("noinitbatch", stage, 0..20, |b, name| {
+        b.process_batch_stage_using(name, open_counter, count_batch, options)
+    })
+    .await;
+    assert!(results.values().all(|r| r.success), "{results:?}");
+    assert!(served_by_pid(&returned).len() <= 2);
+}
+
 // ---- the runner ----
 
 static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
@@ -1746,6 +1761,7 @@ fn main() {
         a_worker_process_aborting_mid_batch_fails_that_batch_and_the_stage_goes_on,
         a_process_batch_is_retried_whole_in_a_new_process,
         a_process_batch_stage_uses_one_resource_per_worker_process,
+        the_builder_serves_a_batch_stage_with_a_resource_without_init,
     ];
     let mut failed = Vec::new();
     let mut ran = 0;
