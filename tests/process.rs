@@ -1335,9 +1335,16 @@ fn count_item(counter: &mut Counter, item: WorkItem<u64>) -> anyhow::Result<Work
     Ok(item.map(|_| whoami(counter.served)))
 }
 
-fn count_batch(counter: &mut Counter, batch: Batch<u64>) -> anyhow::Result<Vec<anyhow::Result<u64>>> {
+fn count_batch(
+    counter: &mut Counter,
+    batch: Batch<u64>,
+) -> anyhow::Result<Vec<anyhow::Result<u64>>> {
     counter.served += 1;
-    Ok(batch.items().iter().map(|_| Ok(whoami(counter.served))).collect())
+    Ok(batch
+        .items()
+        .iter()
+        .map(|_| Ok(whoami(counter.served)))
+        .collect())
 }
 
 fn refuse_to_connect() -> anyhow::Result<Counter> {
@@ -1366,7 +1373,10 @@ fn double_batch(batch: Batch<u64>) -> anyhow::Result<Vec<anyhow::Result<u64>>> {
         .into_iter()
         .map(|item| {
             anyhow::ensure!(item.data != 13, "record 13 is bad");
-            anyhow::ensure!(item.job_id().to_string() == item.data.to_string(), "wrong id");
+            anyhow::ensure!(
+                item.job_id().to_string() == item.data.to_string(),
+                "wrong id"
+            );
             Ok(item.data * 2)
         })
         .collect())
@@ -1380,7 +1390,10 @@ async fn run_bound(
     name: &str,
     stage: StageConfig,
     numbers: std::ops::Range<u64>,
-    bind: impl FnOnce(bergtalzug::PipelineBuilder<u64, u64>, &str) -> bergtalzug::PipelineBuilder<u64, u64>,
+    bind: impl FnOnce(
+        bergtalzug::PipelineBuilder<u64, u64>,
+        &str,
+    ) -> bergtalzug::PipelineBuilder<u64, u64>,
 ) -> (BTreeMap<u64, WorkItemResult>, BTreeMap<u64, u64>) {
     let count = numbers.clone().count();
     let items = numbers.map(|n| WorkItem::with_job_id(n.to_string(), n));
@@ -1469,7 +1482,8 @@ async fn a_resource_is_built_once_per_worker_process_and_again_after_recycling()
 /// against the restart budget, which fails the run; every item ends once.
 async fn a_resource_that_cannot_be_built_fails_the_run_naming_the_stage() {
     let budget = RestartBudget::new(3, Duration::from_secs(60));
-    let config = PipelineConfig::new("nores", vec![stage("nores", 2).restart_budget(budget)]).stats_interval(Duration::ZERO);
+    let config = PipelineConfig::new("nores", vec![stage("nores", 2).restart_budget(budget)])
+        .stats_interval(Duration::ZERO);
     let pipeline = Pipeline::builder(config)
         .unwrap()
         .source(sources::iter(0..200u64))
@@ -1490,7 +1504,11 @@ async fn a_resource_that_cannot_be_built_fails_the_run_naming_the_stage() {
     );
     let admitted = pipeline.stats().await.unwrap().admitted_items;
     assert!(admitted > 0);
-    assert_eq!(outcome.results.len() as u64, admitted, "every admitted item has one outcome");
+    assert_eq!(
+        outcome.results.len() as u64,
+        admitted,
+        "every admitted item has one outcome"
+    );
     let ids: std::collections::BTreeSet<_> = outcome.results.iter().map(|r| &r.job_id).collect();
     assert_eq!(ids.len(), outcome.results.len(), "no item finished twice");
     let failed: Vec<&ItemError> = outcome
@@ -1516,7 +1534,8 @@ async fn a_resource_that_cannot_be_built_fails_the_run_naming_the_stage() {
 
     // Without a budget the run goes on, each item failing in turn: it
     // ends, and nothing waits for a resource that never comes.
-    let config = PipelineConfig::new("nores2", vec![stage("nores2", 2)]).stats_interval(Duration::ZERO);
+    let config =
+        PipelineConfig::new("nores2", vec![stage("nores2", 2)]).stats_interval(Duration::ZERO);
     let results = Pipeline::builder(config)
         .unwrap()
         .source(sources::iter(0..6u64))
@@ -1616,7 +1635,10 @@ async fn a_process_batch_is_retried_whole_in_a_new_process() {
         b.process_batch_stage_with(name, double_batch, options)
     })
     .await;
-    assert!(dir.path().join("aborted").exists(), "the first attempt did not abort");
+    assert!(
+        dir.path().join("aborted").exists(),
+        "the first attempt did not abort"
+    );
     for (n, r) in &results {
         assert!(r.success, "{n}: {:?}", r.error);
         assert_eq!(returned[n], 2 * n);

@@ -833,8 +833,13 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         O: Serialize + DeserializeOwned + Send + 'static,
     {
         let policies = std::mem::take(&mut self.next);
-        let binding =
-            self.process_binding::<C, O, Items, (), _>(name, no_resource, handler, options, policies);
+        let binding = self.process_binding::<C, O, Items, (), _>(
+            name,
+            no_resource,
+            handler,
+            options,
+            policies,
+        );
         self.handlers.push(binding);
         self.retype()
     }
@@ -910,7 +915,8 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
         O: Serialize + DeserializeOwned + Send + 'static,
     {
         let policies = std::mem::take(&mut self.next);
-        let binding = self.process_binding::<C, O, Items, R, _>(name, init, handler, options, policies);
+        let binding =
+            self.process_binding::<C, O, Items, R, _>(name, init, handler, options, policies);
         self.handlers.push(binding);
         self.retype()
     }

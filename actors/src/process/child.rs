@@ -267,7 +267,11 @@ fn run_batch<I, O>(
     handler: impl FnOnce(Batch<I>) -> anyhow::Result<Vec<anyhow::Result<O>>>,
 ) -> Reply<Vec<ItemReply<O>>> {
     let BatchJob { key, items } = job.data;
-    let items = match items.into_iter().map(item_of).collect::<Result<Vec<_>, _>>() {
+    let items = match items
+        .into_iter()
+        .map(item_of)
+        .collect::<Result<Vec<_>, _>>()
+    {
         Ok(items) => items,
         Err(message) => {
             return Reply::Failed {

@@ -144,8 +144,7 @@ impl Entry {
         // executable's mappings, checked above): `trampoline::<R, F>` for
         // the stage's resource and handler types, which takes the
         // addresses of an `Init<R>` and of an `F`.
-        let trampoline =
-            unsafe { std::mem::transmute::<usize, fn(usize, usize) -> !>(trampoline) };
+        let trampoline = unsafe { std::mem::transmute::<usize, fn(usize, usize) -> !>(trampoline) };
         trampoline(init, handler)
     }
 }
@@ -236,7 +235,11 @@ mod tests {
     }
 
     fn sum(batch: Batch<u32>) -> anyhow::Result<Vec<anyhow::Result<u64>>> {
-        Ok(batch.items().iter().map(|i| Ok(u64::from(i.data))).collect())
+        Ok(batch
+            .items()
+            .iter()
+            .map(|i| Ok(u64::from(i.data)))
+            .collect())
     }
 
     #[test]

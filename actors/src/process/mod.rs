@@ -31,6 +31,17 @@
 //! command with [`ProcessOptions::args`] / [`ProcessOptions::program`] that
 //! reaches [`init`].
 //!
+//! # Resources and batches
+//!
+//! A stage bound with `process_stage_using` builds a resource (a
+//! connection, a model) once in each worker process, before the process
+//! says it is ready (so within [`ProcessOptions::start_timeout`]), and
+//! hands it to the handler with each item; it never leaves the process and
+//! is dropped when the process ends normally (at the end of the run, or
+//! when it is recycled). A stage bound with `process_batch_stage` sends a
+//! whole batch as one frame and gets its outcomes back as one. See
+//! `docs/shapes.md`.
+//!
 //! # What crosses
 //!
 //! The whole item: its job id, its data and its custom metadata, as
@@ -50,7 +61,8 @@
 //! | abort, segfault, `exit`, killed from outside | `ProcessDied`, with the exit status or signal | replaced |
 //! | runs past the stage's `timeout` | `TimedOut` | killed (SIGKILL), replaced |
 //! | sends a frame above the limit, or one that does not decode | `ProcessDied` ("corrupt reply") | killed, replaced |
-//! | exits, or never says hello (does not reach its handler) within [`ProcessOptions::start_timeout`] | none: it had none | killed; another is tried; three in a row fail the pipeline ([`PipelineError::WorkersCannotStart`](crate::error::PipelineError::WorkersCannotStart)) |
+//! | its per-worker resource cannot be built (`process_stage_using`) | the item its worker was about to run: `Panicked`, with the stage and the constructor's error | exits; replaced |
+//! | exits, or never says hello (does not reach its handler and build its resource) within [`ProcessOptions::start_timeout`] | none: it had none | killed; another is tried; three in a row fail the pipeline ([`PipelineError::WorkersCannotStart`](crate::error::PipelineError::WorkersCannotStart)) |
 //!
 //! Only the item the worker was running fails. A process that is replaced
 //! counts as a worker replaced after a panic does in the other models: the
@@ -308,7 +320,9 @@ impl ProcessOptions {
         self
     }
 
-    /// How long a new worker may take to reach its handler (default 10 s).
+    /// How long a new worker may take to reach its handler (default 10 s),
+    /// building the stage's per-worker resource included
+    /// (`process_stage_using`).
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.start_timeout = timeout;
         self

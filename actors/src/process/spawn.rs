@@ -126,7 +126,11 @@ impl ChildSpec {
     /// Starts a worker process for `worker` and waits for its hello (its
     /// resource, if the stage has one, is built before it).
     pub(crate) async fn spawn(&self, worker: WorkerId) -> Result<ChildProc, Unstarted> {
-        self.start(worker).await.map_err(Unstarted::Failed)?.greeted(self).await
+        self.start(worker)
+            .await
+            .map_err(Unstarted::Failed)?
+            .greeted(self)
+            .await
     }
 
     /// Starts a worker process for `worker`.

@@ -127,7 +127,9 @@ where
         let items = items
             .into_iter()
             .zip(members)
-            .map(|(job, (id, metadata))| WorkItem::from_parts(id.clone(), job.data, metadata.clone()))
+            .map(|(job, (id, metadata))| {
+                WorkItem::from_parts(id.clone(), job.data, metadata.clone())
+            })
             .collect();
         Ok(Batch { items, key })
     }

@@ -192,7 +192,9 @@ where
                 let message = format!("the stage cannot start its worker processes: {why}");
                 let front = pending.pop_front().expect("a front");
                 let now = Instant::now();
-                let outcome = front.with_input::<O, W>().end(ctx, Ran::NoWorkers(message), now);
+                let outcome = front
+                    .with_input::<O, W>()
+                    .end(ctx, Ran::NoWorkers(message), now);
                 reporter.push(outcome, now, now);
                 continue;
             }
@@ -220,7 +222,14 @@ where
                             tracing::warn!(target: "bergtalzug::process", pipeline = %self.spec.pipeline, stage = %ctx.stage,
                                 worker = %ctx.worker, "{message}");
                             let now = Instant::now();
-                            return self.lose_worker(ctx, pending, reporter, ItemErrorKind::Panicked, message, now);
+                            return self.lose_worker(
+                                ctx,
+                                pending,
+                                reporter,
+                                ItemErrorKind::Panicked,
+                                message,
+                                now,
+                            );
                         }
                     }
                 }
@@ -312,7 +321,11 @@ where
     ) -> Result<(), String> {
         let front = pending.pop_front().expect("a front");
         let started = front.started.unwrap_or(now);
-        reporter.push(front.fail::<O, W>(ctx, kind, message.clone(), now), started, now);
+        reporter.push(
+            front.fail::<O, W>(ctx, kind, message.clone(), now),
+            started,
+            now,
+        );
         let mut returned = self.hand_back(ctx, &mut pending, &mut reporter);
         returned.extend(ctx.hand.take_all());
         reporter.give_up(returned, message.clone(), Instant::now());
@@ -699,7 +712,9 @@ impl<I: Send + 'static, A> Pending<I, A> {
 
     /// The item as it was before this attempt began, its data decoded from
     /// the frame it was to be sent in; else its attempt and why not.
-    fn unstarted<O, W: Wire<I, O, Aside = A>>(self) -> Result<WorkItem<I>, Box<(Attempt<I>, String)>> {
+    fn unstarted<O, W: Wire<I, O, Aside = A>>(
+        self,
+    ) -> Result<WorkItem<I>, Box<(Attempt<I>, String)>> {
         let data = self.input::<O, W>();
         let mut attempt = self.attempt;
         let data = match data.map_err(|e| (attempt.kept.take(), e)) {
