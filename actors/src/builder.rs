@@ -1051,6 +1051,8 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
     ///     Ok(())
     /// }
     /// ```
+    // The handler's type is written out: it is what the user writes.
+    #[allow(clippy::type_complexity)]
     pub fn process_batch_stage_using<R, O>(
         mut self,
         name: &str,

@@ -171,3 +171,79 @@ pub(crate) fn error(message: String, permanent: bool) -> anyhow::Error {
         anyhow::Error::msg(message)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> WorkItem<Batch<String>> {
+        let items = (0..3)
+            .map(|i| {
+                let mut item = WorkItem::with_job_id(format!("row-{i}"), format!("data {i}"));
+                item.metadata_mut().custom.insert("n".into(), i.into());
+                item
+            })
+            .collect();
+        WorkItem::with_job_id(
+            "batch-1",
+            Batch {
+                items,
+                key: Some(7),
+            },
+        )
+    }
+
+    #[test]
+    fn a_batch_is_had_again_from_its_frame_and_what_was_kept() {
+        let item = batch();
+        let kept = <Batches as Wire<Batch<String>, Unbatched<u8>>>::aside(&item);
+        let frame =
+            <Batches as Wire<Batch<String>, Unbatched<u8>>>::encode(&item, "", 1 << 20).unwrap();
+        let again =
+            <Batches as Wire<Batch<String>, Unbatched<u8>>>::input(&frame[4..], &kept).unwrap();
+        assert_eq!(again.key(), Some(7));
+        assert_eq!(again.len(), 3);
+        for (a, b) in again.items().iter().zip(item.data.items()) {
+            assert_eq!(a.job_id(), b.job_id());
+            assert_eq!(a.data, b.data);
+            assert_eq!(a.metadata().custom, b.metadata().custom);
+            assert_eq!(a.metadata().created(), b.metadata().created());
+        }
+        // What the child reads: one job, the batch's items inside.
+        let job: Job<BatchJob<String>> = frame::decode(&frame[4..]).unwrap();
+        assert_eq!(job.job_id, "batch-1");
+        assert_eq!(job.data.items.len(), 3);
+        assert_eq!(job.data.items[2].job_id, "row-2");
+        assert_eq!(job.data.items[2].custom, r#"{"n":2}"#);
+    }
+
+    #[test]
+    fn outcomes_are_paired_with_their_items_or_refused_when_they_do_not_fit() {
+        let item = batch();
+        let kept = <Batches as Wire<Batch<String>, Unbatched<u8>>>::aside(&item);
+        let outcomes = vec![
+            ItemReply::Done(1u8),
+            ItemReply::Failed {
+                message: "bad row".into(),
+                permanent: true,
+            },
+            ItemReply::Done(3),
+        ];
+        let Unbatched(members) =
+            <Batches as Wire<Batch<String>, Unbatched<u8>>>::output(outcomes, kept.clone())
+                .unwrap();
+        let ids: Vec<String> = members.iter().map(|(id, ..)| id.to_string()).collect();
+        assert_eq!(ids, ["row-0", "row-1", "row-2"]);
+        let error = members[1].2.as_ref().unwrap_err();
+        assert!(Permanent::is(error), "{error:#}");
+        assert_eq!(*members[2].2.as_ref().unwrap(), 3);
+        let Err((message, back)) = <Batches as Wire<Batch<String>, Unbatched<u8>>>::output(
+            vec![ItemReply::Done(1u8)],
+            kept,
+        ) else {
+            panic!("one outcome for three items was taken");
+        };
+        assert!(message.contains("1 outcomes for a batch of 3"), "{message}");
+        assert_eq!(back.len(), 3);
+    }
+}
