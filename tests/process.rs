@@ -201,42 +201,20 @@ async fn run(
     options: ProcessOptions,
     acts: Vec<Act>,
 ) -> (BTreeMap<usize, WorkItemResult>, BTreeMap<usize, u64>) {
-    let count = acts.len();
     let items = acts
         .into_iter()
         .enumerate()
-        .map(|(i, a)| WorkItem::with_job_id(i.to_string(), a));
-    let config = PipelineConfig::new(
-        name,
-        vec![
-            stage,
-            StageConfig::new("collect", ExecutionType::Thread).workers(1),
-        ],
-    )
-    .stats_interval(Duration::ZERO);
-    let returned = Arc::new(Mutex::new(BTreeMap::new()));
-    let record = returned.clone();
-    let pipeline = Pipeline::builder(config)
-        .unwrap()
-        .source(sources::items(items))
-        .process_stage_with(&stage_name(name), act, options)
-        .sync_stage("collect", move |item: WorkItem<u64>| {
-            let index: usize = item.job_id().to_string().parse()?;
-            record.lock().unwrap().insert(index, item.data);
-            Ok(item)
-        })
-        .build()
-        .unwrap();
-    let results = pipeline.run().await.unwrap();
-    assert_eq!(results.len(), count, "every item has one outcome");
-    let by_id: BTreeMap<usize, WorkItemResult> = results
-        .into_iter()
-        .map(|r| (r.job_id.to_string().parse().unwrap(), r))
+        .map(|(i, a)| WorkItem::with_job_id(i.to_string(), a))
         .collect();
-    assert_eq!(by_id.len(), count, "no item finished twice");
-    no_children_left().await;
-    let returned = returned.lock().unwrap().clone();
-    (by_id, returned)
+    let (results, returned) = run_bound(name, stage, items, |b, name| {
+        b.process_stage_with(name, act, options)
+    })
+    .await;
+    let index = |n: u64| n as usize;
+    (
+        results.into_iter().map(|(n, r)| (index(n), r)).collect(),
+        returned.into_iter().map(|(n, d)| (index(n), d)).collect(),
+    )
 }
 
 fn stage_name(pipeline: &str) -> String {
@@ -1382,21 +1360,17 @@ fn double_batch(batch: Batch<u64>) -> anyhow::Result<Vec<anyhow::Result<u64>>> {
         .collect())
 }
 
-/// Runs `numbers` (job ids `"<n>"`) through the Process stage `bind`
-/// binds and a Thread stage that records what it got; gives the results
-/// and the outputs by number, having checked that every item finished
-/// exactly once and that no worker process is left.
-async fn run_bound(
+/// Runs `items` (job ids: numbers) through the Process stage `bind` binds
+/// and a Thread stage that records what it got; gives the results and the
+/// outputs by job id, having checked that every item finished exactly once
+/// and that no worker process is left.
+async fn run_bound<D: Send + 'static>(
     name: &str,
     stage: StageConfig,
-    numbers: std::ops::Range<u64>,
-    bind: impl FnOnce(
-        bergtalzug::PipelineBuilder<u64, u64>,
-        &str,
-    ) -> bergtalzug::PipelineBuilder<u64, u64>,
+    items: Vec<WorkItem<D>>,
+    bind: impl FnOnce(bergtalzug::PipelineBuilder<D, D>, &str) -> bergtalzug::PipelineBuilder<D, u64>,
 ) -> (BTreeMap<u64, WorkItemResult>, BTreeMap<u64, u64>) {
-    let count = numbers.clone().count();
-    let items = numbers.map(|n| WorkItem::with_job_id(n.to_string(), n));
+    let count = items.len();
     let config = PipelineConfig::new(
         name,
         vec![
@@ -1430,6 +1404,13 @@ async fn run_bound(
     (by_id, returned)
 }
 
+/// Items numbered `numbers`, each its number as its job id.
+fn numbered(numbers: std::ops::Range<u64>) -> Vec<WorkItem<u64>> {
+    numbers
+        .map(|n| WorkItem::with_job_id(n.to_string(), n))
+        .collect()
+}
+
 /// What became of each output's worker processes: for each pid, the
 /// counts its resource had served, sorted; every one was built once.
 fn served_by_pid(returned: &BTreeMap<u64, u64>) -> BTreeMap<u64, Vec<u64>> {
@@ -1453,7 +1434,7 @@ async fn a_resource_is_built_once_per_worker_process_and_again_after_recycling()
     let options = ProcessOptions::new()
         .recycle_after(10)
         .env(DIR_VAR, dir.path());
-    let (results, returned) = run_bound("res", stage("res", 2), 0..60, |b, name| {
+    let (results, returned) = run_bound("res", stage("res", 2), numbered(0..60), |b, name| {
         b.process_stage_using(name, open_counter, count_item, options)
     })
     .await;
@@ -1562,16 +1543,30 @@ async fn a_resource_that_cannot_be_built_fails_the_run_naming_the_stage() {
 /// fails alone, and the rest of its batch completes.
 async fn a_process_batch_with_one_bad_record_fails_only_that_record() {
     let stage = stage("bad", 2).batch(10, Duration::from_secs(10));
-    let (results, returned) = run_bound("bad", stage, 0..30, |b, name| {
+    let ran = run_bound("bad", stage, numbered(0..30), |b, name| {
         b.process_batch_stage(name, double_batch)
     })
     .await;
-    for (n, r) in &results {
-        if *n == 13 {
-            let e = r.error.as_ref().expect("13 failed");
-            assert_eq!(e.kind, ItemErrorKind::Failed, "{e}");
-            assert!(e.message.contains("record 13 is bad"), "{e}");
-            assert!(!e.message.contains("its batch"), "{e}");
+    only_these_failed(&ran, 13..14, ItemErrorKind::Failed, &["record 13 is bad"]);
+    let e = ran.0[&13].error.as_ref().unwrap();
+    assert!(!e.message.contains("its batch"), "{e}");
+}
+
+/// Every item numbered in `failed` failed with `kind` and a message that
+/// holds each of `needles`; every other item doubled its number.
+fn only_these_failed(
+    (results, returned): &(BTreeMap<u64, WorkItemResult>, BTreeMap<u64, u64>),
+    failed: std::ops::Range<u64>,
+    kind: ItemErrorKind,
+    needles: &[&str],
+) {
+    for (n, r) in results {
+        if failed.contains(n) {
+            let e = r.error.as_ref().expect("it failed");
+            assert_eq!(e.kind, kind, "{e}");
+            for needle in needles {
+                assert!(e.message.contains(needle), "{e}");
+            }
         } else {
             assert!(r.success, "{n}: {:?}", r.error);
             assert_eq!(returned[n], 2 * n);
@@ -1583,21 +1578,12 @@ async fn a_process_batch_with_one_bad_record_fails_only_that_record() {
 /// of its own; the other batches complete.
 async fn a_process_batch_handler_error_fails_the_whole_batch() {
     let stage = stage("whole", 2).batch(10, Duration::from_secs(10));
-    let (results, returned) = run_bound("whole", stage, 1030..1060, |b, name| {
+    let ran = run_bound("whole", stage, numbered(1030..1060), |b, name| {
         b.process_batch_stage(name, double_batch)
     })
     .await;
-    for (n, r) in &results {
-        if (1040..1050).contains(n) {
-            let e = r.error.as_ref().expect("its batch failed");
-            assert_eq!(e.kind, ItemErrorKind::Failed, "{e}");
-            assert!(e.message.contains("its batch of 10 failed"), "{e}");
-            assert!(e.message.contains("the batch holding 1042"), "{e}");
-        } else {
-            assert!(r.success, "{n}: {:?}", r.error);
-            assert_eq!(returned[n], 2 * n);
-        }
-    }
+    let needles = ["its batch of 10 failed", "the batch holding 1042"];
+    only_these_failed(&ran, 1040..1050, ItemErrorKind::Failed, &needles);
 }
 
 /// A worker process that aborts in a batch fails that batch's items, each
@@ -1605,21 +1591,12 @@ async fn a_process_batch_handler_error_fails_the_whole_batch() {
 /// complete.
 async fn a_worker_process_aborting_mid_batch_fails_that_batch_and_the_stage_goes_on() {
     let stage = stage("midbatch", 1).batch(10, Duration::from_secs(10));
-    let (results, returned) = run_bound("midbatch", stage, 2000..2040, |b, name| {
+    let ran = run_bound("midbatch", stage, numbered(2000..2040), |b, name| {
         b.process_batch_stage(name, double_batch)
     })
     .await;
-    for (n, r) in &results {
-        if (2020..2030).contains(n) {
-            let e = r.error.as_ref().expect("its batch failed");
-            assert_eq!(e.kind, ItemErrorKind::ProcessDied, "{e}");
-            assert!(e.message.contains("its batch of 10 failed"), "{e}");
-            assert!(e.message.contains("SIGABRT"), "{e}");
-        } else {
-            assert!(r.success, "{n}: {:?}", r.error);
-            assert_eq!(returned[n], 2 * n);
-        }
-    }
+    let needles = ["its batch of 10 failed", "SIGABRT"];
+    only_these_failed(&ran, 2020..2030, ItemErrorKind::ProcessDied, &needles);
 }
 
 /// A batch whose worker process died is tried again whole under the
@@ -1631,7 +1608,7 @@ async fn a_process_batch_is_retried_whole_in_a_new_process() {
         .batch(10, Duration::from_secs(10))
         .retry(RetryPolicy::fixed(2, Duration::from_millis(10)));
     let options = ProcessOptions::new().env(DIR_VAR, dir.path());
-    let (results, returned) = run_bound("batchretry", stage, 3070..3090, |b, name| {
+    let ran = run_bound("batchretry", stage, numbered(3070..3090), |b, name| {
         b.process_batch_stage_with(name, double_batch, options)
     })
     .await;
@@ -1639,17 +1616,14 @@ async fn a_process_batch_is_retried_whole_in_a_new_process() {
         dir.path().join("aborted").exists(),
         "the first attempt did not abort"
     );
-    for (n, r) in &results {
-        assert!(r.success, "{n}: {:?}", r.error);
-        assert_eq!(returned[n], 2 * n);
-    }
+    only_these_failed(&ran, 0..0, ItemErrorKind::Failed, &[]);
 }
 
 /// A batch stage with a resource per worker process: built once per
 /// process, given to the handler with each batch.
 async fn a_process_batch_stage_uses_one_resource_per_worker_process() {
     let stage = stage("batchres", 2).batch(5, Duration::from_secs(10));
-    let (results, returned) = run_bound("batchres", stage, 0..50, |b, name| {
+    let (results, returned) = run_bound("batchres", stage, numbered(0..50), |b, name| {
         b.process_batch_stage_using(name, open_counter, count_batch, ProcessOptions::new())
     })
     .await;
@@ -1673,7 +1647,7 @@ async fn a_process_batch_stage_uses_one_resource_per_worker_process() {
 async fn the_builder_serves_a_batch_stage_with_a_resource_without_init() {
     let stage = stage("noinitbatch", 2).batch(5, Duration::from_secs(10));
     let options = ProcessOptions::new().args(["--no-init", "the_builder_serves_a_batch_stage"]);
-    let (results, returned) = run_bound("noinitbatch", stage, 0..20, |b, name| {
+    let (results, returned) = run_bound("noinitbatch", stage, numbered(0..20), |b, name| {
         b.process_batch_stage_using(name, open_counter, count_batch, options)
     })
     .await;
