@@ -307,7 +307,8 @@ impl ProcessOptions {
     }
 
     /// Replaces each worker process after it has handled `items` items
-    /// (for handlers that leak); never by default. At least 1.
+    /// (for handlers that leak); never by default. At least 1. For a batch
+    /// stage it counts batches: a batch is one job for the process.
     pub fn recycle_after(mut self, items: u64) -> Self {
         self.recycle_after = Some(items.max(1));
         self
