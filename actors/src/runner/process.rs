@@ -18,6 +18,11 @@
 //! every item it was sent whole, no item fails (up to
 //! [`MAX_INNOCENT_BREAKS`] times a batch). Nothing a child sends is trusted: frames are bounded
 //! ([`crate::process::frame::FrameBuf`]) and decoding errors are values.
+//!
+//! An "item" here is one job for the child: a stage's item, or, for a
+//! batch stage, a whole batch ([`crate::process::wire`] says how each
+//! crosses). A child whose per-worker resource cannot be built fails the
+//! worker as a death does, blaming the item it was about to get.
 
 use std::collections::VecDeque;
 use std::marker::PhantomData;
