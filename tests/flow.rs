@@ -482,6 +482,67 @@ async fn resize_while_flowing(model: ExecutionType, sizes: &[usize]) {
     assert_eq!(stats.active_items, 0);
 }
 
+/// The pipeline's window follows a resize: a stage grown far past its
+/// configured count, with a small queue, gets items for its workers (the
+/// window stayed as configured once, and held it to 6 at once), and
+/// once it is shrunk again no more items are in the pipeline than the
+/// rooms in force allow.
+#[tokio::test(start_paused = true)]
+async fn a_grown_stage_gets_items_for_every_worker_and_a_shrunk_one_holds_less() {
+    let running = Arc::new(Running::default());
+    let stages = vec![
+        StageConfig::new("work", ExecutionType::Async)
+            .workers(2)
+            .queue_size(1),
+        StageConfig::new("after", ExecutionType::Async)
+            .workers(2)
+            .queue_size(1),
+    ];
+    let pipeline = Pipeline::builder(config("window", stages))
+        .unwrap()
+        .source(sources::iter(0u64..))
+        .async_stage("work", {
+            let running = running.clone();
+            move |item: WorkItem<u64>| {
+                let running = running.clone();
+                async move {
+                    running.enter();
+                    tokio::time::sleep(Duration::from_millis(1) + delay(item.data, 4)).await;
+                    running.leave();
+                    Ok(item)
+                }
+            }
+        })
+        .async_stage("after", |item: WorkItem<u64>| async move { Ok(item) })
+        .build()
+        .unwrap();
+    pipeline.start().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(running.peak() <= 2);
+    pipeline.set_workers("work", 16).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    running.reset_peak();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Demand goes upstream in chunks of half the stage's room, so not
+    // every worker is busy at every instant; with the configured window
+    // no more than 6 could be.
+    let peak = running.peak();
+    assert!(peak >= 12, "only {peak} of 16 workers had an item at once");
+    pipeline.set_workers("work", 2).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let active = pipeline.stats().await.unwrap().active_items;
+    // (1 + 2) + (1 + 2): the rooms at 2 workers.
+    assert!(
+        active <= 6,
+        "{active} items in the pipeline after the shrink"
+    );
+    within(Duration::from_secs(10), pipeline.stop())
+        .await
+        .unwrap();
+    let results = pipeline.run().await.unwrap();
+    assert!(results.iter().all(|r| r.success));
+}
+
 #[tokio::test(start_paused = true)]
 async fn growing_and_shrinking_an_async_stage_while_items_flow_loses_nothing() {
     resize_while_flowing(ExecutionType::Async, &[16, 1, 8, 3, 12, 2]).await;

@@ -443,10 +443,137 @@ fn a_bad_url_or_option_is_refused_clearly() {
         QueueOptions::default().claim_every(Duration::ZERO),
     );
     assert!(e.contains("claim_every"), "{e}");
+    let e = err(
+        "redis://127.0.0.1:1/0?stream=s",
+        QueueOptions::default().ack_timeout(Duration::ZERO),
+    );
+    assert!(e.contains("ack_timeout"), "{e}");
     let e = err("kafka://x", QueueOptions::default());
     assert!(
         e.contains("unknown scheme") && e.contains("redis://"),
         "{e}"
+    );
+}
+
+/// A TCP relay to the server that the test can cut: Redis going away for
+/// the consumers connected through it (its connections are dropped, new
+/// ones refused), while the server itself stays up for others.
+struct Relay {
+    url: String,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    async fn start(server: &str) -> Relay {
+        let rest = server.strip_prefix("redis://").expect("a redis:// URL");
+        let (upstream, db) = rest.split_once('/').unwrap_or((rest, "0"));
+        let upstream = upstream.to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}/{db}", listener.local_addr().unwrap());
+        let (cut, mut cut_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                let mut client = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((client, _)) => client,
+                        Err(_) => return,
+                    },
+                    // Dropping the listener refuses new connections.
+                    _ = cut_rx.changed() => return,
+                };
+                let upstream = upstream.clone();
+                let mut cut_rx = cut_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Relay { url, cut }
+    }
+
+    fn cut(&self) {
+        let _ = self.cut.send(true);
+    }
+}
+
+/// A consumer whose Redis goes away for good while it works does not hang:
+/// it gives up writing its outcomes after `ack_timeout`, the run ends with
+/// the source's failure, and the entries stay pending in Redis, so a peer
+/// takes them back after `claim_idle` and the job is finished, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_whose_redis_went_away_ends_and_a_peer_finishes_its_work() {
+    let Some(server) = server() else { return };
+    let relay = Arc::new(Relay::start(&server).await);
+    let stream = format!("test-gone-{}", uuid::Uuid::new_v4().simple());
+    let on = |base: &str| format!("{base}?stream={stream}");
+    let direct = WorkQueue::open(&on(&server), quick(QueueOptions::default())).unwrap();
+    direct
+        .enqueue((0..40u64).map(|n| (format!("n{n}"), n)))
+        .await
+        .unwrap();
+    direct.seal().await.unwrap();
+
+    let relayed = WorkQueue::open(
+        &on(&relay.url),
+        quick(QueueOptions::default()).ack_timeout(Duration::from_millis(800)),
+    )
+    .unwrap();
+    let config = one_stage("redis-gone").max_refill_failures(3);
+    let cutter = relay.clone();
+    let lonely = Pipeline::builder(config)
+        .unwrap()
+        .source(relayed.source::<u64>().unwrap())
+        .async_stage("work", move |i: WorkItem<u64>| {
+            // Redis goes away as soon as the first item runs: none of the
+            // outcomes can be written.
+            cutter.cut();
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(i)
+            }
+        })
+        .build()
+        .unwrap();
+    let ended = within(Duration::from_secs(30), lonely.run()).await;
+    let e = ended.expect_err("the source failed: Redis is gone");
+    assert!(matches!(e, PipelineError::SourceFailed { .. }), "{e}");
+    let stats = relayed.broker_stats().unwrap();
+    assert!(
+        stats.acks_abandoned > 0,
+        "outcomes given up after ack_timeout: {stats:?}"
+    );
+
+    // A peer, on a Redis it can reach, takes the entries back and finishes.
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let seen = ran.clone();
+    let peer = Pipeline::builder(one_stage("redis-peer"))
+        .unwrap()
+        .source(direct.source::<u64>().unwrap())
+        .async_stage("work", move |i: WorkItem<u64>| {
+            seen.lock().unwrap().push(i.data);
+            async move { Ok(i) }
+        })
+        .build()
+        .unwrap();
+    within(Duration::from_secs(30), peer.run()).await.unwrap();
+    let counts = direct.counts().await.unwrap();
+    assert_eq!(
+        (counts.done, counts.dead, counts.leased, counts.pending),
+        (40, 0, 0, 0)
+    );
+    let mut ran = ran.lock().unwrap().clone();
+    ran.sort_unstable();
+    ran.dedup();
+    assert_eq!(
+        ran,
+        (0..40).collect::<Vec<_>>(),
+        "every item ran on the peer"
     );
 }
 

@@ -582,10 +582,16 @@ impl StageConfig {
     /// `batch_size` plus its batcher's `4 * batch_size` ([`BATCHER_ROOM`]). Their sum over the
     /// stages is the pipeline's window of admitted items.
     pub fn item_room(&self) -> usize {
+        self.item_room_with(self.workers)
+    }
+
+    /// [`item_room`](Self::item_room) once the stage has `workers` workers
+    /// (it was resized while running).
+    pub(crate) fn item_room_with(&self, workers: usize) -> usize {
+        let capacity = self.capacity_with(workers);
         match self.batch_size {
-            None => self.capacity(),
-            Some(size) => self
-                .capacity()
+            None => capacity,
+            Some(size) => capacity
                 .saturating_mul(size)
                 .saturating_add(size.saturating_mul(BATCHER_ROOM)),
         }
@@ -662,9 +668,14 @@ impl StageConfig {
     /// done and waiting for the next stage to ask for them.
     /// (With an adaptive range, the most workers it may have.)
     pub fn capacity(&self) -> usize {
+        self.capacity_with(self.workers)
+    }
+
+    /// [`capacity`](Self::capacity) with `workers` workers.
+    fn capacity_with(&self, workers: usize) -> usize {
         let workers = match self.adaptive {
-            Some(range) => range.max.max(self.workers),
-            None => self.workers,
+            Some(range) => range.max.max(workers),
+            None => workers,
         };
         self.queue_size.saturating_add(workers)
     }

@@ -408,8 +408,10 @@ impl<T: Send + 'static> Pipeline<T> {
     /// ones finish the items they hold first (nothing is lost or run
     /// twice). [`StageStats::workers`](crate::stats::StageStats::workers)
     /// follows; [`Pipeline::config`] keeps the count it started with. The
-    /// stage's room (`queue_size + workers`) follows the count; the
-    /// pipeline's window (what the source admits) stays as configured.
+    /// stage's room (`queue_size + workers`) follows the count, and so does
+    /// the pipeline's window (what the source admits: the sum of the
+    /// stages' rooms), so added workers get items and memory stays bounded
+    /// by the counts in force.
     ///
     /// # Errors
     ///

@@ -193,6 +193,9 @@ pub(crate) struct PipelineState<T> {
     source: ActorRef<SourceMsg<T>>,
     stages: Vec<Box<dyn StageControl>>,
     tracker: ActorRef<TrackerMsg>,
+    /// Each stage's worker count, as last set (`set_workers`): the
+    /// source's window follows it.
+    workers: Vec<usize>,
     /// The root is stopping its children itself.
     concluding: bool,
     /// A stage ended from outside: the others are being killed.
@@ -296,7 +299,19 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
                         })
                 });
                 match checked {
-                    Ok(index) => state.stages[index].resize(workers, reply),
+                    Ok(index) => {
+                        state.stages[index].resize(workers, reply);
+                        // The window grows with the stage's room (or
+                        // shrinks), so that added workers get items.
+                        state.workers[index] = workers;
+                        let stages = &state.shared.config.stages;
+                        let window = stages
+                            .iter()
+                            .zip(&state.workers)
+                            .map(|(stage, &w)| stage.item_room_with(w))
+                            .sum();
+                        state.source.cast(SourceMsg::Window(window)).ok();
+                    }
                     Err(error) => {
                         let _ = reply.send(Err(error));
                     }
@@ -497,6 +512,7 @@ async fn spawn_children<T: Send + 'static>(
         source,
         stages,
         tracker,
+        workers: shared.config.stages.iter().map(|s| s.workers).collect(),
         concluding: false,
         sweeping: false,
     })

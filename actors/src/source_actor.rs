@@ -3,7 +3,7 @@
 //! - **Owns**: the user's [`Source`](crate::source::Source) (erased), the
 //!   injections waiting for room, and the count of items in the pipeline.
 //! - **Receives**: [`SourceMsg`]: `Demand` from the first stage; `Released`
-//!   from the tracker; `Inject` and `Close` from the root; `Refilled` from
+//!   from the tracker; `Inject`, `Close` and `Window` from the root; `Refilled` from
 //!   its refill task; `RetryRefill` from itself after a failed refill or
 //!   "nothing yet".
 //! - **Sends**: `Items` to the first stage; `InputClosed`, rejected
@@ -14,8 +14,8 @@
 //!   item is still acknowledged once. After `max_refill_failures` failed
 //!   refills in a row the input closes the same way (`SourceFailed`).
 //! - **Invariants**: it never sends the first stage more than it asked for,
-//!   and never has more than the pipeline's window (Σ `queue_size + workers`)
-//!   admitted and not yet finished, so the tracker's backlog is bounded too.
+//!   and never has more than the pipeline's window (Σ `queue_size + workers`,
+//!   at the worker counts of now) admitted and not yet finished, so the tracker's backlog is bounded too.
 //!   Every admitted item is counted in `admitted` before it is sent. A
 //!   refill runs on a task of its own, holding the source, so the mailbox
 //!   is served while it waits: acks go to the source's acknowledger at
@@ -64,6 +64,9 @@ pub(crate) enum SourceMsg<T> {
     /// From the root, before it stops the pipeline: answered once every
     /// message before it (every acknowledgement) is handled.
     Flush(RpcReplyPort<()>),
+    /// From the root, after a stage was resized: the pipeline's window
+    /// (Σ each stage's room at its worker count now).
+    Window(usize),
     /// From the root, when a stage ended from outside: the job ids of the
     /// items admitted and not released yet (`None` with tracking off).
     Outstanding(RpcReplyPort<Option<Vec<JobId>>>),
@@ -223,6 +226,9 @@ impl<T: Send + 'static> Actor for SourceActor<T> {
                 }
             }
             SourceMsg::Close => state.close_input(),
+            // Shrunk below what is out: nothing more is admitted until
+            // enough has finished.
+            SourceMsg::Window(window) => state.window = window,
             SourceMsg::RetryRefill => state.retry_pending = false,
             SourceMsg::Refilled(source, count, fetched) => {
                 state.source = Some(source);

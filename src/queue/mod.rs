@@ -144,6 +144,15 @@ pub struct QueueOptions {
     /// How long one read waits for new entries on the server (`XREADGROUP
     /// BLOCK`) when there are none. Default 1 s. Redis only.
     pub read_block: Duration,
+    /// How long a consumer keeps trying to write a batch of outcomes
+    /// (acknowledgements, dead letters, releases) while Redis cannot take
+    /// them, before it gives up on that batch. Its entries stay pending in
+    /// Redis under this consumer's name, so nothing is lost: a peer (or
+    /// this consumer started again under its name) takes them back after
+    /// `claim_idle` and runs them again. Counted in
+    /// [`BrokerStats::acks_abandoned`]. Without a bound a run whose Redis
+    /// never came back would never end. Default 60 s. Redis only.
+    pub ack_timeout: Duration,
 }
 
 impl Default for QueueOptions {
@@ -158,6 +167,7 @@ impl Default for QueueOptions {
             claim_every: Duration::from_secs(5),
             renew_every: Duration::from_secs(10),
             read_block: Duration::from_secs(1),
+            ack_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -208,6 +218,12 @@ impl QueueOptions {
     /// Sets [`read_block`](QueueOptions::read_block).
     pub fn read_block(mut self, block: Duration) -> Self {
         self.read_block = block;
+        self
+    }
+
+    /// Sets [`ack_timeout`](QueueOptions::ack_timeout).
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.ack_timeout = timeout;
         self
     }
 }

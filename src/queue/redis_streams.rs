@@ -218,9 +218,13 @@ pub struct BrokerStats {
     pub lease_renewals: u64,
     /// Acknowledgement scripts run (each a batch of outcomes).
     pub ack_batches: u64,
-    /// Acknowledgement batches that failed and were retried (none is
-    /// dropped).
+    /// Attempts to write a batch of outcomes that failed (the batch is
+    /// tried again until [`QueueOptions::ack_timeout`](super::QueueOptions::ack_timeout)).
     pub ack_errors: u64,
+    /// Outcomes not written because Redis could not take them within
+    /// `ack_timeout`: their entries stay pending, and run again once a
+    /// consumer takes them back.
+    pub acks_abandoned: u64,
     /// Reads that failed (the pipeline asks again after its backoff).
     pub read_errors: u64,
     /// Renewals that failed (tried again at the next interval).
@@ -241,6 +245,7 @@ struct Stats {
     lease_renewals: AtomicU64,
     ack_batches: AtomicU64,
     ack_errors: AtomicU64,
+    acks_abandoned: AtomicU64,
     read_errors: AtomicU64,
     renew_errors: AtomicU64,
     released: AtomicU64,
@@ -540,6 +545,7 @@ impl Broker {
             lease_renewals: get(&s.lease_renewals),
             ack_batches: get(&s.ack_batches),
             ack_errors: get(&s.ack_errors),
+            acks_abandoned: get(&s.acks_abandoned),
             read_errors: get(&s.read_errors),
             renew_errors: get(&s.renew_errors),
             released: get(&s.released),
@@ -807,6 +813,10 @@ fn check_options(o: &QueueOptions) -> anyhow::Result<()> {
     anyhow::ensure!(
         !o.read_block.is_zero(),
         "queue option read_block must be above zero"
+    );
+    anyhow::ensure!(
+        !o.ack_timeout.is_zero(),
+        "queue option ack_timeout must be above zero (it bounds how long outcomes are retried)"
     );
     if let Some(name) = &o.consumer {
         anyhow::ensure!(!name.is_empty(), "queue option consumer is empty");
@@ -1379,7 +1389,9 @@ impl<T: DeserializeOwned + Send + 'static> RedisSource<T> {
 }
 
 /// Writes acknowledgements in batches, on the shared connection (never
-/// behind a blocking read), retrying a failed batch until it is written.
+/// behind a blocking read), retrying a failed batch until it is written or
+/// `ack_timeout` has passed since its first failure (then its entries stay
+/// pending in Redis, for a consumer to take back and run again).
 async fn write_acks(
     broker: Broker,
     name: String,
@@ -1387,6 +1399,7 @@ async fn write_acks(
     mut rx: mpsc::UnboundedReceiver<Batch>,
 ) {
     let stats = &broker.inner.stats;
+    let give_up_after = broker.inner.options.ack_timeout;
     while let Some(first) = rx.recv().await {
         let mut ops = first.ops;
         let mut waiting = vec![first.done];
@@ -1401,6 +1414,7 @@ async fn write_acks(
         }
         if !ops.is_empty() {
             let mut backoff = Duration::from_millis(50);
+            let mut failing_since = None;
             loop {
                 match broker.settle(&name, &ops).await {
                     Ok((_, dead, released)) => {
@@ -1411,6 +1425,16 @@ async fn write_acks(
                     }
                     Err(e) => {
                         bump!(stats, ack_errors, 1);
+                        let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                        if since.elapsed() >= give_up_after {
+                            bump!(stats, acks_abandoned, ops.len() as u64);
+                            tracing::error!(target: "bergtalzug::queue",
+                                "consumer {name}: could not write {} outcomes for {give_up_after:?} \
+                                 (ack_timeout): {e:#}; given up: their entries stay pending in Redis \
+                                 and run again once a consumer takes them back (after claim_idle)",
+                                ops.len());
+                            break;
+                        }
                         tracing::warn!(target: "bergtalzug::queue",
                             "consumer {name}: writing {} outcomes failed: {e:#}; retrying in {backoff:?}",
                             ops.len());
