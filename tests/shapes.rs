@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bergtalzug::Ack;
 use bergtalzug::prelude::*;
-use bergtalzug::shape::{Children, FILTERED, PARENT_ID};
+use bergtalzug::shape::{Batch, Children, FILTERED, PARENT_ID};
 
 mod common;
 use common::*;
@@ -303,4 +303,61 @@ async fn a_split_never_holds_more_children_than_the_room_after_it() {
     let room = 8 + 2;
     let peak = peak.load(Ordering::SeqCst);
     assert!(peak <= room, "{peak} children alive at once, room {room}");
+}
+
+#[test]
+fn a_policy_given_before_split_is_a_build_error_naming_the_stage() {
+    let keyed = Pipeline::builder(two_stages(ExecutionType::Thread))
+        .unwrap()
+        .source(sources::iter([3u64]))
+        .sync_stage("split", blocking_split)
+        .keyed_by("store", |item: &WorkItem<Children<u64>>| {
+            item.job_id().to_string()
+        })
+        .split()
+        .async_stage("store", |item: WorkItem<u64>| async move { Ok(item) })
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        keyed,
+        BuildError::PolicyBeforeSplit {
+            stage: "store".into(),
+            method: "keyed_by"
+        }
+    );
+    assert!(keyed.to_string().contains("after `.split()`"), "{keyed}");
+
+    let batched = PipelineConfig::new(
+        "b",
+        vec![
+            StageConfig::new("split", ExecutionType::Thread),
+            StageConfig::new("write", ExecutionType::Async).batch(10, Duration::from_millis(5)),
+        ],
+    );
+    let batched = Pipeline::builder(batched)
+        .unwrap()
+        .source(sources::iter([3u64]))
+        .sync_stage("split", blocking_split)
+        .batch_by("write", |_: &WorkItem<Children<u64>>| 0)
+        .split()
+        .async_batch_stage("write", |batch: Batch<u64>| async move {
+            Ok(batch.into_items().into_iter().map(|i| Ok(i.data)).collect())
+        })
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&batched, BuildError::PolicyBeforeSplit { stage, method: "batch_by" } if stage == "write"),
+        "{batched}"
+    );
+
+    // After the split, over the children, it is where it belongs.
+    Pipeline::builder(two_stages(ExecutionType::Thread))
+        .unwrap()
+        .source(sources::iter([3u64]))
+        .sync_stage("split", blocking_split)
+        .split()
+        .keyed_by("store", |item: &WorkItem<u64>| item.data % 2)
+        .async_stage("store", |item: WorkItem<u64>| async move { Ok(item) })
+        .build()
+        .expect("keyed_by after .split() builds");
 }
