@@ -440,3 +440,46 @@ fn a_batch_stage_bound_one_item_at_a_time_is_a_build_error_naming_it() {
         .unwrap_err();
     assert!(error.to_string().contains("no batch_size"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_ids_spelled_like_batch_ids_are_items_of_their_own() {
+    // The batches of `insert` are shown `batch:insert:<n>`: users' items
+    // with those ids are not taken for them, failed or not.
+    let ids = ["batch:insert:1", "batch:insert:2", "r0", "r1", "r2", "r3"];
+    let items: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| WorkItem::with_job_id(*id, n as u64))
+        .collect();
+    let pipeline = Pipeline::builder(batch_config(3, Duration::from_millis(20)))
+        .unwrap()
+        .source(sources::items(items))
+        .async_batch_stage("insert", |batch: Batch<u64>| async move {
+            // The second batch (r1..r3) fails whole.
+            anyhow::ensure!(batch.items().iter().all(|i| i.data < 3), "lock timeout");
+            Ok(batch.into_items().into_iter().map(|i| Ok(i.data)).collect())
+        })
+        .build()
+        .unwrap();
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    assert_unique_ids(&results);
+    let mut got: Vec<(String, bool)> = results
+        .iter()
+        .map(|r| (r.job_id.to_string(), r.success))
+        .collect();
+    got.sort();
+    let expected: Vec<(String, bool)> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| (id.to_string(), n < 3))
+        .collect();
+    let mut expected = expected;
+    expected.sort();
+    assert_eq!(got, expected, "one result per item, none per batch");
+    let stats = pipeline.stats().await.unwrap();
+    assert_eq!(stats.admitted_items, 6);
+    assert_eq!(stats.completed_items, 6);
+    assert_eq!(stats.failed_items, 3);
+}

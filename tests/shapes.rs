@@ -361,3 +361,98 @@ fn a_policy_given_before_split_is_a_build_error_naming_the_stage() {
         .build()
         .expect("keyed_by after .split() builds");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_ids_spelled_like_derived_ids_are_accounted_apart() {
+    // `a` splits into two children, shown `a/0` and `a/1`; the user's own
+    // items `a/0` (one child, `a/0/0`) and `a/1` (filtered) pass the same
+    // split while `a`'s children are still in `store`.
+    let (source, acks) = source(&[("a", 2), ("a/0", 1), ("a/1", 0)]);
+    let pipeline = Pipeline::builder(two_stages(ExecutionType::Thread))
+        .unwrap()
+        .source(source)
+        .sync_stage("split", blocking_split)
+        .split()
+        .async_stage("store", |item: WorkItem<u64>| async move {
+            let parent = item
+                .job_id()
+                .derived_from()
+                .map(|(p, i)| (p.to_string(), i));
+            if parent.as_ref().is_some_and(|(p, _)| p == "a") {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // `a`'s child 1 fails: only `a` may hear of it.
+            anyhow::ensure!(parent != Some(("a".into(), 1)), "store refused a's child 1");
+            Ok(item)
+        })
+        .build()
+        .unwrap();
+    let outcome = within(Duration::from_secs(30), pipeline.run_outcome()).await;
+    let mut ids: Vec<(String, bool)> = outcome
+        .results
+        .iter()
+        .map(|r| (r.job_id.to_string(), r.success))
+        .collect();
+    ids.sort();
+    let expected = [
+        ("a/0", true),
+        ("a/0/0", true),
+        ("a/1", false),
+        ("a/1", true),
+    ];
+    let expected: Vec<(String, bool)> = expected.iter().map(|(i, s)| (i.to_string(), *s)).collect();
+    assert_eq!(ids, expected, "one result per final item");
+    let filtered = outcome
+        .results
+        .iter()
+        .find(|r| r.job_id == JobId::from("a/1"))
+        .expect("the user's a/1 has its result");
+    assert_eq!(filtered.metadata.custom[FILTERED], true);
+    let acks = acks.lock().unwrap().clone();
+    assert_eq!(acks.len(), 3, "one ack per admitted item: {acks:?}");
+    let by_id: HashMap<String, &Ack> = acks.iter().map(|a| (a.job_id.to_string(), a)).collect();
+    assert_eq!(by_id.len(), 3, "each admitted item acked once: {acks:?}");
+    let a = by_id["a"];
+    assert!(!a.is_success(), "a's failed child fails a");
+    assert_eq!(a.failed.len(), 1);
+    assert_eq!(a.failed[0].derived_from(), Some((&JobId::from("a"), 1)));
+    assert!(by_id["a/0"].is_success(), "{:?}", by_id["a/0"]);
+    assert!(by_id["a/1"].is_success(), "{:?}", by_id["a/1"]);
+    let stats = pipeline.stats().await.unwrap();
+    assert_eq!(stats.admitted_items, 3);
+    assert_eq!(stats.completed_items, 3, "finished, `a` failed among them");
+    assert_eq!(stats.failed_items, 1);
+    assert_eq!(stats.derived_items_finished, 3);
+    assert_eq!(stats.stages[0].derived_live, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_with_one_id_that_split_with_tracking_off_are_each_acked() {
+    // Tracking off does not refuse duplicate ids: three items `x` split at
+    // once, the middle one with no children (filtered).
+    let (source, acks) = source(&[("x", 3), ("x", 0), ("x", 3)]);
+    let config = two_stages(ExecutionType::Thread).enable_tracking(false);
+    let pipeline = Pipeline::builder(config)
+        .unwrap()
+        .source(source)
+        .sync_stage("split", blocking_split)
+        .split()
+        .async_stage("store", |item: WorkItem<u64>| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(item)
+        })
+        .build()
+        .unwrap();
+    within(Duration::from_secs(30), pipeline.run_outcome()).await;
+    let acks = acks.lock().unwrap().clone();
+    assert_eq!(acks.len(), 3, "one ack per admitted item: {acks:?}");
+    assert!(
+        acks.iter()
+            .all(|a| a.job_id == JobId::from("x") && a.is_success())
+    );
+    let stats = pipeline.stats().await.unwrap();
+    assert_eq!(stats.admitted_items, 3);
+    assert_eq!(stats.completed_items, 3);
+    assert_eq!(stats.derived_items_finished, 6);
+    assert_eq!(stats.stages[0].derived_live, 0);
+}

@@ -295,7 +295,7 @@ impl<I: Send + 'static> BatcherState<I> {
             for batch in self.ready.drain(..n) {
                 self.held -= batch.items.len();
                 self.made += 1;
-                let id = JobId::from(format!("batch:{}:{}", self.name, self.made));
+                let id = JobId::batch(&self.name, self.made);
                 // Registered before the batch can fail.
                 let _ = self.tracker.cast(TrackerMsg::Batched {
                     batch: id.clone(),

@@ -235,6 +235,8 @@ impl<O: Send + 'static> SplitterState<O> {
     fn abort(&mut self) {
         self.aborting = true;
         let mut results: Vec<WorkItemResult> = Vec::new();
+        // Parents that made children: final nodes of their families.
+        let mut ended = Vec::new();
         let mut unbatched = Vec::new();
         for parent in std::mem::take(&mut self.parents) {
             match parent.draw {
@@ -248,6 +250,7 @@ impl<O: Send + 'static> SplitterState<O> {
                     }
                     unbatched.push(parent.id);
                 }
+                _ if parent.drawn > 0 => ended.push(self.cancelled(parent.id, parent.metadata)),
                 _ => results.push(self.cancelled(parent.id, parent.metadata)),
             }
         }
@@ -258,6 +261,9 @@ impl<O: Send + 'static> SplitterState<O> {
         }
         if !results.is_empty() {
             let _ = self.tracker.cast(TrackerMsg::Finished(results));
+        }
+        if !ended.is_empty() {
+            let _ = self.tracker.cast(TrackerMsg::Ended(ended));
         }
         for batch in unbatched {
             let _ = self.tracker.cast(TrackerMsg::Unbatched(batch));
@@ -481,6 +487,7 @@ impl<O: Send + 'static> SplitterState<O> {
                 parent: parent.id.clone(),
                 children: ids.clone(),
                 stage: self.stage,
+                first: first == 0,
             });
             let parent_id = serde_json::Value::String(parent.id.to_string());
             let finished_at = self.shared.config.enable_tracking.then(crate::clock::now);
@@ -516,7 +523,19 @@ impl<O: Send + 'static> SplitterState<O> {
                 parent.drawn
             );
             let error = ItemError::new(&*self.name, ItemErrorKind::Panicked, message);
-            finished.push(WorkItemResult::failed(parent.id, parent.metadata, error));
+            let result = WorkItemResult::failed(parent.id, parent.metadata, error);
+            if parent.drawn == 0 {
+                finished.push(result);
+            } else {
+                // A final node of its family, after its children's
+                // failures (same sender, in order).
+                if !finished.is_empty() {
+                    let _ = self
+                        .tracker
+                        .cast(TrackerMsg::Finished(std::mem::take(&mut finished)));
+                }
+                let _ = self.tracker.cast(TrackerMsg::Ended(vec![result]));
+            }
         } else if ended {
             let parent = self.parents.pop_front().expect("looked up above");
             if parent.drawn == 0 {

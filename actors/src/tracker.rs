@@ -57,12 +57,19 @@ pub(crate) enum TrackerMsg {
     /// From any actor: an event every subscriber must get.
     Event(PipelineEvent),
     /// From a splitter (the split of stage `stage`), before it sends them
-    /// on: `parent` made these children (more may follow).
+    /// on: `parent` made these children (more may follow; `first` on the
+    /// first of them).
     Derived {
         parent: JobId,
         children: Vec<JobId>,
         stage: u16,
+        first: bool,
     },
+    /// From a splitter: the own results of parents that made children
+    /// (their split panicked, or they were cancelled), final nodes of
+    /// their families. (A parent with no children sends its result in
+    /// `Finished`: it is an item of its own.)
+    Ended(Vec<WorkItemResult>),
     /// From a splitter, after its last `Derived` for `parent`: the split
     /// ended with at least one child, so `parent` is no item any more (a
     /// split with none sends the parent's own, filtered, result instead).
@@ -205,7 +212,9 @@ impl Actor for Tracker {
                 parent,
                 children,
                 stage,
-            } => state.lineage.derived(&parent, children, stage),
+                first,
+            } => state.lineage.derived(&parent, children, stage, first),
+            TrackerMsg::Ended(results) => state.record(results, Origin::Parent).await,
             TrackerMsg::Batched { batch, members } => {
                 state.batches.insert(batch, members);
             }
@@ -248,15 +257,21 @@ struct Roots {
 }
 
 impl Roots {
-    /// An admitted item whose descendants are all finished.
+    /// An admitted item whose descendants are all finished (each of the
+    /// items with its id that split at once, tracking off).
     fn family(&mut self, tally: &mut Tally, tracking: bool, acks: bool, family: Combined) {
-        self.n += 1;
-        tally.count(family.error.as_ref());
-        if tracking {
-            self.ids.push(family.root.clone());
+        let roots = family.roots as usize;
+        self.n += roots;
+        for _ in 0..roots {
+            tally.count(family.error.as_ref());
         }
-        if acks {
-            self.acks.push(Ack::combined(family));
+        if tracking {
+            self.ids
+                .extend(std::iter::repeat_n(family.root.clone(), roots));
+        }
+        if acks && roots > 0 {
+            let ack = Ack::combined(family);
+            self.acks.extend(std::iter::repeat_n(ack, roots));
         }
     }
 }
@@ -266,6 +281,8 @@ impl Roots {
 enum Origin {
     /// Items that went into the pipeline (or were given up in it).
     Stage,
+    /// The own results of parents that made children (`Ended`).
+    Parent,
     /// Duplicates the source refused at the door.
     Refused,
 }
@@ -285,6 +302,7 @@ impl TrackerState {
             for result in &results {
                 let (made_by, settled) = match origin {
                     Origin::Stage => self.lineage.finished(result),
+                    Origin::Parent => self.lineage.ended(result),
                     // A refused duplicate was never an item of the pipeline.
                     Origin::Refused => (None, Settled::Plain),
                 };
@@ -296,10 +314,10 @@ impl TrackerState {
                     Settled::Plain => {
                         roots.n += 1;
                         tally.count(result.error.as_ref());
-                        if tracking && origin == Origin::Stage {
+                        if tracking && origin != Origin::Refused {
                             roots.ids.push(result.job_id.clone());
                         }
-                        if self.acks && origin == Origin::Stage {
+                        if self.acks && origin != Origin::Refused {
                             roots.acks.push(Ack::of(result));
                         }
                     }
