@@ -427,9 +427,11 @@ async fn user_ids_spelled_like_derived_ids_are_accounted_apart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn items_with_one_id_that_split_with_tracking_off_are_each_acked() {
     // Tracking off does not refuse duplicate ids: three items `x` split at
-    // once, the middle one with no children (filtered).
+    // once, the middle one with no children (filtered) while the first's
+    // children are open (one worker: they reach the split in order).
     let (source, acks) = source(&[("x", 3), ("x", 0), ("x", 3)]);
-    let config = two_stages(ExecutionType::Thread).enable_tracking(false);
+    let mut config = two_stages(ExecutionType::Thread).enable_tracking(false);
+    config.stages[0].workers = 1;
     let pipeline = Pipeline::builder(config)
         .unwrap()
         .source(source)
