@@ -235,14 +235,29 @@ impl Lineage {
     /// The admitted item `root` will get no more outcomes (its stages were
     /// killed): its family, if it has one, ends now, its open nodes
     /// cancelled.
+    ///
+    /// Its open nodes stay in the map of derived items until [`clear`](Self::clear).
     pub(crate) fn lost(&mut self, root: &JobId, message: &str, stage: &str) -> Option<Combined> {
         let mut family = self.families.remove(root)?;
-        self.derived.retain(|_, node| &node.root != root);
         let error = ItemError::new(stage, ItemErrorKind::Cancelled, message);
         family.failed_count += family.open;
         family.finals += family.open;
         family.first_error.get_or_insert(error);
         Some(family.close(root.clone()))
+    }
+
+    /// Forgets every open node and family, once the stages that held them
+    /// were killed (after [`lost`](Self::lost) for each admitted item left,
+    /// when their ids are known), so that nothing is kept for items that
+    /// will never finish. Returns how many open derived nodes each stage's
+    /// split had made, for their budgets.
+    pub(crate) fn clear(&mut self) -> FxHashMap<u16, usize> {
+        let mut made: FxHashMap<u16, usize> = FxHashMap::default();
+        for (_, node) in self.derived.drain() {
+            *made.entry(node.stage).or_default() += node.copies as usize;
+        }
+        self.families.clear();
+        made
     }
 
     /// Open derived nodes (for tests and the final check).
@@ -387,5 +402,29 @@ mod tests {
             panic!("the last node finishes the family")
         };
         assert_eq!(c.failed, vec![root]);
+    }
+
+    #[test]
+    fn a_lost_family_and_its_open_nodes_are_forgotten() {
+        let mut l = Lineage::default();
+        let root = JobId::from("r");
+        let child = crate::shape::derived_id(&root, 0);
+        let grandchildren: Vec<JobId> = (0..2)
+            .map(|i| crate::shape::derived_id(&child, i))
+            .collect();
+        l.derived(&root, vec![child.clone()], 0, true);
+        l.derived(&child, grandchildren, 2, true);
+        assert!(matches!(l.retired(&root), (None, Settled::Open)));
+        let c = l.lost(&root, "killed", "s").expect("r has a family");
+        assert_eq!(c.roots, 1);
+        assert!(c.error.unwrap().message.starts_with("3 of 3 items"));
+        let made = l.clear();
+        assert_eq!(
+            (made[&0], made[&2]),
+            (1, 2),
+            "each split's budget is given back"
+        );
+        assert_eq!(l.live(), 0);
+        assert!(l.families.is_empty());
     }
 }

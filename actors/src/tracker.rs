@@ -206,6 +206,7 @@ impl Actor for Tracker {
                     drop(tally);
                     state.settle(roots);
                 }
+                state.forget_the_dead();
                 state.swept = true;
             }
             TrackerMsg::Derived {
@@ -400,6 +401,22 @@ impl TrackerState {
             }
         }
         out
+    }
+
+    /// After `Lost`: the actors that held items were killed, so no result
+    /// will come for what the ledger, the batches and the kept inputs still
+    /// hold. They are dropped (the splits' budgets of live children given
+    /// back), rather than kept until the tracker stops.
+    fn forget_the_dead(&mut self) {
+        for (stage, n) in self.lineage.clear() {
+            self.shared.gauges[stage as usize]
+                .derived_live
+                .fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+        }
+        self.batches.clear();
+        for (job_id, input) in self.inputs.drain() {
+            crate::contain::drop_logged(input, || format!("the kept input of item {job_id}"));
+        }
     }
 
     /// A derived item left the budget of the split that made it.
