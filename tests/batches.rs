@@ -483,3 +483,40 @@ async fn user_ids_spelled_like_batch_ids_are_items_of_their_own() {
     assert_eq!(stats.completed_items, 6);
     assert_eq!(stats.failed_items, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stages_stats_count_items_and_its_batches_apart() {
+    // 30 items in batches of 10: item 3 fails alone, the batch of 15
+    // fails whole.
+    let pipeline = Pipeline::builder(batch_config(10, Duration::from_secs(10)))
+        .unwrap()
+        .source(sources::iter(0..30u64))
+        .async_batch_stage("insert", |batch: Batch<u64>| async move {
+            anyhow::ensure!(batch.items().iter().all(|i| i.data != 15), "deadlock");
+            Ok(batch
+                .into_items()
+                .into_iter()
+                .map(|i| {
+                    anyhow::ensure!(i.data != 3, "bad row");
+                    Ok(i.data)
+                })
+                .collect())
+        })
+        .build()
+        .unwrap();
+    within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    let stats = pipeline.stats().await.unwrap();
+    let insert = stats.stage("insert").unwrap();
+    assert_eq!(insert.admitted, 30, "items in");
+    assert_eq!(insert.processed, 19, "items done");
+    assert_eq!(insert.failed, 11, "one alone, ten with their batch");
+    let batches = insert.batches.expect("a batch stage counts its batches");
+    assert_eq!(
+        (batches.admitted, batches.processed, batches.failed),
+        (3, 2, 1)
+    );
+    assert_eq!(stats.completed_items, 30);
+    assert_eq!(stats.failed_items, 11);
+}

@@ -213,6 +213,13 @@ impl<O: Send + 'static> SplitterState<O> {
                 continue;
             }
             let Children(draw) = data.into_children();
+            if let Draw::Members(members) = &draw {
+                // A batch's outcomes: its items are done in the batch stage.
+                let failed = members.as_slice().iter().filter(|m| m.2.is_err()).count();
+                let gauges = &self.shared.gauges[self.index];
+                gauges.count_batch_items(|b| &b.processed, (members.len() - failed) as u64);
+                gauges.count_batch_items(|b| &b.failed, failed as u64);
+            }
             self.parents.push_back(Parent {
                 id,
                 metadata,

@@ -79,6 +79,8 @@ pub(crate) enum TrackerMsg {
     /// theirs.
     Batched {
         batch: JobId,
+        /// The batch stage.
+        stage: u16,
         members: Vec<(JobId, WorkItemMetadata)>,
     },
     /// From the splitter after a batch stage: the batch's items went on
@@ -121,8 +123,8 @@ pub(crate) struct TrackerState {
     results: Vec<WorkItemResult>,
     /// Which admitted item each split's child descends from.
     lineage: Lineage,
-    /// The items of each batch in a batch stage.
-    batches: FxHashMap<JobId, Vec<(JobId, WorkItemMetadata)>>,
+    /// The items of each batch in a batch stage (and the stage).
+    batches: FxHashMap<JobId, (u16, Vec<(JobId, WorkItemMetadata)>)>,
     input_closed: bool,
     /// Items the stages will never report were given up (`Lost`).
     swept: bool,
@@ -216,8 +218,12 @@ impl Actor for Tracker {
                 first,
             } => state.lineage.derived(&parent, children, stage, first),
             TrackerMsg::Ended(results) => state.record(results, Origin::Parent).await,
-            TrackerMsg::Batched { batch, members } => {
-                state.batches.insert(batch, members);
+            TrackerMsg::Batched {
+                batch,
+                stage,
+                members,
+            } => {
+                state.batches.insert(batch, (stage, members));
             }
             TrackerMsg::Unbatched(batch) => {
                 state.batches.remove(&batch);
@@ -377,10 +383,20 @@ impl TrackerState {
     fn unbatch(&mut self, results: Vec<WorkItemResult>) -> Vec<WorkItemResult> {
         let mut out = Vec::with_capacity(results.len());
         for result in results {
-            let Some(members) = self.batches.remove(&result.job_id) else {
+            let Some((stage, members)) = self.batches.remove(&result.job_id) else {
                 out.push(result);
                 continue;
             };
+            // Its items failed in the batch stage (as the stage counts its
+            // batches: a cancelled one is no failure of the stage's).
+            if result
+                .error
+                .as_ref()
+                .is_some_and(|e| e.kind != ItemErrorKind::Cancelled)
+            {
+                self.shared.gauges[stage as usize]
+                    .count_batch_items(|b| &b.failed, members.len() as u64);
+            }
             if let Some(input) = self.inputs.remove(&result.job_id) {
                 crate::contain::drop_logged(input, || {
                     format!("the kept input of batch {}", result.job_id)
