@@ -12,8 +12,9 @@
 //! - **Sends**: `Demand` to its stage, `Items` (children) to the next stage,
 //!   never more than it asked for, and to the tracker: `Derived` (the ids
 //!   of children, before they leave), `Retired` (a parent whose split
-//!   ended), results (filtered parents, children that failed, the children
-//!   themselves when its stage is the last).
+//!   ended), `Ended` (the own result of a parent that made children: its
+//!   draw panicked, or an abort), results (filtered parents, children that
+//!   failed, the children themselves when its stage is the last).
 //! - **Supervised by**: the root (spawned linked to it, before its stage,
 //!   which sends into it); stopped with the other children at the end.
 //! - **Invariants** (after every message): one draw at a time, from the
