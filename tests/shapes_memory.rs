@@ -12,7 +12,7 @@
 //! batches of 500 plus its batcher's 4 x 500, 4,000 children.
 //!
 //! The test asserts that the peak at 1,000,000 children is within
-//! [`GROWTH_KIB`] of the peak at 10,000 (which already fills the budget),
+//! [`GROWTH_KIB`] (24 MiB) of the peak at 10,000 (which already fills the budget),
 //! and below [`ABSOLUTE_KIB`]. Drawing children without the budget (the
 //! splitter ignoring its credit) holds them all: hundreds of MiB.
 //!
@@ -33,14 +33,16 @@ const BATCH: usize = 500;
 const SMALL: u64 = 10_000;
 /// The fan-out of the bound's claim.
 const LARGE: u64 = 1_000_000;
-/// What 990,000 more children may add to the peak: allocator slack, not
-/// the children (each live child costs some hundred bytes: 990,000 of them
-/// held would be about 100 MiB).
-const GROWTH_KIB: u64 = 8 * 1024;
+/// What 990,000 more children may add to the peak: the allocator's heap
+/// reaching its steady state (a debug build measured 4 to 13 MiB more,
+/// flat from 1,000,000 to 3,000,000), not the children (each live child
+/// costs some hundred bytes: 990,000 of them held would be about 100 MiB;
+/// the splitter drawing without its budget reached 1.2 GiB).
+const GROWTH_KIB: u64 = 24 * 1024;
 /// The peak RSS of the 1,000,000-child run, at most. A debug build
-/// measured 21.6 MiB at 10,000 children and 25.6 MiB at 1,000,000 (each
-/// run prints its figure); with the splitter drawing without its budget,
-/// 1.2 GiB at 1,000,000.
+/// measured 17-22 MiB at 10,000 children, 26-29 MiB at 1,000,000 and
+/// 28-29.5 MiB at 2,000,000 and 3,000,000 (each run prints its figure);
+/// with the splitter drawing without its budget, 1.2 GiB at 1,000,000.
 const ABSOLUTE_KIB: u64 = 48 * 1024;
 /// A child run that takes longer has hung.
 const CHILD_LIMIT: Duration = Duration::from_secs(120);
