@@ -122,7 +122,7 @@ pub use bergtalzug_actors::item::{
 #[doc(inline)]
 pub use bergtalzug_actors::source::{Ack, AckFuture, Acknowledger, Refill, Source};
 #[doc(inline)]
-pub use bergtalzug_actors::stats::{PipelineStats, StageStats};
+pub use bergtalzug_actors::stats::{BatchCounts, PipelineStats, StageStats};
 #[doc(inline)]
 pub use bergtalzug_actors::{
     BuildError, HasInput, InputGiven, NeedsInput, NoInput, Pipeline, PipelineBuilder, RunOutcome,

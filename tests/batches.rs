@@ -440,3 +440,83 @@ fn a_batch_stage_bound_one_item_at_a_time_is_a_build_error_naming_it() {
         .unwrap_err();
     assert!(error.to_string().contains("no batch_size"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_ids_spelled_like_batch_ids_are_items_of_their_own() {
+    // The batches of `insert` are shown `batch:insert:<n>`: users' items
+    // with those ids are not taken for them, failed or not.
+    let ids = ["batch:insert:1", "batch:insert:2", "r0", "r1", "r2", "r3"];
+    let items: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| WorkItem::with_job_id(*id, n as u64))
+        .collect();
+    let pipeline = Pipeline::builder(batch_config(3, Duration::from_millis(20)))
+        .unwrap()
+        .source(sources::items(items))
+        .async_batch_stage("insert", |batch: Batch<u64>| async move {
+            // The second batch (r1..r3) fails whole.
+            anyhow::ensure!(batch.items().iter().all(|i| i.data < 3), "lock timeout");
+            Ok(batch.into_items().into_iter().map(|i| Ok(i.data)).collect())
+        })
+        .build()
+        .unwrap();
+    let results = within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    assert_unique_ids(&results);
+    let mut got: Vec<(String, bool)> = results
+        .iter()
+        .map(|r| (r.job_id.to_string(), r.success))
+        .collect();
+    got.sort();
+    let expected: Vec<(String, bool)> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| (id.to_string(), n < 3))
+        .collect();
+    let mut expected = expected;
+    expected.sort();
+    assert_eq!(got, expected, "one result per item, none per batch");
+    let stats = pipeline.stats().await.unwrap();
+    assert_eq!(stats.admitted_items, 6);
+    assert_eq!(stats.completed_items, 6);
+    assert_eq!(stats.failed_items, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stages_stats_count_items_and_its_batches_apart() {
+    // 30 items in batches of 10: item 3 fails alone, the batch of 15
+    // fails whole.
+    let pipeline = Pipeline::builder(batch_config(10, Duration::from_secs(10)))
+        .unwrap()
+        .source(sources::iter(0..30u64))
+        .async_batch_stage("insert", |batch: Batch<u64>| async move {
+            anyhow::ensure!(batch.items().iter().all(|i| i.data != 15), "deadlock");
+            Ok(batch
+                .into_items()
+                .into_iter()
+                .map(|i| {
+                    anyhow::ensure!(i.data != 3, "bad row");
+                    Ok(i.data)
+                })
+                .collect())
+        })
+        .build()
+        .unwrap();
+    within(Duration::from_secs(30), pipeline.run())
+        .await
+        .unwrap();
+    let stats = pipeline.stats().await.unwrap();
+    let insert = stats.stage("insert").unwrap();
+    assert_eq!(insert.admitted, 30, "items in");
+    assert_eq!(insert.processed, 19, "items done");
+    assert_eq!(insert.failed, 11, "one alone, ten with their batch");
+    let batches = insert.batches.expect("a batch stage counts its batches");
+    assert_eq!(
+        (batches.admitted, batches.processed, batches.failed),
+        (3, 2, 1)
+    );
+    assert_eq!(stats.completed_items, 30);
+    assert_eq!(stats.failed_items, 11);
+}

@@ -616,13 +616,14 @@ async fn a_killed_stage_with_tracking_off_counts_what_it_lost() {
     sup.stop(None);
 }
 
-/// A stage's splitter and batcher hold items too: when one of them dies,
-/// the pipeline fails naming it, and every admitted item still ends once
-/// (no hang waiting for what the dead actor held).
+/// A stage's splitter and batcher hold items too: when one of them (or
+/// the batch stage) dies, the pipeline fails naming it, every admitted item
+/// still ends once (no hang waiting for what the dead actor held), and the
+/// children it held are no longer counted live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_splitter_or_batcher_fails_the_run_and_every_item_ends() {
     use bergtalzug::shape::{Batch, Children};
-    for victim in ["splitter", "batcher"] {
+    for victim in ["splitter", "batcher", "batch stage"] {
         let (sup, _seen) = supervisor().await;
         let pipeline = Pipeline::builder(config(
             "companions",
@@ -665,20 +666,24 @@ async fn a_dead_splitter_or_batcher_fails_the_run_and_every_item_ends() {
         assert!(store + 2 < split, "a batcher and a splitter between them");
         match victim {
             "batcher" => children[store + 1].kill(),
+            "batch stage" => children[store].kill(),
             _ => children[split - 1].kill(),
         }
         let outcome = within(Duration::from_secs(10), pipeline.run_outcome()).await;
         let err = outcome.error.expect("the run fails");
-        assert!(
-            err.to_string().contains("splitter or batcher of stage"),
-            "{victim}: {err}"
-        );
+        let named = match victim {
+            "batch stage" => "stage store",
+            _ => "splitter or batcher of stage",
+        };
+        assert!(err.to_string().contains(named), "{victim}: {err}");
         let stats = pipeline.stats().await.unwrap();
         assert_eq!(stats.active_items, 0, "{victim}: {err}");
         assert_eq!(
             stats.completed_items, stats.admitted_items,
             "{victim}: {err}"
         );
+        // The children the dead actors held are no longer counted live.
+        assert_eq!(stats.stages[0].derived_live, 0, "{victim}: {err}");
         sup.stop(None);
     }
 }

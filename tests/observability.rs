@@ -236,6 +236,7 @@ async fn stats_json_has_exactly_the_documented_shape() {
         "stuck_threads",
         "derived",
         "derived_live",
+        "batches",
         "average_duration",
         "p50_duration",
         "p90_duration",

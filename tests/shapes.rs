@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bergtalzug::Ack;
 use bergtalzug::prelude::*;
-use bergtalzug::shape::{Children, FILTERED, PARENT_ID};
+use bergtalzug::shape::{Batch, Children, FILTERED, PARENT_ID};
 
 mod common;
 use common::*;
@@ -303,4 +303,156 @@ async fn a_split_never_holds_more_children_than_the_room_after_it() {
     let room = 8 + 2;
     let peak = peak.load(Ordering::SeqCst);
     assert!(peak <= room, "{peak} children alive at once, room {room}");
+}
+
+#[test]
+fn a_policy_given_before_split_is_a_build_error_naming_the_stage() {
+    let keyed = Pipeline::builder(two_stages(ExecutionType::Thread))
+        .unwrap()
+        .source(sources::iter([3u64]))
+        .sync_stage("split", blocking_split)
+        .keyed_by("store", |item: &WorkItem<Children<u64>>| {
+            item.job_id().to_string()
+        })
+        .split()
+        .async_stage("store", |item: WorkItem<u64>| async move { Ok(item) })
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        keyed,
+        BuildError::PolicyBeforeSplit {
+            stage: "store".into(),
+            method: "keyed_by"
+        }
+    );
+    assert!(keyed.to_string().contains("after `.split()`"), "{keyed}");
+
+    let batched = PipelineConfig::new(
+        "b",
+        vec![
+            StageConfig::new("split", ExecutionType::Thread),
+            StageConfig::new("write", ExecutionType::Async).batch(10, Duration::from_millis(5)),
+        ],
+    );
+    let batched = Pipeline::builder(batched)
+        .unwrap()
+        .source(sources::iter([3u64]))
+        .sync_stage("split", blocking_split)
+        .batch_by("write", |_: &WorkItem<Children<u64>>| 0)
+        .split()
+        .async_batch_stage("write", |batch: Batch<u64>| async move {
+            Ok(batch.into_items().into_iter().map(|i| Ok(i.data)).collect())
+        })
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&batched, BuildError::PolicyBeforeSplit { stage, method: "batch_by" } if stage == "write"),
+        "{batched}"
+    );
+
+    // After the split, over the children, it is where it belongs.
+    Pipeline::builder(two_stages(ExecutionType::Thread))
+        .unwrap()
+        .source(sources::iter([3u64]))
+        .sync_stage("split", blocking_split)
+        .split()
+        .keyed_by("store", |item: &WorkItem<u64>| item.data % 2)
+        .async_stage("store", |item: WorkItem<u64>| async move { Ok(item) })
+        .build()
+        .expect("keyed_by after .split() builds");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_ids_spelled_like_derived_ids_are_accounted_apart() {
+    // `a` splits into two children, shown `a/0` and `a/1`; the user's own
+    // items `a/0` (one child, `a/0/0`) and `a/1` (filtered) pass the same
+    // split while `a`'s children are still in `store`.
+    let (source, acks) = source(&[("a", 2), ("a/0", 1), ("a/1", 0)]);
+    let pipeline = Pipeline::builder(two_stages(ExecutionType::Thread))
+        .unwrap()
+        .source(source)
+        .sync_stage("split", blocking_split)
+        .split()
+        .async_stage("store", |item: WorkItem<u64>| async move {
+            let of_a = item.metadata().custom[PARENT_ID] == "a";
+            if of_a {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // `a`'s child 1 (its data is its index) fails: only `a` may
+            // hear of it.
+            anyhow::ensure!(!(of_a && item.data == 1), "store refused a's child 1");
+            Ok(item)
+        })
+        .build()
+        .unwrap();
+    let outcome = within(Duration::from_secs(30), pipeline.run_outcome()).await;
+    let mut ids: Vec<(String, bool)> = outcome
+        .results
+        .iter()
+        .map(|r| (r.job_id.to_string(), r.success))
+        .collect();
+    ids.sort();
+    let expected = [
+        ("a/0", true),
+        ("a/0/0", true),
+        ("a/1", false),
+        ("a/1", true),
+    ];
+    let expected: Vec<(String, bool)> = expected.iter().map(|(i, s)| (i.to_string(), *s)).collect();
+    assert_eq!(ids, expected, "one result per final item");
+    let filtered = outcome
+        .results
+        .iter()
+        .find(|r| r.job_id == JobId::from("a/1"))
+        .expect("the user's a/1 has its result");
+    assert_eq!(filtered.metadata.custom[FILTERED], true);
+    let acks = acks.lock().unwrap().clone();
+    assert_eq!(acks.len(), 3, "one ack per admitted item: {acks:?}");
+    let by_id: HashMap<String, &Ack> = acks.iter().map(|a| (a.job_id.to_string(), a)).collect();
+    assert_eq!(by_id.len(), 3, "each admitted item acked once: {acks:?}");
+    let a = by_id["a"];
+    assert!(!a.is_success(), "a's failed child fails a");
+    assert_eq!(a.failed.len(), 1);
+    assert_eq!(a.failed[0].to_string(), "a/1");
+    assert!(by_id["a/0"].is_success(), "{:?}", by_id["a/0"]);
+    assert!(by_id["a/1"].is_success(), "{:?}", by_id["a/1"]);
+    let stats = pipeline.stats().await.unwrap();
+    assert_eq!(stats.admitted_items, 3);
+    assert_eq!(stats.completed_items, 3, "finished, `a` failed among them");
+    assert_eq!(stats.failed_items, 1);
+    assert_eq!(stats.derived_items_finished, 3);
+    assert_eq!(stats.stages[0].derived_live, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_with_one_id_that_split_with_tracking_off_are_each_acked() {
+    // Tracking off does not refuse duplicate ids: three items `x` split at
+    // once, the middle one with no children (filtered) while the first's
+    // children are open (one worker: they reach the split in order).
+    let (source, acks) = source(&[("x", 3), ("x", 0), ("x", 3)]);
+    let mut config = two_stages(ExecutionType::Thread).enable_tracking(false);
+    config.stages[0].workers = 1;
+    let pipeline = Pipeline::builder(config)
+        .unwrap()
+        .source(source)
+        .sync_stage("split", blocking_split)
+        .split()
+        .async_stage("store", |item: WorkItem<u64>| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(item)
+        })
+        .build()
+        .unwrap();
+    within(Duration::from_secs(30), pipeline.run_outcome()).await;
+    let acks = acks.lock().unwrap().clone();
+    assert_eq!(acks.len(), 3, "one ack per admitted item: {acks:?}");
+    assert!(
+        acks.iter()
+            .all(|a| a.job_id == JobId::from("x") && a.is_success())
+    );
+    let stats = pipeline.stats().await.unwrap();
+    assert_eq!(stats.admitted_items, 3);
+    assert_eq!(stats.completed_items, 3);
+    assert_eq!(stats.derived_items_finished, 6);
+    assert_eq!(stats.stages[0].derived_live, 0);
 }

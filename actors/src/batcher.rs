@@ -102,6 +102,8 @@ struct Filling<I> {
 }
 
 pub(crate) struct BatcherState<I> {
+    shared: Arc<Shared>,
+    index: usize,
     name: Arc<str>,
     tracker: ActorRef<TrackerMsg>,
     stage: Arc<dyn Outlet<Batch<I>>>,
@@ -152,6 +154,8 @@ impl<I: Send + 'static> Actor for Batcher<I> {
         });
         Ok(BatcherState {
             name: args.shared.names[args.index].clone(),
+            shared: args.shared.clone(),
+            index: args.index,
             tracker: args.tracker,
             stage: args.stage,
             key: args.key,
@@ -194,6 +198,7 @@ impl<I: Send + 'static> Actor for Batcher<I> {
 
 impl<I: Send + 'static> BatcherState<I> {
     fn receive(&mut self, items: Vec<WorkItem<I>>) {
+        self.shared.gauges[self.index].count_batch_items(|b| &b.admitted, items.len() as u64);
         if self.aborting {
             let results = items.into_iter().map(|i| self.cancelled(i)).collect();
             let _ = self.tracker.cast(TrackerMsg::Finished(results));
@@ -295,10 +300,11 @@ impl<I: Send + 'static> BatcherState<I> {
             for batch in self.ready.drain(..n) {
                 self.held -= batch.items.len();
                 self.made += 1;
-                let id = JobId::from(format!("batch:{}:{}", self.name, self.made));
+                let id = JobId::batch(&self.name, self.made);
                 // Registered before the batch can fail.
                 let _ = self.tracker.cast(TrackerMsg::Batched {
                     batch: id.clone(),
+                    stage: self.index as u16,
                     members: batch.members(),
                 });
                 batches.push(WorkItem::with_job_id(id, batch));

@@ -262,6 +262,19 @@ pub enum BuildError {
         /// The pipeline.
         pipeline: String,
     },
+    /// `keyed_by`, `cost_by` or `batch_by` was called between a stage and
+    /// the `.split()` of its output: it would see the unsplit items, and the
+    /// split makes items of another type, so it cannot apply to the stage
+    /// after.
+    #[error(
+        "`.{method}(\"{stage}\", ..)` comes before `.split()`, over the items being split: call it after `.split()`, just before stage `{stage}` is bound"
+    )]
+    PolicyBeforeSplit {
+        /// The stage named (the one after the split).
+        stage: String,
+        /// `keyed_by`, `cost_by` or `batch_by`.
+        method: &'static str,
+    },
     /// A stage whose config has a `batch_size` was bound with a method that
     /// takes one item at a time, or a stage without one with a batch method.
     #[error("stage `{stage}`: {hint}")]
@@ -1241,6 +1254,14 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
     /// once, when all its descendants are finished. See
     /// [`crate::shape`] and `docs/shapes.md`.
     ///
+    /// # Errors
+    ///
+    /// [`build`](Self::build) fails with [`BuildError::SplitWithoutStage`]
+    /// when no stage is bound before it, and with
+    /// [`BuildError::PolicyBeforeSplit`] when `keyed_by`, `cost_by` or
+    /// `batch_by` for the next stage comes between the stage and its
+    /// `.split()` (it belongs after the split: it is over the children).
+    ///
     /// ```
     /// use bergtalzug::prelude::*;
     /// use bergtalzug::shape::Children;
@@ -1274,6 +1295,20 @@ impl<T: Send + 'static, C: Send + 'static> PipelineBuilder<T, C> {
     where
         C: IntoChildren,
     {
+        // A policy given for the next stage is over the items being split:
+        // it cannot carry over to the children's type.
+        let given = [
+            (self.next.key.is_some(), "keyed_by"),
+            (self.next.cost.is_some(), "cost_by"),
+            (self.batch_key.is_some(), "batch_by"),
+        ];
+        if let Some(&(_, method)) = given.iter().find(|(set, _)| *set) {
+            let stage = &self.config.stages[self.handlers.len()].name;
+            self.error.get_or_insert(BuildError::PolicyBeforeSplit {
+                stage: stage.clone(),
+                method,
+            });
+        }
         match self.handlers.pop() {
             Some(last) => self.handlers.push(last.split::<C, C::Child>()),
             None => {

@@ -25,8 +25,27 @@ use uuid::Uuid;
 
 /// An item's identity: a random uuid v4 by default, or any string.
 ///
-/// Cheap to clone (a `u128` or a shared string). A string that spells a uuid
-/// is the same id as that uuid.
+/// Cheap to clone (a `u128` or a shared pointer). A string that spells a
+/// uuid is the same id as that uuid.
+///
+/// The pipeline makes ids of its own, which no id a user chooses can
+/// equal: a split's child is its parent's id and its index
+/// ([`derived_id`](crate::shape::derived_id), shown `<parent>/<index>`),
+/// and a batch of a batch stage is its stage's name and number (shown
+/// `batch:<stage>:<n>`). They print as those strings but are never equal
+/// to a string id spelled the same, so a user id such as `"file-3/17"`
+/// lives beside the child 17 of `file-3` without being taken for it. Read
+/// back from text (serde, `From<&str>`), such an id is a plain string id.
+///
+/// ```
+/// use bergtalzug_actors::item::JobId;
+/// use bergtalzug_actors::shape::derived_id;
+///
+/// let child = derived_id(&JobId::from("file-3"), 17);
+/// assert_eq!(child.to_string(), "file-3/17");
+/// assert_ne!(child, JobId::from("file-3/17"), "a user's id is another id");
+/// assert_eq!(child.derived_from(), Some((&JobId::from("file-3"), 17)));
+/// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct JobId(Repr);
 
@@ -34,6 +53,10 @@ pub struct JobId(Repr);
 enum Repr {
     Uuid(Uuid),
     Name(Arc<str>),
+    /// A split's child: its parent's id and its index.
+    Derived(Arc<(JobId, u64)>),
+    /// A batch: its stage's name and its number there.
+    Batch(Arc<(Arc<str>, u64)>),
 }
 
 impl JobId {
@@ -46,8 +69,27 @@ impl JobId {
     pub fn as_uuid(&self) -> Option<Uuid> {
         match &self.0 {
             Repr::Uuid(u) => Some(*u),
-            Repr::Name(_) => None,
+            Repr::Name(_) | Repr::Derived(_) | Repr::Batch(_) => None,
         }
+    }
+
+    /// The parent's id and this child's index, when a split made this id
+    /// ([`derived_id`](crate::shape::derived_id)).
+    pub fn derived_from(&self) -> Option<(&JobId, u64)> {
+        match &self.0 {
+            Repr::Derived(d) => Some((&d.0, d.1)),
+            Repr::Uuid(_) | Repr::Name(_) | Repr::Batch(_) => None,
+        }
+    }
+
+    /// The id of the `index`th child of `parent`.
+    pub(crate) fn derived(parent: &JobId, index: u64) -> JobId {
+        JobId(Repr::Derived(Arc::new((parent.clone(), index))))
+    }
+
+    /// The id of the `n`th batch a batcher of stage `stage` made.
+    pub(crate) fn batch(stage: &Arc<str>, n: u64) -> JobId {
+        JobId(Repr::Batch(Arc::new((stage.clone(), n))))
     }
 }
 
@@ -86,6 +128,8 @@ impl fmt::Display for JobId {
         match &self.0 {
             Repr::Uuid(u) => fmt::Display::fmt(u, f),
             Repr::Name(n) => f.write_str(n),
+            Repr::Derived(d) => write!(f, "{}/{}", d.0, d.1),
+            Repr::Batch(b) => write!(f, "batch:{}:{}", b.0, b.1),
         }
     }
 }

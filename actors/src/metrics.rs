@@ -208,9 +208,11 @@ impl Metrics {
         self.source_errors.absolute(source_errors);
         self.active.set(admitted.saturating_sub(finished) as f64);
         for (m, g) in self.stages.iter().zip(gauges) {
-            m.admitted.absolute(g.admitted.load(Ordering::Relaxed));
-            m.completed.absolute(g.processed.load(Ordering::Relaxed));
-            m.failed.absolute(g.failed.load(Ordering::Relaxed));
+            // A batch stage's items, not its batches.
+            let items = g.items();
+            m.admitted.absolute(items.admitted);
+            m.completed.absolute(items.processed);
+            m.failed.absolute(items.failed);
             m.retried.absolute(g.retried.load(Ordering::Relaxed));
             m.stalled.absolute(g.stalled.load(Ordering::Relaxed));
             let gauge = |n: &std::sync::atomic::AtomicUsize| {

@@ -4,9 +4,11 @@
 //! followed by [`PipelineBuilder::split`](crate::PipelineBuilder::split)
 //! turns each item into 0..n items of type `O`, its *children*:
 //!
-//! - each child's job id is derived from its parent's: `<parent>/<index>`,
-//!   index from 0 in the order the children come ([`derived_id`]), so the
-//!   same input split the same way gets the same ids on every run;
+//! - each child's job id is derived from its parent's: shown
+//!   `<parent>/<index>`, index from 0 in the order the children come
+//!   ([`derived_id`]), so the same input split the same way gets the same
+//!   ids on every run; it never equals an id a user chose (even one
+//!   spelled the same), so ids containing `/` are safe;
 //! - each child carries its parent's metadata (`custom` included), with the
 //!   parent's id under [`PARENT_ID`] in `custom`;
 //! - no child at all means the item was *filtered*: it ends as a success,
@@ -48,16 +50,24 @@ pub const PARENT_ID: &str = "parent_id";
 /// (value `true`): a split that gave it no children.
 pub const FILTERED: &str = "filtered";
 
-/// The job id of the `index`th child (from 0) of `parent`: `<parent>/<index>`.
+/// The job id of the `index`th child (from 0) of `parent`, shown
+/// `<parent>/<index>`.
+///
+/// It is the parent's id and the index, not a string: it equals only
+/// another child `index` of the same parent, never an id a user chose,
+/// even one spelled the same (see [`JobId`]).
 ///
 /// ```
 /// use bergtalzug_actors::item::JobId;
 /// use bergtalzug_actors::shape::derived_id;
 ///
-/// assert_eq!(derived_id(&JobId::from("file-3"), 17), JobId::from("file-3/17"));
+/// let child = derived_id(&JobId::from("file-3"), 17);
+/// assert_eq!(child.to_string(), "file-3/17");
+/// assert_eq!(child, derived_id(&JobId::from("file-3"), 17));
+/// assert_ne!(child, JobId::from("file-3/17"));
 /// ```
 pub fn derived_id(parent: &JobId, index: u64) -> JobId {
-    JobId::from(format!("{parent}/{index}"))
+    JobId::derived(parent, index)
 }
 
 type BoxIter<O> = Box<dyn Iterator<Item = anyhow::Result<O>> + Send>;

@@ -64,11 +64,7 @@ impl Shared {
                     .map(|s| Arc::from(s.name.as_str()))
                     .collect(),
             ),
-            gauges: config
-                .stages
-                .iter()
-                .map(|_| StageGauges::default())
-                .collect(),
+            gauges: config.stages.iter().map(StageGauges::for_stage).collect(),
             events: Arc::new(EventHub::default()),
             started: Mutex::new(None),
             closing: watch::Sender::new(false),

@@ -12,8 +12,9 @@
 //! - **Sends**: `Demand` to its stage, `Items` (children) to the next stage,
 //!   never more than it asked for, and to the tracker: `Derived` (the ids
 //!   of children, before they leave), `Retired` (a parent whose split
-//!   ended), results (filtered parents, children that failed, the children
-//!   themselves when its stage is the last).
+//!   ended), `Ended` (the own result of a parent that made children: its
+//!   draw panicked, or an abort), results (filtered parents, children that
+//!   failed, the children themselves when its stage is the last).
 //! - **Supervised by**: the root (spawned linked to it, before its stage,
 //!   which sends into it); stopped with the other children at the end.
 //! - **Invariants** (after every message): one draw at a time, from the
@@ -213,6 +214,13 @@ impl<O: Send + 'static> SplitterState<O> {
                 continue;
             }
             let Children(draw) = data.into_children();
+            if let Draw::Members(members) = &draw {
+                // A batch's outcomes: its items are done in the batch stage.
+                let failed = members.as_slice().iter().filter(|m| m.2.is_err()).count();
+                let gauges = &self.shared.gauges[self.index];
+                gauges.count_batch_items(|b| &b.processed, (members.len() - failed) as u64);
+                gauges.count_batch_items(|b| &b.failed, failed as u64);
+            }
             self.parents.push_back(Parent {
                 id,
                 metadata,
@@ -235,6 +243,8 @@ impl<O: Send + 'static> SplitterState<O> {
     fn abort(&mut self) {
         self.aborting = true;
         let mut results: Vec<WorkItemResult> = Vec::new();
+        // Parents that made children: final nodes of their families.
+        let mut ended = Vec::new();
         let mut unbatched = Vec::new();
         for parent in std::mem::take(&mut self.parents) {
             match parent.draw {
@@ -248,6 +258,7 @@ impl<O: Send + 'static> SplitterState<O> {
                     }
                     unbatched.push(parent.id);
                 }
+                _ if parent.drawn > 0 => ended.push(self.cancelled(parent.id, parent.metadata)),
                 _ => results.push(self.cancelled(parent.id, parent.metadata)),
             }
         }
@@ -258,6 +269,9 @@ impl<O: Send + 'static> SplitterState<O> {
         }
         if !results.is_empty() {
             let _ = self.tracker.cast(TrackerMsg::Finished(results));
+        }
+        if !ended.is_empty() {
+            let _ = self.tracker.cast(TrackerMsg::Ended(ended));
         }
         for batch in unbatched {
             let _ = self.tracker.cast(TrackerMsg::Unbatched(batch));
@@ -481,6 +495,7 @@ impl<O: Send + 'static> SplitterState<O> {
                 parent: parent.id.clone(),
                 children: ids.clone(),
                 stage: self.stage,
+                first: first == 0,
             });
             let parent_id = serde_json::Value::String(parent.id.to_string());
             let finished_at = self.shared.config.enable_tracking.then(crate::clock::now);
@@ -516,7 +531,19 @@ impl<O: Send + 'static> SplitterState<O> {
                 parent.drawn
             );
             let error = ItemError::new(&*self.name, ItemErrorKind::Panicked, message);
-            finished.push(WorkItemResult::failed(parent.id, parent.metadata, error));
+            let result = WorkItemResult::failed(parent.id, parent.metadata, error);
+            if parent.drawn == 0 {
+                finished.push(result);
+            } else {
+                // A final node of its family, after its children's
+                // failures (same sender, in order).
+                if !finished.is_empty() {
+                    let _ = self
+                        .tracker
+                        .cast(TrackerMsg::Finished(std::mem::take(&mut finished)));
+                }
+                let _ = self.tracker.cast(TrackerMsg::Ended(vec![result]));
+            }
         } else if ended {
             let parent = self.parents.pop_front().expect("looked up above");
             if parent.drawn == 0 {

@@ -117,13 +117,16 @@ pub struct StageStats {
     /// Workers alive now.
     pub workers: usize,
     /// Items that entered its queue from upstream (the source for the first
-    /// stage).
+    /// stage). A batch stage counts items in `admitted`, `processed`,
+    /// `failed` and `items_per_second` (its batches are in
+    /// [`batches`](Self::batches)).
     pub admitted: u64,
     /// Items its handler finished successfully.
     pub processed: u64,
-    /// Items that failed in it.
+    /// Items that failed in it (a batch stage's: alone, or with their
+    /// batch).
     pub failed: u64,
-    /// Items it retried.
+    /// Items it retried (a batch stage's: batches, each retried whole).
     pub retried: u64,
     /// Items waiting in its queue now.
     pub queued: usize,
@@ -147,6 +150,10 @@ pub struct StageStats {
     /// holds its stack and what its handler holds until the handler
     /// returns, then ends. Always 0 in other models.
     pub stuck_threads: usize,
+    /// A batch stage's own counts, of batches; `None` for other stages.
+    /// Its `queued`, `in_flight` and `waiting_downstream`, and its handler
+    /// and queue times, are of batches too.
+    pub batches: Option<BatchCounts>,
     /// Items this stage's split made (children), so far; 0 for a stage
     /// that does not split.
     pub derived: u64,
@@ -177,6 +184,43 @@ pub struct StageStats {
     /// 99th-percentile queue wait (tracking on).
     #[serde(serialize_with = "secs_opt")]
     pub p99_queue_wait: Option<Duration>,
+}
+
+/// A batch stage's counts of batches (see [`StageStats::batches`]).
+///
+/// ```
+/// use std::time::Duration;
+/// use bergtalzug::prelude::*;
+/// use bergtalzug::shape::Batch;
+///
+/// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = PipelineConfig::new("load", vec![
+///     StageConfig::new("insert", ExecutionType::Async).batch(10, Duration::from_millis(50)),
+/// ]);
+/// let pipeline = Pipeline::builder(config)?
+///     .source(sources::iter(0..100u32))
+///     .async_batch_stage("insert", |batch: Batch<u32>| async move {
+///         Ok(batch.into_items().into_iter().map(|row| Ok(row.data)).collect())
+///     })
+///     .build()?;
+/// pipeline.run().await?;
+/// let insert = pipeline.stats().await?.stages.remove(0);
+/// assert_eq!(insert.processed, 100, "items");
+/// assert_eq!(insert.batches.unwrap().processed, 10, "batches of 10");
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct BatchCounts {
+    /// Batches given to its handler.
+    pub admitted: u64,
+    /// Batches its handler returned outcomes for (some may be failures).
+    pub processed: u64,
+    /// Batches that failed whole (a handler error, a panic, the timeout).
+    pub failed: u64,
+    /// Batches it tried again.
+    pub retried: u64,
 }
 
 impl PipelineStats {

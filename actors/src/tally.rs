@@ -14,7 +14,7 @@ use hdrhistogram::Histogram;
 use crate::config::PipelineConfig;
 use crate::gauges::StageGauges;
 use crate::item::{ItemErrorKind, WorkItemResult};
-use crate::stats::{PipelineStats, RECENT_WINDOW, StageStats};
+use crate::stats::{BatchCounts, PipelineStats, RECENT_WINDOW, StageStats};
 
 /// How often the pipeline samples its counters for the recent window.
 pub(crate) const SAMPLE_EVERY: Duration = Duration::from_secs(1);
@@ -188,14 +188,26 @@ impl Tally {
                 let [p50, p90, p99] = self.service[i].percentiles();
                 let [w50, w90, w99] = self.queue_wait[i].percentiles();
                 let (items_per_second, utilisation) = recent.stages[i];
+                let items = g.items();
+                let retried = g.retried.load(Ordering::Relaxed);
+                let batches = g.batch_items.as_ref().map(|_| {
+                    let own = g.own();
+                    BatchCounts {
+                        admitted: own.admitted,
+                        processed: own.processed,
+                        failed: own.failed,
+                        retried,
+                    }
+                });
                 StageStats {
                     name: config.name.clone(),
                     execution_type: config.execution_type,
                     workers: g.workers.load(Ordering::Relaxed),
-                    admitted: g.admitted.load(Ordering::Relaxed),
-                    processed: g.processed.load(Ordering::Relaxed),
-                    failed: g.failed.load(Ordering::Relaxed),
-                    retried: g.retried.load(Ordering::Relaxed),
+                    admitted: items.admitted,
+                    processed: items.processed,
+                    failed: items.failed,
+                    retried,
+                    batches,
                     queued: g.queued.load(Ordering::Relaxed),
                     in_flight: g.in_flight.load(Ordering::Relaxed),
                     waiting_downstream: g.waiting_downstream.load(Ordering::Relaxed),

@@ -57,12 +57,19 @@ pub(crate) enum TrackerMsg {
     /// From any actor: an event every subscriber must get.
     Event(PipelineEvent),
     /// From a splitter (the split of stage `stage`), before it sends them
-    /// on: `parent` made these children (more may follow).
+    /// on: `parent` made these children (more may follow; `first` on the
+    /// first of them).
     Derived {
         parent: JobId,
         children: Vec<JobId>,
         stage: u16,
+        first: bool,
     },
+    /// From a splitter: the own results of parents that made children
+    /// (their split panicked, or they were cancelled), final nodes of
+    /// their families. (A parent with no children sends its result in
+    /// `Finished`: it is an item of its own.)
+    Ended(Vec<WorkItemResult>),
     /// From a splitter, after its last `Derived` for `parent`: the split
     /// ended with at least one child, so `parent` is no item any more (a
     /// split with none sends the parent's own, filtered, result instead).
@@ -72,6 +79,8 @@ pub(crate) enum TrackerMsg {
     /// theirs.
     Batched {
         batch: JobId,
+        /// The batch stage.
+        stage: u16,
         members: Vec<(JobId, WorkItemMetadata)>,
     },
     /// From the splitter after a batch stage: the batch's items went on
@@ -114,8 +123,8 @@ pub(crate) struct TrackerState {
     results: Vec<WorkItemResult>,
     /// Which admitted item each split's child descends from.
     lineage: Lineage,
-    /// The items of each batch in a batch stage.
-    batches: FxHashMap<JobId, Vec<(JobId, WorkItemMetadata)>>,
+    /// The items of each batch in a batch stage (and the stage).
+    batches: FxHashMap<JobId, (u16, Vec<(JobId, WorkItemMetadata)>)>,
     input_closed: bool,
     /// Items the stages will never report were given up (`Lost`).
     swept: bool,
@@ -199,15 +208,22 @@ impl Actor for Tracker {
                     drop(tally);
                     state.settle(roots);
                 }
+                state.forget_the_dead();
                 state.swept = true;
             }
             TrackerMsg::Derived {
                 parent,
                 children,
                 stage,
-            } => state.lineage.derived(&parent, children, stage),
-            TrackerMsg::Batched { batch, members } => {
-                state.batches.insert(batch, members);
+                first,
+            } => state.lineage.derived(&parent, children, stage, first),
+            TrackerMsg::Ended(results) => state.record(results, Origin::Parent).await,
+            TrackerMsg::Batched {
+                batch,
+                stage,
+                members,
+            } => {
+                state.batches.insert(batch, (stage, members));
             }
             TrackerMsg::Unbatched(batch) => {
                 state.batches.remove(&batch);
@@ -248,15 +264,21 @@ struct Roots {
 }
 
 impl Roots {
-    /// An admitted item whose descendants are all finished.
+    /// An admitted item whose descendants are all finished (each of the
+    /// items with its id that split at once, tracking off).
     fn family(&mut self, tally: &mut Tally, tracking: bool, acks: bool, family: Combined) {
-        self.n += 1;
-        tally.count(family.error.as_ref());
-        if tracking {
-            self.ids.push(family.root.clone());
+        let roots = family.roots as usize;
+        self.n += roots;
+        for _ in 0..roots {
+            tally.count(family.error.as_ref());
         }
-        if acks {
-            self.acks.push(Ack::combined(family));
+        if tracking {
+            self.ids
+                .extend(std::iter::repeat_n(family.root.clone(), roots));
+        }
+        if acks && roots > 0 {
+            let ack = Ack::combined(family);
+            self.acks.extend(std::iter::repeat_n(ack, roots));
         }
     }
 }
@@ -266,6 +288,8 @@ impl Roots {
 enum Origin {
     /// Items that went into the pipeline (or were given up in it).
     Stage,
+    /// The own results of parents that made children (`Ended`).
+    Parent,
     /// Duplicates the source refused at the door.
     Refused,
 }
@@ -285,6 +309,7 @@ impl TrackerState {
             for result in &results {
                 let (made_by, settled) = match origin {
                     Origin::Stage => self.lineage.finished(result),
+                    Origin::Parent => self.lineage.ended(result),
                     // A refused duplicate was never an item of the pipeline.
                     Origin::Refused => (None, Settled::Plain),
                 };
@@ -296,10 +321,10 @@ impl TrackerState {
                     Settled::Plain => {
                         roots.n += 1;
                         tally.count(result.error.as_ref());
-                        if tracking && origin == Origin::Stage {
+                        if tracking && origin != Origin::Refused {
                             roots.ids.push(result.job_id.clone());
                         }
-                        if self.acks && origin == Origin::Stage {
+                        if self.acks && origin != Origin::Refused {
                             roots.acks.push(Ack::of(result));
                         }
                     }
@@ -358,10 +383,20 @@ impl TrackerState {
     fn unbatch(&mut self, results: Vec<WorkItemResult>) -> Vec<WorkItemResult> {
         let mut out = Vec::with_capacity(results.len());
         for result in results {
-            let Some(members) = self.batches.remove(&result.job_id) else {
+            let Some((stage, members)) = self.batches.remove(&result.job_id) else {
                 out.push(result);
                 continue;
             };
+            // Its items failed in the batch stage (as the stage counts its
+            // batches: a cancelled one is no failure of the stage's).
+            if result
+                .error
+                .as_ref()
+                .is_some_and(|e| e.kind != ItemErrorKind::Cancelled)
+            {
+                self.shared.gauges[stage as usize]
+                    .count_batch_items(|b| &b.failed, members.len() as u64);
+            }
             if let Some(input) = self.inputs.remove(&result.job_id) {
                 crate::contain::drop_logged(input, || {
                     format!("the kept input of batch {}", result.job_id)
@@ -382,6 +417,22 @@ impl TrackerState {
             }
         }
         out
+    }
+
+    /// After `Lost`: the actors that held items were killed, so no result
+    /// will come for what the ledger, the batches and the kept inputs still
+    /// hold. They are dropped (the splits' budgets of live children given
+    /// back), rather than kept until the tracker stops.
+    fn forget_the_dead(&mut self) {
+        for (stage, n) in self.lineage.clear() {
+            self.shared.gauges[stage as usize]
+                .derived_live
+                .fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+        }
+        self.batches.clear();
+        for (job_id, input) in self.inputs.drain() {
+            crate::contain::drop_logged(input, || format!("the kept input of item {job_id}"));
+        }
     }
 
     /// A derived item left the budget of the split that made it.

@@ -9,6 +9,10 @@
 //! Connection errors and HTTP 5xx are retried; a 4xx answer and an invalid
 //! file are wrapped in [`Permanent`], so they are never retried and go
 //! straight to the dead-letter sink ([`crate::report::dead_letter_sink`]).
+//!
+//! Each `validate` worker holds a DuckDB connection of its own
+//! (`sync_stage_with`, [`validate::open`]), opened the first time the
+//! worker needs one and dropped when the stage ends.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -183,16 +187,17 @@ async fn download(
     Ok(item.map(|_| Downloaded { body }))
 }
 
-/// The validate stage: DuckDB checks the CSV and writes Parquet. A failed
-/// check is permanent.
+/// The validate stage: DuckDB (the worker's connection) checks the CSV and
+/// writes Parquet. A failed check is permanent.
 fn check(
+    duckdb: &duckdb::Connection,
     work_dir: &Path,
     ledger: &Ledger,
     item: WorkItem<Downloaded>,
 ) -> anyhow::Result<WorkItem<ParquetFile>> {
     let file = item.job_id().to_string();
     let body = &item.data.body;
-    let valid = match validate::validate(&file, body, work_dir) {
+    let valid = match validate::validate(duckdb, &file, body, work_dir) {
         Ok(valid) => valid,
         Err(Invalid::Rejected(rejection)) => return Err(Permanent(rejection.into()).into()),
         Err(Invalid::Internal(e)) => {
@@ -281,7 +286,9 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         .retrying_async_stage(STAGES[0], move |item| {
             download(client.clone(), l1.clone(), item)
         })
-        .sync_stage(STAGES[1], move |item| check(&work, &l2, item))
+        .sync_stage_with(STAGES[1], validate::open, move |duckdb, item| {
+            check(duckdb, &work, &l2, item)
+        })
         .retrying_async_stage(STAGES[2], move |item| {
             store(destination.clone(), l3.clone(), item)
         })

@@ -9,11 +9,12 @@
 //! (zstd) with the typed columns plus `amount = quantity * unit_price`,
 //! sorted by `order_id`.
 //!
-//! Each thread keeps its own in-memory DuckDB database with one DuckDB
-//! thread: the stage runs one worker per core, so parallelism comes from
-//! validating several files at once, not from DuckDB's own pool.
+//! Each worker of the stage holds its own in-memory DuckDB database
+//! ([`open`], bound with `sync_stage_with`: built the first time a worker
+//! needs one, dropped when the stage ends) with one DuckDB thread: the
+//! stage runs one worker per core, so parallelism comes from validating
+//! several files at once, not from DuckDB's own pool.
 
-use std::cell::RefCell;
 use std::fmt;
 use std::path::Path;
 
@@ -189,21 +190,17 @@ impl From<duckdb::Error> for Invalid {
     }
 }
 
-thread_local! {
-    static DUCKDB: RefCell<Option<Connection>> = const { RefCell::new(None) };
-}
-
-/// Runs `f` with this thread's DuckDB connection (opened on first use).
-fn with_connection<R>(f: impl FnOnce(&Connection) -> Result<R, Invalid>) -> Result<R, Invalid> {
-    DUCKDB.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            let conn = Connection::open_in_memory().context("cannot open DuckDB")?;
-            conn.execute_batch("SET threads = 1; SET preserve_insertion_order = true;")?;
-            *slot = Some(conn);
-        }
-        f(slot.as_ref().expect("opened above"))
-    })
+/// A DuckDB connection for [`validate`]: an in-memory database of its own,
+/// with one DuckDB thread.
+///
+/// # Errors
+///
+/// DuckDB could not open the database or take the settings.
+pub fn open() -> anyhow::Result<Connection> {
+    let conn = Connection::open_in_memory().context("cannot open DuckDB")?;
+    conn.execute_batch("SET threads = 1; SET preserve_insertion_order = true;")
+        .context("cannot set up DuckDB")?;
+    Ok(conn)
 }
 
 /// A SQL string literal.
@@ -228,19 +225,24 @@ fn short_message(e: &duckdb::Error) -> String {
     lines.join(" ")
 }
 
-/// Validates the CSV `body` of `file` and returns it as Parquet. Uses
-/// `work_dir` for the two files DuckDB reads and writes, and removes them.
-pub fn validate(file: &str, body: &[u8], work_dir: &Path) -> Result<Validated, Invalid> {
+/// Validates the CSV `body` of `file` on `conn` (from [`open`]) and returns
+/// it as Parquet. Uses `work_dir` for the two files DuckDB reads and
+/// writes, and removes them; `conn` is left as it was given.
+pub fn validate(
+    conn: &Connection,
+    file: &str,
+    body: &[u8],
+    work_dir: &Path,
+) -> Result<Validated, Invalid> {
     // Prefixed, so that no file's input is another file's output.
     let csv = work_dir.join(format!("in-{file}"));
     let parquet = work_dir.join(format!("out-{file}.parquet"));
     std::fs::write(&csv, body).with_context(|| format!("cannot write {}", csv.display()))?;
-    let result = with_connection(|conn| {
-        let outcome = run_checks(conn, file, &csv, &parquet);
-        // The tables are per thread; drop them whatever happened.
-        conn.execute_batch("DROP TABLE IF EXISTS raw; DROP TABLE IF EXISTS typed;")?;
-        outcome
-    });
+    let outcome = run_checks(conn, file, &csv, &parquet);
+    // The connection serves the worker's next file: its tables go whatever
+    // happened.
+    let dropped = conn.execute_batch("DROP TABLE IF EXISTS raw; DROP TABLE IF EXISTS typed;");
+    let result = outcome.and_then(|rows| dropped.map(|()| rows).map_err(Invalid::from));
     let _ = std::fs::remove_file(&csv);
     let rows = match result {
         Ok(rows) => rows,

@@ -7,8 +7,10 @@ use etl_duckdb::validate::{self, Check, Invalid};
 #[test]
 fn every_generated_file_gets_its_expected_verdict() {
     let work = tempfile::tempdir().unwrap();
+    // One connection for every file, as a worker uses it.
+    let conn = validate::open().unwrap();
     for file in dataset::generate(3, 200) {
-        let verdict = validate::validate(&file.name, &file.body, work.path());
+        let verdict = validate::validate(&conn, &file.name, &file.body, work.path());
         match (file.expected, verdict) {
             (Expected::Valid { rows }, Ok(valid)) => {
                 assert_eq!(valid.rows, rows, "{}", file.name);
@@ -37,12 +39,13 @@ fn every_generated_file_gets_its_expected_verdict() {
 fn rejections_point_at_the_offending_line() {
     let work = tempfile::tempdir().unwrap();
     let files = dataset::generate(0, 100);
+    let conn = validate::open().unwrap();
     let reason = |check: Check| {
         let file = files
             .iter()
             .find(|f| f.expected == Expected::Rejected(check))
             .unwrap();
-        match validate::validate(&file.name, &file.body, work.path()) {
+        match validate::validate(&conn, &file.name, &file.body, work.path()) {
             Err(Invalid::Rejected(r)) => r.detail,
             other => panic!("{check}: {other:?}"),
         }
@@ -71,7 +74,8 @@ fn rejections_point_at_the_offending_line() {
 fn a_file_that_is_not_csv_at_all_is_rejected_not_crashed_on() {
     let work = tempfile::tempdir().unwrap();
     let body = b"\x00\x01\x02PAR1 this is binary \xff\xfe\n\x00";
-    match validate::validate("binary.csv", body, work.path()) {
+    let conn = validate::open().unwrap();
+    match validate::validate(&conn, "binary.csv", body, work.path()) {
         Err(Invalid::Rejected(r)) => {
             assert!(matches!(r.check, Check::Readable | Check::Columns), "{r}")
         }
