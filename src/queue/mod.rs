@@ -146,7 +146,9 @@ pub struct QueueOptions {
     pub read_block: Duration,
     /// How long a consumer keeps trying to write a batch of outcomes
     /// (acknowledgements, dead letters, releases) while Redis cannot take
-    /// them, before it gives up on that batch. Its entries stay pending in
+    /// them, counted from the batch's first failure, before it gives up on
+    /// that batch (the attempt under way when it passes still runs to its
+    /// end: at most the connection's 10 s response timeout). Its entries stay pending in
     /// Redis under this consumer's name, so nothing is lost: a peer (or
     /// this consumer started again under its name) takes them back after
     /// `claim_idle` and runs them again. Counted in
