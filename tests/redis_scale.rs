@@ -47,6 +47,8 @@ struct Spec {
     work_ms: u64,
     /// On SIGTERM: `stop_within` this many ms (0: no handler).
     stop_within_ms: u64,
+    /// Deliveries before an entry is dead-lettered.
+    max_deliveries: u32,
 }
 
 impl Default for Spec {
@@ -62,6 +64,7 @@ impl Default for Spec {
             slow: (u64::MAX, 0),
             work_ms: 0,
             stop_within_ms: 0,
+            max_deliveries: 3,
         }
     }
 }
@@ -80,6 +83,7 @@ impl Spec {
             format!("slow_ms={}", self.slow.1),
             format!("work_ms={}", self.work_ms),
             format!("stop_within_ms={}", self.stop_within_ms),
+            format!("max_deliveries={}", self.max_deliveries),
         ]
     }
 
@@ -100,6 +104,7 @@ impl Spec {
             slow: (kv["slow_item"], kv["slow_ms"]),
             work_ms: kv["work_ms"],
             stop_within_ms: kv["stop_within_ms"],
+            max_deliveries: kv["max_deliveries"] as u32,
         }
     }
 
@@ -110,7 +115,7 @@ impl Spec {
 
 fn options(spec: &Spec) -> QueueOptions {
     QueueOptions::default()
-        .max_deliveries(3)
+        .max_deliveries(spec.max_deliveries)
         .claim_idle(Duration::from_millis(spec.claim_idle_ms))
         .claim_every(Duration::from_millis(spec.claim_every_ms))
         .renew_every(Duration::from_millis(spec.renew_every_ms))
@@ -642,7 +647,10 @@ fn poison_items_reach_the_dead_letters_exactly_once() {
 }
 
 /// How many times the slow item (4 x claim_idle) ran, with a peer ready
-/// to take idle entries.
+/// to take idle entries. Deliveries are not limited here (20): without
+/// renewal the item is taken every claim_idle + claim_every while it runs,
+/// and with 3 its fourth delivery would dead-letter it before its first
+/// run could finish (a race the test is not about).
 fn runs_of_a_slow_item(server: &str, renew_every_ms: u64) -> usize {
     let spec = Spec {
         claim_idle_ms: 1000,
@@ -651,6 +659,7 @@ fn runs_of_a_slow_item(server: &str, renew_every_ms: u64) -> usize {
         slow: (0, 4000),
         workers: 4,
         queue: 4,
+        max_deliveries: 20,
         ..Spec::default()
     };
     let job = job(server, "lease", 20);
@@ -680,6 +689,31 @@ fn a_long_item_keeps_its_lease_and_without_renewal_it_would_run_twice() {
     println!("  the slow item ran {renewed} time(s) with renewal, {unrenewed} without");
     assert_eq!(renewed, 1, "its lease was renewed");
     assert!(unrenewed >= 2, "without renewal a peer takes it");
+}
+
+/// A lone consumer with lease renewal off never claims its own entry: an
+/// item that takes 4 x claim_idle runs once and completes, though
+/// `max_deliveries` is 3 (claiming its own idle entry every claim_idle
+/// would count a delivery each time and dead-letter it while it ran).
+fn a_consumer_never_claims_its_own_running_item() {
+    let Some(server) = server() else { return };
+    let spec = Spec {
+        claim_idle_ms: 1000,
+        claim_every_ms: 200,
+        renew_every_ms: 0,
+        slow: (0, 4000),
+        workers: 4,
+        queue: 4,
+        max_deliveries: 3,
+        ..Spec::default()
+    };
+    let job = job(&server, "own", 20);
+    let mut only = job.spawn("c0", &spec);
+    let status = wait_for(&mut only, Duration::from_secs(30));
+    assert!(status.success(), "{status}");
+    let outcome = job.outcome();
+    outcome.assert_complete(&job, job.n);
+    assert_eq!(outcome.attempts["item-0"], 1, "the slow item ran once");
 }
 
 /// A consumer stopped gracefully (SIGTERM: `stop_within` 200 ms) releases
@@ -838,7 +872,7 @@ fn main() {
         consume(&args[i + 1], &args[i + 2], Path::new(&args[i + 3]), spec);
         return;
     }
-    let tests: [(&str, fn()); 6] = [
+    let tests: [(&str, fn()); 7] = [
         (
             "a_killed_consumer_s_entries_are_taken_over_and_the_job_completes",
             a_killed_consumer_s_entries_are_taken_over_and_the_job_completes,
@@ -854,6 +888,10 @@ fn main() {
         (
             "a_long_item_keeps_its_lease_and_without_renewal_it_would_run_twice",
             a_long_item_keeps_its_lease_and_without_renewal_it_would_run_twice,
+        ),
+        (
+            "a_consumer_never_claims_its_own_running_item",
+            a_consumer_never_claims_its_own_running_item,
         ),
         (
             "a_graceful_stop_releases_its_entries_to_a_peer_at_once",

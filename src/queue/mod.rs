@@ -127,7 +127,8 @@ pub struct QueueOptions {
     /// old entries wait for `claim_idle` like a dead peer's. Redis only.
     pub consumer: Option<String>,
     /// How long an entry must sit idle (not renewed) in another consumer's
-    /// hands before a peer reclaims it (`XAUTOCLAIM`). Default 30 s. Redis
+    /// hands before a peer reclaims it (`XPENDING … IDLE`, `XCLAIM`); a
+    /// consumer never claims its own entries. Default 30 s. Redis
     /// only.
     pub claim_idle: Duration,
     /// How often a consumer looks for idle entries to reclaim. Default 5 s.

@@ -80,22 +80,34 @@ end
 return {'0-0', out}
 ";
 
-/// Claims up to `count` entries idle for `min_idle` ms from anyone
-/// (`XAUTOCLAIM` from `cursor`), each with its delivery count. KEYS:
-/// stream. ARGV: group, consumer, min_idle, cursor, count. Returns the
-/// next cursor and the entries.
+/// Claims up to `count` entries idle for `min_idle` ms from other
+/// consumers (scanning the pending list from `cursor`), each with its
+/// delivery count. Its own idle entries are left alone: they are running
+/// here (renewal off, or late) or were taken back at its start, and a
+/// claim would count a delivery against an item that is running (with
+/// `max_deliveries` reached, dead-lettering it) and keep it from peers.
+/// KEYS: stream. ARGV: group, consumer, min_idle, cursor, count. Returns
+/// the next cursor (`0-0` once the scan is through) and the entries.
 const CLAIM: &str = r"
-local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+local start = '-'
+if ARGV[4] ~= '0-0' then start = '(' .. ARGV[4] end
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], start, '+', ARGV[5])
+local next = '0-0'
+if #p >= tonumber(ARGV[5]) then next = p[#p][1] end
 local out = {}
-for _, e in ipairs(r[2]) do
-  if e and e[1] then
-    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1, ARGV[2])
-    local n = 1
-    if p[1] then n = p[1][4] end
-    out[#out + 1] = {e[1], n, e[2]}
+for _, e in ipairs(p) do
+  if e[2] ~= ARGV[2] then
+    local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], e[1])
+    local got = c[1]
+    if got and got[1] then
+      local q = redis.call('XPENDING', KEYS[1], ARGV[1], got[1], got[1], 1, ARGV[2])
+      local n = 1
+      if q[1] then n = q[1][4] end
+      out[#out + 1] = {got[1], n, got[2]}
+    end
   end
 end
-return {r[1], out}
+return {next, out}
 ";
 
 /// Renews the lease of the given entries that this consumer still holds
@@ -206,7 +218,7 @@ return 0
 #[non_exhaustive]
 pub struct BrokerStats {
     /// Entries taken over from consumers that let them go idle
-    /// (`XAUTOCLAIM`), and released entries taken back.
+    /// (`XPENDING … IDLE` + `XCLAIM`), and entries peers released.
     pub claimed: u64,
     /// Entries delivered more than once (taken back after a restart, or
     /// claimed).
