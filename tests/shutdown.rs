@@ -40,9 +40,12 @@ async fn stop_lets_every_admitted_item_finish() {
     .build()
     .unwrap();
     pipeline.start().await.unwrap();
-    while outcomes.total() < 200 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    within(Duration::from_secs(60), async {
+        while outcomes.total() < 200 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
     within(Duration::from_secs(10), pipeline.stop())
         .await
         .unwrap();
@@ -61,8 +64,12 @@ async fn abort_cancels_what_is_in_flight() {
     let pipeline = Pipeline::builder(config(
         "abort",
         vec![
+            // One worker: items reach `slow` in order, so none of the first
+            // ten can wait behind two items that never end (with two, a
+            // worker that ran ahead sent 10 and 11 first on a loaded
+            // machine, both `slow` workers hung on them, and the test hung).
             StageConfig::new("quick", ExecutionType::Async)
-                .workers(2)
+                .workers(1)
                 .queue_size(10),
             StageConfig::new("stuck", ExecutionType::Async)
                 .workers(3)
@@ -411,9 +418,12 @@ async fn stop_within_cancels_what_is_left_at_the_deadline() {
     .build()
     .unwrap();
     pipeline.start().await.unwrap();
-    while outcomes.total() < 10 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    within(Duration::from_secs(60), async {
+        while outcomes.total() < 10 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
     let started = std::time::Instant::now();
     within(
         Duration::from_secs(10),
