@@ -20,12 +20,6 @@
 //!   docs/performance.md were taken).
 //! - `std::thread x2`: by hand, 2 scoped threads taking items from a
 //!   shared atomic counter: what 2 cores give without any framework.
-//! - `... (wait in hand)`: the Cpu and Thread stages with their threads
-//!   waiting up to 500 µs in their hands for the next batch
-//!   (`__set_blocking_hand_wait`), which the stage then gives them without
-//!   a `WorkerMsg::Run`; the others run with the library's default (no
-//!   wait: every batch goes to its worker with a `Run` and a new job for
-//!   its thread). The A/B of that wait, in the same run.
 //!
 //! Where the time goes, per stage run (the `split` lines, µs per item, and
 //! their medians after the table): `handler` the handler's own CPU (the
@@ -79,36 +73,26 @@ const WARMUP_ITEMS: u64 = 400;
 const THREAD_TARGET: f64 = 1.8;
 const CPU_TARGET: f64 = 1.9;
 
-/// How long a blocking worker's thread waits in its hand for the next
-/// batch in the `(wait in hand)` variants (the others: no wait, the
-/// library's default).
-const HAND_WAIT: Duration = Duration::from_micros(500);
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Variant {
     Single,
-    /// A stage; `true`: its threads wait in their hands for the next batch.
-    Stage(ExecutionType, bool),
+    Stage(ExecutionType),
     Threads,
 }
 
 impl Variant {
-    const ALL: [Variant; 6] = [
+    const ALL: [Variant; 4] = [
         Variant::Single,
-        Variant::Stage(ExecutionType::Cpu, false),
-        Variant::Stage(ExecutionType::Thread, false),
-        Variant::Stage(ExecutionType::Cpu, true),
-        Variant::Stage(ExecutionType::Thread, true),
+        Variant::Stage(ExecutionType::Cpu),
+        Variant::Stage(ExecutionType::Thread),
         Variant::Threads,
     ];
 
     fn name(self) -> &'static str {
         match self {
             Variant::Single => "single thread (reference)",
-            Variant::Stage(ExecutionType::Cpu, false) => "bergtalzug Cpu x2",
-            Variant::Stage(_, false) => "bergtalzug Thread x2",
-            Variant::Stage(ExecutionType::Cpu, true) => "bergtalzug Cpu x2 (wait in hand)",
-            Variant::Stage(_, true) => "bergtalzug Thread x2 (wait in hand)",
+            Variant::Stage(ExecutionType::Cpu) => "bergtalzug Cpu x2",
+            Variant::Stage(_) => "bergtalzug Thread x2",
             Variant::Threads => "std::thread x2 (baseline)",
         }
     }
@@ -133,8 +117,7 @@ impl Variant {
                     handler_ns,
                 }
             }
-            Variant::Stage(execution_type, wait) => {
-                bergtalzug::__set_blocking_hand_wait(if wait { HAND_WAIT } else { Duration::ZERO });
+            Variant::Stage(execution_type) => {
                 let tokio_before = tokio_run_ns();
                 let main_before = thread_run_ns();
                 let (elapsed, threads) = runtime.block_on(bergtalzug(execution_type, n, rounds));
@@ -582,8 +565,8 @@ fn main() {
     }
     if !quick {
         let targets = [
-            (Variant::Stage(ExecutionType::Cpu, false), CPU_TARGET),
-            (Variant::Stage(ExecutionType::Thread, false), THREAD_TARGET),
+            (Variant::Stage(ExecutionType::Cpu), CPU_TARGET),
+            (Variant::Stage(ExecutionType::Thread), THREAD_TARGET),
         ];
         for (variant, target) in targets {
             let Some(i) = variants.iter().position(|v| *v == variant) else {

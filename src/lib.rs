@@ -128,10 +128,6 @@ pub use bergtalzug_actors::{
     BuildError, HasInput, InputGiven, NeedsInput, NoInput, Pipeline, PipelineBuilder, RunOutcome,
 };
 
-/// For benches only (benches/cpu.rs compares both paths in one run).
-#[doc(hidden)]
-pub use bergtalzug_actors::__set_blocking_hand_wait;
-
 /// Everything a pipeline program needs: `use bergtalzug::prelude::*;`
 pub mod prelude {
     pub use crate::sources;

@@ -88,9 +88,6 @@ pub(crate) mod pipeline;
 
 pub use builder::{BuildError, HasInput, InputGiven, NeedsInput, NoInput, PipelineBuilder};
 pub use pipeline::{Pipeline, RunOutcome};
-/// For benches only (benches/cpu.rs compares both paths in one run).
-#[doc(hidden)]
-pub use runner::blocking::set_hand_wait as __set_blocking_hand_wait;
 
 /// With ractor's `cluster` feature the blanket `Message` impl is gone: each
 /// message type declares itself a local (never serialised) message.

@@ -4,11 +4,7 @@
 //! - **Receives**: [`WorkerMsg::Run`] from its stage supervisor, only when the
 //!   stage counts it idle, after putting a batch in its hand
 //!   ([`crate::runner::hand`]); the worker takes the items from there one by
-//!   one, so the stage can take back those it has not started. (A Thread or
-//!   Cpu worker's thread that waits in the hand for the next batch, when
-//!   that wait is set (off by default), takes
-//!   it there itself: then no `Run` is sent, and the worker's task, still
-//!   waiting for that thread, runs it as part of the same `Run`.)
+//!   one, so the stage can take back those it has not started.
 //! - **Sends**: `StageMsg::Report` to its stage, as items finish.
 //! - **Supervised by**: its stage supervisor (linked at spawn). A handler
 //!   panic makes the worker fail after it reported the panicked item and

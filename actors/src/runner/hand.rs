@@ -14,21 +14,13 @@
 //!   but the worker had not reported yet are delivered, not replaced. What
 //!   a late thread does with a closed hand is discarded.
 //!
-//! A blocking worker's thread that has reported its batch may wait in the
-//! hand a short while for the next one ([`Hand::wait_for_batch`]; off by
-//! default, see `blocking::HAND_WAIT_US`): the
-//! stage's [`Hand::give`] then hands the batch to that thread directly and
-//! says so, and the stage sends no `WorkerMsg::Run` (the worker's task is
-//! still waiting for the thread). A wait that times out, or a hand closed
-//! meanwhile, ends the thread's job; the next batch goes the usual way.
-//!
 //! One lock per item in the blocking models (taken once between two items);
 //! an async worker keeps its batch to itself while its handlers complete at
 //! once and puts the rest back in its hand before it awaits one that does
 //! not (see `async_rt`), so the fast path takes two locks per batch.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::RunCtx;
@@ -40,9 +32,6 @@ use crate::outcome::Outcome;
 /// What one worker holds, shared with its stage.
 pub(crate) struct Hand<I, O> {
     state: Mutex<HandState<I, O>>,
-    /// Signalled when a batch is given to a thread waiting for one, or the
-    /// hand is closed.
-    given: Condvar,
 }
 
 pub(crate) struct HandState<I, O> {
@@ -56,21 +45,6 @@ pub(crate) struct HandState<I, O> {
     /// The stage took what the worker held (it died or is being killed):
     /// the worker starts nothing more and whatever it finishes is discarded.
     pub(crate) closed: bool,
-    /// A blocking thread that reported its batch waits in the hand for the
-    /// next one: the stage's next [`Hand::give`] goes to it directly.
-    waiting: bool,
-}
-
-impl<I: Send + 'static, O: Send + 'static> HandState<I, O> {
-    /// Puts a new batch's reporter in the hand, for the items in it.
-    pub(crate) fn begin(&mut self, ctx: &Arc<RunCtx<I, O>>) {
-        debug_assert!(self.reporter.is_none(), "one batch at a time");
-        let now = match ctx.timeout {
-            Some(_) => Instant::now(),
-            None => crate::clock::now(),
-        };
-        self.reporter = Some(Reporter::new(ctx, self.pending.len(), now));
-    }
 }
 
 /// What the stage takes from a closed hand.
@@ -106,9 +80,7 @@ impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
                 reporter: None,
                 current: None,
                 closed: false,
-                waiting: false,
             }),
-            given: Condvar::new(),
         }
     }
 
@@ -119,66 +91,13 @@ impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
     }
 
     /// From the stage: more items for the worker, after the ones it has.
-    /// `true` when a thread of the worker's waits in the hand for them
-    /// ([`Hand::wait_for_batch`]) and takes them: then the worker must not
-    /// be woken (`WorkerMsg::Run`), its thread runs them.
-    pub(crate) fn give(&self, items: Vec<WorkItem<I>>) -> bool {
+    pub(crate) fn give(&self, items: Vec<WorkItem<I>>) {
         let mut state = self.lock();
         if state.pending.is_empty() {
             // An idle worker's hand is empty: the batch becomes it, uncopied.
             state.pending = VecDeque::from(items);
         } else {
             state.pending.extend(items);
-        }
-        if state.waiting && !state.closed && !state.pending.is_empty() {
-            state.waiting = false;
-            drop(state);
-            self.given.notify_one();
-            true
-        } else {
-            false
-        }
-    }
-
-    /// From a blocking worker's thread, under the lock in which it sent
-    /// its batch's last report: waits up to `limit` for the stage to give
-    /// the worker its next batch. On `true` the batch is in the hand,
-    /// given to this thread (the stage sent no `Run`): the thread runs it,
-    /// with a new reporter ([`HandState::begin`]). On `false` (the wait
-    /// timed out, the hand was closed, or what was given was taken for
-    /// other workers before the thread woke) the thread runs nothing more
-    /// and the stage's next batch goes with a `Run`.
-    pub(crate) fn wait_for_batch<'a>(
-        &'a self,
-        mut state: MutexGuard<'a, HandState<I, O>>,
-        limit: Duration,
-    ) -> (MutexGuard<'a, HandState<I, O>>, bool) {
-        debug_assert!(state.reporter.is_none(), "the batch was reported");
-        if state.closed {
-            return (state, false);
-        }
-        state.waiting = true;
-        let deadline = Instant::now() + limit;
-        loop {
-            if state.closed {
-                state.waiting = false;
-                return (state, false);
-            }
-            if !state.waiting {
-                // Given (and not all taken for others since).
-                let given = !state.pending.is_empty();
-                return (state, given);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                state.waiting = false;
-                return (state, false);
-            }
-            state = self
-                .given
-                .wait_timeout(state, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
         }
     }
 
@@ -217,7 +136,12 @@ impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
         if state.closed || state.pending.is_empty() {
             return false;
         }
-        state.begin(ctx);
+        debug_assert!(state.reporter.is_none(), "one batch at a time");
+        let now = match ctx.timeout {
+            Some(_) => Instant::now(),
+            None => crate::clock::now(),
+        };
+        state.reporter = Some(Reporter::new(ctx, state.pending.len(), now));
         true
     }
 
@@ -262,10 +186,6 @@ impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
         let mut state = self.lock();
         state.closed = true;
         state.current = None;
-        if std::mem::take(&mut state.waiting) {
-            // Its thread waits for a batch: it ends now.
-            self.given.notify_all();
-        }
         Harvest {
             outcomes: state
                 .reporter

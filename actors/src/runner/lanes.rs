@@ -31,7 +31,7 @@
 //! exits; in a rayon pool of `workers` threads, batches queue behind the
 //! stuck ones and never start.
 
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -39,77 +39,15 @@ use std::sync::{Arc, Mutex};
 /// through [`Ending`] when its handler calls are over.
 pub(crate) type Batch = Box<dyn FnOnce(&Ending) -> Result<(), String> + Send>;
 
-/// Told by a batch where its thread is: running user code, waiting in the
-/// worker's hand for a next batch ([`Hand::wait_for_batch`]), or ended (its
-/// last handler call is over and only reports are left); or given up. A worker that
-/// stops waiting for the batch (the pipeline ends on the last report, or
-/// the worker is killed) while its thread runs user code gives the thread
-/// up (stuck); one that stops while the thread waits or has ended gives it
-/// back: the thread then runs nothing more in this batch.
-///
-/// [`Hand::wait_for_batch`]: super::hand::Hand::wait_for_batch
-#[derive(Clone)]
-pub(crate) struct Ending(Arc<AtomicU8>);
-
-/// The thread runs user code.
-const RUNNING: u8 = 0;
-/// The thread waits in the worker's hand for a batch.
-const WAITING: u8 = 1;
-/// No more user code runs in this batch.
-const ENDED: u8 = 2;
-/// The worker stopped waiting while the thread ran user code: the thread
-/// is given up, and does not wait in the hand after its batch.
-const GIVEN_UP: u8 = 3;
+/// Told by a batch when it has run its last handler call and only reports
+/// are left: a worker that stops waiting after that (the pipeline ends on
+/// the last report) leaves a thread that is finishing, not stuck.
+pub(crate) struct Ending(Arc<AtomicBool>);
 
 impl Ending {
-    /// A batch's, about to run.
-    pub(crate) fn new() -> Self {
-        Ending(Arc::new(AtomicU8::new(RUNNING)))
-    }
-
-    /// From the worker that stops waiting for the batch: `true` when the
-    /// thread runs no user code (it ended, or waits in the hand and is
-    /// marked ended so that it runs nothing more), `false` when it is in
-    /// a handler call (then it is stuck).
-    pub(crate) fn let_go(&self) -> bool {
-        let mut state = self.0.load(Ordering::Acquire);
-        loop {
-            let next = match state {
-                WAITING => ENDED,
-                RUNNING => GIVEN_UP,
-                _ => return true,
-            };
-            match self
-                .0
-                .compare_exchange(state, next, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return state == WAITING,
-                Err(now) => state = now,
-            }
-        }
-    }
-
     /// No more user code runs in this batch.
     pub(crate) fn now(&self) {
-        self.0.store(ENDED, Ordering::Release);
-    }
-
-    /// The thread is about to wait in the hand for a next batch: `false`
-    /// if it was given up meanwhile (then it must not wait).
-    pub(crate) fn waiting(&self) -> bool {
-        self.0
-            .compare_exchange(RUNNING, WAITING, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
-    /// The thread was given a batch while it waited: it may run it (`true`)
-    /// unless its worker stopped waiting meanwhile (then the batch ended:
-    /// what was given is left in the hand, which the stage closes when it
-    /// learns of the worker's end).
-    pub(crate) fn resume(&self) -> bool {
-        self.0
-            .compare_exchange(WAITING, RUNNING, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        self.0.store(true, Ordering::Release);
     }
 }
 
@@ -150,7 +88,7 @@ impl Lanes {
     /// timeout, or was killed), the thread is given up.
     pub(crate) async fn run(&self, batch: Batch) -> Result<(), String> {
         let inhibit = Inhibit::if_paused();
-        let ended = Ending::new();
+        let ended = Arc::new(AtomicBool::new(false));
         let mut held = Held {
             lanes: self,
             lane: Some(self.take()?),
@@ -159,10 +97,10 @@ impl Lanes {
         };
         let (done, result) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
-            let result = batch(&ended);
+            let result = batch(&Ending(ended.clone()));
             // Before the send: a worker stopped after the batch's last
             // report and before this wakes it has no stuck thread.
-            ended.now();
+            ended.store(true, Ordering::Release);
             let _ = done.send(result);
             // After the send, which wakes the worker.
             drop(inhibit);
@@ -246,8 +184,8 @@ impl Lanes {
 struct Held<'a> {
     lanes: &'a Lanes,
     lane: Option<Lane>,
-    /// Where the batch's thread is.
-    ended: Ending,
+    /// The batch has ended (the thread is about to take its next job).
+    ended: Arc<AtomicBool>,
     _inhibit: Option<Inhibit>,
 }
 
@@ -293,10 +231,8 @@ fn clock_paused() -> bool {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         if let Some(lane) = self.lane.take() {
-            // A thread waiting in the hand runs nothing more once let go.
-            if self.ended.let_go() {
-                // Its batch is over: the thread is idle (or about to be:
-                // a wait in the hand ends within moments), not stuck.
+            if self.ended.load(Ordering::Acquire) {
+                // Its batch is over: the thread is idle, not stuck.
                 self.lanes.give_back(lane);
             } else {
                 self.lanes.give_up(lane);

@@ -257,8 +257,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         Some(worker)
     }
 
-    /// Gives `items` to the next idle worker and wakes it (unless its
-    /// thread waits in its hand and takes them); `Err` hands
+    /// Gives `items` to the next idle worker and wakes it; `Err` hands
     /// them back if it died after its last report (its reap is on the
     /// way). `None`: no worker is idle.
     pub(super) fn give(
@@ -283,9 +282,8 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         slot.stalled = false;
         slot.progress = now;
         self.in_flight += n;
-        // A blocking worker's thread waiting in its hand takes the batch
-        // itself: the worker, still waiting for that thread, is not woken.
-        if !slot.hand.give(items) && slot.actor.cast(WorkerMsg::Run).is_err() {
+        slot.hand.give(items);
+        if slot.actor.cast(WorkerMsg::Run).is_err() {
             let items = slot.hand.take_back_all();
             slot.held.clear();
             self.in_flight -= n;
