@@ -64,12 +64,8 @@ async fn abort_cancels_what_is_in_flight() {
     let pipeline = Pipeline::builder(config(
         "abort",
         vec![
-            // One worker: items reach `slow` in order, so none of the first
-            // ten can wait behind two items that never end (with two, a
-            // worker that ran ahead sent 10 and 11 first on a loaded
-            // machine, both `slow` workers hung on them, and the test hung).
             StageConfig::new("quick", ExecutionType::Async)
-                .workers(1)
+                .workers(2)
                 .queue_size(10),
             StageConfig::new("stuck", ExecutionType::Async)
                 .workers(3)
@@ -395,8 +391,12 @@ async fn stop_within_cancels_what_is_left_at_the_deadline() {
     let pipeline = Pipeline::builder(config(
         "deadline",
         vec![
+            // One worker: items reach `slow` in order, so none of the first
+            // ten can wait behind two items that never end (with two, a
+            // worker that ran ahead sent 10 and 11 first on a loaded
+            // machine, both `slow` workers hung on them, and the test hung).
             StageConfig::new("quick", ExecutionType::Async)
-                .workers(2)
+                .workers(1)
                 .queue_size(10),
             StageConfig::new("slow", ExecutionType::Async)
                 .workers(2)
