@@ -218,16 +218,10 @@ impl Split {
     }
 
     fn line(&self) -> String {
+        let [handler, runner, tokio, main, other, gap, idle, blocks] = self.fields();
         format!(
-            "handler {:.1} runner {:.2} tokio {:.2} main {:.2} other {:.2} | gap {:.2} idle {:.2} us/item, {:.0} blocks/1000",
-            self.handler,
-            self.runner,
-            self.tokio,
-            self.main,
-            self.other,
-            self.gap,
-            self.idle,
-            self.blocks
+            "handler {handler:.1} runner {runner:.2} tokio {tokio:.2} main {main:.2} other {other:.2} \
+             | gap {gap:.2} idle {idle:.2} us/item, {blocks:.0} blocks/1000"
         )
     }
 }
