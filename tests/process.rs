@@ -53,6 +53,9 @@ enum Act {
     /// Abort if this file does not exist yet (creating it first): the first
     /// attempt dies, the next one returns 1.
     AbortOnce(String),
+    /// Fail (transiently) until the attempt the worker sees is this one,
+    /// then return that attempt.
+    FailUntilAttempt(u32),
     /// Return how many bytes standard input gives.
     ReadStdin,
     /// Return 1 if this environment variable is set, else 0.
@@ -125,6 +128,11 @@ fn act(item: WorkItem<Act>) -> anyhow::Result<WorkItem<u64>> {
                 std::fs::write(marker, b"")?;
                 std::process::abort()
             }
+        }
+        Act::FailUntilAttempt(n) => {
+            let seen = item.metadata().attempts();
+            anyhow::ensure!(seen >= *n, "attempt {seen} of {n}");
+            u64::from(seen)
         }
         Act::Pid => std::process::id() as u64,
         Act::ReadStdin => {
@@ -1085,6 +1093,30 @@ async fn retries_run_the_item_again_in_a_new_process() {
     no_children_left().await;
 }
 
+/// A handler in a worker process reads the attempt it is on, as it would
+/// in-process: a retry is attempt 2, whichever process runs it.
+async fn a_handler_sees_its_attempt_in_the_worker_process() {
+    let stage = stage("attempts", 2).retry(RetryPolicy::fixed(3, Duration::from_millis(5)));
+    let acts = vec![
+        Act::FailUntilAttempt(1),
+        Act::FailUntilAttempt(3),
+        Act::FailUntilAttempt(9),
+    ];
+    let (results, returned) = run("attempts", stage, ProcessOptions::new(), acts).await;
+    assert_eq!(returned.get(&0), Some(&1), "{returned:?}");
+    assert_eq!(returned.get(&1), Some(&3), "{returned:?}");
+    // (The result's own `attempts()` is the collector stage's, after it.)
+    let times = results[&1].metadata.stage(&stage_name("attempts"));
+    assert_eq!(times.map(|t| t.attempts()), Some(3));
+    let e = results[&2]
+        .error
+        .as_ref()
+        .expect("attempt 9 is never reached");
+    assert_eq!(e.attempts, 3, "{e}");
+    assert!(e.message.contains("attempt 3 of 9"), "{e}");
+    no_children_left().await;
+}
+
 /// A handler's output whose `Deserialize` panics (in the parent) for 7.
 #[derive(Debug, Serialize)]
 struct Unreadable(u64);
@@ -1744,6 +1776,7 @@ fn main() {
         workers_are_named_after_the_program_pipeline_and_stage,
         ctrl_c_stops_gracefully_and_spares_the_workers,
         retries_run_the_item_again_in_a_new_process,
+        a_handler_sees_its_attempt_in_the_worker_process,
         stage_duration_leaves_out_the_retry_backoff,
         a_panicking_deserialize_of_a_reply_fails_only_its_item,
         init_finds_the_handler_by_address,

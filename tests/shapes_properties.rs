@@ -1,6 +1,6 @@
 //! Property tests over random topologies mixing split, filter, batch and
-//! plain stages in every in-process model, with errors, panics, timeouts,
-//! retries, stops and aborts:
+//! plain stages in every model (Async, Thread, Cpu and Process), with
+//! errors, panics, timeouts, retries, stops and aborts:
 //!
 //! - every admitted item is acked exactly once, and its ack is a success
 //!   exactly when every final item it split into succeeded;
@@ -9,17 +9,25 @@
 //!   results are exactly those a model of the topology predicts;
 //! - the items alive at once never exceed the bound configuration sets.
 //!
-//! Few cases, small items: the whole file runs in well under a minute.
+//! This file has its own `main` (`harness = false` in Cargo.toml): a
+//! Process stage starts this very binary again as its workers, so `main`
+//! calls `bergtalzug::process::init()` first and then runs the property
+//! with proptest's runner (failures shrink and are kept in
+//! `shapes_properties.proptest-regressions` as with the macro).
+//!
+//! 128 cases of small items: the whole file runs in seconds.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bergtalzug::Ack;
 use bergtalzug::prelude::*;
 use bergtalzug::shape::{Batch, Children};
 use proptest::prelude::*;
+use proptest::test_runner::{Config, FileFailurePersistence, TestRunner};
+use serde::{Deserialize, Serialize};
 
 mod common;
 use common::*;
@@ -31,19 +39,38 @@ struct Census {
     peak: AtomicUsize,
 }
 
+/// The census a new [`Token`] counts in: each case sets its own. (In a
+/// worker process it is one nobody reads: what the bound is about is the
+/// parent's memory.)
+static CURRENT: RwLock<Option<Arc<Census>>> = RwLock::new(None);
+
+fn census() -> Arc<Census> {
+    if let Some(census) = CURRENT.read().unwrap().as_ref() {
+        return census.clone();
+    }
+    CURRENT
+        .write()
+        .unwrap()
+        .get_or_insert_with(Default::default)
+        .clone()
+}
+
+/// Counted while it lives; one per value in the pipeline's data, made
+/// again when a value is read back from a worker process.
 struct Token(Arc<Census>);
 
 impl Token {
-    fn new(census: &Arc<Census>) -> Token {
+    fn new() -> Token {
+        let census = census();
         let now = census.live.fetch_add(1, Ordering::SeqCst) + 1;
         census.peak.fetch_max(now, Ordering::SeqCst);
-        Token(census.clone())
+        Token(census)
     }
 }
 
 impl Clone for Token {
     fn clone(&self) -> Token {
-        Token::new(&self.0)
+        Token::new()
     }
 }
 
@@ -53,10 +80,20 @@ impl Drop for Token {
     }
 }
 
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
 struct D {
     v: u64,
+    #[serde(skip, default = "Token::new")]
     _t: Token,
+}
+
+impl D {
+    fn new(v: u64) -> D {
+        D {
+            v,
+            _t: Token::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -90,7 +127,8 @@ fn spec() -> impl Strategy<Value = Spec> {
     let model = prop_oneof![
         Just(ExecutionType::Async),
         Just(ExecutionType::Thread),
-        Just(ExecutionType::Cpu)
+        Just(ExecutionType::Cpu),
+        Just(ExecutionType::Process)
     ];
     (shape, model, 1usize..4, 1usize..5).prop_map(|(shape, model, workers, queue)| Spec {
         shape,
@@ -169,6 +207,11 @@ async fn plain_async(item: WorkItem<D>) -> anyhow::Result<WorkItem<D>> {
     Ok(item)
 }
 
+/// A Process stage's split: the children as a `Vec` (they cross back whole).
+fn split_all(item: WorkItem<D>) -> anyhow::Result<WorkItem<Vec<D>>> {
+    Ok(item.map(|d| children(d.v).map(D::new).collect()))
+}
+
 fn batch_outcomes(batch: Batch<D>) -> anyhow::Result<Vec<anyhow::Result<D>>> {
     Ok(batch
         .into_items()
@@ -185,7 +228,6 @@ fn batch_outcomes(batch: Batch<D>) -> anyhow::Result<Vec<anyhow::Result<D>>> {
 struct Acking {
     values: Vec<u64>,
     next: usize,
-    census: Arc<Census>,
     acks: Arc<Mutex<Vec<Ack>>>,
 }
 
@@ -194,13 +236,7 @@ impl Source for Acking {
     async fn refill(&mut self, count: usize) -> anyhow::Result<Vec<WorkItem<D>>> {
         let end = (self.next + count).min(self.values.len());
         let items = (self.next..end)
-            .map(|i| {
-                let d = D {
-                    v: self.values[i],
-                    _t: Token::new(&self.census),
-                };
-                WorkItem::with_job_id(format!("r{i}"), d)
-            })
+            .map(|i| WorkItem::with_job_id(format!("r{i}"), D::new(self.values[i])))
             .collect();
         self.next = end;
         Ok(items)
@@ -235,6 +271,7 @@ fn bound(config: &PipelineConfig, specs: &[Spec]) -> usize {
 
 async fn check(specs: Vec<Spec>, values: Vec<u64>, end: End) {
     let census = Arc::new(Census::default());
+    *CURRENT.write().unwrap() = Some(census.clone());
     let stages: Vec<StageConfig> = specs
         .iter()
         .enumerate()
@@ -261,14 +298,21 @@ async fn check(specs: Vec<Spec>, values: Vec<u64>, end: End) {
     let source = Acking {
         values: values.clone(),
         next: 0,
-        census: census.clone(),
         acks: acks.clone(),
     };
     let mut builder = Pipeline::builder(config).unwrap().source(source);
     for (i, s) in specs.iter().enumerate() {
         let name = format!("s{i}");
-        let census = census.clone();
         builder = match (s.shape, s.model) {
+            // A Process stage retries by its config alone: the item crosses
+            // as bytes, nothing to clone.
+            (Shape::Plain { .. }, ExecutionType::Process) => builder.process_stage(&name, plain),
+            (Shape::Split, ExecutionType::Process) => {
+                builder.process_stage(&name, split_all).split()
+            }
+            (Shape::Batch { .. }, ExecutionType::Process) => {
+                builder.process_batch_stage(&name, batch_outcomes)
+            }
             (Shape::Plain { retry: false }, ExecutionType::Async) => {
                 builder.async_stage(&name, plain_async)
             }
@@ -278,30 +322,16 @@ async fn check(specs: Vec<Spec>, values: Vec<u64>, end: End) {
             (Shape::Plain { retry: false }, _) => builder.sync_stage(&name, plain),
             (Shape::Plain { retry: true }, _) => builder.retrying_sync_stage(&name, plain),
             (Shape::Split, ExecutionType::Async) => builder
-                .async_stage(&name, move |item: WorkItem<D>| {
-                    let census = census.clone();
-                    async move {
-                        Ok(item.map(move |d| {
-                            let kids = children(d.v).map(move |v| {
-                                Ok(D {
-                                    v,
-                                    _t: Token::new(&census),
-                                })
-                            });
-                            Children::stream(futures::stream::iter(kids))
-                        }))
-                    }
+                .async_stage(&name, |item: WorkItem<D>| async move {
+                    Ok(item.map(|d| {
+                        let kids = children(d.v).map(|v| Ok(D::new(v)));
+                        Children::stream(futures::stream::iter(kids))
+                    }))
                 })
                 .split(),
             (Shape::Split, _) => builder
-                .sync_stage(&name, move |item: WorkItem<D>| {
-                    let census = census.clone();
-                    Ok(item.map(move |d| {
-                        Children::iter(children(d.v).map(move |v| D {
-                            v,
-                            _t: Token::new(&census),
-                        }))
-                    }))
+                .sync_stage(&name, |item: WorkItem<D>| {
+                    Ok(item.map(|d| Children::iter(children(d.v).map(D::new))))
                 })
                 .split(),
             (Shape::Batch { .. }, ExecutionType::Async) => {
@@ -367,20 +397,46 @@ async fn check(specs: Vec<Spec>, values: Vec<u64>, end: End) {
     assert!(peak <= limit, "{peak} items alive at once, bound {limit}");
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
-
-    #[test]
-    fn acks_results_and_bounds_hold_through_any_topology(
-        specs in prop::collection::vec(spec(), 1..4),
-        values in prop::collection::vec(0u64..200, 1..25),
-        end in prop_oneof![Just(End::Complete), Just(End::Complete), Just(End::Stop), Just(End::Abort)],
-    ) {
+/// The property, `cases` times, with proptest's shrinking and regression
+/// file; every case on a runtime of its own.
+fn acks_results_and_bounds_hold_through_any_topology() {
+    let config = Config {
+        cases: 128,
+        source_file: Some(file!()),
+        failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel(
+            "proptest-regressions",
+        ))),
+        ..Config::default()
+    };
+    let strategy = (
+        prop::collection::vec(spec(), 1..4),
+        prop::collection::vec(0u64..200, 1..25),
+        prop_oneof![
+            Just(End::Complete),
+            Just(End::Complete),
+            Just(End::Stop),
+            Just(End::Abort)
+        ],
+    );
+    let outcome = TestRunner::new(config).run(&strategy, |(specs, values, end)| {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(check(specs, values, end));
+        Ok(())
+    });
+    if let Err(e) = outcome {
+        panic!("{e}");
     }
+}
+
+fn main() {
+    // First: in a worker process this serves its stage and never returns.
+    bergtalzug::process::init();
+    run_tests(&[(
+        "acks_results_and_bounds_hold_through_any_topology",
+        acks_results_and_bounds_hold_through_any_topology,
+    )]);
 }

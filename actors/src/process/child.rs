@@ -225,6 +225,7 @@ fn item_of<I>(job: Job<I>) -> Result<WorkItem<I>, String> {
     let custom = frame::custom_from_wire(&job.custom)?;
     let mut item = WorkItem::with_job_id(job.job_id, job.data);
     item.metadata_mut().custom = custom;
+    item.metadata_mut().attempts = job.attempts;
     Ok(item)
 }
 

@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped when the frames change; a child of another version is refused.
-pub(crate) const PROTOCOL_VERSION: u32 = 2;
+pub(crate) const PROTOCOL_VERSION: u32 = 3;
 
 /// Bytes of the length prefix.
 const HEADER: usize = 4;
@@ -26,6 +26,9 @@ const READ_CHUNK: usize = 64 * 1024;
 #[derive(Serialize)]
 pub(crate) struct JobRef<'a, T> {
     pub(crate) job_id: &'a str,
+    /// The attempt this is in the stage (1 on the first), so that a
+    /// handler's `metadata().attempts()` reads as it does in-process.
+    pub(crate) attempts: u32,
     /// The item's custom metadata as JSON, or empty.
     pub(crate) custom: &'a str,
     pub(crate) data: &'a T,
@@ -35,6 +38,7 @@ pub(crate) struct JobRef<'a, T> {
 #[derive(Deserialize)]
 pub(crate) struct Job<T> {
     pub(crate) job_id: String,
+    pub(crate) attempts: u32,
     pub(crate) custom: String,
     pub(crate) data: T,
 }

@@ -53,6 +53,7 @@ where
     fn encode(item: &WorkItem<I>, custom: &str, limit: usize) -> Result<Vec<u8>, String> {
         let job = JobRef {
             job_id: &item.head.job_id.to_string(),
+            attempts: item.head.metadata.attempts,
             custom,
             data: &item.data,
         };
@@ -99,8 +100,10 @@ where
             items: items
                 .iter()
                 .zip(ids.iter().zip(&customs))
+                // A batch's attempt is each of its items' attempt.
                 .map(|(i, (id, custom))| JobRef {
                     job_id: id,
+                    attempts: item.head.metadata.attempts,
                     custom,
                     data: &i.data,
                 })
@@ -108,6 +111,7 @@ where
         };
         let job = JobRef {
             job_id: &item.head.job_id.to_string(),
+            attempts: item.head.metadata.attempts,
             custom,
             data: &batch,
         };
