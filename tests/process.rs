@@ -1527,7 +1527,7 @@ async fn a_resource_that_cannot_be_built_fails_the_run_naming_the_stage() {
     let failed: Vec<&ItemError> = outcome
         .results
         .iter()
-        .filter_map(|r| r.error.as_ref())
+        .filter_map(|r| r.error.as_deref())
         .filter(|e| e.kind != ItemErrorKind::Cancelled)
         .collect();
     assert!(!failed.is_empty() && failed.len() <= 8, "{failed:?}");

@@ -62,7 +62,7 @@ impl DeadLetter {
     pub(crate) fn new(result: &WorkItemResult, input: Option<Box<dyn Any + Send>>) -> Option<Self> {
         Some(DeadLetter {
             job_id: result.job_id.clone(),
-            error: result.error.clone()?,
+            error: result.error.as_deref()?.clone(),
             metadata: result.metadata.clone(),
             input,
         })

@@ -66,7 +66,7 @@ impl Family {
             if self.failed.len() < NAMED_FAILURES {
                 self.failed.push(result.job_id.clone());
             }
-            self.first_error.get_or_insert_with(|| error.clone());
+            self.first_error.get_or_insert_with(|| (**error).clone());
         }
     }
 

@@ -100,7 +100,7 @@ pub struct Ack {
     /// Why it did not succeed; `None` when it did. For an item that was
     /// split (see [`crate::shape`]): the first failure among the items it
     /// split into, its message counting them.
-    pub error: Option<ItemError>,
+    pub error: Option<Box<ItemError>>,
     /// For an item that was split: the ids of the items it split into that
     /// failed (at most 1000 are named; `error` counts them all). Empty
     /// otherwise.
@@ -124,7 +124,7 @@ impl Ack {
     pub(crate) fn combined(outcome: crate::lineage::Combined) -> Self {
         Ack {
             job_id: outcome.root,
-            error: outcome.error,
+            error: outcome.error.map(Box::new),
             failed: outcome.failed,
         }
     }

@@ -320,7 +320,7 @@ impl TrackerState {
                 match settled {
                     Settled::Plain => {
                         roots.n += 1;
-                        tally.count(result.error.as_ref());
+                        tally.count(result.error.as_deref());
                         if tracking && origin != Origin::Refused {
                             roots.ids.push(result.job_id.clone());
                         }

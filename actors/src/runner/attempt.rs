@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use super::RunCtx;
 use crate::contain;
 use crate::item::{
-    AttemptStart, ItemError, ItemErrorKind, JobId, Permanent, StageNames, StageTimes, WorkItem,
-    WorkItemMetadata, WorkItemResult,
+    AttemptStart, ItemError, ItemErrorKind, JobId, Permanent, StageNames, Stamps, WorkItem,
+    WorkItemMetadata, WorkItemResult, since,
 };
 use crate::outcome::{Failed, Outcome};
 
@@ -73,12 +73,13 @@ impl<O> Ran<O> {
 /// item's outcome is put together afterwards.
 pub(crate) struct Attempt<I> {
     pub(super) job_id: JobId,
-    pub(super) created: Instant,
+    /// When the item was created ([`item::epoch_ns`](crate::item::epoch_ns)).
+    pub(super) created: u64,
     pub(super) attempts: u32,
     /// The item's place in the stage's input order.
     pub(super) seq: u32,
     pub(super) names: Option<StageNames>,
-    pub(super) stages: Vec<StageTimes>,
+    pub(super) stages: Vec<Stamps>,
     /// When this attempt began (stamped when tracking is on).
     pub(super) began: Option<AttemptStart>,
     pub(super) custom: Option<BTreeMap<String, serde_json::Value>>,
@@ -98,10 +99,11 @@ impl<I: Send + 'static> Attempt<I> {
         let attempts = item.head.metadata.attempts;
         let mut stages = std::mem::take(&mut item.head.metadata.stages);
         let mut began = None;
+        let created = item.head.metadata.created_ns();
         if ctx.tracking {
             if let Some(times) = stages.last_mut() {
-                began = Some(times.attempt_begins(now, false));
-                times.attempts = attempts;
+                began = Some(times.attempt_begins(since(created, now), false));
+                times.set_attempts(attempts);
             }
         }
         let custom = &item.head.metadata.custom;
@@ -115,7 +117,7 @@ impl<I: Send + 'static> Attempt<I> {
         };
         Attempt {
             job_id: item.head.job_id.clone(),
-            created: item.head.metadata.created(),
+            created,
             attempts,
             seq: item.head.metadata.seq,
             names: item.head.metadata.names.take(),
@@ -168,7 +170,7 @@ impl<I: Send + 'static> Attempt<I> {
         out.head.metadata.names = self.names;
         out.head.metadata.attempts = self.attempts;
         out.head.metadata.seq = self.seq;
-        out.head.metadata.set_created(self.created);
+        out.head.metadata.set_created_ns(self.created);
         Outcome::Done(out)
     }
 
@@ -228,7 +230,7 @@ impl<I: Send + 'static> Attempt<I> {
     ) -> Outcome<I, O> {
         self.stamp_completed(ctx, now);
         let mut metadata = WorkItemMetadata::default();
-        metadata.set_created(self.created);
+        metadata.set_created_ns(self.created);
         metadata.names = self.names;
         metadata.stages = self.stages;
         metadata.attempts = self.attempts;
@@ -239,7 +241,7 @@ impl<I: Send + 'static> Attempt<I> {
                 return Outcome::Retry(WorkItem::from_parts(self.job_id, data, metadata));
             }
         }
-        metadata.finished = Some(now);
+        metadata.set_finished(Some(now));
         let input = self.kept.map(|data| {
             Box::new(WorkItem::from_parts(
                 self.job_id.clone(),
@@ -258,7 +260,7 @@ impl<I: Send + 'static> Attempt<I> {
     fn stamp_completed<O>(&mut self, ctx: &RunCtx<I, O>, now: Instant) {
         if ctx.tracking {
             if let Some(times) = self.stages.last_mut() {
-                times.attempt_ends(self.began.take(), now);
+                times.attempt_ends(self.began.take(), since(self.created, now));
             }
         }
     }

@@ -585,8 +585,10 @@ where
         // retry keeps its first attempt's start (as `Attempt::begin` does).
         if ctx.tracking {
             if let Some(times) = pending.attempt.stages.last_mut() {
-                pending.attempt.began =
-                    Some(times.attempt_begins(now, pending.attempt.attempts == 1));
+                pending.attempt.began = Some(times.attempt_begins(
+                    crate::item::since(pending.attempt.created, now),
+                    pending.attempt.attempts == 1,
+                ));
             }
         }
         reporter.started(&pending.attempt.job_id);
@@ -728,7 +730,7 @@ impl<I: Send + 'static, A> Pending<I, A> {
             Err((None, message)) => return Err(Box::new((attempt, message))),
         };
         let mut metadata = WorkItemMetadata::default();
-        metadata.set_created(attempt.created);
+        metadata.set_created_ns(attempt.created);
         metadata.names = attempt.names;
         metadata.stages = attempt.stages;
         metadata.attempts = attempt.attempts - 1;

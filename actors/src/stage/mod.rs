@@ -103,7 +103,7 @@ use crate::config::{RateLimit, RetryPolicy};
 use crate::error::PipelineError;
 use crate::event::{PipelineEvent, WorkerId};
 use crate::item::{
-    ItemError, ItemErrorKind, JobId, StageTimes, WorkItem, WorkItemMetadata, WorkItemResult,
+    ItemError, ItemErrorKind, JobId, Stamps, WorkItem, WorkItemMetadata, WorkItemResult,
 };
 use crate::outcome::{Failed, Outcome, WorkerReport};
 use crate::ports::{FailPipeline, Outlet, Reports, StageControl, StallCheck, Upstream};
@@ -654,13 +654,15 @@ where
             self.next_seq += 1;
         }
         if self.shared.config.enable_tracking {
-            let now = crate::clock::now();
+            let now = crate::item::epoch_ns(crate::clock::now());
             for item in &mut items {
+                let created = item.head.metadata.created_ns();
                 let stages = &mut item.head.metadata.stages;
                 if stages.capacity() == 0 {
                     stages.reserve_exact(self.shared.config.stages.len() - self.index);
                 }
-                stages.push(StageTimes::queued_at(self.index as u16, now));
+                let at = now.saturating_sub(created);
+                stages.push(Stamps::queued_at(self.index as u16, at));
             }
         }
         if self.shared.events.wants_lifecycle() {
@@ -899,7 +901,7 @@ where
             .filter(|(job_id, _, _)| !accounted.contains(job_id))
             .map(|(job_id, created, seq)| {
                 let mut metadata = WorkItemMetadata::default();
-                metadata.set_created(*created);
+                metadata.set_created_ns(*created);
                 metadata.seq = *seq;
                 let result = WorkItemResult::failed(
                     job_id.clone(),

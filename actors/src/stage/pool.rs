@@ -41,7 +41,7 @@ pub(super) struct Slot<I, O> {
     /// Job ids, creation times and places (`seq`) of the items the worker
     /// holds and has not reported, in the order given (those not started
     /// are the end): enough to account for them if the worker dies.
-    pub(super) held: VecDeque<(JobId, Instant, u32)>,
+    pub(super) held: VecDeque<(JobId, u64, u32)>,
     /// It reported a panic or a timeout and is about to fail: no more work
     /// for it.
     pub(super) failing: bool,
@@ -274,7 +274,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         slot.held.extend(items.iter().map(|i| {
             (
                 i.head.job_id.clone(),
-                i.head.metadata.created(),
+                i.head.metadata.created_ns(),
                 i.head.metadata.seq,
             )
         }));
