@@ -92,8 +92,8 @@ const CLAIM: &str = r"
 local start = '-'
 if ARGV[4] ~= '0-0' then start = '(' .. ARGV[4] end
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], start, '+', ARGV[5])
-local next = '0-0'
-if #p >= tonumber(ARGV[5]) then next = p[#p][1] end
+local cursor = '0-0'
+if #p >= tonumber(ARGV[5]) then cursor = p[#p][1] end
 local out = {}
 for _, e in ipairs(p) do
   if e[2] ~= ARGV[2] then
@@ -107,7 +107,7 @@ for _, e in ipairs(p) do
     end
   end
 end
-return {next, out}
+return {cursor, out}
 ";
 
 /// Renews the lease of the given entries that this consumer still holds
