@@ -38,7 +38,8 @@ pub(super) struct Slot<I, O> {
     actor: ActorRef<WorkerMsg>,
     /// The items given to the worker and not started yet (shared with it).
     hand: Arc<Hand<I, O>>,
-    /// Job ids, creation times and places (`seq`) of the items the worker
+    /// Job ids, creation times (nanoseconds after the clock's epoch, as
+    /// the metadata keeps them) and places (`seq`) of the items the worker
     /// holds and has not reported, in the order given (those not started
     /// are the end): enough to account for them if the worker dies.
     pub(super) held: VecDeque<(JobId, u64, u32)>,
