@@ -327,17 +327,16 @@ fn main() {
          time per item, every thread, 10 ms ticks; ideal on {} cores: {ideal:.0} items/s)",
         cpus.min(2)
     );
-    if !quick {
-        if let Some((on, hand)) = rounds
+    if !quick
+        && let Some((on, hand)) = rounds
             .median(Variant::Tracking(true))
             .zip(rounds.reference(&BY_HAND))
-        {
-            println!(
-                "target (issue 14): bergtalzug tracking on {:.2}x the faster by hand >= {TARGET}x: {}",
-                on / hand,
-                verdict(on / hand >= TARGET)
-            );
-        }
+    {
+        println!(
+            "target (issue 14): bergtalzug tracking on {:.2}x the faster by hand >= {TARGET}x: {}",
+            on / hand,
+            verdict(on / hand >= TARGET)
+        );
     }
     common::print_load(&load);
 }

@@ -66,7 +66,11 @@ fn reports() -> anyhow::Result<Pipeline<u32>> {
         .source(sources::iter(1..=60u32))
         .async_stage("render", |item: WorkItem<u32>| async move {
             tokio::time::sleep(Duration::from_millis(3)).await;
-            anyhow::ensure!(item.data % 25 != 0, "report {} has no data", item.data);
+            anyhow::ensure!(
+                !item.data.is_multiple_of(25),
+                "report {} has no data",
+                item.data
+            );
             Ok(item)
         })
         .build()?)

@@ -392,10 +392,10 @@ type Pending = std::collections::VecDeque<anyhow::Result<WorkItem<String>>>;
 /// Up to `count` lines from the front of `pending`, stopping before an
 /// error; an error at the front is returned (and taken) alone.
 fn take_lines(pending: &mut Pending, count: usize) -> anyhow::Result<Vec<WorkItem<String>>> {
-    if let Some(Err(_)) = pending.front() {
-        if let Some(Err(error)) = pending.pop_front() {
-            return Err(error);
-        }
+    if let Some(Err(_)) = pending.front()
+        && let Some(Err(error)) = pending.pop_front()
+    {
+        return Err(error);
     }
     let mut batch = Vec::new();
     while batch.len() < count {

@@ -114,7 +114,7 @@ async fn memory_is_bounded_by_configuration() {
         .async_stage("fast", |i: WorkItem<Tracked>| async move { Ok(i) })
         .sync_stage("thread", Ok)
         .async_stage("slow", |i: WorkItem<Tracked>| async move {
-            if i.data.value % 64 == 0 {
+            if i.data.value.is_multiple_of(64) {
                 tokio::time::sleep(Duration::from_micros(200)).await;
             }
             Ok(i)

@@ -133,7 +133,7 @@ async fn completion_and_dead_letter_callbacks_may_both_keep_state() {
         .unwrap()
         .source(sources::iter(0..20u32))
         .async_stage("check", |i: WorkItem<u32>| async move {
-            anyhow::ensure!(i.data % 4 != 0, "a multiple of 4");
+            anyhow::ensure!(!i.data.is_multiple_of(4), "a multiple of 4");
             Ok(i)
         })
         .on_complete(move |r: &WorkItemResult| {

@@ -46,7 +46,7 @@ fn endless(pace: Duration, fail_every: u64, len: usize) -> Pipeline<u64> {
             let message = message.clone();
             async move {
                 tokio::time::sleep(pace).await;
-                if item.data % fail_every == 0 {
+                if item.data.is_multiple_of(fail_every) {
                     anyhow::bail!("item {} failed: {message}", item.data);
                 }
                 Ok(item)

@@ -29,7 +29,7 @@ const WINDOW: usize = WORK.0 + WORK.1 + STORE.0 + STORE.1;
 const FAILING: u64 = 17;
 
 fn failing(n: u64) -> bool {
-    n % FAILING == 0
+    n.is_multiple_of(FAILING)
 }
 
 /// Where a consumer writes: its results (keyed by job id) and a log of

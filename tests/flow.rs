@@ -633,7 +633,7 @@ async fn an_ordered_last_stage_reports_its_results_in_input_order() {
         .source(sources::iter(0..200u64))
         .async_stage("work", |item: WorkItem<u64>| async move {
             tokio::time::sleep(delay(item.data, 10)).await;
-            anyhow::ensure!(item.data % 9 != 0, "no multiples of 9");
+            anyhow::ensure!(!item.data.is_multiple_of(9), "no multiples of 9");
             Ok(item)
         })
         .build()

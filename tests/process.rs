@@ -399,15 +399,15 @@ async fn sigkill_from_outside_fails_only_its_item() {
     let acts = doubles_with(20, 5, Act::AwaitKill(marker.display().to_string()));
     let killer = tokio::spawn(async move {
         loop {
-            if let Ok(pid) = std::fs::read_to_string(&marker) {
-                if let Ok(pid) = pid.trim().parse::<i32>() {
-                    nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    )
-                    .unwrap();
-                    return;
-                }
+            if let Ok(pid) = std::fs::read_to_string(&marker)
+                && let Ok(pid) = pid.trim().parse::<i32>()
+            {
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .unwrap();
+                return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -221,7 +221,7 @@ async fn run_case(stages: Vec<StageSpec>, items: u64, ending: Ending, stop_after
                     if attempt_roll(&item, index) >= 1000 - spec.hangs {
                         tokio::time::sleep(HANG).await;
                     }
-                    if spec.slow && item.data.value % 7 == 0 {
+                    if spec.slow && item.data.value.is_multiple_of(7) {
                         tokio::time::sleep(Duration::from_micros(200)).await;
                     }
                     step(&spec, index, item)

@@ -34,7 +34,7 @@ async fn a_failing_attempt_is_retried_until_it_succeeds() {
     .source(sources::iter(0..30u64))
     .retrying_async_stage("flaky", |item: WorkItem<u64>| async move {
         // Every third item fails its first two attempts.
-        if item.data % 3 == 0 && item.metadata().attempts() < 3 {
+        if item.data.is_multiple_of(3) && item.metadata().attempts() < 3 {
             anyhow::bail!(
                 "attempt {} of {} failed",
                 item.metadata().attempts(),

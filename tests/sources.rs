@@ -117,7 +117,7 @@ async fn acks_after(stop: Option<Duration>, abort: bool) {
     })
     .async_stage("a", |i: WorkItem<u64>| async move {
         tokio::time::sleep(Duration::from_micros(50)).await;
-        if i.data % 7 == 0 {
+        if i.data.is_multiple_of(7) {
             anyhow::bail!("{} is a multiple of 7", i.data);
         }
         Ok(i)

@@ -285,13 +285,14 @@ impl<I: Send + 'static> BatcherState<I> {
         }
         // A full room with no batch to send: the oldest goes now, so that
         // the batcher can take items again.
-        if self.ready.is_empty() && self.held >= self.room() {
-            if let Some(oldest) = self.filling.pop_front() {
-                self.ready.push_back(Batch {
-                    items: oldest.items,
-                    key: oldest.key,
-                });
-            }
+        if self.ready.is_empty()
+            && self.held >= self.room()
+            && let Some(oldest) = self.filling.pop_front()
+        {
+            self.ready.push_back(Batch {
+                items: oldest.items,
+                key: oldest.key,
+            });
         }
         let n = self.credit.min(self.ready.len());
         if n > 0 {
@@ -313,18 +314,19 @@ impl<I: Send + 'static> BatcherState<I> {
         }
         let wanted = self.held + self.requested;
         let free = self.room().saturating_sub(wanted);
-        if free > 0 && (free * 2 >= self.room() || wanted == 0) {
-            if let Some(upstream) = &self.upstream {
-                self.requested += free;
-                upstream.demand(free);
-            }
+        if free > 0
+            && (free * 2 >= self.room() || wanted == 0)
+            && let Some(upstream) = &self.upstream
+        {
+            self.requested += free;
+            upstream.demand(free);
         }
-        if let Some(due) = self.filling.iter().map(|f| f.due).min() {
-            if self.armed.is_none_or(|armed| due < armed) {
-                self.armed = Some(due);
-                let wait = due.saturating_duration_since(now);
-                myself.send_after(wait, || BatchMsg::Tick);
-            }
+        if let Some(due) = self.filling.iter().map(|f| f.due).min()
+            && self.armed.is_none_or(|armed| due < armed)
+        {
+            self.armed = Some(due);
+            let wait = due.saturating_duration_since(now);
+            myself.send_after(wait, || BatchMsg::Tick);
         }
     }
 }

@@ -177,7 +177,7 @@ impl DeadLetterSink {
                                 if waited == warning {
                                     hub.set_held_back_by(Some("dead-letter receiver".into()));
                                 }
-                                if waited == warning || waited.as_secs() % 30 == 0 {
+                                if waited == warning || waited.as_secs().is_multiple_of(30) {
                                     tracing::warn!(target: "bergtalzug::tracker",
                                         pipeline,
                                         "the pipeline has waited {waited:.1?} for the dead-letter receiver: \

@@ -575,7 +575,7 @@ impl EventHub {
             {
                 waited += SUBSCRIBER_STALL_WARNING;
                 // Said at once, then every half minute while it lasts.
-                if waited == SUBSCRIBER_STALL_WARNING || waited.as_secs() % 30 == 0 {
+                if waited == SUBSCRIBER_STALL_WARNING || waited.as_secs().is_multiple_of(30) {
                     self.stalled(pipeline, ring, waited);
                 }
             }

@@ -290,11 +290,12 @@ impl<O: Send + 'static> SplitterState<O> {
         }
         let held = self.parents.len() + self.requested;
         let free = self.room.saturating_sub(held);
-        if free > 0 && (free * 2 >= self.room || held == 0) {
-            if let Some(upstream) = &self.upstream {
-                self.requested += free;
-                upstream.demand(free);
-            }
+        if free > 0
+            && (free * 2 >= self.room || held == 0)
+            && let Some(upstream) = &self.upstream
+        {
+            self.requested += free;
+            upstream.demand(free);
         }
     }
 

@@ -274,16 +274,16 @@ fn no_file_imports_from_a_floor_above_its_own() {
             continue;
         };
         for to in targets {
-            if let Some(t) = floor(to) {
-                if t > f {
-                    upward.push(format!(
-                        "{} ({}) imports {} ({})",
-                        name(from),
-                        FLOOR_NAMES[f as usize],
-                        name(to),
-                        FLOOR_NAMES[t as usize]
-                    ));
-                }
+            if let Some(t) = floor(to)
+                && t > f
+            {
+                upward.push(format!(
+                    "{} ({}) imports {} ({})",
+                    name(from),
+                    FLOOR_NAMES[f as usize],
+                    name(to),
+                    FLOOR_NAMES[t as usize]
+                ));
             }
         }
     }

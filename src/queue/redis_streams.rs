@@ -1271,11 +1271,11 @@ impl<T: DeserializeOwned + Send + 'static> RedisSource<T> {
                     .by_job
                     .get(&suspect.job_id().to_string())
                     .map(|h| (h.entry.clone(), h.deliveries));
-                if let Some(counted) = counted {
-                    if let Err(e) = broker.set_counts(&name, &[counted]).await {
-                        tracing::warn!(target: "bergtalzug::queue",
-                            "consumer {name}: counting a suspect's delivery failed: {e:#}");
-                    }
+                if let Some(counted) = counted
+                    && let Err(e) = broker.set_counts(&name, &[counted]).await
+                {
+                    tracing::warn!(target: "bergtalzug::queue",
+                        "consumer {name}: counting a suspect's delivery failed: {e:#}");
                 }
                 self.shared.in_flight.add(1);
                 return Ok(Refill::Items(vec![suspect]));

@@ -188,10 +188,10 @@ pub(crate) fn serve_if_worker<R, F: Call<R>>(
     }
     // In the parent's own executable, the handler must be the one sent too
     // (two pipelines of the same name may bind other handlers).
-    if let Some(sent) = env.entry_here() {
-        if sent != Entry::unchecked(init, handler) {
-            return;
-        }
+    if let Some(sent) = env.entry_here()
+        && sent != Entry::unchecked(init, handler)
+    {
+        return;
     }
     child::serve(init, handler)
 }

@@ -391,11 +391,11 @@ impl ChildProc {
                 },
                 // Exited, while something it started may hold its socket.
                 _ = child.wait() => {
-                    if let Ok(n) = socket.try_read(buf.spare()) {
-                        if n > 0 {
-                            buf.filled(n);
-                            continue;
-                        }
+                    if let Ok(n) = socket.try_read(buf.spare())
+                        && n > 0
+                    {
+                        buf.filled(n);
+                        continue;
                     }
                     return failed("it exited".to_string());
                 }

@@ -100,11 +100,11 @@ impl<I: Send + 'static> Attempt<I> {
         let mut stages = std::mem::take(&mut item.head.metadata.stages);
         let mut began = None;
         let created = item.head.metadata.created_ns();
-        if ctx.tracking {
-            if let Some(times) = stages.last_mut() {
-                began = Some(times.attempt_begins(since(created, now), false));
-                times.set_attempts(attempts);
-            }
+        if ctx.tracking
+            && let Some(times) = stages.last_mut()
+        {
+            began = Some(times.attempt_begins(since(created, now), false));
+            times.set_attempts(attempts);
         }
         let custom = &item.head.metadata.custom;
         let (kept, uncopied) = match ctx.keep {
@@ -236,10 +236,11 @@ impl<I: Send + 'static> Attempt<I> {
         metadata.attempts = self.attempts;
         metadata.seq = self.seq;
         metadata.custom = self.custom.unwrap_or_default();
-        if retryable && self.attempts < ctx.max_attempts {
-            if let Some(data) = self.kept.take() {
-                return Outcome::Retry(WorkItem::from_parts(self.job_id, data, metadata));
-            }
+        if retryable
+            && self.attempts < ctx.max_attempts
+            && let Some(data) = self.kept.take()
+        {
+            return Outcome::Retry(WorkItem::from_parts(self.job_id, data, metadata));
         }
         metadata.set_finished(Some(now));
         let input = self.kept.map(|data| {
@@ -258,10 +259,10 @@ impl<I: Send + 'static> Attempt<I> {
     }
 
     fn stamp_completed<O>(&mut self, ctx: &RunCtx<I, O>, now: Instant) {
-        if ctx.tracking {
-            if let Some(times) = self.stages.last_mut() {
-                times.attempt_ends(self.began.take(), since(self.created, now));
-            }
+        if ctx.tracking
+            && let Some(times) = self.stages.last_mut()
+        {
+            times.attempt_ends(self.began.take(), since(self.created, now));
         }
     }
 }

@@ -475,11 +475,11 @@ where
         // replies it sent before may still be waiting to be read.
         let mut cannot_write = None;
         while answered < n {
-            if let Some(e) = &cannot_write {
-                if answered == written {
-                    let what = format!("stopped reading ({e})");
-                    return Err(Broken::died(what, true));
-                }
+            if let Some(e) = &cannot_write
+                && answered == written
+            {
+                let what = format!("stopped reading ({e})");
+                return Err(Broken::died(what, true));
             }
             let deadline = ctx
                 .timeout
@@ -583,13 +583,13 @@ where
         pending.started = Some(now);
         // Stamped when the child starts on it, not when the batch came; a
         // retry keeps its first attempt's start (as `Attempt::begin` does).
-        if ctx.tracking {
-            if let Some(times) = pending.attempt.stages.last_mut() {
-                pending.attempt.began = Some(times.attempt_begins(
-                    crate::item::since(pending.attempt.created, now),
-                    pending.attempt.attempts == 1,
-                ));
-            }
+        if ctx.tracking
+            && let Some(times) = pending.attempt.stages.last_mut()
+        {
+            pending.attempt.began = Some(times.attempt_begins(
+                crate::item::since(pending.attempt.created, now),
+                pending.attempt.attempts == 1,
+            ));
         }
         reporter.started(&pending.attempt.job_id);
     }
