@@ -289,10 +289,12 @@ impl U48 {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct AttemptStart(u64);
 
+/// Shown as what they are: durations after the item's `created` (the
+/// `Instant`s are [`StageTimes`]'s, which needs `created` to make them).
 impl fmt::Debug for Stamps {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let some = |n: U48| (n.get() != 0).then(|| Duration::from_nanos(n.get() - 1));
-        f.debug_struct("StageTimes")
+        f.debug_struct("Stamps (after created)")
             .field("stage", &self.stage)
             .field("attempts", &self.attempts)
             .field("queued", &Duration::from_nanos(self.queued.get()))
