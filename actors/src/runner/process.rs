@@ -326,7 +326,10 @@ where
     ) -> Result<(), String> {
         let front = pending.pop_front().expect("a front");
         let started = front.started.unwrap_or(now);
-        reporter.push(
+        // Recorded, not pushed: a push may send a report on its own, and
+        // one holding the worker's last item without `failing` would let
+        // the stage count it idle before the give-up arrives.
+        reporter.record(
             front.fail::<O, W>(ctx, kind, message.clone(), now),
             started,
             now,
@@ -424,7 +427,8 @@ where
                     let (attempt, message) = *lost;
                     let now = Instant::now();
                     let outcome = attempt.end(ctx, Ran::Unsendable(message), now);
-                    reporter.push(outcome, now, now);
+                    // Sent with the give-up (see `lose_worker`).
+                    reporter.record(outcome, now, now);
                 }
             }
         }

@@ -321,11 +321,14 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         self.in_flight -= n;
         if failing {
             slot.failing = true;
+            // An earlier report may have emptied its hold and listed it
+            // idle; a failing worker is given nothing more.
+            self.idle.retain(|w| *w != worker);
             AfterReport::Failing
         } else if slot.held.is_empty() && slot.retiring {
             slot.stop();
             AfterReport::Busy
-        } else if slot.held.is_empty() && !slot.dead && !aborting {
+        } else if slot.held.is_empty() && !slot.dead && !slot.failing && !aborting {
             self.idle.push(worker);
             AfterReport::Idle
         } else {
@@ -447,5 +450,64 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
                 debug_assert!(seen.insert(*worker), "{worker} listed idle twice");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ractor::{Actor, ActorProcessingErr};
+
+    /// A worker actor that does nothing with its wake-ups.
+    struct Asleep;
+
+    impl Actor for Asleep {
+        type Msg = WorkerMsg;
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(
+            &self,
+            _myself: ActorRef<WorkerMsg>,
+            _args: (),
+        ) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+    }
+
+    /// A worker whose last item was reported (so it was listed idle) and
+    /// whose give-up came in a report of its own is not idle: the stage
+    /// gives nothing to a worker that is about to fail.
+    #[tokio::test]
+    async fn a_worker_that_gives_up_after_reporting_everything_is_not_idle() {
+        let (actor, handle) = Actor::spawn(None, Asleep, ()).await.unwrap();
+        let mut pool = Pool::<u32, u32>::new();
+        let now = Instant::now();
+        let worker = pool.next_id();
+        pool.add(worker, actor.clone(), Arc::new(Hand::new()), now);
+        assert!(matches!(
+            pool.give(vec![WorkItem::new(1)], now),
+            Some(Ok(()))
+        ));
+        assert!(!pool.has_idle());
+
+        let after = pool.reported(worker, 1, true, false, false, now);
+        assert!(matches!(after, AfterReport::Idle));
+        assert_eq!(pool.idle_count(), 1);
+
+        let after = pool.reported(worker, 0, false, true, false, now);
+        assert!(matches!(after, AfterReport::Failing));
+        assert!(!pool.has_idle(), "a failing worker is listed idle");
+        assert!(pool.give(vec![WorkItem::new(2)], now).is_none());
+        pool.check();
+
+        // Nor does a later report list it idle again.
+        let after = pool.reported(worker, 0, false, false, false, now);
+        assert!(!matches!(after, AfterReport::Idle));
+        assert!(!pool.has_idle());
+        pool.check();
+
+        actor.stop(None);
+        handle.await.unwrap();
     }
 }
