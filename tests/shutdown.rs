@@ -187,6 +187,54 @@ async fn a_stopped_pipeline_refuses_input() {
     ));
 }
 
+/// An injection after a stop was asked for (through the same handle) is
+/// refused, even while the stop is still waiting for an item in flight and
+/// though `inject` goes to the source without passing the root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injection_after_a_stop_request_is_refused() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = gate.clone();
+    let pipeline = Pipeline::builder(config(
+        "stopping",
+        vec![StageConfig::new("a", ExecutionType::Async)],
+    ))
+    .unwrap()
+    .injected::<u64>()
+    .async_stage("a", move |i: WorkItem<u64>| {
+        let gate = held.clone();
+        async move {
+            let _permit = gate.acquire().await;
+            Ok(i)
+        }
+    })
+    .build()
+    .unwrap();
+    pipeline.start().await.unwrap();
+    pipeline.inject(vec![WorkItem::new(1)]).await.unwrap();
+    let mut stop = std::pin::pin!(pipeline.stop());
+    // Polled once: the stop is asked for, and waits for item 1.
+    let pending =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(stop.as_mut().poll(cx).is_pending()))
+            .await;
+    assert!(pending, "the stop waits for the item in flight");
+    assert!(matches!(
+        within(
+            Duration::from_secs(10),
+            pipeline.inject(vec![WorkItem::new(2)])
+        )
+        .await,
+        Err(PipelineError::InputClosed(_))
+    ));
+    gate.add_permits(1);
+    within(Duration::from_secs(10), stop).await.unwrap();
+    let results = pipeline.run().await.unwrap();
+    assert_eq!(
+        results.len(),
+        1,
+        "only the item injected before the stop ran"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_fed_pipeline_ends_with_its_senders_or_on_stop() {
     // Ends when the senders are gone.

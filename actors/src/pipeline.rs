@@ -17,6 +17,7 @@ use crate::event::{ActorEvent, EventFilter, EventStream, forward_to_actor};
 use crate::item::{WorkItem, WorkItemResult};
 use crate::root::{PipelineActor, PipelineArgs, PipelineMsg, PipelineParts};
 use crate::shared::Shared;
+use crate::source_actor::SourceMsg;
 use crate::stats::PipelineStats;
 
 /// A built pipeline: a cheap, cloneable handle; every method takes `&self`.
@@ -57,6 +58,9 @@ struct Inner<T> {
     /// finds no root yet waits for that start instead of being lost.
     start_begun: AtomicBool,
     root: OnceLock<ActorRef<PipelineMsg<T>>>,
+    /// The source actor, set by the root as it starts: `inject` goes to it
+    /// straight, one hop fewer than through the root.
+    source: Arc<OnceLock<ActorRef<SourceMsg<T>>>>,
     _input: PhantomData<fn(T)>,
 }
 
@@ -89,6 +93,7 @@ impl<T: Send + 'static> Pipeline<T> {
                 starting: AsyncMutex::new(()),
                 start_begun: AtomicBool::new(false),
                 root: OnceLock::new(),
+                source: Arc::new(OnceLock::new()),
                 _input: PhantomData,
             }),
         }
@@ -181,7 +186,7 @@ impl<T: Send + 'static> Pipeline<T> {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .ok_or_else(|| PipelineError::NotRunning(self.name().to_string()))?;
-        let args = PipelineArgs::new(inner.shared.clone(), parts);
+        let args = PipelineArgs::new(inner.shared.clone(), parts, inner.source.clone());
         let spawned = match supervisor {
             Some(supervisor) => {
                 Actor::spawn_linked(None, PipelineActor::new(), args, supervisor).await
@@ -199,6 +204,13 @@ impl<T: Send + 'static> Pipeline<T> {
         })?;
         let _ = inner.root.set(root.clone());
         Ok(root)
+    }
+
+    /// The input is closing (a stop or abort through this handle): marked
+    /// here at once, so that an `inject` after it on any task is refused
+    /// even before the root has closed the source.
+    fn closing(&self) {
+        let _ = self.shared().closing.send_replace(true);
     }
 
     fn root(&self) -> Result<ActorRef<PipelineMsg<T>>, PipelineError> {
@@ -354,13 +366,20 @@ impl<T: Send + 'static> Pipeline<T> {
     /// still in the pipeline is refused as a duplicate
     /// ([`ItemErrorKind::DuplicateJobId`](crate::item::ItemErrorKind::DuplicateJobId)).
     pub async fn inject(&self, items: Vec<WorkItem<T>>) -> Result<(), PipelineError> {
-        let root = self.root()?;
+        self.root()?;
+        let source = self
+            .inner
+            .source
+            .get()
+            .expect("a started root has its source");
         let closed = || PipelineError::InputClosed(self.name().to_string());
-        if self.is_finished() {
+        // A stop asked for through this handle (`closing` is set before the
+        // root hears of it) comes before an injection that follows it.
+        if self.is_finished() || *self.shared().closing.borrow() {
             return Err(closed());
         }
-        match root
-            .call(|reply| PipelineMsg::Inject(items, reply), None)
+        match source
+            .call(|reply| SourceMsg::Inject(items, reply), None)
             .await
         {
             Ok(ractor::rpc::CallResult::Success(result)) => result,
@@ -466,6 +485,7 @@ impl<T: Send + 'static> Pipeline<T> {
     /// afterwards only stops the waiting.
     pub async fn stop(&self) -> Result<(), PipelineError> {
         let root = self.root_once_started().await?;
+        self.closing();
         let _ = root.cast(PipelineMsg::Stop);
         self.finished().await;
         Ok(())
@@ -485,6 +505,7 @@ impl<T: Send + 'static> Pipeline<T> {
     /// the deadline only if the future is still polled then.
     pub async fn stop_within(&self, deadline: Duration) -> Result<(), PipelineError> {
         let root = self.root_once_started().await?;
+        self.closing();
         let _ = root.cast(PipelineMsg::Stop);
         if tokio::time::timeout(deadline, self.finished())
             .await
@@ -513,6 +534,7 @@ impl<T: Send + 'static> Pipeline<T> {
     /// afterwards only stops the waiting.
     pub async fn abort(&self) -> Result<(), PipelineError> {
         let root = self.root_once_started().await?;
+        self.closing();
         self.shared().stop_waiting();
         let _ = root.cast(PipelineMsg::Abort);
         self.finished().await;

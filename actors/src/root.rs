@@ -42,7 +42,7 @@
 //! A stop or abort that comes while `start` is starting waits for it.
 
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -179,11 +179,22 @@ impl<T> PipelineActor<T> {
 pub(crate) struct PipelineArgs<T> {
     shared: Arc<Shared>,
     parts: PipelineParts<T>,
+    /// Where the source actor is put once spawned, for `Pipeline::inject`
+    /// to reach it without a hop through the root.
+    source_slot: Arc<OnceLock<ActorRef<SourceMsg<T>>>>,
 }
 
 impl<T> PipelineArgs<T> {
-    pub(crate) fn new(shared: Arc<Shared>, parts: PipelineParts<T>) -> Self {
-        PipelineArgs { shared, parts }
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        parts: PipelineParts<T>,
+        source_slot: Arc<OnceLock<ActorRef<SourceMsg<T>>>>,
+    ) -> Self {
+        PipelineArgs {
+            shared,
+            parts,
+            source_slot,
+        }
     }
 }
 
@@ -212,12 +223,21 @@ impl<T: Send + 'static> Actor for PipelineActor<T> {
         myself: ActorRef<PipelineMsg<T>>,
         args: PipelineArgs<T>,
     ) -> Result<PipelineState<T>, ActorProcessingErr> {
-        let PipelineArgs { shared, parts } = args;
+        let PipelineArgs {
+            shared,
+            parts,
+            source_slot,
+        } = args;
         let mut spawned: Vec<ActorCell> = Vec::new();
         let result = spawn_children(&myself, &shared, parts, &mut spawned).await;
-        if result.is_err() {
-            for cell in spawned {
-                cell.kill();
+        match &result {
+            Ok(state) => {
+                let _ = source_slot.set(state.source.clone());
+            }
+            Err(_) => {
+                for cell in spawned {
+                    cell.kill();
+                }
             }
         }
         result
