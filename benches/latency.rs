@@ -17,6 +17,12 @@
 //! - `tokio tasks (baseline)`: 4 tasks joined by bounded `mpsc` channels of
 //!   100, each receiving, adding 1 and sending; the last sends
 //!   `Instant::now()` on the completion channel.
+//! - `ractor chain, 14 actors`: 14 bare ractor actors, each casting `n + 1`
+//!   to the next, the last stamping `Instant::now()`: as many actor
+//!   messages as one item takes through the pipeline (the injection to the
+//!   source; per stage the batch to it, `Run` to a worker and the worker's
+//!   report; the results to the tracker), with nothing else done. The
+//!   floor of a design that moves an item by these messages.
 //! - `bergtalzug tracking on` (the target) and `tracking off`.
 //!
 //! The variants take turns item by item, so load on the machine hits all.
@@ -77,6 +83,57 @@ enum Subject {
         pipeline: Pipeline<u64>,
         done: mpsc::UnboundedReceiver<Instant>,
     },
+    Ractor {
+        head: ractor::ActorRef<u64>,
+        cells: Vec<ractor::ActorCell>,
+        done: mpsc::UnboundedReceiver<Instant>,
+    },
+}
+
+/// The actor messages one item takes through an idle pipeline of
+/// [`STAGES`] stages: the injection to the source, then per stage the
+/// batch to the stage, its `Run` to a worker and the worker's report, and
+/// the results to the tracker.
+const ACTOR_HOPS: usize = 2 + 3 * STAGES;
+const _: () = assert!(ACTOR_HOPS == 14, "the variant's name says 14");
+
+/// One actor of the bare ractor chain: adds 1 and casts to the next, or
+/// stamps the time at the end.
+struct Hop;
+
+enum Next {
+    Actor(ractor::ActorRef<u64>),
+    Done(mpsc::UnboundedSender<Instant>),
+}
+
+impl ractor::Actor for Hop {
+    type Msg = u64;
+    type State = Next;
+    type Arguments = Next;
+
+    async fn pre_start(
+        &self,
+        _myself: ractor::ActorRef<u64>,
+        next: Next,
+    ) -> Result<Next, ractor::ActorProcessingErr> {
+        Ok(next)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ractor::ActorRef<u64>,
+        x: u64,
+        next: &mut Next,
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        match next {
+            Next::Actor(actor) => actor.cast(x + 1)?,
+            Next::Done(done) => {
+                std::hint::black_box(x);
+                let _ = done.send(Instant::now());
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Subject {
@@ -106,6 +163,24 @@ impl Subject {
         Subject::Tokio { feed, done }
     }
 
+    /// [`ACTOR_HOPS`] bare ractor actors in a chain: what the messages an
+    /// item takes cost with nothing else done per hop.
+    async fn ractor() -> Subject {
+        let (done_tx, done) = mpsc::unbounded_channel();
+        let (mut head, _) = ractor::Actor::spawn(None, Hop, Next::Done(done_tx))
+            .await
+            .expect("actor spawns");
+        let mut cells = vec![head.get_cell()];
+        for _ in 1..ACTOR_HOPS {
+            head = ractor::Actor::spawn(None, Hop, Next::Actor(head))
+                .await
+                .expect("actor spawns")
+                .0;
+            cells.push(head.get_cell());
+        }
+        Subject::Ractor { head, cells, done }
+    }
+
     /// The bergtalzug pipeline, started.
     async fn bergtalzug(stages: usize, workers: usize, tracking: bool) -> Subject {
         let (pipeline, done) = build(stages, workers, tracking);
@@ -131,6 +206,12 @@ impl Subject {
                 let stamped = done.recv().await.expect("pipeline runs");
                 (stamped - start, start.elapsed())
             }
+            Subject::Ractor { head, done, .. } => {
+                let start = Instant::now();
+                head.cast(x).expect("chain runs");
+                let stamped = done.recv().await.expect("chain runs");
+                (stamped - start, start.elapsed())
+            }
         }
     }
 
@@ -141,6 +222,11 @@ impl Subject {
                 while done.recv().await.is_some() {}
             }
             Subject::Bergtalzug { pipeline, .. } => pipeline.stop().await.expect("stops"),
+            Subject::Ractor { cells, .. } => {
+                for cell in cells {
+                    cell.stop(None);
+                }
+            }
         }
     }
 }
@@ -184,8 +270,9 @@ fn build(
     (pipeline, rx)
 }
 
-const VARIANTS: [&str; 3] = [
+const VARIANTS: [&str; 4] = [
     "tokio tasks (baseline)",
+    "ractor chain, 14 actors",
     "bergtalzug tracking on",
     "bergtalzug tracking off",
 ];
@@ -194,6 +281,7 @@ const VARIANTS: [&str; 3] = [
 async fn per_item(samples: usize) -> Vec<Vec<Sample>> {
     let mut subjects = vec![
         Subject::tokio(),
+        Subject::ractor().await,
         Subject::bergtalzug(STAGES, WORKERS, true).await,
         Subject::bergtalzug(STAGES, WORKERS, false).await,
     ];
@@ -314,6 +402,7 @@ fn main() {
     );
     let mut bergtalzug_on = (Duration::ZERO, Duration::ZERO);
     let mut baseline = (Duration::ZERO, Duration::ZERO);
+    let mut actors = (Duration::ZERO, Duration::ZERO);
     for (name, samples) in VARIANTS.iter().zip(per_item) {
         let mut callback: Vec<Duration> = samples.iter().map(|s| s.0).collect();
         let mut awaited: Vec<Duration> = samples.iter().map(|s| s.1).collect();
@@ -334,6 +423,7 @@ fn main() {
         match *name {
             "bergtalzug tracking on" => bergtalzug_on = p50_p99,
             "tokio tasks (baseline)" => baseline = p50_p99,
+            "ractor chain, 14 actors" => actors = p50_p99,
             _ => {}
         }
     }
@@ -389,7 +479,7 @@ fn main() {
         println!(
             "targets: tracking on p50 {} us < {} us (issue 14): {}; p99 {} us < {} us \
              (issue 14): {}; tokio tasks in the same run: p50 {} us, p99 {} us; \
-             build+start p50 {} us < {} us (issue 6): {}",
+             {ACTOR_HOPS} bare ractor actors: p50 {} us, p99 {} us; build+start p50 {} us < {} us (issue 6): {}",
             us(bergtalzug_on.0),
             us(P50_TARGET),
             verdict(bergtalzug_on.0 < P50_TARGET),
@@ -398,6 +488,8 @@ fn main() {
             verdict(bergtalzug_on.1 < P99_TARGET),
             us(baseline.0),
             us(baseline.1),
+            us(actors.0),
+            us(actors.1),
             us(started_p50),
             us(STARTUP_TARGET),
             verdict(started_p50 < STARTUP_TARGET),

@@ -776,3 +776,47 @@ fn a_thread_handler_that_never_returns_does_not_keep_the_program_from_exiting() 
         .expect("the runtime waited for the stuck handler's thread: the program cannot exit");
     assert_eq!(stuck, 1, "the stuck thread is accounted for");
 }
+
+/// A program that runs many short pipelines keeps no task per finished
+/// one: every actor and helper task ends with its pipeline (the stats
+/// monitor used to live on until its next tick, up to a second later).
+#[test]
+fn a_finished_pipeline_leaves_no_task_behind() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let alive = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        let before = alive();
+        for round in 0..3u64 {
+            let stages = vec![StageConfig::new("a", ExecutionType::Async)];
+            // With the stats line's timer (the default) and without.
+            let config = match round {
+                0 => PipelineConfig::new("short", stages),
+                _ => config("short", stages),
+            };
+            let pipeline = Pipeline::builder(config)
+                .unwrap()
+                .injected::<u64>()
+                .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+                .build()
+                .unwrap();
+            pipeline.start().await.unwrap();
+            pipeline.inject(vec![WorkItem::new(round)]).await.unwrap();
+            within(Duration::from_secs(10), pipeline.stop())
+                .await
+                .unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_millis(300);
+        while alive() > before && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(alive(), before, "tasks left behind by finished pipelines");
+    });
+}

@@ -40,10 +40,15 @@ pub(crate) fn spawn(
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await; // the first tick is immediate
         let mut last_sample: Option<Instant> = None;
+        // It ends with the pipeline, not at its next tick (up to a second
+        // later): a program that runs many short pipelines keeps no task
+        // per finished one.
+        let done = shared.completion.wait();
+        tokio::pin!(done);
         loop {
-            ticks.tick().await;
-            if shared.completion.is_done() {
-                return;
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = &mut done => return,
             }
             let now = crate::clock::now();
             if last_sample.is_none_or(|t| now.saturating_duration_since(t) >= SAMPLE_EVERY) {
