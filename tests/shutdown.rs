@@ -779,7 +779,9 @@ fn a_thread_handler_that_never_returns_does_not_keep_the_program_from_exiting() 
 
 /// A program that runs many short pipelines keeps no task per finished
 /// one: every actor and helper task ends with its pipeline (the stats
-/// monitor used to live on until its next tick, up to a second later).
+/// monitor used to live on until its next tick, up to a second later, and
+/// the stats line's timer until its own, `stats_interval` later: 10 s by
+/// default).
 #[test]
 fn a_finished_pipeline_leaves_no_task_behind() {
     let runtime = tokio::runtime::Builder::new_multi_thread()

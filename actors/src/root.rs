@@ -209,6 +209,9 @@ pub(crate) struct PipelineState<T> {
     workers: Vec<usize>,
     /// The root is stopping its children itself.
     concluding: bool,
+    /// The stats line's timer task, ended with the root (left alone it
+    /// would live on until its next tick, `stats_interval` later).
+    stats_timer: Option<tokio::task::JoinHandle<()>>,
     /// A stage ended from outside: the others are being killed.
     sweeping: bool,
 }
@@ -524,10 +527,10 @@ async fn spawn_children<T: Send + 'static>(
         stages.iter().map(|s| s.stall_port()).collect(),
     );
     let interval = shared.config.stats_interval;
-    if !interval.is_zero() {
-        myself.send_interval(interval, || PipelineMsg::LogStats(Tick(())));
-    }
+    let stats_timer = (!interval.is_zero())
+        .then(|| myself.send_interval(interval, || PipelineMsg::LogStats(Tick(()))));
     Ok(PipelineState {
+        stats_timer,
         shared: shared.clone(),
         source,
         stages,
@@ -542,6 +545,9 @@ impl<T> Drop for PipelineState<T> {
     /// However the root ends (even killed), waiters are woken: a pipeline
     /// stopped from outside ends `Interrupted` rather than hanging `run`.
     fn drop(&mut self) {
+        if let Some(timer) = self.stats_timer.take() {
+            timer.abort();
+        }
         if !self.shared.completion.is_done() {
             self.shared.events.close();
             self.shared.completion.fail(PipelineError::Interrupted {
