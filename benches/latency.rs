@@ -85,7 +85,7 @@ enum Subject {
     },
     Ractor {
         head: ractor::ActorRef<u64>,
-        cells: Vec<ractor::ActorCell>,
+        actors: Vec<(ractor::ActorCell, tokio::task::JoinHandle<()>)>,
         done: mpsc::UnboundedReceiver<Instant>,
     },
 }
@@ -167,18 +167,18 @@ impl Subject {
     /// item takes cost with nothing else done per hop.
     async fn ractor() -> Subject {
         let (done_tx, done) = mpsc::unbounded_channel();
-        let (mut head, _) = ractor::Actor::spawn(None, Hop, Next::Done(done_tx))
+        let (mut head, handle) = ractor::Actor::spawn(None, Hop, Next::Done(done_tx))
             .await
             .expect("actor spawns");
-        let mut cells = vec![head.get_cell()];
+        let mut actors = vec![(head.get_cell(), handle)];
         for _ in 1..ACTOR_HOPS {
-            head = ractor::Actor::spawn(None, Hop, Next::Actor(head))
+            let (next, handle) = ractor::Actor::spawn(None, Hop, Next::Actor(head))
                 .await
-                .expect("actor spawns")
-                .0;
-            cells.push(head.get_cell());
+                .expect("actor spawns");
+            actors.push((next.get_cell(), handle));
+            head = next;
         }
-        Subject::Ractor { head, cells, done }
+        Subject::Ractor { head, actors, done }
     }
 
     /// The bergtalzug pipeline, started.
@@ -222,9 +222,10 @@ impl Subject {
                 while done.recv().await.is_some() {}
             }
             Subject::Bergtalzug { pipeline, .. } => pipeline.stop().await.expect("stops"),
-            Subject::Ractor { cells, .. } => {
-                for cell in cells {
+            Subject::Ractor { actors, .. } => {
+                for (cell, handle) in actors {
                     cell.stop(None);
+                    handle.await.expect("actor stops");
                 }
             }
         }
