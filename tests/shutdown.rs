@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bergtalzug::prelude::*;
+use bergtalzug::shape::Batch;
 
 mod common;
 use common::*;
@@ -781,7 +782,9 @@ fn a_thread_handler_that_never_returns_does_not_keep_the_program_from_exiting() 
 /// one: every actor and helper task ends with its pipeline (the stats
 /// monitor used to live on until its next tick, up to a second later, and
 /// the stats line's timer until its own, `stats_interval` later: 10 s by
-/// default).
+/// default). An aborted pipeline leaves none either, though a retry's
+/// backoff, a rate limit's pace, a batch's wait or a quiet source's
+/// refresh was still minutes away (their timers used to run out alone).
 #[test]
 fn a_finished_pipeline_leaves_no_task_behind() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -820,5 +823,139 @@ fn a_finished_pipeline_leaves_no_task_behind() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(alive(), before, "tasks left behind by finished pipelines");
+
+        // Aborted while items wait 20 s for their retry, and while the
+        // rate limit makes the others wait up to a minute: their timers
+        // end too.
+        let waiting = vec![
+            StageConfig::new("retry", ExecutionType::Async)
+                .retry(RetryPolicy::fixed(3, Duration::from_secs(20))),
+            StageConfig::new("paced", ExecutionType::Async)
+                .rate_limit(RateLimit::new(1, Duration::from_secs(60))),
+        ];
+        let pipeline = Pipeline::builder(config("waiting", waiting))
+            .unwrap()
+            .injected::<u64>()
+            .retrying_async_stage("retry", |i: WorkItem<u64>| async move {
+                if i.data.is_multiple_of(2) {
+                    Err(anyhow::anyhow!("down"))
+                } else {
+                    Ok(i)
+                }
+            })
+            .async_stage("paced", |i: WorkItem<u64>| async move { Ok(i) })
+            .build()
+            .unwrap();
+        pipeline.start().await.unwrap();
+        pipeline
+            .inject((0..6).map(WorkItem::new).collect())
+            .await
+            .unwrap();
+        let mut waited = 0;
+        loop {
+            let stats = pipeline.stats().await.unwrap();
+            let retried = stats.stage("retry").unwrap().retried;
+            let paced = stats.stage("paced").unwrap().admitted;
+            if retried == 3 && paced == 3 {
+                break;
+            }
+            waited += 1;
+            assert!(
+                waited < 1000,
+                "3 items wait to retry and 3 wait for the limit: {stats:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        within(Duration::from_secs(10), pipeline.abort())
+            .await
+            .unwrap();
+        drop(pipeline);
+        let deadline = std::time::Instant::now() + Duration::from_millis(300);
+        while alive() > before && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(alive(), before, "timers left behind by an aborted pipeline");
+
+        // Aborted while a batch waits a minute to fill: its timer ends too.
+        let gathering = vec![
+            StageConfig::new("gather", ExecutionType::Async).batch(100, Duration::from_secs(60)),
+        ];
+        let pipeline = Pipeline::builder(config("gathering", gathering))
+            .unwrap()
+            .injected::<u64>()
+            .async_batch_stage("gather", |batch: Batch<u64>| async move {
+                Ok(batch.items().iter().map(|i| Ok(i.data)).collect())
+            })
+            .build()
+            .unwrap();
+        pipeline.start().await.unwrap();
+        pipeline
+            .inject((0..3).map(WorkItem::new).collect())
+            .await
+            .unwrap();
+        let mut waited = 0;
+        loop {
+            let stats = pipeline.stats().await.unwrap();
+            if stats.stage("gather").unwrap().admitted == 3 {
+                break;
+            }
+            waited += 1;
+            assert!(waited < 1000, "3 items wait for their batch: {stats:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        within(Duration::from_secs(10), pipeline.abort())
+            .await
+            .unwrap();
+        drop(pipeline);
+        let deadline = std::time::Instant::now() + Duration::from_millis(300);
+        while alive() > before && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(alive(), before, "a batch's timer left behind");
+
+        // Aborted while the source, which had nothing, is asked again only
+        // a minute later: that timer ends too.
+        let log = Arc::new(AtomicBool::new(false));
+        let idle = Quiet(log.clone());
+        let quiet = config("quiet", vec![StageConfig::new("a", ExecutionType::Async)])
+            .queue_refresh_rate(Duration::from_secs(60));
+        let pipeline = Pipeline::builder(quiet)
+            .unwrap()
+            .source(idle)
+            .async_stage("a", |i: WorkItem<u64>| async move { Ok(i) })
+            .build()
+            .unwrap();
+        pipeline.start().await.unwrap();
+        let mut waited = 0;
+        while !log.load(Ordering::SeqCst) {
+            waited += 1;
+            assert!(waited < 1000, "the source was never asked");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        within(Duration::from_secs(10), pipeline.abort())
+            .await
+            .unwrap();
+        drop(pipeline);
+        let deadline = std::time::Instant::now() + Duration::from_millis(300);
+        while alive() > before && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(alive(), before, "the source's timer left behind");
     });
+}
+
+/// A source that never has anything yet, recording that it was asked.
+struct Quiet(Arc<AtomicBool>);
+
+impl Source for Quiet {
+    type Item = u64;
+
+    async fn refill(&mut self, _count: usize) -> anyhow::Result<Vec<WorkItem<u64>>> {
+        Ok(Vec::new())
+    }
+
+    async fn fetch(&mut self, _count: usize) -> anyhow::Result<Refill<u64>> {
+        self.0.store(true, Ordering::SeqCst);
+        Ok(Refill::NothingYet)
+    }
 }

@@ -29,6 +29,7 @@ use crate::item::{ItemError, ItemErrorKind, JobId, WorkItem, WorkItemResult};
 use crate::ports::{Outlet, Upstream};
 use crate::shape::Batch;
 use crate::shared::Shared;
+use crate::timers::Timers;
 use crate::tracker::TrackerMsg;
 
 /// A batcher holds at most this many batches' worth of items: with more
@@ -124,6 +125,8 @@ pub(crate) struct BatcherState<I> {
     made: u64,
     /// When the armed timer fires.
     armed: Option<Instant>,
+    /// The wait timers (a batch's wait may be long), ended with the batcher.
+    timers: Timers<BatchMsg<I>>,
     input_closed: bool,
     aborting: bool,
 }
@@ -169,6 +172,7 @@ impl<I: Send + 'static> Actor for Batcher<I> {
             credit: 0,
             made: 0,
             armed: None,
+            timers: Timers::new(),
             input_closed: false,
             aborting: false,
         })
@@ -326,7 +330,7 @@ impl<I: Send + 'static> BatcherState<I> {
         {
             self.armed = Some(due);
             let wait = due.saturating_duration_since(now);
-            myself.send_after(wait, || BatchMsg::Tick);
+            self.timers.after(myself, wait, || BatchMsg::Tick);
         }
     }
 }

@@ -14,8 +14,9 @@
 //!    (the `Source` trait), [`shape`] (split and filter), [`event`],
 //!    [`stats`], [`dead_letter`], `lineage` (whom a split item descends
 //!    from), [`resource`] (per-worker resources), and the
-//!    small utilities `clock`, `contain` (panics of user code) and
-//!    `outcome` (what a worker reports of an item).
+//!    small utilities `clock`, `contain` (panics of user code),
+//!    `outcome` (what a worker reports of an item) and `timers` (an
+//!    actor's timers, ended with it).
 //! 2. **Ports**: `ports`, the traits the actors hold of one another.
 //! 3. **Runners and worker processes**: `runner/` (one execution model per
 //!    file, one attempt's judgement in `runner/attempt.rs`) and [`process`].
@@ -57,6 +58,7 @@ pub mod resource;
 pub mod shape;
 pub mod source;
 pub mod stats;
+pub(crate) mod timers;
 
 // Ports: traits over the data, with no actor behind them here.
 pub(crate) mod ports;

@@ -42,6 +42,7 @@ use crate::item::{ItemError, ItemErrorKind, JobId, WorkItem, WorkItemResult};
 use crate::ports::{Outlet, Releases, Upstream};
 use crate::shared::Shared;
 use crate::source::{Ack, Acknowledger, DynSource, OwnedRefill, Refill, RefillEnd};
+use crate::timers::Timers;
 use crate::tracker::TrackerMsg;
 
 /// The source actor's mailbox.
@@ -142,6 +143,8 @@ pub(crate) struct SourceState<T> {
     retry_pending: bool,
     /// Refills failed in a row; the wait before the next doubles with each.
     failures_in_a_row: u32,
+    /// The wait before asking the source again, ended with the actor.
+    timers: Timers<SourceMsg<T>>,
 }
 
 impl<T: Send + 'static> Actor for SourceActor<T> {
@@ -177,6 +180,7 @@ impl<T: Send + 'static> Actor for SourceActor<T> {
             closed: false,
             retry_pending: false,
             failures_in_a_row: 0,
+            timers: Timers::new(),
         })
     }
 
@@ -393,7 +397,8 @@ impl<T: Send + 'static> SourceState<T> {
                     .tracker
                     .cast(TrackerMsg::Event(PipelineEvent::SourceError { message }));
                 self.retry_pending = true;
-                myself.send_after(retry_in, || SourceMsg::RetryRefill);
+                self.timers
+                    .after(myself, retry_in, || SourceMsg::RetryRefill);
             }
         }
     }
@@ -402,9 +407,8 @@ impl<T: Send + 'static> SourceState<T> {
     fn nothing_yet(&mut self, myself: &ActorRef<SourceMsg<T>>) {
         self.failures_in_a_row = 0;
         self.retry_pending = true;
-        myself.send_after(self.shared.config.queue_refresh_rate, || {
-            SourceMsg::RetryRefill
-        });
+        let wait = self.shared.config.queue_refresh_rate;
+        self.timers.after(myself, wait, || SourceMsg::RetryRefill);
     }
 
     /// Gives the source back what it handed out and was not admitted, once

@@ -27,6 +27,7 @@ const FLOORS: &[(&str, u8)] = &[
     ("shape", 1),
     ("source", 1),
     ("stats", 1),
+    ("timers", 1),
     // 2. Ports: traits over the data.
     ("ports", 2),
     // 3. Runners and worker processes.

@@ -110,6 +110,7 @@ use crate::ports::{FailPipeline, Outlet, Reports, StageControl, StallCheck, Upst
 use crate::runner::hand::{Hand, Harvest};
 use crate::runner::{RunCtx, StageRunner};
 use crate::shared::Shared;
+use crate::timers::Timers;
 use crate::tracker::TrackerMsg;
 use crate::worker::Worker;
 use backoff::Backoff;
@@ -308,6 +309,9 @@ pub(crate) struct StageState<I, O, R> {
     aborting: bool,
     /// A `Rebalance` is on its way.
     rebalance_armed: bool,
+    /// The timers that may be long (a retry's backoff, the rate limit's
+    /// pace), ended with the stage rather than left to run out.
+    timers: Timers<StageMsg<I, O>>,
 }
 
 impl<I, O, R> Actor for Stage<I, O, R>
@@ -352,6 +356,7 @@ where
             keep: args.keep.filter(|_| config.max_attempts() > 1),
             retry: config.retry,
             rebalance_armed: false,
+            timers: Timers::new(),
             name,
             shared: args.shared,
         })
@@ -841,7 +846,7 @@ where
             policy.delay_before(item.head.metadata.attempts + 1, fastrand::f64())
         });
         if let Some(timer) = self.backoff.hold(item, wait) {
-            myself.send_after(timer, || StageMsg::Wake);
+            self.timers.after(myself, timer, || StageMsg::Wake);
         }
     }
 
@@ -853,7 +858,7 @@ where
             self.enter_rate(item);
         }
         if let Some(timer) = timer {
-            myself.send_after(timer, || StageMsg::Wake);
+            self.timers.after(myself, timer, || StageMsg::Wake);
         }
     }
 
@@ -1057,7 +1062,7 @@ where
         let (released, timer) = self.rate.release(room);
         self.queue.extend(released);
         if let Some(timer) = timer {
-            myself.send_after(timer, || StageMsg::Pace);
+            self.timers.after(myself, timer, || StageMsg::Pace);
         }
     }
 
