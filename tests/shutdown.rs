@@ -2,7 +2,7 @@
 //! in flight, and either way every admitted item has exactly one outcome.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -818,7 +818,7 @@ fn a_finished_pipeline_leaves_no_task_behind() {
                 .await
                 .unwrap();
         }
-        let deadline = std::time::Instant::now() + Duration::from_millis(300);
+        let deadline = std::time::Instant::now() + TASKS_END_WITHIN;
         while alive() > before && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -870,7 +870,7 @@ fn a_finished_pipeline_leaves_no_task_behind() {
             .await
             .unwrap();
         drop(pipeline);
-        let deadline = std::time::Instant::now() + Duration::from_millis(300);
+        let deadline = std::time::Instant::now() + TASKS_END_WITHIN;
         while alive() > before && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -907,7 +907,7 @@ fn a_finished_pipeline_leaves_no_task_behind() {
             .await
             .unwrap();
         drop(pipeline);
-        let deadline = std::time::Instant::now() + Duration::from_millis(300);
+        let deadline = std::time::Instant::now() + TASKS_END_WITHIN;
         while alive() > before && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -936,11 +936,76 @@ fn a_finished_pipeline_leaves_no_task_behind() {
             .await
             .unwrap();
         drop(pipeline);
-        let deadline = std::time::Instant::now() + Duration::from_millis(300);
+        let deadline = std::time::Instant::now() + TASKS_END_WITHIN;
         while alive() > before && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(alive(), before, "the source's timer left behind");
+    });
+}
+
+/// How long the tasks of a pipeline that finished have to end. Well under
+/// the 1 s tick of the stats monitor, so that a timer that runs out on its
+/// own instead of ending with its actor is caught; the tasks of a finished
+/// pipeline end within milliseconds.
+const TASKS_END_WITHIN: Duration = Duration::from_millis(300);
+
+/// A pipeline fed only by `inject` whose last handle is dropped can no
+/// longer be fed or stopped: it stops, the items it admitted finish (and
+/// get their callbacks), and its actors end.
+#[test]
+fn dropping_the_last_handle_of_an_injected_pipeline_stops_it_after_what_it_admitted() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let alive = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        let before = alive();
+        let done = Arc::new(AtomicU64::new(0));
+        let counted = done.clone();
+        let stages = vec![StageConfig::new("slow", ExecutionType::Async).workers(2)];
+        let pipeline = Pipeline::builder(config("forgotten", stages))
+            .unwrap()
+            .injected::<u64>()
+            .async_stage("slow", |i: WorkItem<u64>| async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(i)
+            })
+            .on_complete(move |r| {
+                if r.success {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+            .build()
+            .unwrap();
+        pipeline.start().await.unwrap();
+        pipeline
+            .inject((0..6).map(WorkItem::new).collect())
+            .await
+            .unwrap();
+        // A clone dropped first changes nothing: the pipeline runs on.
+        drop(pipeline.clone());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(pipeline.is_running(), "a clone's drop stopped the pipeline");
+        drop(pipeline);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while (done.load(Ordering::SeqCst) < 6 || alive() > before)
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(done.load(Ordering::SeqCst), 6, "the admitted items finish");
+        assert_eq!(
+            alive(),
+            before,
+            "the forgotten pipeline's actors are left running"
+        );
     });
 }
 

@@ -389,7 +389,11 @@ impl<C> PipelineBuilder<NoInput, C, NeedsInput> {
         self.input(SourceBinding::from_source(source))
     }
 
-    /// Feeds the pipeline only by [`Pipeline::inject`]: it runs until stopped.
+    /// Feeds the pipeline only by [`Pipeline::inject`]: it runs until stopped,
+    /// or until its last handle is dropped (then nothing could inject into
+    /// it or stop it, and it stops gracefully: what it admitted finishes).
+    /// Embedded with [`Pipeline::spawn_linked`], it runs until stopped
+    /// through its root, handles or not.
     pub fn injected<T: Send + 'static>(self) -> PipelineBuilder<T, T> {
         self.input(SourceBinding::injected())
     }

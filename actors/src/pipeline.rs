@@ -61,7 +61,29 @@ struct Inner<T> {
     /// The source actor, set by the root as it starts: `inject` goes to it
     /// straight, one hop fewer than through the root.
     source: Arc<OnceLock<ActorRef<SourceMsg<T>>>>,
+    /// Fed only by `inject` (no source): with no handle left, nothing could
+    /// feed or stop it, so dropping the last handle stops it.
+    injected: bool,
+    /// Set at the start of a pipeline fed only by `inject` and not embedded
+    /// (`spawn_linked`, whose caller keeps the root's `ActorRef` and drives
+    /// it through that): what `Drop` does, a graceful stop.
+    stop_on_drop: OnceLock<Box<dyn Fn() + Send + Sync>>,
     _input: PhantomData<fn(T)>,
+}
+
+impl<T> Drop for Inner<T> {
+    /// The last handle of a running pipeline fed only by `inject` is gone:
+    /// nothing can inject into it or stop it any more, so it stops as
+    /// [`Pipeline::stop`] would. What it admitted finishes and gets its
+    /// callbacks; its actors end instead of idling for the rest of the
+    /// program. A pipeline with a source runs on until the source ends.
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop_on_drop.get()
+            && !self.shared.completion.is_done()
+        {
+            stop();
+        }
+    }
 }
 
 impl<T> Clone for Pipeline<T> {
@@ -86,6 +108,7 @@ impl<T: Send + 'static> Pipeline<T> {
     /// A pipeline of validated, bound parts; nothing runs until `start`.
     /// Only the builder makes one.
     pub(crate) fn new(parts: PipelineParts<T>) -> Self {
+        let injected = parts.source.source.is_none();
         Pipeline {
             inner: Arc::new(Inner {
                 shared: Arc::new(Shared::new(parts.config.clone())),
@@ -94,6 +117,8 @@ impl<T: Send + 'static> Pipeline<T> {
                 start_begun: AtomicBool::new(false),
                 root: OnceLock::new(),
                 source: Arc::new(OnceLock::new()),
+                injected,
+                stop_on_drop: OnceLock::new(),
                 _input: PhantomData,
             }),
         }
@@ -187,6 +212,7 @@ impl<T: Send + 'static> Pipeline<T> {
             .take()
             .ok_or_else(|| PipelineError::NotRunning(self.name().to_string()))?;
         let args = PipelineArgs::new(inner.shared.clone(), parts, inner.source.clone());
+        let embedded = supervisor.is_some();
         let spawned = match supervisor {
             Some(supervisor) => {
                 Actor::spawn_linked(None, PipelineActor::new(), args, supervisor).await
@@ -202,6 +228,17 @@ impl<T: Send + 'static> Pipeline<T> {
             inner.shared.completion.fail(error.clone());
             error
         })?;
+        if inner.injected && !embedded {
+            let (root, shared) = (root.clone(), inner.shared.clone());
+            let _ = inner.stop_on_drop.set(Box::new(move || {
+                tracing::info!(target: "bergtalzug::pipeline",
+                    pipeline = %shared.config.pipeline_name,
+                    "the last handle of a pipeline fed by `inject` was dropped: stopping it (what it admitted finishes)"
+                );
+                let _ = shared.closing.send_replace(true);
+                let _ = root.cast(PipelineMsg::Stop);
+            }));
+        }
         let _ = inner.root.set(root.clone());
         Ok(root)
     }

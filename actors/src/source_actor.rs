@@ -3,7 +3,9 @@
 //! - **Owns**: the user's [`Source`](crate::source::Source) (erased), the
 //!   injections waiting for room, and the count of items in the pipeline.
 //! - **Receives**: [`SourceMsg`]: `Demand` from the first stage; `Released`
-//!   from the tracker; `Inject`, `Close` and `Window` from the root; `Refilled` from
+//!   from the tracker; `Inject` from a handle (`Pipeline::inject`, straight)
+//!   or the root (an embedding actor's `PipelineMsg::Inject`); `Close` and
+//!   `Window` from the root; `Refilled` from
 //!   its refill task; `RetryRefill` from itself after a failed refill or
 //!   "nothing yet".
 //! - **Sends**: `Items` to the first stage; `InputClosed`, rejected
@@ -53,7 +55,8 @@ pub(crate) enum SourceMsg<T> {
     /// tracking on, their job ids (refused duplicates left out); when the
     /// source wants them, their acknowledgements.
     Released(usize, Vec<JobId>, Vec<Ack>),
-    /// From the root: admit these; the reply comes once all are admitted.
+    /// From a handle, or the root: admit these; the reply comes once all
+    /// are admitted.
     Inject(Vec<WorkItem<T>>, RpcReplyPort<Result<(), PipelineError>>),
     /// From the root: admit nothing more (stop or abort).
     Close,
