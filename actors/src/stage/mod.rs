@@ -92,7 +92,7 @@ use std::any::Any;
 use std::collections::{HashSet, VecDeque};
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ractor::{
@@ -114,7 +114,7 @@ use crate::timers::Timers;
 use crate::tracker::TrackerMsg;
 use crate::worker::Worker;
 use backoff::Backoff;
-use batching::Batching;
+use batching::{Batching, MAX_BATCH};
 use budget::{Budget, OverBudget};
 use credit::Credit;
 use lanes::Lanes;
@@ -201,12 +201,28 @@ impl<I: Send + 'static, O: Send + 'static> Upstream for ActorRef<StageMsg<I, O>>
     }
 }
 
-impl<I: Send + 'static, O: Send + 'static> Reports<I, O> for ActorRef<StageMsg<I, O>> {
+/// Where a worker's reports go: its stage, counting the reports sent and
+/// not yet handled, so that the stage can tell whether more are on the way
+/// ([`StageState::reports_on_the_way`]).
+struct ReportPort<I, O> {
+    stage: ActorRef<StageMsg<I, O>>,
+    on_the_way: Arc<AtomicUsize>,
+}
+
+impl<I: Send + 'static, O: Send + 'static> Reports<I, O> for ReportPort<I, O> {
     fn report(&self, report: WorkerReport<I, O>) -> Result<(), WorkerReport<I, O>> {
-        match self.cast(StageMsg::Report(report)) {
-            Err(MessagingErr::SendErr(StageMsg::Report(report))) => Err(report),
-            // Any other error dropped the message inside ractor already.
-            _ => Ok(()),
+        // Counted before it is sent: the stage may handle it at once.
+        self.on_the_way.fetch_add(1, Ordering::Release);
+        match self.stage.cast(StageMsg::Report(report)) {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                self.on_the_way.fetch_sub(1, Ordering::Release);
+                match error {
+                    MessagingErr::SendErr(StageMsg::Report(report)) => Err(report),
+                    // Any other error dropped the message inside ractor already.
+                    _ => Ok(()),
+                }
+            }
         }
     }
 }
@@ -294,6 +310,10 @@ pub(crate) struct StageState<I, O, R> {
     upstream: Option<Arc<dyn Upstream>>,
     queue: VecDeque<WorkItem<I>>,
     outbox: VecDeque<WorkItem<O>>,
+    /// Workers' reports sent and not handled yet: while some are, what is
+    /// done waits for them to go downstream in one batch (up to
+    /// [`MAX_BATCH`]).
+    reports_on_the_way: Arc<AtomicUsize>,
     credit: Credit,
     pool: Pool<I, O>,
     budget: Budget,
@@ -341,6 +361,7 @@ where
             downstream: args.downstream,
             queue: VecDeque::with_capacity(config.queue_size.min(4096)),
             outbox: VecDeque::new(),
+            reports_on_the_way: Arc::new(AtomicUsize::new(0)),
             credit: Credit::new(config.capacity()),
             pool: Pool::new(),
             budget: Budget::new(config.restart_budget),
@@ -397,7 +418,10 @@ where
             StageMsg::Connect(upstream) => state.upstream = Some(upstream),
             StageMsg::Items(items) => state.receive(items),
             StageMsg::Demand(n) => state.credit.granted(n),
-            StageMsg::Report(report) => state.on_report(&myself, report).await,
+            StageMsg::Report(report) => {
+                state.reports_on_the_way.fetch_sub(1, Ordering::AcqRel);
+                state.on_report(&myself, report).await
+            }
             StageMsg::Reap { worker, reason } => state.reap(&myself, worker, reason).await,
             StageMsg::Respawn => state.respawn(&myself).await,
             StageMsg::Wake => state.wake(&myself),
@@ -554,7 +578,10 @@ where
             pipeline: self.shared.name.clone(),
             stage: self.name.clone(),
             worker: id,
-            reports: Arc::new(myself.clone()),
+            reports: Arc::new(ReportPort {
+                stage: myself.clone(),
+                on_the_way: self.reports_on_the_way.clone(),
+            }),
             tracking: self.shared.config.enable_tracking,
             events: self.shared.events.clone(),
             keep: self.keep,
@@ -1021,7 +1048,10 @@ where
     /// Moves what can move: finished items downstream, queued items to idle
     /// workers, demand upstream.
     fn pump(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
-        if let Downstream::Stage(next) = &self.downstream {
+        if let Downstream::Stage(next) = &self.downstream
+            && (self.outbox.len() >= MAX_BATCH
+                || self.reports_on_the_way.load(Ordering::Acquire) == 0)
+        {
             let n = self.credit.send(self.outbox.len());
             if n > 0 {
                 next.send(self.outbox.drain(..n).collect());
