@@ -4,11 +4,11 @@
 //!   spawned linked to it, in that order, and wired together.
 //! - **Receives**: [`PipelineMsg`]: `Stop`, `Abort`, `Stats`, `Subscribe`,
 //!   `SetRateLimit` and `SetWorkers` from handles or other actors, `Inject`
-//!   from other actors (a handle's `inject` goes to the source straight); `StageFailed` from a stage
-//!   over its restart budget; `LogStats` from its timer; `Finished` from the
-//!   tracker.
-//! - **Sends**: other actors' injections and `Close` to the source, `Abort` to the stages.
-//!   Stats are read from `Shared`, never asked of an actor.
+//!   from other actors (a handle's `inject` goes to the source straight);
+//!   `StageFailed` from a stage over its restart budget; `LogStats` from its
+//!   timer; `Finished` from the tracker.
+//! - **Sends**: other actors' injections and `Close` to the source, `Abort`
+//!   to the stages. Stats are read from `Shared`, never asked of an actor.
 //! - **Supervises**: its children, which end only when it stops them; any
 //!   other end (a panic, or a stop or kill from outside) ends the run with
 //!   an error naming the child. A source that ends closes the input: the

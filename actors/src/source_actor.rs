@@ -5,9 +5,8 @@
 //! - **Receives**: [`SourceMsg`]: `Demand` from the first stage; `Released`
 //!   from the tracker; `Inject` from a handle (`Pipeline::inject`, straight)
 //!   or the root (an embedding actor's `PipelineMsg::Inject`); `Close` and
-//!   `Window` from the root; `Refilled` from
-//!   its refill task; `RetryRefill` from itself after a failed refill or
-//!   "nothing yet".
+//!   `Window` from the root; `Refilled` from its refill task; `RetryRefill`
+//!   from itself after a failed refill or "nothing yet".
 //! - **Sends**: `Items` to the first stage; `InputClosed`, rejected
 //!   duplicates and `SourceError` events to the tracker.
 //! - **Supervised by**: the pipeline root. A panic in `refill` or `ack` is
