@@ -729,11 +729,7 @@ async fn a_stop_during_start_takes_effect_once_the_pipeline_is_up() {
 fn a_thread_handler_that_never_returns_does_not_keep_the_program_from_exiting() {
     let (exited, exit) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = two_worker_runtime();
         let stuck = runtime.block_on(async {
             let entered = Arc::new(tokio::sync::Notify::new());
             let notify = entered.clone();
@@ -787,18 +783,9 @@ fn a_thread_handler_that_never_returns_does_not_keep_the_program_from_exiting() 
 /// refresh was still minutes away (their timers used to run out alone).
 #[test]
 fn a_finished_pipeline_leaves_no_task_behind() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = two_worker_runtime();
     runtime.block_on(async {
-        let alive = || {
-            tokio::runtime::Handle::current()
-                .metrics()
-                .num_alive_tasks()
-        };
-        let before = alive();
+        let before = alive_tasks();
         for round in 0..3u64 {
             let stages = vec![StageConfig::new("a", ExecutionType::Async)];
             // With the stats line's timer (the default) and without.
@@ -819,10 +806,14 @@ fn a_finished_pipeline_leaves_no_task_behind() {
                 .unwrap();
         }
         let deadline = std::time::Instant::now() + TASKS_END_WITHIN;
-        while alive() > before && std::time::Instant::now() < deadline {
+        while alive_tasks() > before && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(alive(), before, "tasks left behind by finished pipelines");
+        assert_eq!(
+            alive_tasks(),
+            before,
+            "tasks left behind by finished pipelines"
+        );
 
         // Aborted while items wait 20 s for their retry, and while the
         // rate limit makes the others wait up to a minute: their timers
@@ -871,10 +862,14 @@ fn a_finished_pipeline_leaves_no_task_behind() {
             .unwrap();
         drop(pipeline);
         let deadline = std::time::Instant::now() + TASKS_END_WITHIN;
-        while alive() > before && std::time::Instant::now() < deadline {
+        while alive_tasks() > before && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(alive(), before, "timers left behind by an aborted pipeline");
+        assert_eq!(
+            alive_tasks(),
+            before,
+            "timers left behind by an aborted pipeline"
+        );
 
         // Aborted while a batch waits a minute to fill: its timer ends too.
         let gathering = vec![
@@ -908,10 +903,10 @@ fn a_finished_pipeline_leaves_no_task_behind() {
             .unwrap();
         drop(pipeline);
         let deadline = std::time::Instant::now() + TASKS_END_WITHIN;
-        while alive() > before && std::time::Instant::now() < deadline {
+        while alive_tasks() > before && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(alive(), before, "a batch's timer left behind");
+        assert_eq!(alive_tasks(), before, "a batch's timer left behind");
 
         // Aborted while the source, which had nothing, is asked again only
         // a minute later: that timer ends too.
@@ -937,11 +932,27 @@ fn a_finished_pipeline_leaves_no_task_behind() {
             .unwrap();
         drop(pipeline);
         let deadline = std::time::Instant::now() + TASKS_END_WITHIN;
-        while alive() > before && std::time::Instant::now() < deadline {
+        while alive_tasks() > before && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(alive(), before, "the source's timer left behind");
+        assert_eq!(alive_tasks(), before, "the source's timer left behind");
     });
+}
+
+/// A runtime of 2 worker threads, as the machine the tests run on has.
+fn two_worker_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The tasks alive in the current runtime.
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
 }
 
 /// How long the tasks of a pipeline that finished have to end. Well under
@@ -955,18 +966,9 @@ const TASKS_END_WITHIN: Duration = Duration::from_millis(300);
 /// get their callbacks), and its actors end.
 #[test]
 fn dropping_the_last_handle_of_an_injected_pipeline_stops_it_after_what_it_admitted() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = two_worker_runtime();
     runtime.block_on(async {
-        let alive = || {
-            tokio::runtime::Handle::current()
-                .metrics()
-                .num_alive_tasks()
-        };
-        let before = alive();
+        let before = alive_tasks();
         let done = Arc::new(AtomicU64::new(0));
         let counted = done.clone();
         let stages = vec![StageConfig::new("slow", ExecutionType::Async).workers(2)];
@@ -995,14 +997,14 @@ fn dropping_the_last_handle_of_an_injected_pipeline_stops_it_after_what_it_admit
         assert!(pipeline.is_running(), "a clone's drop stopped the pipeline");
         drop(pipeline);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while (done.load(Ordering::SeqCst) < 6 || alive() > before)
+        while (done.load(Ordering::SeqCst) < 6 || alive_tasks() > before)
             && std::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(done.load(Ordering::SeqCst), 6, "the admitted items finish");
         assert_eq!(
-            alive(),
+            alive_tasks(),
             before,
             "the forgotten pipeline's actors are left running"
         );
