@@ -86,6 +86,14 @@ impl<T> Drop for Inner<T> {
     }
 }
 
+/// A graceful stop: the input is marked closing at once (an `inject` after
+/// it, on any task, is refused even before the root has closed the source),
+/// then the root is told.
+fn ask_to_stop<T: Send + 'static>(shared: &Shared, root: &ActorRef<PipelineMsg<T>>) {
+    let _ = shared.closing.send_replace(true);
+    let _ = root.cast(PipelineMsg::Stop);
+}
+
 impl<T> Clone for Pipeline<T> {
     fn clone(&self) -> Self {
         Pipeline {
@@ -235,8 +243,7 @@ impl<T: Send + 'static> Pipeline<T> {
                     pipeline = %shared.config.pipeline_name,
                     "the last handle of a pipeline fed by `inject` was dropped: stopping it (what it admitted finishes)"
                 );
-                let _ = shared.closing.send_replace(true);
-                let _ = root.cast(PipelineMsg::Stop);
+                ask_to_stop(&shared, &root);
             }));
         }
         let _ = inner.root.set(root.clone());
@@ -522,8 +529,7 @@ impl<T: Send + 'static> Pipeline<T> {
     /// afterwards only stops the waiting.
     pub async fn stop(&self) -> Result<(), PipelineError> {
         let root = self.root_once_started().await?;
-        self.closing();
-        let _ = root.cast(PipelineMsg::Stop);
+        ask_to_stop(self.shared(), &root);
         self.finished().await;
         Ok(())
     }
@@ -542,8 +548,7 @@ impl<T: Send + 'static> Pipeline<T> {
     /// the deadline only if the future is still polled then.
     pub async fn stop_within(&self, deadline: Duration) -> Result<(), PipelineError> {
         let root = self.root_once_started().await?;
-        self.closing();
-        let _ = root.cast(PipelineMsg::Stop);
+        ask_to_stop(self.shared(), &root);
         if tokio::time::timeout(deadline, self.finished())
             .await
             .is_err()
