@@ -553,6 +553,59 @@ async fn growing_and_shrinking_a_thread_stage_while_items_flow_loses_nothing() {
     resize_while_flowing(ExecutionType::Thread, &[8, 1, 4]).await;
 }
 
+/// A shrink ends the workers it retires, the idle ones at once and the
+/// busy ones once their items are done: their tasks are gone. (A worker
+/// waits for work in its hand, not in its mailbox; a retired one must stop
+/// waiting there for its stop to be taken.) And the stage still runs
+/// items with the workers it kept.
+#[tokio::test(start_paused = true)]
+async fn shrinking_a_stage_ends_the_tasks_of_the_workers_it_retires() {
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let stages = vec![
+        StageConfig::new("work", ExecutionType::Async)
+            .workers(16)
+            .queue_size(4),
+    ];
+    let pipeline = Pipeline::builder(config("shrink", stages))
+        .unwrap()
+        .injected::<u64>()
+        .async_stage("work", |item: WorkItem<u64>| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(item)
+        })
+        .build()
+        .unwrap();
+    pipeline.start().await.unwrap();
+    // 4 of the 16 are busy when the shrink comes.
+    pipeline
+        .inject((0..4).map(WorkItem::new).collect())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let before = tasks();
+    pipeline.set_workers("work", 2).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after = tasks();
+    assert!(
+        after + 14 <= before,
+        "{before} tasks before shrinking 16 workers to 2, {after} after"
+    );
+    pipeline
+        .inject((4..10).map(WorkItem::new).collect())
+        .await
+        .unwrap();
+    within(Duration::from_secs(10), pipeline.stop())
+        .await
+        .unwrap();
+    let results = pipeline.run().await.unwrap();
+    assert_eq!(results.len(), 10);
+    assert!(results.iter().all(|r| r.success));
+}
+
 /// What the stage after an ordered one saw, in the order it saw it.
 async fn ordered_run(workers: usize) -> (Vec<u64>, Vec<WorkItemResult>) {
     let n = 400u64;

@@ -36,13 +36,14 @@
 //!   source  <-----------  stage 1  <--------  stage 2  ...  last stage
 //!   actor   ----------->  supervisor ------>  supervisor        |
 //!              Items         |  ^                               | results
-//!                      Run   v  | Report                        v
+//!                     hand   v  | Report                        v
 //!                          workers                           tracker --> callbacks,
 //!                                                                        stats, events
 //! ```
 //!
 //! Every hop carries batches; every data message answers a demand, so no
-//! mailbox holds more than its receiver asked for. See `docs/architecture.md`.
+//! mailbox holds more than its receiver asked for. A batch reaches a worker
+//! through its hand, which wakes it (no message). See `docs/architecture.md`.
 
 // The contract's data: import nothing of the engine above this floor.
 pub(crate) mod clock;

@@ -241,11 +241,8 @@ impl Actor for Tracker {
             }
             TrackerMsg::Event(event) => {
                 if state.shared.events.has_subscribers() {
-                    state
-                        .shared
-                        .events
-                        .publish(&state.shared.name, vec![event])
-                        .await;
+                    let events = &state.shared.events;
+                    Box::pin(events.publish(&state.shared.name, vec![event])).await;
                 }
             }
         }
@@ -352,7 +349,11 @@ impl TrackerState {
             }
         }
         if self.dead_letters.is_some() {
-            self.send_dead_letters(&results).await;
+            // Boxed, as the publishing below and the end in `finish_if_done`:
+            // their futures are large and rarely awaited, and `handle`'s
+            // future, which would carry them inline, is moved three times
+            // per message by ractor.
+            Box::pin(self.send_dead_letters(&results)).await;
         } else if !self.inputs.is_empty() {
             // The inputs' `Drop` is user code.
             for (job_id, input) in self.inputs.drain() {
@@ -368,7 +369,7 @@ impl TrackerState {
                 .map(|r| PipelineEvent::ItemFinished(Box::new(r.clone())))
                 .collect();
             if !events.is_empty() {
-                hub.publish(&self.shared.name, events).await;
+                Box::pin(hub.publish(&self.shared.name, events)).await;
             }
         }
         // Tracking off keeps nothing, as in the seed.
@@ -499,13 +500,8 @@ impl TrackerState {
         let stats = self.shared.final_stats();
         tracing::debug!(target: "bergtalzug::tracker", pipeline = %self.shared.name, "finished: {stats}");
         if self.shared.events.has_subscribers() {
-            self.shared
-                .events
-                .publish(
-                    &self.shared.name,
-                    vec![PipelineEvent::PipelineFinished(Box::new(stats.clone()))],
-                )
-                .await;
+            let finished = vec![PipelineEvent::PipelineFinished(Box::new(stats.clone()))];
+            Box::pin(self.shared.events.publish(&self.shared.name, finished)).await;
         }
         self.shared.events.close();
         let report = FinishReport {

@@ -1,10 +1,13 @@
 //! The worker actor: runs batches of one stage's items through its handler.
 //!
 //! - **Owns**: nothing but its batch while it runs.
-//! - **Receives**: [`WorkerMsg::Run`] from its stage supervisor, only when the
-//!   stage counts it idle, after putting a batch in its hand
-//!   ([`crate::runner::hand`]); the worker takes the items from there one by
-//!   one, so the stage can take back those it has not started.
+//! - **Receives**: [`WorkerMsg::Run`] once, from itself as it starts; it
+//!   then runs what its stage puts in its hand ([`crate::runner::hand`]) and
+//!   waits for more there, woken by the hand, not by a message per batch.
+//!   It takes the items from the hand one by one, so the stage can take
+//!   back those it has not started. It stops waiting when the stage
+//!   retires it (a shrink: the stage's stop is then taken) or closes its
+//!   hand (it is being killed).
 //! - **Sends**: `StageMsg::Report` to its stage, as items finish.
 //! - **Supervised by**: its stage supervisor (linked at spawn). A handler
 //!   panic makes the worker fail after it reported the panicked item and
@@ -23,9 +26,10 @@ use crate::runner::{RunCtx, StageRunner};
 
 /// A worker's mailbox.
 pub(crate) enum WorkerMsg {
-    /// From the stage supervisor: run the items it put in the worker's hand
-    /// (`RunCtx::hand`), in order, until the hand is empty. No reply; the
-    /// outcomes come back as `StageMsg::Report`.
+    /// From the worker itself, once, as it starts: run the items the stage
+    /// puts in the worker's hand (`RunCtx::hand`), in order, and wait in the
+    /// hand for more, until the stage retires the worker or closes its
+    /// hand. No reply; the outcomes come back as `StageMsg::Report`.
     Run,
 }
 
@@ -60,6 +64,16 @@ where
         Ok(WorkerState { ctx, runner })
     }
 
+    async fn post_start(
+        &self,
+        myself: ActorRef<WorkerMsg>,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Its only message: the loop below runs for the worker's life.
+        myself.cast(WorkerMsg::Run)?;
+        Ok(())
+    }
+
     async fn handle(
         &self,
         _myself: ActorRef<WorkerMsg>,
@@ -67,13 +81,21 @@ where
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            WorkerMsg::Run => state.runner.run(&state.ctx).await.map_err(|reason| {
-                format!(
-                    "worker {} of stage `{}` stopped: {reason}",
-                    state.ctx.worker, state.ctx.stage
-                )
-                .into()
-            }),
+            // Between batches the worker waits in its hand, not in its
+            // mailbox: a batch costs the stage a wake-up, not a message. A
+            // kill still ends it at once (ractor races `handle` against the
+            // signal port); a stop is taken once it is retired.
+            WorkerMsg::Run => loop {
+                state.runner.run(&state.ctx).await.map_err(|reason| {
+                    format!(
+                        "worker {} of stage `{}` stopped: {reason}",
+                        state.ctx.worker, state.ctx.stage
+                    )
+                })?;
+                if !state.ctx.hand.wait_for_work().await {
+                    return Ok(());
+                }
+            },
         }
     }
 }

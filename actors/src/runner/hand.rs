@@ -2,7 +2,8 @@
 //! the blocking models) the outcomes it has and has not reported yet,
 //! shared between the worker and its stage.
 //!
-//! The stage puts a batch in the hand and wakes the worker (`WorkerMsg::Run`);
+//! The stage puts a batch in the hand, which wakes the worker if it waits
+//! for work ([`Hand::wait_for_work`]: a `Notify`, not a mailbox message);
 //! the worker takes the items one by one as it starts them. So the items a
 //! worker has not started are never out of the stage's reach:
 //!
@@ -23,6 +24,8 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+
 use super::RunCtx;
 use super::attempt::Attempt;
 use super::report::Reporter;
@@ -32,6 +35,10 @@ use crate::outcome::Outcome;
 /// What one worker holds, shared with its stage.
 pub(crate) struct Hand<I, O> {
     state: Mutex<HandState<I, O>>,
+    /// Wakes the worker waiting for work: given items, retired, closed.
+    /// A wake-up given while the worker runs is kept (`notify_one`'s
+    /// permit), so none is lost between its last look and its wait.
+    wake: Notify,
 }
 
 pub(crate) struct HandState<I, O> {
@@ -45,6 +52,9 @@ pub(crate) struct HandState<I, O> {
     /// The stage took what the worker held (it died or is being killed):
     /// the worker starts nothing more and whatever it finishes is discarded.
     pub(crate) closed: bool,
+    /// The stage shrank and stops this worker, which holds nothing: it
+    /// stops waiting for work, so that its stop is taken.
+    retired: bool,
 }
 
 /// What the stage takes from a closed hand.
@@ -80,7 +90,9 @@ impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
                 reporter: None,
                 current: None,
                 closed: false,
+                retired: false,
             }),
+            wake: Notify::new(),
         }
     }
 
@@ -90,7 +102,8 @@ impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// From the stage: more items for the worker, after the ones it has.
+    /// From the stage: more items for the worker, after the ones it has;
+    /// wakes the worker if it waits for work.
     pub(crate) fn give(&self, items: Vec<WorkItem<I>>) {
         let mut state = self.lock();
         if state.pending.is_empty() {
@@ -98,6 +111,38 @@ impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
             state.pending = VecDeque::from(items);
         } else {
             state.pending.extend(items);
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// From the stage, stopping a retired worker that holds nothing: the
+    /// worker stops waiting for work.
+    pub(crate) fn retire(&self) {
+        self.lock().retired = true;
+        self.wake.notify_one();
+    }
+
+    /// From a worker whose hand is empty: waits until the stage gives it
+    /// items (`true`), or closes its hand or retires it (`false`: the
+    /// worker is to end).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it takes nothing from the hand (a worker killed while
+    /// it waits holds nothing it started).
+    pub(crate) async fn wait_for_work(&self) -> bool {
+        loop {
+            {
+                let state = self.lock();
+                if state.closed || state.retired {
+                    return false;
+                }
+                if !state.pending.is_empty() {
+                    return true;
+                }
+            }
+            self.wake.notified().await;
         }
     }
 
@@ -120,12 +165,6 @@ impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
             outcomes,
             busy,
         }
-    }
-
-    /// From the stage, when the worker died after it was given items:
-    /// every item it has not started.
-    pub(crate) fn take_back_all(&self) -> Vec<WorkItem<I>> {
-        self.lock().pending.drain(..).collect()
     }
 
     /// From a blocking worker's task, before its thread starts on the
@@ -186,13 +225,16 @@ impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
         let mut state = self.lock();
         state.closed = true;
         state.current = None;
-        Harvest {
+        let harvest = Harvest {
             outcomes: state
                 .reporter
                 .take()
                 .map(Reporter::into_outcomes)
                 .unwrap_or_default(),
             unstarted: state.pending.drain(..).collect(),
-        }
+        };
+        drop(state);
+        self.wake.notify_one();
+        harvest
     }
 }

@@ -9,7 +9,8 @@
 //!   `Report` from its workers; `Reap`, `Respawn` and `Wake` from itself;
 //!   `Abort` from the root.
 //! - **Sends**: `Demand` upstream, `Items` downstream (never more than the
-//!   downstream asked for), `Run` to idle workers, finished results to the
+//!   downstream asked for), batches to idle workers (into their hands,
+//!   which wake them: no message), finished results to the
 //!   tracker (the last stage's successes and every failure).
 //! - **Supervises**: its workers (linked at spawn). A worker that fails is
 //!   replaced at once, so the stage keeps its worker count; its hand is
@@ -591,8 +592,12 @@ where
         });
         let hand = ctx.hand.clone();
         let args = (ctx, self.runner.clone());
-        let (actor, _) =
-            Actor::spawn_linked(None, Worker::<I, O, R>::new(), args, myself.get_cell()).await?;
+        // Boxed: the spawn's future is large (over 600 bytes), and every
+        // future that awaits a spawn (`respawn`, `reap`, `resize`, `retune`,
+        // `on_report`, so this actor's `handle`) would carry it inline.
+        // ractor moves a `handle` future three times per message.
+        let spawn = Actor::spawn_linked(None, Worker::<I, O, R>::new(), args, myself.get_cell());
+        let (actor, _) = Box::pin(spawn).await?;
         self.pool.add(id, actor, hand, crate::clock::now());
         Ok(id)
     }
@@ -751,7 +756,9 @@ where
                     "replacing the worker: {reason}"
                 );
                 self.pool.to_replace.push_back((report.worker, reason));
-                self.respawn(myself).await;
+                // Boxed: a rare await that would make every report's
+                // future (and `handle`'s) larger.
+                Box::pin(self.respawn(myself)).await;
             }
             AfterReport::Failing | AfterReport::Idle | AfterReport::Busy => {}
         }
@@ -914,7 +921,7 @@ where
                     "worker died, replacing it: {reason}"
                 );
                 self.pool.to_replace.push_back((worker, reason.clone()));
-                self.respawn(myself).await;
+                Box::pin(self.respawn(myself)).await;
             }
             ItemErrorKind::WorkerLost
         };
@@ -1070,12 +1077,7 @@ where
             };
             let items: Vec<_> = self.queue.drain(..take).collect();
             let now = *now.get_or_insert_with(crate::clock::now);
-            if let Some(Err(items)) = self.pool.give(items, now) {
-                // The worker died after its last report; its Reap is on the way.
-                for item in items.into_iter().rev() {
-                    self.queue.push_front(item);
-                }
-            }
+            self.pool.give(items, now);
         }
         self.arm_rebalance(myself);
         self.request();

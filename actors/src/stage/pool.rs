@@ -79,6 +79,9 @@ impl<I: Send + 'static, O: Send + 'static> Slot<I, O> {
     /// reaped as any other, and it is not replaced.
     fn stop(&mut self) {
         debug_assert!(self.retiring && self.held.is_empty());
+        // It waits for work in its hand: retired, it stops waiting, and
+        // its mailbox takes the stop.
+        self.hand.retire();
         self.actor.stop(Some("the stage shrank".into()));
     }
 
@@ -258,14 +261,11 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         Some(worker)
     }
 
-    /// Gives `items` to the next idle worker and wakes it; `Err` hands
-    /// them back if it died after its last report (its reap is on the
-    /// way). `None`: no worker is idle.
-    pub(super) fn give(
-        &mut self,
-        items: Vec<WorkItem<I>>,
-        now: Instant,
-    ) -> Option<Result<(), Vec<WorkItem<I>>>> {
+    /// Gives `items` to the next idle worker, which its hand wakes. A
+    /// worker that died after its last report gets them all the same: its
+    /// death closes its hand (`died`, before its reap), which takes them
+    /// back. `None`: no worker is idle.
+    pub(super) fn give(&mut self, items: Vec<WorkItem<I>>, now: Instant) -> Option<()> {
         let worker = self.idle.pop()?;
         let slot = self
             .slots
@@ -284,13 +284,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         slot.progress = now;
         self.in_flight += n;
         slot.hand.give(items);
-        if slot.actor.cast(WorkerMsg::Run).is_err() {
-            let items = slot.hand.take_back_all();
-            slot.held.clear();
-            self.in_flight -= n;
-            return Some(Err(items));
-        }
-        Some(Ok(()))
+        Some(())
     }
 
     /// `worker` reported `n` items (outcomes and items handed back);
@@ -485,10 +479,7 @@ mod tests {
         let now = Instant::now();
         let worker = pool.next_id();
         pool.add(worker, actor.clone(), Arc::new(Hand::new()), now);
-        assert!(matches!(
-            pool.give(vec![WorkItem::new(1)], now),
-            Some(Ok(()))
-        ));
+        assert!(pool.give(vec![WorkItem::new(1)], now).is_some());
         assert!(!pool.has_idle());
 
         let after = pool.reported(worker, 1, true, false, false, now);
