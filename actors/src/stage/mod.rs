@@ -1098,7 +1098,13 @@ where
             // An empty queue takes the next batch that comes as it is.
             let items = take_front(&mut self.queue, take, 0);
             let now = *now.get_or_insert_with(crate::clock::now);
-            self.pool.give(items, now);
+            if let Err(items) = self.pool.give(items, now) {
+                // Not reached: the loop runs while a worker is idle.
+                for item in items.into_iter().rev() {
+                    self.queue.push_front(item);
+                }
+                break;
+            }
         }
         self.arm_rebalance(myself);
         self.request();

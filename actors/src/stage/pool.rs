@@ -261,12 +261,18 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         Some(worker)
     }
 
-    /// Gives `items` to the next idle worker, which its hand wakes. A
-    /// worker that died after its last report gets them all the same: its
-    /// death closes its hand (`died`, before its reap), which takes them
-    /// back. `None`: no worker is idle.
-    pub(super) fn give(&mut self, items: Vec<WorkItem<I>>, now: Instant) -> Option<()> {
-        let worker = self.idle.pop()?;
+    /// Gives `items` to the next idle worker, which its hand wakes; hands
+    /// them back when no worker is idle. A worker that died after its last
+    /// report gets them all the same: its death closes its hand (`died`,
+    /// before its reap), which takes them back.
+    pub(super) fn give(
+        &mut self,
+        items: Vec<WorkItem<I>>,
+        now: Instant,
+    ) -> Result<(), Vec<WorkItem<I>>> {
+        let Some(worker) = self.idle.pop() else {
+            return Err(items);
+        };
         let slot = self
             .slots
             .get_mut(&worker)
@@ -284,7 +290,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         slot.progress = now;
         self.in_flight += n;
         slot.hand.give(items);
-        Some(())
+        Ok(())
     }
 
     /// `worker` reported `n` items (outcomes and items handed back);
@@ -479,7 +485,7 @@ mod tests {
         let now = Instant::now();
         let worker = pool.next_id();
         pool.add(worker, actor.clone(), Arc::new(Hand::new()), now);
-        assert!(pool.give(vec![WorkItem::new(1)], now).is_some());
+        assert!(pool.give(vec![WorkItem::new(1)], now).is_ok());
         assert!(!pool.has_idle());
 
         let after = pool.reported(worker, 1, true, false, false, now);
@@ -489,7 +495,7 @@ mod tests {
         let after = pool.reported(worker, 0, false, true, false, now);
         assert!(matches!(after, AfterReport::Failing));
         assert!(!pool.has_idle(), "a failing worker is listed idle");
-        assert!(pool.give(vec![WorkItem::new(2)], now).is_none());
+        assert!(pool.give(vec![WorkItem::new(2)], now).is_err());
         pool.check();
 
         // Nor does a later report list it idle again.
