@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bergtalzug::PipelineMsg;
 use bergtalzug::prelude::*;
-use common::{CountingSource, config, within};
+use common::{CountingSource, alive_tasks, config, within};
 use tokio::time::Instant;
 
 /// When each handler call started, by tokio's clock.
@@ -560,11 +560,6 @@ async fn growing_and_shrinking_a_thread_stage_while_items_flow_loses_nothing() {
 /// items with the workers it kept.
 #[tokio::test(start_paused = true)]
 async fn shrinking_a_stage_ends_the_tasks_of_the_workers_it_retires() {
-    let tasks = || {
-        tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks()
-    };
     let stages = vec![
         StageConfig::new("work", ExecutionType::Async)
             .workers(16)
@@ -586,10 +581,10 @@ async fn shrinking_a_stage_ends_the_tasks_of_the_workers_it_retires() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let before = tasks();
+    let before = alive_tasks();
     pipeline.set_workers("work", 2).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let after = tasks();
+    let after = alive_tasks();
     assert!(
         after + 14 <= before,
         "{before} tasks before shrinking 16 workers to 2, {after} after"

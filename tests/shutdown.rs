@@ -948,13 +948,6 @@ fn two_worker_runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// The tasks alive in the current runtime.
-fn alive_tasks() -> usize {
-    tokio::runtime::Handle::current()
-        .metrics()
-        .num_alive_tasks()
-}
-
 /// How long the tasks of a pipeline that finished have to end. Well under
 /// the 1 s tick of the stats monitor, so that a timer that runs out on its
 /// own instead of ending with its actor is caught; the tasks of a finished

@@ -351,8 +351,8 @@ impl TrackerState {
         if self.dead_letters.is_some() {
             // Boxed, as the publishing below and the end in `finish_if_done`:
             // their futures are large and rarely awaited, and `handle`'s
-            // future, which would carry them inline, is moved three times
-            // per message by ractor.
+            // future, which would carry them inline, is copied by ractor on
+            // every message (1,416 bytes inline, 536 boxed).
             Box::pin(self.send_dead_letters(&results)).await;
         } else if !self.inputs.is_empty() {
             // The inputs' `Drop` is user code.

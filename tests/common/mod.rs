@@ -9,6 +9,15 @@ use std::time::Duration;
 
 use bergtalzug::prelude::*;
 
+/// The tasks alive in the current tokio runtime: a pipeline's actors and
+/// timers are tasks, so a count that does not fall back shows one left
+/// behind.
+pub fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
 /// Fails the test if `fut` takes longer than `limit`: a hang is a failure.
 pub async fn within<F: Future>(limit: Duration, fut: F) -> F::Output {
     match tokio::time::timeout(limit, fut).await {

@@ -91,7 +91,9 @@ mod tune;
 
 use std::any::Any;
 use std::collections::{HashSet, VecDeque};
+use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -592,18 +594,27 @@ where
         });
         let hand = ctx.hand.clone();
         let args = (ctx, self.runner.clone());
-        // Boxed: the spawn's future is large (over 600 bytes), and every
-        // future that awaits a spawn (`respawn`, `reap`, `resize`, `retune`,
-        // `on_report`, so this actor's `handle`) would carry it inline.
-        // ractor moves a `handle` future three times per message.
-        let spawn = Actor::spawn_linked(None, Worker::<I, O, R>::new(), args, myself.get_cell());
-        let (actor, _) = Box::pin(spawn).await?;
+        let (actor, _) =
+            Actor::spawn_linked(None, Worker::<I, O, R>::new(), args, myself.get_cell()).await?;
         self.pool.add(id, actor, hand, crate::clock::now());
         Ok(id)
     }
 
     /// Spawns the workers that died; on failure, tries again later.
-    async fn respawn(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
+    ///
+    /// Boxed: a spawn's future is large (over 600 bytes), and inline it
+    /// would make every future that may respawn (`on_report`, `reap`,
+    /// `resize`, `retune`, so this actor's `handle`) that much larger.
+    /// ractor copies a `handle` future on every message, whatever the
+    /// message: boxed, the stage's is 568 bytes instead of 1,296.
+    fn respawn<'a>(
+        &'a mut self,
+        myself: &'a ActorRef<StageMsg<I, O>>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(self.replace_workers(myself))
+    }
+
+    async fn replace_workers(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
         while !self.aborting {
             let Some((worker, reason)) = self.pool.to_replace.pop_front() else {
                 break;
@@ -762,9 +773,7 @@ where
                     "replacing the worker: {reason}"
                 );
                 self.pool.to_replace.push_back((report.worker, reason));
-                // Boxed: a rare await that would make every report's
-                // future (and `handle`'s) larger.
-                Box::pin(self.respawn(myself)).await;
+                self.respawn(myself).await;
             }
             AfterReport::Failing | AfterReport::Idle | AfterReport::Busy => {}
         }
@@ -940,7 +949,7 @@ where
                     "worker died, replacing it: {reason}"
                 );
                 self.pool.to_replace.push_back((worker, reason.clone()));
-                Box::pin(self.respawn(myself)).await;
+                self.respawn(myself).await;
             }
             ItemErrorKind::WorkerLost
         };
