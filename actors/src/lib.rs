@@ -98,7 +98,7 @@ pub use pipeline::{Pipeline, RunOutcome};
 mod cluster {
     impl<T: Send + 'static> ractor::Message for crate::root::PipelineMsg<T> {}
     impl<T: Send + 'static> ractor::Message for crate::source_actor::SourceMsg<T> {}
-    impl<I: Send + 'static, O: Send + 'static> ractor::Message for crate::stage::StageMsg<I, O> {}
+    impl<I: Send + 'static> ractor::Message for crate::stage::StageMsg<I> {}
     impl ractor::Message for crate::worker::WorkerMsg {}
     impl ractor::Message for crate::tracker::TrackerMsg {}
     impl<P: Send + 'static, O: Send + 'static> ractor::Message for crate::splitter::SplitMsg<P, O> {}

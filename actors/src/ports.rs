@@ -42,9 +42,10 @@ pub(crate) trait Outlet<T>: Send + Sync + 'static {
 
 /// Where a worker's reports go: its stage.
 pub(crate) trait Reports<I, O>: Send + Sync + 'static {
-    /// Sends a report; a stage that is gone hands it back, for its items to
-    /// be dropped where their `Drop` is contained.
-    fn report(&self, report: WorkerReport<I, O>) -> Result<(), WorkerReport<I, O>>;
+    /// Sends a report; a stage that is gone hands back the reports it did
+    /// not take, this one among them, for their items to be dropped where
+    /// their `Drop` is contained.
+    fn report(&self, report: WorkerReport<I, O>) -> Result<(), Vec<WorkerReport<I, O>>>;
 }
 
 /// Fails the whole pipeline: the root aborts it, accounts for every item

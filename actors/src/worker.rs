@@ -8,7 +8,8 @@
 //!   back those it has not started. It stops waiting when the stage
 //!   retires it (a shrink: the stage's stop is then taken) or closes its
 //!   hand (it is being killed).
-//! - **Sends**: `StageMsg::Report` to its stage, as items finish.
+//! - **Sends**: reports to its stage's inbox, as items finish (the first
+//!   since the stage last took them rings it: `StageMsg::Reports`).
 //! - **Supervised by**: its stage supervisor (linked at spawn). A handler
 //!   panic makes the worker fail after it reported the panicked item and
 //!   handed back the rest of its batch; the supervisor has replaced it by
@@ -29,7 +30,7 @@ pub(crate) enum WorkerMsg {
     /// From the worker itself, once, as it starts: run the items the stage
     /// puts in the worker's hand (`RunCtx::hand`), in order, and wait in the
     /// hand for more, until the stage retires the worker or closes its
-    /// hand. No reply; the outcomes come back as `StageMsg::Report`.
+    /// hand. No reply; the outcomes go back as reports in the stage's inbox.
     Run,
 }
 

@@ -6,8 +6,9 @@
 //!   runner's).
 //! - **Receives**: [`StageMsg`]: `Connect` from the root; `Items` from
 //!   upstream (never more than it asked for); `Demand` from downstream;
-//!   `Report` from its workers; `Reap`, `Respawn` and `Wake` from itself;
-//!   `Abort` from the root.
+//!   `Reports` from its workers, the doorbell of their reports in its
+//!   [`inbox`] (taken at the start of every message); `Reap`, `Respawn`
+//!   and `Wake` from itself; `Abort` from the root.
 //! - **Sends**: `Demand` upstream, `Items` downstream (never more than the
 //!   downstream asked for), batches to idle workers (into their hands,
 //!   which wake them: no message), finished results to the
@@ -15,7 +16,7 @@
 //! - **Supervises**: its workers (linked at spawn). A worker that fails is
 //!   replaced at once, so the stage keeps its worker count; its hand is
 //!   closed as soon as its death is known, and what it held is accounted
-//!   for when its `Reap` arrives, after any report it sent.
+//!   for when its `Reap` arrives, after any report it put in the inbox.
 //! - **Retries**: an attempt that failed while the retry policy allows
 //!   another comes back as `Outcome::Retry`; the stage holds it, without a
 //!   worker, until its backoff is over (one `Wake` timer for the earliest),
@@ -52,6 +53,7 @@
 //! Each part keeps one invariant, asserted in debug builds where it lives:
 //!
 //! - [`credit`]: what the stage may send and has asked for, against its room;
+//! - [`inbox`]: the workers' reports, behind one doorbell;
 //! - [`pool`]: its workers and what each holds; taking unstarted items for
 //!   idle workers;
 //! - [`budget`]: the restart budget;
@@ -82,6 +84,7 @@ mod backoff;
 mod batching;
 mod budget;
 mod credit;
+mod inbox;
 mod lanes;
 mod order;
 mod pool;
@@ -95,12 +98,10 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use ractor::{
-    Actor, ActorCell, ActorProcessingErr, ActorRef, MessagingErr, RpcReplyPort, SupervisionEvent,
-};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::config::{RateLimit, RetryPolicy};
 use crate::error::PipelineError;
@@ -120,6 +121,7 @@ use backoff::Backoff;
 use batching::{Batching, MAX_BATCH};
 use budget::{Budget, OverBudget};
 use credit::Credit;
+use inbox::Inbox;
 use lanes::Lanes;
 pub(crate) use lanes::{KeyFn, key_fn};
 use order::{Leaving, Reorder};
@@ -156,15 +158,16 @@ const REBALANCE_AFTER: Duration = Duration::from_millis(5);
 
 /// A stage supervisor's mailbox; `I` is the stage's input type, `O` its
 /// output type.
-pub(crate) enum StageMsg<I, O> {
+pub(crate) enum StageMsg<I> {
     /// From the root, first: where to ask for items.
     Connect(Arc<dyn Upstream>),
     /// From upstream: items, at most as many as this stage asked for.
     Items(Vec<WorkItem<I>>),
     /// From downstream: room for this many more items.
     Demand(usize),
-    /// From a worker: outcomes of items it was given.
-    Report(WorkerReport<I, O>),
+    /// From a worker, the doorbell of the stage's [`Inbox`]: reports are
+    /// in it. (The stage takes them at the start of every message.)
+    Reports,
     /// From itself, after a worker died: account for what it still held,
     /// and replace it unless its panic report already did.
     Reap { worker: WorkerId, reason: String },
@@ -191,52 +194,43 @@ pub(crate) enum StageMsg<I, O> {
     Resize(usize, Changed),
 }
 
-impl<I: Send + 'static, O: Send + 'static> Outlet<I> for ActorRef<StageMsg<I, O>> {
+impl<I: Send + 'static> Outlet<I> for ActorRef<StageMsg<I>> {
     fn send(&self, items: Vec<WorkItem<I>>) {
         // A closed stage means the pipeline is shutting down.
         let _ = self.cast(StageMsg::Items(items));
     }
 }
 
-impl<I: Send + 'static, O: Send + 'static> Upstream for ActorRef<StageMsg<I, O>> {
+impl<I: Send + 'static> Upstream for ActorRef<StageMsg<I>> {
     fn demand(&self, n: usize) {
         let _ = self.cast(StageMsg::Demand(n));
     }
 }
 
-/// Where a worker's reports go: its stage, counting the reports sent and
-/// not yet handled, so that the stage can tell whether more are on the way
-/// ([`StageState::reports_on_the_way`]).
+/// Where a worker's reports go: its stage's [`Inbox`], which rings the
+/// stage when a report is the first since the stage last took them.
 struct ReportPort<I, O> {
-    stage: ActorRef<StageMsg<I, O>>,
-    on_the_way: Arc<AtomicUsize>,
+    stage: ActorRef<StageMsg<I>>,
+    inbox: Arc<Inbox<I, O>>,
 }
 
 impl<I: Send + 'static, O: Send + 'static> Reports<I, O> for ReportPort<I, O> {
-    fn report(&self, report: WorkerReport<I, O>) -> Result<(), WorkerReport<I, O>> {
-        // Counted before it is sent: the stage may handle it at once.
-        self.on_the_way.fetch_add(1, Ordering::Release);
-        match self.stage.cast(StageMsg::Report(report)) {
-            Ok(()) => Ok(()),
-            Err(error) => {
-                self.on_the_way.fetch_sub(1, Ordering::Release);
-                match error {
-                    MessagingErr::SendErr(StageMsg::Report(report)) => Err(report),
-                    // Any other error dropped the message inside ractor already.
-                    _ => Ok(()),
-                }
-            }
+    fn report(&self, report: WorkerReport<I, O>) -> Result<(), Vec<WorkerReport<I, O>>> {
+        if self.inbox.put(report) && self.stage.cast(StageMsg::Reports).is_err() {
+            // The stage is gone (the pipeline is shutting down).
+            return Err(self.inbox.unrung());
         }
+        Ok(())
     }
 }
 
-impl<I: Send + 'static, O: Send + 'static> StallCheck for ActorRef<StageMsg<I, O>> {
+impl<I: Send + 'static> StallCheck for ActorRef<StageMsg<I>> {
     fn check_stalls(&self, threshold: Duration) {
         let _ = self.cast(StageMsg::CheckStalls(threshold));
     }
 }
 
-impl<I: Send + 'static, O: Send + 'static> StageControl for ActorRef<StageMsg<I, O>> {
+impl<I: Send + 'static> StageControl for ActorRef<StageMsg<I>> {
     fn connect(&self, upstream: Arc<dyn Upstream>) {
         let _ = self.cast(StageMsg::Connect(upstream));
     }
@@ -313,10 +307,14 @@ pub(crate) struct StageState<I, O, R> {
     upstream: Option<Arc<dyn Upstream>>,
     queue: VecDeque<WorkItem<I>>,
     outbox: VecDeque<WorkItem<O>>,
-    /// Workers' reports sent and not handled yet: while some are, what is
-    /// done waits for them to go downstream in one batch (up to
-    /// [`MAX_BATCH`]).
-    reports_on_the_way: Arc<AtomicUsize>,
+    /// Workers' reports not taken yet: while some are, what is done waits
+    /// for them to go downstream in one batch (up to [`MAX_BATCH`]).
+    inbox: Arc<Inbox<I, O>>,
+    /// The buffer the inbox's reports are taken into, reused.
+    reports: Vec<WorkerReport<I, O>>,
+    /// What the outcomes settled while handling a message send on, sent
+    /// to the tracker once the message is handled.
+    departing: Departures,
     credit: Credit,
     pool: Pool<I, O>,
     budget: Budget,
@@ -334,7 +332,7 @@ pub(crate) struct StageState<I, O, R> {
     rebalance_armed: bool,
     /// The timers that may be long (a retry's backoff, the rate limit's
     /// pace), ended with the stage rather than left to run out.
-    timers: Timers<StageMsg<I, O>>,
+    timers: Timers<StageMsg<I>>,
 }
 
 impl<I, O, R> Actor for Stage<I, O, R>
@@ -343,13 +341,13 @@ where
     O: Send + 'static,
     R: StageRunner<I, O>,
 {
-    type Msg = StageMsg<I, O>;
+    type Msg = StageMsg<I>;
     type State = StageState<I, O, R>;
     type Arguments = StageArgs<I, O, R>;
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<StageMsg<I, O>>,
+        _myself: ActorRef<StageMsg<I>>,
         args: StageArgs<I, O, R>,
     ) -> Result<Self::State, ActorProcessingErr> {
         let config = &args.shared.config.stages[args.index];
@@ -364,7 +362,9 @@ where
             downstream: args.downstream,
             queue: VecDeque::with_capacity(config.queue_size.min(4096)),
             outbox: VecDeque::new(),
-            reports_on_the_way: Arc::new(AtomicUsize::new(0)),
+            inbox: Arc::new(Inbox::new()),
+            reports: Vec::new(),
+            departing: Departures::default(),
             credit: Credit::new(config.capacity()),
             pool: Pool::new(),
             budget: Budget::new(config.restart_budget),
@@ -388,7 +388,7 @@ where
 
     async fn post_start(
         &self,
-        myself: ActorRef<StageMsg<I, O>>,
+        myself: ActorRef<StageMsg<I>>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         for _ in 0..state.workers {
@@ -400,7 +400,7 @@ where
 
     async fn post_stop(
         &self,
-        _myself: ActorRef<StageMsg<I, O>>,
+        _myself: ActorRef<StageMsg<I>>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         // A Process stage's worker processes are reaped before the stage
@@ -411,20 +411,21 @@ where
 
     async fn handle(
         &self,
-        myself: ActorRef<StageMsg<I, O>>,
-        message: StageMsg<I, O>,
+        myself: ActorRef<StageMsg<I>>,
+        message: StageMsg<I>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        // Reports first, whatever the message: a `Reap` comes after its
+        // worker's reports, and the doorbell finds them taken already when
+        // another message came first.
+        state.take_reports(&myself).await;
         // A change is answered once the stage has taken it, gauges included.
         let mut changed = None;
         match message {
             StageMsg::Connect(upstream) => state.upstream = Some(upstream),
             StageMsg::Items(items) => state.receive(items),
             StageMsg::Demand(n) => state.credit.granted(n),
-            StageMsg::Report(report) => {
-                state.reports_on_the_way.fetch_sub(1, Ordering::AcqRel);
-                state.on_report(&myself, report).await
-            }
+            StageMsg::Reports => {}
             StageMsg::Reap { worker, reason } => state.reap(&myself, worker, reason).await,
             StageMsg::Respawn => state.respawn(&myself).await,
             StageMsg::Wake => state.wake(&myself),
@@ -444,6 +445,7 @@ where
         state.pump(&myself);
         state.publish_gauges();
         state.retune(&myself).await;
+        state.depart();
         state.pool.check();
         if let Some(reply) = changed {
             let _ = reply.send(Ok(()));
@@ -453,7 +455,7 @@ where
 
     async fn handle_supervisor_evt(
         &self,
-        myself: ActorRef<StageMsg<I, O>>,
+        myself: ActorRef<StageMsg<I>>,
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -523,7 +525,7 @@ where
 
     /// An adaptive stage: counts whether every worker is busy, and at the
     /// end of a window resizes to the count its controller chose.
-    async fn retune(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
+    async fn retune(&mut self, myself: &ActorRef<StageMsg<I>>) {
         if self.aborting {
             return;
         }
@@ -551,7 +553,7 @@ where
     /// A new worker count: grows at once (busy workers retiring from an
     /// earlier shrink take work again first), or retires the extra
     /// workers, idle ones at once, busy ones once they hold nothing.
-    async fn resize(&mut self, myself: &ActorRef<StageMsg<I, O>>, workers: usize) {
+    async fn resize(&mut self, myself: &ActorRef<StageMsg<I>>, workers: usize) {
         self.workers = workers;
         // An adaptive stage keeps room for the most workers of its range.
         let room = match self.shared.config.stages[self.index].adaptive {
@@ -573,7 +575,7 @@ where
 
     async fn spawn_worker(
         &mut self,
-        myself: &ActorRef<StageMsg<I, O>>,
+        myself: &ActorRef<StageMsg<I>>,
     ) -> Result<WorkerId, ActorProcessingErr> {
         let id = self.pool.next_id();
         let config = &self.shared.config.stages[self.index];
@@ -583,7 +585,7 @@ where
             worker: id,
             reports: Arc::new(ReportPort {
                 stage: myself.clone(),
-                on_the_way: self.reports_on_the_way.clone(),
+                inbox: self.inbox.clone(),
             }),
             tracking: self.shared.config.enable_tracking,
             events: self.shared.events.clone(),
@@ -609,12 +611,12 @@ where
     /// message: boxed, the stage's is 568 bytes instead of 1,296.
     fn respawn<'a>(
         &'a mut self,
-        myself: &'a ActorRef<StageMsg<I, O>>,
+        myself: &'a ActorRef<StageMsg<I>>,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(self.replace_workers(myself))
     }
 
-    async fn replace_workers(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
+    async fn replace_workers(&mut self, myself: &ActorRef<StageMsg<I>>) {
         while !self.aborting {
             let Some((worker, reason)) = self.pool.to_replace.pop_front() else {
                 break;
@@ -744,7 +746,7 @@ where
         }
     }
 
-    async fn on_report(&mut self, myself: &ActorRef<StageMsg<I, O>>, report: WorkerReport<I, O>) {
+    async fn on_report(&mut self, myself: &ActorRef<StageMsg<I>>, report: WorkerReport<I, O>) {
         let n = report.outcomes.len() + report.returned.len();
         let after = self.pool.reported(
             report.worker,
@@ -813,25 +815,23 @@ where
     /// them.
     fn settle(
         &mut self,
-        myself: &ActorRef<StageMsg<I, O>>,
+        myself: &ActorRef<StageMsg<I>>,
         outcomes: Vec<Outcome<I, O>>,
         finished: Vec<WorkItemResult>,
         lost: Vec<(u32, WorkItemResult)>,
     ) {
-        let mut out = Departures {
-            finished,
-            inputs: Vec::new(),
-            finished_at: (self.is_last() && self.shared.config.enable_tracking)
-                .then(crate::clock::now),
-        };
+        let mut out = std::mem::take(&mut self.departing);
+        out.finished.extend(finished);
+        out.finished_at =
+            (self.is_last() && self.shared.config.enable_tracking).then(crate::clock::now);
         let (mut processed, mut failed, mut retried) = (0, 0, 0);
         // No key lane to free, no order to keep, and not the last stage: a
         // done item goes straight to the outbox (what `leave` would do).
         let plain =
             self.lanes.is_none() && self.reorder.is_none() && !self.aborting && !self.is_last();
         if self.is_last() {
-            // Every outcome becomes a result here: one allocation, not a
-            // doubling per few results of 120 bytes each.
+            // Every outcome becomes a result here (room made for all the
+            // reports taken at once, by `take_reports`).
             out.finished.reserve(outcomes.len());
         }
         for outcome in outcomes {
@@ -873,10 +873,40 @@ where
         gauges.processed.fetch_add(processed, Ordering::Relaxed);
         gauges.failed.fetch_add(failed, Ordering::Relaxed);
         gauges.retried.fetch_add(retried, Ordering::Relaxed);
+        self.departing = out;
+    }
+
+    /// Sends the tracker what the outcomes settled while handling this
+    /// message sent on: the last inputs of failures (for their dead
+    /// letters), then the results, one message each at most.
+    fn depart(&mut self) {
+        let out = &mut self.departing;
         if !out.inputs.is_empty() {
-            let _ = self.tracker.cast(TrackerMsg::Inputs(out.inputs));
+            let _ = self
+                .tracker
+                .cast(TrackerMsg::Inputs(std::mem::take(&mut out.inputs)));
         }
-        self.to_tracker(out.finished);
+        if !out.finished.is_empty() {
+            let _ = self
+                .tracker
+                .cast(TrackerMsg::Finished(std::mem::take(&mut out.finished)));
+        }
+    }
+
+    /// Takes the reports in the inbox, in order.
+    async fn take_reports(&mut self, myself: &ActorRef<StageMsg<I>>) {
+        let mut reports = std::mem::take(&mut self.reports);
+        self.inbox.take(&mut reports);
+        if self.is_last() {
+            // Every outcome becomes a result here: one allocation for all
+            // the reports', not one growth per report (120 bytes each).
+            let outcomes = reports.iter().map(|r| r.outcomes.len()).sum();
+            self.departing.finished.reserve(outcomes);
+        }
+        for report in reports.drain(..) {
+            self.on_report(myself, report).await;
+        }
+        self.reports = reports;
     }
 
     /// The item at place `seq` has its outcome in this stage: its key lane
@@ -903,7 +933,7 @@ where
     }
 
     /// Holds an item for its retry backoff.
-    fn delay(&mut self, myself: &ActorRef<StageMsg<I, O>>, item: WorkItem<I>) {
+    fn delay(&mut self, myself: &ActorRef<StageMsg<I>>, item: WorkItem<I>) {
         let wait = self.retry.map_or(Duration::ZERO, |policy| {
             policy.delay_before(item.head.metadata.attempts + 1, fastrand::f64())
         });
@@ -913,7 +943,7 @@ where
     }
 
     /// Queues the items whose backoff is over, and sets the timer for the next.
-    fn wake(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
+    fn wake(&mut self, myself: &ActorRef<StageMsg<I>>) {
         let (ready, timer) = self.backoff.due();
         for item in ready {
             // A retry is another start: the rate limit applies.
@@ -928,7 +958,7 @@ where
     /// reported are settled, the items it never started go back to the
     /// queue (cancelled on abort), and the one it was running fails
     /// `WorkerLost` (`Cancelled` on abort).
-    async fn reap(&mut self, myself: &ActorRef<StageMsg<I, O>>, worker: WorkerId, reason: String) {
+    async fn reap(&mut self, myself: &ActorRef<StageMsg<I>>, worker: WorkerId, reason: String) {
         let Some(slot) = self.pool.remove(worker) else {
             return;
         };
@@ -1082,10 +1112,9 @@ where
 
     /// Moves what can move: finished items downstream, queued items to idle
     /// workers, demand upstream.
-    fn pump(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
+    fn pump(&mut self, myself: &ActorRef<StageMsg<I>>) {
         if let Downstream::Stage(next) = &self.downstream
-            && (self.outbox.len() >= MAX_BATCH
-                || self.reports_on_the_way.load(Ordering::Acquire) == 0)
+            && (self.outbox.len() >= MAX_BATCH || !self.inbox.waiting())
         {
             let n = self.credit.send(self.outbox.len());
             if n > 0 {
@@ -1122,7 +1151,7 @@ where
     /// Lets through the rate limit as many items as there are idle workers
     /// the queue does not cover already ([`Rate::release`]), and sets the
     /// `Pace` timer when the limiter makes the next one wait.
-    fn release(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
+    fn release(&mut self, myself: &ActorRef<StageMsg<I>>) {
         if self.aborting || self.rate.len() == 0 {
             return;
         }
@@ -1140,7 +1169,7 @@ where
     /// outlives its pace (about 1 ms of work) is shared with idle workers
     /// within a few milliseconds, while batches of fast items are left
     /// whole.
-    fn arm_rebalance(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
+    fn arm_rebalance(&mut self, myself: &ActorRef<StageMsg<I>>) {
         if self.rebalance_armed
             || self.aborting
             || !self.pool.has_idle()
@@ -1156,7 +1185,7 @@ where
     /// When workers are idle and nothing is queued, takes what a busy
     /// worker has not started (and the results its blocking handler
     /// returned and it has not reported) for them ([`Pool::steal`]).
-    fn steal(&mut self, myself: &ActorRef<StageMsg<I, O>>) {
+    fn steal(&mut self, myself: &ActorRef<StageMsg<I>>) {
         if self.aborting || !self.queue.is_empty() {
             return;
         }
@@ -1239,6 +1268,7 @@ fn take_front<T>(queue: &mut VecDeque<T>, n: usize, room: usize) -> Vec<T> {
 
 /// What the outcomes settled in one message send on: results (and the last
 /// inputs of failures, for their dead letters) for the tracker.
+#[derive(Default)]
 struct Departures {
     finished: Vec<WorkItemResult>,
     inputs: Vec<(JobId, Box<dyn Any + Send>)>,
