@@ -14,6 +14,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use tracing::Instrument;
@@ -28,10 +29,12 @@ use crate::item::WorkItem;
 /// what is done and puts the unstarted `$items` back in `$hand`, so that
 /// neither finished nor unstarted items wait behind a slow one.
 macro_rules! ready_or_flush {
-    ($fut:ident, $reporter:ident, $items:ident, $hand:expr) => {
+    ($fut:ident, $reporter:ident, $items:ident, $hand:expr, $lap:ident) => {
         match futures::poll!($fut.as_mut()) {
             Poll::Ready(output) => output,
             Poll::Pending => {
+                // Time passes in the await: the clock is read after it.
+                $lap.awaited();
                 // Back in the hand before the report goes: the stage looks
                 // into the hand when the report comes.
                 if $items.is_empty() {
@@ -44,6 +47,80 @@ macro_rules! ready_or_flush {
             }
         }
     };
+}
+
+/// How long, at the pace of the last items, an async worker with tracking
+/// off goes between readings of the clock ([`Lap`]).
+const READ_EVERY: Duration = Duration::from_micros(20);
+const READ_EVERY_NS: u64 = READ_EVERY.as_nanos() as u64;
+/// The most items between two readings, however fast they were: a handler
+/// that turns slow without awaiting is timed again within this many.
+const MAX_SKIP: u32 = 16;
+
+/// The clock of an async batch. With tracking off no item needs a time of
+/// its own: only the reporter's flush ([`FLUSH_AFTER`](super::FLUSH_AFTER),
+/// 1 ms) and the batch's handler time (which sizes batches) read it. So
+/// after an item that completed at once, the clock is read only every few
+/// items, as many as took about [`READ_EVERY`] at the pace measured at the
+/// last reading (at most [`MAX_SKIP`]); in between the last reading
+/// stands in. A reading on this machine cost 8 % of the CPU of a pipeline
+/// of trivial handlers (`perf`, docs/performance.md). After an await, a
+/// failure, and at the batch's end it is read every time; with tracking on
+/// (stage times per item), after every item.
+struct Lap {
+    last: Instant,
+    /// Items since the last reading.
+    items: u32,
+    /// Items to go before the next reading.
+    skip: u32,
+}
+
+impl Lap {
+    fn new(now: Instant) -> Self {
+        Lap {
+            last: now,
+            items: 0,
+            skip: 0,
+        }
+    }
+
+    /// Now, or the last reading while items go fast.
+    #[inline]
+    fn after_item(&mut self) -> Instant {
+        if self.skip > 0 {
+            self.skip -= 1;
+            self.items += 1;
+            return self.last;
+        }
+        let now = crate::clock::now();
+        // In whole nanoseconds of u64 (584 years): no 128-bit division.
+        let took = now.saturating_duration_since(self.last);
+        let took = took.as_secs() * 1_000_000_000 + u64::from(took.subsec_nanos());
+        let per_item = took / (u64::from(self.items) + 1);
+        self.skip = (READ_EVERY_NS / per_item.max(1)).min(u64::from(MAX_SKIP)) as u32;
+        self.last = now;
+        self.items = 0;
+        now
+    }
+
+    /// Now, read (the pace is not measured: the next item reads again).
+    fn read(&mut self) -> Instant {
+        let now = crate::clock::now();
+        self.last = now;
+        self.items = 0;
+        self.skip = 0;
+        now
+    }
+
+    /// The handler awaited: the next reading is taken.
+    fn awaited(&mut self) {
+        self.skip = 0;
+    }
+
+    /// Whether the last reading is older than the last item.
+    fn stale(&self) -> bool {
+        self.items > 0
+    }
 }
 
 /// The unstarted items an async worker keeps to itself: put back in its
@@ -82,6 +159,7 @@ where
             return Ok(());
         }
         let mut started = crate::clock::now();
+        let mut lap = Lap::new(started);
         let mut reporter = Sending(Reporter::new(ctx, items.len(), started));
         // Once per batch: when no subscriber wants item spans, each item
         // gets the empty span, which costs a branch per poll.
@@ -92,7 +170,7 @@ where
             let item = match attempt.checked(item) {
                 Ok(item) => item,
                 Err(ran) => {
-                    let now = crate::clock::now();
+                    let now = lap.read();
                     let mut returned =
                         std::iter::from_fn(|| items.pop_front().or_else(|| hand.next()));
                     reporter.settle(attempt, ran, started, now, &mut returned)?;
@@ -117,7 +195,7 @@ where
                     match ctx.timeout {
                         None => {
                             let mut fut = std::pin::pin!(fut);
-                            Ran::caught(ready_or_flush!(fut, reporter, items, hand))
+                            Ran::caught(ready_or_flush!(fut, reporter, items, hand, lap))
                         }
                         Some(limit) => {
                             // At the deadline the handler's future is
@@ -125,7 +203,7 @@ where
                             // block that drops it is guarded too.
                             let timed = AssertUnwindSafe(async {
                                 let mut fut = std::pin::pin!(tokio::time::timeout(limit, fut));
-                                match ready_or_flush!(fut, reporter, items, hand) {
+                                match ready_or_flush!(fut, reporter, items, hand, lap) {
                                     Ok(result) => Ran::caught(result),
                                     Err(_) => Ran::TimedOut(limit),
                                 }
@@ -147,13 +225,75 @@ where
                 }
                 Err(payload) => Ran::Panicked(crate::contain::take_message(payload)),
             };
-            let now = crate::clock::now();
+            let now = match &ran {
+                Ran::Returned(Ok(_)) if !ctx.tracking => lap.after_item(),
+                // Stage times, or a failure's finish time.
+                _ => lap.read(),
+            };
             // Taken only after a panic, to be handed back.
             let mut returned = std::iter::from_fn(|| items.pop_front().or_else(|| hand.next()));
             reporter.settle(attempt, ran, started, now, &mut returned)?;
             started = now;
         }
+        if lap.stale() {
+            // The batch's handler time ends now.
+            started = lap.read();
+            reporter.done_by(started);
+        }
         reporter.finish(started);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// However fast the items, the clock is read at least every
+    /// `MAX_SKIP + 1` items; an item slower than `READ_EVERY` reads it
+    /// every time, and so does the first item after an await.
+    #[test]
+    fn the_clock_is_read_every_few_fast_items_and_after_every_slow_one() {
+        let mut lap = Lap::new(crate::clock::now());
+        let (mut since_read, mut skipped) = (0, 0);
+        for _ in 0..1_000 {
+            let skipping = lap.skip > 0;
+            lap.after_item();
+            since_read = if skipping { since_read + 1 } else { 0 };
+            skipped += u32::from(skipping);
+            assert!(
+                since_read <= MAX_SKIP,
+                "{since_read} items without a reading"
+            );
+        }
+        assert!(skipped > 0, "fast items skip readings");
+
+        lap.awaited();
+        lap.after_item();
+        assert_eq!(lap.items, 0, "the item after an await reads the clock");
+
+        // A handler that turns slow without awaiting is timed again
+        // within MAX_SKIP + 1 items, then after every item.
+        let slow = |lap: &mut Lap| {
+            let until = Instant::now() + READ_EVERY * 2;
+            while Instant::now() < until {}
+            lap.after_item();
+        };
+        let mut n = 0;
+        loop {
+            slow(&mut lap);
+            n += 1;
+            if lap.items == 0 {
+                break;
+            }
+            assert!(n <= MAX_SKIP, "{n} slow items without a reading");
+        }
+        for _ in 0..3 {
+            slow(&mut lap);
+            assert_eq!(
+                lap.skip, 0,
+                "an item slower than READ_EVERY reads every time"
+            );
+        }
     }
 }

@@ -126,6 +126,12 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
         self.outcomes.push(outcome);
     }
 
+    /// The last outcome recorded was done by `now` (a later reading of the
+    /// clock than the one it was recorded with).
+    pub(crate) fn done_by(&mut self, now: Instant) {
+        self.last_done = now;
+    }
+
     /// When the outcomes recorded and not sent are due to be sent, if
     /// there are any: [`FLUSH_AFTER`] after the last report.
     pub(crate) fn flush_due(&self) -> Option<Instant> {
