@@ -85,6 +85,14 @@ pub(crate) trait StageRunner<I, O>: Send + Sync + 'static {
     /// report saying so was sent.
     fn run(&self, ctx: &Arc<RunCtx<I, O>>) -> impl Future<Output = Result<(), String>> + Send;
 
+    /// Whether the stage gives a busy worker its next batch before the
+    /// worker ends the one it has (`Pool::top_up`): for runners whose
+    /// worker takes the items in its hand one by one on a thread of its
+    /// own, so that the thread runs on. No by default.
+    fn prefills(&self) -> bool {
+        false
+    }
+
     /// Ends what the runner keeps between batches, before the stage stops
     /// (a Process stage's worker processes: the stage stops once they are
     /// reaped). Nothing by default.

@@ -41,6 +41,13 @@ where
     O: Send + 'static,
     F: Fn(WorkItem<I>) -> anyhow::Result<WorkItem<O>> + Send + Sync + 'static,
 {
+    /// The thread takes the items in its hand one by one: items added
+    /// before it ends its batch run on that thread, with no round trip
+    /// through the stage.
+    fn prefills(&self) -> bool {
+        true
+    }
+
     async fn run(&self, ctx: &Arc<RunCtx<I, O>>) -> Result<(), String> {
         if !ctx.hand.begin_batch(ctx) {
             return Ok(());

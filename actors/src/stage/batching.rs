@@ -49,6 +49,12 @@ impl Batching {
         take
     }
 
+    /// The items of a full batch: about [`BATCH_WORK`] worth, at most
+    /// [`MAX_BATCH`] (1 until the service time is known).
+    pub(super) fn full(&self) -> usize {
+        self.bounds().1
+    }
+
     /// At least [`SPLIT_WORK`] worth (splitting less work between workers
     /// costs more than it gains), at most [`BATCH_WORK`] worth and
     /// [`MAX_BATCH`].

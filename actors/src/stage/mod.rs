@@ -486,6 +486,20 @@ where
         matches!(self.downstream, Downstream::Tracker)
     }
 
+    /// Whether busy workers get their next batch before they end the one
+    /// they have ([`Pool::top_up`]): a blocking stage's, unless a rate
+    /// limit lets items start one at a time.
+    fn prefills(&self) -> bool {
+        self.runner.prefills() && !self.rate.limited()
+    }
+
+    /// In a stage that [`prefills`](Self::prefills): the items under which
+    /// a busy worker is given its next batch, two full batches (about 2 ms
+    /// of work), so that a report every 1 ms finds it holding one still.
+    fn low_water(&self) -> Option<usize> {
+        self.prefills().then(|| 2 * self.batching.full())
+    }
+
     /// Items the stage holds: queued, waiting in a key lane, for the rate
     /// limit or to be retried, in workers, waiting for the ones before them
     /// (ordered), waiting for downstream's demand.
@@ -748,12 +762,14 @@ where
 
     async fn on_report(&mut self, myself: &ActorRef<StageMsg<I>>, report: WorkerReport<I, O>) {
         let n = report.outcomes.len() + report.returned.len();
+        let low_water = self.low_water();
         let after = self.pool.reported(
             report.worker,
             n,
             !report.outcomes.is_empty(),
             report.failing.is_some(),
             self.aborting,
+            low_water,
             crate::clock::now(),
         );
         match after {
@@ -1125,6 +1141,7 @@ where
         self.steal(myself);
         self.release(myself);
         let mut now = None;
+        let low_water = self.low_water();
         while !self.queue.is_empty() && self.pool.has_idle() {
             let take = if self.rate.limited() {
                 // One to each worker: an item let through starts at once.
@@ -1136,12 +1153,28 @@ where
             // An empty queue takes the next batch that comes as it is.
             let items = take_front(&mut self.queue, take, 0);
             let now = *now.get_or_insert_with(crate::clock::now);
-            if let Err(items) = self.pool.give(items, now) {
+            if let Err(items) = self.pool.give(items, low_water, now) {
                 // Not reached: the loop runs while a worker is idle.
                 for item in items.into_iter().rev() {
                     self.queue.push_front(item);
                 }
                 break;
+            }
+        }
+        if low_water.is_some() && !self.aborting {
+            // Busy workers running low get their next batch before they
+            // end the one they have.
+            let batch = self.batching.full();
+            while !self.queue.is_empty() && self.pool.has_hungry() {
+                let take = batch.min(self.queue.len());
+                let items = take_front(&mut self.queue, take, 0);
+                if let Err(items) = self.pool.top_up(items) {
+                    // Not reached: the loop runs while a worker is hungry.
+                    for item in items.into_iter().rev() {
+                        self.queue.push_front(item);
+                    }
+                    break;
+                }
             }
         }
         self.arm_rebalance(myself);

@@ -6,6 +6,9 @@
 //!   `in_flight` is their sum;
 //! - an idle worker holds nothing and is neither failing, dead nor
 //!   retiring, and is listed idle once;
+//! - a hungry worker (a blocking stage's, running low: see
+//!   [`Pool::top_up`]) holds something, is neither failing, dead nor
+//!   retiring, is not idle, and is listed hungry once;
 //! - a retiring worker (the stage shrank) gets no new work, and is stopped
 //!   as soon as it holds nothing.
 
@@ -60,6 +63,9 @@ pub(super) struct Slot<I, O> {
     progress: Instant,
     /// The front of `held` was reported stalled.
     pub(super) stalled: bool,
+    /// Listed hungry: it runs low and gets the next batch before it ends
+    /// the one it has ([`Pool::top_up`]).
+    hungry: bool,
 }
 
 impl<I: Send + 'static, O: Send + 'static> Slot<I, O> {
@@ -118,6 +124,8 @@ pub(super) struct Pool<I, O> {
     pub(super) slots: HashMap<WorkerId, Slot<I, O>>,
     by_actor: HashMap<ActorId, WorkerId>,
     idle: Vec<WorkerId>,
+    /// Busy workers running low, for [`Pool::top_up`].
+    hungry: Vec<WorkerId>,
     in_flight: usize,
     next_worker: u64,
     /// Workers that died and are not replaced yet: who, and why.
@@ -130,6 +138,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             slots: HashMap::new(),
             by_actor: HashMap::new(),
             idle: Vec::new(),
+            hungry: Vec::new(),
             in_flight: 0,
             next_worker: 0,
             to_replace: VecDeque::new(),
@@ -165,6 +174,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
                 since: now,
                 progress: now,
                 stalled: false,
+                hungry: false,
             },
         );
         self.idle.push(id);
@@ -221,6 +231,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             busy.sort_unstable();
             for (_, worker) in busy.into_iter().take(n - retired) {
                 self.slots.get_mut(&worker).expect("listed above").retiring = true;
+                self.unlist_hungry(worker);
                 retired += 1;
             }
         }
@@ -258,16 +269,22 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             slot.close();
         }
         self.idle.retain(|w| *w != worker);
+        self.unlist_hungry(worker);
         Some(worker)
     }
 
     /// Gives `items` to the next idle worker, which its hand wakes; hands
     /// them back when no worker is idle. A worker that died after its last
     /// report gets them all the same: its death closes its hand (`died`,
-    /// before its reap), which takes them back.
+    /// before its reap), which takes them back. In a blocking stage
+    /// (`low_water`, as for [`Pool::reported`]) the worker is listed hungry
+    /// at once if it holds less: it reports only every
+    /// [`FLUSH_AFTER`](crate::runner::FLUSH_AFTER), so its next batch must
+    /// be in hand before a report says it ran low.
     pub(super) fn give(
         &mut self,
         items: Vec<WorkItem<I>>,
+        low_water: Option<usize>,
         now: Instant,
     ) -> Result<(), Vec<WorkItem<I>>> {
         let Some(worker) = self.idle.pop() else {
@@ -278,6 +295,58 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             .get_mut(&worker)
             .expect("idle workers have slots");
         let n = items.len();
+        Self::hold(slot, &items);
+        slot.since = now;
+        slot.stalled = false;
+        slot.progress = now;
+        self.in_flight += n;
+        slot.hand.give(items);
+        if low_water.is_some_and(|low| slot.held.len() < low) && !slot.hungry {
+            slot.hungry = true;
+            self.hungry.push(worker);
+        }
+        Ok(())
+    }
+
+    /// Gives `items` to the next hungry worker, after what it holds; hands
+    /// them back when none is hungry. A worker of a blocking stage (Thread,
+    /// Cpu) takes the items in its hand one by one on its thread, so items
+    /// added before it ends its batch run on, without the round trip
+    /// through the stage and back to the thread that ending a batch costs
+    /// (a report, the stage's turn, a wake-up of the worker and one of a
+    /// thread: 5 µs of a 2-thread Cpu stage's 50 µs items idled in it,
+    /// docs/performance.md). Items added stay within the stage's reach:
+    /// an idle worker takes those not started from a worker that made no
+    /// progress for [`STEAL_AFTER`], as from any batch.
+    pub(super) fn top_up(&mut self, items: Vec<WorkItem<I>>) -> Result<(), Vec<WorkItem<I>>> {
+        let Some(worker) = self.hungry.pop() else {
+            return Err(items);
+        };
+        let slot = self
+            .slots
+            .get_mut(&worker)
+            .expect("hungry workers have slots");
+        slot.hungry = false;
+        self.in_flight += items.len();
+        Self::hold(slot, &items);
+        slot.hand.give(items);
+        Ok(())
+    }
+
+    pub(super) fn has_hungry(&self) -> bool {
+        !self.hungry.is_empty()
+    }
+
+    fn unlist_hungry(&mut self, worker: WorkerId) {
+        if let Some(slot) = self.slots.get_mut(&worker)
+            && std::mem::take(&mut slot.hungry)
+        {
+            self.hungry.retain(|w| *w != worker);
+        }
+    }
+
+    /// Records what `slot` was given, in order.
+    fn hold(slot: &mut Slot<I, O>, items: &[WorkItem<I>]) {
         slot.held.extend(items.iter().map(|i| {
             (
                 i.head.job_id.clone(),
@@ -285,16 +354,13 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
                 i.head.metadata.seq,
             )
         }));
-        slot.since = now;
-        slot.stalled = false;
-        slot.progress = now;
-        self.in_flight += n;
-        slot.hand.give(items);
-        Ok(())
     }
 
     /// `worker` reported `n` items (outcomes and items handed back);
-    /// `finished`: some had outcomes; `failing`: it is about to fail.
+    /// `finished`: some had outcomes; `failing`: it is about to fail;
+    /// `low_water`: a blocking stage's, under which a busy worker is
+    /// listed hungry ([`Pool::top_up`]).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn reported(
         &mut self,
         worker: WorkerId,
@@ -302,6 +368,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         finished: bool,
         failing: bool,
         aborting: bool,
+        low_water: Option<usize>,
         now: Instant,
     ) -> AfterReport {
         let Some(slot) = self.slots.get_mut(&worker) else {
@@ -319,7 +386,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             slot.stalled = false;
         }
         self.in_flight -= n;
-        if failing {
+        let after = if failing {
             slot.failing = true;
             // An earlier report may have emptied its hold and listed it
             // idle; a failing worker is given nothing more.
@@ -333,12 +400,26 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             AfterReport::Idle
         } else {
             AfterReport::Busy
+        };
+        let hungry = matches!(after, AfterReport::Busy)
+            && low_water.is_some_and(|low| slot.held.len() < low)
+            && !slot.dead
+            && !slot.failing
+            && !slot.retiring
+            && !aborting;
+        if hungry && !slot.hungry {
+            slot.hungry = true;
+            self.hungry.push(worker);
+        } else if !hungry {
+            self.unlist_hungry(worker);
         }
+        after
     }
 
     /// Takes a dead worker out, its hand closed: what it held is the
     /// caller's to account for.
     pub(super) fn remove(&mut self, worker: WorkerId) -> Option<Slot<I, O>> {
+        self.unlist_hungry(worker);
         let mut slot = self.slots.remove(&worker)?;
         self.idle.retain(|w| *w != worker);
         slot.close();
@@ -351,8 +432,10 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
     /// killed. Each is reaped when its termination arrives.
     pub(super) fn kill_all(&mut self) {
         self.idle.clear();
+        self.hungry.clear();
         self.to_replace.clear();
         for slot in self.slots.values_mut() {
+            slot.hungry = false;
             slot.close();
             slot.actor.kill();
         }
@@ -420,6 +503,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
                 // It had not started on its batch: all of it went to others.
                 // The wake-up it has yet to read finds its hand empty.
                 self.idle.push(victim);
+                self.unlist_hungry(victim);
             }
             self.in_flight -= unstarted.len() + outcomes.len();
             return Some(Stolen {
@@ -449,6 +533,27 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
                 );
                 debug_assert!(seen.insert(*worker), "{worker} listed idle twice");
             }
+            for worker in &self.hungry {
+                let slot = &self.slots[worker];
+                debug_assert!(
+                    slot.hungry
+                        && !slot.held.is_empty()
+                        && !slot.failing
+                        && !slot.dead
+                        && !slot.retiring,
+                    "hungry worker {worker} holds {} items (failing {}, dead {}, retiring {})",
+                    slot.held.len(),
+                    slot.failing,
+                    slot.dead,
+                    slot.retiring
+                );
+                debug_assert!(
+                    seen.insert(*worker),
+                    "{worker} listed idle and hungry, or twice"
+                );
+            }
+            let flagged = self.slots.values().filter(|s| s.hungry).count();
+            debug_assert_eq!(flagged, self.hungry.len(), "hungry flags match the list");
         }
     }
 }
@@ -485,25 +590,97 @@ mod tests {
         let now = Instant::now();
         let worker = pool.next_id();
         pool.add(worker, actor.clone(), Arc::new(Hand::new()), now);
-        assert!(pool.give(vec![WorkItem::new(1)], now).is_ok());
+        assert!(pool.give(vec![WorkItem::new(1)], None, now).is_ok());
         assert!(!pool.has_idle());
 
-        let after = pool.reported(worker, 1, true, false, false, now);
+        let after = pool.reported(worker, 1, true, false, false, None, now);
         assert!(matches!(after, AfterReport::Idle));
         assert_eq!(pool.idle_count(), 1);
 
-        let after = pool.reported(worker, 0, false, true, false, now);
+        let after = pool.reported(worker, 0, false, true, false, None, now);
         assert!(matches!(after, AfterReport::Failing));
         assert!(!pool.has_idle(), "a failing worker is listed idle");
-        assert!(pool.give(vec![WorkItem::new(2)], now).is_err());
+        assert!(pool.give(vec![WorkItem::new(2)], None, now).is_err());
         pool.check();
 
         // Nor does a later report list it idle again.
-        let after = pool.reported(worker, 0, false, false, false, now);
+        let after = pool.reported(worker, 0, false, false, false, None, now);
         assert!(!matches!(after, AfterReport::Idle));
         assert!(!pool.has_idle());
         pool.check();
 
+        actor.stop(None);
+        handle.await.unwrap();
+    }
+
+    fn items(n: u32) -> Vec<WorkItem<u32>> {
+        (0..n).map(WorkItem::new).collect()
+    }
+
+    /// In a blocking stage a worker gets its next batch while it still
+    /// holds items: when it is given less than the low water, and when a
+    /// report leaves it with less; never once it is failing or retiring,
+    /// and a worker that holds nothing is idle, not hungry.
+    #[tokio::test]
+    async fn a_blocking_worker_running_low_is_topped_up_until_it_fails_or_retires() {
+        let (actor, handle) = Actor::spawn(None, Asleep, ()).await.unwrap();
+        let mut pool = Pool::<u32, u32>::new();
+        let now = Instant::now();
+        let low = Some(8);
+        let worker = pool.next_id();
+        pool.add(worker, actor.clone(), Arc::new(Hand::new()), now);
+
+        assert!(pool.give(items(4), low, now).is_ok());
+        assert!(pool.has_hungry(), "4 held, under the low water of 8");
+        assert!(pool.top_up(items(4)).is_ok());
+        assert!(!pool.has_hungry(), "8 held: not under the low water");
+        assert!(pool.top_up(items(1)).is_err(), "nobody is hungry");
+        assert_eq!(pool.in_flight(), 8);
+        pool.check();
+
+        // A report of 3 leaves 5: hungry again, listed once.
+        let after = pool.reported(worker, 3, true, false, false, low, now);
+        assert!(matches!(after, AfterReport::Busy));
+        let after = pool.reported(worker, 0, false, false, false, low, now);
+        assert!(matches!(after, AfterReport::Busy));
+        pool.check();
+        assert!(pool.top_up(items(3)).is_ok());
+        assert!(!pool.has_hungry());
+
+        // Reported empty: idle, not hungry.
+        let after = pool.reported(worker, 8, true, false, false, low, now);
+        assert!(matches!(after, AfterReport::Idle));
+        assert!(!pool.has_hungry());
+        pool.check();
+
+        // Failing: neither.
+        assert!(pool.give(items(2), low, now).is_ok());
+        assert!(pool.has_hungry());
+        let after = pool.reported(worker, 1, true, true, false, low, now);
+        assert!(matches!(after, AfterReport::Failing));
+        assert!(!pool.has_hungry(), "a failing worker gets nothing more");
+        assert!(pool.top_up(items(1)).is_err());
+        pool.check();
+
+        actor.stop(None);
+        handle.await.unwrap();
+    }
+
+    /// A hungry worker that retires (the stage shrank) is given nothing
+    /// more: it finishes what it holds and stops.
+    #[tokio::test]
+    async fn a_retiring_worker_is_not_topped_up() {
+        let (actor, handle) = Actor::spawn(None, Asleep, ()).await.unwrap();
+        let mut pool = Pool::<u32, u32>::new();
+        let now = Instant::now();
+        let worker = pool.next_id();
+        pool.add(worker, actor.clone(), Arc::new(Hand::new()), now);
+        assert!(pool.give(items(2), Some(8), now).is_ok());
+        assert!(pool.has_hungry());
+        assert_eq!(pool.retire(1), 1);
+        assert!(!pool.has_hungry());
+        assert!(pool.top_up(items(1)).is_err());
+        pool.check();
         actor.stop(None);
         handle.await.unwrap();
     }
