@@ -156,8 +156,9 @@ const RESPAWN_DELAY: Duration = Duration::from_millis(100);
 /// blocked in its handler sends nothing that would make it look).
 const REBALANCE_AFTER: Duration = Duration::from_millis(5);
 
-/// A stage supervisor's mailbox; `I` is the stage's input type, `O` its
-/// output type.
+/// A stage supervisor's mailbox; `I` is the stage's input type. (Its
+/// workers' reports, which carry its output type too, come through its
+/// [`Inbox`].)
 pub(crate) enum StageMsg<I> {
     /// From the root, first: where to ask for items.
     Connect(Arc<dyn Upstream>),
@@ -442,9 +443,18 @@ where
                 changed = Some(reply);
             }
         }
+        // Results go to the tracker before new work goes to the workers,
+        // as a worker's report did: the task woken last runs next on this
+        // thread (tokio's LIFO slot), and a worker given an item after the
+        // tracker was woken waits behind every task queued here. (With 64
+        // workers sleeping 1 ms, results sent after the workers were given
+        // their items cost 3 to 8 % of the sleep floor's rate.)
+        state.depart();
         state.pump(&myself);
         state.publish_gauges();
         state.retune(&myself).await;
+        // What `pump` or `retune` settled (outcomes taken from a busy
+        // worker's hand for idle ones).
         state.depart();
         state.pool.check();
         if let Some(reply) = changed {
@@ -468,7 +478,8 @@ where
         };
         if let Some(worker) = state.pool.died(cell.get_id()) {
             // Supervision events overtake messages: the reap goes through the
-            // mailbox, behind any report the worker sent before it died.
+            // mailbox, and the stage takes its inbox first, with any report
+            // the worker put in before it died.
             let _ = myself.cast(StageMsg::Reap { worker, reason });
         }
         state.publish_gauges();
