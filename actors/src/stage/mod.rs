@@ -313,8 +313,8 @@ pub(crate) struct StageState<I, O, R> {
     inbox: Arc<Inbox<I, O>>,
     /// The buffer the inbox's reports are taken into, reused.
     reports: Vec<WorkerReport<I, O>>,
-    /// What the outcomes settled while handling a message send on, sent
-    /// to the tracker once the message is handled.
+    /// What handling a message sends the tracker (results settled or
+    /// cancelled, failures' last inputs), sent once it is handled.
     departing: Departures,
     credit: Credit,
     pool: Pool<I, O>,
@@ -715,11 +715,10 @@ where
             .admitted
             .fetch_add(items.len() as u64, Ordering::Relaxed);
         if self.aborting {
-            let cancelled = items
-                .into_iter()
-                .map(|i| self.cancel(i, "before it started"))
-                .collect();
-            self.to_tracker(cancelled);
+            for item in items {
+                let result = self.cancel(item, "before it started");
+                self.departing.finished.push(result);
+            }
             return;
         }
         for item in &mut items {
@@ -903,9 +902,9 @@ where
         self.departing = out;
     }
 
-    /// Sends the tracker what the outcomes settled while handling this
-    /// message sent on: the last inputs of failures (for their dead
-    /// letters), then the results, one message each at most.
+    /// Sends the tracker what handling this message settled or cancelled:
+    /// the last inputs of failures (for their dead letters), then the
+    /// results, one message each at most.
     fn depart(&mut self) {
         let out = &mut self.departing;
         if !out.inputs.is_empty() {
@@ -1114,10 +1113,8 @@ where
                 }
             }
         }
-        if !inputs.is_empty() {
-            let _ = self.tracker.cast(TrackerMsg::Inputs(inputs));
-        }
-        self.to_tracker(cancelled);
+        self.departing.inputs.extend(inputs);
+        self.departing.finished.extend(cancelled);
         // Each killed worker is reaped when its termination arrives: the
         // results it had are delivered, its other items cancelled.
         self.pool.kill_all();
@@ -1269,12 +1266,6 @@ where
     fn check_stalls(&mut self, threshold: Duration) {
         for stalled in self.pool.stalled(threshold, crate::clock::now()) {
             stalls::report(&self.shared, self.index, &self.tracker, stalled);
-        }
-    }
-
-    fn to_tracker(&self, results: Vec<WorkItemResult>) {
-        if !results.is_empty() {
-            let _ = self.tracker.cast(TrackerMsg::Finished(results));
         }
     }
 

@@ -97,6 +97,16 @@ impl<I: Send + 'static, O: Send + 'static> Slot<I, O> {
     }
 }
 
+/// Lists `worker` hungry or not, once: its flag and the list agree.
+fn list_hungry<I, O>(list: &mut Vec<WorkerId>, worker: WorkerId, slot: &mut Slot<I, O>, on: bool) {
+    if on && !slot.hungry {
+        list.push(worker);
+    } else if !on && slot.hungry {
+        list.retain(|w| *w != worker);
+    }
+    slot.hungry = on;
+}
+
 /// What a worker's report made of it.
 pub(super) enum AfterReport {
     /// Its worker was reaped already.
@@ -301,10 +311,8 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         slot.progress = now;
         self.in_flight += n;
         slot.hand.give(items);
-        if low_water.is_some_and(|low| slot.held.len() < low) && !slot.hungry {
-            slot.hungry = true;
-            self.hungry.push(worker);
-        }
+        let hungry = low_water.is_some_and(|low| slot.held.len() < low);
+        list_hungry(&mut self.hungry, worker, slot, hungry);
         Ok(())
     }
 
@@ -338,10 +346,8 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
     }
 
     fn unlist_hungry(&mut self, worker: WorkerId) {
-        if let Some(slot) = self.slots.get_mut(&worker)
-            && std::mem::take(&mut slot.hungry)
-        {
-            self.hungry.retain(|w| *w != worker);
+        if let Some(slot) = self.slots.get_mut(&worker) {
+            list_hungry(&mut self.hungry, worker, slot, false);
         }
     }
 
@@ -407,12 +413,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             && !slot.failing
             && !slot.retiring
             && !aborting;
-        if hungry && !slot.hungry {
-            slot.hungry = true;
-            self.hungry.push(worker);
-        } else if !hungry {
-            self.unlist_hungry(worker);
-        }
+        list_hungry(&mut self.hungry, worker, slot, hungry);
         after
     }
 
