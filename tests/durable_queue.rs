@@ -163,7 +163,9 @@ async fn a_stopped_run_releases_its_cancelled_items_for_the_next_run() {
     assert_eq!(seen, (0..100).collect::<Vec<_>>());
 }
 
-/// Progress is readable from another handle on the file while a job runs.
+/// Progress is readable from another handle on the file while a job runs,
+/// and shows what finished while every slot holds a blocked item (so that
+/// no lease comes to write it with).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_is_readable_from_outside_while_the_job_runs() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,7 +3,9 @@
 //! runs died with). The store itself is `sqlite.rs`.
 
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::de::DeserializeOwned;
@@ -100,9 +102,12 @@ pub(crate) struct Run {
 ///
 /// Acknowledgements are written in the next lease's transaction (one commit
 /// for both: the fewer commits, the fewer fsyncs), or at once when nothing
-/// else is in flight (the run is ending or idle), or when 1024 are waiting.
-/// So what a crash can run again stays within the window: the items in
-/// the pipeline plus those finished since the last lease, which freed the
+/// else is in flight (the run is ending or idle), or when 1024 are waiting,
+/// and at the latest [`MAX_UNSAVED_AGE`] after they came: a pipeline whose
+/// every slot holds a slow item leases nothing, and what finished before
+/// must not wait for them to be recorded (and seen from outside). So what
+/// a crash can run again stays within the window: the items in the
+/// pipeline plus those finished since the last lease, which freed the
 /// room the next lease fills.
 ///
 /// A run that dies takes every item it had in flight down with it, the
@@ -126,6 +131,8 @@ struct Consumer {
     in_flight: InFlight,
     /// Outcomes acknowledged and not yet written.
     unsaved: Mutex<Vec<Settle>>,
+    /// A write of what is unsaved is due within [`MAX_UNSAVED_AGE`].
+    write_due: AtomicBool,
 }
 
 impl Drop for Consumer {
@@ -146,6 +153,9 @@ impl Drop for Consumer {
 
 /// Outcomes waiting beyond this many are written without waiting for a lease.
 const MAX_UNSAVED: usize = 1024;
+
+/// Outcomes wait at most this long for a lease to write them with.
+const MAX_UNSAVED_AGE: Duration = Duration::from_millis(200);
 
 impl Consumer {
     fn take_unsaved(&self) -> Vec<Settle> {
@@ -195,6 +205,7 @@ impl<T> LeaseSource<T> {
                 run,
                 in_flight: InFlight::default(),
                 unsaved: Mutex::new(Vec::new()),
+                write_due: AtomicBool::new(false),
             }),
             follow,
             // With one delivery allowed there is no second chance to isolate.
@@ -393,6 +404,17 @@ impl Acknowledger for QueueAcknowledger {
             if idle || waiting >= MAX_UNSAVED {
                 let settle = self.consumer.take_unsaved();
                 self.consumer.save(settle).await;
+            } else if !self.consumer.write_due.swap(true, Ordering::AcqRel) {
+                // Written by a lease before then, or else by this.
+                let consumer = self.consumer.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(MAX_UNSAVED_AGE).await;
+                    // Cleared first: an outcome that comes after the take
+                    // below makes a write due again.
+                    consumer.write_due.store(false, Ordering::Release);
+                    let settle = consumer.take_unsaved();
+                    consumer.save(settle).await;
+                });
             }
             if idle {
                 self.consumer.in_flight.drained.notify_waiters();
