@@ -60,9 +60,11 @@ impl Credit {
 
     /// How many to ask of upstream now that the stage holds `held`: the
     /// room it has, in chunks of at least half its capacity so that
-    /// batches stay large (or whatever room there is when it holds nothing
-    /// and asked for nothing); counted as requested.
-    pub(super) fn request(&mut self, held: usize) -> Option<usize> {
+    /// batches stay large, or whatever room there is when it holds nothing
+    /// and asked for nothing, or when it is `starved` (a worker is to be
+    /// given more and nothing is queued: waiting for half the room to free
+    /// would let the worker run dry); counted as requested.
+    pub(super) fn request(&mut self, held: usize, starved: bool) -> Option<usize> {
         if held + self.requested <= self.capacity {
             self.shrunk_from = None;
         }
@@ -74,7 +76,7 @@ impl Credit {
         );
         let free = self.capacity.saturating_sub(held + self.requested);
         let asked = held + self.requested;
-        (free > 0 && (free >= self.capacity.div_ceil(2) || asked == 0)).then(|| {
+        (free > 0 && (free >= self.capacity.div_ceil(2) || asked == 0 || starved)).then(|| {
             self.requested += free;
             free
         })
@@ -88,25 +90,45 @@ mod tests {
     #[test]
     fn a_stage_asks_for_its_room_in_chunks_of_half_its_capacity() {
         let mut credit = Credit::new(10);
-        assert_eq!(credit.request(0), Some(10));
+        assert_eq!(credit.request(0, false), Some(10));
         credit.received(10);
         // Holding 6: 4 free is less than half, not asked yet.
-        assert_eq!(credit.request(6), None);
-        assert_eq!(credit.request(5), Some(5));
-        assert_eq!(credit.request(5), None, "already asked");
+        assert_eq!(credit.request(6, false), None);
+        assert_eq!(credit.request(5, false), Some(5));
+        assert_eq!(credit.request(5, false), None, "already asked");
+    }
+
+    #[test]
+    fn a_starved_stage_asks_for_whatever_room_it_has() {
+        let mut credit = Credit::new(10);
+        assert_eq!(credit.request(0, false), Some(10));
+        credit.received(10);
+        assert_eq!(credit.request(8, false), None, "2 free is less than half");
+        assert_eq!(
+            credit.request(8, true),
+            Some(2),
+            "a worker is to be given more"
+        );
+        assert_eq!(credit.request(8, true), None, "already asked, nothing free");
+        credit.received(2);
+        assert_eq!(credit.request(10, true), None, "full: starved or not");
     }
 
     #[test]
     fn a_shrunk_stage_asks_for_nothing_until_it_holds_less_than_its_new_capacity() {
         let mut credit = Credit::new(10);
-        assert_eq!(credit.request(0), Some(10));
+        assert_eq!(credit.request(0, false), Some(10));
         credit.received(10);
         credit.resize(4);
-        assert_eq!(credit.request(10), None);
-        assert_eq!(credit.request(3), None, "1 free is less than half of 4");
-        assert_eq!(credit.request(2), Some(2));
+        assert_eq!(credit.request(10, false), None);
+        assert_eq!(
+            credit.request(3, false),
+            None,
+            "1 free is less than half of 4"
+        );
+        assert_eq!(credit.request(2, false), Some(2));
         credit.resize(8);
-        assert_eq!(credit.request(2), Some(4));
+        assert_eq!(credit.request(2, false), Some(4));
     }
 
     #[test]

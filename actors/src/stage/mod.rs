@@ -45,7 +45,9 @@
 //! the item it was running is lost. Demand goes upstream in
 //! chunks of at least half the stage's capacity, so that `Items` messages
 //! are large too (measured on 2,000,000 items through 4 x 4 stages: about
-//! 1.3x the throughput of quarter-capacity chunks).
+//! 1.3x the throughput of quarter-capacity chunks), except in a blocking
+//! stage whose busy worker is to be topped up while nothing is queued: its
+//! workers hold most of its capacity, and it asks for what room it has.
 
 //!
 //! # Parts
@@ -1169,14 +1171,16 @@ where
                 break;
             }
         }
-        if low_water.is_some() && !self.aborting {
+        if let Some(low_water) = low_water
+            && !self.aborting
+        {
             // Busy workers running low get their next batch before they
             // end the one they have.
             let batch = self.batching.full();
             while !self.queue.is_empty() && self.pool.has_hungry() {
                 let take = batch.min(self.queue.len());
                 let items = take_front(&mut self.queue, take, 0);
-                if let Err(items) = self.pool.top_up(items) {
+                if let Err(items) = self.pool.top_up(items, low_water) {
                     // Not reached: the loop runs while a worker is hungry.
                     for item in items.into_iter().rev() {
                         self.queue.push_front(item);
@@ -1256,7 +1260,14 @@ where
             return;
         };
         let held = self.held();
-        if let Some(n) = self.credit.request(held) {
+        // A stage whose busy workers are topped up asks for what room it
+        // has as soon as one is to be given more than is queued: a Cpu
+        // stage's workers hold most of its capacity, so half of it frees
+        // only once they have nearly run dry.
+        let starved = self.queue.is_empty()
+            && self.low_water().is_some()
+            && (self.pool.has_hungry() || self.pool.has_idle());
+        if let Some(n) = self.credit.request(held, starved) {
             upstream.demand(n);
         }
     }

@@ -325,8 +325,15 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
     /// thread: 5 µs of a 2-thread Cpu stage's 50 µs items idled in it,
     /// docs/performance.md). Items added stay within the stage's reach:
     /// an idle worker takes those not started from a worker that made no
-    /// progress for [`STEAL_AFTER`], as from any batch.
-    pub(super) fn top_up(&mut self, items: Vec<WorkItem<I>>) -> Result<(), Vec<WorkItem<I>>> {
+    /// progress for [`STEAL_AFTER`], as from any batch. A worker still
+    /// under `low_water` after this stays hungry, behind the others: a
+    /// top-up of what little was queued must not leave it unlisted until
+    /// its next report, which may find it run dry.
+    pub(super) fn top_up(
+        &mut self,
+        items: Vec<WorkItem<I>>,
+        low_water: usize,
+    ) -> Result<(), Vec<WorkItem<I>>> {
         let Some(worker) = self.hungry.pop() else {
             return Err(items);
         };
@@ -334,10 +341,14 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             .slots
             .get_mut(&worker)
             .expect("hungry workers have slots");
-        slot.hungry = false;
         self.in_flight += items.len();
         Self::hold(slot, &items);
         slot.hand.give(items);
+        if slot.held.len() < low_water {
+            self.hungry.insert(0, worker);
+        } else {
+            slot.hungry = false;
+        }
         Ok(())
     }
 
@@ -631,11 +642,14 @@ mod tests {
         let worker = pool.next_id();
         pool.add(worker, actor.clone(), Arc::new(Hand::new()), now);
 
-        assert!(pool.give(items(4), low, now).is_ok());
-        assert!(pool.has_hungry(), "4 held, under the low water of 8");
-        assert!(pool.top_up(items(4)).is_ok());
+        assert!(pool.give(items(2), low, now).is_ok());
+        assert!(pool.has_hungry(), "2 held, under the low water of 8");
+        assert!(pool.top_up(items(2), 8).is_ok());
+        assert!(pool.has_hungry(), "4 held: still under the low water");
+        pool.check();
+        assert!(pool.top_up(items(4), 8).is_ok());
         assert!(!pool.has_hungry(), "8 held: not under the low water");
-        assert!(pool.top_up(items(1)).is_err(), "nobody is hungry");
+        assert!(pool.top_up(items(1), 8).is_err(), "nobody is hungry");
         assert_eq!(pool.in_flight(), 8);
         pool.check();
 
@@ -645,7 +659,7 @@ mod tests {
         let after = pool.reported(worker, 0, false, false, false, low, now);
         assert!(matches!(after, AfterReport::Busy));
         pool.check();
-        assert!(pool.top_up(items(3)).is_ok());
+        assert!(pool.top_up(items(3), 8).is_ok());
         assert!(!pool.has_hungry());
 
         // Reported empty: idle, not hungry.
@@ -660,7 +674,7 @@ mod tests {
         let after = pool.reported(worker, 1, true, true, false, low, now);
         assert!(matches!(after, AfterReport::Failing));
         assert!(!pool.has_hungry(), "a failing worker gets nothing more");
-        assert!(pool.top_up(items(1)).is_err());
+        assert!(pool.top_up(items(1), 8).is_err());
         pool.check();
 
         actor.stop(None);
@@ -680,7 +694,7 @@ mod tests {
         assert!(pool.has_hungry());
         assert_eq!(pool.retire(1), 1);
         assert!(!pool.has_hungry());
-        assert!(pool.top_up(items(1)).is_err());
+        assert!(pool.top_up(items(1), 8).is_err());
         pool.check();
         actor.stop(None);
         handle.await.unwrap();
