@@ -180,7 +180,7 @@ impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
             Some(_) => Instant::now(),
             None => crate::clock::now(),
         };
-        state.reporter = Some(Reporter::new(ctx, state.pending.len(), now));
+        state.reporter = Some(Reporter::blocking(ctx, state.pending.len(), now));
         true
     }
 

@@ -29,8 +29,8 @@
 //! worker to take or, when the worker dies, to run elsewhere.
 //!
 //! Results stream back to the stage as they are ready: after each item the
-//! worker sends what it has if [`FLUSH_AFTER`] has passed since its last
-//! report, and an async worker also sends what it has before awaiting a
+//! worker sends what it has if [`FLUSH_AFTER`] (a blocking worker:
+//! [`BLOCKING_FLUSH_AFTER`]) has passed since its last report, and an async worker also sends what it has before awaiting a
 //! handler that does not complete at once; so a batch of fast items is
 //! reported in one message and finished items do not wait behind a slow
 //! one. (A blocking handler cannot be looked into: its batch's reporter
@@ -75,6 +75,14 @@ use hand::Hand;
 /// of its speed to wake-ups (benches/cpu.rs). A batch holds about this much
 /// work anyway (`stage::BATCH_WORK`), so it bounds the wait as well.
 pub(crate) const FLUSH_AFTER: Duration = Duration::from_millis(1);
+
+/// [`FLUSH_AFTER`] for a blocking worker (Thread, Cpu), whose stage tops it
+/// up so that its batch does not end while work is queued: its reports are
+/// what wakes the runtime's threads, and each wake-up takes a core from a
+/// handler thread. At 1 ms a Cpu stage of two workers on 2 cores spent
+/// 2.5–3.5 µs of the runtime's CPU per 50 µs item, at 2 ms 1.6–2.0
+/// (benches/cpu.rs, by-process A/B).
+pub(crate) const BLOCKING_FLUSH_AFTER: Duration = Duration::from_millis(2);
 
 /// Runs batches of a stage's items in one execution model.
 pub(crate) trait StageRunner<I, O>: Send + Sync + 'static {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::attempt::{Attempt, Ran};
-use super::{FLUSH_AFTER, RunCtx};
+use super::{BLOCKING_FLUSH_AFTER, FLUSH_AFTER, RunCtx};
 use crate::contain;
 use crate::event::PipelineEvent;
 use crate::item::{JobId, WorkItem};
@@ -22,20 +22,35 @@ pub(crate) struct Reporter<I, O> {
     /// item).
     first_started: Option<Instant>,
     last_done: Instant,
-    /// When the outcomes held are due to be reported: [`FLUSH_AFTER`] after
-    /// the last report (compared, not subtracted, per item).
+    /// When the outcomes held are due to be reported: `period` after the
+    /// last report (compared, not subtracted, per item).
     flush_at: Instant,
+    /// [`FLUSH_AFTER`], or [`BLOCKING_FLUSH_AFTER`] for a blocking batch.
+    period: Duration,
     events: Vec<PipelineEvent>,
 }
 
 impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
+    /// A reporter for a batch of `batch` items begun at `now`, reporting
+    /// every [`FLUSH_AFTER`] until the batch ends.
     pub(crate) fn new(ctx: &Arc<RunCtx<I, O>>, batch: usize, now: Instant) -> Self {
+        Self::every(FLUSH_AFTER, ctx, batch, now)
+    }
+
+    /// A reporter for a blocking batch (Thread, Cpu), reporting every
+    /// [`BLOCKING_FLUSH_AFTER`].
+    pub(crate) fn blocking(ctx: &Arc<RunCtx<I, O>>, batch: usize, now: Instant) -> Self {
+        Self::every(BLOCKING_FLUSH_AFTER, ctx, batch, now)
+    }
+
+    fn every(period: Duration, ctx: &Arc<RunCtx<I, O>>, batch: usize, now: Instant) -> Self {
         Reporter {
             ctx: ctx.clone(),
             outcomes: Vec::with_capacity(batch),
             first_started: None,
             last_done: now,
-            flush_at: now + FLUSH_AFTER,
+            flush_at: now + period,
+            period,
             events: Vec::new(),
         }
     }
@@ -133,7 +148,7 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
     }
 
     /// When the outcomes recorded and not sent are due to be sent, if
-    /// there are any: [`FLUSH_AFTER`] after the last report.
+    /// there are any: the reporter's period after the last report.
     pub(crate) fn flush_due(&self) -> Option<Instant> {
         (!self.outcomes.is_empty()).then_some(self.flush_at)
     }
@@ -208,7 +223,7 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
             }),
             failing,
         };
-        self.flush_at = now + FLUSH_AFTER;
+        self.flush_at = now + self.period;
         // The stage is gone only when the pipeline is shutting down; the
         // report's items are dropped here then.
         if let Err(unsent) = self.ctx.reports.report(report) {

@@ -114,13 +114,13 @@ use crate::item::{
 use crate::outcome::{Failed, Outcome, WorkerReport};
 use crate::ports::{FailPipeline, Outlet, Reports, StageControl, StallCheck, Upstream};
 use crate::runner::hand::{Hand, Harvest};
-use crate::runner::{RunCtx, StageRunner};
+use crate::runner::{BLOCKING_FLUSH_AFTER, RunCtx, StageRunner};
 use crate::shared::Shared;
 use crate::timers::Timers;
 use crate::tracker::TrackerMsg;
 use crate::worker::Worker;
 use backoff::Backoff;
-use batching::{Batching, MAX_BATCH};
+use batching::{BATCH_WORK, Batching, MAX_BATCH};
 use budget::{Budget, OverBudget};
 use credit::Credit;
 use inbox::Inbox;
@@ -507,10 +507,15 @@ where
     }
 
     /// In a stage that [`prefills`](Self::prefills): the items under which
-    /// a busy worker is given its next batch, two full batches (about 2 ms
-    /// of work), so that a report every 1 ms finds it holding one still.
+    /// a busy worker is given its next batch, a report period's worth
+    /// ([`BLOCKING_FLUSH_AFTER`]) and a full batch more (about 3 ms of
+    /// work), so that a report finds it holding a batch still.
     fn low_water(&self) -> Option<usize> {
-        self.prefills().then(|| 2 * self.batching.full())
+        const BATCHES: usize = BLOCKING_FLUSH_AFTER
+            .as_nanos()
+            .div_ceil(BATCH_WORK.as_nanos()) as usize
+            + 1;
+        self.prefills().then(|| BATCHES * self.batching.full())
     }
 
     /// Items the stage holds: queued, waiting in a key lane, for the rate
