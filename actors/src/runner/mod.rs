@@ -30,7 +30,8 @@
 //!
 //! Results stream back to the stage as they are ready: after each item the
 //! worker sends what it has if [`FLUSH_AFTER`] (a blocking worker:
-//! [`BLOCKING_FLUSH_AFTER`]) has passed since its last report, and an async worker also sends what it has before awaiting a
+//! [`BLOCKING_FLUSH_AFTER`]) has passed since its last report, and an
+//! async worker also sends what it has before awaiting a
 //! handler that does not complete at once; so a batch of fast items is
 //! reported in one message and finished items do not wait behind a slow
 //! one. (A blocking handler cannot be looked into: its batch's reporter
@@ -80,7 +81,7 @@ pub(crate) const FLUSH_AFTER: Duration = Duration::from_millis(1);
 /// up so that its batch does not end while work is queued: its reports are
 /// what wakes the runtime's threads, and each wake-up takes a core from a
 /// handler thread. At 1 ms a Cpu stage of two workers on 2 cores spent
-/// 2.5–3.5 µs of the runtime's CPU per 50 µs item, at 2 ms 1.6–2.0
+/// 2.3–2.6 µs of the runtime's CPU per 50 µs item, at 2 ms 1.3–1.8
 /// (benches/cpu.rs, by-process A/B).
 pub(crate) const BLOCKING_FLUSH_AFTER: Duration = Duration::from_millis(2);
 

@@ -289,8 +289,8 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
     /// before its reap), which takes them back. In a blocking stage
     /// (`low_water`, as for [`Pool::reported`]) the worker is listed hungry
     /// at once if it holds less: it reports only every
-    /// [`BLOCKING_FLUSH_AFTER`](crate::runner::BLOCKING_FLUSH_AFTER), so its next batch must
-    /// be in hand before a report says it ran low.
+    /// [`BLOCKING_FLUSH_AFTER`](crate::runner::BLOCKING_FLUSH_AFTER), so
+    /// its next batch must be in hand before a report says it ran low.
     pub(super) fn give(
         &mut self,
         items: Vec<WorkItem<I>>,
