@@ -162,6 +162,14 @@ impl Consumer {
         std::mem::take(&mut *self.unsaved.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// Nothing is in flight any more (the run is ending or idle): writes
+    /// what waits, then wakes a wait for the drain (a suspect's lease).
+    async fn drained(self: &Arc<Self>) {
+        let settle = self.take_unsaved();
+        self.save(settle).await;
+        self.in_flight.drained.notify_waiters();
+    }
+
     /// Writes `settle` now, off the async threads; a failure is logged
     /// (the items stay leased and the next run takes them again).
     async fn save(self: &Arc<Self>, settle: Vec<Settle>) {
@@ -376,7 +384,9 @@ impl<T: DeserializeOwned + Send + 'static> Source for LeaseSource<T> {
             .collect();
         self.consumer.save(settle).await;
         if self.consumer.in_flight.remove(unadmitted.len()) == 0 {
-            self.consumer.in_flight.drained.notify_waiters();
+            // Outcomes acknowledged while these were still counted in
+            // flight wait for a write: this is the last one.
+            self.consumer.drained().await;
         }
     }
 }
@@ -389,36 +399,83 @@ struct QueueAcknowledger {
 
 impl Acknowledger for QueueAcknowledger {
     fn ack(&mut self, outcomes: Vec<Ack>) -> AckFuture<'_> {
-        Box::pin(async move {
-            let n = outcomes.len();
-            let waiting = {
-                let mut unsaved = self
-                    .consumer
-                    .unsaved
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                unsaved.extend(outcomes.into_iter().map(Settle::of));
-                unsaved.len()
-            };
-            let idle = self.consumer.in_flight.remove(n) == 0;
-            if idle || waiting >= MAX_UNSAVED {
-                let settle = self.consumer.take_unsaved();
-                self.consumer.save(settle).await;
-            } else if !self.consumer.write_due.swap(true, Ordering::AcqRel) {
-                // Written by a lease before then, or else by this.
-                let consumer = self.consumer.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(MAX_UNSAVED_AGE).await;
-                    // Cleared first: an outcome that comes after the take
-                    // below makes a write due again.
-                    consumer.write_due.store(false, Ordering::Release);
-                    let settle = consumer.take_unsaved();
-                    consumer.save(settle).await;
-                });
-            }
-            if idle {
-                self.consumer.in_flight.drained.notify_waiters();
-            }
-        })
+        Box::pin(
+            self.consumer
+                .acknowledged(outcomes.into_iter().map(Settle::of).collect()),
+        )
+    }
+}
+
+impl Consumer {
+    /// Takes outcomes of the run's items: written at once when nothing
+    /// else is in flight or many are waiting, else with the next lease or
+    /// within [`MAX_UNSAVED_AGE`].
+    async fn acknowledged(self: &Arc<Self>, outcomes: Vec<Settle>) {
+        let n = outcomes.len();
+        let waiting = {
+            let mut unsaved = self.unsaved.lock().unwrap_or_else(|e| e.into_inner());
+            unsaved.extend(outcomes);
+            unsaved.len()
+        };
+        if self.in_flight.remove(n) == 0 {
+            self.drained().await;
+        } else if waiting >= MAX_UNSAVED {
+            let settle = self.take_unsaved();
+            self.save(settle).await;
+        } else if !self.write_due.swap(true, Ordering::AcqRel) {
+            // Written by a lease before then, or else by this. A weak
+            // handle: the run ends (its lock file freed, what waits
+            // written by its `Drop`) when the pipeline lets it go, not
+            // when this wakes.
+            let consumer = Arc::downgrade(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(MAX_UNSAVED_AGE).await;
+                let Some(consumer) = consumer.upgrade() else {
+                    return;
+                };
+                // Cleared first: an outcome that comes after the take
+                // below makes a write due again.
+                consumer.write_due.store(false, Ordering::Release);
+                let settle = consumer.take_unsaved();
+                consumer.save(settle).await;
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::QueueOptions;
+    use crate::queue::sqlite::SqliteStore;
+
+    /// When the items a run leased and did not admit are released last,
+    /// the outcomes acknowledged while they were still in flight are
+    /// written then: a run that ends so holds no lease (they used to wait
+    /// for a lease that never came, until the run was dropped).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn outcomes_acknowledged_before_the_last_release_are_written_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&path, &QueueOptions::default()).unwrap());
+        let jobs = (0..3u64).map(|n| (format!("n{n}"), n.to_string()));
+        assert_eq!(store.enqueue(jobs.collect()).unwrap(), 3);
+        let run = store.register(3).unwrap();
+        let mut source = LeaseSource::<u64>::new(store.clone(), run, false, 3, 3);
+        let mut items = source.refill(3).await.unwrap();
+        assert_eq!(items.len(), 3);
+        let finished = items.remove(0);
+        let done = Settle::Done(finished.job_id().to_string());
+        source.consumer.acknowledged(vec![done]).await;
+        let counts = store.counts().unwrap();
+        assert_eq!((counts.done, counts.leased), (0, 3), "written later");
+        source.release(items).await;
+        let counts = store.counts().unwrap();
+        assert_eq!(
+            (counts.done, counts.pending, counts.leased),
+            (1, 2, 0),
+            "{counts:?}"
+        );
     }
 }
