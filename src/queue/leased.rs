@@ -173,7 +173,7 @@ impl Consumer {
             unsaved.len()
         };
         if self.in_flight.remove(n) == 0 {
-            self.drained().await;
+            self.on_drained().await;
         } else if waiting >= MAX_UNSAVED {
             let settle = self.take_unsaved();
             self.save(settle).await;
@@ -199,7 +199,7 @@ impl Consumer {
 
     /// Nothing is in flight any more (the run is ending or idle): writes
     /// what waits, then wakes a wait for the drain (a suspect's lease).
-    async fn drained(self: &Arc<Self>) {
+    async fn on_drained(self: &Arc<Self>) {
         let settle = self.take_unsaved();
         self.save(settle).await;
         self.in_flight.drained.notify_waiters();
@@ -421,7 +421,7 @@ impl<T: DeserializeOwned + Send + 'static> Source for LeaseSource<T> {
         if self.consumer.in_flight.remove(unadmitted.len()) == 0 {
             // Outcomes acknowledged while these were still counted in
             // flight wait for a write: this is the last one.
-            self.consumer.drained().await;
+            self.consumer.on_drained().await;
         }
     }
 }

@@ -81,7 +81,7 @@ pub(crate) const FLUSH_AFTER: Duration = Duration::from_millis(1);
 /// up so that its batch does not end while work is queued: its reports are
 /// what wakes the runtime's threads, and each wake-up takes a core from a
 /// handler thread. At 1 ms a Cpu stage of two workers on 2 cores spent
-/// 2.3–2.6 µs of the runtime's CPU per 50 µs item, at 2 ms 1.3–1.8
+/// 2.3–2.6 µs of the runtime's CPU per 50 µs item, at 2 ms 1.3–2.0
 /// (benches/cpu.rs, by-process A/B).
 pub(crate) const BLOCKING_FLUSH_AFTER: Duration = Duration::from_millis(2);
 

@@ -1270,7 +1270,7 @@ where
         // stage's workers hold most of its capacity, so half of it frees
         // only once they have nearly run dry.
         let starved = self.queue.is_empty()
-            && self.low_water().is_some()
+            && self.prefills()
             && (self.pool.has_hungry() || self.pool.has_idle());
         if let Some(n) = self.credit.request(held, starved) {
             upstream.demand(n);

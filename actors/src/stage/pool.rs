@@ -304,13 +304,10 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             .slots
             .get_mut(&worker)
             .expect("idle workers have slots");
-        let n = items.len();
-        Self::hold(slot, &items);
         slot.since = now;
         slot.stalled = false;
         slot.progress = now;
-        self.in_flight += n;
-        slot.hand.give(items);
+        Self::hand_over(slot, &mut self.in_flight, items);
         let hungry = low_water.is_some_and(|low| slot.held.len() < low);
         list_hungry(&mut self.hungry, worker, slot, hungry);
         Ok(())
@@ -341,9 +338,7 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
             .slots
             .get_mut(&worker)
             .expect("hungry workers have slots");
-        self.in_flight += items.len();
-        Self::hold(slot, &items);
-        slot.hand.give(items);
+        Self::hand_over(slot, &mut self.in_flight, items);
         if slot.held.len() < low_water {
             self.hungry.insert(0, worker);
         } else {
@@ -362,8 +357,9 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         }
     }
 
-    /// Records what `slot` was given, in order.
-    fn hold(slot: &mut Slot<I, O>, items: &[WorkItem<I>]) {
+    /// Puts `items` in `slot`'s hand, after what it holds, recorded in
+    /// order and counted in flight.
+    fn hand_over(slot: &mut Slot<I, O>, in_flight: &mut usize, items: Vec<WorkItem<I>>) {
         slot.held.extend(items.iter().map(|i| {
             (
                 i.head.job_id.clone(),
@@ -371,6 +367,8 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
                 i.head.metadata.seq,
             )
         }));
+        *in_flight += items.len();
+        slot.hand.give(items);
     }
 
     /// `worker` reported `n` items (outcomes and items handed back);
