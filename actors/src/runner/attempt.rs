@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::RunCtx;
 use crate::contain;
 use crate::item::{
-    AttemptStart, ItemError, ItemErrorKind, JobId, Permanent, StageNames, Stamps, WorkItem,
+    AttemptStart, ItemError, ItemErrorKind, JobId, Permanent, StageNames, StageStamps, WorkItem,
     WorkItemMetadata, WorkItemResult, since,
 };
 use crate::outcome::{Failed, Outcome};
@@ -79,7 +79,7 @@ pub(crate) struct Attempt<I> {
     /// The item's place in the stage's input order.
     pub(super) seq: u32,
     pub(super) names: Option<StageNames>,
-    pub(super) stages: Vec<Stamps>,
+    pub(super) stages: StageStamps,
     /// When this attempt began (stamped when tracking is on).
     pub(super) began: Option<AttemptStart>,
     pub(super) custom: Option<BTreeMap<String, serde_json::Value>>,

@@ -739,7 +739,9 @@ where
             for item in &mut items {
                 let created = item.head.metadata.created_ns();
                 let stages = &mut item.head.metadata.stages;
-                if stages.capacity() == 0 {
+                if stages.is_empty() {
+                    // Within the inline room for a short pipeline; one
+                    // allocation of what is left for a longer one.
                     stages.reserve_exact(self.shared.config.stages.len() - self.index);
                 }
                 let at = now.saturating_sub(created);
