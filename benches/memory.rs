@@ -241,9 +241,9 @@ fn main() {
         if quick { " (quick)" } else { "" }
     );
     println!(
-        "size_of: WorkItemResult {} B, WorkItem<u64> {} B (a tracked result also \
-         keeps its {STAGES} stages' times in one allocation, 28 B each: see \
-         item::size_tests)",
+        "size_of: WorkItemResult {} B, WorkItem<u64> {} B (a tracked result holds \
+         up to 4 stages' times inline, 28 B each, more in an allocation of their \
+         own: see item::size_tests)",
         std::mem::size_of::<WorkItemResult>(),
         std::mem::size_of::<WorkItem<u64>>(),
     );
