@@ -330,6 +330,48 @@ async fn a_stalled_item_is_reported_while_it_runs() {
     assert_eq!(stats.stage("fetch").unwrap().stalled, 0);
 }
 
+/// A blocking worker holds the outcomes of its batch's quick items for up
+/// to its report period while its thread goes on to the next: a stall
+/// names the item the handler is running, not a finished one before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_stall_names_the_item_running_not_a_finished_one_before_it() {
+    // Real time: the third item holds the only worker for 600 ms; the
+    // threshold is 100 ms. The three come in one batch to that worker.
+    let pipeline = Pipeline::builder(
+        config(
+            "stall-batch",
+            vec![StageConfig::new("hang", ExecutionType::Thread).workers(1)],
+        )
+        .stall_threshold(Duration::from_millis(100)),
+    )
+    .unwrap()
+    .source(sources::items(vec![
+        WorkItem::with_job_id("quick-1", 0u64),
+        WorkItem::with_job_id("quick-2", 0u64),
+        WorkItem::with_job_id("slow", 1u64),
+    ]))
+    .sync_stage("hang", |i: WorkItem<u64>| {
+        if i.data == 1 {
+            std::thread::sleep(Duration::from_millis(600));
+        }
+        Ok(i)
+    })
+    .build()
+    .unwrap();
+    let mut events = pipeline.subscribe_filtered(EventFilter::none().with_control());
+    let run = tokio::spawn({
+        let pipeline = pipeline.clone();
+        async move { pipeline.run().await }
+    });
+    let event = within(Duration::from_secs(5), events.recv()).await.unwrap();
+    let PipelineEvent::ItemStalled { job_id, .. } = event else {
+        panic!("not a stall: {event:?}");
+    };
+    assert_eq!(job_id, JobId::from("slow"));
+    within(Duration::from_secs(10), run).await.unwrap().unwrap();
+    assert_eq!(pipeline.stats().await.unwrap().stalled_items, 1);
+}
+
 fn two_async(name: &str, items: u64) -> Pipeline<u64> {
     Pipeline::builder(config(
         name,

@@ -167,6 +167,20 @@ impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
         }
     }
 
+    /// From the stage's stall check: the item a blocking handler is
+    /// running now, if one is. Its batch's earlier items may have finished
+    /// and wait, unreported, in the hand's reporter (up to
+    /// [`BLOCKING_FLUSH_AFTER`](super::BLOCKING_FLUSH_AFTER)), so the front
+    /// of what the stage counts the worker holding is not always the one
+    /// that is running.
+    pub(crate) fn running(&self) -> Option<crate::item::JobId> {
+        let state = self.lock();
+        state
+            .current
+            .as_ref()
+            .map(|(_, attempt)| attempt.job_id().clone())
+    }
+
     /// From a blocking worker's task, before its thread starts on the
     /// hand: puts the batch's reporter in it. `false` when there is
     /// nothing to run.

@@ -40,7 +40,7 @@ pub(super) const STEAL_AFTER: Duration = Duration::from_millis(2);
 pub(super) struct Slot<I, O> {
     actor: ActorRef<WorkerMsg>,
     /// The items given to the worker and not started yet (shared with it).
-    hand: Arc<Hand<I, O>>,
+    pub(super) hand: Arc<Hand<I, O>>,
     /// Job ids, creation times (nanoseconds after the clock's epoch, as
     /// the metadata keeps them) and places (`seq`) of the items the worker
     /// holds and has not reported, in the order given (those not started

@@ -1,8 +1,14 @@
 //! Stalled items: those a worker has held `stall_threshold` or longer,
 //! looked for when the monitor asks (`StageMsg::CheckStalls`).
 //!
-//! **Invariant**: each item at the front of a worker's batch is reported
-//! at most once while that worker holds it.
+//! The item looked at is the one a blocking handler runs, if one does
+//! (the items before it in its batch may be done and not reported yet),
+//! else the front of what the worker holds; its age is counted from when
+//! the worker was given it or last reported, whichever came later (for a
+//! blocking worker that overstates it by at most the report period).
+//!
+//! **Invariant**: each item is reported at most once while the worker
+//! that holds it goes without a report.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -28,16 +34,17 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
     pub(super) fn stalled(&mut self, threshold: Duration, now: Instant) -> Vec<Stalled> {
         let mut stalled = Vec::new();
         for (worker, slot) in &mut self.slots {
-            let Some((job_id, _, _)) = slot.held.front() else {
+            let Some((front, _, _)) = slot.held.front() else {
                 continue;
             };
             let age = now.saturating_duration_since(slot.since);
             if slot.stalled || slot.failing || slot.dead || age < threshold {
                 continue;
             }
+            let job_id = slot.hand.running().unwrap_or_else(|| front.clone());
             slot.stalled = true;
             stalled.push(Stalled {
-                job_id: job_id.clone(),
+                job_id,
                 worker: *worker,
                 age,
             });
