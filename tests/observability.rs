@@ -306,13 +306,8 @@ async fn a_stalled_item_is_reported_while_it_runs() {
     })
     .build()
     .unwrap();
-    let mut events = pipeline.subscribe_filtered(EventFilter::none().with_control());
-    let run = tokio::spawn({
-        let pipeline = pipeline.clone();
-        async move { pipeline.run().await }
-    });
     // The report comes while the item is still held.
-    let event = within(Duration::from_secs(5), events.recv()).await.unwrap();
+    let (event, run) = run_to_first_control_event(&pipeline).await;
     assert!(!pipeline.is_finished());
     let PipelineEvent::ItemStalled {
         job_id, stage, age, ..
@@ -358,18 +353,30 @@ async fn a_blocking_stall_names_the_item_running_not_a_finished_one_before_it() 
     })
     .build()
     .unwrap();
-    let mut events = pipeline.subscribe_filtered(EventFilter::none().with_control());
-    let run = tokio::spawn({
-        let pipeline = pipeline.clone();
-        async move { pipeline.run().await }
-    });
-    let event = within(Duration::from_secs(5), events.recv()).await.unwrap();
+    let (event, run) = run_to_first_control_event(&pipeline).await;
     let PipelineEvent::ItemStalled { job_id, .. } = event else {
         panic!("not a stall: {event:?}");
     };
     assert_eq!(job_id, JobId::from("slow"));
     within(Duration::from_secs(10), run).await.unwrap().unwrap();
     assert_eq!(pipeline.stats().await.unwrap().stalled_items, 1);
+}
+
+/// Runs `pipeline` in a task and waits (at most 5 s) for its first control
+/// event (stalls, restarts, ...): the event and the running task.
+async fn run_to_first_control_event(
+    pipeline: &Pipeline<u64>,
+) -> (
+    PipelineEvent,
+    tokio::task::JoinHandle<Result<Vec<WorkItemResult>, PipelineError>>,
+) {
+    let mut events = pipeline.subscribe_filtered(EventFilter::none().with_control());
+    let run = tokio::spawn({
+        let pipeline = pipeline.clone();
+        async move { pipeline.run().await }
+    });
+    let event = within(Duration::from_secs(5), events.recv()).await.unwrap();
+    (event, run)
 }
 
 fn two_async(name: &str, items: u64) -> Pipeline<u64> {
