@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use super::RunCtx;
 use super::attempt::Attempt;
 use super::report::Reporter;
-use crate::item::WorkItem;
+use crate::item::{JobId, WorkItem};
 use crate::outcome::Outcome;
 
 /// What one worker holds, shared with its stage.
@@ -173,7 +173,7 @@ impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
     /// [`BLOCKING_FLUSH_AFTER`](super::BLOCKING_FLUSH_AFTER)), so the front
     /// of what the stage counts the worker holding is not always the one
     /// that is running.
-    pub(crate) fn running(&self) -> Option<crate::item::JobId> {
+    pub(crate) fn running(&self) -> Option<JobId> {
         let state = self.lock();
         state
             .current

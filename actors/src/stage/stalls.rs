@@ -5,7 +5,7 @@
 //! (the items before it in its batch may be done and not reported yet),
 //! else the front of what the worker holds; its age is counted from when
 //! the worker was given it or last reported, whichever came later (for a
-//! blocking worker that overstates it by at most the report period).
+//! blocking worker that overstates it by about the report period at most).
 //!
 //! **Invariant**: each item is reported at most once while the worker
 //! that holds it goes without a report.
