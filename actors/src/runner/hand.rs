@@ -167,6 +167,17 @@ impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
         }
     }
 
+    /// From the stage, as another worker's report came: the outcomes a
+    /// blocking handler returned that the worker has not reported yet,
+    /// with the handler time spent on them (none from an async worker,
+    /// whose reporter is its own).
+    pub(crate) fn take_unreported(&self) -> (Vec<Outcome<I, O>>, Duration) {
+        match self.lock().reporter.as_mut() {
+            Some(reporter) => reporter.take_outcomes(),
+            None => (Vec::new(), Duration::ZERO),
+        }
+    }
+
     /// From the stage's stall check: the item a blocking handler is
     /// running now, if one is. Its batch's earlier items may have finished
     /// and wait, unreported, in the hand's reporter (up to

@@ -82,7 +82,9 @@ pub(crate) const FLUSH_AFTER: Duration = Duration::from_millis(1);
 /// what wakes the runtime's threads, and each wake-up takes a core from a
 /// handler thread. At 1 ms a Cpu stage of two workers on 2 cores spent
 /// 2.3–2.6 µs of the runtime's CPU per 50 µs item, at 2 ms 1.3–2.0
-/// (benches/cpu.rs, by-process A/B).
+/// (benches/cpu.rs, by-process A/B). The stage takes what its other
+/// workers finished with each report (`Pool::unreported`), so it is woken
+/// about once per period for all of them.
 pub(crate) const BLOCKING_FLUSH_AFTER: Duration = Duration::from_millis(2);
 
 /// Runs batches of a stage's items in one execution model.

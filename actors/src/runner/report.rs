@@ -188,6 +188,10 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
 
     /// From the stage, while the worker is busy with a later item: the
     /// outcomes recorded and not sent, and the handler time spent on them.
+    /// The stage took what the worker would have reported, so its next
+    /// report is due a period after the last of them: while the stage takes
+    /// them with every other worker's report, this worker's own timer does
+    /// not wake it as well.
     pub(crate) fn take_outcomes(&mut self) -> (Vec<Outcome<I, O>>, Duration) {
         if !self.events.is_empty() {
             self.ctx.events.lifecycle(std::mem::take(&mut self.events));
@@ -195,6 +199,9 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
         let busy = self.first_started.take().map_or(Duration::ZERO, |s| {
             self.last_done.saturating_duration_since(s)
         });
+        if !self.outcomes.is_empty() {
+            self.flush_at = self.last_done + self.period;
+        }
         (std::mem::take(&mut self.outcomes), busy)
     }
 

@@ -938,10 +938,17 @@ where
             let outcomes = reports.iter().map(|r| r.outcomes.len()).sum();
             self.departing.finished.reserve(outcomes);
         }
+        let taken = !reports.is_empty();
         for report in reports.drain(..) {
             self.on_report(myself, report).await;
         }
         self.reports = reports;
+        if taken && self.runner.prefills() && !self.aborting {
+            // The other blocking workers' finished items go on with these.
+            for report in self.pool.unreported() {
+                self.on_report(myself, report).await;
+            }
+        }
     }
 
     /// The item at place `seq` has its outcome in this stage: its key lane

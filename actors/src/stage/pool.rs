@@ -20,7 +20,7 @@ use ractor::{ActorId, ActorRef};
 
 use crate::event::WorkerId;
 use crate::item::{JobId, WorkItem};
-use crate::outcome::Outcome;
+use crate::outcome::{Outcome, WorkerReport};
 use crate::runner::hand::{Hand, Harvest, Taken};
 use crate::worker::WorkerMsg;
 
@@ -426,6 +426,36 @@ impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
         after
     }
 
+    /// In a blocking stage, as a worker's report came: what the others'
+    /// handlers returned and they have not reported yet, as their reports.
+    /// Each would have woken the stage by itself within its report period
+    /// ([`BLOCKING_FLUSH_AFTER`](crate::runner::BLOCKING_FLUSH_AFTER)), and
+    /// taking them now puts its next one a period off: so the stage wakes
+    /// once per period for all its workers rather than once for each (a
+    /// wake-up of the runtime's threads from a handler thread is a
+    /// system call or two on each side). A report of the worker on its way
+    /// meanwhile covers items before these: it takes as many off the front
+    /// of what the worker holds when it comes, as [`Pool::steal`] relies on.
+    pub(super) fn unreported(&self) -> Vec<WorkerReport<I, O>> {
+        let mut reports = Vec::new();
+        for (worker, slot) in &self.slots {
+            if slot.dead || slot.failing || slot.held.is_empty() {
+                continue;
+            }
+            let (outcomes, busy) = slot.hand.take_unreported();
+            if !outcomes.is_empty() {
+                reports.push(WorkerReport {
+                    worker: *worker,
+                    outcomes,
+                    returned: Vec::new(),
+                    busy,
+                    failing: None,
+                });
+            }
+        }
+        reports
+    }
+
     /// Takes a dead worker out, its hand closed: what it held is the
     /// caller's to account for.
     pub(super) fn remove(&mut self, worker: WorkerId) -> Option<Slot<I, O>> {
@@ -673,6 +703,118 @@ mod tests {
         assert!(matches!(after, AfterReport::Failing));
         assert!(!pool.has_hungry(), "a failing worker gets nothing more");
         assert!(pool.top_up(items(1), 8).is_err());
+        pool.check();
+
+        actor.stop(None);
+        handle.await.unwrap();
+    }
+
+    /// Counts the reports its workers send.
+    #[derive(Default)]
+    struct Counted(std::sync::atomic::AtomicUsize);
+
+    impl crate::ports::Reports<u32, u32> for Counted {
+        fn report(
+            &self,
+            _report: WorkerReport<u32, u32>,
+        ) -> Result<(), Vec<WorkerReport<u32, u32>>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn blocking_ctx(
+        worker: WorkerId,
+        hand: &Arc<Hand<u32, u32>>,
+        reports: &Arc<Counted>,
+    ) -> Arc<crate::runner::RunCtx<u32, u32>> {
+        Arc::new(crate::runner::RunCtx {
+            pipeline: "p".into(),
+            stage: "s".into(),
+            worker,
+            reports: reports.clone(),
+            tracking: false,
+            events: Arc::new(crate::event::EventHub::default()),
+            keep: None,
+            max_attempts: 1,
+            timeout: None,
+            hand: hand.clone(),
+        })
+    }
+
+    /// In a blocking stage, what a busy worker's handler returned and it
+    /// has not reported is taken with another worker's report, in order and
+    /// counted off what it holds, and the worker's own next report is put
+    /// a period off: so the stage is woken once per period, not once per
+    /// worker. A worker that holds nothing, or is failing, is left alone.
+    #[tokio::test]
+    async fn a_blocking_workers_unreported_outcomes_go_with_another_report() {
+        use crate::runner::BLOCKING_FLUSH_AFTER;
+        let (actor, handle) = Actor::spawn(None, Asleep, ()).await.unwrap();
+        let mut pool = Pool::<u32, u32>::new();
+        let reports = Arc::new(Counted::default());
+        let start = Instant::now();
+        let (a, b) = (pool.next_id(), pool.next_id());
+        let (hand_a, hand_b) = (Arc::new(Hand::new()), Arc::new(Hand::new()));
+        pool.add(a, actor.clone(), hand_a.clone(), start);
+        pool.add(b, actor.clone(), hand_b.clone(), start);
+        assert!(pool.give(items(4), None, start).is_ok());
+        assert!(pool.give(items(4), None, start).is_ok());
+        assert_eq!(pool.in_flight(), 8);
+        assert!(pool.unreported().is_empty(), "nothing has run");
+
+        // Worker b's thread: a batch of 4, of which it finishes 2 within
+        // its report period, so it sends nothing yet.
+        let ctx = blocking_ctx(b, &hand_b, &reports);
+        assert!(hand_b.begin_batch(&ctx));
+        let done_at = start + BLOCKING_FLUSH_AFTER / 2;
+        {
+            let mut state = hand_b.lock();
+            for _ in 0..2 {
+                let item = state.pending.pop_front().unwrap();
+                state
+                    .reporter
+                    .as_mut()
+                    .unwrap()
+                    .push(Outcome::Done(item), start, done_at);
+            }
+        }
+        assert_eq!(reports.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+        let taken = pool.unreported();
+        assert_eq!(taken.len(), 1, "only b has outcomes not reported");
+        assert_eq!(taken[0].worker, b);
+        let ids: Vec<u32> = taken[0]
+            .outcomes
+            .iter()
+            .map(|o| match o {
+                Outcome::Done(item) => item.data,
+                _ => unreachable!("both succeeded"),
+            })
+            .collect();
+        assert_eq!(ids, [0, 1], "in the order they ran");
+        assert_eq!(taken[0].busy, BLOCKING_FLUSH_AFTER / 2);
+        let after = pool.reported(b, 2, true, false, false, None, done_at);
+        assert!(matches!(after, AfterReport::Busy));
+        assert_eq!(pool.in_flight(), 6);
+        pool.check();
+
+        // Its next item, done after its report would have been due (a
+        // period after its batch began), waits for the period that began
+        // with the last outcome taken.
+        {
+            let mut state = hand_b.lock();
+            let item = state.pending.pop_front().unwrap();
+            let reporter = state.reporter.as_mut().unwrap();
+            let later = start + BLOCKING_FLUSH_AFTER + BLOCKING_FLUSH_AFTER / 4;
+            reporter.push(Outcome::Done(item), done_at, later);
+            assert_eq!(reports.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+            assert_eq!(reporter.flush_due(), Some(done_at + BLOCKING_FLUSH_AFTER));
+        }
+
+        // A failing worker's outcomes are its own report's.
+        pool.reported(b, 0, false, true, false, None, done_at);
+        assert!(pool.unreported().is_empty());
         pool.check();
 
         actor.stop(None);
