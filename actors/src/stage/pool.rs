@@ -12,11 +12,12 @@
 //! - a retiring worker (the stage shrank) gets no new work, and is stopped
 //!   as soon as it holds nothing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{ActorId, ActorRef};
+use rustc_hash::FxHashMap;
 
 use crate::event::WorkerId;
 use crate::item::{JobId, WorkItem};
@@ -131,8 +132,10 @@ pub(super) struct Stolen<I, O> {
 
 /// A stage's workers.
 pub(super) struct Pool<I, O> {
-    pub(super) slots: HashMap<WorkerId, Slot<I, O>>,
-    by_actor: HashMap<ActorId, WorkerId>,
+    /// By worker: looked up on every report and every batch given, so
+    /// hashed with Fx, not SipHash (the keys are the stage's own).
+    pub(super) slots: FxHashMap<WorkerId, Slot<I, O>>,
+    by_actor: FxHashMap<ActorId, WorkerId>,
     idle: Vec<WorkerId>,
     /// Busy workers running low, for [`Pool::top_up`].
     hungry: Vec<WorkerId>,
@@ -145,8 +148,8 @@ pub(super) struct Pool<I, O> {
 impl<I: Send + 'static, O: Send + 'static> Pool<I, O> {
     pub(super) fn new() -> Self {
         Pool {
-            slots: HashMap::new(),
-            by_actor: HashMap::new(),
+            slots: FxHashMap::default(),
+            by_actor: FxHashMap::default(),
             idle: Vec::new(),
             hungry: Vec::new(),
             in_flight: 0,
