@@ -749,7 +749,7 @@ mod tests {
     /// has not reported is taken with another worker's report, in order and
     /// counted off what it holds, and the worker's own next report is put
     /// a period off: so the stage is woken once per period, not once per
-    /// worker. A worker that holds nothing, or is failing, is left alone.
+    /// worker. A failing worker is left alone.
     #[tokio::test]
     async fn a_blocking_workers_unreported_outcomes_go_with_another_report() {
         use crate::runner::BLOCKING_FLUSH_AFTER;
