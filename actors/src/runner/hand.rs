@@ -73,6 +73,17 @@ pub(crate) struct Taken<I, O> {
     pub(crate) busy: Duration,
 }
 
+impl<I: Send + 'static, O: Send + 'static> HandState<I, O> {
+    /// The outcomes a blocking batch's reporter holds unreported, and the
+    /// handler time spent on them; its next report is put a period off.
+    fn take_unreported(&mut self) -> (Vec<Outcome<I, O>>, Duration) {
+        match self.reporter.as_mut() {
+            Some(reporter) => reporter.take_outcomes(),
+            None => (Vec::new(), Duration::ZERO),
+        }
+    }
+}
+
 impl<I, O> Default for Harvest<I, O> {
     fn default() -> Self {
         Harvest {
@@ -156,10 +167,7 @@ impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
         let n = share(state.pending.len()).min(state.pending.len());
         let from = state.pending.len() - n;
         let unstarted = state.pending.drain(from..).collect();
-        let (outcomes, busy) = match state.reporter.as_mut() {
-            Some(reporter) => reporter.take_outcomes(),
-            None => (Vec::new(), Duration::ZERO),
-        };
+        let (outcomes, busy) = state.take_unreported();
         Taken {
             unstarted,
             outcomes,
@@ -172,10 +180,7 @@ impl<I: Send + 'static, O: Send + 'static> Hand<I, O> {
     /// with the handler time spent on them (none from an async worker,
     /// whose reporter is its own).
     pub(crate) fn take_unreported(&self) -> (Vec<Outcome<I, O>>, Duration) {
-        match self.lock().reporter.as_mut() {
-            Some(reporter) => reporter.take_outcomes(),
-            None => (Vec::new(), Duration::ZERO),
-        }
+        self.lock().take_unreported()
     }
 
     /// From the stage's stall check: the item a blocking handler is
