@@ -97,15 +97,23 @@ impl<I: Send + 'static> Attempt<I> {
     pub(crate) fn begin<O>(ctx: &RunCtx<I, O>, item: &mut WorkItem<I>, now: Instant) -> Self {
         item.head.metadata.attempts += 1;
         let attempts = item.head.metadata.attempts;
-        let mut stages = std::mem::take(&mut item.head.metadata.stages);
-        let mut began = None;
         let created = item.head.metadata.created_ns();
-        if ctx.tracking
-            && let Some(times) = stages.last_mut()
-        {
-            began = Some(times.attempt_begins(since(created, now), false));
-            times.set_attempts(attempts);
-        }
+        let mut began = None;
+        // Only tracking gives an item stage times and names: without it
+        // they stay in the head (and go on with the item the handler
+        // returns, when it keeps the head), whose lines after its first 64
+        // bytes are then not touched (see `WorkItemMetadata`'s order), here
+        // or in `succeed`.
+        let (names, stages) = if ctx.tracking {
+            let mut stages = std::mem::take(&mut item.head.metadata.stages);
+            if let Some(times) = stages.last_mut() {
+                began = Some(times.attempt_begins(since(created, now), false));
+                times.set_attempts(attempts);
+            }
+            (item.head.metadata.names.take(), stages)
+        } else {
+            (None, StageStamps::new())
+        };
         let custom = &item.head.metadata.custom;
         let (kept, uncopied) = match ctx.keep {
             None => (None, None),
@@ -120,7 +128,7 @@ impl<I: Send + 'static> Attempt<I> {
             created,
             attempts,
             seq: item.head.metadata.seq,
-            names: item.head.metadata.names.take(),
+            names,
             stages,
             began,
             custom: (!custom.is_empty()).then(|| custom.clone()),
@@ -166,8 +174,10 @@ impl<I: Send + 'static> Attempt<I> {
             });
         }
         out.head.job_id = self.job_id;
-        out.head.metadata.stages = self.stages;
-        out.head.metadata.names = self.names;
+        if ctx.tracking {
+            out.head.metadata.stages = self.stages;
+            out.head.metadata.names = self.names;
+        }
         out.head.metadata.attempts = self.attempts;
         out.head.metadata.seq = self.seq;
         out.head.metadata.set_created_ns(self.created);
