@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::{Source, WorkItem};
 
-/// A source over an iterator of work items; see [`iter`] and [`items`].
+/// A source over an iterator of work items; see [`items`].
 ///
 /// The iterator is advanced on the source actor's task: it should not block
 /// for long (use [`channel`] or your own [`Source`] for blocking input).
@@ -32,21 +32,27 @@ pub struct IterSource<I> {
     iter: I,
 }
 
-/// The iterator behind [`iter`]: each element wrapped in a [`WorkItem`].
-pub type DataIter<I> =
-    std::iter::Map<I, fn(<I as Iterator>::Item) -> WorkItem<<I as Iterator>::Item>>;
+/// A source over an iterator of data, each element made a [`WorkItem`]; see
+/// [`iter`].
+///
+/// The iterator is advanced on the source actor's task: it should not block
+/// for long (use [`channel`] or your own [`Source`] for blocking input).
+#[derive(Debug)]
+pub struct DataSource<I> {
+    iter: I,
+}
 
-/// Each element becomes a [`WorkItem`] with a random job id.
-pub fn iter<I>(data: I) -> IterSource<DataIter<I::IntoIter>>
+/// Each element becomes a [`WorkItem`] with a random job id; the items of
+/// one refill share one reading of the clock as their creation time
+/// ([`WorkItem::many`]).
+pub fn iter<I>(data: I) -> DataSource<I::IntoIter>
 where
     I: IntoIterator,
     I::Item: Send + 'static,
     I::IntoIter: Send + 'static,
 {
-    IterSource {
-        iter: data
-            .into_iter()
-            .map(WorkItem::new as fn(I::Item) -> WorkItem<I::Item>),
+    DataSource {
+        iter: data.into_iter(),
     }
 }
 
@@ -71,6 +77,23 @@ where
 
     async fn refill(&mut self, count: usize) -> anyhow::Result<Vec<WorkItem<T>>> {
         Ok(self.iter.by_ref().take(count).collect())
+    }
+
+    /// The iterator's length when it knows it exactly (a range, a `Vec`).
+    fn size_hint(&self) -> Option<u64> {
+        exact(self.iter.size_hint())
+    }
+}
+
+impl<I> Source for DataSource<I>
+where
+    I: Iterator + Send + 'static,
+    I::Item: Send + 'static,
+{
+    type Item = I::Item;
+
+    async fn refill(&mut self, count: usize) -> anyhow::Result<Vec<WorkItem<I::Item>>> {
+        Ok(WorkItem::many(self.iter.by_ref().take(count)))
     }
 
     /// The iterator's length when it knows it exactly (a range, a `Vec`).

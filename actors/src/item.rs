@@ -473,8 +473,15 @@ impl fmt::Debug for WorkItemMetadata {
 
 impl Default for WorkItemMetadata {
     fn default() -> Self {
+        WorkItemMetadata::created_at(epoch_ns(crate::clock::now()))
+    }
+}
+
+impl WorkItemMetadata {
+    /// The metadata of an item created at `created` ([`epoch_ns`]).
+    fn created_at(created: u64) -> Self {
         WorkItemMetadata {
-            created: epoch_ns(crate::clock::now()),
+            created,
             names: None,
             stages: StageStamps::new(),
             finished: None,
@@ -593,6 +600,28 @@ impl<T> WorkItem<T> {
     /// A new item with a random (uuid v4) job id.
     pub fn new(data: T) -> Self {
         WorkItem::with_job_id(JobId::random(), data)
+    }
+
+    /// New items, one for each element of `data`, each with a random
+    /// (uuid v4) job id, all created at one reading of the clock: for a
+    /// source making many items at once, which costs one clock reading
+    /// rather than one per item (`bergtalzug::sources::iter` does this).
+    ///
+    /// ```
+    /// use bergtalzug_actors::item::WorkItem;
+    ///
+    /// let items = WorkItem::many(1..=3u32);
+    /// assert_eq!(items.iter().map(|i| i.data).collect::<Vec<_>>(), [1, 2, 3]);
+    /// assert_ne!(items[0].job_id(), items[1].job_id());
+    /// assert_eq!(items[0].metadata().created(), items[2].metadata().created());
+    /// ```
+    pub fn many(data: impl IntoIterator<Item = T>) -> Vec<Self> {
+        let created = epoch_ns(crate::clock::now());
+        data.into_iter()
+            .map(|data| {
+                WorkItem::from_parts(JobId::random(), data, WorkItemMetadata::created_at(created))
+            })
+            .collect()
     }
 
     /// A new item with the given job id.
