@@ -64,6 +64,10 @@ enum Repr {
 }
 
 impl JobId {
+    /// What a spent attempt holds once its id went to its outcome (the nil
+    /// uuid, which `random` never makes).
+    pub(crate) const SPENT: JobId = JobId(Repr::Uuid([0, 0]));
+
     /// A new random (v4) id.
     pub fn random() -> Self {
         JobId::from(Uuid::new_v4())

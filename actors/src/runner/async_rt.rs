@@ -173,7 +173,7 @@ where
                     let now = lap.read();
                     let mut returned =
                         std::iter::from_fn(|| items.pop_front().or_else(|| hand.next()));
-                    reporter.settle(attempt, ran, started, now, &mut returned)?;
+                    reporter.settle(&mut attempt, ran, started, now, &mut returned)?;
                     started = now;
                     continue;
                 }
@@ -232,7 +232,7 @@ where
             };
             // Taken only after a panic, to be handed back.
             let mut returned = std::iter::from_fn(|| items.pop_front().or_else(|| hand.next()));
-            reporter.settle(attempt, ran, started, now, &mut returned)?;
+            reporter.settle(&mut attempt, ran, started, now, &mut returned)?;
             started = now;
         }
         if lap.stale() {

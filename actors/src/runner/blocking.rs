@@ -51,10 +51,10 @@ where
                 return Ok(());
             };
             if let Some(ran) = ran.take() {
-                let (started, attempt) = state.current.take().expect("the attempt is in hand");
+                let (started, mut attempt) = state.current.take().expect("the attempt is in hand");
                 let pending = &mut state.pending;
                 let mut rest = std::iter::from_fn(|| pending.pop_front());
-                if let Err(reason) = reporter.settle(attempt, ran, started, now, &mut rest) {
+                if let Err(reason) = reporter.settle(&mut attempt, ran, started, now, &mut rest) {
                     state.reporter = None;
                     return Err(reason);
                 }

@@ -186,7 +186,7 @@ where
             };
             if let Err(e) = &front.frame {
                 let message = format!("the item cannot be sent to a worker process: {e}");
-                let Pending { attempt, .. } = pending.pop_front().expect("a front");
+                let Pending { mut attempt, .. } = pending.pop_front().expect("a front");
                 let now = Instant::now();
                 let outcome = attempt.end(ctx, Ran::Unsendable(message), now);
                 reporter.push(outcome, now, now);
@@ -424,7 +424,7 @@ where
             match p.unstarted::<O, W>() {
                 Ok(item) => returned.push(item),
                 Err(lost) => {
-                    let (attempt, message) = *lost;
+                    let (mut attempt, message) = *lost;
                     let now = Instant::now();
                     let outcome = attempt.end(ctx, Ran::Unsendable(message), now);
                     // Sent with the give-up (see `lose_worker`).
@@ -662,7 +662,7 @@ fn settle<I, O, W>(
     O: Send + 'static,
     W: Wire<I, O>,
 {
-    let (attempt, ran) = match answer {
+    let (mut attempt, ran) = match answer {
         Answer::Done(parts) => {
             let Pending {
                 attempt,
@@ -705,7 +705,7 @@ fn settle<I, O, W>(
         }
     };
     // Never a panic here, so the rest of the batch is never handed back.
-    let _ = reporter.settle(attempt, ran, started, now, &mut std::iter::empty());
+    let _ = reporter.settle(&mut attempt, ran, started, now, &mut std::iter::empty());
 }
 
 impl<I: Send + 'static, A> Pending<I, A> {

@@ -82,7 +82,7 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
     #[inline(always)]
     pub(crate) fn settle(
         &mut self,
-        attempt: Attempt<I>,
+        attempt: &mut Attempt<I>,
         ran: Ran<O>,
         started: Instant,
         now: Instant,
@@ -113,7 +113,7 @@ impl<I: Send + 'static, O: Send + 'static> Reporter<I, O> {
     /// let the stage count the dying worker idle and give it more work.
     pub(crate) fn time_out(
         mut self,
-        attempt: Attempt<I>,
+        mut attempt: Attempt<I>,
         limit: Duration,
         started: Instant,
         now: Instant,
